@@ -1,0 +1,74 @@
+"""The ``qdsl`` command line: parses arguments and calls one library function per
+subcommand. Each subcommand lives in ``qdsl/commands/<name>.py`` and defines
+``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
+
+User errors (``QdslError``) are printed without a traceback; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import QdslError
+
+# Order and one-line summaries shown in `qdsl --help`. A command's module is
+# imported only when that command runs, so `qdsl check` never imports torch.
+COMMANDS = {
+    "check": "check .qrec recipe files and report every error",
+    "fmt": "print a recipe in canonical form (--write, --check)",
+    "explain": "show what a recipe selects in a model, before any data",
+    "compile": "calibrate and quantize a model from a recipe into an artifact",
+    "eval": "score a model or artifact on line completion, perplexity, HumanEval",
+    "bench": "measure size, memory and latency against fp32 and torch.ao",
+    "sweep": "run many recipes (compile + eval + bench) and write result tables",
+}
+
+
+def _available() -> list[str]:
+    return [c for c in COMMANDS if importlib.util.find_spec(f"qdsl.commands.{c}") is not None]
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="qdsl",
+        description="Declarative quantization recipes for PyTorch code models: "
+                    "check and format .qrec files, explain what a recipe selects, "
+                    "compile, evaluate and benchmark quantized models.")
+    parser.add_argument("--version", action="version", version=f"qdsl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _available():
+        if name == only:
+            importlib.import_module(f"qdsl.commands.{name}").register(sub)
+        else:  # listed in --help without importing its (possibly heavy) module
+            sub.add_parser(name, help=COMMANDS[name], add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=first if first in COMMANDS else None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QdslError as e:
+        print(e.format(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

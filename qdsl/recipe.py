@@ -1,0 +1,134 @@
+"""The checked recipe: typed, immutable, independent of torch.
+
+A ``Recipe`` is what the language front end produces from ``.qrec`` text and
+what the planner consumes. Rules are kept in source order (the cascade: a
+later rule overrides the attributes it sets); each carries its location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .spec import TensorPatch
+
+SELECTOR_KINDS = ("glob", "op", "type", "re", "module")
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a rule or setting was written (1-based line and column)."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which graph nodes a rule applies to.
+
+    kind:
+      * ``glob``   dotted glob over canonical names: ``block.*.res_sum``,
+                   ``block.[0-5].mlp.*``, a bare suffix ``mlp.c_fc`` (= that
+                   part in every block), ``*`` (every node).
+      * ``op``     the node's operation: ``op:softmax``, ``op:add``.
+      * ``type``   the module class behind the node: ``type:Linear``.
+      * ``re``     Python regex over canonical names (full match).
+      * ``module`` glob over the original module path: ``module:transformer.h.*.mlp.c_fc``.
+    ``optional``: the rule may match nothing without an error (``?`` suffix).
+    """
+
+    kind: str
+    pattern: str
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.kind in SELECTOR_KINDS, f"unknown selector kind {self.kind!r}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``SELECTOR -> SPEC``: the patches this rule applies to matched nodes.
+
+    ``skip`` = the node stays entirely float (both tensors), overriding
+    everything earlier; a later rule may quantize it again.
+    """
+
+    selector: Selector
+    weight: TensorPatch = field(default_factory=TensorPatch)
+    activation: TensorPatch = field(default_factory=TensorPatch)
+    skip: bool = False
+    loc: Loc = field(default=Loc("<string>", 1, 1), compare=False)
+
+    def sets_weight(self) -> bool:
+        return self.skip or not self.weight.is_empty()
+
+    def sets_activation(self) -> bool:
+        return self.skip or not self.activation.is_empty()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Calibration and lowering settings; None = not set (use the default or the CLI)."""
+
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+    calib_seed: int | None = None
+    calib_batch_size: int | None = None
+    calib_data: str | None = None
+    lower: str | None = None  # "fake" | "int8"
+
+    def then(self, later: Settings) -> Settings:
+        """Later settings (an including file, the command line) override earlier ones."""
+        return replace(self, **{f.name: getattr(later, f.name) for f in fields(later)
+                                if getattr(later, f.name) is not None})
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Recipe-syntax key of each setting, its field and its type.
+SETTING_KEYS: dict[str, tuple[str, type]] = {
+    "calib.samples": ("calib_samples", int),
+    "calib.seq_len": ("calib_seq_len", int),
+    "calib.seed": ("calib_seed", int),
+    "calib.batch_size": ("calib_batch_size", int),
+    "calib.data": ("calib_data", str),
+    "lower": ("lower", str),
+}
+LOWER_TARGETS = ("fake", "int8")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A checked recipe: rules in cascade order (includes spliced in) and settings."""
+
+    rules: tuple[Rule, ...]
+    settings: Settings = field(default_factory=Settings)
+    source: str = "<string>"  # the file it was read from
+    text: str = ""  # the file's text, as written (kept in artifacts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "settings": self.settings.to_json(),
+            "rules": [{
+                "selector": {"kind": r.selector.kind, "pattern": r.selector.pattern,
+                             "optional": r.selector.optional},
+                "weight": r.weight.to_json(), "activation": r.activation.to_json(),
+                "skip": r.skip, "loc": str(r.loc)} for r in self.rules],
+        }
+
+    def hash(self) -> str:
+        """Content hash of the meaning (rules and settings), not of the formatting."""
+        payload = self.to_json()
+        payload.pop("source")
+        for r in payload["rules"]:
+            r.pop("loc")
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
