@@ -1,0 +1,84 @@
+"""The one interface evaluation and benchmarking use to run a causal language
+model, whatever it is: a float transformers model, or a qdsl-compiled graph.
+
+Everything that scores or times a model (``qdsl eval``, ``qdsl bench``,
+``qdsl sweep``) takes a ``CausalLM``; it never looks inside.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+StopFn = Callable[[list[int]], bool]  # called with the tokens generated so far
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """A batch-1 causal LM with a key/value cache.
+
+    * ``logits(ids)``: ids [1, T] -> logits [1, T, V] (float32), no cache kept.
+    * ``prefill(ids)``: start a new sequence; ids [1, T] -> logits of the last
+      position [V]; keeps the key/value cache for ``decode``.
+    * ``decode(token)``: append one token to the cached sequence -> logits [V].
+    * ``greedy(ids, max_new_tokens, stop)``: greedy continuation (token ids,
+      without the prompt); each new token costs one ``decode`` step.
+    """
+
+    name: str
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, token: int) -> torch.Tensor: ...
+
+    def greedy(self, ids: torch.Tensor, max_new_tokens: int,
+               stop: StopFn | None = None) -> list[int]: ...
+
+
+class GreedyMixin:
+    """``greedy`` in terms of ``prefill`` and ``decode``."""
+
+    @torch.inference_mode()
+    def greedy(self, ids: torch.Tensor, max_new_tokens: int,
+               stop: StopFn | None = None) -> list[int]:
+        out: list[int] = []
+        if max_new_tokens <= 0:
+            return out
+        logits = self.prefill(ids)
+        while True:
+            tok = int(logits.argmax())
+            out.append(tok)
+            if len(out) >= max_new_tokens or (stop is not None and stop(out)):
+                return out
+            logits = self.decode(tok)
+
+
+class HFCausalLM(GreedyMixin):
+    """A transformers causal LM (float, or with swapped modules) with its own DynamicCache."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "model"):
+        self.model = model.eval()
+        self.name = name
+        self._past = None
+        self._pos = 0
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits.float()
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True)
+        self._past, self._pos = out.past_key_values, ids.shape[1]
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def decode(self, token: int) -> torch.Tensor:
+        assert self._past is not None, "decode() before prefill()"
+        ids = torch.tensor([[token]], dtype=torch.long)
+        out = self.model(input_ids=ids, past_key_values=self._past, use_cache=True)
+        self._past, self._pos = out.past_key_values, self._pos + 1
+        return out.logits[0, -1].float()
