@@ -1,0 +1,213 @@
+"""Recipe x named graph -> QuantPlan: the resolved weight and activation spec of
+every named node, and the rule (file:line:col) that decided each attribute.
+
+The cascade: rules apply in order; a rule sets only the attributes it names, and
+a later rule overrides them. ``skip`` sets both tensors back to float.
+
+Errors (PlanError, located at the rule): a rule that matches nothing (unless
+optional), weight options on a rule none of whose nodes has weights. Warnings:
+a rule whose every attribute on every node it matched is overridden later
+("shadowed"), naming the rules that override it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import Diagnostic, PlanError
+from .recipe import Loc, Recipe, Rule
+from .select import select, suggestions
+from .spec import ACTIVATION, FLOAT_BITS, WEIGHT, TensorPatch, TensorSpec, resolve
+
+_PATCH_FIELDS = tuple(f.name for f in fields(TensorPatch))
+_SKIP = TensorPatch(bits=FLOAT_BITS)
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One named node's resolved quantization. ``weight`` is None for nodes without weights."""
+
+    name: str
+    role: str
+    module: str
+    weight: TensorSpec | None
+    activation: TensorSpec
+    # tensor kind -> attribute -> the rule location that set it last
+    decided_by: dict[str, dict[str, str]] = field(default_factory=dict, compare=False)
+
+    def rule(self, kind: str) -> str:
+        """The rule that decided this tensor's bits (or '-' when no rule touched it)."""
+        d = self.decided_by.get(kind, {})
+        return d.get("bits") or (max(d.values()) if d else "-")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "module": self.module,
+                "weight": self.weight.to_json() if self.weight else None,
+                "activation": self.activation.to_json(),
+                "decided_by": self.decided_by}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlanEntry:
+        return cls(name=d["name"], role=d["role"], module=d["module"],
+                   weight=TensorSpec.from_json(d["weight"]) if d["weight"] else None,
+                   activation=TensorSpec.from_json(d["activation"]),
+                   decided_by=d.get("decided_by", {}))
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """The portable result of matching: entries in graph order, plus what graph they fit."""
+
+    entries: tuple[PlanEntry, ...]
+    graph_hash: str
+    module_map: dict[str, str]
+    recipe_hash: str
+    warnings: tuple[Diagnostic, ...] = ()
+
+    def __getitem__(self, name: str) -> PlanEntry:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, PlanEntry]:
+        return {e.name: e for e in self.entries}
+
+    def quantized(self) -> list[PlanEntry]:
+        return [e for e in self.entries
+                if (e.weight is not None and e.weight.quantized) or e.activation.quantized]
+
+    def check_graph(self, named) -> None:
+        """Refuse to apply this plan to a graph it was not made for."""
+        if named.graph_hash != self.graph_hash:
+            raise PlanError([Diagnostic(
+                "<plan>", 1, 1, f"plan was made for graph {self.graph_hash}, "
+                f"not {named.graph_hash}: re-run explain/compile against this model")])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"graph_hash": self.graph_hash, "recipe_hash": self.recipe_hash,
+                "module_map": self.module_map, "entries": [e.to_json() for e in self.entries]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> QuantPlan:
+        return cls(entries=tuple(PlanEntry.from_json(e) for e in d["entries"]),
+                   graph_hash=d["graph_hash"], module_map=d["module_map"],
+                   recipe_hash=d["recipe_hash"])
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _line_of(loc: Loc, recipe: Recipe) -> str:
+    text = recipe.text if loc.file == recipe.source else None
+    if text is None:
+        try:
+            text = Path(loc.file).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+    lines = text.splitlines()
+    return lines[loc.line - 1] if 0 < loc.line <= len(lines) else ""
+
+
+def _diag(rule: Rule, recipe: Recipe, message: str, severity: str = "error",
+          hint: str | None = None) -> Diagnostic:
+    loc = rule.loc
+    return Diagnostic(loc.file, loc.line, loc.col, message, severity=severity, hint=hint,
+                      source_line=_line_of(loc, recipe))
+
+
+def _patches(rule: Rule) -> dict[str, TensorPatch]:
+    if rule.skip:
+        return {WEIGHT: _SKIP, ACTIVATION: _SKIP}
+    return {WEIGHT: rule.weight, ACTIVATION: rule.activation}
+
+
+def build_plan(recipe: Recipe, named) -> QuantPlan:
+    """Match ``recipe`` against ``named`` (a NamedGraph). Raises PlanError listing every error."""
+    nodes = list(named.nodes)
+    errors: list[Diagnostic] = []
+    # per node: kind -> accumulated patch; kind -> field -> rule index
+    acc = {n.name: {WEIGHT: TensorPatch(), ACTIVATION: TensorPatch()} for n in nodes}
+    owner: dict[str, dict[str, dict[str, int]]] = {n.name: {WEIGHT: {}, ACTIVATION: {}}
+                                                   for n in nodes}
+    matched: list[list] = []
+    for i, rule in enumerate(recipe.rules):
+        hits = select(rule.selector, nodes)
+        matched.append(hits)
+        if not hits:
+            if not rule.selector.optional:
+                near = suggestions(rule.selector, nodes)
+                errors.append(_diag(
+                    rule, recipe, f"selector `{_sel_text(rule)}` matches no node of this model",
+                    hint=(f"did you mean {', '.join(f'`{s}`' for s in near)}? " if near else "")
+                    + "mark the rule optional with a trailing `?` if that is intended"))
+            continue
+        if not rule.skip and not rule.weight.is_empty() and not any(n.has_weight for n in hits):
+            ex = hits[0]
+            errors.append(_diag(
+                rule, recipe, f"weight options on `{ex.name}` ({ex.role}), which has no weights"
+                + (f" (nor do the other {len(hits) - 1} matched nodes)" if len(hits) > 1 else ""),
+                hint="weights exist on linears and embeddings; use `a..` options here"))
+            continue
+        for n in hits:
+            for kind, patch in _patches(rule).items():
+                if kind == WEIGHT and not n.has_weight:
+                    continue
+                acc[n.name][kind] = acc[n.name][kind].then(patch)
+                for f in patch.set_fields():
+                    owner[n.name][kind][f] = i
+    if errors:
+        raise PlanError(errors)
+
+    locs = [str(r.loc) for r in recipe.rules]
+    entries = []
+    for n in nodes:
+        decided = {k: {f: locs[i] for f, i in owner[n.name][k].items()} for k in (WEIGHT, ACTIVATION)}
+        entries.append(PlanEntry(
+            name=n.name, role=n.role, module=n.module,
+            weight=resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None,
+            activation=resolve(ACTIVATION, acc[n.name][ACTIVATION]),
+            decided_by={k: v for k, v in decided.items() if v}))
+    warnings = tuple(_shadowed(recipe, matched, owner))
+    return QuantPlan(entries=tuple(entries), graph_hash=named.graph_hash,
+                     module_map=dict(named.module_map), recipe_hash=recipe.hash(),
+                     warnings=warnings)
+
+
+def _overriders(i: int, rule: Rule, hits: list, owner) -> set[int] | None:
+    """The later rules that override everything rule i sets on its nodes, or None
+    when at least one of its settings survives."""
+    winners: set[int] = set()
+    for n in hits:
+        for kind, patch in _patches(rule).items():
+            if kind == WEIGHT and not n.has_weight:
+                continue
+            for f in patch.set_fields():
+                w = owner[n.name][kind][f]
+                if w == i:
+                    return None
+                winners.add(w)
+    return winners
+
+
+def _shadowed(recipe: Recipe, matched: list[list], owner) -> Iterable[Diagnostic]:
+    """Warnings for rules all of whose (node, tensor, attribute) settings are overridden."""
+    for i, rule in enumerate(recipe.rules):
+        winners = _overriders(i, rule, matched[i], owner) if matched[i] else None
+        if not winners:
+            continue
+        by = ", ".join(
+            f"line {recipe.rules[w].loc.line}" + (
+                f" of {recipe.rules[w].loc.file}" if recipe.rules[w].loc.file != rule.loc.file
+                else "") for w in sorted(winners))
+        yield _diag(rule, recipe, f"rule `{_sel_text(rule)}` is shadowed: everything it sets "
+                    f"on the {len(matched[i])} node(s) it matches is overridden by {by}",
+                    severity="warning",
+                    hint="remove it, or move it after the rules that override it")
+
+
+def _sel_text(rule: Rule) -> str:
+    s = rule.selector
+    prefix = "" if s.kind == "glob" else f"{s.kind}:"
+    return f"{prefix}{s.pattern}{'?' if s.optional else ''}"
