@@ -6,5 +6,54 @@ from hypothesis import strategies as st  # noqa: F401
 
 # --- language (recipes, selectors, specs) ----------------------------------
 
+from qdsl.recipe import Rule, Selector  # noqa: E402
+from qdsl.spec import (MSE, GroupWise, MinMax, Percentile, PerChannel, PerGroup,  # noqa: E402
+                       PerTensor, PerToken, RunningMinMax, TensorPatch)
+
+_IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,7}", fullmatch=True).filter(
+    lambda s: s not in ("include", "set"))
+_INDEX = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 5)), min_size=1, max_size=3).map(
+    lambda parts: "[" + ",".join(f"{a}-{a + d}" if d else str(a) for a, d in parts) + "]")
+_SEGMENT = st.one_of(_IDENT, st.just("*"), _INDEX, _IDENT.map(lambda s: s + "*"))
+globs = st.lists(_SEGMENT, min_size=1, max_size=4).map(".".join)
+selectors = st.one_of(
+    st.builds(Selector, st.just("glob"), globs, st.booleans()),
+    st.builds(Selector, st.just("module"), globs, st.booleans()),
+    st.builds(Selector, st.just("op"), _IDENT, st.booleans()),
+    st.builds(Selector, st.just("type"), st.sampled_from(["Linear", "Conv1D", "LayerNorm"]),
+              st.booleans()),
+    st.builds(Selector, st.just("re"), st.sampled_from([r"block\.\d+\.attn\..*", "ln_f|lm_head",
+                                                        r"x\\y"]), st.booleans()),
+)
+_momentum = st.floats(0.0, 0.999, allow_nan=False).map(lambda x: round(x, 4))
+observers = st.one_of(st.builds(MinMax), st.builds(RunningMinMax, _momentum),
+                      st.builds(MSE, st.integers(1, 500)),
+                      st.builds(Percentile, st.floats(0.01, 100.0).map(lambda x: round(x, 3))
+                                .filter(lambda x: x > 0)))
+_bits = st.one_of(st.integers(1, 16), st.just(32))
+
+
+def tensor_patches(kind: str) -> st.SearchStrategy[TensorPatch]:
+    """Valid patches for 'weight' or 'activation' (no contradictions)."""
+    grans = [st.builds(PerTensor)] + ([st.builds(PerChannel), st.builds(GroupWise,
+                                                                       st.integers(1, 512))]
+                                      if kind == "weight" else
+                                      [st.builds(PerToken), st.builds(PerGroup, st.integers(1, 64),
+                                                                      st.booleans())])
+    quantized = st.builds(
+        TensorPatch, bits=st.none() | _bits, symmetric=st.none() | st.booleans(),
+        granularity=st.none() | st.one_of(grans), observer=st.none() | observers,
+        dynamic=st.none() | st.booleans() if kind == "activation" else st.none())
+    floating = st.builds(TensorPatch, float_dtype=st.sampled_from(["fp16", "bf16", "fp32"]))
+    ok = lambda p: not (isinstance(p.granularity, PerToken) and p.dynamic is False)  # noqa: E731
+    return st.one_of(quantized, floating).filter(ok)
+
+
+rules = st.one_of(
+    st.builds(Rule, selectors, tensor_patches("weight"), tensor_patches("activation")),
+    st.builds(Rule, selectors, skip=st.just(True)),
+).filter(lambda r: r.skip or not (r.weight.is_empty() and r.activation.is_empty()))
+
+
 
 # --- quantizer maths (tensors, ranges, bit widths) -------------------------

@@ -23,7 +23,7 @@ from ..recipe import LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
 from ..spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, \
     TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
-from .parser import _did_you_mean
+from .parser import _did_you_mean, clip
 from .presets import PRESETS, preset_options, preset_text
 from .syntax import Document, IncludeLine, Option, RuleLine, SelectorNode, SettingLine
 
@@ -59,8 +59,8 @@ class _Reporter:
 
     def __call__(self, col: int, message: str, hint: str | None = None,
                  severity: str = "error") -> None:
-        self.diags.append(Diagnostic(self.doc.file, self.line, col, message, severity, hint,
-                                     self.doc.source_line(self.line)))
+        self.diags.append(Diagnostic(self.doc.file, self.line, col, clip(message), severity,
+                                     hint and clip(hint), self.doc.source_line(self.line)))
 
 
 def check_document(doc: Document) -> tuple[list[Rule | SettingItem | IncludeLine],

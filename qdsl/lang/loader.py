@@ -16,7 +16,7 @@ from ..errors import Diagnostic, RecipeError
 from ..recipe import Recipe, Rule, Settings
 from ..resources import data_dir
 from .checker import SettingItem, check_document
-from .parser import decode, parse_document
+from .parser import clip, decode, parse_document
 from .syntax import IncludeLine
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
@@ -99,7 +99,7 @@ def _compile(text: str, file: str, base: Path, stack: tuple[Path, ...], out: _Re
 def _include(node: IncludeLine, src: str, file: str, base: Path, stack: tuple[Path, ...],
              out: _Result, own: list[Diagnostic]) -> None:
     def err(message: str, hint: str | None = None) -> None:
-        own.append(Diagnostic(file, node.line, node.path_col, message, hint=hint,
+        own.append(Diagnostic(file, node.line, node.path_col, clip(message), hint=hint,
                               source_line=src))
 
     target = resolve_include(node.path, base)

@@ -85,9 +85,16 @@ def parse_document(text: str, file: str = "<string>") -> tuple[Document, list[Di
     return Document(file, tuple(lines), tuple(source)), diags
 
 
+def clip(message: str, width: int = 60) -> str:
+    """Shorten every `quoted` piece of user text longer than ``width`` (hostile input)."""
+    return re.sub(r"`([^`]{%d,})`" % (width + 1),
+                  lambda m: f"`{m.group(1)[:width - 20]}...{m.group(1)[-10:]}`", message)
+
+
 def parse_line(src: str, n: int, file: str, diags: list[Diagnostic]) -> Line | None:
     def err(col: int, msg: str, hint: str | None = None) -> None:
-        diags.append(Diagnostic(file, n, col, msg, hint=hint, source_line=src))
+        diags.append(Diagnostic(file, n, col, clip(msg), hint=hint and clip(hint),
+                                source_line=src))
 
     if not src.strip():
         return BlankLine(n)
