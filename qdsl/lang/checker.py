@@ -23,7 +23,7 @@ from ..recipe import LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
 from ..spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, \
     TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
-from .parser import _did_you_mean, clip
+from .parser import did_you_mean, clip
 from .presets import PRESETS, preset_options, preset_text
 from .syntax import Document, IncludeLine, Option, RuleLine, SelectorNode, SettingLine
 
@@ -250,7 +250,7 @@ class _SpecState:
         if o.key is not None:
             if o.key != "observer":
                 err(col, f"unknown key `{o.key}=`",
-                    _did_you_mean(o.key, ["observer"]) or "only `observer=NAME` is accepted")
+                    did_you_mean(o.key, ["observer"]) or "only `observer=NAME` is accepted")
                 return None
             if d is not None and not d.is_observer:
                 err(o.word_col, f"`{o.word}` is not an observer",
@@ -258,7 +258,7 @@ class _SpecState:
                 return None
         if d is None:
             err(o.word_col, f"unknown option `{o.word}`",
-                _did_you_mean(o.word, ALL_WORDS) or "see docs/language.md for the spec words")
+                did_you_mean(o.word, ALL_WORDS) or "see docs/language.md for the spec words")
         return d
 
     def _args(self, d: OptionDef, o: Option, col: int) -> dict[str, Any] | None:
@@ -359,7 +359,7 @@ class _SpecState:
 
 def _unknown_arg(err: _Reporter, d: OptionDef, name: str, col: int) -> None:
     choices = [a.name for a in d.args]
-    hint = _did_you_mean(name, choices) or f"`{d.word}` takes {', '.join(choices)}"
+    hint = did_you_mean(name, choices) or f"`{d.word}` takes {', '.join(choices)}"
     err(col, f"unknown argument `{name}` for `{d.word}`", hint)
 
 
@@ -371,7 +371,7 @@ def check_setting(node: SettingLine, file: str, err: _Reporter) -> SettingItem |
     key = node.key
     if key not in SETTING_KEYS:
         err(node.key_col, f"unknown setting `{key}`",
-            _did_you_mean(key, list(SETTING_KEYS)) or f"settings are {', '.join(SETTING_KEYS)}")
+            did_you_mean(key, list(SETTING_KEYS)) or f"settings are {', '.join(SETTING_KEYS)}")
         return None
     fname, typ = SETTING_KEYS[key]
     v, col = node.value, node.value_col
@@ -386,7 +386,7 @@ def check_setting(node: SettingLine, file: str, err: _Reporter) -> SettingItem |
     elif key == "lower":
         if node.value_kind == "number" or v not in LOWER_TARGETS:
             err(col, f"`lower` must be one of {', '.join(LOWER_TARGETS)}, got `{_show(node)}`",
-                _did_you_mean(str(v), LOWER_TARGETS))
+                did_you_mean(str(v), LOWER_TARGETS))
             return None
     elif node.value_kind != "string":
         err(col, f"`{key}` must be a quoted string, got `{_show(node)}`",

@@ -152,7 +152,7 @@ def explain_syntax_error(src: str, e: UnexpectedInput) -> tuple[int, str, str | 
         if ch == ":" and before:
             kind = before.group(1)
             return (before.start() + 1, f"unknown selector kind `{kind}:`",
-                    _did_you_mean(kind, SELECTOR_KINDS, tail="; selector kinds are op, type, "
+                    did_you_mean(kind, SELECTOR_KINDS, tail="; selector kinds are op, type, "
                                   "module and re (a plain glob needs no kind)"))
         if ch == "[":
             return col, "unclosed or malformed `[` in selector", \
@@ -203,7 +203,7 @@ def _strip_comment(src: str) -> str:
     return src
 
 
-def _did_you_mean(word: str, choices, tail: str = "") -> str | None:
+def did_you_mean(word: str, choices, tail: str = "") -> str | None:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     if not close:
         lower = {c.lower(): c for c in choices}
