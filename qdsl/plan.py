@@ -169,7 +169,8 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
             weight=resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None,
             activation=resolve(ACTIVATION, acc[n.name][ACTIVATION]),
             decided_by={k: v for k, v in decided.items() if v}))
-    warnings = tuple(_shadowed(recipe, matched, owner))
+    warnings = tuple(_shadowed(recipe, matched, owner)) + tuple(
+        _ineffective(recipe, matched, {e.name: e for e in entries}))
     return QuantPlan(entries=tuple(entries), graph_hash=named.graph_hash,
                      module_map=dict(named.module_map), recipe_hash=recipe.hash(),
                      warnings=warnings)
@@ -205,6 +206,24 @@ def _shadowed(recipe: Recipe, matched: list[list], owner) -> Iterable[Diagnostic
                     f"on the {len(matched[i])} node(s) it matches is overridden by {by}",
                     severity="warning",
                     hint="remove it, or move it after the rules that override it")
+
+
+def _ineffective(recipe: Recipe, matched: list[list], entries: dict[str, PlanEntry]
+                 ) -> Iterable[Diagnostic]:
+    """Warnings for options (granularity, observer ...) on tensors that stay float because
+    no rule gives them bits: `mlp.c_fc -> per_group(K=8)` alone quantizes nothing."""
+    for i, rule in enumerate(recipe.rules):
+        for kind, patch in ((WEIGHT, rule.weight), (ACTIVATION, rule.activation)):
+            opts = [f for f in patch.set_fields() if f not in ("bits", "float_dtype")]
+            if rule.skip or not opts or patch.bits is not None:
+                continue
+            specs = [getattr(entries[n.name], kind) for n in matched[i]]
+            specs = [s for s in specs if s is not None]
+            if specs and not any(s.quantized for s in specs):
+                yield _diag(rule, recipe, f"{kind} options ({', '.join(opts)}) have no effect: "
+                            f"the {kind}s of the {len(specs)} node(s) this rule matches stay "
+                            "float, as no rule gives them bits", severity="warning",
+                            hint=f"add bits here (e.g. `{kind[0]}8`) or in an earlier rule")
 
 
 def _sel_text(rule: Rule) -> str:

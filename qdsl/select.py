@@ -20,6 +20,12 @@ from typing import Iterable, Protocol
 
 from .recipe import Selector
 
+# Architecture-neutral aliases: a recipe written for GPT-2's names also selects the
+# equivalent parts of a gated (LLaMA) MLP or split attention projections.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "mlp.up": ("mlp.c_fc",), "mlp.gate": ("mlp.c_fc",), "mlp.down": ("mlp.c_proj",),
+    "attn.q": ("attn.qkv",), "attn.k": ("attn.qkv",), "attn.v": ("attn.qkv",),
+}
 _RANGE = re.compile(r"^\[([0-9,\-\s]+)\]$")
 _BLOCK_PREFIX = re.compile(r"^block\.\d+\.")
 
@@ -49,12 +55,25 @@ def _glob_whole(pattern: str, name: str) -> bool:
     return len(pats) == len(parts) and all(_segment_matcher(p)(s) for p, s in zip(pats, parts))
 
 
-def glob_matches(pattern: str, name: str) -> bool:
-    """``glob_matches('mlp.c_fc', 'block.3.mlp.c_fc') -> True``."""
-    if pattern == "*" or _glob_whole(pattern, name):
+def aliases(name: str) -> tuple[str, ...]:
+    """``aliases('block.3.mlp.up') -> ('block.3.mlp.up', 'block.3.mlp.c_fc')``."""
+    m = _BLOCK_PREFIX.match(name)
+    if not m:
+        return (name,)
+    return (name,) + tuple(m.group(0) + a for a in ALIASES.get(name[m.end():], ()))
+
+
+def _glob_one(pattern: str, name: str) -> bool:
+    if _glob_whole(pattern, name):
         return True
     m = _BLOCK_PREFIX.match(name)
     return bool(m) and _glob_whole(pattern, name[m.end():])
+
+
+def glob_matches(pattern: str, name: str) -> bool:
+    """``glob_matches('mlp.c_fc', 'block.3.mlp.c_fc') -> True``; also true for
+    ``block.3.mlp.up`` (an alias, see ALIASES)."""
+    return pattern == "*" or any(_glob_one(pattern, n) for n in aliases(name))
 
 
 def _linear_like(node: Nameable) -> bool:

@@ -1,4 +1,8 @@
 import os
+import sys
+
+# shared test helpers (tiny.py, strategies.py) import as top-level modules
+sys.path.insert(0, os.path.dirname(__file__))
 
 from hypothesis import HealthCheck, settings
 

@@ -151,3 +151,16 @@ def test_plan_json_round_trip_and_graph_check():
     q.check_graph(gpt2_like())
     with pytest.raises(PlanError):
         q.check_graph(Named(gpt2_like().nodes, graph_hash="other"))
+
+
+def test_alias_selects_gated_mlp_equivalents():
+    assert glob_matches("mlp.c_fc", "block.0.mlp.up") and glob_matches("mlp.c_fc", "block.0.mlp.gate")
+    assert glob_matches("block.*.mlp.c_proj", "block.2.mlp.down")
+    assert glob_matches("attn.qkv", "block.1.attn.k") and not glob_matches("attn.q", "block.1.attn.qkv")
+
+
+def test_options_on_float_tensors_warn():
+    p = plan_of(rule("mlp.c_fc", 3, w=TensorPatch(bits=8),
+                     a=TensorPatch(granularity=PerGroup(8, True))))
+    (w,) = p.warnings
+    assert w.line == 3 and "activation options (granularity) have no effect" in w.message
