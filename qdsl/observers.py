@@ -304,7 +304,7 @@ class MeanAbsObserver(Observer):
 
     mode 'latest' (minmax), 'ema' (running_minmax, with momentum) or 'all' (mse,
     percentile: the mean over all batches, the least-squares optimum). ``min_val`` holds
-    mean|x| (per dim for PEG, grouped in ``qparams``).
+    mean|x| (per dim for PEG, grouped in ``qparams``); ``max_val`` is unused.
     """
 
     name = "mean_abs"
@@ -328,7 +328,7 @@ class MeanAbsObserver(Observer):
             w = x.numel() / (self.count + x.numel())
             alpha = ((1 - w) * self.min_val + w * alpha).float()
         self.count += x.numel()
-        self.min_val = self.max_val = alpha
+        self.min_val = alpha  # max_val stays empty: one statistic
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         if self.min_val.numel() == 0:

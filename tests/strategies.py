@@ -57,3 +57,53 @@ rules = st.one_of(
 
 
 # --- quantizer maths (tensors, ranges, bit widths) -------------------------
+
+bit_widths = st.integers(min_value=1, max_value=16)
+multibit_widths = st.integers(min_value=2, max_value=16)  # grids with a zero level
+_VALUE = st.floats(-1.0, 1.0, allow_nan=False, allow_infinity=False, allow_subnormal=False,
+                   width=32)
+_MAGNITUDE = st.sampled_from([1e-3, 0.02, 1.0, 7.5, 300.0])  # weights .. outlier activations
+
+
+@st.composite
+def float_tensors(draw, shape=None, max_numel: int = 64):
+    """float32 tensors of moderate magnitude; ``shape`` fixed, or 1-D of 1..max_numel."""
+    import torch
+
+    n = max_numel if shape is None else 1
+    if shape is not None:
+        for s in shape:
+            n *= s
+    values = draw(st.lists(_VALUE, min_size=1 if shape is None else n, max_size=n))
+    t = torch.tensor(values, dtype=torch.float32) * draw(_MAGNITUDE)
+    return t if shape is None else t.reshape(shape)
+
+
+@st.composite
+def ranges(draw):
+    """A clipping range (lo, hi), lo <= hi, as two 0-d float32 tensors (may exclude 0)."""
+    import torch
+
+    scale = draw(_MAGNITUDE)
+    a, b = sorted([draw(_VALUE) * scale, draw(_VALUE) * scale])
+    return torch.tensor(a), torch.tensor(b)
+
+
+@st.composite
+def matrices(draw, max_rows: int = 6, max_cols: int = 12, col_multiple: int = 1):
+    """Weights [out, in] with in a multiple of ``col_multiple``."""
+    rows = draw(st.integers(1, max_rows))
+    cols = col_multiple * draw(st.integers(1, max(1, max_cols // col_multiple)))
+    return draw(float_tensors(shape=(rows, cols)))
+
+
+@st.composite
+def activations(draw, d_choices=(1, 2, 4, 6, 8, 12), max_tokens: int = 6):
+    """Activations [B, T, d]; some hidden dims scaled up as outliers."""
+    import torch
+
+    d = draw(st.sampled_from(d_choices))
+    b, t = draw(st.integers(1, 2)), draw(st.integers(1, max_tokens))
+    x = draw(float_tensors(shape=(b, t, d)))
+    gain = torch.tensor(draw(st.lists(st.sampled_from([1.0, 1.0, 10.0]), min_size=d, max_size=d)))
+    return x * gain

@@ -1,0 +1,230 @@
+"""Observers (qdsl/observers.py): semantics, shapes, MSE vs min-max, state round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load, save
+from strategies import activations, float_tensors, matrices
+
+from qdsl.observers import (MeanAbsObserver, MinMaxObserver, MSEObserver, PercentileObserver,
+                            RunningMinMaxObserver, kth_percentile, make_observer, mse_search,
+                            observer_from_json)
+from qdsl.quant import choose_qparams, fake_quantize, group_unview, group_view, reduce_range
+from qdsl.spec import (ACTIVATION, MSE, WEIGHT, GroupWise, MinMax, Percentile, PerChannel,
+                       PerGroup, PerTensor, PerToken, RunningMinMax, TensorPatch, resolve)
+
+
+def _sq_err(w, scale, zp, bits, symmetric, granularity):
+    if isinstance(granularity, GroupWise):
+        y = group_unview(fake_quantize(group_view(w, granularity.size), scale, zp, bits, symmetric))
+    else:
+        y = fake_quantize(w, scale, zp, bits, symmetric)
+    return (y - w).square()
+
+
+# --- min-max ------------------------------------------------------------------------
+
+
+def test_minmax_weight_and_latest_batch():
+    w = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+    o = MinMaxObserver(8, True, PerChannel(), WEIGHT)
+    assert o(w) is w
+    s, z = o.qparams()
+    assert torch.allclose(s, torch.tensor([[2.0], [4.0]]) / 127) and z.shape == (2, 1)
+    a = MinMaxObserver(8, False)
+    a(torch.tensor([-5.0, 5.0]))
+    a(torch.tensor([-1.0, 2.0]))
+    assert (a.min_val.item(), a.max_val.item()) == (-1.0, 2.0)  # current = latest batch
+
+
+def test_running_minmax_worked_example():
+    o = RunningMinMaxObserver(8, False, momentum=0.9)
+    o(torch.tensor([-1.0, 1.0]))
+    o(torch.tensor([-3.0, 2.0]))
+    assert o.min_val.item() == pytest.approx(-1.2) and o.max_val.item() == pytest.approx(1.1)
+
+
+def test_no_data_is_an_error():
+    with pytest.raises(RuntimeError, match="observed no data"):
+        MinMaxObserver(8, True).qparams()
+
+
+# --- MSE -------------------------------------------------------------------------------
+
+
+@given(matrices(col_multiple=4), st.integers(2, 8), st.booleans(),
+       st.sampled_from([PerTensor(), PerChannel(), GroupWise(4)]), st.sampled_from([1, 7, 20]))
+def test_mse_never_worse_than_minmax(w, bits, symmetric, gran, candidates):
+    """Per group (row, block, tensor) the MSE range's squared error <= min-max's: the
+    candidate k = n is the min-max range and every search stage keeps its winner."""
+    mse = MSEObserver(bits, symmetric, gran, WEIGHT, candidates=candidates)
+    mm = MinMaxObserver(bits, symmetric, gran, WEIGHT)
+    mse(w), mm(w)
+    e_mse = _sq_err(w, *mse.qparams(), bits, symmetric, gran)
+    e_mm = _sq_err(w, *mm.qparams(), bits, symmetric, gran)
+    dims = {PerTensor: None, PerChannel: 1}
+    if isinstance(gran, GroupWise):
+        e_mse, e_mm = group_view(e_mse, 4).sum(-1), group_view(e_mm, 4).sum(-1)
+    elif dims[type(gran)] is not None:
+        e_mse, e_mm = e_mse.sum(1), e_mm.sum(1)
+    else:
+        e_mse, e_mm = e_mse.sum(), e_mm.sum()
+    assert (e_mse <= e_mm * (1 + 1e-4) + 1e-12).all(), (e_mse, e_mm)
+
+
+@given(float_tensors(max_numel=200), st.integers(2, 8), st.booleans())
+def test_mse_activation_never_worse_than_minmax(x, bits, symmetric):
+    mse, mm = MSEObserver(bits, symmetric), MinMaxObserver(bits, symmetric)
+    mse(x), mm(x)
+    e = lambda o: _sq_err(x, *o.qparams(), bits, symmetric, PerTensor()).sum()  # noqa: E731
+    assert e(mse) <= e(mm) * (1 + 1e-4) + 1e-12
+
+
+def test_mse_clips_an_outlier():
+    x = torch.cat([torch.linspace(-1, 1, 100001), torch.tensor([50.0])])  # clipping pays
+    o = MSEObserver(4, True)
+    o(x)
+    s, _ = o.qparams()
+    assert s.item() * 7 < 10  # range far below the outlier
+    assert (o.ranges()[1] < 50).item()
+    one = MSEObserver(4, True, candidates=1)
+    one(x)
+    assert one.ranges()[1].item() == 50.0  # a single candidate is the min-max range
+
+
+def test_mse_search_asymmetric_stages():
+    """Skewed data (GELU-like): the lower end stays, the upper end is clipped."""
+    v = torch.cat([torch.full((2000,), -0.17), torch.linspace(0, 1, 20000), torch.tensor([10.0])])
+    lo, hi = mse_search(v[None], v.min()[None], v.max()[None], 4, False, 100)
+    # stage 1 alone shrinks both ends by hi/10 (lo ~ -0.02); stage 2 restores the lower end
+    assert hi.item() < 5 and lo.item() < -0.1
+    s1 = mse_search(v[None], v.min()[None], v.max()[None], 4, False, 100)
+    assert torch.equal(s1[0], lo)  # deterministic
+
+
+def test_mse_accumulates_over_batches():
+    o = MSEObserver(8, False)
+    o(torch.tensor([0.0, 1.0]))
+    o(torch.tensor([-4.0, 0.5]))
+    assert (o.min_val.item(), o.max_val.item()) == (-4.0, 1.0)  # candidates span all batches
+    assert o.sample.numel() == 4
+
+
+def test_sample_memory_is_bounded_and_covers_all_batches():
+    o = MSEObserver(8, True, max_samples=1000)
+    for i in range(20):
+        o(torch.full((4, 500), float(i)))
+    assert o.sample.numel() == 1000 and o.keys.numel() == 1000
+    counts = torch.bincount(o.sample.long(), minlength=20)
+    assert (counts > 10).all(), counts  # uniform over batches, not the last ones
+    p = MSEObserver(8, True, PerGroup(2), max_samples=64)
+    for _ in range(3):
+        p(torch.randn(5, 7, 16))
+    assert p.sample.shape == (4, 16)  # whole rows, 64 // 16 of them
+
+
+# --- percentile -------------------------------------------------------------------------
+
+
+def test_percentile():
+    assert kth_percentile(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 50).item() == 2.0
+    x = torch.arange(1, 101, dtype=torch.float32)
+    o = PercentileObserver(8, True, p=90)
+    o(x), o(-x)
+    assert o.ranges()[1].item() == 90.0
+    a = PercentileObserver(8, False, p=100)
+    a(x - 30)
+    assert (a.ranges()[0].item(), a.ranges()[1].item()) == (-29.0, 70.0)
+    w = PercentileObserver(4, True, PerChannel(), WEIGHT, p=99.0)
+    w(torch.randn(5, 300))
+    assert w.qparams()[0].shape == (5, 1)
+
+
+# --- PEG ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [MinMaxObserver, RunningMinMaxObserver, MSEObserver,
+                                 PercentileObserver])
+def test_peg_permutation_uses_all_batches(cls):
+    """Dim 1 is an outlier only in the first batch: it still sorts last."""
+    b1, b2 = torch.randn(2, 5, 8) * 0.1, torch.randn(2, 5, 8) * 0.1
+    b1[..., 1] = 40.0
+    o = cls(8, False, PerGroup(4, permute=True), ACTIVATION)
+    o(b1), o(b2)
+    assert o.perm.dtype == torch.int64 and o.perm.shape == (8,) and o.perm[-1].item() == 1
+    s, z = o.qparams()
+    assert s.shape == z.shape == (8,)
+    assert len(set(s.tolist())) <= 4  # constant within each of the 4 groups
+    assert s[o.perm].reshape(4, 2).unique(dim=1).shape[1] == 1
+
+
+def test_peg_without_permute_has_no_perm():
+    o = MinMaxObserver(8, True, PerGroup(2))
+    o(torch.randn(3, 4))
+    assert o.perm is None and o.qparams()[0].shape == (4,)
+
+
+@given(activations(d_choices=(4, 8)), st.booleans())
+def test_peg_observer_matches_reduce_range_on_one_batch(x, symmetric):
+    o = MinMaxObserver(8, symmetric, PerGroup(2, permute=True))
+    o(x)
+    ref = choose_qparams(*reduce_range(x, PerGroup(2, permute=True), ACTIVATION), 8, symmetric)
+    assert torch.equal(o.qparams()[0], ref[0]) and torch.equal(o.qparams()[1], ref[1])
+
+
+# --- 1 bit -------------------------------------------------------------------------------
+
+
+def test_mean_abs_observer():
+    w = torch.tensor([[1.0, -3.0], [0.0, 2.0]])
+    o = make_observer(resolve(WEIGHT, TensorPatch(bits=1)))
+    assert isinstance(o, MeanAbsObserver)
+    o(w)
+    assert torch.equal(o.qparams()[0], torch.tensor([[2.0], [1.0]]))
+    a = make_observer(resolve(ACTIVATION, TensorPatch(bits=1, symmetric=True, observer=MSE())))
+    a(torch.tensor([1.0, -1.0])), a(torch.tensor([3.0, 3.0]))
+    assert a.qparams()[0].item() == pytest.approx(2.0)  # mean over all batches
+    g = MeanAbsObserver(granularity=PerGroup(2, True), mode="latest")
+    g(torch.tensor([[1.0, -8.0, 2.0, 8.0], [-1.0, 8.0, -2.0, -8.0]]))  # ranges 2, 16, 4, 16
+    assert g.qparams()[0].tolist() == [1.5, 8.0, 1.5, 8.0]
+
+
+# --- factory and state ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("observer, cls", [(MinMax(), MinMaxObserver),
+                                           (RunningMinMax(0.5), RunningMinMaxObserver),
+                                           (MSE(10), MSEObserver),
+                                           (Percentile(99.9), PercentileObserver)])
+def test_make_observer(observer, cls):
+    o = make_observer(resolve(ACTIVATION, TensorPatch(bits=8, observer=observer)))
+    assert type(o) is cls and o.bits == 8 and not o.symmetric
+
+
+def test_make_observer_refuses_float_dynamic_and_wrong_kind():
+    with pytest.raises(ValueError, match="float"):
+        make_observer(resolve(WEIGHT, TensorPatch(bits=32)))
+    with pytest.raises(ValueError, match="dynamic"):
+        make_observer(resolve(ACTIVATION, TensorPatch(bits=8, granularity=PerToken())))
+    with pytest.raises(ValueError, match="per_channel does not apply to activations"):
+        MinMaxObserver(8, True, PerChannel(), ACTIVATION)
+
+
+@pytest.mark.parametrize("observer", [MinMax(), RunningMinMax(0.8), MSE(16), Percentile(99.0)])
+@pytest.mark.parametrize("gran", [PerTensor(), PerGroup(2, permute=True)])
+@pytest.mark.parametrize("bits", [1, 4])
+def test_state_round_trip_through_safetensors(observer, gran, bits):
+    spec = resolve(ACTIVATION, TensorPatch(bits=bits, symmetric=True, granularity=gran,
+                                           observer=observer))
+    o = make_observer(spec)
+    for _ in range(3):
+        o(torch.randn(2, 3, 4))
+    back = observer_from_json(o.to_json(), load(save(o.state_dict())))
+    assert type(back) is type(o) and back.to_json() == o.to_json()
+    for a, b in zip(o.qparams(), back.qparams()):
+        assert torch.equal(a, b)
+    if o.perm is not None:
+        assert torch.equal(o.perm, back.perm)
