@@ -21,7 +21,10 @@ try, never a raw torch traceback (the original stays as ``__cause__``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
 import re
 import traceback
 from dataclasses import dataclass
@@ -170,11 +173,33 @@ def _export(module: torch.nn.Module, args: tuple, *, kwargs: dict | None = None,
             prefix: str = "") -> torch.export.ExportedProgram:
     """``torch.export.export(strict=False)``; any failure becomes a CaptureError."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet(_NOISY_LOGGERS):
             return torch.export.export(module, args, kwargs=kwargs,
                                        dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise _explain_failure(exc, source or module, module, prefix) from exc
+
+
+# torch loggers that print graph dumps on an export failure we report ourselves
+_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor",
+                  "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    swallowed = io.StringIO()  # torch writes graph dumps to stderr on some failures
+    try:
+        with contextlib.redirect_stderr(swallowed):
+            yield
+    finally:
+        if swallowed.getvalue():
+            log.debug("torch.export stderr:\n%s", swallowed.getvalue())
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # (pattern in the exception text, what went wrong, what to try)
@@ -204,24 +229,32 @@ def _explain_failure(exc: Exception, source: torch.nn.Module, root: torch.nn.Mod
             what, hint = reason, advice
             break
     first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-    message = f"cannot capture {type(source).__name__}: {where} {what}"
+    message = f"cannot capture {type(source).__name__}: {where[1]} {what}"
     if line:
         message += f" (at `{line}`)"
-    return CaptureError(f"{message}; torch said: {first}", node=where, hint=hint)
+    return CaptureError(f"{message}; torch said: {first}", node=where[0], hint=hint)
 
 
 def _failing_frame(exc: BaseException, source: torch.nn.Module, root: torch.nn.Module,
-                   prefix: str) -> tuple[str, str]:
-    """The innermost traceback frame running a module of ``source``: (description, line)."""
+                   prefix: str) -> tuple[tuple[str | None, str], str]:
+    """The innermost traceback frame running a module's own code.
+
+    Returns ((module path, "module PATH (Class)"), source line); frames inside
+    torch itself (``Module.__call__``, export machinery) are skipped.
+    """
     paths = {id(mod): name for name, mod in root.named_modules()}
-    found, line = f"module {type(source).__name__}", ""
+    found, line = (None, f"module {type(source).__name__}"), ""
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module) and id(owner) in paths:
-            path = paths[id(owner)]
-            path = path[len(prefix):] if prefix and path.startswith(prefix) else path
-            found = f"module {path or '<root>'} ({type(owner).__name__})"
-            line = _source_line(frame.f_code.co_filename, lineno)
+        code = frame.f_code
+        owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+        if not (isinstance(owner, torch.nn.Module) and id(owner) in paths):
+            continue
+        if f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+            continue
+        path = paths[id(owner)]
+        path = (path[len(prefix):] if prefix and path.startswith(prefix) else path) or "<root>"
+        found = (path, f"module {path} ({type(owner).__name__})")
+        line = _source_line(frame.f_code.co_filename, lineno)
     return found, line
 
 

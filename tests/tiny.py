@@ -56,3 +56,16 @@ def tiny_ids(model: torch.nn.Module, batch: int, seq: int, seed: int = 1) -> tor
     """Token ids [batch, seq] in the model's vocabulary (avoiding id 0, the pad id)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, model.config.vocab_size, (batch, seq), generator=generator)
+
+
+_CAPTURED: dict = {}
+
+
+def tiny_captured(family: str, mode: str = "plain"):
+    """``(model, capture(model, mode=mode))``, built once per test session."""
+    from qdsl.capture import capture
+
+    if (family, mode) not in _CAPTURED:
+        model = tiny(family)
+        _CAPTURED[family, mode] = model, capture(model, mode=mode)
+    return _CAPTURED[family, mode]
