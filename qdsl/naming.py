@@ -13,16 +13,15 @@ fx node ``node``; a weight quantizer replaces the ``get_attr`` target ``weight``
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 
 import networkx as nx
 import torch
 from torch.fx import Node
 
-from qdsl.roles import (PASSTHROUGH_OPS, GraphFacts, Scope, Unit, build_facts, has_nonlinearity,
-                        is_tensor, linears_behind, opname, shape_key, skip_passthrough_back,
-                        unit_input)
+from qdsl.roles import (PASSTHROUGH_OPS, GraphFacts, Scope, Unit, build_facts, graph_hash,
+                        has_nonlinearity, is_tensor, linears_behind, opname, shape_key,
+                        skip_passthrough_back, unit_input)
 
 # Every role a NamedNode can have (docs/naming.md describes each).
 ROLES = ("embedding", "embedding_sum", "norm", "linear", "attn_scores", "softmax",
@@ -34,9 +33,9 @@ class NamedNode:
     name: str                         # canonical: "block.0.attn.qkv"
     role: str                         # one of ROLES
     block: int | None                 # block index, None outside blocks
-    module: str                       # module path in the source model (enclosing one if functional)
-    module_type: str                  # class name: Linear, Conv1D, LlamaRMSNorm, GPT2Attention ...
-    op: str                           # linear, embedding, layer_norm, rms_norm, matmul, softmax, add ...
+    module: str                       # source model's module path (the enclosing one if functional)
+    module_type: str                  # class name: Linear, Conv1D, LlamaRMSNorm, GPT2Attention
+    op: str                           # short op: linear, layer_norm, matmul, softmax, add, gelu
     node: str                         # fx node whose OUTPUT is the activation
     weight: str | None = None         # get_attr target of the weight (linears / embeddings)
     bias: str | None = None           # get_attr target of the bias
@@ -406,18 +405,3 @@ def _name_leftovers(d: _Drafts) -> None:
 def _shared_scope(facts: GraphFacts, unit: Unit) -> bool:
     return sum(u.scope.key == unit.scope.key for u in facts.units) > 1 or not unit.scope.path
 
-
-# -- structural hash -------------------------------------------------------------
-
-def graph_hash(gm: torch.fx.GraphModule) -> str:
-    """sha256 over (op, target, inputs as positions, constants), not weights or node names."""
-    index = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    digest = hashlib.sha256()
-    for node in gm.graph.nodes:
-        target = node.target if isinstance(node.target, str) else (
-            getattr(node.target, "__qualname__", None) or str(node.target))
-        if node.op in ("placeholder", "output"):
-            target = node.op
-        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: f"%{index[a.name]}")
-        digest.update(f"{node.op}|{target}|{str(args)}\n".encode())
-    return digest.hexdigest()[:16]

@@ -12,6 +12,7 @@ each node's ``nn_module_stack``), never one family's module names:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -300,3 +301,19 @@ def has_nonlinearity(facts: GraphFacts, start: Node, stop: Unit) -> bool:
     between = nx.descendants(facts.dg, stop.out.name) & (nx.ancestors(facts.dg, start.name)
                                                           | {start.name})
     return any(opname(facts.node(name)) in NONLINEAR_OPS for name in between)
+
+
+# -- structural hash -------------------------------------------------------------
+
+def graph_hash(gm: torch.fx.GraphModule) -> str:
+    """sha256 over (op, target, inputs as positions, constants), not weights or node names."""
+    index = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    digest = hashlib.sha256()
+    for node in gm.graph.nodes:
+        target = node.target if isinstance(node.target, str) else (
+            getattr(node.target, "__qualname__", None) or str(node.target))
+        if node.op in ("placeholder", "output"):
+            target = node.op
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: f"%{index[a.name]}")
+        digest.update(f"{node.op}|{target}|{str(args)}\n".encode())
+    return digest.hexdigest()[:16]
