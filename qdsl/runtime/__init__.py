@@ -1,0 +1,11 @@
+"""Runtime modules: real low-bit weights (buffers + a short forward each)."""
+
+from qdsl.runtime.int8 import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
+                               Int8WeightOnlyLinear)
+from qdsl.runtime.packed import PackedEmbedding, PackedLinear
+from qdsl.runtime.packing import pack_int, unpack_int
+from qdsl.runtime.swap import SCHEMES, load_lowered, save_lowered, swap_linears
+
+__all__ = ["Int8DynamicLinear", "Int8StaticLinear", "Int8WeightOnlyLinear", "Int8Embedding",
+           "PackedLinear", "PackedEmbedding", "pack_int", "unpack_int", "SCHEMES",
+           "swap_linears", "save_lowered", "load_lowered"]

@@ -1,0 +1,279 @@
+"""Int8 runtime modules: real int8 weights in memory and on disk.
+
+Each module is registered buffers and a short forward; ``from_float`` quantizes
+a float ``[out, in]`` weight with qdsl's quantizer maths (``qdsl.quant``), and
+``config()`` gives the JSON metadata an artifact records.
+
+Kernels (measured on this CPU, ``tools/bench_kernels.py``, docs/performance.md):
+
+* w8a8, M > 1 (prefill): per-token activation quantization + ``torch._int_mm``
+  (int8 x int8 -> int32, exact; on CPU it has no M > 16 / multiple-of-8
+  constraint, that is the CUDA kernel). ~0.1x fp32 at 512x768 @ 768x3072.
+* w8a8, M = 1 (decode): fbgemm's ``quantized::linear_dynamic`` on packed params
+  built at first use from the int8 buffers (the file stays plain int8). It
+  quantizes the one token per tensor = per token, on the asymmetric grid
+  [0, 255] (at least as fine as the symmetric one), with ``reduce_range=False``
+  only where a probe shows the kernel exact (VNNI); else the ``_int_mm`` path.
+  Fewer small ops than our quantize + ``_int_mm`` (35 vs 45 us at 768x3072).
+* weight-only: ``aten._weight_int8pack_mm`` for M <= 4 and an int8 -> bf16 GEMM
+  with the scale applied after for larger M; both compute in bf16 (fast on
+  AVX512-BF16; float32 inputs to these kernels are 10x slower here), so the
+  activations are rounded to bf16 (output error ~3e-3 relative).
+
+Activations are quantized on the symmetric int8 grid [-127, 127] or the
+asymmetric one [0, 255]; the asymmetric code is shifted by -128 to fit int8 and
+corrected with the weight's row sums:
+``(q - zp) @ W^T = (q - 128) @ W^T - (zp - 128) * rowsum(W)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from qdsl.errors import GraphError
+from qdsl.quant import choose_qparams, dequantize, quantize, reduce_range
+from qdsl.spec import ACTIVATION, WEIGHT, PerChannel, PerTensor, PerToken, TensorSpec
+
+W8 = TensorSpec(WEIGHT, 8, symmetric=True, granularity=PerChannel())
+A8_DYNAMIC = TensorSpec(ACTIVATION, 8, symmetric=True, granularity=PerToken(), dynamic=True)
+
+
+def check_spec(spec: TensorSpec, bits: tuple[int, ...], granularities: tuple[type, ...],
+               what: str, symmetric: bool | None = True) -> None:
+    """Raise GraphError unless ``spec`` is something the runtime module can run."""
+    ok = (spec.bits in bits and isinstance(spec.granularity, granularities)
+          and (symmetric is None or spec.symmetric == symmetric))
+    if not ok:
+        raise GraphError(f"{what} cannot run {spec.describe()!r}",
+                         hint=f"supported: bits {bits}, "
+                              f"{'/'.join(g.name for g in granularities)}"
+                              + ("" if symmetric is None else ", sym" if symmetric else ", asym"))
+
+
+def quantize_weight_int8(weight: Tensor, spec: TensorSpec = W8) -> tuple[Tensor, Tensor]:
+    """float ``[out, in]`` -> (int8 ``[out, in]``, float32 scale ``[out]``)."""
+    check_spec(spec, (8,), (PerChannel, PerTensor), "int8 weight")
+    lo, hi = reduce_range(weight.detach().float(), spec.granularity, WEIGHT)
+    scale, zp = choose_qparams(lo, hi, 8, True)
+    q = quantize(weight.detach(), scale, zp, 8, True).to(torch.int8)
+    return q, scale.reshape(-1).expand(weight.shape[0]).contiguous()
+
+
+def quantize_act_int8(x: Tensor, scale: Tensor, zero_point: Tensor,
+                      symmetric: bool) -> tuple[Tensor, Tensor]:
+    """x ``[M, K]`` -> (int8 code, int32 zero point in that code); asym shifted by -128."""
+    q = quantize(x, scale, zero_point, 8, symmetric)
+    if symmetric:
+        return q.to(torch.int8), zero_point
+    return (q - 128).to(torch.int8), zero_point - 128
+
+
+def int8_matmul(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None, w: Tensor, w_scale: Tensor,
+                w_rowsum: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``(xq - x_zp) @ w^T * x_scale * w_scale + bias``; xq [M, K] int8, w [N, K] int8."""
+    acc = torch._int_mm(xq, w.t())                          # [M, N] int32, exact
+    if x_zp is not None and w_rowsum is not None:
+        acc -= x_zp * w_rowsum                               # [M, 1] * [N]
+    y = acc.float().mul_(x_scale).mul_(w_scale)             # [M, 1] and [N] scales
+    return y if bias is None else y.add_(bias)
+
+
+@functools.cache
+def fbgemm_exact() -> bool:
+    """Whether fbgemm's dynamic linear is exact with full-range uint8 activations here.
+
+    Without VNNI its u8 x s8 pair sums saturate at int16 (255 * 127 * 2 > 32767).
+    """
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    w = torch.full((8, 64), 127, dtype=torch.int8)
+    packed = prepack_int8(w, torch.ones(8), None)
+    y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)
+    return bool(torch.allclose(y, torch.full((1, 8), 127.0 * 64)))
+
+
+def prepack_int8(w: Tensor, w_scale: Tensor, bias: Tensor | None):
+    """fbgemm packed params from int8 ``[out, in]`` and per-row scales (no requantization)."""
+    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(
+            w, w_scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, bias)
+
+
+class _Int8Weight(nn.Module):
+    """int8 ``weight [out, in]``, float32 ``weight_scale [out]``, optional float ``bias``."""
+
+    WEIGHT_BUFFERS = ("weight", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_granularity = "per_channel"
+        self.register_buffer("weight", torch.empty(out_features, in_features,
+                                                   dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    def _load_weight(self, weight: Tensor, bias: Tensor | None, spec: TensorSpec) -> None:
+        self.weight, self.weight_scale = quantize_weight_int8(weight, spec)
+        self.weight_granularity = spec.granularity.name
+        if bias is not None:
+            self.bias = bias.detach().float().clone()
+
+    def config(self) -> dict:
+        return {"module": type(self).__name__, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None,
+                "weight": {"bits": 8, "symmetric": True, "granularity": self.weight_granularity}}
+
+
+class Int8DynamicLinear(_Int8Weight):
+    """w8a8 with activations quantized at run time, per token (default) or per tensor."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 act_granularity: str = "per_token", device=None) -> None:
+        super().__init__(in_features, out_features, bias, device)
+        assert act_granularity in ("per_token", "per_tensor"), act_granularity
+        self.act_granularity = act_granularity
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None,
+                   weight_spec: TensorSpec = W8, act_spec: TensorSpec = A8_DYNAMIC):
+        check_spec(act_spec, (8,), (PerToken, PerTensor), "Int8DynamicLinear activation")
+        m = cls(weight.shape[1], weight.shape[0], bias is not None,
+                act_granularity=act_spec.granularity.name, device="meta")
+        m._load_weight(weight, bias, weight_spec)
+        return m
+
+    def _fbgemm(self):
+        """Packed params for decode, built once from the buffers (not saved)."""
+        key = (self.weight.data_ptr(), self.weight_scale.data_ptr())
+        if getattr(self, "_packed_key", None) != key:
+            self._packed = prepack_int8(self.weight, self.weight_scale, self.bias)
+            self._packed_key = key
+        return self._packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)                 # [M, K]
+        if x2.shape[0] == 1 and fbgemm_exact():              # decode: 1 token = 1 tensor
+            y = torch.ops.quantized.linear_dynamic(x2, self._fbgemm(), False)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        g = PerToken() if self.act_granularity == "per_token" else PerTensor()
+        scale, zp = choose_qparams(*reduce_range(x2, g, ACTIVATION), 8, True)
+        xq, _ = quantize_act_int8(x2, scale, zp, True)
+        y = int8_matmul(xq, scale, None, self.weight, self.weight_scale, None, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def config(self) -> dict:
+        return {**super().config(), "act": {"bits": 8, "symmetric": True, "dynamic": True,
+                                            "granularity": self.act_granularity}}
+
+
+class Int8StaticLinear(_Int8Weight):
+    """w8a8 with a frozen (calibrated) per-tensor activation scale and zero point."""
+
+    WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_rowsum")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 act_symmetric: bool = False, device=None) -> None:
+        super().__init__(in_features, out_features, bias, device)
+        self.act_symmetric = act_symmetric
+        self.register_buffer("weight_rowsum", torch.empty(out_features, dtype=torch.int32,
+                                                          device=device))
+        self.register_buffer("input_scale", torch.empty((), device=device))
+        self.register_buffer("input_zero_point", torch.empty((), dtype=torch.int32,
+                                                             device=device))
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None, act_scale: Tensor | float,
+                   act_zero_point: Tensor | int, weight_spec: TensorSpec = W8,
+                   act_spec: TensorSpec = TensorSpec(ACTIVATION, 8, symmetric=False)):
+        check_spec(act_spec, (8,), (PerTensor,), "Int8StaticLinear activation", None)
+        m = cls(weight.shape[1], weight.shape[0], bias is not None,
+                act_symmetric=act_spec.symmetric, device="meta")
+        m._load_weight(weight, bias, weight_spec)
+        m.weight_rowsum = m.weight.sum(1, dtype=torch.int32)
+        m.input_scale = torch.as_tensor(act_scale, dtype=torch.float32).reshape(())
+        m.input_zero_point = torch.as_tensor(act_zero_point, dtype=torch.int32).reshape(())
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)                 # [M, K]
+        xq, zp = quantize_act_int8(x2, self.input_scale, self.input_zero_point,
+                                   self.act_symmetric)
+        y = int8_matmul(xq, self.input_scale, None if self.act_symmetric else zp,
+                        self.weight, self.weight_scale, self.weight_rowsum, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def config(self) -> dict:
+        return {**super().config(), "act": {"bits": 8, "symmetric": self.act_symmetric,
+                                            "dynamic": False, "granularity": "per_tensor"}}
+
+
+class Int8WeightOnlyLinear(_Int8Weight):
+    """int8 weights, float activations; bf16 compute (see the module doc), scale after.
+
+    ``compute_dtype="fp32"`` dequantizes the weight to float32 per call instead
+    (exact, but slower than the float model on this CPU).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 compute_dtype: str = "bf16", device=None) -> None:
+        super().__init__(in_features, out_features, bias, device)
+        assert compute_dtype in ("bf16", "fp32"), compute_dtype
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None,
+                   weight_spec: TensorSpec = W8):
+        m = cls(weight.shape[1], weight.shape[0], bias is not None, device="meta")
+        m._load_weight(weight, bias, weight_spec)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.compute_dtype == "fp32":
+            w = dequantize(self.weight, self.weight_scale[:, None], 0)   # [out, in] float32
+            return nn.functional.linear(x, w, self.bias)
+        x2 = x.reshape(-1, self.in_features).bfloat16()     # [M, K]
+        if x2.shape[0] <= 4:                                 # fused: x @ (w * scale)^T
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight,
+                                                   self.weight_scale.bfloat16()).float()
+        else:                                                # (x @ w^T) * scale
+            y = nn.functional.linear(x2, self.weight.bfloat16()).float().mul_(self.weight_scale)
+        y = y if self.bias is None else y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def config(self) -> dict:
+        return {**super().config(), "compute_dtype": self.compute_dtype}
+
+
+class Int8Embedding(nn.Module):
+    """int8 rows ``weight [num, dim]`` with one scale per row; only looked-up rows dequantized."""
+
+    WEIGHT_BUFFERS = ("weight", "weight_scale")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim,
+                                                   dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, device=device))
+
+    @classmethod
+    def from_float(cls, weight: Tensor):
+        m = cls(*weight.shape, device="meta")
+        m.weight, m.weight_scale = quantize_weight_int8(weight, W8)
+        return m
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return dequantize(self.weight[ids], self.weight_scale[ids].unsqueeze(-1), 0)
+
+    def config(self) -> dict:
+        return {"module": type(self).__name__, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim,
+                "weight": {"bits": 8, "symmetric": True, "granularity": "per_channel"}}
