@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,3 +90,163 @@ def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
     named = name_graph(captured)
     plan = build_plan(r, named)
     return Explanation(r, captured, named, plan, lower or r.settings.lower or "fake")
+
+
+# --------------------------------------------------------------------------- compile
+
+DEFAULT_MAX_CACHE_LEN = 1024  # generate-mode graphs: context + new tokens must fit
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    return bool(can and can())
+
+
+class QuantizedModel(torch.nn.Module):
+    """A compiled model: the quantized fx graph plus everything needed to save,
+    explain and run it. ``forward(input_ids [B, T]) -> logits [B, T, V]``."""
+
+    def __init__(self, gm, *, named, plan: QuantPlan, recipe: Recipe, frozen, lower: str,
+                 mode: str, max_cache_len: int, source_id: str, source_hash: str,
+                 settings, tokenizer=None):
+        super().__init__()
+        self.gm = gm
+        self.named, self.plan, self.recipe, self.frozen = named, plan, recipe, frozen
+        self.lower, self.mode, self.max_cache_len = lower, mode, max_cache_len
+        self.source_id, self.source_hash, self.settings = source_id, source_hash, settings
+        self.tokenizer = tokenizer
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.mode == "generate":
+            return self.lm().logits(input_ids)
+        return self.gm(input_ids)
+
+    def lm(self, name: str | None = None):
+        """This model as a ``CausalLM`` (generate-mode graphs only)."""
+        from .graphlm import GraphLM
+
+        if self.mode != "generate":
+            raise ValueError("only causal LMs captured in generate mode can decode")
+        return GraphLM(self.gm, self.max_cache_len, name=name or f"qdsl:{self.recipe.source}")
+
+    def save(self, out: str | os.PathLike, *, force: bool = False):
+        from .artifact import write_artifact
+
+        config, tensors = self.frozen.to_state()
+        meta = {"model": {"id": self.source_id, "hash": self.source_hash},
+                "recipe": {"source": self.recipe.source, "hash": self.recipe.hash(),
+                           "rules": self.recipe.to_json()},
+                "settings": self.settings.to_json(), "lower": self.lower, "mode": self.mode,
+                "max_cache_len": self.max_cache_len, "graph_hash": self.plan.graph_hash,
+                "quantizers": config}
+        return write_artifact(out, meta=meta, plan=self.plan.to_json(),
+                              recipe_text=self.recipe.text, tensors=tensors, force=force)
+
+
+def _calib_runner(captured, mode: str, max_cache_len: int):
+    if mode == "generate":
+        from .graphlm import GraphLM
+
+        return GraphLM(captured.gm, max_cache_len).logits
+    return captured.gm
+
+
+def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None,
+            settings=None, lower: str | None = None, max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+            progress: bool = True) -> QuantizedModel:
+    """Compile ``recipe`` for ``model``: capture, name, match, observe, calibrate, freeze, lower.
+
+    ``calib``: a directory of code, a saved ``datasets`` dataset, ``"stdlib"``, or a
+    tensor of token windows [N, T]; overrides the recipe's ``calib.data``.
+    ``settings``: a ``qdsl.recipe.Settings`` overriding the recipe's (the command line).
+    """
+    from .calib import CalibSpec, CalibrationError, calibration_windows
+    from .capture import capture
+    from .naming import name_graph
+    from .passes.calibrate import calibrate
+    from .passes.freeze import freeze
+    from .passes.insert_observers import insert_observers
+    from .passes.lower_fake import lower_fake
+    from .recipe import Settings
+
+    r = as_recipe(recipe)
+    st = r.settings.then(settings or Settings())
+    lower = lower or st.lower or "fake"
+    m, tok, model_id = as_model(model)
+    tok = tokenizer or tok
+    mode = "generate" if is_causal_lm(m) else "plain"
+    captured = capture(m, mode=mode, max_cache_len=max_cache_len)
+    named = name_graph(captured)
+    plan = build_plan(r, named)
+    observers = insert_observers(captured.gm, named, plan)
+    if observers:
+        source = calib if calib is not None else st.calib_data
+        if source is None:
+            raise CalibrationError(
+                f"the recipe quantizes {len(observers)} activations statically: give "
+                "calibration data (--calib DIR, or `set calib.data = \"DIR\"` in the recipe)")
+        if isinstance(source, torch.Tensor):
+            windows = source
+        else:
+            if tok is None:
+                raise CalibrationError("calibration from text needs the model's tokenizer")
+            windows = calibration_windows(CalibSpec(
+                str(source), samples=st.calib_samples or 128, seq_len=st.calib_seq_len or 256,
+                seed=st.calib_seed if st.calib_seed is not None else 0), tok)
+        calibrate(_calib_runner(captured, mode, max_cache_len), windows,
+                  batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
+                  progress=progress)
+    frozen = freeze(captured.gm, named, plan, observers)
+    gm = lower_fake(captured.gm, named, plan, frozen)
+    if lower == "int8":
+        from .passes.lower_int8 import lower_int8
+
+        gm = lower_int8(gm, named, plan, frozen)
+    from .artifact import module_hash
+
+    return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=frozen, lower=lower,
+                          mode=mode, max_cache_len=max_cache_len, source_id=model_id,
+                          source_hash=module_hash(m), settings=st, tokenizer=tok)
+
+
+def load(path: str | os.PathLike, model: ModelArg | None = None) -> QuantizedModel:
+    """Rebuild a compiled model from an artifact and its source model, without calibrating."""
+    from .artifact import module_hash, read_artifact
+    from .capture import capture
+    from .errors import ArtifactError
+    from .naming import name_graph
+    from .passes.freeze import Frozen
+    from .passes.lower_fake import lower_fake
+    from .recipe import Settings
+
+    meta, plan_json, tensors = read_artifact(path)
+    m, tok, model_id = as_model(model if model is not None else meta["model"]["id"])
+    got = module_hash(m)
+    if got != meta["model"]["hash"]:
+        raise ArtifactError(
+            f"artifact {path} was compiled from model {meta['model']['id']!r} "
+            f"(hash {meta['model']['hash']}), not this one (hash {got}); "
+            "load it against the model it was compiled from")
+    captured = capture(m, mode=meta["mode"], max_cache_len=meta["max_cache_len"])
+    named = name_graph(captured)
+    plan = QuantPlan.from_json(plan_json)
+    plan.check_graph(named)
+    frozen = Frozen.from_state(meta["quantizers"], tensors)
+    gm = lower_fake(captured.gm, named, plan, frozen)
+    if meta["lower"] == "int8":
+        from .passes.lower_int8 import lower_int8
+
+        gm = lower_int8(gm, named, plan, frozen)
+    recipe = Recipe.from_json(meta["recipe"]["rules"], text=(Path(path) / "recipe.qrec").read_text())
+    return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,
+                          lower=meta["lower"], mode=meta["mode"],
+                          max_cache_len=meta["max_cache_len"], source_id=model_id,
+                          source_hash=got, settings=Settings(**meta["settings"]), tokenizer=tok)
+
+
+def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None):
+    """An artifact as a ``CausalLM`` (what ``qdsl eval`` and ``qdsl bench`` run)."""
+    q = load(path, model)
+    lm = q.lm(name=f"qdsl:{Path(path).name}")
+    lm.tokenizer = q.tokenizer
+    return lm

@@ -148,7 +148,7 @@ class _SampleObserver(Observer):
     """
 
     def __init__(self, bits, symmetric, granularity=PerTensor(), kind=ACTIVATION,
-                 max_samples: int = 2**19) -> None:
+                 max_samples: int = 2**18) -> None:
         super().__init__(bits, symmetric, granularity, kind)
         self.max_samples = int(max_samples)
         self.register_buffer("sample", torch.empty(0))
@@ -259,7 +259,7 @@ class MSEObserver(_SampleObserver):
     name = MSE.name
 
     def __init__(self, bits, symmetric, granularity=PerTensor(), kind=ACTIVATION,
-                 candidates: int = 100, max_samples: int = 2**19) -> None:
+                 candidates: int = 100, max_samples: int = 2**18) -> None:
         super().__init__(bits, symmetric, granularity, kind, max_samples)
         self.candidates = int(candidates)
 
@@ -285,7 +285,7 @@ class PercentileObserver(_SampleObserver):
     name = Percentile.name
 
     def __init__(self, bits, symmetric, granularity=PerTensor(), kind=ACTIVATION,
-                 p: float = 99.99, max_samples: int = 2**19) -> None:
+                 p: float = 99.99, max_samples: int = 2**18) -> None:
         super().__init__(bits, symmetric, granularity, kind, max_samples)
         self.p = float(p)
 

@@ -240,7 +240,7 @@ def expand_group_params(p: Tensor, granularity, kind: str, shape: torch.Size,
 def dim_range(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per hidden dimension min and max of an activation ``[..., d]``: two ``[d]``."""
     rows = x.reshape(-1, x.shape[-1])
-    return rows.amin(0), rows.amax(0)
+    return torch.aminmax(rows, dim=0)
 
 
 def peg_ranges(dim_min: Tensor, dim_max: Tensor, k: int,
@@ -269,9 +269,9 @@ def reduce_range(x: Tensor, granularity, kind: str) -> tuple[Tensor, Tensor]:
         dmin, dmax = dim_range(x)
         perm = peg_permutation(dmin, dmax) if granularity.permute else None
         return peg_ranges(dmin, dmax, granularity.k, perm)
-    v = group_values(x, granularity, kind)
-    return (expand_group_params(v.amin(1), granularity, kind, x.shape),
-            expand_group_params(v.amax(1), granularity, kind, x.shape))
+    lo, hi = torch.aminmax(group_values(x, granularity, kind), dim=1)  # one pass
+    return (expand_group_params(lo, granularity, kind, x.shape),
+            expand_group_params(hi, granularity, kind, x.shape))
 
 
 def reduce_mean_abs(x: Tensor, granularity, kind: str) -> Tensor:

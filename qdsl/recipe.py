@@ -125,6 +125,21 @@ class Recipe:
                 "skip": r.skip, "loc": str(r.loc)} for r in self.rules],
         }
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any], text: str = "") -> Recipe:
+        """Rebuild a checked recipe from ``to_json`` (includes already spliced in)."""
+        from .spec import TensorPatch
+
+        def loc(s: str) -> Loc:
+            file, line, col = s.rsplit(":", 2)
+            return Loc(file, int(line), int(col))
+
+        rules = tuple(Rule(selector=Selector(**r["selector"]),
+                           weight=TensorPatch.from_json(r["weight"]),
+                           activation=TensorPatch.from_json(r["activation"]),
+                           skip=r["skip"], loc=loc(r["loc"])) for r in d["rules"])
+        return cls(rules=rules, settings=Settings(**d["settings"]), source=d["source"], text=text)
+
     def hash(self) -> str:
         """Content hash of the meaning (rules and settings), not of the formatting."""
         payload = self.to_json()

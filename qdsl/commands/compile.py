@@ -1,0 +1,49 @@
+"""qdsl compile RECIPE --model MODEL --calib DATA [--lower fake|int8] -o OUT."""
+
+from __future__ import annotations
+
+import sys
+
+from ..cli import COMMANDS
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compile", help=COMMANDS["compile"],
+        description="Capture MODEL, match RECIPE, calibrate static activation quantizers on "
+                    "DATA, freeze and lower; write an artifact directory (safetensors + JSON) "
+                    "that `qdsl eval`, `qdsl bench` and qdsl.load() read back without "
+                    "calibrating again. Settings given here override the recipe's `set` lines.")
+    p.add_argument("recipe", help=".qrec file")
+    p.add_argument("--model", required=True, help="short name, local checkpoint dir, or hub id")
+    p.add_argument("--calib", metavar="DATA",
+                   help="calibration data: a directory of source files, a dataset saved with "
+                        "datasets' save_to_disk, or 'stdlib' (default: the recipe's calib.data)")
+    p.add_argument("--samples", type=int, help="calibration windows (calib.samples)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (calib.seq_len)")
+    p.add_argument("--seed", type=int, help="window sampling seed (calib.seed)")
+    p.add_argument("--lower", choices=["fake", "int8"],
+                   help="fake: simulation at any bit width; int8: real integer kernels "
+                        "(default: the recipe's `lower`, else fake)")
+    p.add_argument("--max-cache-len", type=int, default=1024,
+                   help="key/value cache positions of the generate graph (context + new tokens)")
+    p.add_argument("-o", "--out", required=True, help="artifact directory to write")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..artifact import artifact_size
+    from ..compiler import compile
+    from ..recipe import Settings
+
+    overrides = Settings(calib_samples=args.samples, calib_seq_len=args.seq_len,
+                         calib_seed=args.seed, lower=args.lower)
+    qm = compile(args.model, args.recipe, calib=args.calib, settings=overrides,
+                 max_cache_len=args.max_cache_len)
+    for w in qm.plan.warnings:
+        print(w.format(), file=sys.stderr)
+    out = qm.save(args.out, force=args.force)
+    print(f"wrote {out} ({artifact_size(out) / 2**20:.2f} MB, lower={qm.lower}, "
+          f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized)")
+    return 0

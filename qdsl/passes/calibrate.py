@@ -1,0 +1,23 @@
+"""Pass: run calibration data through a graph with observers in it.
+
+requires: observers inserted (``insert_observers``); ``run`` feeds one window.
+ensures:  every observer has seen every window; the graph is unchanged.
+Shows a progress bar; Ctrl-C propagates (nothing is written by this pass).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.inference_mode()
+def calibrate(run: Callable[[torch.Tensor], object], windows: torch.Tensor, *,
+              batch_size: int = 1, progress: bool = True) -> None:
+    """``windows``: [N, T] token ids; ``run(ids [B, T])`` runs the model on one batch."""
+    batches = windows.split(batch_size)
+    for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
+                      leave=False):
+        run(batch)

@@ -1,0 +1,83 @@
+"""Pass: turn calibrated observers and the plan's weight specs into frozen
+quantization parameters (what an artifact stores).
+
+requires: ``calibrate`` ran (static activation observers have data).
+ensures:  ``Frozen`` holds, per named node, its activation module (FakeQuant with
+          frozen scale / zero point / PEG permutation, DynamicFakeQuant, or FloatCast)
+          and its weight's (scale, zero_point); the graph is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..explain import param
+from ..fakequant import DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight, module_from_json
+from ..observers import Observer
+from ..plan import QuantPlan
+from ..spec import TensorSpec
+
+
+@dataclass
+class Frozen:
+    """Frozen quantization parameters, keyed by canonical name."""
+
+    activations: dict[str, nn.Module] = field(default_factory=dict)
+    weights: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # (scale, zero_point)
+
+    def to_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """(JSON config, flat tensors for safetensors: ``act.<name>.<buffer>``, ``weight.<name>.scale``)."""
+        config = {"activations": {k: m.to_json() for k, m in self.activations.items()},
+                  "weights": sorted(self.weights)}
+        tensors: dict[str, Tensor] = {}
+        for k, m in self.activations.items():
+            for b, t in m.state_dict().items():
+                tensors[f"act.{k}.{b}"] = t.contiguous()
+        for k, (scale, zero_point) in self.weights.items():
+            tensors[f"weight.{k}.scale"] = scale.contiguous()
+            tensors[f"weight.{k}.zero_point"] = zero_point.contiguous()
+        return config, tensors
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, Tensor]) -> Frozen:
+        acts = {}
+        for k, c in config["activations"].items():
+            prefix = f"act.{k}."
+            acts[k] = module_from_json(c, {n[len(prefix):]: t for n, t in tensors.items()
+                                           if n.startswith(prefix)})
+        weights = {k: (tensors[f"weight.{k}.scale"], tensors[f"weight.{k}.zero_point"])
+                   for k in config["weights"]}
+        return cls(acts, weights)
+
+
+def activation_module(spec: TensorSpec, observer: Observer | None) -> nn.Module | None:
+    if not spec.quantized:
+        return None if spec.float_dtype == "fp32" else FloatCast(spec.float_dtype)
+    if spec.dynamic:
+        return DynamicFakeQuant(spec)
+    assert observer is not None, f"no observer for static spec {spec.describe()}"
+    return FakeQuant.from_observer(observer)
+
+
+def oriented(w: Tensor, layout: str | None) -> Tensor:
+    """Weights as [out, in]: transformers' Conv1D stores [in, out]."""
+    return w.t() if layout == "in_out" else w
+
+
+@torch.no_grad()
+def freeze(gm: fx.GraphModule, named, plan: QuantPlan,
+           observers: dict[str, Observer]) -> Frozen:
+    frozen = Frozen()
+    for node in named.nodes:
+        entry = plan[node.name]
+        m = activation_module(entry.activation, observers.get(node.name))
+        if m is not None:
+            frozen.activations[node.name] = m
+        if entry.weight is not None and entry.weight.quantized:
+            w = oriented(param(gm, node.weight), node.weight_layout)
+            _, scale, zero_point = fake_quantize_weight(w, entry.weight)
+            frozen.weights[node.name] = (scale, zero_point)
+    return frozen

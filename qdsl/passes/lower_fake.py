@@ -1,0 +1,50 @@
+"""Pass: lower frozen parameters to a fake-quant (simulation) graph.
+
+requires: ``frozen`` from ``freeze`` (or loaded from an artifact) for this plan.
+ensures:  each activation module sits on its node's output (replacing an observer
+          if one is there); each quantized weight is replaced, for its own op only,
+          by its fake-quantized value, computed once here (weights are constant).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+
+from ..explain import param
+from ..fakequant import FLOAT_TORCH_DTYPES
+from ..plan import QuantPlan
+from ..quant import fake_quantize, group_unview, group_view
+from ..spec import GroupWise, TensorSpec
+from .common import replace_weight, set_activation_module
+from .freeze import Frozen, oriented
+
+
+def fake_weight(w: Tensor, spec: TensorSpec, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Fake-quantize w [out, in] with stored parameters (no range search)."""
+    if not spec.quantized:
+        return w.to(FLOAT_TORCH_DTYPES[spec.float_dtype]).to(w.dtype)
+    wf = w.float()
+    if isinstance(spec.granularity, GroupWise):
+        v = group_view(wf, spec.granularity.size)  # [out, in/size, size]
+        return group_unview(fake_quantize(v, scale, zero_point, spec.bits, spec.symmetric)).to(w.dtype)
+    return fake_quantize(wf, scale, zero_point, spec.bits, spec.symmetric).to(w.dtype)
+
+
+@torch.no_grad()
+def lower_fake(gm: fx.GraphModule, named, plan: QuantPlan, frozen: Frozen) -> fx.GraphModule:
+    for node in named.nodes:
+        if node.name in frozen.activations:
+            set_activation_module(gm, node.name, node.node, frozen.activations[node.name])
+        spec = plan[node.name].weight
+        if spec is None:
+            continue
+        if node.name in frozen.weights:
+            w = oriented(param(gm, node.weight), node.weight_layout)
+            w_hat = oriented(fake_weight(w, spec, *frozen.weights[node.name]), node.weight_layout)
+            replace_weight(gm, node, w_hat.contiguous())
+        elif not spec.quantized and spec.float_dtype != "fp32":
+            replace_weight(gm, node, fake_weight(param(gm, node.weight), spec, None, None))
+    gm.graph.lint()
+    gm.recompile()
+    return gm
