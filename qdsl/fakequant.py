@@ -39,7 +39,8 @@ class FakeQuant(nn.Module):
         self.bits, self.symmetric = int(bits), bool(symmetric)
         self.register_buffer("scale", scale.detach().float().clone())
         self.register_buffer("zero_point", zero_point.detach().to(torch.int32).clone())
-        self.register_buffer("perm", None if perm is None else perm.detach().to(torch.int64).clone())
+        perm = None if perm is None else perm.detach().to(torch.int64).clone()
+        self.register_buffer("perm", perm)  # None: not PEG (absent from the state dict)
 
     def forward(self, x: Tensor) -> Tensor:
         return fake_quantize(x, self.scale, self.zero_point, self.bits, self.symmetric)

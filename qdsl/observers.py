@@ -364,8 +364,9 @@ def make_observer(spec: TensorSpec) -> Observer:
     """The observer a resolved, static, quantized spec asks for.
 
     >>> from qdsl.spec import TensorPatch, resolve
-    >>> make_observer(resolve("weight", TensorPatch(bits=8, observer=MSE(50)))).to_json()["observer"]
-    'mse'
+    >>> spec = resolve("weight", TensorPatch(bits=8, observer=MSE(50)))
+    >>> make_observer(spec).to_json()["observer"], spec.describe()
+    ('mse', 'w8 sym per_channel mse(candidates=50)')
     """
     if not spec.quantized:
         raise ValueError(f"spec {spec.describe()!r} is float: nothing to observe")

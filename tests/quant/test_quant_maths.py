@@ -165,7 +165,8 @@ def test_one_channel_equals_per_tensor(w, bits, symmetric):
     pc = choose_qparams(*reduce_range(w, PerChannel(), WEIGHT), bits, symmetric)
     pt = choose_qparams(*reduce_range(w, PerTensor(), WEIGHT), bits, symmetric)
     assert pc[0].shape == (1, 1) and pt[0].shape == ()
-    assert torch.equal(fake_quantize(w, *pc, bits, symmetric), fake_quantize(w, *pt, bits, symmetric))
+    assert torch.equal(fake_quantize(w, *pc, bits, symmetric),
+                       fake_quantize(w, *pt, bits, symmetric))
 
 
 @given(activations(), st.booleans())
