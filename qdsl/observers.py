@@ -10,7 +10,8 @@ the per-dimension ranges over *all* calibration batches.
 Weights are observed once (the tensor itself). Activations are observed once per
 calibration batch:
 
-* ``MinMaxObserver``: the latest batch's range (the seeds' "current min-max").
+* ``MinMaxObserver``: the range over all batches (the seeds' "all min-max"; the default).
+* ``CurrentMinMaxObserver``: the latest batch's range (the seeds' "current min-max").
 * ``RunningMinMaxObserver``: EMA, new = m * old + (1 - m) * batch; the first batch initialises.
 * ``MSEObserver`` / ``PercentileObserver``: keep the all-batch range and a bounded uniform
   sample (``max_samples`` values); the search / quantile runs once, in ``qparams()``.
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from qdsl.quant import (EPS, choose_qparams, dim_range, expand_group_params, group_values,
                         is_binary, peg_permutation, peg_ranges, qrange, reduce_mean_abs,
                         reduce_range)
-from qdsl.spec import (ACTIVATION, GRANULARITIES, MSE, WEIGHT, MinMax, Percentile, PerGroup,
+from qdsl.spec import (ACTIVATION, GRANULARITIES, MSE, WEIGHT, CurrentMinMax, MinMax, Percentile, PerGroup,
                        PerTensor, PerToken, RunningMinMax, TensorSpec, _option_from_json,
                        _option_to_json)
 
@@ -108,9 +109,23 @@ class Observer(nn.Module):
 
 
 class MinMaxObserver(Observer):
-    """Current min-max: the tensor's range (weights), the latest batch's (activations)."""
+    """Min-max over everything observed: the tensor's range (weights), the union of all
+    calibration batches' ranges (activations; the seeds' "all min-max")."""
 
     name = MinMax.name
+
+    def _observe(self, x: Tensor) -> None:
+        lo, hi = self._batch_range(x)
+        if self.min_val.numel():
+            lo, hi = lo.minimum(self.min_val), hi.maximum(self.max_val)
+        self.min_val, self.max_val = lo, hi
+
+
+class CurrentMinMaxObserver(Observer):
+    """The seeds' "current min-max": the tensor's range (weights), the LATEST batch's
+    range (activations), as Bondarenko et al.'s CurrentMinMaxEstimator."""
+
+    name = CurrentMinMax.name
 
     def _observe(self, x: Tensor) -> None:
         self.min_val, self.max_val = self._batch_range(x)
@@ -346,7 +361,8 @@ class MeanAbsObserver(Observer):
 
 
 OBSERVER_TYPES: dict[str, type] = {c.name: c for c in (
-    MinMaxObserver, RunningMinMaxObserver, MSEObserver, PercentileObserver, MeanAbsObserver)}
+    MinMaxObserver, CurrentMinMaxObserver, RunningMinMaxObserver, MSEObserver,
+    PercentileObserver, MeanAbsObserver)}
 
 
 def observer_from_json(config: dict, state: dict[str, Tensor] | None = None) -> Observer:
@@ -375,10 +391,12 @@ def make_observer(spec: TensorSpec) -> Observer:
     args = (spec.bits, spec.symmetric, spec.granularity, spec.kind)
     o = spec.observer
     if is_binary(spec.bits, spec.symmetric):
-        mode = {MinMax: "latest", RunningMinMax: "ema"}.get(type(o), "all")
+        mode = {CurrentMinMax: "latest", RunningMinMax: "ema"}.get(type(o), "all")
         return MeanAbsObserver(*args, mode=mode, momentum=getattr(o, "momentum", 0.9))
     if isinstance(o, MinMax):
         return MinMaxObserver(*args)
+    if isinstance(o, CurrentMinMax):
+        return CurrentMinMaxObserver(*args)
     if isinstance(o, RunningMinMax):
         return RunningMinMaxObserver(*args, momentum=o.momentum)
     if isinstance(o, MSE):

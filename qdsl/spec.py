@@ -104,10 +104,19 @@ GRANULARITIES: dict[str, type] = {
 
 @dataclass(frozen=True)
 class MinMax:
-    """Current min-max: the tensor's own range (weights); for activations the
-    range of the current calibration batch (the seeds' "current min-max")."""
+    """Min-max: the tensor's own range (weights); for activations the range over
+    ALL calibration batches (the seeds' "all min-max"), so nothing seen in
+    calibration is clipped."""
 
     name = "minmax"
+
+
+@dataclass(frozen=True)
+class CurrentMinMax:
+    """The seeds' "current min-max": the range of the latest calibration batch only
+    (Bondarenko et al.'s CurrentMinMaxEstimator; Storti Table 1). Same as MinMax for weights."""
+
+    name = "current_minmax"
 
 
 @dataclass(frozen=True)
@@ -149,8 +158,9 @@ class Percentile:
             raise SpecError(f"percentile must be in (0, 100], got {self.p!r}")
 
 
-Observer = Union[MinMax, RunningMinMax, MSE, Percentile]
-OBSERVERS: dict[str, type] = {c.name: c for c in (MinMax, RunningMinMax, MSE, Percentile)}
+Observer = Union[MinMax, CurrentMinMax, RunningMinMax, MSE, Percentile]
+OBSERVERS: dict[str, type] = {c.name: c for c in (MinMax, CurrentMinMax, RunningMinMax, MSE,
+                                                   Percentile)}
 
 
 def _option_to_json(opt: Any) -> dict[str, Any] | None:
@@ -224,7 +234,7 @@ class TensorPatch:
 
 # Defaults when a rule gives bits but not the rest (documented in docs/language.md):
 # weights: symmetric, per output channel, min-max; activations: asymmetric,
-# per tensor, static, current min-max (the Storti / Bondarenko PTQ setup).
+# per tensor, static, min-max over all calibration batches.
 DEFAULTS: dict[str, dict[str, Any]] = {
     WEIGHT: dict(symmetric=True, granularity=PerChannel(), observer=MinMax(), dynamic=False),
     ACTIVATION: dict(symmetric=False, granularity=PerTensor(), observer=MinMax(), dynamic=False),

@@ -254,7 +254,7 @@ class _SpecState:
                 return None
             if d is not None and not d.is_observer:
                 err(o.word_col, f"`{o.word}` is not an observer",
-                    "observers are minmax, running_minmax, mse and percentile")
+                    "observers are minmax, current_minmax, running_minmax, mse and percentile")
                 return None
         if d is None:
             err(o.word_col, f"unknown option `{o.word}`",

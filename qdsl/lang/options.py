@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..spec import (ACTIVATION, MSE, WEIGHT, GroupWise, MinMax, Percentile, PerChannel, PerGroup,
+from ..spec import (ACTIVATION, MSE, WEIGHT, CurrentMinMax, GroupWise, MinMax, Percentile, PerChannel, PerGroup,
                     PerTensor, PerToken, RunningMinMax)
 
 BOTH = (WEIGHT, ACTIVATION)
@@ -90,6 +90,7 @@ def _defs() -> dict[str, OptionDef]:
         OptionDef("group", "granularity", GroupWise.kinds, lambda size: GroupWise(size),
                   (ArgDef("size", pos_int("group size"), True),), 1, "group(size=128)"),
         OptionDef("minmax", "observer", BOTH, MinMax),
+        OptionDef("current_minmax", "observer", BOTH, CurrentMinMax),
         OptionDef("running_minmax", "observer", BOTH, lambda momentum=0.9: RunningMinMax(momentum),
                   (ArgDef("momentum", _momentum),), 1, "running_minmax(momentum=0.9)"),
         OptionDef("mse", "observer", BOTH, lambda candidates=100: MSE(candidates),

@@ -53,7 +53,7 @@ CASES = [
     ("* -> w8 granularity=per_channel", 9, "unknown key `granularity=`",
      "only `observer=NAME` is accepted"),
     ("* -> w8 observer=per_channel", 18, "`per_channel` is not an observer",
-     "observers are minmax, running_minmax, mse and percentile"),
+     "observers are minmax, current_minmax, running_minmax, mse and percentile"),
     ("* -> per_group(k=8)", 16, "unknown argument `k` for `per_group`", "did you mean `K`?"),
     ("* -> per_group(K=8, permut)", 21, "unknown argument `permut` for `per_group`",
      "did you mean `permute`?"),

@@ -40,7 +40,7 @@ def test_storti_res_sum_cascade():
     r = load_recipe(data_dir("recipes") / "storti" / "t3_res_sum.qrec")
     base, res, head = r.rules
     act = resolve(ACTIVATION, base.activation.then(res.activation))
-    assert act.describe() == "a16 asym per_tensor minmax static"
+    assert act.describe() == "a16 asym per_tensor current_minmax static"
     assert head.skip and head.selector.optional
 
 

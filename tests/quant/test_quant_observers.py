@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 from strategies import activations, float_tensors, matrices
 
-from qdsl.observers import (MeanAbsObserver, MinMaxObserver, MSEObserver, PercentileObserver,
+from qdsl.observers import (CurrentMinMaxObserver, MeanAbsObserver, MinMaxObserver, MSEObserver, PercentileObserver,
                             RunningMinMaxObserver, kth_percentile, make_observer, mse_search,
                             observer_from_json)
 from qdsl.quant import choose_qparams, fake_quantize, group_unview, group_view, reduce_range
@@ -37,7 +37,11 @@ def test_minmax_weight_and_latest_batch():
     a = MinMaxObserver(8, False)
     a(torch.tensor([-5.0, 5.0]))
     a(torch.tensor([-1.0, 2.0]))
-    assert (a.min_val.item(), a.max_val.item()) == (-1.0, 2.0)  # current = latest batch
+    assert (a.min_val.item(), a.max_val.item()) == (-5.0, 5.0)  # all batches
+    c = CurrentMinMaxObserver(8, False)
+    c(torch.tensor([-5.0, 5.0]))
+    c(torch.tensor([-1.0, 2.0]))
+    assert (c.min_val.item(), c.max_val.item()) == (-1.0, 2.0)  # current = latest batch
 
 
 def test_running_minmax_worked_example():

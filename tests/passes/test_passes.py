@@ -1,0 +1,122 @@
+"""Each pass alone on toy modules, asserting on the graph; then the chain on tiny LMs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qdsl
+from qdsl.artifact import atomic_dir
+from qdsl.capture import capture
+from qdsl.errors import ArtifactError
+from qdsl.fakequant import DynamicFakeQuant, FakeQuant
+from qdsl.lang import parse_recipe
+from qdsl.naming import name_graph
+from qdsl.observers import Observer
+from qdsl.passes.calibrate import calibrate
+from qdsl.passes.freeze import freeze
+from qdsl.passes.insert_observers import insert_observers
+from qdsl.passes.lower_fake import lower_fake
+from qdsl.plan import build_plan
+from tiny import tiny, tiny_ids
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _toy(recipe: str):
+    torch.manual_seed(0)
+    model = Toy().eval()
+    cap = capture(model, (torch.randn(4, 16),))
+    named = name_graph(cap)
+    plan = build_plan(parse_recipe(recipe), named)
+    return model, cap.gm, named, plan
+
+
+def _modules(gm, cls):
+    return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)}
+
+
+def test_insert_observers_keeps_the_function_and_marks_the_nodes():
+    model, gm, named, plan = _toy("fc1 -> a8\nfc2 -> a8 dynamic\n")
+    x = torch.randn(4, 16)  # the toy graph's batch is static
+    obs = insert_observers(gm, named, plan)
+    assert set(obs) == {"fc1"}  # dynamic activations need no observer
+    assert list(_modules(gm, Observer)) == ["qdsl_act__fc1"]
+    torch.testing.assert_close(gm(x), model(x))  # observers return their input
+
+
+def test_calibrate_then_freeze_then_lower():
+    model, gm, named, plan = _toy("* -> w8a8\nfc2 -> a8 dynamic\n")
+    obs = insert_observers(gm, named, plan)
+    calibrate(gm, torch.randn(64, 16), batch_size=4, progress=False)
+    frozen = freeze(gm, named, plan, obs)
+    assert isinstance(frozen.activations["fc1"], FakeQuant)
+    assert isinstance(frozen.activations["fc2"], DynamicFakeQuant)
+    assert set(frozen.weights) == {"fc1", "fc2"}
+    gm = lower_fake(gm, named, plan, frozen)
+    assert not _modules(gm, Observer)  # observers replaced by frozen modules
+    assert len(_modules(gm, FakeQuant)) == 1 and len(_modules(gm, DynamicFakeQuant)) == 1
+    w_hat = gm.get_parameter("qdsl_weight__fc1")
+    assert w_hat.unique().numel() <= 255 * 32  # on an 8-bit per-channel grid
+    assert torch.equal(model.fc1.weight, model.fc1.weight)  # source untouched
+    assert not torch.equal(w_hat, model.fc1.weight)
+    x = torch.randn(4, 16)
+    assert (gm(x) - model(x)).abs().max() < 0.05
+
+
+def test_16_bit_is_close_to_float():
+    model = tiny("llama")
+    calib = tiny_ids(model, 16, 32)
+    ids = tiny_ids(model, 1, 20, seed=9)
+    ref = model(ids, use_cache=False).logits
+    qm = qdsl.compile(model, "* -> w16a16\n", calib=calib, progress=False)
+    assert (qm(ids) - ref).abs().max() / ref.abs().max() < 0.02
+    assert (qm(ids).argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_res_sum_rule_changes_exactly_the_res_sum_quantizers():
+    model = tiny("gpt2")
+    calib = tiny_ids(model, 4, 16)
+    base = qdsl.compile(model, "* -> w8a8\n", calib=calib, progress=False)
+    mixed = qdsl.compile(model, "* -> w8a8\nblock.*.res_sum -> a16\n", calib=calib,
+                         progress=False)
+    changed = {e.name for e, f in zip(base.plan.entries, mixed.plan.entries) if e != f}
+    assert changed == {"block.0.res_sum", "block.1.res_sum"}
+    for name, m in base.frozen.activations.items():
+        other = mixed.frozen.activations[name]
+        if name in changed:
+            assert other.bits == 16 and m.bits == 8
+        else:
+            torch.testing.assert_close(m.state_dict(), other.state_dict())
+
+
+def test_artifact_round_trip_and_source_check(tmp_path):
+    model = tiny("gpt2")
+    qm = qdsl.compile(model, "* -> w8a8\nlm_head -> skip\n", calib=tiny_ids(model, 4, 16),
+                      progress=False)
+    out = qm.save(tmp_path / "art")
+    ids = tiny_ids(model, 1, 10, seed=3)
+    back = qdsl.load(out, model)
+    assert torch.equal(back(ids), qm(ids))
+    assert back.plan == qm.plan
+    with pytest.raises(ArtifactError, match="not this one"):
+        qdsl.load(out, tiny("gpt2", seed=1))
+    with pytest.raises(ArtifactError, match="exists"):
+        qm.save(tmp_path / "art")
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "half").write_text("x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
