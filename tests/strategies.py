@@ -107,3 +107,16 @@ def activations(draw, d_choices=(1, 2, 4, 6, 8, 12), max_tokens: int = 6):
     x = draw(float_tensors(shape=(b, t, d)))
     gain = torch.tensor(draw(st.lists(st.sampled_from([1.0, 1.0, 10.0]), min_size=d, max_size=d)))
     return x * gain
+
+
+# --- runtime (packed codes) -------------------------------------------------
+
+
+@st.composite
+def packed_codes(draw):
+    """(unsigned codes [rows, n] as nested lists, bits) for pack_int / unpack_int."""
+    bits = draw(st.sampled_from((1, 2, 4, 8)))
+    rows, n = draw(st.integers(1, 4)), draw(st.integers(1, 37))
+    vals = st.integers(0, 2**bits - 1)
+    return draw(st.lists(st.lists(vals, min_size=n, max_size=n), min_size=rows,
+                         max_size=rows)), bits

@@ -1,0 +1,67 @@
+"""``qdsl bench``: hosting metrics against fp32 and torch.ao quantize_dynamic."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qdsl.cli import COMMANDS
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench", help=COMMANDS["bench"],
+        description="Measure file size, peak memory, prefill latency and decode latency per "
+                    "token (batch 1, KV cache) of the fp32 model, torch.ao quantize_dynamic "
+                    "and a qdsl artifact (or --lower-all), each in a fresh process; print a "
+                    "markdown table with ratios to fp32 and a cost view (Wei et al. Table 2).")
+    p.add_argument("model", metavar="MODEL_OR_ARTIFACT",
+                   help="short name (smollm2-135m, stdlib-gpt2, gpt2-124m-random), model "
+                        "directory, or artifact directory (contains qdsl_artifact.json)")
+    p.add_argument("--baseline", metavar="MODEL",
+                   help="float model of an artifact (default: recorded in the artifact)")
+    p.add_argument("--lower-all", choices=("w8a8-dynamic", "w8-weight-only", "w4"),
+                   help="swap every linear (and Conv1D, embedding) of the eager model for "
+                        "qdsl runtime modules and measure that")
+    p.add_argument("--context", type=int, default=512, help="prefill length (default 512)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="measure every model this often, interleaved (default 2)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot size against decode latency")
+    p.add_argument("--power-watts", type=float, default=None,
+                   help="assumed power for the cost view (default 65)")
+    p.add_argument("--price-per-kwh", type=float, default=None,
+                   help="assumed $/kWh for the cost view (default 0.15)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from qdsl import bench
+    from qdsl.errors import ArtifactError
+
+    cfg = bench.BenchConfig(
+        context=args.context, decode_tokens=args.decode_tokens, repeats=args.repeats,
+        threads=args.threads, rounds=args.rounds,
+        power_watts=bench.DEFAULT_WATTS if args.power_watts is None else args.power_watts,
+        price_per_kwh=bench.DEFAULT_PRICE if args.price_per_kwh is None else args.price_per_kwh)
+    model, artifact = args.model, None
+    meta = Path(args.model) / "qdsl_artifact.json"
+    if meta.exists():
+        artifact = args.model
+        model = args.baseline or json.loads(meta.read_text()).get("model")
+        if not model:
+            raise ArtifactError(f"{args.model}: no baseline model recorded; pass --baseline")
+    elif args.baseline:
+        model = args.baseline
+    result = bench.run_bench(model, artifact=artifact, lower_all=args.lower_all, cfg=cfg)
+    print(bench.markdown(result))
+    if args.json:
+        bench.write_json_atomic(result, args.json)
+    if args.plot:
+        bench.plot(result, args.plot)
+    return 0

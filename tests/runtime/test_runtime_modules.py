@@ -1,0 +1,126 @@
+"""Runtime modules against a float reference on random data, state-dict round
+trips through safetensors, and meta-device construction + assign loading."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qdsl.quant import binarize, choose_qparams, fake_quantize, group_view, reduce_range
+from qdsl.runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
+                          Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
+from qdsl.runtime.packed import weight_spec
+from qdsl.spec import ACTIVATION, WEIGHT, PerTensor, PerToken, TensorSpec
+
+torch.manual_seed(0)
+W, B = torch.randn(48, 64), torch.randn(48)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def modules():
+    a_tensor = TensorSpec(ACTIVATION, 8, symmetric=True, granularity=PerTensor(), dynamic=True)
+    return {
+        "dyn_token": Int8DynamicLinear.from_float(W, B),
+        "dyn_tensor": Int8DynamicLinear.from_float(W, B, act_spec=a_tensor),
+        "static_asym": Int8StaticLinear.from_float(W, B, 8.0 / 255, 128),
+        "weight_only": Int8WeightOnlyLinear.from_float(W, B),
+        "w4_group": PackedLinear.from_float(W, B, weight_spec(4, 16)),
+        "w2": PackedLinear.from_float(W, B, weight_spec(2)),
+        "w1_group": PackedLinear.from_float(W, None, weight_spec(1, 32)),
+    }
+
+
+# module -> relative output error bound vs the float linear, random normal data
+TOL = {"dyn_token": 0.02, "dyn_tensor": 0.03, "static_asym": 0.03, "weight_only": 0.02,
+       "w4_group": 0.15, "w2": 1.0, "w1_group": 1.0}  # w2 = ternary, min-max: lossy
+
+
+@pytest.mark.parametrize("name", list(TOL))
+@pytest.mark.parametrize("m", [1, 7])
+def test_close_to_float(name, m):
+    mod = modules()[name]
+    x = torch.randn(2, m, 64).clamp(-4, 4)   # static scale 8/255 covers [-4, 4]
+    bias = None if name == "w1_group" else B
+    y = mod(x)
+    assert y.shape == (2, m, 48) and y.dtype == torch.float32
+    assert rel(y, torch.nn.functional.linear(x, W, bias)) < TOL[name]
+
+
+def test_w1_is_xtc_sign_times_mean_abs():
+    mod = modules()["w1_group"]
+    x = torch.randn(3, 64)
+    ref = torch.nn.functional.linear(x, binarize(W, weight_spec(1, 32).granularity))
+    assert torch.allclose(mod(x), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,size", [(4, 16), (4, None), (2, None), (2, 32)])
+def test_packed_matches_fake_quant(bits, size):
+    spec = weight_spec(bits, size)
+    lo, hi = reduce_range(W, spec.granularity, WEIGHT)   # [48, G, 1] or [48, 1]
+    scale, zp = choose_qparams(lo, hi, bits, True)
+    w_hat = fake_quantize(group_view(W, size) if size else W, scale, zp, bits, True)
+    x = torch.randn(3, 64)
+    ref = torch.nn.functional.linear(x, w_hat.reshape(48, 64), B)
+    assert torch.allclose(PackedLinear.from_float(W, B, spec)(x), ref, atol=1e-4)
+
+
+def test_int8_dynamic_decode_and_prefill_kernels_agree():
+    # M = 1 may run fbgemm (asym u8 activation) and M > 1 _int_mm (sym per token)
+    mod, x = modules()["dyn_token"], torch.randn(5, 64)
+    one_by_one = torch.cat([mod(x[i:i + 1]) for i in range(5)])
+    assert rel(one_by_one, mod(x)) < 0.02
+
+
+def test_int8_exact_integer_matmul():
+    # weights and activations already on the grid: the int8 GEMM is exact
+    w = torch.randint(-127, 128, (16, 32)).float()
+    w[:, 0] = 127                                # per-row scale exactly 1
+    x = torch.randint(-127, 128, (4, 32)).float()
+    x[:, 0] = 127                                # per-token scale exactly 1
+    assert torch.equal(Int8DynamicLinear.from_float(w)(x), x @ w.t())
+
+
+def test_embeddings_dequantize_looked_up_rows():
+    table = torch.randn(100, 64)
+    ids = torch.tensor([[3, 99, 3], [0, 1, 2]])
+    for emb, tol in ((Int8Embedding.from_float(table), 0.01),
+                     (PackedEmbedding.from_float(table, weight_spec(4, 16)), 0.12)):
+        out = emb(ids)
+        assert out.shape == (2, 3, 64)
+        assert rel(out, table[ids]) < tol
+
+
+@pytest.mark.parametrize("name", list(TOL))
+def test_safetensors_round_trip_and_meta_assign(name, tmp_path):
+    mod = modules()[name]
+    save_file(mod.state_dict(), str(tmp_path / "m.safetensors"))
+    cls = type(mod)
+    kwargs = {k: v for k, v in vars(mod).items()
+              if k in ("act_granularity", "act_symmetric", "compute_dtype")}
+    if cls is PackedLinear:
+        fresh = cls(64, 48, mod.bits, mod.group_size, mod.bias is not None, device="meta")
+    else:
+        fresh = cls(64, 48, mod.bias is not None, device="meta", **kwargs)
+    assert all(t.is_meta for t in fresh.state_dict().values())
+    fresh.load_state_dict(load_file(str(tmp_path / "m.safetensors")), assign=True)
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), mod(x))
+    assert fresh.config() == mod.config()
+
+
+def test_storage_is_really_small():
+    w4 = modules()["w4_group"]
+    assert w4.weight_packed.dtype == torch.uint8 and w4.weight_packed.shape == (48, 32)
+    assert modules()["w1_group"].weight_packed.shape == (48, 8)
+    assert modules()["dyn_token"].weight.dtype == torch.int8
+
+
+def test_unsupported_spec_is_a_graph_error():
+    from qdsl.errors import GraphError
+    with pytest.raises(GraphError, match="w4"):
+        Int8DynamicLinear.from_float(W, B, weight_spec=weight_spec(4))
+    with pytest.raises(GraphError):
+        Int8DynamicLinear.from_float(W, B, act_spec=TensorSpec(ACTIVATION, 8, symmetric=False,
+                                                               granularity=PerToken()))

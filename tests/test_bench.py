@@ -1,0 +1,49 @@
+"""Bench harness smoke test on a tiny model (tiny context, 2 repeats): runs the
+children, tabulates, writes JSON and a plot. No timing assertions."""
+
+import json
+
+import pytest
+from tiny import tiny
+
+from qdsl import bench
+from qdsl.cli import main
+from qdsl.errors import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    tiny("gpt2").save_pretrained(d)
+    return d
+
+
+def test_bench_cli_tiny(tiny_dir, tmp_path, capsys):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", str(tiny_dir), "--lower-all", "w8a8-dynamic", "--context", "8",
+               "--decode-tokens", "2", "--repeats", "2", "--rounds", "1",
+               "--json", str(out_json), "--plot", str(out_png)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| fp32 |" in table and "Conv1D -> Linear" in table and "qdsl w8a8-dynamic" in table
+    result = json.loads(out_json.read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert len(names) == 4 and names[0] == "fp32"
+    for r in result["rows"]:
+        assert r["decode_ms"] > 0 and r["prefill_ms"] > 0 and r["peak_rss_mb"] > 0
+    assert result["rows"][-1]["size_mb"] < result["rows"][0]["size_mb"]
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cost_is_linear_in_latency():
+    cfg = {"pred_tokens": 20, "power_watts": 100.0, "price_per_kwh": 0.2}
+    c = bench.cost({"prefill_ms": 1000.0, "decode_ms": 50.0}, cfg)   # 2 s per prediction
+    assert c["s_per_pred"] == pytest.approx(2.0)
+    assert c["wh_per_1k"] == pytest.approx(100 * 2 * 1000 / 3600)
+    assert c["usd_per_1k"] == pytest.approx(c["wh_per_1k"] / 1000 * 0.2)
+
+
+def test_not_an_artifact(tiny_dir, tmp_path):
+    with pytest.raises(ArtifactError, match="qdsl_artifact.json"):
+        bench.run_bench(str(tiny_dir), artifact=str(tmp_path),
+                        cfg=bench.BenchConfig(context=4, decode_tokens=1, repeats=1, rounds=1))
