@@ -1,0 +1,83 @@
+"""``qdsl eval``: line-completion EM / edit similarity, perplexity and HumanEval
+pass@1 of a model or compiled artifact, with deltas against a float baseline."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..cli import COMMANDS
+
+DESCRIPTION = """\
+Score a model (short name, checkpoint directory or hub id) or a compiled artifact
+(a directory with qdsl_artifact.json) on line-level code completion (CodeXGLUE:
+exact match, edit similarity), perplexity on held-out windows and optionally
+HumanEval pass@1. An artifact is compared with the model it was compiled from.
+
+  qdsl eval smollm2-135m --bench stdlib --n 500
+  qdsl eval out/ --bench my_code/ --json out/eval.json
+  qdsl eval stdlib-gpt2 --bench stdlib --n 200 --save-bench bench.jsonl
+
+Short names: smollm2-135m, qwen2.5-coder-0.5b, stdlib-gpt2."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help=COMMANDS["eval"], description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL_OR_ARTIFACT")
+    p.add_argument("--bench", default="stdlib",
+                   help="'stdlib' (held-out stdlib tests), a directory of .py files, "
+                        "or a .jsonl benchmark (default: stdlib)")
+    p.add_argument("--n", type=int, default=None, help="samples (default 500; a JSONL: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--baseline", metavar="MODEL", help="float model to compare with "
+                   "(default for an artifact: its source model)")
+    p.add_argument("--ctx-tokens", type=int, default=256, help="prompt budget in tokens (256)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--prompt", choices=("newline", "indent", "heal"),
+                   help="how the prompt ends (default: the best measured for the model)")
+    p.add_argument("--ppl-windows", type=int, default=64, metavar="N",
+                   help="perplexity windows (0: skip; default 64)")
+    p.add_argument("--humaneval", type=int, nargs="?", const=164, default=0, metavar="K",
+                   help="also run HumanEval pass@1 on the first K problems (all 164 if no K)")
+    p.add_argument("--save-bench", metavar="JSONL", help="freeze the samples to a JSONL file")
+    p.add_argument("--json", metavar="FILE", help="write all results (per sample too) as JSON")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _fmt(x, digits=2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def run(args) -> int:
+    from ..eval.bench import load_bench, save_jsonl
+    from ..eval.run import run_eval, write_json_atomic
+
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+    samples = load_bench(args.bench, args.n, args.seed)
+    if args.save_bench:
+        save_jsonl(samples, args.save_bench)
+    res = run_eval(args.model, samples, bench=args.bench, baseline=args.baseline,
+                   ctx_tokens=args.ctx_tokens, max_new_tokens=args.max_new_tokens,
+                   prompt=args.prompt, ppl_windows=args.ppl_windows,
+                   humaneval=args.humaneval, progress=not args.no_progress)
+    rows = [r for r in (res["target"], res["baseline"]) if r]
+    print(f"bench {args.bench}: {res['n']} samples, seed {args.seed}")
+    print(f"{'model':<28} {'EM':>6} {'ES':>6} {'ppl':>8} {'bpb':>6} {'pass@1':>7} {'s/sample':>8}")
+    for r in rows:
+        he = r.get("humaneval", {}).get("pass@1")
+        print(f"{r['model'][:28]:<28} {_fmt(r['em']):>6} {_fmt(r['es']):>6} "
+              f"{_fmt(r.get('ppl')):>8} {_fmt(r.get('bpb'), 3):>6} {_fmt(he, 3):>7} "
+              f"{_fmt(r['complete_seconds'] / max(1, r['n'])):>8}")
+    if res.get("delta"):
+        d = res["delta"]
+        print("delta vs baseline: " + ", ".join(f"{k} {v:+.2f}" for k, v in d.items()))
+    if args.json:
+        write_json_atomic(args.json, res)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,118 @@
+"""``qdsl eval`` as a library call: load a model or compiled artifact (and its
+float baseline), score both on one benchmark, report deltas.
+
+An artifact is a directory holding ``qdsl_artifact.json``; it is run through
+``qdsl.artifact.load_artifact_lm`` and its baseline defaults to the model it was
+compiled from (the JSON's ``model`` / ``source_model`` entry).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import ArtifactError, ModelError
+from ..lm import CausalLM, HFCausalLM
+from .bench import Sample
+from .complete import DEFAULT_PROMPT, PROMPT_BY_MODEL, CompletionConfig, evaluate
+
+log = logging.getLogger(__name__)
+ARTIFACT_FILE = "qdsl_artifact.json"
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    return (Path(path) / ARTIFACT_FILE).is_file()
+
+
+def artifact_source(path: str | os.PathLike) -> str:
+    """The model an artifact was compiled from, as recorded in its JSON."""
+    try:
+        meta = json.loads((Path(path) / ARTIFACT_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable {ARTIFACT_FILE}: {e}") from e
+    for key in ("model", "source_model", "base_model"):
+        v = meta.get(key)
+        if isinstance(v, dict):
+            v = v.get("name") or v.get("path")
+        if isinstance(v, str) and v:
+            return v
+    raise ArtifactError(f"{path}: {ARTIFACT_FILE} does not name its source model")
+
+
+def max_positions_of(config) -> int | None:
+    for key in ("n_positions", "max_position_embeddings"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_lm(name_or_path: str) -> tuple[CausalLM, object, int | None, str]:
+    """A model or artifact -> (CausalLM, tokenizer, max positions, short name for defaults)."""
+    if is_artifact(name_or_path):
+        try:
+            from ..artifact import load_artifact_lm
+        except ImportError as e:
+            raise ModelError("compiled artifacts need qdsl compile (not available in this build)") from e
+        source = artifact_source(name_or_path)
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..models import resolve_model
+        src = resolve_model(source)
+        lm = load_artifact_lm(name_or_path)
+        tok = AutoTokenizer.from_pretrained(src.path)
+        return lm, tok, max_positions_of(AutoConfig.from_pretrained(src.path)), src.name
+    from ..models import load_model
+    model, tok = load_model(name_or_path)
+    name = str(name_or_path)
+    return HFCausalLM(model, name), tok, max_positions_of(model.config), name.lower()
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | None = None,
+             ctx_tokens: int = 256, max_new_tokens: int = 48, prompt: str | None = None,
+             ppl_windows: int = 64, humaneval: int = 0, progress: bool = True) -> dict:
+    """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by
+    default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}."""
+    t0 = time.time()
+    if baseline is None and is_artifact(target):
+        baseline = artifact_source(target)
+    out: dict = {"bench": bench, "n": len(samples)}
+    for role, name in (("target", target), ("baseline", baseline)):
+        if name is None:
+            out[role] = None
+            continue
+        t = time.time()
+        lm, tok, max_pos, short = load_lm(name)
+        load_s = time.time() - t
+        cfg = CompletionConfig(ctx_tokens, max_new_tokens,
+                               prompt or PROMPT_BY_MODEL.get(short, DEFAULT_PROMPT))
+        res = evaluate(lm, tok, samples, cfg, max_positions=max_pos,
+                       ppl_windows=ppl_windows, progress=progress)
+        res.update(model=name, load_seconds=round(load_s, 2))
+        if humaneval:
+            from .humaneval import run_humaneval
+            res["humaneval"] = run_humaneval(lm, tok, limit=humaneval, progress=progress)
+        out[role] = res
+    if out["baseline"]:
+        keys = ("em", "es", "ppl", "bpb")
+        out["delta"] = {k: out["target"][k] - out["baseline"][k] for k in keys
+                        if k in out["target"] and k in out["baseline"]}
+        if "humaneval" in out["target"] and "humaneval" in out["baseline"]:
+            out["delta"]["pass@1"] = (out["target"]["humaneval"]["pass@1"]
+                                      - out["baseline"]["humaneval"]["pass@1"])
+    out["seconds"] = round(time.time() - t0, 2)
+    return out
