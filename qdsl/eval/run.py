@@ -72,12 +72,23 @@ def load_lm(name_or_path: str) -> tuple[CausalLM, object, int | None, str]:
     return HFCausalLM(model, name), tok, max_positions_of(model.config), name.lower()
 
 
+def _finite(obj):
+    """NaN (an empty measurement) -> None, so the file is strict JSON."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
+        json.dump(_finite(obj), fh, indent=1, allow_nan=False)
         fh.write("\n")
     os.replace(tmp, path)
 
