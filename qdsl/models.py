@@ -278,5 +278,4 @@ def load_model(name_or_path: str | os.PathLike, *, attn: str = "eager"):
         tok = AutoTokenizer.from_pretrained(r.path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load {r.name} from {r.path}: {e}") from e
-    model.name_or_path = r.name
     return model.eval(), tok
