@@ -53,9 +53,10 @@ class Explanation:
     def _execution(self):
         if self.lower != "int8":
             return None
-        from .passes.lower_int8 import execution_of
+        from .passes.lower_int8 import execution
 
-        return lambda entry: execution_of(entry, self.plan, self.named)
+        table = execution(self.captured.gm, self.named, self.plan)
+        return lambda entry: table[entry.name]
 
     def rows(self) -> list[dict[str, Any]]:
         from .explain import rows

@@ -126,6 +126,21 @@ class _Int8Weight(nn.Module):
         if bias is not None:
             self.bias = bias.detach().float().clone()
 
+    def _set_int8(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        """Integer codes ``q [out, in]`` with their scale (``[out, 1]``, ``[out]`` or 0-d)."""
+        self.weight = q.to(torch.int8)
+        self.weight_scale = scale.float().reshape(-1).expand(self.out_features).contiguous()
+        self.weight_granularity = "per_tensor" if scale.numel() == 1 else "per_channel"
+        if bias is not None:
+            self.bias = bias.detach().float().clone()
+
+    @classmethod
+    def from_int(cls, q: Tensor, scale: Tensor, bias: Tensor | None = None, **kwargs):
+        """From integer codes ``q [out, in]`` (already on the grid) and their weight scale."""
+        m = cls(q.shape[1], q.shape[0], bias is not None, device="meta", **kwargs)
+        m._set_int8(q, scale, bias)
+        return m
+
     def config(self) -> dict:
         return {"module": type(self).__name__, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None,
@@ -133,21 +148,33 @@ class _Int8Weight(nn.Module):
 
 
 class Int8DynamicLinear(_Int8Weight):
-    """w8a8 with activations quantized at run time, per token (default) or per tensor."""
+    """w8a8 with activations quantized at run time, per token (default) or per tensor,
+    on the symmetric grid (default) or the asymmetric one (``weight_rowsum`` corrects)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 act_granularity: str = "per_token", device=None) -> None:
+                 act_granularity: str = "per_token", act_symmetric: bool = True,
+                 device=None) -> None:
         super().__init__(in_features, out_features, bias, device)
         assert act_granularity in ("per_token", "per_tensor"), act_granularity
-        self.act_granularity = act_granularity
+        self.act_granularity, self.act_symmetric = act_granularity, act_symmetric
+        if not act_symmetric:
+            self.WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_rowsum")
+            self.register_buffer("weight_rowsum", torch.empty(out_features, dtype=torch.int32,
+                                                              device=device))
+
+    def _set_int8(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super()._set_int8(q, scale, bias)
+        if not self.act_symmetric:
+            self.weight_rowsum = self.weight.sum(1, dtype=torch.int32)
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None,
                    weight_spec: TensorSpec = W8, act_spec: TensorSpec = A8_DYNAMIC):
-        check_spec(act_spec, (8,), (PerToken, PerTensor), "Int8DynamicLinear activation")
-        m = cls(weight.shape[1], weight.shape[0], bias is not None,
-                act_granularity=act_spec.granularity.name, device="meta")
-        m._load_weight(weight, bias, weight_spec)
+        check_spec(act_spec, (8,), (PerToken, PerTensor), "Int8DynamicLinear activation", None)
+        q, scale = quantize_weight_int8(weight, weight_spec)
+        m = cls.from_int(q, scale, bias, act_granularity=act_spec.granularity.name,
+                         act_symmetric=act_spec.symmetric)
+        m.weight_granularity = weight_spec.granularity.name
         return m
 
     def _fbgemm(self):
@@ -164,14 +191,16 @@ class Int8DynamicLinear(_Int8Weight):
             y = torch.ops.quantized.linear_dynamic(x2, self._fbgemm(), False)
             return y.reshape(*x.shape[:-1], self.out_features)
         g = PerToken() if self.act_granularity == "per_token" else PerTensor()
-        scale, zp = choose_qparams(*reduce_range(x2, g, ACTIVATION), 8, True)
-        xq, _ = quantize_act_int8(x2, scale, zp, True)
-        y = int8_matmul(xq, scale, None, self.weight, self.weight_scale, None, self.bias)
+        sym = self.act_symmetric
+        scale, zp = choose_qparams(*reduce_range(x2, g, ACTIVATION), 8, sym)
+        xq, zp = quantize_act_int8(x2, scale, zp, sym)       # scale, zp: [M, 1] or 0-d
+        y = int8_matmul(xq, scale, None if sym else zp, self.weight, self.weight_scale,
+                        None if sym else self.weight_rowsum, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def config(self) -> dict:
-        return {**super().config(), "act": {"bits": 8, "symmetric": True, "dynamic": True,
-                                            "granularity": self.act_granularity}}
+        return {**super().config(), "act": {"bits": 8, "symmetric": self.act_symmetric,
+                                            "dynamic": True, "granularity": self.act_granularity}}
 
 
 class Int8StaticLinear(_Int8Weight):
@@ -194,9 +223,16 @@ class Int8StaticLinear(_Int8Weight):
                    act_zero_point: Tensor | int, weight_spec: TensorSpec = W8,
                    act_spec: TensorSpec = TensorSpec(ACTIVATION, 8, symmetric=False)):
         check_spec(act_spec, (8,), (PerTensor,), "Int8StaticLinear activation", None)
-        m = cls(weight.shape[1], weight.shape[0], bias is not None,
-                act_symmetric=act_spec.symmetric, device="meta")
-        m._load_weight(weight, bias, weight_spec)
+        q, scale = quantize_weight_int8(weight, weight_spec)
+        m = cls.from_int(q, scale, bias, act_scale, act_zero_point,
+                         act_symmetric=act_spec.symmetric)
+        m.weight_granularity = weight_spec.granularity.name
+        return m
+
+    @classmethod
+    def from_int(cls, q: Tensor, scale: Tensor, bias: Tensor | None = None,
+                 act_scale: Tensor | float = 1.0, act_zero_point: Tensor | int = 0, **kwargs):
+        m = super().from_int(q, scale, bias, **kwargs)
         m.weight_rowsum = m.weight.sum(1, dtype=torch.int32)
         m.input_scale = torch.as_tensor(act_scale, dtype=torch.float32).reshape(())
         m.input_zero_point = torch.as_tensor(act_zero_point, dtype=torch.int32).reshape(())
@@ -266,8 +302,14 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def from_float(cls, weight: Tensor):
-        m = cls(*weight.shape, device="meta")
-        m.weight, m.weight_scale = quantize_weight_int8(weight, W8)
+        return cls.from_int(*quantize_weight_int8(weight, W8))
+
+    @classmethod
+    def from_int(cls, q: Tensor, scale: Tensor):
+        """int8 codes ``q [num, dim]`` and a per-row (``[num, 1]``, ``[num]``) or 0-d scale."""
+        m = cls(*q.shape, device="meta")
+        m.weight = q.to(torch.int8)
+        m.weight_scale = scale.float().reshape(-1).expand(q.shape[0]).contiguous()
         return m
 
     def forward(self, ids: Tensor) -> Tensor:

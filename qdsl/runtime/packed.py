@@ -40,8 +40,13 @@ def quantize_packed(weight: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor]:
         scale, _ = choose_qparams(*reduce_range(w, spec.granularity, WEIGHT), spec.bits, True)
     v = w.reshape(out, n // size, size)                              # [out, G, size]
     q = quantize(v, scale.reshape(out, -1, 1), 0, spec.bits, True)
-    u = (q + 1) // 2 if spec.bits == 1 else q + 2 ** (spec.bits - 1)
-    return pack_int(u.reshape(out, n), spec.bits), scale.reshape(out, -1).contiguous()
+    return pack_codes(q.reshape(out, n), spec.bits), scale.reshape(out, -1).contiguous()
+
+
+def pack_codes(q: Tensor, bits: int) -> Tensor:
+    """Signed codes on the symmetric grid ``[rows, n]`` -> uint8 packed (stored unsigned)."""
+    u = (q + 1) // 2 if bits == 1 else q + 2 ** (bits - 1)
+    return pack_int(u, bits)
 
 
 def dequantize_packed(packed: Tensor, scale: Tensor, bits: int, n: int) -> Tensor:
@@ -92,6 +97,17 @@ class PackedLinear(_PackedWeight):
             m.bias = bias.detach().float().clone()
         return m
 
+    @classmethod
+    def from_int(cls, q: Tensor, scale: Tensor, bias: Tensor | None, bits: int,
+                 group_size: int | None = None):
+        """Signed codes ``q [out, in]`` and scales (``[out, G]``, ``[out, G, 1]``, ``[out, 1]``)."""
+        m = cls(q.shape[1], q.shape[0], bits, group_size, bias is not None, "meta")
+        m.weight_packed = pack_codes(q, bits)
+        m.weight_scale = scale.float().reshape(q.shape[0], -1).contiguous()
+        if bias is not None:
+            m.bias = bias.detach().float().clone()
+        return m
+
     def forward(self, x: Tensor) -> Tensor:
         w = dequantize_packed(self.weight_packed, self.weight_scale, self.bits, self.in_features)
         return nn.functional.linear(x, w, self.bias)
@@ -115,6 +131,13 @@ class PackedEmbedding(_PackedWeight):
         size = spec.granularity.size if isinstance(spec.granularity, GroupWise) else None
         m = cls(*weight.shape, spec.bits, size, "meta")
         m.weight_packed, m.weight_scale = quantize_packed(weight, spec)
+        return m
+
+    @classmethod
+    def from_int(cls, q: Tensor, scale: Tensor, bits: int, group_size: int | None = None):
+        m = cls(*q.shape, bits, group_size, "meta")
+        m.weight_packed = pack_codes(q, bits)
+        m.weight_scale = scale.float().reshape(q.shape[0], -1).contiguous()
         return m
 
     def forward(self, ids: Tensor) -> Tensor:
