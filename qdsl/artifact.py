@@ -7,6 +7,14 @@
     OUT/recipe.qrec              the recipe text as written
     OUT/quant_params.safetensors frozen scales / zero points / PEG permutations
 
+``--lower int8`` artifacts are self-contained (``lowered_state``):
+
+    OUT/model.safetensors        every tensor the lowered graph reads: integer codes as
+                                 int8 / packed uint8, scales, biases, norms (float32);
+                                 a tied tensor once (aliases in the JSON); the key/value
+                                 cache and other run-time state are not stored (zeros)
+    OUT/model/                   the source model's config.json and tokenizer files
+
 Written atomically: everything goes to a temporary sibling directory that is
 renamed into place at the end, so Ctrl-C never leaves a half-written artifact.
 """
@@ -72,8 +80,9 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
 def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[str, Any],
                    recipe_text: str, tensors: dict[str, torch.Tensor],
                    extra: dict[str, dict[str, torch.Tensor]] | None = None,
-                   force: bool = False) -> Path:
-    """Write an artifact directory; ``extra`` maps more safetensors file names to tensors."""
+                   write_more=None, force: bool = False) -> Path:
+    """Write an artifact directory; ``extra`` maps more safetensors file names to tensors;
+    ``write_more(tmp_dir)`` writes any other files (model config, tokenizer)."""
     meta = {"format": "qdsl-artifact", "format_version": FORMAT_VERSION,
             "qdsl_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -82,6 +91,8 @@ def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[s
         save_file(tensors, str(tmp / "quant_params.safetensors"))
         for fname, ts in (extra or {}).items():
             save_file(ts, str(tmp / fname))
+        if write_more is not None:
+            write_more(tmp)
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
         (tmp / "recipe.qrec").write_text(recipe_text)
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
@@ -104,6 +115,68 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.
         raise ArtifactError(f"artifact {path} has format {meta.get('format')!r} "
                             f"v{meta.get('format_version')}; this qdsl reads v{FORMAT_VERSION}")
     return meta, plan, tensors
+
+
+def _state_targets(gm: torch.fx.GraphModule) -> set[str]:
+    """get_attr targets an in-place op writes (key/value cache, cache counters): run-time state."""
+    out = set()
+    for n in gm.graph.nodes:
+        op = str(n.target).split(".")
+        if n.op == "call_function" and len(op) > 1 and op[1].endswith("_") and n.args:
+            a = n.args[0]
+            if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                out.add(a.target)
+    return out
+
+
+def graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the graph reads: get_attr targets and the called modules' tensors."""
+    from .explain import param
+
+    out: dict[str, torch.Tensor] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            t = param(gm, n.target)
+            out[n.target] = t
+        elif n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            for k, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+                out[f"{n.target}.{k}"] = t
+    return out
+
+
+def lowered_state(gm: torch.fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, str],
+                                                     list[str]]:
+    """(tensors to store, aliases {name: stored name} for shared tensors, state names)."""
+    state = _state_targets(gm)
+    tensors, aliases, seen = {}, {}, {}
+    for k, t in graph_tensors(gm).items():
+        if k in state:
+            continue
+        key = (t.data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        if key in seen and t.numel() > 0:
+            aliases[k] = seen[key]
+        else:
+            seen[key], tensors[k] = k, t.detach().contiguous()
+    return tensors, aliases, sorted(state)
+
+
+def assign_tensors(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
+    """Put stored tensors in place (``load_state_dict(assign=True)`` for the state dict,
+    attribute assignment for non-persistent buffers and graph constants)."""
+    keys = set(gm.state_dict(keep_vars=True))
+    gm.load_state_dict({k: t for k, t in tensors.items() if k in keys}, strict=False, assign=True)
+    for k, t in tensors.items():
+        if k in keys:
+            continue
+        owner_path, _, name = k.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if name in owner._parameters:
+            owner._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+        elif name in owner._buffers:
+            owner._buffers[name] = t
+        else:
+            setattr(owner, name, t)
 
 
 def artifact_size(path: str | os.PathLike) -> int:

@@ -109,9 +109,12 @@ class QuantizedModel(torch.nn.Module):
 
     def __init__(self, gm, *, named, plan: QuantPlan, recipe: Recipe, frozen, lower: str,
                  mode: str, max_cache_len: int, source_id: str, source_hash: str,
-                 settings, tokenizer=None):
+                 settings, tokenizer=None, model_config=None, fallback: str = "error"):
         super().__init__()
         self.gm = gm
+        self.model_config, self.fallback = model_config, fallback
+        # ops --lower int8 left as fake-quant simulation: [{"node", "reason"}]
+        self.fallbacks = list(getattr(gm, "meta", {}).get("qdsl_fallbacks", []))
         self.named, self.plan, self.recipe, self.frozen = named, plan, recipe, frozen
         self.lower, self.mode, self.max_cache_len = lower, mode, max_cache_len
         self.source_id, self.source_hash, self.settings = source_id, source_hash, settings
@@ -140,8 +143,26 @@ class QuantizedModel(torch.nn.Module):
                 "settings": self.settings.to_json(), "lower": self.lower, "mode": self.mode,
                 "max_cache_len": self.max_cache_len, "graph_hash": self.plan.graph_hash,
                 "quantizers": config}
+        extra, write_more = None, None
+        if self.lower == "int8":
+            from .artifact import lowered_state
+
+            state, aliases, runtime_state = lowered_state(self.gm)
+            meta["int8"] = {"self_contained": self.model_config is not None,
+                            "fallback": self.fallback, "fallbacks": self.fallbacks,
+                            "aliases": aliases, "runtime_state": runtime_state}
+            extra = {"model.safetensors": state}
+            write_more = self._write_model_files
         return write_artifact(out, meta=meta, plan=self.plan.to_json(),
-                              recipe_text=self.recipe.text, tensors=tensors, force=force)
+                              recipe_text=self.recipe.text, tensors=tensors, extra=extra,
+                              write_more=write_more, force=force)
+
+    def _write_model_files(self, d: Path) -> None:
+        """config.json and tokenizer files under ``d/model`` (what qdsl.load rebuilds from)."""
+        if self.model_config is not None:
+            self.model_config.save_pretrained(d / "model")
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(d / "model")
 
 
 def _calib_runner(captured, mode: str, max_cache_len: int):
@@ -154,12 +175,14 @@ def _calib_runner(captured, mode: str, max_cache_len: int):
 
 def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None,
             settings=None, lower: str | None = None, max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
-            progress: bool = True) -> QuantizedModel:
+            progress: bool = True, fallback: str = "error") -> QuantizedModel:
     """Compile ``recipe`` for ``model``: capture, name, match, observe, calibrate, freeze, lower.
 
     ``calib``: a directory of code, a saved ``datasets`` dataset, ``"stdlib"``, or a
     tensor of token windows [N, T]; overrides the recipe's ``calib.data``.
     ``settings``: a ``qdsl.recipe.Settings`` overriding the recipe's (the command line).
+    ``fallback`` (``lower="int8"``): "error" refuses ops with no integer kernel;
+    "simulate" keeps them fake-quant, warns and records them (``QuantizedModel.fallbacks``).
     """
     from .calib import CalibSpec, CalibrationError, calibration_windows
     from .capture import capture
@@ -202,16 +225,21 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     if lower == "int8":
         from .passes.lower_int8 import lower_int8
 
-        gm = lower_int8(gm, named, plan, frozen)
+        gm = lower_int8(gm, named, plan, frozen, fallback=fallback)
     from .artifact import module_hash
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=frozen, lower=lower,
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,
-                          source_hash=module_hash(m), settings=st, tokenizer=tok)
+                          source_hash=module_hash(m), settings=st, tokenizer=tok,
+                          model_config=getattr(m, "config", None), fallback=fallback)
 
 
 def load(path: str | os.PathLike, model: ModelArg | None = None) -> QuantizedModel:
-    """Rebuild a compiled model from an artifact and its source model, without calibrating."""
+    """Rebuild a compiled model from an artifact and its source model, without calibrating.
+
+    Self-contained ``--lower int8`` artifacts need no source model (``model`` given:
+    it must be the one compiled from); see ``qdsl.lowered_load``.
+    """
     from .artifact import module_hash, read_artifact
     from .capture import capture
     from .errors import ArtifactError
@@ -221,6 +249,10 @@ def load(path: str | os.PathLike, model: ModelArg | None = None) -> QuantizedMod
     from .recipe import Settings
 
     meta, plan_json, tensors = read_artifact(path)
+    if meta["lower"] == "int8" and meta.get("int8", {}).get("self_contained"):
+        from .lowered_load import load_int8
+
+        return load_int8(path, meta, plan_json, tensors, model)
     m, tok, model_id = as_model(model if model is not None else meta["model"]["id"])
     got = module_hash(m)
     if got != meta["model"]["hash"]:
@@ -237,7 +269,8 @@ def load(path: str | os.PathLike, model: ModelArg | None = None) -> QuantizedMod
     if meta["lower"] == "int8":
         from .passes.lower_int8 import lower_int8
 
-        gm = lower_int8(gm, named, plan, frozen)
+        gm = lower_int8(gm, named, plan, frozen,
+                        fallback=meta.get("int8", {}).get("fallback", "error"))
     recipe = Recipe.from_json(meta["recipe"]["rules"], text=(Path(path) / "recipe.qrec").read_text())
     return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,
                           lower=meta["lower"], mode=meta["mode"],

@@ -111,9 +111,10 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
     passes the gradient everywhere (XTC's BinaryQuantizer). No gradient to scale.
 
     Per-tensor and single-axis parameters on float32 run through torch's fused kernels
-    (one pass, 3-5x faster; bit-identical, tested); other cases use the reference maths.
+    (one pass, 3-5x faster; bit-identical, tested); other cases (and meta tensors, which
+    the fused kernels do not support) use the reference maths.
     """
-    if x.dtype == torch.float32 and not is_binary(bits, symmetric):
+    if x.dtype == torch.float32 and not x.is_meta and not is_binary(bits, symmetric):
         fused = _fused_fake_quantize(x, scale, zero_point, *qrange(bits, symmetric))
         if fused is not None:
             return fused

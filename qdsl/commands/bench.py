@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     meta = Path(args.model) / "qdsl_artifact.json"
     if meta.exists():
         artifact = args.model
-        model = args.baseline or json.loads(meta.read_text()).get("model")
+        model = args.baseline or json.loads(meta.read_text()).get("model", {}).get("id")
         if not model:
             raise ArtifactError(f"{args.model}: no baseline model recorded; pass --baseline")
     elif args.baseline:

@@ -25,6 +25,10 @@ def register(sub) -> None:
     p.add_argument("--lower", choices=["fake", "int8"],
                    help="fake: simulation at any bit width; int8: real integer kernels "
                         "(default: the recipe's `lower`, else fake)")
+    p.add_argument("--fallback", choices=["error", "simulate"], default="error",
+                   help="--lower int8: what to do with a quantized op that has no integer kernel "
+                        "(w3, asymmetric weights, a4 inputs, per-group activations): error "
+                        "(default) or keep it as fake-quant simulation, reported")
     p.add_argument("--max-cache-len", type=int, default=1024,
                    help="key/value cache positions of the generate graph (context + new tokens)")
     p.add_argument("-o", "--out", required=True, help="artifact directory to write")
@@ -40,10 +44,13 @@ def run(args) -> int:
     overrides = Settings(calib_samples=args.samples, calib_seq_len=args.seq_len,
                          calib_seed=args.seed, lower=args.lower)
     qm = compile(args.model, args.recipe, calib=args.calib, settings=overrides,
-                 max_cache_len=args.max_cache_len)
+                 max_cache_len=args.max_cache_len, fallback=args.fallback)
     for w in qm.plan.warnings:
         print(w.format(), file=sys.stderr)
+    for f in qm.fallbacks:
+        print(f"simulated (no integer kernel): {f['node']}: {f['reason']}", file=sys.stderr)
     out = qm.save(args.out, force=args.force)
     print(f"wrote {out} ({artifact_size(out) / 2**20:.2f} MB, lower={qm.lower}, "
-          f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized)")
+          f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized"
+          + (f", {len(qm.fallbacks)} simulated" if qm.fallbacks else "") + ")")
     return 0
