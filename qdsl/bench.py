@@ -32,6 +32,7 @@ RANDOM_GPT2 = "gpt2-124m-random"  # GPT2LMHeadModel(GPT2Config()), seeded: speed
 DEFAULT_WATTS = 65.0    # assumed package power of the CPU while generating
 DEFAULT_PRICE = 0.15    # assumed $ per kWh
 PRED_TOKENS = 20        # tokens generated per prediction (Wei et al. Table 2)
+GRAPH_CACHE_LEN = 1024  # static cache of the fp32 graph row (qdsl compile's default)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,12 @@ def _load_child_model(spec: dict):
         lm = load_artifact_lm(path)
         return lm, spec["vocab"]
     model = load_lowered(path)                               # fp32 or swapped, meta + assign
+    if kind == "fp32-graph":                                 # same static-cache runtime as qdsl
+        from qdsl.capture import capture
+        from qdsl.graphlm import GraphLM
+
+        gm = capture(model, mode="generate", max_cache_len=GRAPH_CACHE_LEN).gm
+        return GraphLM(gm, GRAPH_CACHE_LEN, name=spec["name"]), model.config.vocab_size
     if kind == "torch-ao":
         model = _quantize_dynamic(model)
     elif kind == "torch-ao-linear":
@@ -227,7 +234,9 @@ def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
     has_conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     fp32_mb = dir_size_mb(fp32_dir / "model.safetensors")
     specs = [dict(name="fp32", kind="fp32", path=str(fp32_dir), size_mb=fp32_mb,
-                  extra={"params": n_params, "fp16_size_mb": 2 * n_params / 1e6})]
+                  extra={"params": n_params, "fp16_size_mb": 2 * n_params / 1e6}),
+             dict(name="fp32 graph (static cache, as qdsl runs)", kind="fp32-graph",
+                  path=str(fp32_dir), size_mb=fp32_mb)]
     ao = _quantize_dynamic(model)
     specs.append(dict(name="torch.ao quantize_dynamic" + (" (Conv1D left float)"
                                                           if has_conv1d else ""),
@@ -315,15 +324,18 @@ def markdown(result: dict) -> str:
            f"load average {', '.join(f'{x:.1f}' for x in result['conditions']['load_avg'])}.",
            "",
            "| model | file MB | RSS after load MB | peak RSS MB | prefill ms | decode ms/token "
-           "| tokens/s | s/pred | Wh / 1k pred | $ / 1k pred |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| vs fp32 graph (prefill / decode) | tokens/s | s/pred | Wh / 1k pred | $ / 1k pred |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    graph = next((r for r in rows if r["kind"] == "fp32-graph"), None)
     for r in rows:
         c = cost(r, cfg)
         size = "-" if r["size_mb"] is None else f"{r['size_mb']:.1f}{ratio(r['size_mb'], base['size_mb'])}"
+        vs = "-" if graph is None else (f"{r['prefill_ms'] / graph['prefill_ms']:.2f}x / "
+                                        f"{r['decode_ms'] / graph['decode_ms']:.2f}x")
         out.append(f"| {r['name']} | {size} | {r['rss_load_mb']:.0f} | "
                    f"{r['peak_rss_mb']:.0f}{ratio(r['peak_rss_mb'], base['peak_rss_mb'])} | "
                    f"{r['prefill_ms']:.1f}{ratio(r['prefill_ms'], base['prefill_ms'])} | "
-                   f"{r['decode_ms']:.2f}{ratio(r['decode_ms'], base['decode_ms'])} | "
+                   f"{r['decode_ms']:.2f}{ratio(r['decode_ms'], base['decode_ms'])} | {vs} | "
                    f"{r['tokens_per_s']:.1f} | {c['s_per_pred']:.2f} | {c['wh_per_1k']:.1f} | "
                    f"{c['usd_per_1k']:.4f} |")
     if fp16:

@@ -28,7 +28,7 @@ def test_bench_cli_tiny(tiny_dir, tmp_path, capsys):
     assert "| fp32 |" in table and "Conv1D -> Linear" in table and "qdsl w8a8-dynamic" in table
     result = json.loads(out_json.read_text())
     names = [r["name"] for r in result["rows"]]
-    assert len(names) == 4 and names[0] == "fp32"
+    assert len(names) == 5 and names[0] == "fp32" and names[1].startswith("fp32 graph")
     for r in result["rows"]:
         assert r["decode_ms"] > 0 and r["prefill_ms"] > 0 and r["peak_rss_mb"] > 0
     assert result["rows"][-1]["size_mb"] < result["rows"][0]["size_mb"]

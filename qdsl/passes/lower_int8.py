@@ -47,7 +47,7 @@ from .freeze import Frozen
 INT8_PREFIX = "qdsl_int8__"
 FALLBACKS = ("error", "simulate")
 # ops between a quantizer and the linear that reads it (GPT-2 Conv1D: view(x, [-1, d]))
-VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.alias.default",
             "aten.contiguous.default", "aten.clone.default", "aten.flatten.using_ints"}
 # op -> (input arg, weight arg, bias arg, weight stored [in, out]?)
 OPS = {"aten.linear.default": (0, 1, 2, False), "aten.addmm.default": (1, 2, 0, True),
