@@ -25,7 +25,9 @@ def test_recipe_is_clean_and_canonical(path: Path):
     assert check_file(path) == []
     text = path.read_text()
     assert format_text(text, str(path)) == text
-    assert text.startswith("#") and ("Storti" in text or "Wei" in text or "card" in text)
+    assert text.startswith("#")  # every shipped recipe says what it is for
+    if path.parent.name in ("storti", "wei"):  # seed reproductions cite their paper
+        assert "Storti" in text or "Wei" in text
     load_recipe(path)
 
 
