@@ -1,0 +1,89 @@
+"""``qdsl sweep``: compile + evaluate many recipes (the seed tables), cached and resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import COMMANDS
+
+DESCRIPTION = """\
+Compile and evaluate every recipe (line completion EM / ES, perplexity, storage
+estimate, per-layer activation statistics; int8 lowerings also qdsl bench) on one
+model and benchmark. Finished jobs are cached in DIR/cache by (recipe meaning,
+calibration settings, model hash, benchmark hash, eval settings): a re-run skips
+them, so an interrupted sweep resumes. Writes DIR/results.json, DIR/tables.md (each
+paper's layout, with the paper's numbers) and DIR/plots/ (pareto, act_max,
+act_error, calib).
+
+  qdsl sweep --table storti-3 -o runs/sweep
+  qdsl sweep --table all -o runs/sweep            # every seed table
+  qdsl sweep recipes/card.qrec my.qrec --model stdlib-gpt2 -o runs/mine
+  qdsl sweep --table all -o runs/sweep --report   # rewrite reports from the cache
+
+Tables: storti-1 .. storti-4, wei-4, wei-5, wei-7 (robustness), wei-fig7."""
+
+
+def register(sub) -> None:
+    from ..sweep import SweepConfig
+
+    d = SweepConfig()
+    p = sub.add_parser("sweep", help=COMMANDS["sweep"], description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipes", nargs="*", metavar="RECIPE", help=".qrec files")
+    p.add_argument("--table", action="append", default=[], metavar="NAME",
+                   help="a seed table to (re)generate; repeatable; 'all' = every table")
+    p.add_argument("--model", default=d.model, help=f"model (default {d.model})")
+    p.add_argument("--bench", default=d.bench,
+                   help="'stdlib', a directory of .py files or a .jsonl (default stdlib)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR")
+    p.add_argument("-j", "--jobs", type=int, default=1,
+                   help="parallel jobs, capped by available memory (default 1)")
+    p.add_argument("--n", type=int, default=d.n, help=f"completion samples ({d.n})")
+    p.add_argument("--seed", type=int, default=d.bench_seed, help="benchmark sampling seed")
+    p.add_argument("--ppl-windows", type=int, default=d.ppl_windows,
+                   help=f"perplexity windows ({d.ppl_windows}; 0 skips)")
+    p.add_argument("--ctx-tokens", type=int, default=d.ctx_tokens,
+                   help=f"prompt budget in tokens ({d.ctx_tokens})")
+    p.add_argument("--calib", default=d.calib, help="calibration data (default stdlib)")
+    p.add_argument("--calib-default", type=int, default=d.calib_default, metavar="N",
+                   help=f"calibration windows where a recipe sets none ({d.calib_default})")
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                   help="force N calibration windows for every recipe (overrides the "
+                        "recipes' own, e.g. Wei et al.'s 512)")
+    p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
+    p.add_argument("--layer-windows", type=int, default=d.layer_windows,
+                   help=f"windows for the per-layer activation statistics ({d.layer_windows})")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per job (default 1; 0 = cores / jobs)")
+    p.add_argument("--no-bench", action="store_true", help="skip qdsl bench for int8 recipes")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing; rewrite results.json, tables.md and plots from the cache")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import QdslError
+    from ..sweep import SweepConfig, run_sweep
+    from ..tables import TABLES, get_table
+
+    names = [n for t in args.table for n in (TABLES if t == "all" else [t])]
+    tables = [get_table(n) for n in dict.fromkeys(names)]
+    if not tables and not args.recipes:
+        raise QdslError("nothing to run: give recipe files and/or --table NAME "
+                        f"(tables: {', '.join(TABLES)}, all)")
+    cfg = SweepConfig(model=args.model, bench=args.bench, n=args.n, bench_seed=args.seed,
+                      ppl_windows=args.ppl_windows, ctx_tokens=args.ctx_tokens,
+                      calib=args.calib, calib_default=args.calib_default,
+                      calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                      layer_windows=args.layer_windows, threads=args.threads,
+                      bench_int8=not args.no_bench)
+    res = run_sweep(cfg, args.out, tables=tables, recipes=args.recipes, jobs=args.jobs,
+                    progress=not args.no_progress, only_report=args.report)
+    n_runs, n_failed = len(res["runs"]), len(res["failed"])
+    print(f"{n_runs} finished job(s), {n_failed} failed; job time so far "
+          f"{res['job_seconds_total'] / 60:.1f} min")
+    print(f"wrote {args.out}/results.json, {args.out}/tables.md, {args.out}/plots/")
+    for v in res["failed"].values():
+        print(f"FAILED {v['kind']} {v['recipe']}: {v['error']}")
+    return 1 if n_failed else 0

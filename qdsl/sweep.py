@@ -1,0 +1,427 @@
+"""``qdsl sweep``: compile + evaluate many recipes on one model and benchmark, cached.
+
+A sweep is a list of jobs. A job is one recipe (or the float baseline) and a kind:
+``quality`` (compile, line completion EM / ES, perplexity, storage estimate,
+per-layer activation statistics; ``int8`` lowerings also the real artifact size
+and ``qdsl bench``) or ``robust`` (the same model on contexts whose comments and
+docstrings are perturbed, ``qdsl.robust``).
+
+Each finished job is written atomically to ``DIR/cache/<key>.json``, key = sha256 of
+(kind, recipe meaning hash, effective calibration settings, model content hash,
+benchmark content hash, evaluation settings, ``FORMAT``). A re-run skips what is
+cached, so an interrupted sweep resumes where it stopped. After every job
+``DIR/results.json``, ``DIR/tables.md`` and ``DIR/plots/*.png`` are rewritten from
+the cache (``qdsl.report``).
+
+Calibration: a recipe's own ``set calib.samples`` wins (Wei et al.'s 512, the Fig. 7
+ablation), else ``SweepConfig.calib_default``; ``calib_samples`` forces one value.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .errors import QdslError
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when a job's computation changes meaning: old cache entries are ignored
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    model: str = "smollm2-135m"
+    bench: str = "stdlib"
+    n: int = 100                 # completion samples
+    bench_seed: int = 0
+    ppl_windows: int = 32
+    ctx_tokens: int = 256
+    max_new_tokens: int = 48
+    prompt: str | None = None    # None: the model's best measured prompt mode
+    calib: str = "stdlib"        # calibration data (stdlib = non-test stdlib sources)
+    calib_default: int = 32      # windows, for recipes that set none
+    calib_samples: int | None = None  # force this many windows for every recipe
+    calib_seq_len: int = 256
+    calib_seed: int = 0
+    layer_windows: int = 4       # Fig. 6b: max |x| per layer over this many windows
+    layer_tokens: int = 128      # tokens per layer-statistics window
+    perturb_prob: float = 0.35   # robust jobs: NL-Augmenter ChangeCharCase probability
+    perturb_seed: int = 0
+    threads: int = 1             # torch threads per job (2 threads on 2 busy cores: ~10x slower)
+    bench_int8: bool = True      # run qdsl bench for lower = int8 recipes
+
+
+@dataclass(frozen=True)
+class Job:
+    recipe: str | None   # path of a .qrec file; None = the float baseline
+    kind: str = "quality"  # "quality" | "robust"
+
+
+# ------------------------------------------------------------------ keys
+
+
+def bench_hash(samples) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.id, s.context, s.target]).encode())
+    return h.hexdigest()[:16]
+
+
+def prompt_mode(cfg: SweepConfig) -> str:
+    from .eval.complete import DEFAULT_PROMPT, PROMPT_BY_MODEL
+
+    return cfg.prompt or PROMPT_BY_MODEL.get(str(cfg.model).lower(), DEFAULT_PROMPT)
+
+
+def effective_settings(recipe, cfg: SweepConfig):
+    """Sweep defaults, then the recipe's own settings, then forced overrides."""
+    from .recipe import Settings
+
+    st = Settings(calib_samples=cfg.calib_default, calib_seq_len=cfg.calib_seq_len,
+                  calib_seed=cfg.calib_seed, calib_data=cfg.calib).then(recipe.settings)
+    return st.then(Settings(calib_samples=cfg.calib_samples)) if cfg.calib_samples else st
+
+
+def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
+    payload: dict = {"format": FORMAT, "kind": job.kind, "model": model_hash, "bench": bhash,
+                     "eval": [cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg),
+                              cfg.ppl_windows], "layers": [cfg.layer_windows, cfg.layer_tokens]}
+    if job.recipe is not None:
+        from .lang import load_recipe
+
+        r = load_recipe(job.recipe)
+        payload.update(recipe=r.hash(), settings=effective_settings(r, cfg).to_json())
+    if job.kind == "robust":
+        payload["perturb"] = [cfg.perturb_prob, cfg.perturb_seed]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    from .eval.run import write_json_atomic as _write
+
+    _write(path, obj)
+
+
+# ------------------------------------------------------------------ one job (any process)
+
+_MODELS: dict = {}   # model name -> (model, tokenizer, max positions); per process
+_FLOAT_REF: dict = {}  # (model, windows) -> float layer statistics; per process
+
+
+def _model(name: str):
+    if name not in _MODELS:
+        from .eval.run import max_positions_of
+        from .models import load_model
+
+        _MODELS.clear()
+        _FLOAT_REF.clear()
+        model, tok = load_model(name)
+        _MODELS[name] = model, tok, max_positions_of(model.config)
+    return _MODELS[name]
+
+
+def _cache_len(cfg: SweepConfig, max_pos: int | None) -> int:
+    """Static key/value cache of the compiled graphs: room for the longest sequence the
+    sweep runs (prompt + new tokens, a calibration or perplexity window), no more:
+    decode attends over the whole cache, so a 1024 cache is ~3x slower than 320."""
+    need = max(cfg.ctx_tokens + cfg.max_new_tokens, cfg.calib_seq_len, cfg.layer_tokens) + 2
+    return min(need, max_pos) if max_pos else need
+
+
+def layer_windows(tok, samples, cfg: SweepConfig):
+    """[1, T] token windows for layer statistics: the ends of the first samples' contexts."""
+    import torch
+
+    out = []
+    for s in samples[:cfg.layer_windows]:
+        ids = tok(s.context, add_special_tokens=False)["input_ids"][-cfg.layer_tokens:]
+        if len(ids) >= 2:
+            out.append(torch.tensor([ids], dtype=torch.long))
+    return out
+
+
+def _float_reference(cfg: SweepConfig, windows) -> dict:
+    """Float graph's recorded activations: max |x| per layer over every window, and
+    each layer's output on window 0 (the fixed input for relative errors)."""
+    ref_key = (cfg.model, cfg.layer_windows, cfg.layer_tokens)
+    if ref_key not in _FLOAT_REF:
+        from .capture import capture
+        from .graphlm import GraphLM
+        from .naming import name_graph
+        from .passes.record import insert_recorders, recorded_names
+
+        model, _, max_pos = _model(cfg.model)
+        captured = capture(model, mode="generate", max_cache_len=_cache_len(cfg, max_pos))
+        named = name_graph(captured)
+        names = recorded_names(named)
+        recs = insert_recorders(captured.gm, named, names, keep=True)
+        lm = GraphLM(captured.gm, _cache_len(cfg, max_pos))
+        outputs = {}
+        for i, w in enumerate(windows):
+            lm.logits(w)
+            if i == 0:
+                outputs = {n: recs[n].last for n in names}
+        _FLOAT_REF[ref_key] = {"names": names, "outputs": outputs,
+                               "max_abs": {n: recs[n].max_abs for n in names}}
+        del captured, lm, recs
+    return _FLOAT_REF[ref_key]
+
+
+def _layer_stats(qm, cfg: SweepConfig, windows) -> dict:
+    """Per recorded layer: the quantized model's max |x| and relative error vs float on
+    window 0."""
+    from .graphlm import GraphLM
+    from .passes.record import insert_recorders, relative_error
+
+    ref = _float_reference(cfg, windows)
+    recs = insert_recorders(qm.gm, qm.named, ref["names"], keep=True)
+    GraphLM(qm.gm, qm.max_cache_len).logits(windows[0])
+    return {n: {"max_abs": recs[n].max_abs[0],
+                "rel_err": relative_error(recs[n].last, ref["outputs"][n])}
+            for n in ref["names"]}
+
+
+def _int8_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("qdsl.passes.lower_int8") is not None
+
+
+def _compile(recipe, cfg: SweepConfig, out: dict, progress: bool):
+    import qdsl
+
+    model, tok, max_pos = _model(cfg.model)
+    st = effective_settings(recipe, cfg)
+    lower = st.lower or "fake"
+    if lower == "int8" and not _int8_available():
+        out["bench"] = {"skipped": "int8 lowering not available (qdsl.passes.lower_int8 "
+                                   "missing): compiled as fake-quant"}
+        lower = "fake"
+    t = time.time()
+    qm = qdsl.compile(model, recipe, tokenizer=tok, settings=st, lower=lower,
+                      max_cache_len=max(_cache_len(cfg, max_pos), (st.calib_seq_len or 0) + 2),
+                      progress=progress)
+    out.update(compile_seconds=round(time.time() - t, 2), lower=lower,
+               calib_samples=st.calib_samples, settings=st.to_json())
+    return qm
+
+
+def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: bool = False) -> dict:
+    """Run one job -> its result dict (the caller caches it)."""
+    from .eval.complete import CompletionConfig, evaluate
+    from .lang import load_recipe
+    from .lm import HFCausalLM
+    from .tables import describe_bits
+
+    t0 = time.time()
+    model, tok, max_pos = _model(cfg.model)
+    ccfg = CompletionConfig(cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg))
+    windows = layer_windows(tok, samples, cfg)
+    out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
+    qm = None
+    if job.recipe is None:
+        lm = HFCausalLM(model, cfg.model)
+        out.update(bits="fp32", lower="float")
+    else:
+        recipe = load_recipe(job.recipe)
+        out["recipe_hash"] = recipe.hash()
+        qm = _compile(recipe, cfg, out, progress)
+        lm = qm.lm(name=Path(job.recipe).stem)
+        out["bits"] = describe_bits(qm.plan)
+    if job.kind == "robust":
+        from .robust import robust_scores
+
+        out["robust"] = robust_scores(lm, tok, samples, ccfg, max_positions=max_pos,
+                                      prob=cfg.perturb_prob, seed=cfg.perturb_seed,
+                                      progress=progress)
+    else:
+        t = time.time()
+        res = evaluate(lm, tok, samples, ccfg, max_positions=max_pos,
+                       ppl_windows=cfg.ppl_windows, progress=progress)
+        out.update({k: res.get(k) for k in ("n", "em", "es", "ppl", "bpb", "ppl_windows")})
+        out["eval_seconds"] = round(time.time() - t, 2)
+        out["samples"] = [{k: r[k] for k in ("id", "pred", "em", "es")} for r in res["samples"]]
+        _sizes(qm, model, out, job, cfg, out_dir)
+        if windows:
+            t = time.time()
+            if qm is None:
+                ref = _float_reference(cfg, windows)
+                out["layers"] = {n: {"max_abs_windows": ref["max_abs"][n]} for n in ref["names"]}
+            else:
+                out["layers"] = _layer_stats(qm, cfg, windows)
+            out["layer_seconds"] = round(time.time() - t, 2)
+    out["seconds"] = round(time.time() - t0, 2)
+    del qm, lm
+    gc.collect()
+    return out
+
+
+def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> None:
+    """Estimated parameter storage; int8 lowerings: the artifact's real size and bench."""
+    if qm is None:
+        n = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+        out.update(size_before=n * 4, size_after=n * 4, size_mb=n * 4 / 1e6, compression=1.0)
+        return
+    from .tables import storage
+
+    before, after = storage(model, qm.named, qm.plan)
+    out.update(size_before=before, size_after=after, size_mb=after / 1e6,
+               compression=before / after if after else None)
+    if qm.lower == "int8":
+        from .artifact import artifact_size
+
+        art = out_dir / "artifacts" / Path(job.recipe).stem
+        qm.save(art, force=True)
+        out["artifact_bytes"] = artifact_size(art)
+        if cfg.bench_int8:
+            try:
+                from .bench import BenchConfig, run_bench
+
+                out["bench"] = run_bench(cfg.model, artifact=str(art),
+                                         cfg=BenchConfig(repeats=3, rounds=1))
+            except (ImportError, QdslError) as e:
+                out["bench"] = {"skipped": f"{type(e).__name__}: {e}"}
+
+
+def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads: int,
+            progress: bool = False) -> tuple[str, dict]:
+    """Run a job and cache it (in a pool process or in the sweep's own)."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        res = run_job(job, cfg, samples, Path(out_dir), progress=progress)
+    except Exception as e:  # a failed job is reported, not cached, and retried next run
+        log.debug("job %s failed", job, exc_info=True)
+        return key, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                     "recipe": job.recipe, "kind": job.kind}
+    res.update(key=key, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    write_json_atomic(Path(out_dir) / "cache" / f"{key}.json", res)
+    return key, res
+
+
+# ------------------------------------------------------------------ the sweep
+
+
+def memory_jobs(requested: int, model: str) -> int:
+    """How many jobs fit in available memory (~6x the fp32 weights each, + 1 GB)."""
+    import psutil
+
+    from .models import resolve_model
+
+    try:
+        d = resolve_model(model).path
+        weights = sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) or 1 << 30
+    except QdslError:
+        weights = 1 << 30
+    fit = int(psutil.virtual_memory().available // (6 * weights + (1 << 30)))
+    return max(1, min(requested, fit))
+
+
+def plan_jobs(tables) -> list[Job]:
+    """Jobs of the tables (a robust table: quality and robust jobs), baseline first,
+    quality before robust, deduplicated."""
+    from .tables import recipe_path
+
+    jobs = [Job(None)]
+    for t in tables:
+        for r in t.rows:
+            path = recipe_path(r.recipe) if r.recipe else None
+            jobs.append(Job(path))
+            if t.kind == "robust":
+                jobs.append(Job(path, "robust"))
+    seen, out = set(), []
+    for j in sorted(jobs, key=lambda j: j.kind == "robust"):  # stable sort
+        if j not in seen:
+            seen.add(j)
+            out.append(j)
+    return out
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipes=(),
+              jobs: int = 1, progress: bool = True, only_report: bool = False) -> dict:
+    """Run (or resume) the jobs of ``tables`` (``qdsl.tables.Table``s) and of loose
+    ``recipes`` (one extra table, "recipes"); returns what ``DIR/results.json`` holds.
+    ``only_report``: run nothing, rewrite the reports from the cache."""
+    from .eval.bench import load_bench
+    from .models import resolve_model
+    from .tables import adhoc_table, write_all
+
+    out = Path(out_dir)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    samples = load_bench(cfg.bench, cfg.n, cfg.bench_seed)
+    model_hash = resolve_model(cfg.model).content_hash[:16]
+    bhash = bench_hash(samples)
+    tables = list(tables) + ([adhoc_table(list(recipes))] if recipes else [])
+    todo = plan_jobs(tables)
+    keys = {j: job_key(j, cfg, model_hash, bhash) for j in todo}
+    done = {k: r for k in set(keys.values()) if (r := read_json(out / "cache" / f"{k}.json"))}
+    pending, seen = [], set()
+    for j in todo:
+        if keys[j] not in done and keys[j] not in seen:
+            seen.add(keys[j])
+            pending.append(j)
+    meta = {"config": asdict(cfg), "model_hash": model_hash, "bench_hash": bhash,
+            "n_samples": len(samples)}
+    failed: dict = {}
+
+    def write():
+        return write_all(out, meta, tables, keys, done, failed, wall=time.time() - t0)
+
+    if only_report or not pending:
+        return write()
+    workers = memory_jobs(jobs, cfg.model) if jobs > 1 else 1
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
+    log.info("sweep: %d jobs (%d distinct), %d to run, %d worker(s) x %d thread(s)",
+             len(todo), len(set(keys.values())), len(pending), workers, threads)
+    bar = tqdm(total=len(pending), desc="sweep", unit="job", disable=not progress)
+
+    def finish(key: str, res: dict) -> None:
+        if "error" in res:
+            failed[key] = res
+            log.warning("job %s failed: %s", res.get("recipe"), res["error"])
+        else:
+            done[key] = res
+        bar.update(1)
+        bar.set_postfix_str(Path(res.get("recipe") or "fp32").stem)
+        write()
+
+    phases = [[j for j in pending if j.kind == "quality"],
+              [j for j in pending if j.kind != "quality"]]
+    for phase in phases:
+        if workers == 1:
+            for j in phase:
+                finish(*_worker(j, cfg, samples, str(out), keys[j], threads, progress))
+            continue
+        import multiprocessing as mp
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futs = [pool.submit(_worker, j, cfg, samples, str(out), keys[j], threads)
+                    for j in phase]
+            for f in as_completed(futs):
+                finish(*f.result())
+    bar.close()
+    return write()
+
+
+def config_with(cfg: SweepConfig, **changes) -> SweepConfig:
+    """``cfg`` with the non-None ``changes`` applied (the command line's overrides)."""
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

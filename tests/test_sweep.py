@@ -1,0 +1,172 @@
+"""qdsl sweep: a two-recipe smoke sweep on a tiny saved GPT-2 (cached on re-run),
+table rendering, the robustness perturbation and the activation recorder."""
+
+from __future__ import annotations
+
+import io
+import json
+import tokenize
+
+import pytest
+import torch
+
+import qdsl
+from qdsl import sweep as sweep_mod
+from qdsl.passes.record import insert_recorders, recorded_names, relative_error
+from qdsl.robust import nl_spans, pct_drop, perturb_code
+from qdsl.sweep import SweepConfig, run_sweep
+from qdsl.tables import TABLES, Row, Table, recipe_path, render
+from tiny import tiny, tiny_ids
+
+CODE = '''#!/usr/bin/env python
+"""Module docstring: adds numbers."""
+import os  # the os module
+
+
+def add(a, b):
+    """Return a + b.\\n Escapes stay: \\t."""
+    s = "a plain string stays"  # but this comment changes
+    return a + b
+
+
+class Point:
+    \'\'\'A point.\'\'\'
+    x = f"{os.sep} value"
+'''
+
+
+def _code_tokens(text: str) -> list[tuple[int, str]]:
+    toks = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    return [(t.type, t.string) for t in toks if t.type != tokenize.COMMENT]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny GPT-2 with a byte-level BPE tokenizer, and a small code benchmark."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("sweep")
+    code = root / "code"
+    code.mkdir()
+    for i in range(4):
+        (code / f"m{i}.py").write_text(CODE.replace("add", f"add{i}") * 3)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([CODE] * 4, vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root
+
+
+def _cfg(root) -> SweepConfig:
+    return SweepConfig(model=str(root / "model"), bench=str(root / "code"), n=4,
+                       ppl_windows=2, ctx_tokens=32, max_new_tokens=6, calib=str(root / "code"),
+                       calib_default=2, calib_seq_len=16, layer_windows=2, layer_tokens=16)
+
+
+RECIPES = [recipe_path("storti/t2_w8a8.qrec"), recipe_path("storti/t3_res_sum.qrec")]
+
+
+def test_smoke_sweep_then_cached(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    res = run_sweep(_cfg(tiny_dir), out, recipes=RECIPES, progress=False)
+    assert not res["failed"], res["failed"]
+    rows = res["tables"]["recipes"]
+    assert [r["label"] for r in rows] == ["Baseline (fp32)", "t2_w8a8", "t3_res_sum"]
+    for r in rows:
+        assert 0 <= r["es"] <= 100 and 0 <= r["em"] <= 100 and r["ppl"] > 0
+    assert rows[0]["compression"] == 1.0 and rows[1]["compression"] > 1.5
+    assert rows[2]["bits"].startswith("W8A8 (+") and "A16 x2" in rows[2]["bits"]
+    assert len(list((out / "cache").glob("*.json"))) == 3
+    cached = json.loads(next(iter((out / "cache").glob("*.json"))).read_text())
+    assert "samples" in cached and "layers" in cached
+    layers = [json.loads(p.read_text())["layers"] for p in (out / "cache").glob("*.json")]
+    assert any("rel_err" in d.get("block.1.res_sum", {}) for d in layers)
+    assert "| t3_res_sum |" in (out / "tables.md").read_text()
+    assert {p.name for p in (out / "plots").iterdir()} >= {"pareto.png", "act_max.png",
+                                                            "act_error.png"}
+
+    def boom(*a, **k):
+        raise AssertionError("a cached job ran again")
+    monkeypatch.setattr(sweep_mod, "run_job", boom)
+    again = run_sweep(_cfg(tiny_dir), out, recipes=RECIPES, progress=False)
+    assert again["tables"]["recipes"] == rows
+
+
+def test_robust_table_on_tiny_model(tiny_dir, tmp_path):
+    table = Table("t", "robust smoke", "robust", (Row("FP", None), Row("W8A8", RECIPES[0])))
+    res = run_sweep(_cfg(tiny_dir), tmp_path / "r", tables=[table], progress=False)
+    assert not res["failed"], res["failed"]
+    rob = [r["robust"] for r in res["tables"]["t"]]
+    assert all(r["n"] == 4 and 0 <= r["changed"] <= 4 for r in rob)
+    assert "%drop ES" in (tmp_path / "r" / "tables.md").read_text()
+
+
+def test_render_marks_partial_tables_and_shows_paper_numbers():
+    t = TABLES["storti-3"]
+    base = {"es": 40.0, "em": 20.0, "ppl": 3.0, "compression": 1.0, "size_mb": 538.0,
+            "bits": "fp32"}
+    row = {"es": 30.5, "em": 10.0, "ppl": 9.0, "compression": 2.45, "size_mb": 219.6,
+           "bits": "W8A8"}
+    md = render(t, {None: base, "storti/t3_res_sum.qrec": row})
+    assert "(partial: 2/16 rows)" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| Residual Sum of block |"))
+    assert line.split(" | ")[1:9] == ["W8A8", "30.5", "10.0", "-9.5", "-10.0", "9.00",
+                                      "2.45x", "219.6"]
+    assert line.rstrip(" |").endswith("40 | 17")
+    assert "(not run yet)" in md
+
+
+def test_every_table_recipe_exists():
+    from pathlib import Path
+    for t in TABLES.values():
+        for r in t.recipes():
+            assert Path(recipe_path(r)).is_file(), r
+
+
+def test_perturbation_changes_only_natural_language():
+    out = perturb_code(CODE, seed=3, prob=1.0)
+    assert len(_code_tokens(out)) == len(_code_tokens(CODE))
+    assert "# THE OS MODULE" in out and "# BUT THIS COMMENT CHANGES" in out
+    assert '"""MODULE DOCSTRING: ADDS NUMBERS."""' in out
+    assert "RETURN A + B.\\n ESCAPES STAY: \\t." in out       # escapes keep their case
+    assert "'''A POINT.'''" in out
+    assert '"a plain string stays"' in out and 'f"{os.sep} value"' in out
+    assert out.startswith("#!/usr/bin/env python\n")
+    assert len(out) == len(CODE)
+    # the only STRING tokens that differ are the three docstrings
+    diff = [a for a, b in zip(_code_tokens(out), _code_tokens(CODE)) if a != b]
+    assert len(diff) == 3 and all(t == tokenize.STRING for t, _ in diff)
+    assert perturb_code(CODE, seed=3) == perturb_code(CODE, seed=3)  # seeded
+    assert perturb_code(CODE, seed=3) != perturb_code(CODE, seed=4)
+
+
+def test_perturbation_survives_a_prefix_cut_mid_statement():
+    text = CODE + "x = foo(  # open call\n    1,\n"
+    out = perturb_code(text, seed=0, prob=1.0)
+    assert "# OPEN CALL" in out and len(out) == len(text)
+    assert nl_spans("") == []
+    assert pct_drop(50.0, 40.0) == pytest.approx(20.0) and pct_drop(0.0, 1.0) is None
+
+
+def test_recorder_is_identity_and_measures_error():
+    assert relative_error(torch.tensor([3.0, 4.5]), torch.tensor([3.0, 4.0])) == pytest.approx(0.1)
+    model = tiny("gpt2")
+    qm = qdsl.compile(model, "* -> w8a8\nlm_head -> skip\n", calib=tiny_ids(model, 2, 16),
+                      progress=False)
+    ids = tiny_ids(model, 1, 10, seed=4)
+    before = qm(ids)
+    names = recorded_names(qm.named)
+    assert "block.1.res_sum" in names and "block.0.mlp.c_fc" in names
+    recs = insert_recorders(qm.gm, qm.named, names, keep=True)
+    assert torch.equal(qm(ids), before)
+    r = recs["block.1.res_sum"]
+    assert r.last is not None and r.max_abs[-1] == pytest.approx(float(r.last.abs().max()))
+    # the recorder reads the quantizer's output: a value on the 8-bit grid
+    assert r.last.unique().numel() <= 256
