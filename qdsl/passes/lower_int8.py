@@ -349,8 +349,8 @@ def _replace(gm: fx.GraphModule, s: Site, row: Row, module: nn.Module) -> None:
 def _drop_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     """Erase get_attr / view / quantizer nodes nobody reads, and free what they held."""
     for n in nodes:
-        if n.users or n.graph is not gm.graph or n.op not in ("get_attr", "call_module",
-                                                              "call_function"):
+        if n.users or getattr(n, "_erased", False) or n.op not in ("get_attr", "call_module",
+                                                                   "call_function"):
             continue
         if n.op == "call_function" and str(n.target) not in VIEW_OPS:
             continue
