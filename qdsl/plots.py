@@ -43,12 +43,11 @@ def _plt():
 def _label_of(tables, keys, done) -> dict[str, str]:
     """Job key -> a short label (the first table row naming its recipe)."""
     from .sweep import Job
-    from .tables import recipe_path
 
     out: dict[str, str] = {}
     for t in tables:
         for r in t.rows:
-            k = keys.get(Job(recipe_path(r.recipe) if r.recipe else None))
+            k = keys.get(Job.of(r))
             if k in done and k not in out:
                 out[k] = "fp32" if r.recipe is None else Path(r.recipe).stem
     return out

@@ -65,6 +65,14 @@ class SweepConfig:
 class Job:
     recipe: str | None   # path of a .qrec file; None = the float baseline
     kind: str = "quality"  # "quality" | "robust"
+    lower: str | None = None  # overrides the recipe's `set lower` ("int8": real lowering)
+
+    @classmethod
+    def of(cls, row, kind: str = "quality") -> Job:
+        """The job of a table row (``qdsl.tables.Row``)."""
+        from .tables import recipe_path
+
+        return cls(recipe_path(row.recipe) if row.recipe else None, kind, row.lower)
 
 
 # ------------------------------------------------------------------ keys
@@ -83,13 +91,13 @@ def prompt_mode(cfg: SweepConfig) -> str:
     return cfg.prompt or PROMPT_BY_MODEL.get(str(cfg.model).lower(), DEFAULT_PROMPT)
 
 
-def effective_settings(recipe, cfg: SweepConfig):
+def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None):
     """Sweep defaults, then the recipe's own settings, then forced overrides."""
     from .recipe import Settings
 
     st = Settings(calib_samples=cfg.calib_default, calib_seq_len=cfg.calib_seq_len,
                   calib_seed=cfg.calib_seed, calib_data=cfg.calib).then(recipe.settings)
-    return st.then(Settings(calib_samples=cfg.calib_samples)) if cfg.calib_samples else st
+    return st.then(Settings(calib_samples=cfg.calib_samples, lower=lower))
 
 
 def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
@@ -100,7 +108,7 @@ def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
         from .lang import load_recipe
 
         r = load_recipe(job.recipe)
-        payload.update(recipe=r.hash(), settings=effective_settings(r, cfg).to_json())
+        payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower).to_json())
     if job.kind == "robust":
         payload["perturb"] = [cfg.perturb_prob, cfg.perturb_seed]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -204,11 +212,11 @@ def _int8_available() -> bool:
     return importlib.util.find_spec("qdsl.passes.lower_int8") is not None
 
 
-def _compile(recipe, cfg: SweepConfig, out: dict, progress: bool):
+def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: bool):
     import qdsl
 
     model, tok, max_pos = _model(cfg.model)
-    st = effective_settings(recipe, cfg)
+    st = effective_settings(recipe, cfg, lower)
     lower = st.lower or "fake"
     if lower == "int8" and not _int8_available():
         out["bench"] = {"skipped": "int8 lowering not available (qdsl.passes.lower_int8 "
@@ -217,9 +225,11 @@ def _compile(recipe, cfg: SweepConfig, out: dict, progress: bool):
     t = time.time()
     qm = qdsl.compile(model, recipe, tokenizer=tok, settings=st, lower=lower,
                       max_cache_len=max(_cache_len(cfg, max_pos), (st.calib_seq_len or 0) + 2),
+                      fallback="simulate",
                       progress=progress)
     out.update(compile_seconds=round(time.time() - t, 2), lower=lower,
-               calib_samples=st.calib_samples, settings=st.to_json())
+               calib_samples=st.calib_samples, settings=st.to_json(),
+               fallbacks=len(getattr(qm, "fallbacks", None) or ()))
     return qm
 
 
@@ -242,7 +252,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     else:
         recipe = load_recipe(job.recipe)
         out["recipe_hash"] = recipe.hash()
-        qm = _compile(recipe, cfg, out, progress)
+        qm = _compile(recipe, cfg, job.lower, out, progress)
         lm = qm.lm(name=Path(job.recipe).stem)
         out["bits"] = describe_bits(qm.plan)
     if job.kind == "robust":
@@ -264,7 +274,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
             if qm is None:
                 ref = _float_reference(cfg, windows)
                 out["layers"] = {n: {"max_abs_windows": ref["max_abs"][n]} for n in ref["names"]}
-            else:
+            elif qm.lower == "fake":  # int8 lowering replaced the named nodes
                 out["layers"] = _layer_stats(qm, cfg, windows)
             out["layer_seconds"] = round(time.time() - t, 2)
     out["seconds"] = round(time.time() - t0, 2)
@@ -339,15 +349,12 @@ def memory_jobs(requested: int, model: str) -> int:
 def plan_jobs(tables) -> list[Job]:
     """Jobs of the tables (a robust table: quality and robust jobs), baseline first,
     quality before robust, deduplicated."""
-    from .tables import recipe_path
-
     jobs = [Job(None)]
     for t in tables:
         for r in t.rows:
-            path = recipe_path(r.recipe) if r.recipe else None
-            jobs.append(Job(path))
+            jobs.append(Job.of(r))
             if t.kind == "robust":
-                jobs.append(Job(path, "robust"))
+                jobs.append(Job.of(r, "robust"))
     seen, out = set(), []
     for j in sorted(jobs, key=lambda j: j.kind == "robust"):  # stable sort
         if j not in seen:
@@ -363,7 +370,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
     ``only_report``: run nothing, rewrite the reports from the cache."""
     from .eval.bench import load_bench
     from .models import resolve_model
-    from .tables import adhoc_table, write_all
+    from .tables import TABLES, adhoc_table, write_all
 
     out = Path(out_dir)
     (out / "cache").mkdir(parents=True, exist_ok=True)
@@ -373,8 +380,12 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
     bhash = bench_hash(samples)
     tables = list(tables) + ([adhoc_table(list(recipes))] if recipes else [])
     todo = plan_jobs(tables)
-    keys = {j: job_key(j, cfg, model_hash, bhash) for j in todo}
+    others = [t for t in TABLES.values() if t not in tables]
+    keys = {j: job_key(j, cfg, model_hash, bhash) for j in plan_jobs(tables + others)}
     done = {k: r for k in set(keys.values()) if (r := read_json(out / "cache" / f"{k}.json"))}
+    # the report also shows every other seed table with a finished row in this cache
+    shown = tables + [t for t in others
+                      if any(keys[Job.of(r)] in done for r in t.rows if r.recipe)]
     pending, seen = [], set()
     for j in todo:
         if keys[j] not in done and keys[j] not in seen:
@@ -385,14 +396,14 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
     failed: dict = {}
 
     def write():
-        return write_all(out, meta, tables, keys, done, failed, wall=time.time() - t0)
+        return write_all(out, meta, shown, keys, done, failed, wall=time.time() - t0)
 
     if only_report or not pending:
         return write()
     workers = memory_jobs(jobs, cfg.model) if jobs > 1 else 1
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
     log.info("sweep: %d jobs (%d distinct), %d to run, %d worker(s) x %d thread(s)",
-             len(todo), len(set(keys.values())), len(pending), workers, threads)
+             len(todo), len({keys[j] for j in todo}), len(pending), workers, threads)
     bar = tqdm(total=len(pending), desc="sweep", unit="job", disable=not progress)
 
     def finish(key: str, res: dict) -> None:

@@ -23,6 +23,7 @@ class Row:
     label: str
     recipe: str | None          # "storti/t1_mse_cmm.qrec"; None = float baseline
     paper: dict = field(default_factory=dict)  # {"ES": 41, "EM": 17} as printed
+    lower: str | None = None    # "int8": compile with real lowering (and run qdsl bench)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,13 @@ TABLES: dict[str, Table] = {t.name: t for t in (
               Row("S (C)", "wei/t4_static_per_column.qrec", {"HumanEval": 22.73, "MBPP": 14.91}),
               Row("S (T)", "wei/t4_static_per_tensor.qrec", {"HumanEval": 33.33, "MBPP": 13.16})),
           paper_cols=("HumanEval", "MBPP")),
+    Table("int8", "Real lowering (qdsl compile --lower int8): quality and hosting metrics "
+          "(cf. Wei et al. Table 2)", "hosting", (
+              Row("fp32", None),
+              Row("W8A8 dynamic (int8 GEMM)", "int8/w8a8_dynamic.qrec", lower="int8"),
+              Row("W8 weight-only", "int8/w8_weight_only.qrec", lower="int8"),
+              Row("W4 group 128 (packed)", "int8/w4_group128.qrec", lower="int8")),
+          paper_cols=()),
     Table("wei-fig7", "Wei et al. 2023 Fig. 7: calibration-set size (static per-column W8A8; "
           "paper: 500..5k samples, accuracy stable)", "calib", (
               Row("Full precision", None),
@@ -168,6 +176,19 @@ def _robust_line(row: Row, res: dict | None, cols) -> list[str]:
             _f(r["em"]), _f(r["em_perturbed"]), _f(r["em_drop_pct"], 2), *paper]
 
 
+def _hosting_cells(res: dict | None) -> list[str]:
+    """Real artifact size and ``qdsl bench`` numbers (the artifact's row, fp32's row)."""
+    bench = (res or {}).get("bench") or {}
+    if "skipped" in bench:
+        return ["-", f"skipped: {bench['skipped']}", "", "", ""]
+    rows = {r["kind"]: r for r in bench.get("rows", [])}
+    art, fp = rows.get("artifact", {}), rows.get("fp32", {})
+    size = (res or {}).get("artifact_bytes")
+    return [_f(size / 1e6 if size else None), _f(art.get("decode_ms"), 2),
+            _f(fp.get("decode_ms"), 2), _f(art.get("prefill_ms"), 1),
+            _f(art.get("peak_rss_mb"), 0)]
+
+
 def render(table: Table, results: dict[str | None, dict]) -> str:
     """Markdown for one table. ``results``: recipe (None = baseline) -> result dict."""
     base = results.get(None)
@@ -180,6 +201,10 @@ def render(table: Table, results: dict[str | None, dict]) -> str:
                 *[f"paper {c}" for c in table.paper_cols]]
         lines = [_quality_line(r, results.get(r.recipe), base, table.paper_cols)
                  for r in table.rows]
+        if table.kind == "hosting":
+            head += ["artifact MB", "decode ms/tok", "fp32 decode", "prefill ms", "peak RSS MB"]
+            for line, r in zip(lines, table.rows):
+                line += _hosting_cells(results.get(r.recipe))
         if table.kind == "calib":
             head.insert(2, "calib windows")
             for line, r in zip(lines, table.rows):
@@ -192,13 +217,6 @@ def render(table: Table, results: dict[str | None, dict]) -> str:
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(line) + " |" for line in lines]
     return "\n".join(out) + "\n"
-
-
-def best_marked(table: Table, results: dict) -> str | None:
-    """The label of the best quantized row by ES (the paper bolds it)."""
-    rows = [(results[r.recipe]["es"], r.label) for r in table.rows
-            if r.recipe and results.get(r.recipe)]
-    return max(rows)[1] if rows else None
 
 
 # ------------------------------------------------------------------ row columns
@@ -296,11 +314,10 @@ def table_results(table: Table, keys: dict, done: dict) -> dict:
 
     out = {}
     for r in table.rows:
-        path = recipe_path(r.recipe) if r.recipe else None
-        q = done.get(keys.get(Job(path)))
+        q = done.get(keys.get(Job.of(r)))
         if q is not None:
             q = dict(q)
-            rob = done.get(keys.get(Job(path, "robust")))
+            rob = done.get(keys.get(Job.of(r, "robust")))
             if rob is not None:
                 q["robust"] = rob["robust"]
             out[r.recipe] = q
