@@ -119,14 +119,14 @@ def score_completion(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionCo
                      max_positions: int | None = None, progress: bool = True,
                      desc: str = "complete") -> dict:
     """EM (percent), ES (0-100) and per-sample predictions."""
-    rows, t0 = [], time.time()
+    rows, t0, c0 = [], time.time(), time.process_time()
     for s in tqdm(samples, desc=desc, disable=not progress, unit="sample"):
         pred = complete_line(lm, tok, s, cfg, max_positions)
         rows.append({"id": s.id, "target": s.target.strip(), "pred": pred,
                      "em": exact_match(pred, s.target), "es": edit_similarity(pred, s.target)})
     return {"n": len(rows), "em": 100 * mean(r["em"] for r in rows),
             "es": mean(r["es"] for r in rows), "seconds": round(time.time() - t0, 2),
-            "samples": rows}
+            "cpu_seconds": round(time.process_time() - c0, 2), "samples": rows}
 
 
 @torch.inference_mode()
@@ -162,6 +162,7 @@ def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
                             desc=f"{out['model']}: complete")
     out.update({k: comp[k] for k in ("n", "em", "es")})
     out["complete_seconds"] = comp["seconds"]
+    out["complete_cpu_seconds"] = comp["cpu_seconds"]   # < wall time on a shared machine
     if ppl_windows > 0:
         p = score_perplexity(lm, tok, samples, ppl_windows, cfg.ctx_tokens, max_positions, progress)
         out.update({"ppl": p["ppl"], "bpb": p["bpb"], "ppl_windows": p["windows"],
