@@ -233,8 +233,10 @@ def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: b
     return qm
 
 
-def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: bool = False) -> dict:
-    """Run one job -> its result dict (the caller caches it)."""
+def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: bool = False,
+            artifact: Path | None = None) -> dict:
+    """Run one job -> its result dict (the caller caches it). ``artifact``: where the
+    recipe's compiled model is saved (quality job) or reloaded from (robust job)."""
     from .eval.complete import CompletionConfig, evaluate
     from .lang import load_recipe
     from .lm import HFCausalLM
@@ -252,7 +254,12 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     else:
         recipe = load_recipe(job.recipe)
         out["recipe_hash"] = recipe.hash()
-        qm = _compile(recipe, cfg, job.lower, out, progress)
+        qm = _reload(artifact, model) if job.kind == "robust" else None
+        if qm is None:
+            qm = _compile(recipe, cfg, job.lower, out, progress)
+            if artifact is not None:
+                qm.save(artifact, force=True)
+                out["artifact"] = str(artifact)
         lm = qm.lm(name=Path(job.recipe).stem)
         out["bits"] = describe_bits(qm.plan)
     if job.kind == "robust":
@@ -297,8 +304,9 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
     if qm.lower == "int8":
         from .artifact import artifact_size
 
-        art = out_dir / "artifacts" / Path(job.recipe).stem
-        qm.save(art, force=True)
+        art = Path(out.get("artifact") or out_dir / "artifacts" / Path(job.recipe).stem)
+        if "artifact" not in out:
+            qm.save(art, force=True)
         out["artifact_bytes"] = artifact_size(art)
         if cfg.bench_int8:
             try:
@@ -310,15 +318,29 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
                 out["bench"] = {"skipped": f"{type(e).__name__}: {e}"}
 
 
+def _reload(artifact: Path | None, model):
+    """A quality job's compiled model, without calibrating again (None if unusable)."""
+    import qdsl
+
+    if artifact is None or not (Path(artifact) / "qdsl_artifact.json").exists():
+        return None
+    try:
+        return qdsl.load(artifact, model)
+    except QdslError as e:
+        log.warning("cannot reload %s (%s); compiling again", artifact, e)
+        return None
+
+
 def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads: int,
-            progress: bool = False) -> tuple[str, dict]:
+            progress: bool = False, artifact: str | None = None) -> tuple[str, dict]:
     """Run a job and cache it (in a pool process or in the sweep's own)."""
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        res = run_job(job, cfg, samples, Path(out_dir), progress=progress)
+        res = run_job(job, cfg, samples, Path(out_dir), progress=progress,
+                      artifact=Path(artifact) if artifact else None)
     except Exception as e:  # a failed job is reported, not cached, and retried next run
         log.debug("job %s failed", job, exc_info=True)
         return key, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
@@ -347,16 +369,15 @@ def memory_jobs(requested: int, model: str) -> int:
 
 
 def plan_jobs(tables) -> list[Job]:
-    """Jobs of the tables (a robust table: quality and robust jobs), baseline first,
-    quality before robust, deduplicated."""
+    """Jobs of the tables in order, baseline first; a robust table's robust jobs follow
+    its quality jobs (they reload the compiled models). Deduplicated."""
     jobs = [Job(None)]
     for t in tables:
-        for r in t.rows:
-            jobs.append(Job.of(r))
-            if t.kind == "robust":
-                jobs.append(Job.of(r, "robust"))
+        jobs += [Job.of(r) for r in t.rows]
+        if t.kind == "robust":
+            jobs += [Job.of(r, "robust") for r in t.rows]
     seen, out = set(), []
-    for j in sorted(jobs, key=lambda j: j.kind == "robust"):  # stable sort
+    for j in jobs:
         if j not in seen:
             seen.add(j)
             out.append(j)
@@ -416,17 +437,18 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
         bar.set_postfix_str(Path(res.get("recipe") or "fp32").stem)
         write()
 
-    phases = [[j for j in pending if j.kind == "quality"],
-              [j for j in pending if j.kind != "quality"]]
-    for phase in phases:
-        if workers == 1:
-            for j in phase:
-                finish(*_worker(j, cfg, samples, str(out), keys[j], threads, progress))
-            continue
+    def artifact(j: Job) -> str | None:  # a robust job reloads its quality job's model
+        q = replace(j, kind="quality")
+        return None if j.recipe is None else str(out / "artifacts" / keys[q])
+
+    if workers == 1:
+        for j in pending:
+            finish(*_worker(j, cfg, samples, str(out), keys[j], threads, progress, artifact(j)))
+    else:  # a robust job running beside its quality job compiles for itself
         import multiprocessing as mp
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futs = [pool.submit(_worker, j, cfg, samples, str(out), keys[j], threads)
-                    for j in phase]
+            futs = [pool.submit(_worker, j, cfg, samples, str(out), keys[j], threads, False,
+                                artifact(j)) for j in pending]
             for f in as_completed(futs):
                 finish(*f.result())
     bar.close()
