@@ -130,16 +130,17 @@ def write_json_atomic(path: Path, obj) -> None:
 # ------------------------------------------------------------------ one job (any process)
 
 _MODELS: dict = {}   # model name -> (model, tokenizer, max positions); per process
-_FLOAT_REF: dict = {}  # (model, windows) -> float layer statistics; per process
 
 
 def _model(name: str):
+    from .layerstats import FLOAT_REF
+
     if name not in _MODELS:
         from .eval.run import max_positions_of
         from .models import load_model
 
         _MODELS.clear()
-        _FLOAT_REF.clear()
+        FLOAT_REF.clear()
         model, tok = load_model(name)
         _MODELS[name] = model, tok, max_positions_of(model.config)
     return _MODELS[name]
@@ -151,59 +152,6 @@ def _cache_len(cfg: SweepConfig, max_pos: int | None) -> int:
     decode attends over the whole cache, so a 1024 cache is ~3x slower than 320."""
     need = max(cfg.ctx_tokens + cfg.max_new_tokens, cfg.calib_seq_len, cfg.layer_tokens) + 2
     return min(need, max_pos) if max_pos else need
-
-
-def layer_windows(tok, samples, cfg: SweepConfig):
-    """[1, T] token windows for layer statistics: the ends of the first samples' contexts."""
-    import torch
-
-    out = []
-    for s in samples[:cfg.layer_windows]:
-        ids = tok(s.context, add_special_tokens=False)["input_ids"][-cfg.layer_tokens:]
-        if len(ids) >= 2:
-            out.append(torch.tensor([ids], dtype=torch.long))
-    return out
-
-
-def _float_reference(cfg: SweepConfig, windows) -> dict:
-    """Float graph's recorded activations: max |x| per layer over every window, and
-    each layer's output on window 0 (the fixed input for relative errors)."""
-    ref_key = (cfg.model, cfg.layer_windows, cfg.layer_tokens)
-    if ref_key not in _FLOAT_REF:
-        from .capture import capture
-        from .graphlm import GraphLM
-        from .naming import name_graph
-        from .passes.record import insert_recorders, recorded_names
-
-        model, _, max_pos = _model(cfg.model)
-        captured = capture(model, mode="generate", max_cache_len=_cache_len(cfg, max_pos))
-        named = name_graph(captured)
-        names = recorded_names(named)
-        recs = insert_recorders(captured.gm, named, names, keep=True)
-        lm = GraphLM(captured.gm, _cache_len(cfg, max_pos))
-        outputs = {}
-        for i, w in enumerate(windows):
-            lm.logits(w)
-            if i == 0:
-                outputs = {n: recs[n].last for n in names}
-        _FLOAT_REF[ref_key] = {"names": names, "outputs": outputs,
-                               "max_abs": {n: recs[n].max_abs for n in names}}
-        del captured, lm, recs
-    return _FLOAT_REF[ref_key]
-
-
-def _layer_stats(qm, cfg: SweepConfig, windows) -> dict:
-    """Per recorded layer: the quantized model's max |x| and relative error vs float on
-    window 0."""
-    from .graphlm import GraphLM
-    from .passes.record import insert_recorders, relative_error
-
-    ref = _float_reference(cfg, windows)
-    recs = insert_recorders(qm.gm, qm.named, ref["names"], keep=True)
-    GraphLM(qm.gm, qm.max_cache_len).logits(windows[0])
-    return {n: {"max_abs": recs[n].max_abs[0],
-                "rel_err": relative_error(recs[n].last, ref["outputs"][n])}
-            for n in ref["names"]}
 
 
 def _int8_available() -> bool:
@@ -240,6 +188,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     from .eval.complete import CompletionConfig, evaluate
     from .lang import load_recipe
     from .lm import HFCausalLM
+    from .layerstats import float_reference, layer_stats, layer_windows
     from .tables import describe_bits
 
     t0 = time.time()
@@ -279,10 +228,10 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
         if windows:
             t = time.time()
             if qm is None:
-                ref = _float_reference(cfg, windows)
+                ref = float_reference(cfg, windows)
                 out["layers"] = {n: {"max_abs_windows": ref["max_abs"][n]} for n in ref["names"]}
             elif qm.lower == "fake":  # int8 lowering replaced the named nodes
-                out["layers"] = _layer_stats(qm, cfg, windows)
+                out["layers"] = layer_stats(qm, cfg, windows)
             out["layer_seconds"] = round(time.time() - t, 2)
     out["seconds"] = round(time.time() - t0, 2)
     del qm, lm
