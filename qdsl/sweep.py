@@ -170,10 +170,11 @@ def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: b
         out["bench"] = {"skipped": "int8 lowering not available (qdsl.passes.lower_int8 "
                                    "missing): compiled as fake-quant"}
         lower = "fake"
+    # calibration windows must fit the graph's cache (stdlib-gpt2: 256 positions)
+    st = replace(st, calib_seq_len=min(st.calib_seq_len or 256, _cache_len(cfg, max_pos) - 1))
     t = time.time()
     qm = qdsl.compile(model, recipe, tokenizer=tok, settings=st, lower=lower,
-                      max_cache_len=max(_cache_len(cfg, max_pos), (st.calib_seq_len or 0) + 2),
-                      fallback="simulate",
+                      max_cache_len=_cache_len(cfg, max_pos), fallback="simulate",
                       progress=progress)
     out.update(compile_seconds=round(time.time() - t, 2), lower=lower,
                calib_samples=st.calib_samples, settings=st.to_json(),
@@ -193,6 +194,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
 
     t0 = time.time()
     model, tok, max_pos = _model(cfg.model)
+    max_pos = _cache_len(cfg, max_pos) - 1  # what the graphs run; the float model alike
     ccfg = CompletionConfig(cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg))
     windows = layer_windows(tok, samples, cfg)
     out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}

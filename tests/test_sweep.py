@@ -42,7 +42,8 @@ def _code_tokens(text: str) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A saved tiny GPT-2 with a byte-level BPE tokenizer, and a small code benchmark."""
+    """A saved tiny GPT-2 with a byte-level BPE tokenizer, and a small code benchmark.
+    32 positions: shorter than prompt + new tokens, as stdlib-gpt2 (256) is."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -56,7 +57,7 @@ def tiny_dir(tmp_path_factory):
                             special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=32,
                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(root / "model")
