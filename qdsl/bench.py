@@ -123,8 +123,9 @@ def _load_child_model(spec: dict):
         from qdsl.capture import capture
         from qdsl.graphlm import GraphLM
 
-        gm = capture(model, mode="generate", max_cache_len=GRAPH_CACHE_LEN).gm
-        return GraphLM(gm, GRAPH_CACHE_LEN, name=spec["name"]), model.config.vocab_size
+        cache = spec.get("cache_len", GRAPH_CACHE_LEN)
+        gm = capture(model, mode="generate", max_cache_len=cache).gm
+        return GraphLM(gm, cache, name=spec["name"]), model.config.vocab_size
     if kind == "torch-ao":
         model = _quantize_dynamic(model)
     elif kind == "torch-ao-linear":
@@ -269,6 +270,8 @@ def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | 
             vocab = AutoConfig.from_pretrained(specs[0]["path"]).vocab_size
             specs.append(dict(name=f"qdsl artifact {Path(artifact).name}", kind="artifact",
                               path=str(artifact), size_mb=dir_size_mb(artifact), vocab=vocab))
+            meta = json.loads((Path(artifact) / "qdsl_artifact.json").read_text())
+            specs[1]["cache_len"] = meta.get("max_cache_len", GRAPH_CACHE_LEN)  # same as artifact
         runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
         for k in range(cfg.rounds):                          # interleave: load drifts
             order = range(len(specs)) if k % 2 == 0 else reversed(range(len(specs)))

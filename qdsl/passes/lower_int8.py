@@ -47,8 +47,8 @@ from .freeze import Frozen
 INT8_PREFIX = "qdsl_int8__"
 FALLBACKS = ("error", "simulate")
 # ops between a quantizer and the linear that reads it (GPT-2 Conv1D: view(x, [-1, d]))
-VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.alias.default",
-            "aten.contiguous.default", "aten.clone.default", "aten.flatten.using_ints"}
+VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+            "aten.alias.default", "aten.contiguous.default", "aten.clone.default", "aten.flatten.using_ints"}
 # op -> (input arg, weight arg, bias arg, weight stored [in, out]?)
 OPS = {"aten.linear.default": (0, 1, 2, False), "aten.addmm.default": (1, 2, 0, True),
        "aten.embedding.default": (1, 0, None, False)}
@@ -77,7 +77,8 @@ def _w8(s: Site) -> bool:
 
 def _packed(s: Site) -> bool:
     w = s.weight
-    return w.bits in (1, 2, 4) and w.symmetric and isinstance(w.granularity, (PerChannel, GroupWise))
+    g = w.granularity
+    return w.bits in (1, 2, 4) and w.symmetric and isinstance(g, (PerChannel, GroupWise))
 
 
 def _a_float(s: Site) -> bool:  # float, fp16/bf16, or more than 8 bits: weight-only
@@ -338,7 +339,8 @@ def _replace(gm: fx.GraphModule, s: Site, row: Row, module: nn.Module) -> None:
             for v in reversed(s.chain):
                 x = gm.graph.node_copy(v, lambda a, v=v, x=x: x if a is v.args[0] else a)
         new = gm.graph.call_module(attr, (x,))
-    new.meta = {k: v for k, v in s.op.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")}
+    keep = ("val", "tensor_meta", "nn_module_stack")
+    new.meta = {k: v for k, v in s.op.meta.items() if k in keep}
     new.meta["qdsl"] = s.name
     old_inputs = list(s.op.all_input_nodes)
     s.op.replace_all_uses_with(new)

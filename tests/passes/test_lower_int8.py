@@ -106,13 +106,15 @@ def test_codes_equal_quantized_original(gpt2_w8a8):
     model, q = gpt2_w8a8
     w = model.transformer.h[0].mlp.c_fc.weight.t()               # Conv1D [in, out] -> [out, in]
     scale, zp = q.frozen.weights["block.0.mlp.c_fc"]
-    assert torch.equal(q.gm.qdsl_int8__block_0_mlp_c_fc.weight.int(), quantize(w, scale, zp, 8, True))
+    codes = q.gm.qdsl_int8__block_0_mlp_c_fc.weight.int()
+    assert torch.equal(codes, quantize(w, scale, zp, 8, True))
 
 
 def test_rows_llama(llama_w8a8):
     model, q = llama_w8a8
     got = modules(q)
-    assert got["block.0.attn.q"] == "Int8DynamicLinear" and got["block.0.mlp.gate"] == "Int8StaticLinear"
+    assert got["block.0.attn.q"] == "Int8DynamicLinear"
+    assert got["block.0.mlp.gate"] == "Int8StaticLinear"
     assert got["block.0.mlp.down"] == "Int8DynamicLinear"        # reads mlp.mul's codes
     assert float_weights(q) == []
 
