@@ -148,9 +148,14 @@ class QuantizedModel(torch.nn.Module):
             from .artifact import lowered_state
 
             state, aliases, runtime_state = lowered_state(self.gm)
+            # weight scales live in the runtime modules (model.safetensors): keep shapes only
+            shapes = {k: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                      for k, t in tensors.items() if k.startswith("weight.")}
+            tensors = {k: t for k, t in tensors.items() if k not in shapes}
             meta["int8"] = {"self_contained": self.model_config is not None,
                             "fallback": self.fallback, "fallbacks": self.fallbacks,
-                            "aliases": aliases, "runtime_state": runtime_state}
+                            "aliases": aliases, "runtime_state": runtime_state,
+                            "weight_qparams": shapes}
             extra = {"model.safetensors": state}
             write_more = self._write_model_files
         return write_artifact(out, meta=meta, plan=self.plan.to_json(),

@@ -84,6 +84,9 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
     gm = captured.gm
     _to_meta(gm)
     del skeleton, captured
+    # weight scales are stored in the runtime modules; the passes only need their shapes
+    tensors = {**tensors, **{k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+                             for k, (shape, dtype) in info.get("weight_qparams", {}).items()}}
     on_meta = Frozen.from_state(meta["quantizers"], {k: t.to("meta") for k, t in tensors.items()})
     with warnings.catch_warnings():  # fallbacks were reported when compiling
         warnings.simplefilter("ignore")

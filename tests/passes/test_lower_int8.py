@@ -165,6 +165,8 @@ def test_artifact_round_trip_bit_identical(gpt2_w8a8, tmp_path):
     lm_a, lm_b = loaded.lm(), q.lm()
     assert lm_a.greedy(ids[:1], 4) == lm_b.greedy(ids[:1], 4)    # decode path too
     assert loaded.gm.qdsl_int8__embed.weight is loaded.gm.qdsl_int8__lm_head.weight
+    again = C.load(loaded.save(tmp_path / "b"))                  # a loaded model saves too
+    assert torch.equal(again(ids), q(ids))
     with pytest.raises(ArtifactError, match="compiled from"):
         C.load(out, tiny("gpt2", seed=5))
 
