@@ -2,6 +2,9 @@
 
 Generation: greedy from the problem's prompt (a signature and docstring), up to
 ``max_new_tokens``, cut at the first of ``STOP`` (the next top-level statement).
+With ``heal`` the prompt's trailing whitespace is dropped and the model writes
+the line break and indentation itself (see ``qdsl.eval.complete``: tokenizers
+that merge ``"\n" + spaces`` otherwise start an unindented line, i.e. no body).
 Execution never happens in this process: each program (prompt + completion +
 tests + ``check(entry_point)``) runs in a fresh ``python -I -S`` subprocess in an
 empty temporary directory, with an empty environment, CPU-time, memory, file-size
@@ -46,6 +49,7 @@ def truncate(completion: str) -> str:
 
 
 def generate(lm: CausalLM, tok, prompt: str, max_new_tokens: int = 300) -> str:
+    """The completion of ``prompt`` (text after it), cut at a stop sequence."""
     import torch
     ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
     eos = tok.eos_token_id
@@ -100,13 +104,14 @@ def run_program(program: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
 
 
 def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300,
-                  progress: bool = True) -> dict:
+                  heal: bool = False, progress: bool = True) -> dict:
     """pass@1 (greedy, one sample per problem) on the first ``limit`` problems."""
     problems = load_problems()[:limit]
     rows, t0 = [], time.time()
     for prob in tqdm(problems, desc="humaneval", disable=not progress, unit="problem"):
-        completion = generate(lm, tok, prob["prompt"], max_new_tokens)
-        program = (prob["prompt"] + completion + "\n\n" + prob["test"] + "\n"
+        prompt = prob["prompt"].rstrip() if heal else prob["prompt"]
+        completion = generate(lm, tok, prompt, max_new_tokens)
+        program = (prompt + completion + "\n\n" + prob["test"] + "\n"
                    + f"check({prob['entry_point']})\n")
         passed, result = run_program(program)
         rows.append({"task_id": prob["task_id"], "passed": passed, "result": result,
@@ -114,5 +119,5 @@ def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300
     c = sum(r["passed"] for r in rows)
     return {"problems": len(rows), "passed": c,
             "pass@1": sum(pass_at_k(1, int(r["passed"]), 1) for r in rows) / max(1, len(rows)),
-            "sandbox": "unshare -rn + rlimits" if _netns_prefix() else "rlimits",
+            "heal": heal, "sandbox": "unshare -rn + rlimits" if _netns_prefix() else "rlimits",
             "seconds": round(time.time() - t0, 1), "results": rows}

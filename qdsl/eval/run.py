@@ -116,7 +116,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
         res.update(model=name, load_seconds=round(load_s, 2))
         if humaneval:
             from .humaneval import run_humaneval
-            res["humaneval"] = run_humaneval(lm, tok, limit=humaneval, progress=progress)
+            res["humaneval"] = run_humaneval(lm, tok, limit=humaneval,
+                                             heal=cfg.prompt == "heal", progress=progress)
         out[role] = res
     if out["baseline"]:
         keys = ("em", "es", "ppl", "bpb")
