@@ -4,15 +4,15 @@
     qm = qdsl.compile(model, "recipes/storti/t3_res_sum.qrec", calib="my_code/")
     qm.save("out/")            # safetensors + JSON
     qm = qdsl.load("out/")     # no calibration; refuses a different source model
-    qdsl.explain("recipes/card.qrec", model).table()
+    qdsl.compiler.explain("recipes/card.qrec", model).table()   # no data needed
 
 Attributes are imported lazily so that the language front end never imports torch.
 """
 
 __version__ = "0.1.0"
 
-_LAZY = {"compile": "compiler", "load": "compiler", "explain": "compiler",
-         "QuantizedModel": "compiler", "load_recipe": "lang", "parse_recipe": "lang"}
+_LAZY = {"compile": "compiler", "load": "compiler", "QuantizedModel": "compiler",
+         "load_recipe": "lang", "parse_recipe": "lang"}
 
 
 def __getattr__(name: str):

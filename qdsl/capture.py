@@ -110,8 +110,9 @@ def _use_eager_attention(model: torch.nn.Module) -> None:
         model.config._attn_implementation = "eager"
 
 
-def _max_seq(model: torch.nn.Module) -> int:
-    config = model.config
+def max_positions(model: torch.nn.Module) -> int:
+    """The model's position-table size (the longest sequence it can take)."""
+    config = getattr(model, "config", None)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if isinstance(getattr(config, key, None), int):
             return int(getattr(config, key))
@@ -131,7 +132,7 @@ def _capture_hf(model: torch.nn.Module, example_inputs: tuple | None) -> Capture
     ids = example_inputs[0] if example_inputs else _example_ids(model, EXAMPLE_BATCH, EXAMPLE_SEQ)
     # Dim max: one below the position table; min 2 so 0/1 never specialise a guard.
     shapes = {"input_ids": {0: Dim("batch", min=1, max=1024),
-                            1: Dim("seq", min=1, max=_max_seq(model) - 1)}}
+                            1: Dim("seq", min=1, max=max_positions(model) - 1)}}
     program = _export(wrapper, (ids,), dynamic_shapes=shapes, source=model, prefix="m.")
     return Captured(program.module(), program, "plain", model, "m.")
 
@@ -150,7 +151,7 @@ def _capture_generate(model: torch.nn.Module, example_inputs: tuple | None,
         raise CaptureError(f"mode 'generate' needs a causal LM, got {type(model).__name__}",
                            hint="use mode='plain' for encoders and plain modules")
     _use_eager_attention(model)
-    length = min(max_cache_len, _max_seq(model))
+    length = min(max_cache_len, max_positions(model))
     model.generation_config = GenerationConfig(
         use_cache=True, cache_implementation="static", max_length=length,
         cache_config={"batch_size": 1, "max_cache_len": length, "device": "cpu"})

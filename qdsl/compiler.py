@@ -84,12 +84,14 @@ def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
     """Capture ``model`` (plain graph), name it, and match ``recipe``: no data needed."""
     from .capture import capture
     from .naming import name_graph
+    from .passes.validate import validate_plan
 
     r = as_recipe(recipe)
     m, _, _ = as_model(model)
     captured = capture(m, example_inputs, mode="plain")
     named = name_graph(captured)
     plan = build_plan(r, named)
+    validate_plan(captured.gm, named, plan)
     return Explanation(r, captured, named, plan, lower or r.settings.lower or "fake")
 
 
@@ -190,7 +192,8 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     "simulate" keeps them fake-quant, warns and records them (``QuantizedModel.fallbacks``).
     """
     from .calib import CalibSpec, CalibrationError, calibration_windows
-    from .capture import capture
+    from .capture import capture, max_positions
+    from .passes.validate import validate_plan
     from .naming import name_graph
     from .passes.calibrate import calibrate
     from .passes.freeze import freeze
@@ -204,9 +207,12 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     m, tok, model_id = as_model(model)
     tok = tokenizer or tok
     mode = "generate" if is_causal_lm(m) else "plain"
+    if mode == "generate":  # the cache cannot outgrow the position table
+        max_cache_len = min(max_cache_len, max_positions(m))
     captured = capture(m, mode=mode, max_cache_len=max_cache_len)
     named = name_graph(captured)
     plan = build_plan(r, named)
+    validate_plan(captured.gm, named, plan)
     observers = insert_observers(captured.gm, named, plan)
     if observers:
         source = calib if calib is not None else st.calib_data
@@ -222,6 +228,11 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
             windows = calibration_windows(CalibSpec(
                 str(source), samples=st.calib_samples or 128, seq_len=st.calib_seq_len or 256,
                 seed=st.calib_seed if st.calib_seed is not None else 0), tok)
+        fits = (max_cache_len if mode == "generate" else max_positions(m)) - 1
+        if windows.shape[1] > fits:
+            raise CalibrationError(
+                f"calibration windows of {windows.shape[1]} tokens do not fit this model "
+                f"({fits} positions at most): pass --seq-len {fits} or less")
         calibrate(_calib_runner(captured, mode, max_cache_len), windows,
                   batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                   progress=progress)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import qdsl
+from qdsl.compiler import explain
 from qdsl.artifact import atomic_dir
 from qdsl.capture import capture
 from qdsl.errors import ArtifactError
@@ -120,3 +121,27 @@ def test_interrupted_write_leaves_nothing(tmp_path):
             (d / "half").write_text("x")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_group_size_that_does_not_divide_is_named_before_any_data():
+    from qdsl.errors import GraphError
+
+    with pytest.raises(GraphError) as e:
+        explain("* -> w4 group(size=24)\n", tiny("llama"))  # hidden 32
+    assert e.value.node == "embed" and "does not divide the 32 input columns" in str(e.value)
+
+
+def test_peg_k_that_does_not_divide_is_named():
+    from qdsl.errors import GraphError
+
+    with pytest.raises(GraphError) as e:
+        explain("ln_f -> a8 per_group(K=3)\n", tiny("gpt2"))
+    assert e.value.node == "ln_f" and "hidden size 32" in str(e.value)
+
+
+def test_calibration_windows_longer_than_the_model_are_refused():
+    from qdsl.calib import CalibrationError
+
+    model = tiny("gpt2")  # 64 positions
+    with pytest.raises(CalibrationError, match="--seq-len 63"):
+        qdsl.compile(model, "* -> a8\n", calib=tiny_ids(model, 2, 80), progress=False)
