@@ -43,7 +43,8 @@ PROMPT_MODES = ("newline", "indent", "heal")
 # The prompt mode that scored best per model (stdlib test split, docs/models.md);
 # any other model gets DEFAULT_PROMPT.
 DEFAULT_PROMPT = "heal"
-PROMPT_BY_MODEL = {"smollm2-135m": "heal", "stdlib-gpt2": "heal", "qwen2.5-coder-0.5b": "newline"}
+PROMPT_BY_MODEL = {"smollm2-135m": "heal", "stdlib-gpt2": "newline",
+                   "qwen2.5-coder-0.5b": "newline"}
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,17 @@ def truncate(completion: str) -> str:
     return completion[:cut]
 
 
-def generate(lm: CausalLM, tok, prompt: str, max_new_tokens: int = 300) -> str:
-    """The completion of ``prompt`` (text after it), cut at a stop sequence."""
+def generate(lm: CausalLM, tok, prompt: str, max_new_tokens: int = 300,
+             max_positions: int | None = None) -> str:
+    """The completion of ``prompt`` (text after it), cut at a stop sequence. A
+    model with a short context sees the prompt left-truncated and writes at most
+    half its context."""
     import torch
-    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if max_positions:
+        max_new_tokens = min(max_new_tokens, max_positions // 2)
+        ids = ids[-(max_positions - max_new_tokens):]
+    ids = torch.tensor([ids], dtype=torch.long)
     eos = tok.eos_token_id
 
     def stop(out: list[int]) -> bool:
@@ -104,13 +111,14 @@ def run_program(program: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
 
 
 def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300,
-                  heal: bool = False, progress: bool = True) -> dict:
+                  heal: bool = False, max_positions: int | None = None,
+                  progress: bool = True) -> dict:
     """pass@1 (greedy, one sample per problem) on the first ``limit`` problems."""
     problems = load_problems()[:limit]
     rows, t0 = [], time.time()
     for prob in tqdm(problems, desc="humaneval", disable=not progress, unit="problem"):
         prompt = prob["prompt"].rstrip() if heal else prob["prompt"]
-        completion = generate(lm, tok, prompt, max_new_tokens)
+        completion = generate(lm, tok, prompt, max_new_tokens, max_positions)
         program = (prompt + completion + "\n\n" + prob["test"] + "\n"
                    + f"check({prob['entry_point']})\n")
         passed, result = run_program(program)

@@ -117,7 +117,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
         if humaneval:
             from .humaneval import run_humaneval
             res["humaneval"] = run_humaneval(lm, tok, limit=humaneval,
-                                             heal=cfg.prompt == "heal", progress=progress)
+                                             heal=cfg.prompt == "heal", max_positions=max_pos,
+                                             progress=progress)
         out[role] = res
     if out["baseline"]:
         keys = ("em", "es", "ppl", "bpb")
