@@ -37,7 +37,7 @@ def artifact_source(path: str | os.PathLike) -> str:
     for key in ("model", "source_model", "base_model"):
         v = meta.get(key)
         if isinstance(v, dict):
-            v = v.get("name") or v.get("path")
+            v = v.get("id") or v.get("name") or v.get("path")
         if isinstance(v, str) and v:
             return v
     raise ArtifactError(f"{path}: {ARTIFACT_FILE} does not name its source model")
@@ -58,14 +58,16 @@ def load_lm(name_or_path: str) -> tuple[CausalLM, object, int | None, str]:
             from ..artifact import load_artifact_lm
         except ImportError as e:
             raise ModelError("compiled artifacts need qdsl compile (not available in this build)") from e
-        source = artifact_source(name_or_path)
         from transformers import AutoConfig, AutoTokenizer
 
-        from ..models import resolve_model
-        src = resolve_model(source)
+        source = artifact_source(name_or_path)
+        own = Path(name_or_path) / "model"          # the source's config + tokenizer, if saved
+        if not (own / "config.json").is_file():
+            from ..models import resolve_model
+            own = resolve_model(source).path
         lm = load_artifact_lm(name_or_path)
-        tok = AutoTokenizer.from_pretrained(src.path)
-        return lm, tok, max_positions_of(AutoConfig.from_pretrained(src.path)), src.name
+        tok = AutoTokenizer.from_pretrained(own)
+        return lm, tok, max_positions_of(AutoConfig.from_pretrained(own)), source.lower()
     from ..models import load_model
     model, tok = load_model(name_or_path)
     name = str(name_or_path)

@@ -49,7 +49,7 @@ def test_eval_writes_json_with_baseline_deltas(tiny, capsys):
 def test_artifact_without_compiler_is_a_clear_error(tiny, monkeypatch, capsys):
     art = tiny / "art"
     art.mkdir(exist_ok=True)
-    (art / "qdsl_artifact.json").write_text(json.dumps({"model": str(tiny / "model")}))
+    (art / "qdsl_artifact.json").write_text(json.dumps({"model": {"id": str(tiny / "model"), "hash": "x"}}))
     monkeypatch.setitem(sys.modules, "qdsl.artifact", None)        # import fails
     assert main(["eval", str(art), "--bench", str(tiny / "code"), "--n", "1"]) == 2
     assert "compiled artifacts need qdsl compile" in capsys.readouterr().err
