@@ -32,6 +32,7 @@ from qdsl.models import load_model
 
 RECIPES = {
     "w16a16": "* -> w16a16\n",
+    "w16a16 dynamic": "* -> w16a16 dynamic\n",
     "w8a8": "* -> w8a8\n",
     "w8a8, lm_head float": "* -> w8a8\nlm_head -> skip\n",
     "storti base (W8A8 MSE/CMM)": "include \"storti/base.qrec\"\nlm_head? -> skip\n",
@@ -59,6 +60,8 @@ def fidelity(args) -> dict:
            "fp32_ppl": perplexity(fp.logits, held), "rows": []}
     print(f"fp32 perplexity {out['fp32_ppl']:.3f} on {len(held)} held-out windows", file=sys.stderr)
     for name, text in RECIPES.items():
+        if args.recipes and name not in args.recipes:
+            continue
         t = time.perf_counter()
         qm = qdsl.compile(model, text, calib="stdlib", tokenizer=tok,
                           settings=qdsl.recipe.Settings(calib_samples=args.samples,
@@ -117,6 +120,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration windows of 256 tokens")
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--recipes", nargs="*", help=f"subset of {list(RECIPES)}")
     p.add_argument("--json", help="write the result here too")
     args = p.parse_args()
     result = fidelity(args) if args.what == "fidelity" else speed(args)
