@@ -7,6 +7,7 @@ Everything that scores or times a model (``qdsl eval``, ``qdsl bench``,
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
@@ -64,6 +65,12 @@ class HFCausalLM(GreedyMixin):
         self.name = name
         self._past = None
         self._pos = 0
+        # transformers 5.24 renamed past_key_values to cache (the old name warns)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _cache_of(self, out):
+        return out["cache"] if "cache" in out else out["past_key_values"]
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -72,13 +79,13 @@ class HFCausalLM(GreedyMixin):
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, use_cache=True)
-        self._past, self._pos = out.past_key_values, ids.shape[1]
+        self._past, self._pos = self._cache_of(out), ids.shape[1]
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
     def decode(self, token: int) -> torch.Tensor:
         assert self._past is not None, "decode() before prefill()"
         ids = torch.tensor([[token]], dtype=torch.long)
-        out = self.model(input_ids=ids, past_key_values=self._past, use_cache=True)
-        self._past, self._pos = out.past_key_values, self._pos + 1
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_kw: self._past})
+        self._past, self._pos = self._cache_of(out), self._pos + 1
         return out.logits[0, -1].float()
