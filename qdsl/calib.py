@@ -40,18 +40,11 @@ class CalibSpec:
     seed: int = DEFAULT_SEED
 
 
-def _stdlib_train_files() -> list[Path]:
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    held_out = {"test", "tests", "idle_test"}
-    return sorted(p for p in root.rglob("*.py")
-                  if not held_out & set(p.relative_to(root).parts) and "site-packages" not in p.parts)
-
-
 def _texts(source: str, pattern: str = "*.py") -> Iterator[str]:
-    if source == "stdlib":
-        files = _stdlib_train_files()
+    if source == "stdlib":  # the reference model's train split; eval uses the test split
+        from .eval.stdlib import stdlib_files
+
+        files = stdlib_files("train")
     else:
         path = Path(source)
         if not path.exists():
