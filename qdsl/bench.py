@@ -350,14 +350,6 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
-def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def plot(result: dict, path: str | os.PathLike) -> None:
     """File size against decode latency, one labelled point per model."""
     import matplotlib

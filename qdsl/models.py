@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -113,16 +114,8 @@ def _hash_files(files: list[Path]) -> str:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)
     digest = h.hexdigest()
-    _write_text_atomic(memo, digest)
+    write_text_atomic(memo, digest)
     return digest
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def weights_hash(directory: Path) -> str:

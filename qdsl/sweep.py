@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import write_json_atomic
 from .errors import QdslError
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,6 @@ def read_json(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    from .eval.run import write_json_atomic as _write
-
-    _write(path, obj)
 
 
 # ------------------------------------------------------------------ one job (any process)

@@ -331,7 +331,7 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
     from pathlib import Path
 
     from .plots import write_plots
-    from .sweep import write_json_atomic
+    from .atomic import write_json_atomic, write_text_atomic
 
     out = Path(out)
     res_tables, md = {}, []
@@ -362,20 +362,10 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
             f"match (%), compression = estimated fp32 / quantized parameter bytes.\n\n")
     fails = "".join(f"- FAILED {v.get('kind')} {v.get('recipe')}: {v.get('error')}\n"
                     for v in failed.values())
-    _write_text(out / "tables.md", head + "\n".join(md) + ("\n" + fails if fails else ""))
+    write_text_atomic(out / "tables.md", head + "\n".join(md) + ("\n" + fails if fails else ""))
     try:
         write_plots(out / "plots", tables, keys, done)
     except Exception as e:  # a plot must never lose a sweep's results
         import logging
         logging.getLogger(__name__).warning("plots failed: %s: %s", type(e).__name__, e)
     return obj
-
-
-def _write_text(path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from qdsl import bench
+    from qdsl.atomic import write_json_atomic
     from qdsl.errors import ArtifactError
 
     cfg = bench.BenchConfig(
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     result = bench.run_bench(model, artifact=artifact, lower_all=args.lower_all, cfg=cfg)
     print(bench.markdown(result))
     if args.json:
-        bench.write_json_atomic(result, args.json)
+        write_json_atomic(args.json, result)
     if args.plot:
         bench.plot(result, args.plot)
     return 0

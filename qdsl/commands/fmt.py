@@ -7,11 +7,10 @@ place atomically; ``--check`` exits 1 if any file is not already formatted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..cli import COMMANDS
 from ..errors import RecipeError
 
@@ -54,22 +53,8 @@ def run(args: argparse.Namespace) -> int:
                 status = 1
         elif args.write:
             if formatted != text:
-                write_atomic(path, formatted)
+                write_text_atomic(path, formatted)
                 print(f"formatted {path}", file=sys.stderr)
         else:
             sys.stdout.write(formatted)
     return status
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -19,10 +19,10 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..errors import QdslError
 
 TRIVIAL = re.compile(r"^[\s()\[\]{},:;.\\]*$")
@@ -127,13 +127,8 @@ def stdlib_bench(n: int, seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> l
 
 def save_jsonl(samples: list[Sample], path: str | os.PathLike) -> None:
     """Write samples atomically, one JSON object per line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        for s in samples:
-            fh.write(json.dumps(asdict(s), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n"
+                                    for s in samples))
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Sample]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,11 +20,7 @@ from .bench import Sample
 from .complete import DEFAULT_PROMPT, PROMPT_BY_MODEL, CompletionConfig, evaluate
 
 log = logging.getLogger(__name__)
-ARTIFACT_FILE = "qdsl_artifact.json"
-
-
-def is_artifact(path: str | os.PathLike) -> bool:
-    return (Path(path) / ARTIFACT_FILE).is_file()
+from ..artifact import MARKER as ARTIFACT_FILE, is_artifact  # noqa: F401 (re-exported)
 
 
 def artifact_source(path: str | os.PathLike) -> str:
@@ -86,13 +81,9 @@ def _finite(obj):
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(_finite(obj), fh, indent=1, allow_nan=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    from ..atomic import write_json_atomic as _write
+
+    _write(path, _finite(obj), allow_nan=False)  # strict JSON: no NaN / Infinity
 
 
 def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | None = None,
