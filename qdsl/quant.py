@@ -93,8 +93,9 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
     if is_binary(bits, symmetric):
         return torch.where(x >= 0, 1, -1).to(torch.int32)
     qmin, qmax = qrange(bits, symmetric)
-    q = torch.round(x.float() * (1.0 / scale)) + zero_point
-    return q.clamp(qmin, qmax).to(torch.int32)
+    q = x.float() * (1.0 / scale)          # one new tensor, then in place: large activations
+    q.round_().add_(zero_point)             # pay a page-faulting allocation per temporary
+    return q.clamp_(qmin, qmax).to(torch.int32)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
@@ -263,10 +264,16 @@ def expand_group_params(p: Tensor, granularity, kind: str, shape: torch.Size,
     return out
 
 
+def min_max(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``(x.amin(dim), x.amax(dim))``. Not ``torch.aminmax``: on this CPU build it is 5-20x
+    slower than the two reductions (0.6 ms vs 0.03 ms for a [512, 576] per-token range)."""
+    return x.amin(dim), x.amax(dim)
+
+
 def dim_range(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per hidden dimension min and max of an activation ``[..., d]``: two ``[d]``."""
     rows = x.reshape(-1, x.shape[-1])
-    return torch.aminmax(rows, dim=0)
+    return min_max(rows, 0)
 
 
 def peg_ranges(dim_min: Tensor, dim_max: Tensor, k: int,
@@ -295,7 +302,7 @@ def reduce_range(x: Tensor, granularity, kind: str) -> tuple[Tensor, Tensor]:
         dmin, dmax = dim_range(x)
         perm = peg_permutation(dmin, dmax) if granularity.permute else None
         return peg_ranges(dmin, dmax, granularity.k, perm)
-    lo, hi = torch.aminmax(group_values(x, granularity, kind), dim=1)  # one pass
+    lo, hi = min_max(group_values(x, granularity, kind), 1)
     return (expand_group_params(lo, granularity, kind, x.shape),
             expand_group_params(hi, granularity, kind, x.shape))
 
