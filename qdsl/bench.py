@@ -119,12 +119,14 @@ def _load_child_model(spec: dict):
         lm = load_artifact_lm(path)
         return lm, spec["vocab"]
     model = load_lowered(path)                               # fp32 or swapped, meta + assign
-    if kind == "fp32-graph":                                 # same static-cache runtime as qdsl
+    if kind == "fp32-graph":          # the runtime an int8 artifact runs, float weights
         from qdsl.capture import capture
         from qdsl.graphlm import GraphLM
+        from qdsl.passes.fuse_attention import fuse_attention
 
         cache = spec.get("cache_len", GRAPH_CACHE_LEN)
         gm = capture(model, mode="generate", max_cache_len=cache).gm
+        fuse_attention(gm)
         return GraphLM(gm, cache, name=spec["name"]), model.config.vocab_size
     if kind == "torch-ao":
         model = _quantize_dynamic(model)
@@ -236,7 +238,7 @@ def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
     fp32_mb = dir_size_mb(fp32_dir / "model.safetensors")
     specs = [dict(name="fp32", kind="fp32", path=str(fp32_dir), size_mb=fp32_mb,
                   extra={"params": n_params, "fp16_size_mb": 2 * n_params / 1e6}),
-             dict(name="fp32 graph (static cache, as qdsl runs)", kind="fp32-graph",
+             dict(name="fp32 graph (static cache, fused attention, as qdsl runs)", kind="fp32-graph",
                   path=str(fp32_dir), size_mb=fp32_mb)]
     ao = _quantize_dynamic(model)
     specs.append(dict(name="torch.ao quantize_dynamic" + (" (Conv1D left float)"

@@ -8,7 +8,9 @@ ensures:  every op a row below matches is a ``call_module`` of a runtime module
           (``qdsl_int8__<name>``); the fake weight copies, biases and activation
           modules no node reads any more are gone from the graph module;
           everything else (activation quantizers at non-linear nodes, ops no row
-          matches under ``fallback="simulate"``) stays fake-quant.
+          matches under ``fallback="simulate"``) stays fake-quant; attentions whose
+          scores and probs stay float run as one fused SDPA call over the filled part
+          of the cache (``fuse_attention``).
 
 Integer codes are ``quantize(w_hat, scale, zero_point)`` of the fake-quantized copy
 with the frozen parameters: ``w_hat = (q - zp) * scale`` in float32, so
@@ -43,6 +45,7 @@ from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
 from ..spec import GroupWise, PerChannel, PerTensor, PerToken, TensorSpec
 from .common import ACT_PREFIX, attr_name
 from .freeze import Frozen
+from .fuse_attention import find_attention, fuse_attention
 
 INT8_PREFIX = "qdsl_int8__"
 FALLBACKS = ("error", "simulate")
@@ -181,7 +184,7 @@ ROWS = (
     Row("packed w{bits}", lambda s: s.kind == "linear" and _packed(s)
         and (_a_float(s) or s.input.bits == 8), _packed_linear, False),
 )
-SIMULATED, FLOAT = "simulated (fake-quant)", "float"
+SIMULATED, FLOAT, FUSED = "simulated (fake-quant)", "float", "float (fused attention)"
 
 
 def why_not(s: Site) -> str:
@@ -294,6 +297,7 @@ def lower_int8(gm: fx.GraphModule, named, plan: QuantPlan, frozen: Frozen, *,
     _drop_unread(gm)
     gm.graph.lint()
     gm.recompile()
+    fuse_attention(gm)
     gm.meta["qdsl_fallbacks"] = fallbacks
     return gm
 
@@ -385,9 +389,12 @@ def execution(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, str]:
     plus `` + fake-quant out`` when the node's own output is quantized. Other nodes:
     ``int8 (gemm input)`` when every reader of a quantized output is an int8 GEMM that
     quantizes it itself, ``simulated (fake-quant)`` when quantized otherwise,
-    ``float`` (or ``float (fp16)``) when not quantized.
+    ``float`` (or ``float (fp16)``) when not quantized; ``float (fused attention)`` for the
+    scores / probs / context of an attention ``fuse_attention`` will run as one SDPA call
+    (neither scores nor probs quantized).
     """
     sites = _sites(gm, named, plan)
+    fused = _fused_attention_nodes(gm, named, plan)
     out: dict[str, str] = {}
     gemm_inputs: dict[str, int] = {}
     consumed = set()
@@ -402,6 +409,8 @@ def execution(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, str]:
         if a.quantized:
             real = node.name in gemm_inputs and _only_read_by(gm, node.node, consumed)
             extra = "int8 (gemm input)" if real else SIMULATED
+        elif node.node in fused:
+            extra = FUSED
         else:
             extra = FLOAT if a.float_dtype == "fp32" else f"float ({a.float_dtype})"
         if node.name in out:
@@ -409,6 +418,18 @@ def execution(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, str]:
                 out[node.name] += " + fake-quant out"
         else:
             out[node.name] = extra
+    return out
+
+
+def _fused_attention_nodes(gm: fx.GraphModule, named, plan: QuantPlan) -> set[str]:
+    """fx names of the attention chains lower_int8 will fuse: no quantized named node
+    before the context matmul (whose own output quantizer sits after the fused call)."""
+    by_fx = {n.node: n.name for n in named.nodes}
+    out = set()
+    for chain in find_attention(gm):
+        inside = [by_fx[n.name] for n in chain.nodes[:-1] if n.name in by_fx]
+        if not any(plan[name].activation.quantized for name in inside):
+            out.update(n.name for n in chain.nodes)
     return out
 
 

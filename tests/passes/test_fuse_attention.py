@@ -1,0 +1,81 @@
+"""fuse_attention: eager attention chains become one FusedAttention (SDPA over the
+filled part of the cache) with the same outputs; chains with a quantizer inside stay."""
+
+import warnings
+
+import pytest
+import torch
+from tiny import CAUSAL, tiny, tiny_ids
+
+import qdsl.compiler as C
+from qdsl.capture import capture
+from qdsl.graphlm import GraphLM
+from qdsl.passes.fuse_attention import ATTN_PREFIX, FusedAttention, find_attention, fuse_attention
+
+CACHE = 32
+
+
+def _matmuls(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if str(n.target) in ("aten.matmul.default",
+                                                                 "aten.softmax.int"))
+
+
+def _run(gm, ids):
+    """Whole-window logits, then a prefill of 5 tokens and 3 decode steps."""
+    full = GraphLM(gm, CACHE).logits(ids)
+    lm = GraphLM(gm, CACHE)
+    steps = [lm.prefill(ids[:, :5])] + [lm.decode(int(t)) for t in ids[0, 5:8]]
+    return full, torch.stack(steps)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_same_logits_prefill_and_decode(family):
+    m = tiny(family)
+    gm = capture(m, mode="generate", max_cache_len=CACHE).gm
+    ids = tiny_ids(m, 1, 12)
+    ref_full, ref_steps = _run(gm, ids)
+    done = fuse_attention(gm)
+    assert len(done) == m.config.num_hidden_layers
+    assert _matmuls(gm) == 0                       # scores, softmax and context are gone
+    full, steps = _run(gm, ids)
+    torch.testing.assert_close(full, ref_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steps, ref_steps, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_reads_the_cache_without_repeat_copies():
+    m = tiny("llama")                              # 4 heads, 2 key/value heads
+    gm = capture(m, mode="generate", max_cache_len=CACHE).gm
+    fuse_attention(gm)
+    mods = [gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.startswith(ATTN_PREFIX)]
+    assert mods and all(isinstance(x, FusedAttention) and x.gqa for x in mods)
+    assert not any(str(n.target) == "aten.expand.default" and n.args[1][2] == 2
+                   for n in gm.graph.nodes)        # repeat_kv's [b, kv, 2, L, d] expands
+
+
+def test_module_slices_to_the_filled_cache():
+    """The dropped cache columns are masked, so slicing changes nothing."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    pos = torch.arange(4, 7)
+    mask = torch.where(torch.arange(16)[None] <= pos[:, None], 0.0,
+                       torch.finfo(torch.float32).min)[None, None]
+    ref = torch.softmax(q @ k.transpose(2, 3) * 0.5 + mask, -1) @ v
+    torch.testing.assert_close(FusedAttention(0.5)(q, k, v, mask, pos), ref)
+
+
+def test_quantized_probs_keep_the_eager_chain():
+    m = tiny("gpt2")
+    recipe = "* -> w8 sym per_channel\nblock.0.attn.probs -> a8 dynamic per_token"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = C.compile(m, recipe, lower="int8", max_cache_len=CACHE, progress=False)
+        rows = C.explain(recipe, tiny("gpt2"), lower="int8").rows()
+    fused = [n for n in q.gm.graph.nodes if n.op == "call_module"
+             and n.target.startswith(ATTN_PREFIX)]
+    assert len(fused) == 1                         # block 1 only
+    assert len(find_attention(q.gm)) == 0          # block 0's chain has a quantizer inside
+    ex = {r["name"]: r["exec"] for r in rows}
+    assert ex["block.0.attn.probs"] == "simulated (fake-quant)"
+    assert ex["block.0.attn.scores"] == "float"
+    assert ex["block.1.attn.probs"] == ex["block.1.attn.scores"] == "float (fused attention)"
