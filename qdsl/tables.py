@@ -326,7 +326,8 @@ def table_results(table: Table, keys: dict, done: dict) -> dict:
 
 def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
               wall: float) -> dict:
-    """Rewrite DIR/results.json, DIR/tables.md and DIR/plots/ from the finished jobs."""
+    """Rewrite DIR/results.json, DIR/tables.md, DIR/findings.md and DIR/plots/ from the
+    finished jobs."""
     import time
     from pathlib import Path
 
@@ -343,12 +344,15 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
                                   else {}),
                                **_summary(results.get(r.recipe, {}))} for r in t.rows]
         md.append(render(t, results))
+    from .findings import evaluate, render as render_findings
+
+    findings = evaluate(res_tables, meta["n_samples"])
     runs = {k: _summary(v) for k, v in done.items() if k in set(keys.values())}
     job_seconds = sum(v.get("seconds", 0) for v in runs.values())
     obj = {**meta, "machine": machine(), "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
            "wall_seconds_this_run": round(wall, 1),
            "job_seconds_total": round(job_seconds, 1),
-           "tables": res_tables, "runs": runs,
+           "tables": res_tables, "findings": findings, "runs": runs,
            "failed": {k: {"recipe": v.get("recipe"), "kind": v.get("kind"),
                           "error": v.get("error")} for k, v in failed.items()}}
     write_json_atomic(out / "results.json", obj)
@@ -363,6 +367,8 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
     fails = "".join(f"- FAILED {v.get('kind')} {v.get('recipe')}: {v.get('error')}\n"
                     for v in failed.values())
     write_text_atomic(out / "tables.md", head + "\n".join(md) + ("\n" + fails if fails else ""))
+    write_text_atomic(out / "findings.md", "# Seed findings: verdicts\n\n"
+                      + render_findings(findings, meta["n_samples"]))
     try:
         write_plots(out / "plots", tables, keys, done)
     except Exception as e:  # a plot must never lose a sweep's results

@@ -93,6 +93,9 @@ def test_smoke_sweep_then_cached(tiny_dir, tmp_path, monkeypatch):
     assert {p.name for p in (out / "plots").iterdir()} >= {"pareto.png", "act_max.png",
                                                             "act_error.png"}
 
+    assert "**Storti 2023**" in (out / "findings.md").read_text()
+    assert len(res["findings"]) > 0
+
     def boom(*a, **k):
         raise AssertionError("a cached job ran again")
     monkeypatch.setattr(sweep_mod, "run_job", boom)
@@ -173,3 +176,17 @@ def test_recorder_is_identity_and_measures_error():
     assert r.last is not None and r.max_abs[-1] == pytest.approx(float(r.last.abs().max()))
     # the recorder reads the quantizer's output: a value on the 8-bit grid
     assert r.last.unique().numel() <= 256
+
+
+def test_cli_report_writes_the_document(tiny_dir, tmp_path):
+    """`qdsl sweep --report --doc FILE`: the command shown regenerates the same sweep."""
+    from qdsl.cli import main
+
+    out, doc = tmp_path / "s", tmp_path / "results.md"
+    code = main(["sweep", RECIPES[0], "--model", str(tiny_dir / "model"), "--bench",
+                 str(tiny_dir / "code"), "--n", "4", "--ppl-windows", "0", "-o", str(out),
+                 "--report", "--doc", str(doc)])
+    assert code == 0
+    text = doc.read_text()
+    assert "<!-- qdsl:findings -->" in text and "## Discussion" in text
+    assert f"--n 4 --ppl-windows 0 -o {out} --doc {doc}" in text and "--report" not in text

@@ -58,6 +58,9 @@ def register(sub) -> None:
     p.add_argument("--no-bench", action="store_true", help="skip qdsl bench for int8 recipes")
     p.add_argument("--report", action="store_true",
                    help="run nothing; rewrite results.json, tables.md and plots from the cache")
+    p.add_argument("--doc", metavar="FILE",
+                   help="also rewrite the generated blocks (<!-- qdsl:run|tables|findings -->) "
+                        "of this markdown file, e.g. docs/results.md; created if missing")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -83,7 +86,39 @@ def run(args) -> int:
     n_runs, n_failed = len(res["runs"]), len(res["failed"])
     print(f"{n_runs} finished job(s), {n_failed} failed; job time so far "
           f"{res['job_seconds_total'] / 60:.1f} min")
-    print(f"wrote {args.out}/results.json, {args.out}/tables.md, {args.out}/plots/")
+    print(f"wrote {args.out}/results.json, {args.out}/tables.md, {args.out}/findings.md, "
+          f"{args.out}/plots/")
+    if args.doc:
+        from ..report import update_doc
+
+        print(f"wrote {update_doc(args.doc, args.out, _command(args, cfg))}")
     for v in res["failed"].values():
         print(f"FAILED {v['kind']} {v['recipe']}: {v['error']}")
     return 1 if n_failed else 0
+
+
+# SweepConfig field -> its flag, for the regenerating command the document shows
+_FLAGS = {"model": "--model", "bench": "--bench", "n": "--n", "bench_seed": "--seed",
+          "ppl_windows": "--ppl-windows", "ctx_tokens": "--ctx-tokens", "calib": "--calib",
+          "calib_default": "--calib-default", "calib_samples": "--calib-samples",
+          "calib_seq_len": "--calib-seq-len", "layer_windows": "--layer-windows",
+          "threads": "--threads"}
+
+
+def _command(args, cfg) -> str:
+    """The command line that regenerates this sweep and document (defaults left out)."""
+    import shlex
+
+    from ..sweep import SweepConfig
+
+    d = SweepConfig()
+    words = ["qdsl", "sweep", *args.recipes]
+    for t in args.table:
+        words += ["--table", t]
+    for name, flag in _FLAGS.items():
+        if getattr(cfg, name) != getattr(d, name):
+            words += [flag, str(getattr(cfg, name))]
+    if not cfg.bench_int8:
+        words.append("--no-bench")
+    words += ["-o", args.out, "--doc", args.doc]
+    return shlex.join(words)

@@ -1,0 +1,221 @@
+"""The seed papers' findings as checks over a sweep's measured tables.
+
+Each ``Finding`` states one claim of a seed paper (Storti 2023, Wei et al. 2023) and
+a check that reads the rows of ``results.json``'s tables and returns a verdict with
+the numbers behind it. ``qdsl sweep`` writes them to ``DIR/findings.md`` and into
+the results document (``--doc``), so which findings reproduced is computed from
+what was measured, never typed in.
+
+Verdicts:
+
+* ``reproduced`` / ``not reproduced``: the measured difference clears the noise
+  margin in the claim's direction / against it (or a level claim holds / fails);
+* ``within noise``: the difference is smaller than the margin, so this sample
+  cannot tell (ES over n samples has a standard error of about 30 / sqrt(n)
+  points; the margin is ``NOISE_SIGMAS`` standard errors of a difference);
+* ``not run yet``: a row the check needs has no result.
+
+Perplexity (over the same windows for every row) is printed as the finer-grained
+second witness: it moves long before ES does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+REPRODUCED, NOT_REPRODUCED, NOISE, NOT_RUN = ("reproduced", "not reproduced",
+                                              "within noise", "not run yet")
+ES_SD = 30.0            # per-sample SD of edit similarity, measured on this benchmark
+NOISE_SIGMAS = 2.0      # a difference must exceed 2 standard errors
+
+
+class _Missing(Exception):
+    pass
+
+
+class Rows:
+    """The measured rows of a sweep's tables, by (table, label)."""
+
+    def __init__(self, tables: dict[str, list[dict]], n: int):
+        self.tables, self.n = tables, max(n, 1)
+
+    def get(self, table: str, label: str) -> dict:
+        for row in self.tables.get(table, []):
+            if row["label"] == label:
+                if row.get("es") is None:
+                    raise _Missing(f"{table}: {label}")
+                return row
+        raise _Missing(f"{table}: {label}")
+
+    @property
+    def margin(self) -> float:
+        """ES points a difference of two rows must exceed: 2 x sqrt(2) x SD / sqrt(n)."""
+        return NOISE_SIGMAS * math.sqrt(2) * ES_SD / math.sqrt(self.n)
+
+
+def _row_text(label: str, r: dict) -> str:
+    ppl = r.get("ppl")
+    ppl_s = "-" if ppl is None else f"{ppl:,.1f}" if ppl < 1e5 else f"{ppl:.2g}"
+    return f"{label}: ES {r['es']:.1f}, EM {r['em']:.0f}, ppl {ppl_s}"
+
+
+def _better(rows: Rows, table: str, a: str, b: str) -> tuple[str, str]:
+    """Claim: row ``a`` scores higher ES than row ``b``."""
+    ra, rb = rows.get(table, a), rows.get(table, b)
+    d = ra["es"] - rb["es"]
+    verdict = (REPRODUCED if d > rows.margin else NOT_REPRODUCED if d < -rows.margin
+               else NOISE)
+    return verdict, f"{_row_text(a, ra)}; {_row_text(b, rb)}; ΔES {d:+.1f}"
+
+
+def _near(rows: Rows, table: str, a: str, base: str) -> tuple[str, str]:
+    """Claim: row ``a`` is within the noise margin of ``base`` (near lossless)."""
+    ra, rb = rows.get(table, a), rows.get(table, base)
+    d = ra["es"] - rb["es"]
+    return (REPRODUCED if d >= -rows.margin else NOT_REPRODUCED,
+            f"{_row_text(a, ra)}; {_row_text(base, rb)}; ΔES {d:+.1f}")
+
+
+def _recovers(rows: Rows, table: str, fixed: str, broken: str, base: str,
+              share: float = 0.5) -> tuple[str, str]:
+    """Claim: ``fixed`` wins back at least ``share`` of the ES ``broken`` lost vs ``base``."""
+    rf, rb, r0 = rows.get(table, fixed), rows.get(table, broken), rows.get(table, base)
+    lost = r0["es"] - rb["es"]
+    won = rf["es"] - rb["es"]
+    text = (f"{_row_text(fixed, rf)}; {_row_text(broken, rb)}; {_row_text(base, r0)}; "
+            f"recovers {won:.1f} of {lost:.1f} ES points")
+    if lost <= rows.margin:
+        return NOISE, text + " (nothing measurable was lost)"
+    return (REPRODUCED if won >= share * lost else NOT_REPRODUCED), text
+
+
+def _collapses(rows: Rows, table: str, a: str, base: str) -> tuple[str, str]:
+    """Claim: row ``a`` loses at least half of the baseline's ES."""
+    ra, r0 = rows.get(table, a), rows.get(table, base)
+    return (REPRODUCED if ra["es"] < 0.5 * r0["es"] else NOT_REPRODUCED,
+            f"{_row_text(a, ra)}; {_row_text(base, r0)}")
+
+
+def _best_of(rows: Rows, table: str, a: str, others: list[str]) -> tuple[str, str]:
+    """Claim: row ``a`` is the best of ``others`` (every other row measured)."""
+    ra = rows.get(table, a)
+    rest = {o: rows.get(table, o) for o in others if o != a}
+    top, rt = max(rest.items(), key=lambda kv: kv[1]["es"])
+    d = ra["es"] - rt["es"]
+    verdict = (REPRODUCED if d > rows.margin else NOT_REPRODUCED if d < -rows.margin
+               else NOISE)
+    return verdict, f"{_row_text(a, ra)}; best other: {_row_text(top, rt)}; ΔES {d:+.1f}"
+
+
+def _flat(rows: Rows, table: str, labels: list[str]) -> tuple[str, str]:
+    """Claim: the rows' ES spread stays within the noise margin."""
+    rs = [rows.get(table, x) for x in labels]
+    spread = max(r["es"] for r in rs) - min(r["es"] for r in rs)
+    return (REPRODUCED if spread <= rows.margin else NOT_REPRODUCED,
+            "; ".join(_row_text(x, r) for x, r in zip(labels, rs))
+            + f"; ES spread {spread:.1f}")
+
+
+def _less_robust(rows: Rows, table: str, quantized: list[str], base: str) -> tuple[str, str]:
+    """Claim: quantized models drop more ES under perturbation than the float model."""
+    def drop(label):
+        r = rows.get(table, label).get("robust")
+        if not r:
+            raise _Missing(f"{table}: {label} (perturbed run)")
+        return r["es_drop_pct"]
+    d0 = drop(base)
+    ds = {q: drop(q) for q in quantized}
+    more = sum(1 for v in ds.values() if v > d0)
+    text = f"{base}: ES drop {d0:.1f}%; " + "; ".join(f"{q}: {v:.1f}%" for q, v in ds.items())
+    return (REPRODUCED if more == len(ds) else NOT_REPRODUCED if more == 0 else NOISE), text
+
+
+@dataclass(frozen=True)
+class Finding:
+    paper: str
+    claim: str
+    table: str
+    check: Callable[[Rows], tuple[str, str]]
+    paper_evidence: str = ""
+
+
+_T3_SINGLE = ["First Layer Normalization (Input FFN)", "Second Layer Normalization",
+              "Residual Sum of attn", "Residual Sum of block", "Query x Key", "Softmax",
+              "weights_output x value", "Attention projection layer",
+              "MLP fully connected layer", "MLP projection layer (Output FFN)"]
+_ST, _WEI = "Storti 2023", "Wei et al. 2023"
+
+FINDINGS: tuple[Finding, ...] = (
+    Finding(_ST, "MSE range estimation for weights beats (current) min-max at W8A8",
+            "storti-1", lambda r: _better(r, "storti-1", "MSE / CMM", "CMM / CMM"),
+            "EM 16 vs 14 at equal ES 38"),
+    Finding(_ST, "naive W8A8 costs only a few ES points", "storti-2",
+            lambda r: _near(r, "storti-2", "W8A8", "Baseline"), "ES 38 vs 41"),
+    Finding(_ST, "8-bit weights with float activations (W8A32) are near lossless", "storti-2",
+            lambda r: _near(r, "storti-2", "W8A32", "Baseline"), "ES 40 vs 41"),
+    Finding(_ST, "4-bit weights cost more than 8-bit weights (W4A32 below W8A32)", "storti-2",
+            lambda r: _better(r, "storti-2", "W8A32", "W4A32"), "ES 40 vs 36"),
+    Finding(_ST, "keeping the block's residual sum (res_sum) at 16 bits recovers most of "
+            "the W8A8 loss", "storti-3",
+            lambda r: _recovers(r, "storti-3", "Residual Sum of block", "Naive W8A8",
+                                "Baseline (fp32)"), "ES 40 / EM 17 vs 38 / 16"),
+    Finding(_ST, "res_sum is the single activation whose 16 bits help most", "storti-3",
+            lambda r: _best_of(r, "storti-3", "Residual Sum of block", _T3_SINGLE),
+            "only res_sum reaches 40 / 17"),
+    Finding(_ST, "per-embedding-group activations (PEG, K = 8) recover W8A8", "storti-4",
+            lambda r: _recovers(r, "storti-4", "W8A8 K = 8", "Naive W8A8", "Baseline (fp32)"),
+            "ES 40 / EM 17"),
+    Finding(_ST, "permuting before grouping helps PEG (K = 4 permuted above K = 4)",
+            "storti-4", lambda r: _better(r, "storti-4", "W8A8 K = 4 permuted", "W8A8 K = 4"),
+            "ES 40 vs 38"),
+    Finding(_WEI, "dynamic per-tensor W8A8 is near lossless", "wei-4",
+            lambda r: _near(r, "wei-4", "Dynamic (per-tensor)", "Full precision"),
+            "pass@1 11.77 vs 11.71"),
+    Finding(_WEI, "static per-column weights beat static per-tensor", "wei-4",
+            lambda r: _better(r, "wei-4", "Static (per-column)", "Static (per-tensor)"),
+            "pass@1 11.83 vs 10.79"),
+    Finding(_WEI, "W8A4 collapses", "wei-5",
+            lambda r: _collapses(r, "wei-5", "W8A4", "Full precision"), "pass@1 0.61"),
+    Finding(_WEI, "W4A8 stays usable but below W8A8", "wei-5",
+            lambda r: _better(r, "wei-5", "W8A8", "W4A8"), "pass@1 18.54 vs 22.50"),
+    Finding(_WEI, "the calibration-set size barely matters", "wei-fig7",
+            lambda r: _flat(r, "wei-fig7", ["32 windows", "128 windows", "512 windows",
+                                            "2048 windows"]), "Fig. 7: flat from 500 to 5k"),
+    Finding(_WEI, "quantized models lose more than the float model when comments are "
+            "perturbed", "wei-7",
+            lambda r: _less_robust(r, "wei-7", ["D (T)", "S (C)", "S (T)"], "FP"),
+            "HumanEval %drop 15.8 / 22.7 / 33.3 vs 10.5"),
+)
+
+
+def evaluate(tables: dict[str, list[dict]], n: int) -> list[dict]:
+    """Every finding's verdict over results.json's ``tables`` (``n`` samples per row)."""
+    rows = Rows(tables, n)
+    out = []
+    for f in FINDINGS:
+        try:
+            verdict, evidence = f.check(rows)
+        except _Missing as e:
+            verdict, evidence = NOT_RUN, f"needs {e}"
+        out.append({"paper": f.paper, "claim": f.claim, "table": f.table,
+                    "verdict": verdict, "evidence": evidence, "paper_evidence": f.paper_evidence})
+    return out
+
+
+def render(findings: list[dict], n: int) -> str:
+    """Markdown: one line per finding, grouped by paper, with the verdict counts."""
+    margin = Rows({}, n).margin
+    counts = {v: sum(1 for f in findings if f["verdict"] == v)
+              for v in (REPRODUCED, NOT_REPRODUCED, NOISE, NOT_RUN)}
+    out = [f"Verdicts over {n} samples per row: a difference counts when it exceeds "
+           f"{margin:.1f} ES points (2 standard errors of a difference of two rows). "
+           + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".", ""]
+    for paper in dict.fromkeys(f["paper"] for f in findings):
+        out += [f"**{paper}**", "", "| claim | table | paper | verdict | measured |",
+                "|---|---|---|---|---|"]
+        out += [f"| {f['claim']} | {f['table']} | {f['paper_evidence']} | **{f['verdict']}** "
+                f"| {f['evidence']} |" for f in findings if f["paper"] == paper]
+        out.append("")
+    return "\n".join(out)

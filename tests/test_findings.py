@@ -1,0 +1,118 @@
+"""Seed findings as checks (qdsl.findings) and the generated results document
+(qdsl.report): verdicts from synthetic tables, blocks rewritten, prose kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qdsl.errors import QdslError
+from qdsl.findings import (FINDINGS, NOISE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, Rows,
+                           evaluate, render)
+from qdsl.report import SKELETON, update_doc
+
+
+def _row(label, es, em=5.0, ppl=10.0, **kw):
+    return {"label": label, "es": es, "em": em, "ppl": ppl, **kw}
+
+
+def _verdict(tables, claim_start, n=100):
+    return next(f for f in evaluate(tables, n) if f["claim"].startswith(claim_start))
+
+
+def test_margin_shrinks_with_samples():
+    assert Rows({}, 100).margin == pytest.approx(2 * 2 ** 0.5 * 30 / 10)
+    assert Rows({}, 400).margin == pytest.approx(Rows({}, 100).margin / 2)
+
+
+@pytest.mark.parametrize("w8a8, expected", [(41.0, REPRODUCED), (2.0, NOT_REPRODUCED)])
+def test_near_lossless(w8a8, expected):
+    t = {"storti-2": [_row("Baseline", 42.0), _row("W8A8", w8a8)]}
+    assert _verdict(t, "naive W8A8")["verdict"] == expected
+
+
+@pytest.mark.parametrize("per_col, expected", [(40.0, REPRODUCED), (33.0, NOISE),
+                                               (20.0, NOT_REPRODUCED)])
+def test_better_needs_the_noise_margin(per_col, expected):
+    t = {"wei-4": [_row("Static (per-column)", per_col), _row("Static (per-tensor)", 30.0)]}
+    f = _verdict(t, "static per-column")
+    assert f["verdict"] == expected and "ΔES" in f["evidence"]
+
+
+def test_recovers_share_of_the_loss():
+    t = {"storti-3": [_row("Baseline (fp32)", 42.0), _row("Naive W8A8", 2.0),
+                      _row("Residual Sum of block", 30.0)]}
+    assert _verdict(t, "keeping the block's residual")["verdict"] == REPRODUCED
+    t["storti-3"][2]["es"] = 10.0
+    f = _verdict(t, "keeping the block's residual")
+    assert f["verdict"] == NOT_REPRODUCED and "recovers 8.0 of 40.0" in f["evidence"]
+
+
+def test_missing_rows_are_not_run():
+    t = {"wei-5": [_row("Full precision", 42.0), {"label": "W8A4", "es": None}]}
+    f = _verdict(t, "W8A4 collapses")
+    assert f["verdict"] == NOT_RUN and "W8A4" in f["evidence"]
+    assert all(f["verdict"] == NOT_RUN for f in evaluate({}, 100))
+
+
+def test_robustness_compares_drops():
+    rob = lambda d: {"robust": {"es_drop_pct": d}}  # noqa: E731
+    t = {"wei-7": [_row("FP", 40, **rob(2.0)), _row("D (T)", 39, **rob(5.0)),
+                   _row("S (C)", 38, **rob(4.0)), _row("S (T)", 30, **rob(9.0))]}
+    assert _verdict(t, "quantized models lose more")["verdict"] == REPRODUCED
+    t["wei-7"][0]["robust"]["es_drop_pct"] = 20.0
+    assert _verdict(t, "quantized models lose more")["verdict"] == NOT_REPRODUCED
+
+
+def test_every_finding_names_rows_of_its_table():
+    from qdsl.tables import TABLES
+
+    for f in FINDINGS:
+        assert f.table in TABLES
+        labels = {r.label for r in TABLES[f.table].rows}
+        full = {f.table: [_row(x, 40.0, robust={"es_drop_pct": 1.0}) for x in labels]}
+        assert evaluate(full, 100)[FINDINGS.index(f)]["verdict"] != NOT_RUN, f.claim
+
+
+def test_render_groups_by_paper():
+    md = render(evaluate({}, 100), 100)
+    assert "**Storti 2023**" in md and "**Wei et al. 2023**" in md
+    assert f"not run yet: {len(FINDINGS)}" in md
+
+
+def _results_dir(tmp_path):
+    d = tmp_path / "sweep"
+    d.mkdir(exist_ok=True)
+    res = {"config": {"model": "m", "bench": "b", "bench_seed": 0, "ppl_windows": 2,
+                      "threads": 1}, "n_samples": 4,
+           "machine": {"cpu": "cpu", "cores": 2, "torch": "t", "python": "p"},
+           "updated": "now", "job_seconds_total": 120.0,
+           "runs": {"k": {"seconds": 120.0}}, "tables": {}, "failed": {}}
+    (d / "results.json").write_text(json.dumps(res))
+    (d / "tables.md").write_text("# title\n\nintro\n\n### t1: a table\n\n| a |\n|---|\n")
+    return d
+
+
+def test_update_doc_rewrites_blocks_and_keeps_prose(tmp_path):
+    doc = tmp_path / "results.md"
+    update_doc(doc, _results_dir(tmp_path), "qdsl sweep --table all -o X --doc D")
+    text = doc.read_text()
+    assert "### t1: a table" in text and "# title" not in text
+    assert "qdsl sweep --table all -o X --doc D" in text and "1 finished jobs" in text
+    assert "not run yet" in text
+    doc.write_text(text.replace("(Write the discussion here; regenerating leaves it alone.)",
+                                "My discussion."))
+    update_doc(doc, _results_dir(tmp_path), "cmd2")
+    again = doc.read_text()
+    assert "My discussion." in again and "cmd2" in again and "qdsl sweep --table" not in again
+    assert again.count("<!-- qdsl:tables -->") == 1
+
+
+def test_update_doc_errors(tmp_path):
+    with pytest.raises(QdslError, match="no sweep results"):
+        update_doc(tmp_path / "d.md", tmp_path / "nothing", "cmd")
+    doc = tmp_path / "d.md"
+    doc.write_text(SKELETON.replace("<!-- qdsl:findings -->\n<!-- /qdsl:findings -->\n", ""))
+    with pytest.raises(QdslError, match="findings"):
+        update_doc(doc, _results_dir(tmp_path), "cmd")
