@@ -78,7 +78,9 @@ TABLES: dict[str, Table] = {t.name: t for t in (
               _s("MLP projection layer (Output FFN)", _ST + "t3_mlp_c_proj.qrec", 38, 17),
               _s("Input and Output of FFN", _ST + "t3_ffn_in_out.qrec", 37, 17),
               _s("Input and Residual Sum of FFN", _ST + "t3_ffn_in_res.qrec", 39, 16),
-              _s("Output and Residual Sum of FFN", _ST + "t3_ffn_out_res.qrec", 39, 17))),
+              _s("Output and Residual Sum of FFN", _ST + "t3_ffn_out_res.qrec", 39, 17),
+              _s("Both residual sums (diagnostic, not in paper)", _ST + "t3_res_both.qrec",
+                 None, None))),
     Table("storti-4", "Storti 2023 Table 4: per-embedding-group (PEG) activations", "quality", (
         _BASE,
         _s("Naive W8A8", _ST + "t4_w8a8_per_tensor.qrec", 38, 16),
