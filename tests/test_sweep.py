@@ -121,7 +121,7 @@ def test_render_marks_partial_tables_and_shows_paper_numbers():
     row = {"es": 30.5, "em": 10.0, "ppl": 9.0, "compression": 2.45, "size_mb": 219.6,
            "bits": "W8A8"}
     md = render(t, {None: base, "storti/t3_res_sum.qrec": row})
-    assert "(partial: 2/16 rows)" in md
+    assert "(partial: 2/17 rows)" in md
     line = next(ln for ln in md.splitlines() if ln.startswith("| Residual Sum of block |"))
     assert line.split(" | ")[1:9] == ["W8A8", "30.5", "10.0", "-9.5", "-10.0", "9.00",
                                       "2.45x", "219.6"]

@@ -16,7 +16,7 @@ RECIPES = sorted(data_dir("recipes").glob("**/*.qrec"))
 def test_recipes_exist():
     names = {p.relative_to(data_dir("recipes")).as_posix() for p in RECIPES}
     assert "card.qrec" in names
-    assert len([n for n in names if n.startswith("storti/t3_")]) == 13
+    assert len([n for n in names if n.startswith("storti/t3_")]) == 14  # 13 rows + diagnostic
     assert {f"wei/fig7_calib_{n}.qrec" for n in (32, 128, 512, 2048)} <= names
 
 
