@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 REPRODUCED, NOT_REPRODUCED, NOISE, NOT_RUN = ("reproduced", "not reproduced",
@@ -61,7 +62,7 @@ def _row_text(label: str, r: dict) -> str:
     return f"{label}: ES {r['es']:.1f}, EM {r['em']:.0f}, ppl {ppl_s}"
 
 
-def _better(rows: Rows, table: str, a: str, b: str) -> tuple[str, str]:
+def _better(a: str, b: str, *, rows: Rows, table: str) -> tuple[str, str]:
     """Claim: row ``a`` scores higher ES than row ``b``."""
     ra, rb = rows.get(table, a), rows.get(table, b)
     d = ra["es"] - rb["es"]
@@ -70,7 +71,7 @@ def _better(rows: Rows, table: str, a: str, b: str) -> tuple[str, str]:
     return verdict, f"{_row_text(a, ra)}; {_row_text(b, rb)}; ΔES {d:+.1f}"
 
 
-def _near(rows: Rows, table: str, a: str, base: str) -> tuple[str, str]:
+def _near(a: str, base: str, *, rows: Rows, table: str) -> tuple[str, str]:
     """Claim: row ``a`` is within the noise margin of ``base`` (near lossless)."""
     ra, rb = rows.get(table, a), rows.get(table, base)
     d = ra["es"] - rb["es"]
@@ -78,8 +79,8 @@ def _near(rows: Rows, table: str, a: str, base: str) -> tuple[str, str]:
             f"{_row_text(a, ra)}; {_row_text(base, rb)}; ΔES {d:+.1f}")
 
 
-def _recovers(rows: Rows, table: str, fixed: str, broken: str, base: str,
-              share: float = 0.5) -> tuple[str, str]:
+def _recovers(fixed: str, broken: str, base: str,
+              share: float = 0.5, *, rows: Rows, table: str) -> tuple[str, str]:
     """Claim: ``fixed`` wins back at least ``share`` of the ES ``broken`` lost vs ``base``."""
     rf, rb, r0 = rows.get(table, fixed), rows.get(table, broken), rows.get(table, base)
     lost = r0["es"] - rb["es"]
@@ -91,14 +92,14 @@ def _recovers(rows: Rows, table: str, fixed: str, broken: str, base: str,
     return (REPRODUCED if won >= share * lost else NOT_REPRODUCED), text
 
 
-def _collapses(rows: Rows, table: str, a: str, base: str) -> tuple[str, str]:
+def _collapses(a: str, base: str, *, rows: Rows, table: str) -> tuple[str, str]:
     """Claim: row ``a`` loses at least half of the baseline's ES."""
     ra, r0 = rows.get(table, a), rows.get(table, base)
     return (REPRODUCED if ra["es"] < 0.5 * r0["es"] else NOT_REPRODUCED,
             f"{_row_text(a, ra)}; {_row_text(base, r0)}")
 
 
-def _best_of(rows: Rows, table: str, a: str, others: list[str]) -> tuple[str, str]:
+def _best_of(a: str, others: list[str], *, rows: Rows, table: str) -> tuple[str, str]:
     """Claim: row ``a`` is the best of ``others`` (every other row measured)."""
     ra = rows.get(table, a)
     rest = {o: rows.get(table, o) for o in others if o != a}
@@ -109,7 +110,7 @@ def _best_of(rows: Rows, table: str, a: str, others: list[str]) -> tuple[str, st
     return verdict, f"{_row_text(a, ra)}; best other: {_row_text(top, rt)}; ΔES {d:+.1f}"
 
 
-def _flat(rows: Rows, table: str, labels: list[str]) -> tuple[str, str]:
+def _flat(labels: list[str], *, rows: Rows, table: str) -> tuple[str, str]:
     """Claim: the rows' ES spread stays within the noise margin."""
     rs = [rows.get(table, x) for x in labels]
     spread = max(r["es"] for r in rs) - min(r["es"] for r in rs)
@@ -118,7 +119,8 @@ def _flat(rows: Rows, table: str, labels: list[str]) -> tuple[str, str]:
             + f"; ES spread {spread:.1f}")
 
 
-def _less_robust(rows: Rows, table: str, quantized: list[str], base: str) -> tuple[str, str]:
+def _less_robust(quantized: list[str], base: str, *, rows: Rows,
+                 table: str) -> tuple[str, str]:
     """Claim: quantized models drop more ES under perturbation than the float model."""
     def drop(label):
         r = rows.get(table, label).get("robust")
@@ -137,7 +139,7 @@ class Finding:
     paper: str
     claim: str
     table: str
-    check: Callable[[Rows], tuple[str, str]]
+    check: Callable[..., tuple[str, str]]   # (rows=, table=) -> (verdict, evidence)
     paper_evidence: str = ""
 
 
@@ -149,43 +151,43 @@ _ST, _WEI = "Storti 2023", "Wei et al. 2023"
 
 FINDINGS: tuple[Finding, ...] = (
     Finding(_ST, "MSE range estimation for weights beats (current) min-max at W8A8",
-            "storti-1", lambda r: _better(r, "storti-1", "MSE / CMM", "CMM / CMM"),
+            "storti-1", partial(_better, "MSE / CMM", "CMM / CMM"),
             "EM 16 vs 14 at equal ES 38"),
     Finding(_ST, "naive W8A8 costs only a few ES points", "storti-2",
-            lambda r: _near(r, "storti-2", "W8A8", "Baseline"), "ES 38 vs 41"),
+            partial(_near, "W8A8", "Baseline"), "ES 38 vs 41"),
     Finding(_ST, "8-bit weights with float activations (W8A32) are near lossless", "storti-2",
-            lambda r: _near(r, "storti-2", "W8A32", "Baseline"), "ES 40 vs 41"),
+            partial(_near, "W8A32", "Baseline"), "ES 40 vs 41"),
     Finding(_ST, "4-bit weights cost more than 8-bit weights (W4A32 below W8A32)", "storti-2",
-            lambda r: _better(r, "storti-2", "W8A32", "W4A32"), "ES 40 vs 36"),
+            partial(_better, "W8A32", "W4A32"), "ES 40 vs 36"),
     Finding(_ST, "keeping the block's residual sum (res_sum) at 16 bits recovers most of "
             "the W8A8 loss", "storti-3",
-            lambda r: _recovers(r, "storti-3", "Residual Sum of block", "Naive W8A8",
+            partial(_recovers, "Residual Sum of block", "Naive W8A8",
                                 "Baseline (fp32)"), "ES 40 / EM 17 vs 38 / 16"),
     Finding(_ST, "res_sum is the single activation whose 16 bits help most", "storti-3",
-            lambda r: _best_of(r, "storti-3", "Residual Sum of block", _T3_SINGLE),
+            partial(_best_of, "Residual Sum of block", _T3_SINGLE),
             "only res_sum reaches 40 / 17"),
     Finding(_ST, "per-embedding-group activations (PEG, K = 8) recover W8A8", "storti-4",
-            lambda r: _recovers(r, "storti-4", "W8A8 K = 8", "Naive W8A8", "Baseline (fp32)"),
+            partial(_recovers, "W8A8 K = 8", "Naive W8A8", "Baseline (fp32)"),
             "ES 40 / EM 17"),
     Finding(_ST, "permuting before grouping helps PEG (K = 4 permuted above K = 4)",
-            "storti-4", lambda r: _better(r, "storti-4", "W8A8 K = 4 permuted", "W8A8 K = 4"),
+            "storti-4", partial(_better, "W8A8 K = 4 permuted", "W8A8 K = 4"),
             "ES 40 vs 38"),
     Finding(_WEI, "dynamic per-tensor W8A8 is near lossless", "wei-4",
-            lambda r: _near(r, "wei-4", "Dynamic (per-tensor)", "Full precision"),
+            partial(_near, "Dynamic (per-tensor)", "Full precision"),
             "pass@1 11.77 vs 11.71"),
     Finding(_WEI, "static per-column weights beat static per-tensor", "wei-4",
-            lambda r: _better(r, "wei-4", "Static (per-column)", "Static (per-tensor)"),
+            partial(_better, "Static (per-column)", "Static (per-tensor)"),
             "pass@1 11.83 vs 10.79"),
     Finding(_WEI, "W8A4 collapses", "wei-5",
-            lambda r: _collapses(r, "wei-5", "W8A4", "Full precision"), "pass@1 0.61"),
+            partial(_collapses, "W8A4", "Full precision"), "pass@1 0.61"),
     Finding(_WEI, "W4A8 stays usable but below W8A8", "wei-5",
-            lambda r: _better(r, "wei-5", "W8A8", "W4A8"), "pass@1 18.54 vs 22.50"),
+            partial(_better, "W8A8", "W4A8"), "pass@1 18.54 vs 22.50"),
     Finding(_WEI, "the calibration-set size barely matters", "wei-fig7",
-            lambda r: _flat(r, "wei-fig7", ["32 windows", "128 windows", "512 windows",
+            partial(_flat, ["32 windows", "128 windows", "512 windows",
                                             "2048 windows"]), "Fig. 7: flat from 500 to 5k"),
     Finding(_WEI, "quantized models lose more than the float model when comments are "
             "perturbed", "wei-7",
-            lambda r: _less_robust(r, "wei-7", ["D (T)", "S (C)", "S (T)"], "FP"),
+            partial(_less_robust, ["D (T)", "S (C)", "S (T)"], "FP"),
             "HumanEval %drop 15.8 / 22.7 / 33.3 vs 10.5"),
 )
 
@@ -196,7 +198,7 @@ def evaluate(tables: dict[str, list[dict]], n: int) -> list[dict]:
     out = []
     for f in FINDINGS:
         try:
-            verdict, evidence = f.check(rows)
+            verdict, evidence = f.check(rows=rows, table=f.table)
         except _Missing as e:
             verdict, evidence = NOT_RUN, f"needs {e}"
         out.append({"paper": f.paper, "claim": f.claim, "table": f.table,
