@@ -119,7 +119,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
               Row("fp32", None),
               Row("W8A8 dynamic (int8 GEMM)", "int8/w8a8_dynamic.qrec", lower="int8"),
               Row("W8 weight-only", "int8/w8_weight_only.qrec", lower="int8"),
-              Row("W4 group 128 (packed)", "int8/w4_group128.qrec", lower="int8")),
+              Row("W4 group 64 (packed)", "int8/w4_group64.qrec", lower="int8")),
           paper_cols=()),
     Table("wei-fig7", "Wei et al. 2023 Fig. 7: calibration-set size (static per-column W8A8; "
           "paper: 500..5k samples, accuracy stable)", "calib", (

@@ -66,6 +66,24 @@ def test_packed_matches_fake_quant(bits, size):
     assert torch.allclose(PackedLinear.from_float(W, B, spec)(x), ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_w4_int4_kernel_is_close_to_the_exact_path(size):
+    """w4 group 32..256 runs torch's int4 kernel in bf16; fp32 compute is the exact path."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 128) * 0.05, torch.randn(96)
+    fast = PackedLinear.from_float(w, b, weight_spec(4, size))
+    exact = PackedLinear.from_float(w, b, weight_spec(4, size))
+    exact.compute_dtype = "fp32"
+    assert fast.uses_int4_kernel() and not exact.uses_int4_kernel()
+    x = torch.randn(2, 5, 128)
+    y, ref = fast(x), exact(x)
+    assert y.shape == ref.shape == (2, 5, 96) and y.dtype == torch.float32
+    assert (y - ref).norm() / ref.norm() < 5e-3                  # bf16 rounding
+    assert fast.config()["compute_dtype"] == "bf16"
+    assert not PackedLinear.from_float(w, b, weight_spec(4, 16)).uses_int4_kernel()
+    assert not PackedLinear.from_float(w, b, weight_spec(2, 32)).uses_int4_kernel()
+
+
 def test_int8_dynamic_decode_and_prefill_kernels_agree():
     # M = 1 may run fbgemm (asym u8 activation) and M > 1 _int_mm (sym per token)
     mod, x = modules()["dyn_token"], torch.randn(5, 64)
