@@ -241,7 +241,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     if lower == "int8":
         from .passes.lower_int8 import lower_int8
 
-        gm = lower_int8(gm, named, plan, frozen, fallback=fallback)
+        gm = lower_int8(gm, named, plan, frozen, fallback=fallback, compute=st.lower_compute)
     from .artifact import module_hash
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=frozen, lower=lower,
@@ -286,7 +286,8 @@ def load(path: str | os.PathLike, model: ModelArg | None = None) -> QuantizedMod
         from .passes.lower_int8 import lower_int8
 
         gm = lower_int8(gm, named, plan, frozen,
-                        fallback=meta.get("int8", {}).get("fallback", "error"))
+                        fallback=meta.get("int8", {}).get("fallback", "error"),
+                        compute=meta["settings"].get("lower_compute"))
     recipe = Recipe.from_json(meta["recipe"]["rules"], text=(Path(path) / "recipe.qrec").read_text())
     return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,
                           lower=meta["lower"], mode=meta["mode"],

@@ -91,7 +91,7 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
     with warnings.catch_warnings():  # fallbacks were reported when compiling
         warnings.simplefilter("ignore")
         gm = lower_int8(lower_fake(gm, named, plan, on_meta), named, plan, on_meta,
-                        fallback=info["fallback"])
+                        fallback=info["fallback"], compute=meta["settings"].get("lower_compute"))
     stored = load_file(str(d / "model.safetensors"))
     stored.update({k: stored[v] for k, v in info["aliases"].items()})
     assign_tensors(gm, stored)

@@ -83,6 +83,7 @@ class Settings:
     calib_batch_size: int | None = None
     calib_data: str | None = None
     lower: str | None = None  # "fake" | "int8"
+    lower_compute: str | None = None  # weight-only kernels: "bf16" (fast) | "fp32" (exact)
 
     def then(self, later: Settings) -> Settings:
         """Later settings (an including file, the command line) override earlier ones."""
@@ -90,7 +91,13 @@ class Settings:
                                 if getattr(later, f.name) is not None})
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every field; fields added later (``_LATER``) only when set, so the hashes of
+        recipes that do not use them (sweep cache keys) stay what they were."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _LATER or getattr(self, f.name) is not None}
+
+
+_LATER = ("lower_compute",)
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -101,8 +108,10 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "calib.batch_size": ("calib_batch_size", int),
     "calib.data": ("calib_data", str),
     "lower": ("lower", str),
+    "lower.compute": ("lower_compute", str),
 }
 LOWER_TARGETS = ("fake", "int8")
+LOWER_COMPUTE = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)

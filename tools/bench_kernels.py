@@ -45,14 +45,17 @@ def kernels(m: int, k: int, n: int) -> dict:
     if m <= 4:
         out["_weight_int8pack_mm fp32 input"] = (
             lambda: torch.ops.aten._weight_int8pack_mm(x, wq, ws))
+    packed = PackedLinear.from_float(w, None, weight_spec(4, 64))
+    out["PackedLinear w4 group 64 (module, int4 kernel bf16)"] = lambda: packed(x)
     if n <= 4096:
-        out["PackedLinear w4 group 64 (module)"] = (
-            lambda p=PackedLinear.from_float(w, None, weight_spec(4, 64)): p(x))
+        exact = PackedLinear.from_float(w, None, weight_spec(4, 64))
+        exact.compute_dtype = "fp32"
+        out["PackedLinear w4 group 64 fp32 (unpack per call)"] = lambda: exact(x)
         if m == 1:
             w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
             sz = torch.rand(k // 64, n, 2)
-            out["aten._weight_int4pack_mm_for_cpu g64"] = (
+            out["aten._weight_int4pack_mm_for_cpu g64 fp32 input"] = (
                 lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, 64, sz))
     return out
 

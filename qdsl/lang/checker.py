@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Diagnostic
-from ..recipe import LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
+from ..recipe import LOWER_COMPUTE, LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
 from ..spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, \
     TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
@@ -383,10 +383,11 @@ def check_setting(node: SettingLine, file: str, err: _Reporter) -> SettingItem |
         if v < low:
             err(col, f"`{key}` must be >= {low}, got {v}")
             return None
-    elif key == "lower":
-        if node.value_kind == "number" or v not in LOWER_TARGETS:
-            err(col, f"`lower` must be one of {', '.join(LOWER_TARGETS)}, got `{_show(node)}`",
-                did_you_mean(str(v), LOWER_TARGETS))
+    elif key in ("lower", "lower.compute"):
+        allowed = LOWER_TARGETS if key == "lower" else LOWER_COMPUTE
+        if node.value_kind == "number" or v not in allowed:
+            err(col, f"`{key}` must be one of {', '.join(allowed)}, got `{_show(node)}`",
+                did_you_mean(str(v), allowed))
             return None
     elif node.value_kind != "string":
         err(col, f"`{key}` must be a quoted string, got `{_show(node)}`",

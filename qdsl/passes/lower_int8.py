@@ -272,10 +272,12 @@ def _label(row: Row, s: Site) -> str:
 
 @torch.no_grad()
 def lower_int8(gm: fx.GraphModule, named, plan: QuantPlan, frozen: Frozen, *,
-               fallback: str = "error") -> fx.GraphModule:
+               fallback: str = "error", compute: str | None = None) -> fx.GraphModule:
     """Apply the rewrite table. ``fallback``: "error" raises GraphError at the first op no
     row lowers; "simulate" leaves it fake-quant, warns, and lists it in
-    ``gm.meta["qdsl_fallbacks"]`` ([{"node", "reason"}])."""
+    ``gm.meta["qdsl_fallbacks"]`` ([{"node", "reason"}]). ``compute`` (the recipe's
+    ``lower.compute``): weight-only modules compute in "bf16" (fast kernels, the
+    default) or "fp32" (exact, slow)."""
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     fallbacks, shared = [], {}
@@ -292,6 +294,8 @@ def lower_int8(gm: fx.GraphModule, named, plan: QuantPlan, frozen: Frozen, *,
             fallbacks.append({"node": s.name, "reason": reason})
             continue
         module = row.build(gm, s, frozen)
+        if compute and hasattr(module, "compute_dtype"):
+            module.compute_dtype = compute
         _share_tied(module, s, named, shared)
         _replace(gm, s, row, module)
     _drop_unread(gm)

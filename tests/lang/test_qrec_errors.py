@@ -126,6 +126,8 @@ CASES = [
     ("set calib.samples = 0", 21, "`calib.samples` must be >= 1, got 0", None),
     ("set lower = int4", 13, "`lower` must be one of fake, int8, got `int4`",
      "did you mean `int8`?"),
+    ("set lower.compute = fp16", 21, "`lower.compute` must be one of bf16, fp32, got `fp16`",
+     "did you mean `bf16`?"),
     ("set calib.data = foo", 18, "`calib.data` must be a quoted string, got `foo`",
      'write set calib.data = "foo"'),
     ("set = 3", 5, "expected a setting name after `set`, found `=`",

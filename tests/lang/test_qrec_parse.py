@@ -97,6 +97,14 @@ def test_settings():
     assert parse_recipe("* -> w8").settings == Settings()
 
 
+def test_later_settings_leave_old_hashes_alone():
+    """A setting added after sweep caches were keyed appears in the JSON only when set."""
+    assert "lower_compute" not in Settings().to_json()
+    r = parse_recipe("set lower.compute = fp32\n* -> w4 group(size=32)")
+    assert r.settings.lower_compute == "fp32" and r.settings.to_json()["lower_compute"] == "fp32"
+    assert r.hash() != parse_recipe("* -> w4 group(size=32)").hash()
+
+
 def test_presets_are_spec_text():
     for word, text in PRESETS.items():
         assert rule(f"x -> {word}") == rule(f"x -> {text}")

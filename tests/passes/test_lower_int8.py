@@ -137,6 +137,28 @@ def test_packed_rows_and_weight_only_with_16_bit_input():
     assert_agrees(model, q)
 
 
+def _runtime(q, cls):
+    return [m for m in q.gm.modules() if type(m).__name__ == cls]
+
+
+def test_lower_compute_setting_picks_fast_or_exact_kernels(tmp_path):
+    """w4 group 32 runs the bf16 int4 kernel by default; `set lower.compute = fp32` makes
+    weight-only modules exact (fp32), and the artifact keeps the choice."""
+    recipe = "* -> w4 sym group(size=32)\nlm_head -> w8 sym per_channel"
+    model, fast = _compile("llama", recipe)
+    assert all(m.uses_int4_kernel() for m in _runtime(fast, "PackedLinear"))
+    assert_agrees(model, fast)
+    model, exact = _compile("llama", "set lower.compute = fp32\n" + recipe)
+    packed = _runtime(exact, "PackedLinear")
+    assert packed and not any(m.uses_int4_kernel() for m in packed)
+    assert {m.compute_dtype for m in _runtime(exact, "Int8WeightOnlyLinear")} == {"fp32"}
+    assert_agrees(model, exact, top1=1.0)
+    loaded = C.load(exact.save(tmp_path / "a"))
+    assert {m.compute_dtype for m in _runtime(loaded, "PackedLinear")} == {"fp32"}
+    ids = tiny_ids(model, 1, 8)
+    assert torch.equal(loaded(ids), exact(ids))
+
+
 @pytest.mark.parametrize("recipe, reason, simulate", [
     ("* -> w3", "3-bit", True), ("* -> w8 asym", "asymmetric", False),
     ("* -> w8\nblock.*.ln_1 -> a4 dynamic", "4 bits", False),
