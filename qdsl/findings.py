@@ -68,7 +68,16 @@ def _better(a: str, b: str, *, rows: Rows, table: str) -> tuple[str, str]:
     d = ra["es"] - rb["es"]
     verdict = (REPRODUCED if d > rows.margin else NOT_REPRODUCED if d < -rows.margin
                else NOISE)
-    return verdict, f"{_row_text(a, ra)}; {_row_text(b, rb)}; ΔES {d:+.1f}"
+    text = f"{_row_text(a, ra)}; {_row_text(b, rb)}; ΔES {d:+.1f}"
+    return verdict, text + (_ppl_witness(a, ra, b, rb) if verdict == NOISE else "")
+
+
+def _ppl_witness(a: str, ra: dict, b: str, rb: dict) -> str:
+    """Which row perplexity favours, when ES cannot tell (5% apart or more)."""
+    pa, pb = ra.get("ppl"), rb.get("ppl")
+    if not pa or not pb or max(pa, pb) / min(pa, pb) < 1.05:
+        return "; perplexity cannot tell either"
+    return f"; perplexity favours {a if pa < pb else b}"
 
 
 def _near(a: str, base: str, *, rows: Rows, table: str) -> tuple[str, str]:

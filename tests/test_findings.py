@@ -38,6 +38,16 @@ def test_better_needs_the_noise_margin(per_col, expected):
     t = {"wei-4": [_row("Static (per-column)", per_col), _row("Static (per-tensor)", 30.0)]}
     f = _verdict(t, "static per-column")
     assert f["verdict"] == expected and "ΔES" in f["evidence"]
+    assert ("perplexity" in f["evidence"]) == (expected == NOISE)
+
+
+def test_perplexity_witness_when_es_cannot_tell():
+    t = {"wei-4": [_row("Static (per-column)", 33.0, ppl=10.0),
+                   _row("Static (per-tensor)", 30.0, ppl=12.0)]}
+    assert _verdict(t, "static per-column")["evidence"].endswith(
+        "perplexity favours Static (per-column)")
+    t["wei-4"][1]["ppl"] = 10.2
+    assert _verdict(t, "static per-column")["evidence"].endswith("cannot tell either")
 
 
 def test_recovers_share_of_the_loss():
