@@ -60,7 +60,11 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         _s("W8A32", _ST + "t2_w8a32.qrec", 40, 17, Compression="4x"),
         _s("W8A16", _ST + "t2_w8a16.qrec", 40, 17, Compression="4x"),
         _s("W4A32", _ST + "t2_w4a32.qrec", 36, 14, Compression="8x"),
-        _s("W4A16", _ST + "t2_w4a16.qrec", 36, 14, Compression="8x"))),
+        _s("W4A16", _ST + "t2_w4a16.qrec", 36, 14, Compression="8x"),
+        _s("W8A32, weights min-max (diagnostic, not in paper)", _ST + "t2_w8a32_minmax.qrec",
+           None, None),
+        _s("W8A32, weights per channel (diagnostic, not in paper)",
+           _ST + "t2_w8a32_per_channel.qrec", None, None))),
     Table("storti-3", "Storti 2023 Table 3: mixed precision (one activation kept at 16 bits), "
           "W8A8", "quality", (
               _BASE,
