@@ -80,8 +80,12 @@ def choose_qparams(min_val: Tensor, max_val: Tensor, bits: int,
 
 
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
-             symmetric: bool) -> Tensor:
+             symmetric: bool, *, dtype: torch.dtype = torch.int32, offset: int = 0) -> Tensor:
     """Integers on the grid, as an int32 tensor (cast to int8 / pack in the lowering).
+
+    ``offset`` is subtracted from every code and ``dtype`` is the result's type, so a
+    runtime module gets its storage codes in one pass (asymmetric 8-bit codes
+    [0, 255] - 128 fit int8).
 
     >>> s, z = choose_qparams(torch.tensor(-3.5), torch.tensor(10.2), 4, False)
     >>> quantize(torch.tensor([-9.0, 0.0, 0.4566, 0.4567, 20.0]), s, z, 4, False).tolist()
@@ -94,8 +98,8 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
         return torch.where(x >= 0, 1, -1).to(torch.int32)
     qmin, qmax = qrange(bits, symmetric)
     q = x.float() * (1.0 / scale)          # one new tensor, then in place: large activations
-    q.round_().add_(zero_point)             # pay a page-faulting allocation per temporary
-    return q.clamp_(qmin, qmax).to(torch.int32)
+    q.round_().add_(zero_point - offset)    # pay a page-faulting allocation per temporary
+    return q.clamp_(qmin - offset, qmax - offset).to(dtype)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from qdsl.errors import GraphError
-from qdsl.quant import choose_qparams, dequantize, qrange, quantize, reduce_range
+from qdsl.quant import choose_qparams, dequantize, quantize, reduce_range
 from qdsl.spec import ACTIVATION, WEIGHT, PerChannel, PerTensor, PerToken, TensorSpec
 
 W8 = TensorSpec(WEIGHT, 8, symmetric=True, granularity=PerChannel())
@@ -65,16 +65,10 @@ def quantize_weight_int8(weight: Tensor, spec: TensorSpec = W8) -> tuple[Tensor,
 
 def quantize_act_int8(x: Tensor, scale: Tensor, zero_point: Tensor,
                       symmetric: bool) -> tuple[Tensor, Tensor]:
-    """x ``[M, K]`` -> (int8 code, int32 zero point in that code); asym shifted by -128.
-
-    ``quantize(x, ...) - shift`` computed in place (one temporary: allocations of
-    activation-sized tensors dominate small GEMMs on this CPU).
-    """
+    """x ``[M, K]`` -> (int8 code, int32 zero point in that code); asym shifted by -128."""
     shift = 0 if symmetric else 128
-    q = x.float() * (1.0 / scale)
-    q.round_().add_(zero_point - shift)
-    qmin, qmax = qrange(8, symmetric)
-    return q.clamp_(qmin - shift, qmax - shift).to(torch.int8), zero_point - shift
+    return (quantize(x, scale, zero_point, 8, symmetric, dtype=torch.int8, offset=shift),
+            zero_point - shift)
 
 
 def int8_matmul(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None, w: Tensor, w_scale: Tensor,
