@@ -64,14 +64,22 @@ class FusedAttention(nn.Module):
 class Chain:
     """One eager attention in the graph: the nodes the fused call replaces."""
 
-    scores: fx.Node                    # matmul(q, k^T)
-    context: fx.Node                   # matmul(probs, v)
     q: fx.Node
     k: fx.Node                         # keys [B, H, L, d] (before the transpose)
-    v: fx.Node
+    v: fx.Node | None = None
     scale: float = 1.0
     mask: fx.Node | None = None
     nodes: list[fx.Node] = field(default_factory=list)   # scores .. context, in order
+
+    @property
+    def context(self) -> fx.Node:
+        """matmul(probs, v), the chain's output."""
+        return self.nodes[-1]
+
+    @property
+    def keys_transposed(self) -> fx.Node:
+        """transpose(k), the scores matmul's second operand."""
+        return self.nodes[0].args[1]
 
 
 def _target(n) -> str:
@@ -104,7 +112,7 @@ def find_attention(gm: fx.GraphModule) -> list[Chain]:
         val = node.meta.get("val")
         if k is None or val is None or val.dim() != 4 or val.dtype != torch.float32:
             continue
-        chain = Chain(node, node, q, k, None, nodes=[node])
+        chain = Chain(q, k, nodes=[node])
         cur = _only_user(node)
         if cur is not None and _target(cur) in _SCALE and not isinstance(cur.args[1], fx.Node):
             s = float(cur.args[1])
@@ -126,7 +134,7 @@ def find_attention(gm: fx.GraphModule) -> list[Chain]:
             cur = _only_user(cur)
         if cur is None or _target(cur) not in _MATMUL or cur.args[0] is not chain.nodes[-1]:
             continue
-        chain.v, chain.context = cur.args[1], cur
+        chain.v = cur.args[1]
         chain.nodes.append(cur)
         chains.append(chain)
     return chains
@@ -160,18 +168,18 @@ def fuse_attention(gm: fx.GraphModule) -> list[str]:
                            if n.op == "placeholder" and n.target == "cache_position"), None)
     done = []
     for i, c in enumerate(find_attention(gm)):
-        kt = c.scores.args[1]
+        kt, context = c.keys_transposed, c.context
         k, v = _repeated_kv(c.k), _repeated_kv(c.v)
         gqa = k is not None and v is not None
         if not gqa:
             k, v = c.k, c.v
         attr = f"{ATTN_PREFIX}{i}"
         gm.add_submodule(attr, FusedAttention(c.scale, gqa))
-        with gm.graph.inserting_before(c.context):
+        with gm.graph.inserting_before(context):
             fused = gm.graph.call_module(attr, (c.q, k, v, c.mask, cache_position))
-        fused.meta = {key: val for key, val in c.context.meta.items()
+        fused.meta = {key: val for key, val in context.meta.items()
                       if key in ("val", "tensor_meta", "nn_module_stack")}
-        c.context.replace_all_uses_with(fused)
+        context.replace_all_uses_with(fused)
         for n in reversed(c.nodes):
             for u in [u for u in n.users if _target(u) == _ASSERT]:
                 gm.graph.erase_node(u)
