@@ -250,11 +250,15 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
                           model_config=getattr(m, "config", None), fallback=fallback)
 
 
-def load(path: str | os.PathLike, model: ModelArg | None = None) -> QuantizedModel:
+def load(path: str | os.PathLike, model: ModelArg | None = None,
+         max_cache_len: int | None = None) -> QuantizedModel:
     """Rebuild a compiled model from an artifact and its source model, without calibrating.
 
     Self-contained ``--lower int8`` artifacts need no source model (``model`` given:
-    it must be the one compiled from); see ``qdsl.lowered_load``.
+    it must be the one compiled from); see ``qdsl.lowered_load``. ``max_cache_len``
+    re-captures with another static key/value cache than the compile's (e.g. to
+    generate longer sequences than it was calibrated for); the quantizers, fitted per
+    node, are reused unchanged.
     """
     from .artifact import module_hash, read_artifact
     from .capture import capture
@@ -265,10 +269,13 @@ def load(path: str | os.PathLike, model: ModelArg | None = None) -> QuantizedMod
     from .recipe import Settings
 
     meta, plan_json, tensors = read_artifact(path)
+    recache = max_cache_len is not None and max_cache_len != meta["max_cache_len"]
+    if recache:
+        meta = {**meta, "max_cache_len": max_cache_len}
     if meta["lower"] == "int8" and meta.get("int8", {}).get("self_contained"):
         from .lowered_load import load_int8
 
-        return load_int8(path, meta, plan_json, tensors, model)
+        return load_int8(path, meta, plan_json, tensors, model, same_model=recache)
     m, tok, model_id = as_model(model if model is not None else meta["model"]["id"])
     got = module_hash(m)
     if got != meta["model"]["hash"]:
@@ -279,7 +286,7 @@ def load(path: str | os.PathLike, model: ModelArg | None = None) -> QuantizedMod
     captured = capture(m, mode=meta["mode"], max_cache_len=meta["max_cache_len"])
     named = name_graph(captured)
     plan = QuantPlan.from_json(plan_json)
-    plan.check_graph(named)
+    plan.check_graph(named, same_model=recache)
     frozen = Frozen.from_state(meta["quantizers"], tensors)
     gm = lower_fake(captured.gm, named, plan, frozen)
     if meta["lower"] == "int8":

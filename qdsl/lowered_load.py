@@ -53,8 +53,10 @@ def meta_model(config_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor], model=None):
-    """``qdsl.load`` for a self-contained int8 artifact -> QuantizedModel."""
+def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor], model=None,
+              same_model: bool = False):
+    """``qdsl.load`` for a self-contained int8 artifact -> QuantizedModel. ``same_model``:
+    ``meta`` asks for another cache length than the compile's (``QuantPlan.check_graph``)."""
     from .capture import capture
     from .compiler import QuantizedModel, as_model
     from .naming import name_graph
@@ -80,7 +82,7 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
     captured = capture(skeleton, mode=meta["mode"], max_cache_len=meta["max_cache_len"])
     named = name_graph(captured)
     plan = QuantPlan.from_json(plan_json)
-    plan.check_graph(named)
+    plan.check_graph(named, same_model=same_model)
     gm = captured.gm
     _to_meta(gm)
     del skeleton, captured

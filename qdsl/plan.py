@@ -78,8 +78,20 @@ class QuantPlan:
         return [e for e in self.entries
                 if (e.weight is not None and e.weight.quantized) or e.activation.quantized]
 
-    def check_graph(self, named) -> None:
-        """Refuse to apply this plan to a graph it was not made for."""
+    def check_graph(self, named, same_model: bool = False) -> None:
+        """Refuse to apply this plan to a graph it was not made for. ``same_model``:
+        the caller has checked the weights are the ones planned for and re-captured
+        them with another static cache length (which changes the graph's constants,
+        hence its hash): then every planned node must exist by name instead."""
+        if same_model:
+            missing = [e.name for e in self.entries if e.name not in named.by_name]
+            if missing or named.module_map != self.module_map:
+                raise PlanError([Diagnostic(
+                    "<plan>", 1, 1, f"plan does not fit this capture of its model: "
+                    f"{len(missing)} planned node(s) missing (e.g. {missing[:3]})"
+                    if missing else "plan does not fit this capture of its model: "
+                    "the module map differs")])
+            return
         if named.graph_hash != self.graph_hash:
             raise PlanError([Diagnostic(
                 "<plan>", 1, 1, f"plan was made for graph {self.graph_hash}, "

@@ -3,8 +3,10 @@
 A sweep is a list of jobs. A job is one recipe (or the float baseline) and a kind:
 ``quality`` (compile, line completion EM / ES, perplexity, storage estimate,
 per-layer activation statistics; ``int8`` lowerings also the real artifact size
-and ``qdsl bench``) or ``robust`` (the same model on contexts whose comments and
-docstrings are perturbed, ``qdsl.robust``).
+and ``qdsl bench``), ``robust`` (the same model on contexts whose comments and
+docstrings are perturbed, ``qdsl.robust``) or ``humaneval`` (HumanEval pass@1 for
+the tables whose paper reports it, with ``SweepConfig.humaneval`` > 0). Robust and
+HumanEval jobs reload the quality job's saved artifact instead of calibrating again.
 
 Each finished job is written atomically to ``DIR/cache/<key>.json``, key = sha256 of
 (kind, recipe meaning hash, effective calibration settings, model content hash,
@@ -60,12 +62,14 @@ class SweepConfig:
     perturb_seed: int = 0
     threads: int = 1             # torch threads per job (2 threads on 2 busy cores: ~10x slower)
     bench_int8: bool = True      # run qdsl bench for lower = int8 recipes
+    humaneval: int = 0           # HumanEval problems for pass@1 tables (0: no HumanEval jobs)
+    humaneval_tokens: int = 300  # new tokens per HumanEval completion
 
 
 @dataclass(frozen=True)
 class Job:
     recipe: str | None   # path of a .qrec file; None = the float baseline
-    kind: str = "quality"  # "quality" | "robust"
+    kind: str = "quality"  # "quality" | "robust" | "humaneval"
     lower: str | None = None  # overrides the recipe's `set lower` ("int8": real lowering)
 
     @classmethod
@@ -112,6 +116,8 @@ def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
         payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower).to_json())
     if job.kind == "robust":
         payload["perturb"] = [cfg.perturb_prob, cfg.perturb_seed]
+    if job.kind == "humaneval":
+        payload["humaneval"] = [cfg.humaneval, cfg.humaneval_tokens]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -155,10 +161,23 @@ def _int8_available() -> bool:
     return importlib.util.find_spec("qdsl.passes.lower_int8") is not None
 
 
-def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: bool):
+def _humaneval_cache_len(cfg: SweepConfig, tok, max_pos: int | None) -> int:
+    """Static cache for HumanEval: the longest prompt of the first ``cfg.humaneval``
+    problems plus the new tokens (``generate`` left-cuts what still does not fit)."""
+    from .eval.humaneval import load_problems
+
+    longest = max(len(tok(p["prompt"], add_special_tokens=False)["input_ids"])
+                  for p in load_problems()[:cfg.humaneval])
+    need = longest + cfg.humaneval_tokens + 2
+    return min(need, max_pos) if max_pos else need
+
+
+def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: bool,
+             cache_len: int | None = None):
     import qdsl
 
     model, tok, max_pos = _model(cfg.model)
+    cache_len = cache_len or _cache_len(cfg, max_pos)
     st = effective_settings(recipe, cfg, lower)
     lower = st.lower or "fake"
     if lower == "int8" and not _int8_available():
@@ -166,10 +185,10 @@ def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: b
                                    "missing): compiled as fake-quant"}
         lower = "fake"
     # calibration windows must fit the graph's cache (stdlib-gpt2: 256 positions)
-    st = replace(st, calib_seq_len=min(st.calib_seq_len or 256, _cache_len(cfg, max_pos) - 1))
+    st = replace(st, calib_seq_len=min(st.calib_seq_len or 256, cache_len - 1))
     t = time.time()
     qm = qdsl.compile(model, recipe, tokenizer=tok, settings=st, lower=lower,
-                      max_cache_len=_cache_len(cfg, max_pos), fallback="simulate",
+                      max_cache_len=cache_len, fallback="simulate",
                       progress=progress)
     out.update(compile_seconds=round(time.time() - t, 2), lower=lower,
                calib_samples=st.calib_samples, settings=st.to_json(),
@@ -189,7 +208,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
 
     t0 = time.time()
     model, tok, max_pos = _model(cfg.model)
-    max_pos = _cache_len(cfg, max_pos) - 1  # what the graphs run; the float model alike
+    he_cache = _humaneval_cache_len(cfg, tok, max_pos) if job.kind == "humaneval" else None
+    max_pos = (he_cache or _cache_len(cfg, max_pos)) - 1  # what the graphs run; float alike
     ccfg = CompletionConfig(cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg))
     windows = layer_windows(tok, samples, cfg)
     out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
@@ -200,15 +220,20 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     else:
         recipe = load_recipe(job.recipe)
         out["recipe_hash"] = recipe.hash()
-        qm = _reload(artifact, model) if job.kind == "robust" else None
-        if qm is None:
-            qm = _compile(recipe, cfg, job.lower, out, progress)
-            if artifact is not None:
+        qm = _reload(artifact, model, he_cache) if job.kind != "quality" else None
+        if qm is None:  # HumanEval compiles with its longer cache (slower calibration)
+            qm = _compile(recipe, cfg, job.lower, out, progress, he_cache)
+            if artifact is not None and job.kind != "humaneval":
                 qm.save(artifact, force=True)
                 out["artifact"] = str(artifact)
         lm = qm.lm(name=Path(job.recipe).stem)
         out["bits"] = describe_bits(qm.plan)
-    if job.kind == "robust":
+    if job.kind == "humaneval":
+        from .eval.humaneval import run_humaneval
+
+        out["humaneval"] = run_humaneval(lm, tok, cfg.humaneval, cfg.humaneval_tokens,
+                                         max_positions=max_pos, progress=progress)
+    elif job.kind == "robust":
         from .robust import robust_scores
 
         out["robust"] = robust_scores(lm, tok, samples, ccfg, max_positions=max_pos,
@@ -264,14 +289,15 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
                 out["bench"] = {"skipped": f"{type(e).__name__}: {e}"}
 
 
-def _reload(artifact: Path | None, model):
-    """A quality job's compiled model, without calibrating again (None if unusable)."""
+def _reload(artifact: Path | None, model, cache_len: int | None = None):
+    """A quality job's compiled model, without calibrating again (None if unusable);
+    ``cache_len``: re-captured with this static cache."""
     import qdsl
 
     if artifact is None or not (Path(artifact) / "qdsl_artifact.json").exists():
         return None
     try:
-        return qdsl.load(artifact, model)
+        return qdsl.load(artifact, model, max_cache_len=cache_len)
     except QdslError as e:
         log.warning("cannot reload %s (%s); compiling again", artifact, e)
         return None
@@ -314,14 +340,17 @@ def memory_jobs(requested: int, model: str) -> int:
     return max(1, min(requested, fit))
 
 
-def plan_jobs(tables) -> list[Job]:
-    """Jobs of the tables in order, baseline first; a robust table's robust jobs follow
-    its quality jobs (they reload the compiled models). Deduplicated."""
+def plan_jobs(tables, humaneval: bool = False) -> list[Job]:
+    """Jobs of the tables in order, baseline first; a robust table's robust jobs (and,
+    with ``humaneval``, a pass@1 table's HumanEval jobs) follow its quality jobs (they
+    reload the compiled models). Deduplicated."""
     jobs = [Job(None)]
     for t in tables:
         jobs += [Job.of(r) for r in t.rows]
         if t.kind == "robust":
             jobs += [Job.of(r, "robust") for r in t.rows]
+        if humaneval and "pass@1" in t.paper_cols:
+            jobs += [Job.of(r, "humaneval") for r in t.rows]
     seen, out = set(), []
     for j in jobs:
         if j not in seen:
@@ -346,9 +375,10 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
     model_hash = resolve_model(cfg.model).content_hash[:16]
     bhash = bench_hash(samples)
     tables = ([adhoc_table(list(recipes))] if recipes else []) + list(tables)  # run in order
-    todo = plan_jobs(tables)
+    he = cfg.humaneval > 0
+    todo = plan_jobs(tables, he)
     others = [t for t in TABLES.values() if t not in tables]
-    keys = {j: job_key(j, cfg, model_hash, bhash) for j in plan_jobs(tables + others)}
+    keys = {j: job_key(j, cfg, model_hash, bhash) for j in plan_jobs(tables + others, he)}
     done = {k: r for k in set(keys.values()) if (r := read_json(out / "cache" / f"{k}.json"))}
     # the report also shows every other seed table with a finished row in this cache
     shown = tables + [t for t in others
@@ -383,7 +413,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
         bar.set_postfix_str(Path(res.get("recipe") or "fp32").stem)
         write()
 
-    def artifact(j: Job) -> str | None:  # a robust job reloads its quality job's model
+    def artifact(j: Job) -> str | None:  # robust / HumanEval reload the quality job's model
         q = replace(j, kind="quality")
         return None if j.recipe is None else str(out / "artifacts" / keys[q])
 

@@ -160,6 +160,12 @@ def _signed(x) -> str:
     return "-" if x is None else f"{x:+.1f}"
 
 
+def _pass1(res: dict | None) -> str:
+    """Measured HumanEval pass@1 (%) and the problem count: '31.1 (of 164)'."""
+    he = (res or {}).get("humaneval")
+    return f"{100 * he['pass@1']:.1f} (of {he['problems']})" if he else "-"
+
+
 def _quality_line(row: Row, res: dict | None, base: dict | None, cols) -> list[str]:
     paper = [_f(row.paper.get(c)) for c in cols]
     if res is None:
@@ -207,6 +213,10 @@ def render(table: Table, results: dict[str | None, dict]) -> str:
                 *[f"paper {c}" for c in table.paper_cols]]
         lines = [_quality_line(r, results.get(r.recipe), base, table.paper_cols)
                  for r in table.rows]
+        if any("humaneval" in (results.get(r.recipe) or {}) for r in table.rows):
+            head.insert(-len(table.paper_cols) or len(head), "pass@1 %")
+            for line, r in zip(lines, table.rows):
+                line.insert(-len(table.paper_cols) or len(line), _pass1(results.get(r.recipe)))
         if table.kind == "hosting":
             head += ["artifact MB", "decode ms/tok", "fp32 decode", "prefill ms", "peak RSS MB"]
             for line, r in zip(lines, table.rows):
@@ -294,7 +304,10 @@ def adhoc_table(recipes: list[str]) -> Table:
 
 def _summary(res: dict) -> dict:
     """A cached job result without its per-sample rows and per-layer detail."""
-    return {k: v for k, v in res.items() if k not in ("samples", "layers", "robust", "traceback")}
+    out = {k: v for k, v in res.items() if k not in ("samples", "layers", "robust", "traceback")}
+    if "humaneval" in out:  # pass@1 and counts, not the 164 completions
+        out["humaneval"] = {k: v for k, v in out["humaneval"].items() if k != "results"}
+    return out
 
 
 def machine() -> dict:
@@ -315,7 +328,7 @@ def machine() -> dict:
 
 def table_results(table: Table, keys: dict, done: dict) -> dict:
     """recipe (None = baseline) -> the quality result, with the robust job's numbers
-    under "robust" for a robust table."""
+    under "robust" for a robust table and the HumanEval job's under "humaneval"."""
     from .sweep import Job
 
     out = {}
@@ -326,6 +339,9 @@ def table_results(table: Table, keys: dict, done: dict) -> dict:
             rob = done.get(keys.get(Job.of(r, "robust")))
             if rob is not None:
                 q["robust"] = rob["robust"]
+            he = done.get(keys.get(Job.of(r, "humaneval")))
+            if he is not None:
+                q["humaneval"] = _summary(he)["humaneval"]
             out[r.recipe] = q
     return out
 

@@ -114,6 +114,31 @@ def test_robust_table_on_tiny_model(tiny_dir, tmp_path):
     assert "%drop ES" in (tmp_path / "r" / "tables.md").read_text()
 
 
+def test_humaneval_jobs_reuse_the_quality_artifacts(tiny_dir, tmp_path):
+    from dataclasses import replace
+
+    table = Table("he", "pass@1 smoke", "quality",
+                  (Row("FP", None, {"pass@1": 11.71}), Row("W8A8", RECIPES[0], {"pass@1": 10.79})),
+                  paper_cols=("pass@1",))
+    cfg = replace(_cfg(tiny_dir), humaneval=2, humaneval_tokens=4)
+    res = run_sweep(cfg, tmp_path / "h", tables=[table], progress=False)
+    assert not res["failed"], res["failed"]
+    for row in res["tables"]["he"]:
+        assert row["humaneval"]["problems"] == 2 and 0 <= row["humaneval"]["pass@1"] <= 1
+        assert "results" not in row["humaneval"]  # the completions stay in the cache
+    he_runs = [r for r in res["runs"].values() if r["kind"] == "humaneval"]
+    assert len(he_runs) == 2 and all("compile_seconds" not in r for r in he_runs)
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "h" / "cache").glob("*.json")]
+    done = [c["humaneval"]["results"] for c in cached if c["kind"] == "humaneval"]
+    assert [r["task_id"] for r in done[0]] == ["HumanEval/0", "HumanEval/1"]
+    md = (tmp_path / "h" / "tables.md").read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| Method"))
+    assert header.rstrip(" |").endswith("pass@1 % | paper pass@1")
+    assert "(of 2) | 10.8 |" in md
+    # without --humaneval the same table plans no HumanEval jobs
+    assert all(j.kind == "quality" for j in sweep_mod.plan_jobs([table]))
+
+
 def test_render_marks_partial_tables_and_shows_paper_numbers():
     t = TABLES["storti-3"]
     base = {"es": 40.0, "em": 20.0, "ppl": 3.0, "compression": 1.0, "size_mb": 538.0,

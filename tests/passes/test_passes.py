@@ -115,6 +115,21 @@ def test_artifact_round_trip_and_source_check(tmp_path):
         qm.save(tmp_path / "art")
 
 
+def test_artifact_reloads_with_a_longer_cache(tmp_path):
+    model = tiny("gpt2")
+    qm = qdsl.compile(model, "* -> w8a8\n", calib=tiny_ids(model, 4, 8), max_cache_len=12,
+                      progress=False)
+    out = qm.save(tmp_path / "art")
+    longer = qdsl.load(out, model, max_cache_len=24)
+    assert longer.max_cache_len == 24 and longer.plan == qm.plan
+    assert longer.named.graph_hash != qm.named.graph_hash  # the cache length is a constant
+    ids = tiny_ids(model, 1, 10, seed=3)
+    torch.testing.assert_close(longer(ids), qm(ids))
+    assert longer(tiny_ids(model, 1, 20, seed=3)).shape[1] == 20  # past the old cache
+    with pytest.raises(ArtifactError, match="not this one"):
+        qdsl.load(out, tiny("gpt2", seed=1), max_cache_len=24)
+
+
 def test_interrupted_write_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(tmp_path / "out") as d:
