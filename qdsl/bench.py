@@ -123,9 +123,11 @@ def _load_child_model(spec: dict):
         from qdsl.capture import capture
         from qdsl.graphlm import GraphLM
         from qdsl.passes.fuse_attention import fuse_attention
+        from qdsl.passes.simplify import drop_noops
 
         cache = spec.get("cache_len", GRAPH_CACHE_LEN)
         gm = capture(model, mode="generate", max_cache_len=cache).gm
+        drop_noops(gm)              # as lower_fake does before lower_int8
         fuse_attention(gm)
         return GraphLM(gm, cache, name=spec["name"]), model.config.vocab_size
     if kind == "torch-ao":
