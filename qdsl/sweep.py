@@ -232,7 +232,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
         from .eval.humaneval import run_humaneval
 
         out["humaneval"] = run_humaneval(lm, tok, cfg.humaneval, cfg.humaneval_tokens,
-                                         max_positions=max_pos, progress=progress)
+                                         heal=ccfg.prompt == "heal", max_positions=max_pos,
+                                         progress=progress)
     elif job.kind == "robust":
         from .robust import robust_scores
 
