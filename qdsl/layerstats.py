@@ -10,7 +10,8 @@ gives its relative error per layer against those outputs (Fig. 6c).
 
 from __future__ import annotations
 
-from .sweep import SweepConfig, _cache_len, _model
+from .sweep import SweepConfig
+from .sweepjob import _cache_len, _model
 
 FLOAT_REF: dict = {}  # (model, windows, tokens) -> float layer statistics; per process
 

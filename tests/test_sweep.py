@@ -12,6 +12,7 @@ import torch
 
 import qdsl
 from qdsl import sweep as sweep_mod
+from qdsl import sweepjob
 from qdsl.passes.record import insert_recorders, recorded_names, relative_error
 from qdsl.robust import nl_spans, pct_drop, perturb_code
 from qdsl.sweep import SweepConfig, run_sweep
@@ -98,7 +99,7 @@ def test_smoke_sweep_then_cached(tiny_dir, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("a cached job ran again")
-    monkeypatch.setattr(sweep_mod, "run_job", boom)
+    monkeypatch.setattr(sweepjob, "run_job", boom)
     again = run_sweep(_cfg(tiny_dir), out, recipes=RECIPES, progress=False)
     assert again["tables"]["recipes"] == rows
 
