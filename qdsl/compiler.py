@@ -53,7 +53,7 @@ class Explanation:
     def _execution(self):
         if self.lower != "int8":
             return None
-        from .passes.lower_int8 import execution
+        from .passes.int8_exec import execution
 
         table = execution(self.captured.gm, self.named, self.plan)
         return lambda entry: table[entry.name]
