@@ -42,6 +42,17 @@ W8 = TensorSpec(WEIGHT, 8, symmetric=True, granularity=PerChannel())
 A8_DYNAMIC = TensorSpec(ACTIVATION, 8, symmetric=True, granularity=PerToken(), dynamic=True)
 
 
+def derived(module: nn.Module, slot: str, sources: tuple[Tensor, ...], build):
+    """``build()``, computed once per storage of ``sources`` and kept on ``module`` under
+    ``slot`` (not a buffer, so never saved): a kernel's prepacked weight. Loading new
+    buffers or moving the module changes their storage, which rebuilds it."""
+    key = tuple(t.data_ptr() for t in sources)
+    hit = module.__dict__.get(slot)
+    if hit is None or hit[0] != key:
+        hit = module.__dict__[slot] = (key, build())
+    return hit[1]
+
+
 def check_spec(spec: TensorSpec, bits: tuple[int, ...], granularities: tuple[type, ...],
                what: str, symmetric: bool | None = True) -> None:
     """Raise GraphError unless ``spec`` is something the runtime module can run."""
@@ -178,11 +189,8 @@ class Int8DynamicLinear(_Int8Weight):
 
     def _fbgemm(self):
         """Packed params for decode, built once from the buffers (not saved)."""
-        key = (self.weight.data_ptr(), self.weight_scale.data_ptr())
-        if getattr(self, "_packed_key", None) != key:
-            self._packed = prepack_int8(self.weight, self.weight_scale, self.bias)
-            self._packed_key = key
-        return self._packed
+        return derived(self, "_fbgemm_packed", (self.weight, self.weight_scale),
+                       lambda: prepack_int8(self.weight, self.weight_scale, self.bias))
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)                 # [M, K]

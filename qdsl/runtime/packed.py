@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from qdsl.quant import choose_qparams, dequantize, quantize, reduce_mean_abs, reduce_range
-from qdsl.runtime.int8 import check_spec
+from qdsl.runtime.int8 import check_spec, derived
 from qdsl.runtime.packing import pack_int, packed_len, unpack_int
 from qdsl.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
 
@@ -129,14 +129,12 @@ class PackedLinear(_PackedWeight):
     def _int4(self) -> tuple[Tensor, Tensor]:
         """(kernel-layout weight, bf16 scales and zeros ``[G, out, 2]``), built once from
         the buffers: stored code u = q + 8 and w = (u - 8) * scale + 0, the kernel's form."""
-        key = (self.weight_packed.data_ptr(), self.weight_scale.data_ptr())
-        if getattr(self, "_int4_key", None) != key:
+        def build():
             u = unpack_int(self.weight_packed, 4, self.in_features).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
             scale = self.weight_scale.t()                                # [G, out]
-            sz = torch.stack([scale, torch.zeros_like(scale)], -1).bfloat16().contiguous()
-            self._int4_cache, self._int4_key = (packed, sz), key
-        return self._int4_cache
+            return packed, torch.stack([scale, torch.zeros_like(scale)], -1).bfloat16().contiguous()
+        return derived(self, "_int4_packed", (self.weight_packed, self.weight_scale), build)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.uses_int4_kernel():
