@@ -1,0 +1,116 @@
+"""Rewrite the three-model headline table of docs/results.md from the sweeps' results.
+
+    python tools/headline.py            # docs/results.md, results/sweep{,-qwen,-stdlib-gpt2}
+
+The table sits between ``<!-- qdsl:headline -->`` and ``<!-- /qdsl:headline -->``
+(``qdsl sweep --doc`` leaves blocks it does not own alone). Each cell is read from a
+sweep's ``results.json`` (the rows of its seed tables), matched by the recipe file
+relative to ``recipes/``; a row a sweep has not run shows ``-``. Nothing is typed by hand, so the table cannot drift from the caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from qdsl.atomic import write_text_atomic
+
+# (label, recipe under recipes/ or None for fp32)
+ROWS = (
+    ("fp32", None),
+    ("Storti naive W8A8 (per tensor, MSE weights)", "storti/t2_w8a8.qrec"),
+    ("Storti W8A8, weights current min-max (Table 1 CMM / CMM)", "storti/t1_cmm_cmm.qrec"),
+    ("Storti W8A32 (per-tensor MSE weights, float activations)", "storti/t2_w8a32.qrec"),
+    ("  diagnostic: W8A32 with min-max weights", "storti/t2_w8a32_minmax.qrec"),
+    ("  diagnostic: W8A32 with per-channel MSE weights", "storti/t2_w8a32_per_channel.qrec"),
+    ("Storti W8A16", "storti/t2_w8a16.qrec"),
+    ("Storti W4A32", "storti/t2_w4a32.qrec"),
+    ("Storti W8A8, res_sum at 16 bits", "storti/t3_res_sum.qrec"),
+    ("  diagnostic: W8A8, both residual sums at 16 bits", "storti/t3_res_both.qrec"),
+    ("Storti W8A8, PEG K = 8", "storti/t4_w8a8_k8.qrec"),
+    ("Storti W8A8, per-token activations", "storti/t4_w8a8_per_token.qrec"),
+    ("Wei W8A8 dynamic, per-tensor", "wei/t4_dynamic_per_tensor.qrec"),
+    ("Wei W8A8 static, per-tensor", "wei/t4_static_per_tensor.qrec"),
+    ("Wei W8A8 static, per-column", "wei/t4_static_per_column.qrec"),
+    ("Wei W4A8 static, per-column", "wei/t5_w4a8.qrec"),
+    ("Wei W8A4 static, per-column", "wei/t5_w8a4.qrec"),
+)
+_BLOCK = re.compile(r"(<!-- qdsl:headline -->\n)(.*?)(<!-- /qdsl:headline -->)", re.S)
+
+
+def rows_by_recipe(results_dir: Path) -> dict[str | None, dict]:
+    """recipe under recipes/ (None = fp32) -> its measured row, over every seed table
+    in the sweep's results.json (recipes that mean the same share one job, so the
+    row's own ``recipe`` field may name the file that ran; the table's is used)."""
+    from qdsl.tables import TABLES
+
+    res = json.loads((results_dir / "results.json").read_text())
+    out: dict = {}
+    for name, rows in res["tables"].items():
+        if name not in TABLES:
+            continue
+        for row, measured in zip(TABLES[name].rows, rows):
+            if "es" in measured:
+                out[row.recipe] = {**out.get(row.recipe, {}), **measured}
+    return out
+
+
+def _num(x, digits=1) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.1e}" if x >= 1e5 else f"{x:,.{digits}f}"
+
+
+def quality(run: dict | None, ppl_only: bool = False) -> str:
+    if run is None:
+        return "-"
+    if ppl_only:
+        return _num(run.get("ppl"), 2)
+    return f"{_num(run['es'])} / {run['em']:.0f} / {_num(run.get('ppl'))}"
+
+
+def pass1(run: dict | None) -> str:
+    he = (run or {}).get("humaneval")
+    return f"{100 * he['pass@1']:.1f}" if he else "-"
+
+
+def table(smol: dict, qwen: dict, gpt2: dict, n: dict) -> str:
+    he_n = next((r["humaneval"]["problems"] for r in qwen.values() if "humaneval" in r), None)
+    head = ["recipe", f"SmolLM2-135M ES / EM / ppl (n={n['smol']})",
+            f"Qwen2.5-Coder-0.5B ES / EM / ppl (n={n['qwen']})"]
+    if he_n:
+        head.append(f"Qwen HumanEval pass@1 % (first {he_n})")
+    head.append("stdlib-gpt2 ppl")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, recipe in ROWS:
+        cells = [label, quality(smol.get(recipe)), quality(qwen.get(recipe))]
+        if he_n:
+            cells.append(pass1(qwen.get(recipe)))
+        cells.append(quality(gpt2.get(recipe), ppl_only=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--doc", default="docs/results.md")
+    ap.add_argument("--smol", default="results/sweep")
+    ap.add_argument("--qwen", default="results/sweep-qwen")
+    ap.add_argument("--gpt2", default="results/sweep-stdlib-gpt2")
+    a = ap.parse_args()
+    dirs = {"smol": Path(a.smol), "qwen": Path(a.qwen), "gpt2": Path(a.gpt2)}
+    runs = {k: rows_by_recipe(d) for k, d in dirs.items()}
+    n = {k: json.loads((d / "results.json").read_text())["n_samples"] for k, d in dirs.items()}
+    doc = Path(a.doc)
+    text = doc.read_text()
+    if not _BLOCK.search(text):
+        raise SystemExit(f"{doc}: no <!-- qdsl:headline --> ... <!-- /qdsl:headline --> block")
+    body = table(runs["smol"], runs["qwen"], runs["gpt2"], n)
+    write_text_atomic(doc, _BLOCK.sub(lambda m: m.group(1) + body + m.group(3), text))
+    print(f"wrote the headline table of {doc}")
+
+
+if __name__ == "__main__":
+    main()
