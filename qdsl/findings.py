@@ -16,7 +16,8 @@ Verdicts:
 * ``not run yet``: a row the check needs has no result.
 
 Perplexity (over the same windows for every row) is printed as the finer-grained
-second witness: it moves long before ES does.
+second witness: it moves long before ES does. Rows with a HumanEval job (``qdsl sweep
+--humaneval``) also print their pass@1, the Wei et al. metric.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ class Rows:
 def _row_text(label: str, r: dict) -> str:
     ppl = r.get("ppl")
     ppl_s = "-" if ppl is None else f"{ppl:,.1f}" if ppl < 1e5 else f"{ppl:.2g}"
-    return f"{label}: ES {r['es']:.1f}, EM {r['em']:.0f}, ppl {ppl_s}"
+    he = r.get("humaneval")
+    he_s = f", HumanEval pass@1 {100 * he['pass@1']:.1f}% of {he['problems']}" if he else ""
+    return f"{label}: ES {r['es']:.1f}, EM {r['em']:.0f}, ppl {ppl_s}{he_s}"
 
 
 def _better(a: str, b: str, *, rows: Rows, table: str) -> tuple[str, str]:

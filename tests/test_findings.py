@@ -50,6 +50,16 @@ def test_perplexity_witness_when_es_cannot_tell():
     assert _verdict(t, "static per-column")["evidence"].endswith("cannot tell either")
 
 
+def test_humaneval_pass_at_1_is_printed_beside_es():
+    he = {"problems": 82, "passed": 26, "pass@1": 26 / 82}
+    t = {"wei-4": [_row("Dynamic (per-tensor)", 40.0, humaneval=he),
+                   _row("Full precision", 42.0)]}
+    f = _verdict(t, "dynamic per-tensor")
+    assert "Dynamic (per-tensor): ES 40.0, EM 5, ppl 10.0, HumanEval pass@1 31.7% of 82" \
+        in f["evidence"]
+    assert "Full precision: ES 42.0, EM 5, ppl 10.0;" in f["evidence"]
+
+
 def test_recovers_share_of_the_loss():
     t = {"storti-3": [_row("Baseline (fp32)", 42.0), _row("Naive W8A8", 2.0),
                       _row("Residual Sum of block", 30.0)]}
