@@ -260,9 +260,8 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
     generate longer sequences than it was calibrated for); the quantizers, fitted per
     node, are reused unchanged.
     """
-    from .artifact import module_hash, read_artifact
+    from .artifact import read_artifact
     from .capture import capture
-    from .errors import ArtifactError
     from .naming import name_graph
     from .passes.freeze import Frozen
     from .passes.lower_fake import lower_fake
@@ -277,12 +276,7 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
 
         return load_int8(path, meta, plan_json, tensors, model, same_model=recache)
     m, tok, model_id = as_model(model if model is not None else meta["model"]["id"])
-    got = module_hash(m)
-    if got != meta["model"]["hash"]:
-        raise ArtifactError(
-            f"artifact {path} was compiled from model {meta['model']['id']!r} "
-            f"(hash {meta['model']['hash']}), not this one (hash {got}); "
-            "load it against the model it was compiled from")
+    got = check_source(m, meta, path)
     captured = capture(m, mode=meta["mode"], max_cache_len=meta["max_cache_len"])
     named = name_graph(captured)
     plan = QuantPlan.from_json(plan_json)
@@ -300,6 +294,21 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
                           lower=meta["lower"], mode=meta["mode"],
                           max_cache_len=meta["max_cache_len"], source_id=model_id,
                           source_hash=got, settings=Settings(**meta["settings"]), tokenizer=tok)
+
+
+def check_source(m, meta: dict, path) -> str:
+    """``m``'s content hash, if it is the model the artifact at ``path`` was compiled
+    from; else an ArtifactError naming both."""
+    from .artifact import module_hash
+    from .errors import ArtifactError
+
+    got = module_hash(m)
+    if got != meta["model"]["hash"]:
+        raise ArtifactError(
+            f"artifact {path} was compiled from model {meta['model']['id']!r} "
+            f"(hash {meta['model']['hash']}), not this one (hash {got}); "
+            "load it against the model it was compiled from")
+    return got
 
 
 def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None):

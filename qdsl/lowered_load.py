@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .artifact import assign_tensors, graph_tensors, module_hash
+from .artifact import assign_tensors, graph_tensors
 from .errors import ArtifactError
 
 
@@ -58,7 +58,7 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
     """``qdsl.load`` for a self-contained int8 artifact -> QuantizedModel. ``same_model``:
     ``meta`` asks for another cache length than the compile's (``QuantPlan.check_graph``)."""
     from .capture import capture
-    from .compiler import QuantizedModel, as_model
+    from .compiler import QuantizedModel, as_model, check_source
     from .naming import name_graph
     from .passes.freeze import Frozen
     from .passes.lower_fake import lower_fake
@@ -68,12 +68,7 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
 
     d, info = Path(path), meta["int8"]
     if model is not None:  # optional: must be the model the artifact was compiled from
-        m, _, _ = as_model(model)
-        if module_hash(m) != meta["model"]["hash"]:
-            raise ArtifactError(
-                f"artifact {d} was compiled from model {meta['model']['id']!r} "
-                f"(hash {meta['model']['hash']}), not this one (hash {module_hash(m)})")
-        del m
+        check_source(as_model(model)[0], meta, d)
     try:
         skeleton = meta_model(d / "model")
     except (OSError, ValueError) as e:
