@@ -93,13 +93,13 @@ def table(smol: dict, qwen: dict, gpt2: dict, n: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--doc", default="docs/results.md")
     ap.add_argument("--smol", default="results/sweep")
     ap.add_argument("--qwen", default="results/sweep-qwen")
     ap.add_argument("--gpt2", default="results/sweep-stdlib-gpt2")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     dirs = {"smol": Path(a.smol), "qwen": Path(a.qwen), "gpt2": Path(a.gpt2)}
     runs = {k: rows_by_recipe(d) for k, d in dirs.items()}
     n = {k: json.loads((d / "results.json").read_text())["n_samples"] for k, d in dirs.items()}

@@ -1,0 +1,42 @@
+"""tools/headline.py: the three-model headline table is built from sweeps' results.json."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("headline", ROOT / "tools" / "headline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _results(d: Path, n: int, wei4: list[dict]) -> Path:
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({"n_samples": n, "tables": {"wei-4": wei4}}))
+    return d
+
+
+def test_headline_reads_rows_by_table_recipe_and_keeps_prose(tmp_path):
+    he = {"problems": 82, "passed": 20, "pass@1": 20 / 82}
+    fp = {"label": "Full precision", "es": 42.0, "em": 9.0, "ppl": 10.0}
+    dyn = {"label": "Dynamic (per-tensor)", "es": 39.9, "em": 7.0, "ppl": 2.6e6,
+           "recipe": "/elsewhere/recipes/wei/t5_w8a8.qrec"}  # the alias that ran
+    smol = _results(tmp_path / "s", 100, [fp, dyn])
+    qwen = _results(tmp_path / "q", 20, [{**fp, "humaneval": he}, {"label": "x"}])
+    gpt2 = _results(tmp_path / "g", 100, [{**fp, "ppl": 62.43}])
+    doc = tmp_path / "r.md"
+    doc.write_text("prose\n<!-- qdsl:headline -->\nold\n<!-- /qdsl:headline -->\nmore prose\n")
+    tool = _tool()
+    tool.main(["--doc", str(doc), "--smol", str(smol), "--qwen", str(qwen), "--gpt2", str(gpt2)])
+    text = doc.read_text()
+    assert text.startswith("prose\n<!-- qdsl:headline -->\n| recipe |")
+    assert text.endswith("<!-- /qdsl:headline -->\nmore prose\n") and "old" not in text
+    assert "| fp32 | 42.0 / 9 / 10.0 | 42.0 / 9 / 10.0 | 24.4 | 62.43 |" in text
+    assert "| Wei W8A8 dynamic, per-tensor | 39.9 / 7 / 2.6e+06 | - | - | - |" in text
+    assert "Qwen HumanEval pass@1 % (first 82)" in text
