@@ -184,8 +184,8 @@ def artifact_size(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def load_artifact_lm(path: str | os.PathLike, model=None):
+def load_artifact_lm(path: str | os.PathLike, model=None, max_cache_len: int | None = None):
     """An artifact as a ``CausalLM`` (see ``qdsl.compiler.load_artifact_lm``)."""
     from .compiler import load_artifact_lm as _load
 
-    return _load(path, model)
+    return _load(path, model, max_cache_len=max_cache_len)

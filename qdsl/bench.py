@@ -116,7 +116,7 @@ def _load_child_model(spec: dict):
         except ImportError as e:
             raise ArtifactError("qdsl.artifact is not available in this build; "
                                 "use --lower-all to measure the runtime modules") from e
-        lm = load_artifact_lm(path)
+        lm = load_artifact_lm(path, max_cache_len=spec.get("cache_len"))
         return lm, spec["vocab"]
     model = load_lowered(path)                               # fp32 or swapped, meta + assign
     if kind == "fp32-graph":          # the runtime an int8 artifact runs, float weights
@@ -272,10 +272,15 @@ def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | 
         if artifact:
             from transformers import AutoConfig
             vocab = AutoConfig.from_pretrained(specs[0]["path"]).vocab_size
-            specs.append(dict(name=f"qdsl artifact {Path(artifact).name}", kind="artifact",
-                              path=str(artifact), size_mb=dir_size_mb(artifact), vocab=vocab))
             meta = json.loads((Path(artifact) / "qdsl_artifact.json").read_text())
-            specs[1]["cache_len"] = meta.get("max_cache_len", GRAPH_CACHE_LEN)  # same as artifact
+            # the artifact's own cache, or room for the prompt and the decoded tokens (a
+            # sweep compiles with 305 slots); the fp32 graph row runs the same length
+            cache = max(meta.get("max_cache_len", GRAPH_CACHE_LEN),
+                        cfg.context + cfg.decode_tokens + 1)
+            specs.append(dict(name=f"qdsl artifact {Path(artifact).name}", kind="artifact",
+                              path=str(artifact), size_mb=dir_size_mb(artifact), vocab=vocab,
+                              cache_len=cache))
+            specs[1]["cache_len"] = cache
         runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
         for k in range(cfg.rounds):                          # interleave: load drifts
             order = range(len(specs)) if k % 2 == 0 else reversed(range(len(specs)))

@@ -311,9 +311,11 @@ def check_source(m, meta: dict, path) -> str:
     return got
 
 
-def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None):
-    """An artifact as a ``CausalLM`` (what ``qdsl eval`` and ``qdsl bench`` run)."""
-    q = load(path, model)
+def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None,
+                     max_cache_len: int | None = None):
+    """An artifact as a ``CausalLM`` (what ``qdsl eval`` and ``qdsl bench`` run);
+    ``max_cache_len`` as in ``load``."""
+    q = load(path, model, max_cache_len=max_cache_len)
     lm = q.lm(name=f"qdsl:{Path(path).name}")
     lm.tokenizer = q.tokenizer
     return lm

@@ -47,3 +47,19 @@ def test_not_an_artifact(tiny_dir, tmp_path):
     with pytest.raises(ArtifactError, match="qdsl_artifact.json"):
         bench.run_bench(str(tiny_dir), artifact=str(tmp_path),
                         cfg=bench.BenchConfig(context=4, decode_tokens=1, repeats=1, rounds=1))
+
+
+def test_artifact_with_a_short_cache_is_benched_at_the_bench_context(tiny_dir, tmp_path):
+    """A sweep compiles with a short static cache (305 slots); the bench prefills 512
+    tokens: both graph rows re-capture with room for the context and decoded tokens."""
+    import qdsl
+    from tiny import tiny_ids
+
+    model = tiny("gpt2")
+    qm = qdsl.compile(model, "* -> w8 a.dynamic per_token\n", calib=tiny_ids(model, 2, 8),
+                      lower="int8", max_cache_len=10, progress=False)
+    art = qm.save(tmp_path / "art")
+    res = bench.run_bench(str(tiny_dir), artifact=str(art),
+                          cfg=bench.BenchConfig(context=16, decode_tokens=2, repeats=1, rounds=1))
+    rows = {r["kind"]: r for r in res["rows"]}
+    assert rows["artifact"]["decode_ms"] > 0 and rows["fp32-graph"]["prefill_ms"] > 0
