@@ -17,7 +17,8 @@ Verdicts:
 
 Perplexity (over the same windows for every row) is printed as the finer-grained
 second witness: it moves long before ES does. Rows with a HumanEval job (``qdsl sweep
---humaneval``) also print their pass@1, the Wei et al. metric.
+--humaneval``) print their pass@1, and a Wei et al. claim whose rows all have one is
+decided by pass@1 (their metric) instead of ES.
 """
 
 from __future__ import annotations
@@ -65,9 +66,29 @@ def _row_text(label: str, r: dict) -> str:
     return f"{label}: ES {r['es']:.1f}, EM {r['em']:.0f}, ppl {ppl_s}{he_s}"
 
 
+def _pass1(ra: dict, rb: dict) -> tuple[float, float] | None:
+    """(pass@1 difference a - b, its noise margin) in points when both rows have a
+    HumanEval job over the same problems, else None. Margin: NOISE_SIGMAS standard
+    errors of a difference of two proportions at their pooled rate (unpaired, so
+    conservative: the same problems are scored twice)."""
+    ha, hb = ra.get("humaneval"), rb.get("humaneval")
+    if not ha or not hb or ha["problems"] != hb["problems"]:
+        return None
+    p = (ha["pass@1"] + hb["pass@1"]) / 2
+    margin = NOISE_SIGMAS * 100 * math.sqrt(2 * p * (1 - p) / ha["problems"])
+    return 100 * (ha["pass@1"] - hb["pass@1"]), max(margin, 100 / ha["problems"])
+
+
 def _better(a: str, b: str, *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: row ``a`` scores higher ES than row ``b``."""
+    """Claim: row ``a`` scores higher than row ``b``: by HumanEval pass@1 (the paper's
+    metric) when both rows have it, else by ES."""
     ra, rb = rows.get(table, a), rows.get(table, b)
+    he = _pass1(ra, rb)
+    if he is not None:
+        d, margin = he
+        verdict = REPRODUCED if d > margin else NOT_REPRODUCED if d < -margin else NOISE
+        return verdict, (f"{_row_text(a, ra)}; {_row_text(b, rb)}; Δpass@1 {d:+.1f} "
+                         f"(margin {margin:.1f}; decided by HumanEval)")
     d = ra["es"] - rb["es"]
     verdict = (REPRODUCED if d > rows.margin else NOT_REPRODUCED if d < -rows.margin
                else NOISE)
@@ -84,8 +105,15 @@ def _ppl_witness(a: str, ra: dict, b: str, rb: dict) -> str:
 
 
 def _near(a: str, base: str, *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: row ``a`` is within the noise margin of ``base`` (near lossless)."""
+    """Claim: row ``a`` is within the noise margin of ``base`` (near lossless), by
+    HumanEval pass@1 when both rows have it, else by ES."""
     ra, rb = rows.get(table, a), rows.get(table, base)
+    he = _pass1(ra, rb)
+    if he is not None:
+        d, margin = he
+        return (REPRODUCED if d >= -margin else NOT_REPRODUCED,
+                f"{_row_text(a, ra)}; {_row_text(base, rb)}; Δpass@1 {d:+.1f} "
+                f"(margin {margin:.1f}; decided by HumanEval)")
     d = ra["es"] - rb["es"]
     return (REPRODUCED if d >= -rows.margin else NOT_REPRODUCED,
             f"{_row_text(a, ra)}; {_row_text(base, rb)}; ΔES {d:+.1f}")
@@ -105,10 +133,14 @@ def _recovers(fixed: str, broken: str, base: str,
 
 
 def _collapses(a: str, base: str, *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: row ``a`` loses at least half of the baseline's ES."""
+    """Claim: row ``a`` loses at least half of the baseline's ES (of its pass@1 when
+    both rows have HumanEval)."""
     ra, r0 = rows.get(table, a), rows.get(table, base)
-    return (REPRODUCED if ra["es"] < 0.5 * r0["es"] else NOT_REPRODUCED,
-            f"{_row_text(a, ra)}; {_row_text(base, r0)}")
+    text = f"{_row_text(a, ra)}; {_row_text(base, r0)}"
+    if _pass1(ra, r0) is not None:
+        kept = ra["humaneval"]["pass@1"] < 0.5 * r0["humaneval"]["pass@1"]
+        return (REPRODUCED if kept else NOT_REPRODUCED), text + " (decided by HumanEval)"
+    return (REPRODUCED if ra["es"] < 0.5 * r0["es"] else NOT_REPRODUCED), text
 
 
 def _best_of(a: str, others: list[str], *, rows: Rows, table: str) -> tuple[str, str]:
@@ -226,6 +258,9 @@ def render(findings: list[dict], n: int) -> str:
     out = [f"Verdicts over {n} samples per row: a difference counts when it exceeds "
            f"{margin:.1f} ES points (2 standard errors of a difference of two rows). "
            + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".", ""]
+    if any("decided by HumanEval" in f["evidence"] for f in findings):
+        out[0] += (" Claims marked *decided by HumanEval* compare pass@1 instead, with a "
+                   "margin of 2 standard errors of a difference of two pass rates.")
     for paper in dict.fromkeys(f["paper"] for f in findings):
         out += [f"**{paper}**", "", "| claim | table | paper | verdict | measured |",
                 "|---|---|---|---|---|"]

@@ -60,6 +60,24 @@ def test_humaneval_pass_at_1_is_printed_beside_es():
     assert "Full precision: ES 42.0, EM 5, ppl 10.0;" in f["evidence"]
 
 
+def test_wei_claims_are_decided_by_pass_at_1_when_every_row_has_it():
+    def he(passed):
+        return {"problems": 82, "passed": passed, "pass@1": passed / 82}
+    t = {"wei-4": [_row("Static (per-column)", 55.9, humaneval=he(41)),
+                   _row("Static (per-tensor)", 52.4, humaneval=he(21)),
+                   _row("Full precision", 57.2, humaneval=he(49)),
+                   _row("Dynamic (per-tensor)", 51.6, humaneval=he(43))]}
+    f = _verdict(t, "static per-column", n=20)   # ES alone: +3.5, within 19 points of noise
+    assert f["verdict"] == REPRODUCED and "Δpass@1 +24.4" in f["evidence"]
+    assert "decided by HumanEval" in f["evidence"]
+    assert _verdict(t, "dynamic per-tensor", n=20)["verdict"] == REPRODUCED  # -7.3 < margin
+    t["wei-4"][3]["humaneval"] = he(20)
+    assert _verdict(t, "dynamic per-tensor", n=20)["verdict"] == NOT_REPRODUCED
+    del t["wei-4"][1]["humaneval"]                  # one row without HumanEval: ES decides
+    assert _verdict(t, "static per-column", n=20)["verdict"] == NOISE
+    assert "decided by HumanEval" in render(evaluate(t, 20), 20)
+
+
 def test_recovers_share_of_the_loss():
     t = {"storti-3": [_row("Baseline (fp32)", 42.0), _row("Naive W8A8", 2.0),
                       _row("Residual Sum of block", 30.0)]}
