@@ -154,13 +154,22 @@ def _best_of(a: str, others: list[str], *, rows: Rows, table: str) -> tuple[str,
     return verdict, f"{_row_text(a, ra)}; best other: {_row_text(top, rt)}; ΔES {d:+.1f}"
 
 
-def _flat(labels: list[str], *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: the rows' ES spread stays within the noise margin."""
-    rs = [rows.get(table, x) for x in labels]
-    spread = max(r["es"] for r in rs) - min(r["es"] for r in rs)
+def _flat(labels: list[str], min_rows: int = 3, *, rows: Rows,
+          table: str) -> tuple[str, str]:
+    """Claim: the rows' ES spread stays within the noise margin; decided once at least
+    ``min_rows`` of them have run (the missing ones are named)."""
+    got, missing = {}, []
+    for x in labels:
+        try:
+            got[x] = rows.get(table, x)
+        except _Missing:
+            missing.append(x)
+    if len(got) < min_rows:
+        raise _Missing(f"{table}: {missing[0]}")
+    spread = max(r["es"] for r in got.values()) - min(r["es"] for r in got.values())
     return (REPRODUCED if spread <= rows.margin else NOT_REPRODUCED,
-            "; ".join(_row_text(x, r) for x, r in zip(labels, rs))
-            + f"; ES spread {spread:.1f}")
+            "; ".join(_row_text(x, r) for x, r in got.items()) + f"; ES spread {spread:.1f}"
+            + (f" ({', '.join(missing)} not run yet)" if missing else ""))
 
 
 def _less_robust(quantized: list[str], base: str, *, rows: Rows,

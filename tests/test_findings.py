@@ -78,6 +78,17 @@ def test_wei_claims_are_decided_by_pass_at_1_when_every_row_has_it():
     assert "decided by HumanEval" in render(evaluate(t, 20), 20)
 
 
+def test_calibration_size_is_decided_on_three_of_four_rows():
+    rows = [_row("32 windows", 41.1), _row("128 windows", 42.0), _row("512 windows", 41.1)]
+    f = _verdict({"wei-fig7": rows[:2]}, "the calibration-set size")
+    assert f["verdict"] == NOT_RUN
+    f = _verdict({"wei-fig7": rows}, "the calibration-set size")
+    assert f["verdict"] == REPRODUCED and f["evidence"].endswith(
+        "ES spread 0.9 (2048 windows not run yet)")
+    rows.append(_row("2048 windows", 20.0))
+    assert _verdict({"wei-fig7": rows}, "the calibration-set size")["verdict"] == NOT_REPRODUCED
+
+
 def test_recovers_share_of_the_loss():
     t = {"storti-3": [_row("Baseline (fp32)", 42.0), _row("Naive W8A8", 2.0),
                       _row("Residual Sum of block", 30.0)]}
