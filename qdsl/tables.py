@@ -192,12 +192,13 @@ def _hosting_cells(res: dict | None) -> list[str]:
     """Real artifact size and ``qdsl bench`` numbers (the artifact's row, fp32's row)."""
     bench = (res or {}).get("bench") or {}
     if "skipped" in bench:
-        return ["-", f"skipped: {bench['skipped']}", "", "", ""]
+        return ["-", f"skipped: {bench['skipped'][:120]}", "", "", "", "", ""]
     rows = {r["kind"]: r for r in bench.get("rows", [])}
-    art, fp = rows.get("artifact", {}), rows.get("fp32", {})
+    art, fp, ao = rows.get("artifact", {}), rows.get("fp32", {}), rows.get("torch-ao", {})
     size = (res or {}).get("artifact_bytes")
     return [_f(size / 1e6 if size else None), _f(art.get("decode_ms"), 2),
-            _f(fp.get("decode_ms"), 2), _f(art.get("prefill_ms"), 1),
+            _f(fp.get("decode_ms"), 2), _f(ao.get("decode_ms"), 2),
+            _f(art.get("prefill_ms"), 1), _f(fp.get("prefill_ms"), 1),
             _f(art.get("peak_rss_mb"), 0)]
 
 
@@ -218,7 +219,8 @@ def render(table: Table, results: dict[str | None, dict]) -> str:
             for line, r in zip(lines, table.rows):
                 line.insert(-len(table.paper_cols) or len(line), _pass1(results.get(r.recipe)))
         if table.kind == "hosting":
-            head += ["artifact MB", "decode ms/tok", "fp32 decode", "prefill ms", "peak RSS MB"]
+            head += ["artifact MB", "decode ms/tok", "fp32 decode", "torch.ao decode",
+                     "prefill ms", "fp32 prefill", "peak RSS MB"]
             for line, r in zip(lines, table.rows):
                 line += _hosting_cells(results.get(r.recipe))
         if table.kind == "calib":

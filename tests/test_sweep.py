@@ -155,6 +155,19 @@ def test_render_marks_partial_tables_and_shows_paper_numbers():
     assert "(not run yet)" in md
 
 
+def test_hosting_table_shows_bench_rows_against_fp32_and_torch_ao():
+    def row(kind, prefill, decode):
+        return {"kind": kind, "prefill_ms": prefill, "decode_ms": decode, "peak_rss_mb": 900.0}
+    bench = {"rows": [row("fp32", 1800.0, 41.6), row("torch-ao", 515.3, 15.2),
+                      row("artifact", 559.5, 17.79)]}
+    res = {"es": 41.0, "em": 7.0, "ppl": 10.4, "compression": 3.97, "size_mb": 135.4,
+           "bits": "W8A32", "artifact_bytes": 139.4e6, "bench": bench}
+    md = render(TABLES["int8"], {"int8/w8a8_dynamic.qrec": res})
+    line = next(ln for ln in md.splitlines() if ln.startswith("| W8A8 dynamic"))
+    assert line.rstrip(" |").endswith("139.4 | 17.79 | 41.60 | 15.20 | 559.5 | 1800.0 | 900")
+    assert "| torch.ao decode |" in md
+
+
 def test_every_table_recipe_exists():
     from pathlib import Path
     for t in TABLES.values():
