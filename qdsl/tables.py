@@ -342,7 +342,7 @@ def table_results(table: Table, keys: dict, done: dict) -> dict:
             if rob is not None:
                 q["robust"] = rob["robust"]
             he = done.get(keys.get(Job.of(r, "humaneval")))
-            if he is not None:
+            if he is not None and "pass@1" in table.paper_cols:
                 q["humaneval"] = _summary(he)["humaneval"]
             out[r.recipe] = q
     return out

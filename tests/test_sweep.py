@@ -121,8 +121,9 @@ def test_humaneval_jobs_reuse_the_quality_artifacts(tiny_dir, tmp_path):
     table = Table("he", "pass@1 smoke", "quality",
                   (Row("FP", None, {"pass@1": 11.71}), Row("W8A8", RECIPES[0], {"pass@1": 10.79})),
                   paper_cols=("pass@1",))
+    other = Table("es", "ES only", "quality", (Row("FP", None), Row("W8A8", RECIPES[0])), ())
     cfg = replace(_cfg(tiny_dir), humaneval=2, humaneval_tokens=4)
-    res = run_sweep(cfg, tmp_path / "h", tables=[table], progress=False)
+    res = run_sweep(cfg, tmp_path / "h", tables=[table, other], progress=False)
     assert not res["failed"], res["failed"]
     for row in res["tables"]["he"]:
         assert row["humaneval"]["problems"] == 2 and 0 <= row["humaneval"]["pass@1"] <= 1
@@ -136,6 +137,8 @@ def test_humaneval_jobs_reuse_the_quality_artifacts(tiny_dir, tmp_path):
     header = next(ln for ln in md.splitlines() if ln.startswith("| Method"))
     assert header.rstrip(" |").endswith("pass@1 % | paper pass@1")
     assert "(of 2) | 10.8 |" in md
+    assert all("humaneval" not in row for row in res["tables"]["es"])  # not a pass@1 table
+    assert md.count("pass@1 %") == 1
     # without --humaneval the same table plans no HumanEval jobs
     assert all(j.kind == "quality" for j in sweep_mod.plan_jobs([table]))
 
