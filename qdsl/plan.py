@@ -85,12 +85,12 @@ class QuantPlan:
         hence its hash): then every planned node must exist by name instead."""
         if same_model:
             missing = [e.name for e in self.entries if e.name not in named.by_name]
-            if missing or named.module_map != self.module_map:
+            why = (f"{len(missing)} planned node(s) missing (e.g. {missing[:3]})" if missing
+                   else "the module map differs" if named.module_map != self.module_map
+                   else None)
+            if why:
                 raise PlanError([Diagnostic(
-                    "<plan>", 1, 1, f"plan does not fit this capture of its model: "
-                    f"{len(missing)} planned node(s) missing (e.g. {missing[:3]})"
-                    if missing else "plan does not fit this capture of its model: "
-                    "the module map differs")])
+                    "<plan>", 1, 1, f"plan does not fit this capture of its model: {why}")])
             return
         if named.graph_hash != self.graph_hash:
             raise PlanError([Diagnostic(

@@ -45,6 +45,11 @@ def _cache_len(cfg: SweepConfig, max_pos: int | None) -> int:
     sweep runs (prompt + new tokens, a calibration or perplexity window), no more:
     decode attends over the whole cache, so a 1024 cache is ~3x slower than 320."""
     need = max(cfg.ctx_tokens + cfg.max_new_tokens, cfg.calib_seq_len, cfg.layer_tokens) + 2
+    return _fit(need, max_pos)
+
+
+def _fit(need: int, max_pos: int | None) -> int:
+    """``need`` cache slots, at most the model's positions."""
     return min(need, max_pos) if max_pos else need
 
 
@@ -61,8 +66,7 @@ def _humaneval_cache_len(cfg: SweepConfig, tok, max_pos: int | None) -> int:
 
     longest = max(len(tok(p["prompt"], add_special_tokens=False)["input_ids"])
                   for p in load_problems()[:cfg.humaneval])
-    need = longest + cfg.humaneval_tokens + 2
-    return min(need, max_pos) if max_pos else need
+    return _fit(longest + cfg.humaneval_tokens + 2, max_pos)
 
 
 def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: bool,
@@ -92,7 +96,8 @@ def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: b
 def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: bool = False,
             artifact: Path | None = None) -> dict:
     """Run one job -> its result dict (the caller caches it). ``artifact``: where the
-    recipe's compiled model is saved (quality job) or reloaded from (robust job)."""
+    recipe's compiled model is saved (quality job) or reloaded from (robust and
+    HumanEval jobs)."""
     from .eval.complete import CompletionConfig, evaluate
     from .lang import load_recipe
     from .lm import HFCausalLM
@@ -104,7 +109,6 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     he_cache = _humaneval_cache_len(cfg, tok, max_pos) if job.kind == "humaneval" else None
     max_pos = (he_cache or _cache_len(cfg, max_pos)) - 1  # what the graphs run; float alike
     ccfg = CompletionConfig(cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg))
-    windows = layer_windows(tok, samples, cfg)
     out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
     qm = None
     if job.recipe is None:
@@ -141,6 +145,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
         out["eval_seconds"] = round(time.time() - t, 2)
         out["samples"] = [{k: r[k] for k in ("id", "pred", "em", "es")} for r in res["samples"]]
         _sizes(qm, model, out, job, cfg, out_dir)
+        windows = layer_windows(tok, samples, cfg)   # only quality jobs measure layers
         if windows:
             t = time.time()
             if qm is None:

@@ -40,13 +40,12 @@ ROWS = (
 _BLOCK = re.compile(r"(<!-- qdsl:headline -->\n)(.*?)(<!-- /qdsl:headline -->)", re.S)
 
 
-def rows_by_recipe(results_dir: Path) -> dict[str | None, dict]:
+def rows_by_recipe(res: dict) -> dict[str | None, dict]:
     """recipe under recipes/ (None = fp32) -> its measured row, over every seed table
     in the sweep's results.json (recipes that mean the same share one job, so the
     row's own ``recipe`` field may name the file that ran; the table's is used)."""
     from qdsl.tables import TABLES
 
-    res = json.loads((results_dir / "results.json").read_text())
     out: dict = {}
     for name, rows in res["tables"].items():
         if name not in TABLES:
@@ -101,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpt2", default="results/sweep-stdlib-gpt2")
     a = ap.parse_args(argv)
     dirs = {"smol": Path(a.smol), "qwen": Path(a.qwen), "gpt2": Path(a.gpt2)}
-    runs = {k: rows_by_recipe(d) for k, d in dirs.items()}
-    n = {k: json.loads((d / "results.json").read_text())["n_samples"] for k, d in dirs.items()}
+    results = {k: json.loads((d / "results.json").read_text()) for k, d in dirs.items()}
+    runs = {k: rows_by_recipe(r) for k, r in results.items()}
+    n = {k: r["n_samples"] for k, r in results.items()}
     doc = Path(a.doc)
     text = doc.read_text()
     if not _BLOCK.search(text):

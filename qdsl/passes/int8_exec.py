@@ -11,6 +11,7 @@ from .common import ACT_PREFIX
 from .fuse_attention import find_attention
 from .lower_int8 import FLOAT, FUSED, SIMULATED, VIEW_OPS, _label, _sites, decide
 
+
 def execution(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, str]:
     """canonical name -> how it runs under ``--lower int8`` (the `exec` column).
 
