@@ -29,6 +29,7 @@ def execution(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, str]:
     out: dict[str, str] = {}
     gemm_inputs: dict[str, int] = {}
     consumed = set()
+    by_name = {n.name: n for n in gm.graph.nodes}
     for s in sites:
         row = decide(s)
         out[s.name] = _label(row, s) if row else SIMULATED
@@ -38,7 +39,7 @@ def execution(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, str]:
     for node in named.nodes:
         a = plan[node.name].activation
         if a.quantized:
-            real = node.name in gemm_inputs and _only_read_by(gm, node.node, consumed)
+            real = node.name in gemm_inputs and _only_read_by(by_name.get(node.node), consumed)
             extra = "int8 (gemm input)" if real else SIMULATED
         elif node.node in fused:
             extra = FUSED
@@ -64,9 +65,8 @@ def _fused_attention_nodes(gm: fx.GraphModule, named, plan: QuantPlan) -> set[st
     return out
 
 
-def _only_read_by(gm: fx.GraphModule, fx_name: str, ops: set[str]) -> bool:
-    """Whether every reader of ``fx_name`` (through views and quantizers) is one of ``ops``."""
-    start = next((n for n in gm.graph.nodes if n.name == fx_name), None)
+def _only_read_by(start: fx.Node | None, ops: set[str]) -> bool:
+    """Whether every reader of ``start`` (through views and quantizers) is one of ``ops``."""
     if start is None:
         return False
     stack, seen = list(start.users), set()
