@@ -55,22 +55,24 @@ class Storage:
 
 def storage(gm: torch.nn.Module, named, plan: QuantPlan) -> Storage:
     """Estimated parameter storage before and after, counting shared (tied) tensors once."""
-    seen: dict[int, float] = {}
+    return storage_of(named, plan, lambda target: param(gm, target),
+                      list(gm.parameters()) + list(gm.buffers()))
+
+
+def storage_of(named, plan: QuantPlan, weight_of, tensors) -> Storage:
+    """Storage of ``tensors`` (each counted once) with each named node's weight
+    (``weight_of(node.weight)``, None where it is not among them) priced by the plan; a
+    tensor shared by two nodes keeps its most precise copy."""
+    cost: dict[int, float] = {}
     for node in named.nodes:
-        if node.weight is None:
-            continue
-        w = param(gm, node.weight)
-        cost = weight_bytes(plan[node.name].weight, tuple(w.shape))
-        # a tensor shared by two nodes keeps its most precise copy
-        seen[id(w)] = max(seen.get(id(w), 0.0), cost)
+        w = weight_of(node.weight) if node.weight else None
+        if w is not None:
+            c = weight_bytes(plan[node.name].weight, tuple(w.shape))
+            cost[id(w)] = max(cost.get(id(w), 0.0), c)
     before = after = 0.0
-    counted: set[int] = set()
-    for t in list(gm.parameters()) + list(gm.buffers()):
-        if id(t) in counted or not t.is_floating_point():
-            continue
-        counted.add(id(t))
+    for t in {id(t): t for t in tensors if t.is_floating_point()}.values():
         before += t.numel() * 4
-        after += seen.get(id(t), t.numel() * 4)
+        after += cost.get(id(t), t.numel() * 4)
     return Storage(before, after)
 
 

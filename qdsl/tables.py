@@ -260,7 +260,7 @@ def storage(model, named, plan) -> tuple[float, float]:
     """Estimated parameter bytes (before, after) of ``plan`` over the SOURCE model's
     parameters (``qdsl.explain.storage`` reads the graph, whose quantized weights
     ``lower_fake`` has replaced), tied tensors counted once."""
-    from .explain import weight_bytes
+    from .explain import storage_of
 
     params = dict(model.named_parameters(remove_duplicate=False))
 
@@ -269,17 +269,8 @@ def storage(model, named, plan) -> tuple[float, float]:
         return next((params[".".join(parts[i:])] for i in range(len(parts))
                      if ".".join(parts[i:]) in params), None)
 
-    cost: dict[int, float] = {}
-    for node in named.nodes:
-        w = source(node.weight) if node.weight else None
-        if w is not None:
-            c = weight_bytes(plan[node.name].weight, tuple(w.shape))
-            cost[id(w)] = max(cost.get(id(w), 0.0), c)
-    before = after = 0.0
-    for t in {id(t): t for t in model.parameters()}.values():
-        before += t.numel() * 4
-        after += cost.get(id(t), t.numel() * 4)
-    return before, after
+    st = storage_of(named, plan, source, model.parameters())
+    return st.before, st.after
 
 
 # ------------------------------------------------------------------ sweep reports
