@@ -69,13 +69,15 @@ class Job:
     recipe: str | None   # path of a .qrec file; None = the float baseline
     kind: str = "quality"  # "quality" | "robust" | "humaneval"
     lower: str | None = None  # overrides the recipe's `set lower` ("int8": real lowering)
+    own_calib: bool = False   # the recipe's calibration size wins over --calib-samples
 
     @classmethod
     def of(cls, row, kind: str = "quality") -> Job:
         """The job of a table row (``qdsl.tables.Row``)."""
         from .tables import recipe_path
 
-        return cls(recipe_path(row.recipe) if row.recipe else None, kind, row.lower)
+        return cls(recipe_path(row.recipe) if row.recipe else None, kind, row.lower,
+                   row.own_calib)
 
 
 # ------------------------------------------------------------------ keys
@@ -94,13 +96,16 @@ def prompt_mode(cfg: SweepConfig) -> str:
     return cfg.prompt or PROMPT_BY_MODEL.get(str(cfg.model).lower(), DEFAULT_PROMPT)
 
 
-def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None):
-    """Sweep defaults, then the recipe's own settings, then forced overrides."""
+def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None,
+                       own_calib: bool = False):
+    """Sweep defaults, then the recipe's own settings, then forced overrides
+    (``--calib-samples`` except where ``own_calib``: Fig. 7's rows vary exactly that)."""
     from .recipe import Settings
 
     st = Settings(calib_samples=cfg.calib_default, calib_seq_len=cfg.calib_seq_len,
                   calib_seed=cfg.calib_seed, calib_data=cfg.calib).then(recipe.settings)
-    return st.then(Settings(calib_samples=cfg.calib_samples, lower=lower))
+    forced = None if own_calib else cfg.calib_samples
+    return st.then(Settings(calib_samples=forced, lower=lower))
 
 
 def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
@@ -111,7 +116,8 @@ def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
         from .lang import load_recipe
 
         r = load_recipe(job.recipe)
-        payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower).to_json())
+        payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower,
+                                                                   job.own_calib).to_json())
     if job.kind == "robust":
         payload["perturb"] = [cfg.perturb_prob, cfg.perturb_seed]
     if job.kind == "humaneval":

@@ -69,13 +69,13 @@ def _humaneval_cache_len(cfg: SweepConfig, tok, max_pos: int | None) -> int:
     return _fit(longest + cfg.humaneval_tokens + 2, max_pos)
 
 
-def _compile(recipe, cfg: SweepConfig, lower: str | None, out: dict, progress: bool,
+def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: bool,
              cache_len: int | None = None):
     import qdsl
 
     model, tok, max_pos = _model(cfg.model)
     cache_len = cache_len or _cache_len(cfg, max_pos)
-    st = effective_settings(recipe, cfg, lower)
+    st = effective_settings(recipe, cfg, job.lower, job.own_calib)
     lower = st.lower or "fake"
     if lower == "int8" and not _int8_available():
         out["bench"] = {"skipped": "int8 lowering not available (qdsl.passes.lower_int8 "
@@ -119,7 +119,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
         out["recipe_hash"] = recipe.hash()
         qm = _reload(artifact, model, he_cache) if job.kind != "quality" else None
         if qm is None:  # HumanEval compiles with its longer cache (slower calibration)
-            qm = _compile(recipe, cfg, job.lower, out, progress, he_cache)
+            qm = _compile(recipe, cfg, job, out, progress, he_cache)
             if artifact is not None and job.kind != "humaneval":
                 qm.save(artifact, force=True)
                 out["artifact"] = str(artifact)

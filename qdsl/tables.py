@@ -24,6 +24,7 @@ class Row:
     recipe: str | None          # "storti/t1_mse_cmm.qrec"; None = float baseline
     paper: dict = field(default_factory=dict)  # {"ES": 41, "EM": 17} as printed
     lower: str | None = None    # "int8": compile with real lowering (and run qdsl bench)
+    own_calib: bool = False     # keeps its recipe's calibration size under --calib-samples
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,10 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("wei-fig7", "Wei et al. 2023 Fig. 7: calibration-set size (static per-column W8A8; "
           "paper: 500..5k samples, accuracy stable)", "calib", (
               Row("Full precision", None),
-              Row("32 windows", "wei/fig7_calib_32.qrec"),
-              Row("128 windows", "wei/fig7_calib_128.qrec"),
-              Row("512 windows", "wei/fig7_calib_512.qrec"),
-              Row("2048 windows", "wei/fig7_calib_2048.qrec")), paper_cols=()),
+              Row("32 windows", "wei/fig7_calib_32.qrec", own_calib=True),
+              Row("128 windows", "wei/fig7_calib_128.qrec", own_calib=True),
+              Row("512 windows", "wei/fig7_calib_512.qrec", own_calib=True),
+              Row("2048 windows", "wei/fig7_calib_2048.qrec", own_calib=True)), paper_cols=()),
 )}
 
 

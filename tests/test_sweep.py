@@ -178,6 +178,23 @@ def test_every_table_recipe_exists():
             assert Path(recipe_path(r)).is_file(), r
 
 
+def test_forced_calibration_size_spares_the_calibration_size_table():
+    """--calib-samples overrides every recipe but Fig. 7's, whose rows vary it."""
+    from qdsl.lang import load_recipe
+    from qdsl.sweep import Job, effective_settings, job_key
+
+    cfg = SweepConfig(calib_samples=32)
+    fig7 = {r.label: Job.of(r) for r in TABLES["wei-fig7"].rows if r.recipe}
+    sizes = {k: effective_settings(load_recipe(j.recipe), cfg, j.lower, j.own_calib)
+             .calib_samples for k, j in fig7.items()}
+    assert sizes == {"32 windows": 32, "128 windows": 128, "512 windows": 512,
+                     "2048 windows": 2048}
+    col = next(r for r in TABLES["wei-4"].rows if r.label == "Static (per-column)")
+    assert effective_settings(load_recipe(Job.of(col).recipe), cfg).calib_samples == 32
+    keys = {job_key(j, cfg, "m", "b") for j in fig7.values()}
+    assert len(keys) == 4 and job_key(Job.of(col), cfg, "m", "b") not in keys
+
+
 def test_perturbation_changes_only_natural_language():
     out = perturb_code(CODE, seed=3, prob=1.0)
     assert len(_code_tokens(out)) == len(_code_tokens(CODE))
