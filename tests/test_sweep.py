@@ -195,6 +195,21 @@ def test_forced_calibration_size_spares_the_calibration_size_table():
     assert len(keys) == 4 and job_key(Job.of(col), cfg, "m", "b") not in keys
 
 
+def test_parallel_jobs_are_capped_by_memory_and_say_so(tiny_dir, monkeypatch, caplog):
+    import types
+
+    import psutil
+
+    weights = sum(f.stat().st_size for f in (tiny_dir / "model").glob("*.safetensors"))
+    need = 3.5 * weights + (1 << 30)
+    monkeypatch.setattr(psutil, "virtual_memory",
+                        lambda: types.SimpleNamespace(available=int(2.5 * need)))
+    model = str(tiny_dir / "model")
+    assert sweep_mod.memory_jobs(2, model) == 2 and not caplog.records
+    assert sweep_mod.memory_jobs(8, model) == 2
+    assert "-j 8: running 2 job(s) at a time" in caplog.text
+
+
 def test_perturbation_changes_only_natural_language():
     out = perturb_code(CODE, seed=3, prob=1.0)
     assert len(_code_tokens(out)) == len(_code_tokens(CODE))
