@@ -17,7 +17,8 @@ cached, so an interrupted sweep resumes where it stopped. After every job
 the cache (``qdsl.report``).
 
 Calibration: a recipe's own ``set calib.samples`` wins (Wei et al.'s 512, the Fig. 7
-ablation), else ``SweepConfig.calib_default``; ``calib_samples`` forces one value.
+ablation), else ``SweepConfig.calib_default``; ``calib_samples`` forces one value
+(except on wei-fig7, whose rows vary it).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class SweepConfig:
     prompt: str | None = None    # None: the model's best measured prompt mode
     calib: str = "stdlib"        # calibration data (stdlib = non-test stdlib sources)
     calib_default: int = 32      # windows, for recipes that set none
-    calib_samples: int | None = None  # force this many windows for every recipe
+    calib_samples: int | None = None  # force this many windows (not on wei-fig7)
     calib_seq_len: int = 256
     calib_seed: int = 0
     layer_windows: int = 4       # Fig. 6b: max |x| per layer over this many windows
