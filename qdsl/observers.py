@@ -184,6 +184,9 @@ class _SampleObserver(Observer):
             units = units[torch.randint(units.shape[0], (cap,), generator=self._gen)
                           .to(units.device)]
         keys = torch.rand(units.shape[0], generator=self._gen)
+        if self.sample.shape[0] == cap and bool((self.keys[1:] >= self.keys[:-1]).all()):
+            self.sample, self.keys = _merge_smallest(self.sample, self.keys, units, keys)
+            return
         if self.sample.numel():
             units, keys = torch.cat([self.sample, units]), torch.cat([self.keys, keys])
         if units.shape[0] > cap:
@@ -215,6 +218,33 @@ class _SampleObserver(Observer):
 
     def options(self) -> dict:
         return {"max_samples": self.max_samples}
+
+
+def _merge_smallest(sample: Tensor, skeys: Tensor, units: Tensor,
+                    keys: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``len(skeys)`` units with the smallest keys among a full reservoir (``skeys``
+    ascending) and a new batch, in ascending key order: what ``topk`` over their
+    concatenation returns (up to ties of equal keys), without sorting the reservoir.
+
+    Only new keys below the reservoir's largest can enter (a fraction ~cap / seen, which
+    shrinks as calibration goes on); they are sorted and merged in by ``searchsorted``.
+    Calibrating SmolLM2 on 16 windows spent 26 of 56 s in the topk this replaces.
+    """
+    enter = keys < skeys[-1]
+    if not bool(enter.any()):
+        return sample, skeys
+    keys, order = keys[enter].sort()
+    units = units[enter.nonzero()[:, 0][order].to(units.device)]
+    n, m = skeys.shape[0], keys.shape[0]
+    ins = torch.searchsorted(skeys, keys)  # new unit j goes before old unit ins[j]
+    pos = ins + torch.arange(m)
+    # old unit i moves right by the number of new units before it: i + #(ins <= i)
+    old_pos = torch.bincount(ins, minlength=n + 1)[:n].add_(1).cumsum(0).sub_(1)
+    merged_keys = skeys.new_empty(n + m).index_copy_(0, pos, keys).index_copy_(0, old_pos, skeys)
+    pos, old_pos = pos.to(sample.device), old_pos.to(sample.device)
+    merged = sample.new_empty((n + m, *sample.shape[1:]))
+    merged.index_copy_(0, pos, units).index_copy_(0, old_pos, sample)
+    return merged[:n], merged_keys[:n]
 
 
 def _sq_errors(v: Tensor, lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> Tensor:

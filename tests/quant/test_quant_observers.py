@@ -130,6 +130,37 @@ def test_sample_memory_is_bounded_and_covers_all_batches():
     assert p.sample.shape == (4, 16)  # whole rows, 64 // 16 of them
 
 
+def _reservoir_by_topk(batches, cap, peg):
+    """The reservoir as first written: concatenate, then topk of the smallest keys."""
+    gen, sample, keys = torch.Generator().manual_seed(0), None, None
+    for x in batches:
+        units = x.reshape(-1, x.shape[-1]) if peg else x.reshape(-1)
+        if units.shape[0] > cap:
+            units = units[torch.randint(units.shape[0], (cap,), generator=gen)]
+        k = torch.rand(units.shape[0], generator=gen)
+        if sample is not None:
+            units, k = torch.cat([sample, units]), torch.cat([keys, k])
+        if units.shape[0] > cap:
+            keep = k.topk(cap, largest=False).indices
+            units, k = units[keep], k[keep]
+        sample, keys = units, k
+    return sample, keys
+
+
+@pytest.mark.parametrize("sizes,peg", [((300, 300, 300, 700, 50, 1, 2000), False),
+                                       ((500, 500, 200, 900), False),  # fills exactly
+                                       ((40, 40, 40, 40, 40, 40), True)])
+def test_reservoir_merge_equals_topk(sizes, peg):
+    """The merge that replaced concat + topk keeps the same units in the same order."""
+    torch.manual_seed(1)
+    batches = [torch.randn(n, 10) if peg else torch.randn(n) for n in sizes]
+    o = MSEObserver(8, True, PerGroup(2) if peg else PerTensor(), max_samples=1000)
+    for b in batches:
+        o(b)
+    sample, keys = _reservoir_by_topk(batches, 100 if peg else 1000, peg)
+    assert torch.equal(o.keys, keys) and torch.equal(o.sample, sample)
+
+
 # --- percentile -------------------------------------------------------------------------
 
 
