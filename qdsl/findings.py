@@ -172,19 +172,62 @@ def _flat(labels: list[str], min_rows: int = 3, *, rows: Rows,
             + (f" ({', '.join(missing)} not run yet)" if missing else ""))
 
 
+def _paired_pct_drop_diff(rq: dict, r0: dict) -> tuple[float, float] | None:
+    """(%drop of q - %drop of the base, its standard error), paired over the samples.
+
+    Sample i contributes 100 * d_i / ES, d_i = its clean ES - its perturbed ES (0 where
+    the perturbation left the prompt alone), so the mean is the %drop; the two models
+    share the samples, so the SE comes from the per-sample differences. None without
+    per-sample clean scores (``es_clean``)."""
+    def contrib(r):
+        ps = r.get("perturbed_samples")
+        if ps is None or not r.get("es") or any("es_clean" not in x for x in ps):
+            return None
+        return {x["id"]: 100.0 * (x["es_clean"] - x["es"]) / r["es"] for x in ps}
+    cq, c0 = contrib(rq), contrib(r0)
+    n = rq.get("n") or 0
+    if cq is None or c0 is None or n < 2 or n != r0.get("n"):
+        return None
+    x = [cq.get(i, 0.0) - c0.get(i, 0.0) for i in set(cq) | set(c0)]
+    x += [0.0] * (n - len(x))
+    mean = sum(x) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+    return mean, sd / math.sqrt(n)
+
+
 def _less_robust(quantized: list[str], base: str, *, rows: Rows,
                  table: str) -> tuple[str, str]:
-    """Claim: quantized models drop more ES under perturbation than the float model."""
-    def drop(label):
+    """Claim: quantized models drop more ES under perturbation than the float model.
+
+    Each quantized row's %drop is compared with the float one's, paired per sample; it
+    counts as more (less) fragile when the difference exceeds ``NOISE_SIGMAS`` standard
+    errors. Reproduced when every quantized row is more fragile, not reproduced when
+    one is less fragile, within noise otherwise. Rows without per-sample scores (older
+    caches) are compared by direction alone, and say so."""
+    def robust(label):
         r = rows.get(table, label).get("robust")
         if not r:
             raise _Missing(f"{table}: {label} (perturbed run)")
-        return r["es_drop_pct"]
-    d0 = drop(base)
-    ds = {q: drop(q) for q in quantized}
-    more = sum(1 for v in ds.values() if v > d0)
-    text = f"{base}: ES drop {d0:.1f}%; " + "; ".join(f"{q}: {v:.1f}%" for q, v in ds.items())
-    return (REPRODUCED if more == len(ds) else NOT_REPRODUCED if more == 0 else NOISE), text
+        return r
+    r0 = robust(base)
+    more = less = 0
+    parts = []
+    for q in quantized:
+        rq = robust(q)
+        diff = rq["es_drop_pct"] - r0["es_drop_pct"]
+        paired = _paired_pct_drop_diff(rq, r0)
+        if paired is None:
+            more, less = more + (diff > 0), less + (diff < 0)
+            parts.append(f"{q}: {rq['es_drop_pct']:.1f}% (direction only)")
+            continue
+        mean, se = paired
+        more, less = more + (mean > NOISE_SIGMAS * se), less + (mean < -NOISE_SIGMAS * se)
+        parts.append(f"{q}: {rq['es_drop_pct']:.1f}% ({diff:+.1f} ± {NOISE_SIGMAS * se:.1f})")
+    text = f"{base}: ES drop {r0['es_drop_pct']:.1f}%; " + "; ".join(parts)
+    if any("±" in x for x in parts):
+        text += f" (± {NOISE_SIGMAS:g} paired standard errors)"
+    verdict = (REPRODUCED if more == len(quantized) else NOT_REPRODUCED if less else NOISE)
+    return verdict, text
 
 
 @dataclass(frozen=True)

@@ -143,4 +143,5 @@ def robust_scores(lm, tok, samples, ccfg, *, max_positions: int | None = None,
     return {"n": len(samples), "changed": len(changed), "em": em, "es": es,
             "em_perturbed": em_p, "es_perturbed": es_p, "em_drop_pct": pct_drop(em, em_p),
             "es_drop_pct": pct_drop(es, es_p),
-            "perturbed_samples": [{k: r[k] for k in ("id", "pred", "em", "es")} for r in moved]}
+            "perturbed_samples": [{**{k: r[k] for k in ("id", "pred", "em", "es")},
+                                   "es_clean": clean[i]["es"]} for i, r in zip(changed, moved)]}

@@ -106,12 +106,44 @@ def test_missing_rows_are_not_run():
 
 
 def test_robustness_compares_drops():
+    """Without per-sample scores (an older cache) the drops are compared by direction."""
     rob = lambda d: {"robust": {"es_drop_pct": d}}  # noqa: E731
     t = {"wei-7": [_row("FP", 40, **rob(2.0)), _row("D (T)", 39, **rob(5.0)),
                    _row("S (C)", 38, **rob(4.0)), _row("S (T)", 30, **rob(9.0))]}
-    assert _verdict(t, "quantized models lose more")["verdict"] == REPRODUCED
+    f = _verdict(t, "quantized models lose more")
+    assert f["verdict"] == REPRODUCED and "direction only" in f["evidence"]
     t["wei-7"][0]["robust"]["es_drop_pct"] = 20.0
     assert _verdict(t, "quantized models lose more")["verdict"] == NOT_REPRODUCED
+
+
+def _robust(n, drops, es=50.0):
+    """A robust result over n samples where sample i loses drops[i] ES points."""
+    ps = [{"id": str(i), "es_clean": es, "es": es - d} for i, d in enumerate(drops)]
+    pct = 100 * sum(drops) / n / es
+    return {"robust": {"n": n, "es": es, "es_drop_pct": pct, "perturbed_samples": ps}}
+
+
+def test_robustness_is_paired_over_samples():
+    """A larger mean drop counts only beyond 2 paired standard errors."""
+    fp = _robust(20, [0.0] * 10)
+    noisy = _robust(20, [30.0, -25.0, 20.0, -10.0, 15.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    clear = _robust(20, [10.0] * 10)
+    rows = lambda q: {"wei-7": [_row("FP", 50, **fp), _row("D (T)", 50, **q),  # noqa: E731
+                                _row("S (C)", 50, **q), _row("S (T)", 50, **q)]}
+    f = _verdict(rows(noisy), "quantized models lose more", n=20)
+    assert f["verdict"] == NOISE and "±" in f["evidence"], f
+    assert _verdict(rows(clear), "quantized models lose more", n=20)["verdict"] == REPRODUCED
+    gain = _robust(20, [-10.0] * 10)
+    assert _verdict(rows(gain), "quantized models lose more", n=20)["verdict"] == NOT_REPRODUCED
+
+
+def test_clean_scores_come_from_the_quality_job():
+    from qdsl.tables import _with_clean_scores
+
+    rob = {"perturbed_samples": [{"id": "a", "es": 10.0}]}
+    got = _with_clean_scores(rob, [{"id": "a", "es": 40.0}, {"id": "b", "es": 5.0}])
+    assert got["perturbed_samples"][0]["es_clean"] == 40.0
+    assert _with_clean_scores(rob, [{"id": "b", "es": 5.0}]) is rob  # no match: unchanged
 
 
 def test_every_finding_names_rows_of_its_table():

@@ -110,6 +110,9 @@ def test_robust_table_on_tiny_model(tiny_dir, tmp_path):
     assert not res["failed"], res["failed"]
     rob = [r["robust"] for r in res["tables"]["t"]]
     assert all(r["n"] == 4 and 0 <= r["changed"] <= 4 for r in rob)
+    moved = [x for r in rob for x in r["perturbed_samples"]]
+    assert len(moved) == sum(r["changed"] for r in rob) > 0
+    assert all("es_clean" in x for x in moved)  # each with its clean score, for pairing
     reloaded = [r for r in res["runs"].values() if r["kind"] == "robust" and r["recipe"]]
     assert reloaded and "compile_seconds" not in reloaded[0]  # the quality job's artifact
     assert "%drop ES" in (tmp_path / "r" / "tables.md").read_text()
