@@ -202,8 +202,9 @@ def _less_robust(quantized: list[str], base: str, *, rows: Rows,
     Each quantized row's %drop is compared with the float one's, paired per sample; it
     counts as more (less) fragile when the difference exceeds ``NOISE_SIGMAS`` standard
     errors. Reproduced when every quantized row is more fragile, not reproduced when
-    one is less fragile, within noise otherwise. Rows without per-sample scores (older
-    caches) are compared by direction alone, and say so."""
+    one is less fragile, within noise otherwise. Without per-sample scores (older
+    caches) the drops are compared by direction alone, and say so: reproduced when
+    every row drops more, not reproduced when none does, within noise when mixed."""
     def robust(label):
         r = rows.get(table, label).get("robust")
         if not r:
@@ -226,8 +227,10 @@ def _less_robust(quantized: list[str], base: str, *, rows: Rows,
     text = f"{base}: ES drop {r0['es_drop_pct']:.1f}%; " + "; ".join(parts)
     if any("±" in x for x in parts):
         text += f" (± {NOISE_SIGMAS:g} paired standard errors)"
-    verdict = (REPRODUCED if more == len(quantized) else NOT_REPRODUCED if less else NOISE)
-    return verdict, text
+    if any("direction only" in x for x in parts):
+        return (REPRODUCED if more == len(quantized) else NOT_REPRODUCED if not more
+                else NOISE), text
+    return (REPRODUCED if more == len(quantized) else NOT_REPRODUCED if less else NOISE), text
 
 
 @dataclass(frozen=True)

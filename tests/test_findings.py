@@ -112,6 +112,8 @@ def test_robustness_compares_drops():
                    _row("S (C)", 38, **rob(4.0)), _row("S (T)", 30, **rob(9.0))]}
     f = _verdict(t, "quantized models lose more")
     assert f["verdict"] == REPRODUCED and "direction only" in f["evidence"]
+    t["wei-7"][0]["robust"]["es_drop_pct"] = 6.0
+    assert _verdict(t, "quantized models lose more")["verdict"] == NOISE  # mixed
     t["wei-7"][0]["robust"]["es_drop_pct"] = 20.0
     assert _verdict(t, "quantized models lose more")["verdict"] == NOT_REPRODUCED
 
