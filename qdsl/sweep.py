@@ -109,6 +109,23 @@ def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None,
     return st.then(Settings(calib_samples=forced, lower=lower))
 
 
+def forced_calib_overrides(jobs, cfg: SweepConfig) -> list[str]:
+    """A line for each recipe whose own ``set calib.samples`` ``--calib-samples`` replaces
+    (a recipe such as wei/fig7_calib_128.qrec named on the command line would otherwise
+    silently run with another calibration size)."""
+    from .lang import load_recipe
+
+    if cfg.calib_samples is None:
+        return []
+    out = []
+    for path in dict.fromkeys(j.recipe for j in jobs if j.recipe and not j.own_calib):
+        own = load_recipe(path).settings.calib_samples
+        if own is not None and own != cfg.calib_samples:
+            out.append(f"--calib-samples {cfg.calib_samples} overrides "
+                       f"{Path(path).name}'s own `set calib.samples = {own}`")
+    return out
+
+
 def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
     payload: dict = {"format": FORMAT, "kind": job.kind, "model": model_hash, "bench": bhash,
                      "eval": [cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg),
@@ -215,6 +232,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
 
     if only_report or not pending:
         return write()
+    for line in forced_calib_overrides(pending, cfg):
+        log.warning(line)
     workers = memory_jobs(jobs, cfg.model) if jobs > 1 else 1
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
     log.info("sweep: %d jobs (%d distinct), %d to run, %d worker(s) x %d thread(s)",

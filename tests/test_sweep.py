@@ -198,6 +198,19 @@ def test_forced_calibration_size_spares_the_calibration_size_table():
     assert len(keys) == 4 and job_key(Job.of(col), cfg, "m", "b") not in keys
 
 
+def test_forced_calibration_size_names_the_recipes_it_overrides():
+    from qdsl.sweep import Job, forced_calib_overrides
+
+    fig7 = [Job.of(r) for r in TABLES["wei-fig7"].rows if r.recipe]
+    loose = [Job(j.recipe) for j in fig7]  # the same files named on the command line
+    cfg = SweepConfig(calib_samples=32)
+    assert forced_calib_overrides(fig7, cfg) == []  # the table's rows keep their sizes
+    lines = forced_calib_overrides(loose + loose, cfg)
+    assert lines == [f"--calib-samples 32 overrides fig7_calib_{n}.qrec's own "
+                     f"`set calib.samples = {n}`" for n in (128, 512, 2048)]
+    assert forced_calib_overrides(loose, SweepConfig()) == []
+
+
 def test_parallel_jobs_are_capped_by_memory_and_say_so(tiny_dir, monkeypatch, caplog):
     import types
 

@@ -52,8 +52,8 @@ def register(sub) -> None:
                    help=f"calibration windows where a recipe sets none ({d.calib_default})")
     p.add_argument("--calib-samples", type=int, default=None, metavar="N",
                    help="force N calibration windows for every recipe (overrides the "
-                        "recipes' own, e.g. Wei et al.'s 512; not wei-fig7's rows, "
-                        "which vary it)")
+                        "recipes' own, e.g. Wei et al.'s 512, with a warning naming "
+                        "each; not wei-fig7's table rows, which vary it)")
     p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
     p.add_argument("--layer-windows", type=int, default=d.layer_windows,
                    help=f"windows for the per-layer activation statistics ({d.layer_windows})")
