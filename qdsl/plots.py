@@ -6,7 +6,7 @@
   layer-statistics windows (Wei et al. Fig. 6b), residual sums and linear outputs;
 * ``act_error.png``: per block, the relative error ||q - f|| / ||f|| of the block
   output (residual sum closing the block) against fp32 on one fixed input (Fig. 6c);
-* ``calib.png``: ES against calibration windows (Fig. 7), when those rows ran.
+* ``calib.png``: ES and perplexity against calibration windows (Fig. 7), when those rows ran.
 """
 
 from __future__ import annotations
@@ -138,21 +138,33 @@ def plot_act_error(series: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_calib(points: list[tuple[int, float]], base: float | None, path: Path) -> None:
+def plot_calib(points: list[tuple[int, float, float | None]], base: dict | None,
+               path: Path) -> None:
+    """ES and perplexity against calibration windows, each axis from 0 so that a flat
+    line looks flat (a zoomed axis drew 55.9 -> 55.6 ES as a fall)."""
     plt = _plt()
     if not points:
         return
     points = sorted(points)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p[0] for p in points], [p[1] for p in points], "-o", label="static per-column W8A8")
-    if base is not None:
-        ax.axhline(base, ls=":", color="k", label="fp32")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("calibration windows")
-    ax.set_ylabel("edit similarity (ES)")
-    ax.set_title("Calibration-set size (cf. Wei et al. Fig. 7)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    x = [p[0] for p in points]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, i, key, ylabel in ((axes[0], 1, "es", "edit similarity (ES)"),
+                               (axes[1], 2, "ppl", "perplexity")):
+        y = [p[i] for p in points]
+        if any(v is None for v in y):
+            ax.set_visible(False)
+            continue
+        ax.plot(x, y, "-o", label="static per-column W8A8")
+        ref = (base or {}).get(key)
+        if ref is not None:
+            ax.axhline(ref, ls=":", color="k", label="fp32")
+        ax.set_ylim(0, 1.15 * max(y + ([ref] if ref is not None else [])))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("calibration windows")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Calibration-set size (cf. Wei et al. Fig. 7)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -179,6 +191,14 @@ def write_plots(out: Path, tables, keys: dict, done: dict) -> None:
                    if r.get("layers") and r.get("recipe")}
     chosen = {n: with_layers[n] for n in _ERROR_SERIES if n in with_layers}
     plot_act_error(chosen or dict(list(with_layers.items())[:6]), out / "act_error.png")
-    calib = [(r["calib_samples"], r["es"]) for k, r in runs.items()
-             if labels[k].startswith("fig7_calib_") and r.get("calib_samples")]
-    plot_calib(calib, base.get("es") if base else None, out / "calib.png")
+    plot_calib(calib_points(tables, keys, runs), base, out / "calib.png")
+
+
+def calib_points(tables, keys: dict, runs: dict) -> list[tuple[int, float, float | None]]:
+    """(windows, ES, perplexity) of each finished row of a calibration-size table, found
+    by its job: Fig. 7's 512-window row shares wei-4's per-column job and label."""
+    from .sweep import Job
+
+    fig7 = [keys.get(Job.of(r)) for t in tables if t.kind == "calib" for r in t.rows if r.recipe]
+    return [(r["calib_samples"], r["es"], r.get("ppl")) for k in dict.fromkeys(fig7)
+            if (r := runs.get(k)) and r.get("calib_samples")]

@@ -211,6 +211,23 @@ def test_forced_calibration_size_names_the_recipes_it_overrides():
     assert forced_calib_overrides(loose, SweepConfig()) == []
 
 
+def test_calibration_plot_finds_rows_that_share_a_job():
+    """Fig. 7's 512-window row is wei-4's per-column job under another name."""
+    from qdsl.plots import calib_points
+    from qdsl.sweep import Job, job_key
+
+    cfg = SweepConfig()
+    tables = [TABLES["wei-4"], TABLES["wei-fig7"]]
+    keys = {Job.of(r): job_key(Job.of(r), cfg, "m", "b") for t in tables for r in t.rows}
+    runs = {}
+    for n in (32, 512):
+        row = next(r for r in TABLES["wei-fig7"].rows if r.label == f"{n} windows")
+        runs[keys[Job.of(row)]] = {"calib_samples": n, "es": 40.0, "ppl": 11.0}
+    col = next(r for r in TABLES["wei-4"].rows if r.label == "Static (per-column)")
+    assert keys[Job.of(col)] in runs  # the shared job
+    assert calib_points(tables, keys, runs) == [(32, 40.0, 11.0), (512, 40.0, 11.0)]
+
+
 def test_parallel_jobs_are_capped_by_memory_and_say_so(tiny_dir, monkeypatch, caplog):
     import types
 
