@@ -212,25 +212,27 @@ def _less_robust(quantized: list[str], base: str, *, rows: Rows,
         return r
     r0 = robust(base)
     more = less = 0
-    parts = []
+    parts, paired_any, direction_only = [], False, False
     for q in quantized:
         rq = robust(q)
         diff = rq["es_drop_pct"] - r0["es_drop_pct"]
         paired = _paired_pct_drop_diff(rq, r0)
         if paired is None:
+            direction_only = True
             more, less = more + (diff > 0), less + (diff < 0)
             parts.append(f"{q}: {rq['es_drop_pct']:.1f}% (direction only)")
             continue
-        mean, se = paired
-        more, less = more + (mean > NOISE_SIGMAS * se), less + (mean < -NOISE_SIGMAS * se)
-        parts.append(f"{q}: {rq['es_drop_pct']:.1f}% ({diff:+.1f} ± {NOISE_SIGMAS * se:.1f})")
+        paired_any = True
+        margin = NOISE_SIGMAS * paired[1]
+        more, less = more + (paired[0] > margin), less + (paired[0] < -margin)
+        parts.append(f"{q}: {rq['es_drop_pct']:.1f}% ({diff:+.1f} ± {margin:.1f})")
     text = f"{base}: ES drop {r0['es_drop_pct']:.1f}%; " + "; ".join(parts)
-    if any("±" in x for x in parts):
+    if paired_any:
         text += f" (± {NOISE_SIGMAS:g} paired standard errors)"
-    if any("direction only" in x for x in parts):
-        return (REPRODUCED if more == len(quantized) else NOT_REPRODUCED if not more
-                else NOISE), text
-    return (REPRODUCED if more == len(quantized) else NOT_REPRODUCED if less else NOISE), text
+    if more == len(quantized):
+        return REPRODUCED, text
+    refuted = not more if direction_only else less > 0
+    return (NOT_REPRODUCED if refuted else NOISE), text
 
 
 @dataclass(frozen=True)
