@@ -2,7 +2,10 @@
 subcommand. Each subcommand lives in ``qdsl/commands/<name>.py`` and defines
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
 
-User errors (``QdslError``) are printed without a traceback; Ctrl-C exits 130.
+User errors (``QdslError``) are printed without a traceback (exit 2), and so are
+the operating system's (``OSError``: a full disk, a permission) and anything
+unexpected (exit 3, "internal error", the traceback only with ``-v``). Ctrl-C and
+SIGTERM exit 130 / 143 after the command's cleanup (temporary files) has run.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import signal
 import sys
+import traceback
 
 from .errors import QdslError
 
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except QdslError as e:
@@ -68,7 +74,44 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if _terminated else 130
+    except OSError as e:  # the system's word (disk full, permission denied), not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory (try a smaller model, fewer samples or --threads 1)",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug in qdsl: say so in one line; the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"internal error: {type(e).__name__}: {str(e)[:300]} (a bug in qdsl; "
+              "rerun with -v for the traceback and report it)", file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_terminated = False
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt, so ``finally`` / ``except BaseException``
+    cleanup (temporary directories, output locks) runs as it does for Ctrl-C.
+    Returns the previous handler (None where signals cannot be set: not the main thread)."""
+    def handler(signum, frame):
+        global _terminated
+        _terminated = True
+        raise KeyboardInterrupt
+
+    global _terminated
+    _terminated = False
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":
