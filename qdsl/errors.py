@@ -97,3 +97,8 @@ class ArtifactError(QdslError):
 
 class ModelError(QdslError):
     """A model name or directory cannot be resolved or loaded."""
+
+
+class SandboxError(QdslError):
+    """Untrusted code (HumanEval's generated programs) cannot be run isolated here;
+    says why and what to do (install bubblewrap, or pass --unsafe-exec)."""

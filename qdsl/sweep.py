@@ -63,6 +63,7 @@ class SweepConfig:
     bench_int8: bool = True      # run qdsl bench for lower = int8 recipes
     humaneval: int = 0           # HumanEval problems for pass@1 tables (0: no HumanEval jobs)
     humaneval_tokens: int = 300  # new tokens per HumanEval completion
+    unsafe_exec: bool = False    # no bubblewrap: run HumanEval's code with rlimits only
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
     ``recipes`` (one extra table, "recipes"); returns what ``DIR/results.json`` holds.
     ``only_report``: run nothing, rewrite the reports from the cache."""
     from .eval.bench import load_bench
+    from .eval.sandbox import sandbox_kind
     from .models import resolve_model
     from .sweepjob import _worker
     from .tables import TABLES, adhoc_table, write_all
@@ -232,6 +234,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
 
     if only_report or not pending:
         return write()
+    if any(j.kind == "humaneval" for j in pending):  # refuse before hours of compiling
+        sandbox_kind(cfg.unsafe_exec)
     for line in forced_calib_overrides(pending, cfg):
         log.warning(line)
     workers = memory_jobs(jobs, cfg.model) if jobs > 1 else 1

@@ -130,7 +130,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
 
         out["humaneval"] = run_humaneval(lm, tok, cfg.humaneval, cfg.humaneval_tokens,
                                          heal=ccfg.prompt == "heal", max_positions=max_pos,
-                                         progress=progress)
+                                         progress=progress, unsafe=cfg.unsafe_exec)
     elif job.kind == "robust":
         from .robust import robust_scores
 

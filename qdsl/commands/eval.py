@@ -40,6 +40,10 @@ def register(sub) -> None:
                    help="perplexity windows (0: skip; default 64)")
     p.add_argument("--humaneval", type=int, nargs="?", const=164, default=0, metavar="K",
                    help="also run HumanEval pass@1 on the first K problems (all 164 if no K)")
+    p.add_argument("--unsafe-exec", action="store_true",
+                   help="where the bubblewrap sandbox for HumanEval's generated code cannot "
+                        "be had, run it with resource limits only instead of refusing (the "
+                        "code can then use the network and read what nobody/your user can)")
     p.add_argument("--save-bench", metavar="JSONL", help="freeze the samples to a JSONL file")
     p.add_argument("--json", metavar="FILE", help="write all results (per sample too) as JSON")
     p.add_argument("--threads", type=int, default=0,
@@ -55,7 +59,10 @@ def _fmt(x, digits=2) -> str:
 def run(args) -> int:
     from ..eval.bench import load_bench, save_jsonl
     from ..eval.run import run_eval, write_json_atomic
+    from ..eval.sandbox import sandbox_kind
 
+    if args.humaneval:  # no sandbox: refuse before anything is loaded
+        sandbox_kind(args.unsafe_exec)
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
@@ -65,7 +72,8 @@ def run(args) -> int:
     res = run_eval(args.model, samples, bench=args.bench, baseline=args.baseline,
                    ctx_tokens=args.ctx_tokens, max_new_tokens=args.max_new_tokens,
                    prompt=args.prompt, ppl_windows=args.ppl_windows,
-                   humaneval=args.humaneval, progress=not args.no_progress)
+                   humaneval=args.humaneval, unsafe_exec=args.unsafe_exec,
+                   progress=not args.no_progress)
     rows = [r for r in (res["target"], res["baseline"]) if r]
     print(f"bench {args.bench}: {res['n']} samples, seed {args.seed}")
     print(f"{'model':<28} {'EM':>6} {'ES':>6} {'ppl':>8} {'bpb':>6} {'pass@1':>7} {'s/sample':>8}")

@@ -5,6 +5,8 @@
 * ``metrics``: exact match, edit similarity, perplexity, bits per byte, pass@k.
 * ``complete``: score a ``qdsl.lm.CausalLM`` on a benchmark (greedy, KV cache).
 * ``humaneval``: pass@1 with generated code run in a sandboxed subprocess.
+* ``sandbox``: run untrusted Python under bubblewrap (own user, pid, network and
+  mount namespaces, read-only view, limits, output cap); refuses without it.
 * ``run``: what ``qdsl eval`` does: model or artifact vs its float baseline.
 * ``stdlib``: the deterministic train / valid / test split of the stdlib.
 

@@ -6,21 +6,17 @@ With ``heal`` the prompt's trailing whitespace is dropped and the model writes
 the line break and indentation itself (see ``qdsl.eval.complete``: tokenizers
 that merge ``"\n" + spaces`` otherwise start an unindented line, i.e. no body).
 Execution never happens in this process: each program (prompt + completion +
-tests + ``check(entry_point)``) runs in a fresh ``python -I -S`` subprocess in an
-empty temporary directory, with an empty environment, CPU-time, memory, file-size
-and process limits, a wall-clock timeout, and, where ``unshare -rn`` works, no
-network namespace at all.
+tests + ``check(entry_point)``) runs in ``qdsl.eval.sandbox``: a fresh
+``python -I -S`` under bubblewrap as an unprivileged user, in its own pid, network
+and mount namespaces with a read-only view of ``/usr`` and a private temporary
+directory, with CPU, memory, file-size, open-file and process limits, a wall-clock
+timeout that kills the whole sandbox, and capped output. Without bubblewrap the
+run is refused unless ``unsafe`` (``--unsafe-exec``) is given.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 
 from tqdm import tqdm
@@ -28,10 +24,10 @@ from tqdm import tqdm
 from ..errors import ModelError
 from ..lm import CausalLM
 from .metrics import pass_at_k
+from .sandbox import OUTPUT_CAP, TIMEOUT_S, run_python, sandbox_kind
 
 log = logging.getLogger(__name__)
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""', "\n@")
-TIMEOUT_S = 10.0
 
 
 def load_problems() -> list[dict]:
@@ -71,49 +67,28 @@ def generate(lm: CausalLM, tok, prompt: str, max_new_tokens: int = 300,
     return truncate(tok.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
-@functools.cache
-def _netns_prefix() -> tuple[str, ...]:
-    """``unshare -rn`` (a private, empty network namespace) when this system allows it."""
-    exe = shutil.which("unshare")
-    if not exe:
-        return ()
-    try:
-        ok = subprocess.run([exe, "-rn", "true"], capture_output=True, timeout=5).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    return (exe, "-rn") if ok else ()
-
-
-def _limits() -> None:  # runs in the child before exec
-    import resource
-    os.setsid()
-    for lim, val in ((resource.RLIMIT_CPU, int(TIMEOUT_S)), (resource.RLIMIT_AS, 2 << 30),
-                     (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NOFILE, 64)):
-        resource.setrlimit(lim, (val, val))
-
-
-def run_program(program: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
-    """Run untrusted Python in a sandboxed subprocess -> (passed, short result)."""
-    with tempfile.TemporaryDirectory(prefix="qdsl-he-") as d:
-        path = os.path.join(d, "prog.py")
-        with open(path, "w") as fh:
-            fh.write(program)
-        cmd = [*_netns_prefix(), sys.executable, "-I", "-S", path]
-        try:
-            p = subprocess.run(cmd, cwd=d, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=timeout, preexec_fn=_limits)
-        except subprocess.TimeoutExpired:
-            return False, "timed out"
-    if p.returncode == 0:
+def run_program(program: str, timeout: float = TIMEOUT_S,
+                unsafe: bool = False) -> tuple[bool, str]:
+    """Run untrusted Python in the sandbox (``qdsl.eval.sandbox``) -> (passed, short
+    result): ``(True, "passed")``, ``(False, "timed out")``, or the last stderr line."""
+    out = run_python(program, timeout, unsafe=unsafe)
+    if out.timed_out:
+        return False, "timed out"
+    if out.truncated:
+        return False, f"output over {OUTPUT_CAP >> 10} KiB: killed"
+    if out.returncode == 0:
         return True, "passed"
-    err = p.stderr.decode(errors="replace").strip().splitlines()
-    return False, (err[-1] if err else f"exit {p.returncode}")[:200]
+    err = out.stderr.decode(errors="replace").strip().splitlines()
+    return False, (err[-1] if err else f"exit {out.returncode}")[:200]
 
 
 def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300,
                   heal: bool = False, max_positions: int | None = None,
-                  progress: bool = True) -> dict:
-    """pass@1 (greedy, one sample per problem) on the first ``limit`` problems."""
+                  progress: bool = True, unsafe: bool = False) -> dict:
+    """pass@1 (greedy, one sample per problem) on the first ``limit`` problems.
+    Refuses (``SandboxError``) before generating anything when the sandbox cannot be
+    had, unless ``unsafe`` (``--unsafe-exec``): resource limits only."""
+    sandbox = sandbox_kind(unsafe)
     problems = load_problems()[:limit]
     rows, t0 = [], time.time()
     for prob in tqdm(problems, desc="humaneval", disable=not progress, unit="problem"):
@@ -121,11 +96,11 @@ def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300
         completion = generate(lm, tok, prompt, max_new_tokens, max_positions)
         program = (prompt + completion + "\n\n" + prob["test"] + "\n"
                    + f"check({prob['entry_point']})\n")
-        passed, result = run_program(program)
+        passed, result = run_program(program, unsafe=unsafe)
         rows.append({"task_id": prob["task_id"], "passed": passed, "result": result,
                      "completion": completion})
     c = sum(r["passed"] for r in rows)
     return {"problems": len(rows), "passed": c,
             "pass@1": sum(pass_at_k(1, int(r["passed"]), 1) for r in rows) / max(1, len(rows)),
-            "heal": heal, "sandbox": "unshare -rn + rlimits" if _netns_prefix() else "rlimits",
+            "heal": heal, "sandbox": sandbox,
             "seconds": round(time.time() - t0, 1), "results": rows}

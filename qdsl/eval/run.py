@@ -18,6 +18,7 @@ from ..errors import ArtifactError, ModelError
 from ..lm import CausalLM, HFCausalLM
 from .bench import Sample
 from .complete import DEFAULT_PROMPT, PROMPT_BY_MODEL, CompletionConfig, evaluate
+from .sandbox import sandbox_kind
 
 log = logging.getLogger(__name__)
 from ..artifact import MARKER as ARTIFACT_FILE, is_artifact  # noqa: F401 (re-exported)
@@ -88,10 +89,15 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | None = None,
              ctx_tokens: int = 256, max_new_tokens: int = 48, prompt: str | None = None,
-             ppl_windows: int = 64, humaneval: int = 0, progress: bool = True) -> dict:
+             ppl_windows: int = 64, humaneval: int = 0, unsafe_exec: bool = False,
+             progress: bool = True) -> dict:
     """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by
-    default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}."""
+    default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}. With
+    ``humaneval``, a missing sandbox is a ``SandboxError`` before any model is loaded
+    unless ``unsafe_exec``."""
     t0 = time.time()
+    if humaneval:
+        sandbox_kind(unsafe_exec)
     if baseline is None and is_artifact(target):
         baseline = artifact_source(target)
     out: dict = {"bench": bench, "n": len(samples)}
@@ -111,7 +117,7 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
             from .humaneval import run_humaneval
             res["humaneval"] = run_humaneval(lm, tok, limit=humaneval,
                                              heal=cfg.prompt == "heal", max_positions=max_pos,
-                                             progress=progress)
+                                             progress=progress, unsafe=unsafe_exec)
         out[role] = res
     if out["baseline"]:
         keys = ("em", "es", "ppl", "bpb")
