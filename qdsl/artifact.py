@@ -25,16 +25,14 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic import atomic_dir  # the output rules: qdsl.atomic.output_dir
 from .errors import ArtifactError
 
 MARKER = "qdsl_artifact.json"
@@ -53,28 +51,6 @@ def module_hash(model: torch.nn.Module) -> str:
 
 def is_artifact(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
-
-
-@contextmanager
-def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out`` only if the block completes."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[str, Any],

@@ -102,3 +102,8 @@ class ModelError(QdslError):
 class SandboxError(QdslError):
     """Untrusted code (HumanEval's generated programs) cannot be run isolated here;
     says why and what to do (install bubblewrap, or pass --unsafe-exec)."""
+
+
+class OutputError(QdslError):
+    """An output directory cannot be written: it holds something qdsl did not write,
+    another qdsl process is writing it, or the system refused (``qdsl.atomic``)."""

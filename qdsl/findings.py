@@ -47,7 +47,7 @@ class Rows:
     def get(self, table: str, label: str) -> dict:
         for row in self.tables.get(table, []):
             if row["label"] == label:
-                if row.get("es") is None:
+                if row.get("es") is None or row.get("em") is None:   # null: not measured
                     raise _Missing(f"{table}: {label}")
                 return row
         raise _Missing(f"{table}: {label}")
@@ -209,6 +209,8 @@ def _less_robust(quantized: list[str], base: str, *, rows: Rows,
         r = rows.get(table, label).get("robust")
         if not r:
             raise _Missing(f"{table}: {label} (perturbed run)")
+        if r.get("es_drop_pct") is None:   # a clean ES of 0: no %drop to compare
+            raise _Missing(f"{table}: {label} (an ES %drop; its clean ES is 0)")
         return r
     r0 = robust(base)
     more = less = 0

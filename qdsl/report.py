@@ -82,11 +82,19 @@ def update_doc(doc: str | Path, results_dir: str | Path, command: str) -> Path:
     """Rewrite the generated blocks of ``doc`` from the sweep in ``results_dir``."""
     doc, d = Path(doc), Path(results_dir)
     try:
-        res = json.loads((d / "results.json").read_text())
+        res = json.loads((d / "results.json").read_text(), parse_constant=lambda _: None)
         tables_md = (d / "tables.md").read_text()
     except OSError as e:
         raise QdslError(f"{d}: no sweep results to report ({e.strerror}: {e.filename}); "
                         "run qdsl sweep -o DIR first") from e
+    except ValueError as e:
+        raise QdslError(f"{d / 'results.json'}: not valid JSON ({str(e)[:80]}); rewrite it "
+                        "with qdsl sweep ... --report") from e
+    need = ("config", "machine", "runs", "tables", "n_samples", "updated", "job_seconds_total")
+    missing = [k for k in need if not isinstance(res, dict) or k not in res]
+    if missing:
+        raise QdslError(f"{d / 'results.json'}: not a qdsl sweep's results (no "
+                        f"{', '.join(missing)}); rewrite it with qdsl sweep ... --report")
     text = doc.read_text() if doc.exists() else SKELETON
     fill = {"run": run_block(res, command), "tables": tables_block(tables_md),
             "findings": findings_block(res)}

@@ -12,7 +12,10 @@ HumanEval jobs reload the quality job's saved artifact instead of calibrating ag
 Each finished job is written atomically to ``DIR/cache/<key>.json``, key = sha256 of
 (kind, recipe meaning hash, effective calibration settings, model content hash,
 benchmark content hash, evaluation settings, ``FORMAT``). A re-run skips what is
-cached, so an interrupted sweep resumes where it stopped. After every job
+cached, so an interrupted sweep resumes where it stopped; an entry that cannot be
+used (``qdsl.sweepcache``) is named in a warning and its job runs again. DIR is marked
+by ``qdsl_sweep.json``: a sweep writes only into a new or empty directory or one with
+that marker, one sweep at a time (``qdsl.atomic.output_dir``). After every job
 ``DIR/results.json``, ``DIR/tables.md`` and ``DIR/plots/*.png`` are rewritten from
 the cache (``qdsl.report``).
 
@@ -34,7 +37,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import SWEEP, output_dir
 from .errors import QdslError
+from .sweepcache import load_cache
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when a job's computation changes meaning: old cache entries are ignored
@@ -144,13 +149,6 @@ def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ------------------------------------------------------------------ the sweep
 
 
@@ -198,7 +196,18 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
               jobs: int = 1, progress: bool = True, only_report: bool = False) -> dict:
     """Run (or resume) the jobs of ``tables`` (``qdsl.tables.Table``s) and of loose
     ``recipes`` (one extra table, "recipes"); returns what ``DIR/results.json`` holds.
-    ``only_report``: run nothing, rewrite the reports from the cache."""
+    ``only_report``: run nothing, rewrite the reports from the cache.
+
+    ``out_dir`` is claimed first (``qdsl.atomic.output_dir``): a directory another sweep
+    is writing, or a non-empty one that is not a sweep's (no ``qdsl_sweep.json``), is
+    refused before any work."""
+    with output_dir(out_dir, SWEEP, reuse=True) as claim:
+        return _sweep(cfg, claim.path, tables=tables, recipes=recipes, jobs=jobs,
+                      progress=progress, only_report=only_report)
+
+
+def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progress: bool,
+           only_report: bool) -> dict:
     from .eval.bench import load_bench
     from .eval.sandbox import sandbox_kind
     from .models import resolve_model
@@ -216,7 +225,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
     todo = plan_jobs(tables, he)
     others = [t for t in TABLES.values() if t not in tables]
     keys = {j: job_key(j, cfg, model_hash, bhash) for j in plan_jobs(tables + others, he)}
-    done = {k: r for k in set(keys.values()) if (r := read_json(out / "cache" / f"{k}.json"))}
+    will_run = set() if only_report else {keys[j] for j in todo}
+    done = load_cache(out / "cache", {k: j.kind for j, k in keys.items()}, will_run)
     # the report also shows every other seed table with a finished row in this cache
     shown = tables + [t for t in others
                       if any(keys[Job.of(r)] in done for r in t.rows if r.recipe)]

@@ -17,7 +17,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from .atomic import write_json_atomic
+from .atomic import finite, write_json_atomic
 from .errors import QdslError
 from .sweep import Job, SweepConfig, effective_settings, prompt_mode
 
@@ -216,6 +216,6 @@ def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads
         log.debug("job %s failed", job, exc_info=True)
         return key, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                      "recipe": job.recipe, "kind": job.kind}
-    res.update(key=key, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    write_json_atomic(Path(out_dir) / "cache" / f"{key}.json", res)
+    res = finite({**res, "key": key, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json_atomic(Path(out_dir) / "cache" / f"{key}.json", res)  # as it is read back
     return key, res

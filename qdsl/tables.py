@@ -158,7 +158,13 @@ def _f(x, digits: int = 1) -> str:
 
 
 def _signed(x) -> str:
-    return "-" if x is None else f"{x:+.1f}"
+    return "-" if x is None or not math.isfinite(x) else f"{x:+.1f}"
+
+
+def _diff(res: dict, base: dict | None, field: str) -> float | None:
+    """``res[field] - base[field]``; None when either is missing (null: not measured)."""
+    a, b = res.get(field), (base or {}).get(field)
+    return None if a is None or b is None else a - b
 
 
 def _pass1(res: dict | None) -> str:
@@ -171,8 +177,8 @@ def _quality_line(row: Row, res: dict | None, base: dict | None, cols) -> list[s
     paper = [_f(row.paper.get(c)) for c in cols]
     if res is None:
         return [row.label, "-", "(not run yet)", "", "", "", "", "", "", *paper]
-    d_es = res["es"] - base["es"] if base and row.recipe else None
-    d_em = res["em"] - base["em"] if base and row.recipe else None
+    d_es = _diff(res, base, "es") if row.recipe else None
+    d_em = _diff(res, base, "em") if row.recipe else None
     comp = res.get("compression")
     size = res.get("size_mb")
     return [row.label, res.get("bits", "fp32"), _f(res["es"]), _f(res["em"]), _signed(d_es),
@@ -378,7 +384,7 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
 
     findings = evaluate(res_tables, meta["n_samples"])
     runs = {k: _summary(v) for k, v in done.items() if k in set(keys.values())}
-    job_seconds = sum(v.get("seconds", 0) for v in runs.values())
+    job_seconds = sum(v.get("seconds") or 0 for v in runs.values())
     obj = {**meta, "machine": machine(), "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
            "wall_seconds_this_run": round(wall, 1),
            "job_seconds_total": round(job_seconds, 1),

@@ -32,24 +32,31 @@ def register(sub) -> None:
     p.add_argument("--max-cache-len", type=int, default=1024,
                    help="key/value cache positions of the generate graph (context + new tokens)")
     p.add_argument("-o", "--out", required=True, help="artifact directory to write")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a qdsl artifact (one holding anything else, "
+                        "or any other file or directory, is refused)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..artifact import artifact_size
+    from ..atomic import ARTIFACT, output_dir as claim_output
     from ..compiler import compile
     from ..recipe import Settings
 
     overrides = Settings(calib_samples=args.samples, calib_seq_len=args.seq_len,
                          calib_seed=args.seed, lower=args.lower)
-    qm = compile(args.model, args.recipe, calib=args.calib, settings=overrides,
-                 max_cache_len=args.max_cache_len, fallback=args.fallback)
-    for w in qm.plan.warnings:
-        print(w.format(), file=sys.stderr)
-    for f in qm.fallbacks:
-        print(f"simulated (no integer kernel): {f['node']}: {f['reason']}", file=sys.stderr)
-    out = qm.save(args.out, force=args.force)
+    # claim OUT before any work: a busy, foreign or existing OUT is refused now, not
+    # after calibrating; the claim (lock) is held until the artifact is in place
+    with claim_output(args.out, ARTIFACT, force=args.force):
+        qm = compile(args.model, args.recipe, calib=args.calib, settings=overrides,
+                     max_cache_len=args.max_cache_len, fallback=args.fallback)
+        for w in qm.plan.warnings:
+            print(w.format(), file=sys.stderr)
+        for f in qm.fallbacks:
+            print(f"simulated (no integer kernel): {f['node']}: {f['reason']}",
+                  file=sys.stderr)
+        out = qm.save(args.out, force=args.force)
     print(f"wrote {out} ({artifact_size(out) / 2**20:.2f} MB, lower={qm.lower}, "
           f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized"
           + (f", {len(qm.fallbacks)} simulated" if qm.fallbacks else "") + ")")
