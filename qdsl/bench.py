@@ -21,10 +21,11 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qdsl.errors import ArtifactError, ModelError
+from qdsl.limits import Limit, fit_length, model_limit
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,12 @@ DEFAULT_WATTS = 65.0    # assumed package power of the CPU while generating
 DEFAULT_PRICE = 0.15    # assumed $ per kWh
 PRED_TOKENS = 20        # tokens generated per prediction (Wei et al. Table 2)
 GRAPH_CACHE_LEN = 1024  # static cache of the fp32 graph row (qdsl compile's default)
+DEFAULT_CONTEXT = 512   # prefill tokens, clipped to the model (fit_config)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    context: int = 512
+    context: int | None = None   # prefill tokens; None: DEFAULT_CONTEXT fitted to the model
     decode_tokens: int = 32
     repeats: int = 5
     threads: int = 1
@@ -45,6 +47,33 @@ class BenchConfig:
     power_watts: float = DEFAULT_WATTS
     price_per_kwh: float = DEFAULT_PRICE
     pred_tokens: int = PRED_TOKENS
+
+    def __post_init__(self):
+        for k in ("decode_tokens", "repeats", "threads", "rounds", "pred_tokens"):
+            assert getattr(self, k) >= 1, (k, self)
+        assert self.context is None or self.context >= 1, self
+        assert self.power_watts > 0 and self.price_per_kwh >= 0, self
+
+
+def fit_config(model_name: str, cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with a context that fits the float model's positions together with the
+    decode steps and the graph rows' spare cache slot (graphs run cache - 1 tokens):
+    stdlib-gpt2 (256 positions), 32 decode tokens -> context 223. A context left
+    unset is clipped with a warning; a given one that does not fit is an OptionError."""
+    if model_name == RANDOM_GPT2:
+        from transformers import GPT2Config
+
+        n = GPT2Config().n_positions
+        limit = Limit(n, f"{RANDOM_GPT2} has {n} positions")
+    else:
+        limit = model_limit(model_name)
+    fit_length("--decode-tokens", cfg.decode_tokens, cfg.decode_tokens, limit, reserve=2,
+               reserved_for="one prompt token and the graph's spare cache slot")
+    context = fit_length("--context", cfg.context, DEFAULT_CONTEXT, limit,
+                         reserve=cfg.decode_tokens + 1,
+                         reserved_for=f"{cfg.decode_tokens} decode tokens and the graph's "
+                                      "spare cache slot")
+    return replace(cfg, context=context)
 
 
 @dataclass
@@ -267,6 +296,7 @@ def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | 
     """Measure fp32, quantize_dynamic, and the artifact / lowered model -> result dict."""
     if artifact and not (Path(artifact) / "qdsl_artifact.json").exists():
         raise ArtifactError(f"{artifact}: not a qdsl artifact (no qdsl_artifact.json)")
+    cfg = fit_config(model_name, cfg)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         specs = prepare(model_name, lower_all, Path(tmp))
         if artifact:
@@ -380,6 +410,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .limits import Limit, fit_length
 from .plan import QuantPlan, build_plan
 from .recipe import Recipe
 
@@ -181,7 +182,7 @@ def _calib_runner(captured, mode: str, max_cache_len: int):
 
 
 def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None,
-            settings=None, lower: str | None = None, max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+            settings=None, lower: str | None = None, max_cache_len: int | None = None,
             progress: bool = True, fallback: str = "error") -> QuantizedModel:
     """Compile ``recipe`` for ``model``: capture, name, match, observe, calibrate, freeze, lower.
 
@@ -190,8 +191,12 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     ``settings``: a ``qdsl.recipe.Settings`` overriding the recipe's (the command line).
     ``fallback`` (``lower="int8"``): "error" refuses ops with no integer kernel;
     "simulate" keeps them fake-quant, warns and records them (``QuantizedModel.fallbacks``).
+    ``max_cache_len`` (generate mode) None: 1024 clipped to the model's positions with a
+    warning; the calibration window length (``calib.seq_len``) unset: 256 clipped to what
+    the graph takes. A given length that does not fit is an ``OptionError``, raised before
+    capture.
     """
-    from .calib import CalibSpec, CalibrationError, calibration_windows
+    from .calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibration_windows
     from .capture import capture, max_positions
     from .passes.validate import validate_plan
     from .naming import name_graph
@@ -207,8 +212,18 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     m, tok, model_id = as_model(model)
     tok = tokenizer or tok
     mode = "generate" if is_causal_lm(m) else "plain"
+    positions = max_positions(m)
     if mode == "generate":  # the cache cannot outgrow the position table
-        max_cache_len = min(max_cache_len, max_positions(m))
+        max_cache_len = fit_length("--max-cache-len", max_cache_len, DEFAULT_MAX_CACHE_LEN,
+                                   Limit(positions, f"the model has {positions} positions"))
+        takes = Limit(max_cache_len - 1, f"the graph's cache of {max_cache_len} slots "
+                                         f"runs {max_cache_len - 1} tokens")
+    else:  # the captured graph's dynamic length stops one below the position table
+        max_cache_len = max_cache_len or DEFAULT_MAX_CACHE_LEN
+        takes = Limit(positions - 1, f"the captured graph takes {positions - 1} tokens")
+    seq_option = "calib.seq_len (--seq-len)"
+    if st.calib_seq_len is not None:  # a given length is checked before capture
+        fit_length(seq_option, st.calib_seq_len, DEFAULT_SEQ_LEN, takes)
     captured = capture(m, mode=mode, max_cache_len=max_cache_len)
     named = name_graph(captured)
     plan = build_plan(r, named)
@@ -226,13 +241,12 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
             if tok is None:
                 raise CalibrationError("calibration from text needs the model's tokenizer")
             windows = calibration_windows(CalibSpec(
-                str(source), samples=st.calib_samples or 128, seq_len=st.calib_seq_len or 256,
+                str(source), samples=st.calib_samples or 128,
+                seq_len=fit_length(seq_option, st.calib_seq_len, DEFAULT_SEQ_LEN, takes),
                 seed=st.calib_seed if st.calib_seed is not None else 0), tok)
-        fits = (max_cache_len if mode == "generate" else max_positions(m)) - 1
-        if windows.shape[1] > fits:
+        if windows.shape[1] > takes.tokens:
             raise CalibrationError(
-                f"calibration windows of {windows.shape[1]} tokens do not fit this model "
-                f"({fits} positions at most): pass --seq-len {fits} or less")
+                f"calibration windows of {windows.shape[1]} tokens do not fit: {takes.why}")
         calibrate(_calib_runner(captured, mode, max_cache_len), windows,
                   batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                   progress=progress)

@@ -99,6 +99,11 @@ class ModelError(QdslError):
     """A model name or directory cannot be resolved or loaded."""
 
 
+class OptionError(QdslError):
+    """A setting (a command-line option) that does not fit the model it is used with,
+    e.g. a context longer than the model's position table; names the option and the limit."""
+
+
 class SandboxError(QdslError):
     """Untrusted code (HumanEval's generated programs) cannot be run isolated here;
     says why and what to do (install bubblewrap, or pass --unsafe-exec)."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import OptionError
+from .limits import check_block
 from .plan import PlanEntry, QuantPlan
 from .spec import GroupWise, PerChannel, PerTensor, TensorSpec
 
@@ -176,7 +179,9 @@ def draw_block(gm: torch.fx.GraphModule, named, plan: QuantPlan, path: str,
     g = dataflow(gm, named)
     sub = g.subgraph([n for n in g.nodes if n.startswith(prefix)]).copy()
     if not sub.nodes:
-        raise ValueError(f"the model has no block {block}")
+        blocks = {n.split(".")[1] for n in g.nodes if n.startswith("block.")}
+        check_block("block", block, len(blocks))
+        raise OptionError(f"block {block}: no named nodes to draw")
     depth: dict[str, int] = {}
     for n in nx.topological_sort(sub):
         depth[n] = max((depth[p] + 1 for p in sub.predecessors(n)), default=0)
@@ -207,5 +212,6 @@ def draw_block(gm: torch.fx.GraphModule, named, plan: QuantPlan, path: str,
     ax.set_title(f"block {block}: precision per node")
     ax.axis("off")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from qdsl.cli import COMMANDS
+from .args import MAX_THREADS, int_range, nonneg_float, output_file, positive_float, positive_int
+
 
 
 def register(sub) -> None:
@@ -23,17 +25,24 @@ def register(sub) -> None:
     p.add_argument("--lower-all", choices=("w8a8-dynamic", "w8-weight-only", "w4"),
                    help="swap every linear (and Conv1D, embedding) of the eager model for "
                         "qdsl runtime modules and measure that")
-    p.add_argument("--context", type=int, default=512, help="prefill length (default 512)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps per repeat")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="prefill length in tokens (default 512, clipped with a note so that "
+                        "context + decode tokens + 1 fit the model's positions: 223 on "
+                        "stdlib-gpt2; a larger explicit value is an error)")
+    p.add_argument("--decode-tokens", type=positive_int, default=32,
+                   help="decode steps per repeat (default 32)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (default 5)")
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=1,
+                   help="torch threads (default 1)")
+    p.add_argument("--rounds", type=positive_int, default=2,
                    help="measure every model this often, interleaved (default 2)")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="plot size against decode latency")
-    p.add_argument("--power-watts", type=float, default=None,
+    p.add_argument("--json", metavar="FILE", type=output_file(".json"),
+                   help="write the results to a .json file")
+    p.add_argument("--plot", metavar="FILE.png", type=output_file(".png", ".svg"),
+                   help="plot size against decode latency (.png or .svg)")
+    p.add_argument("--power-watts", type=positive_float, default=None,
                    help="assumed power for the cost view (default 65)")
-    p.add_argument("--price-per-kwh", type=float, default=None,
+    p.add_argument("--price-per-kwh", type=nonneg_float, default=None,
                    help="assumed $/kWh for the cost view (default 0.15)")
     p.set_defaults(func=run)
 

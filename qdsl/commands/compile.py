@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..cli import COMMANDS
+from .args import int_range, output_dir, positive_int, seed_int
 
 
 def register(sub) -> None:
@@ -19,9 +20,13 @@ def register(sub) -> None:
     p.add_argument("--calib", metavar="DATA",
                    help="calibration data: a directory of source files, a dataset saved with "
                         "datasets' save_to_disk, or 'stdlib' (default: the recipe's calib.data)")
-    p.add_argument("--samples", type=int, help="calibration windows (calib.samples)")
-    p.add_argument("--seq-len", type=int, help="tokens per window (calib.seq_len)")
-    p.add_argument("--seed", type=int, help="window sampling seed (calib.seed)")
+    p.add_argument("--samples", type=positive_int,
+                   help="calibration windows (calib.samples; default 128)")
+    p.add_argument("--seq-len", type=int_range(2), metavar="N",
+                   help="tokens per window (calib.seq_len; default 256, clipped with a note to "
+                        "what the captured graph takes: 255 on stdlib-gpt2; a larger value "
+                        "given here or in the recipe is an error)")
+    p.add_argument("--seed", type=seed_int, help="window sampling seed (calib.seed; default 0)")
     p.add_argument("--lower", choices=["fake", "int8"],
                    help="fake: simulation at any bit width; int8: real integer kernels "
                         "(default: the recipe's `lower`, else fake)")
@@ -29,9 +34,12 @@ def register(sub) -> None:
                    help="--lower int8: what to do with a quantized op that has no integer kernel "
                         "(w3, asymmetric weights, a4 inputs, per-group activations): error "
                         "(default) or keep it as fake-quant simulation, reported")
-    p.add_argument("--max-cache-len", type=int, default=1024,
-                   help="key/value cache positions of the generate graph (context + new tokens)")
-    p.add_argument("-o", "--out", required=True, help="artifact directory to write")
+    p.add_argument("--max-cache-len", type=int_range(2), default=None, metavar="N",
+                   help="key/value cache slots of the generate graph, which runs N - 1 tokens "
+                        "(context + new tokens; default 1024, clipped with a note to the "
+                        "model's positions; a larger value is an error)")
+    p.add_argument("-o", "--out", required=True, type=output_dir,
+                   help="artifact directory to write")
     p.add_argument("--force", action="store_true",
                    help="replace OUT if it is a qdsl artifact (one holding anything else, "
                         "or any other file or directory, is refused)")

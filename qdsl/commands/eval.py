@@ -7,6 +7,8 @@ import argparse
 import math
 
 from ..cli import COMMANDS
+from .args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_file,
+                   positive_int, seed_int)
 
 DESCRIPTION = """\
 Score a model (short name, checkpoint directory or hub id) or a compiled artifact
@@ -28,26 +30,36 @@ def register(sub) -> None:
     p.add_argument("--bench", default="stdlib",
                    help="'stdlib' (held-out stdlib tests), a directory of .py files, "
                         "or a .jsonl benchmark (default: stdlib)")
-    p.add_argument("--n", type=int, default=None, help="samples (default 500; a JSONL: all)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="samples, at least 1 (default 500; a JSONL: all)")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--baseline", metavar="MODEL", help="float model to compare with "
                    "(default for an artifact: its source model)")
-    p.add_argument("--ctx-tokens", type=int, default=256, help="prompt budget in tokens (256)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--ctx-tokens", type=positive_int, default=None,
+                   help="prompt budget and perplexity window in tokens (default 256, clipped "
+                        "with a note to what the model holds: its positions, for an artifact "
+                        "its static cache; a larger explicit value is an error)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48,
+                   help="new tokens per completion (default 48)")
     p.add_argument("--prompt", choices=("newline", "indent", "heal"),
                    help="how the prompt ends (default: the best measured for the model)")
-    p.add_argument("--ppl-windows", type=int, default=64, metavar="N",
+    p.add_argument("--ppl-windows", type=nonneg_int, default=64, metavar="N",
                    help="perplexity windows (0: skip; default 64)")
-    p.add_argument("--humaneval", type=int, nargs="?", const=164, default=0, metavar="K",
-                   help="also run HumanEval pass@1 on the first K problems (all 164 if no K)")
+    p.add_argument("--humaneval", type=int_range(0, HUMANEVAL_PROBLEMS), nargs="?",
+                   const=HUMANEVAL_PROBLEMS, default=0, metavar="K",
+                   help="also run HumanEval pass@1 on the first K problems (all 164 if no K; "
+                        "0: none, the default)")
     p.add_argument("--unsafe-exec", action="store_true",
                    help="where the bubblewrap sandbox for HumanEval's generated code cannot "
                         "be had, run it with resource limits only instead of refusing (the "
                         "code can then use the network and read what nobody/your user can)")
-    p.add_argument("--save-bench", metavar="JSONL", help="freeze the samples to a JSONL file")
-    p.add_argument("--json", metavar="FILE", help="write all results (per sample too) as JSON")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
+    p.add_argument("--save-bench", metavar="JSONL", type=output_file(".jsonl"),
+                   help="freeze the samples to a .jsonl file")
+    p.add_argument("--json", metavar="FILE", type=output_file(".json"),
+                   help="write all results (per sample too) as a .json file")
+    p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=0,
+                   help="torch CPU threads (0, the default: torch's choice; 1 on a busy "
+                        "machine)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -58,7 +70,7 @@ def _fmt(x, digits=2) -> str:
 
 def run(args) -> int:
     from ..eval.bench import load_bench, save_jsonl
-    from ..eval.run import run_eval, write_json_atomic
+    from ..eval.run import fit_eval, run_eval, write_json_atomic
     from ..eval.sandbox import sandbox_kind
 
     if args.humaneval:  # no sandbox: refuse before anything is loaded
@@ -66,11 +78,13 @@ def run(args) -> int:
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
+    # lengths against the models' configs before the benchmark or a model is loaded
+    ctx_tokens, _ = fit_eval(args.model, args.baseline, args.ctx_tokens, args.max_new_tokens)
     samples = load_bench(args.bench, args.n, args.seed)
     if args.save_bench:
         save_jsonl(samples, args.save_bench)
     res = run_eval(args.model, samples, bench=args.bench, baseline=args.baseline,
-                   ctx_tokens=args.ctx_tokens, max_new_tokens=args.max_new_tokens,
+                   ctx_tokens=ctx_tokens, max_new_tokens=args.max_new_tokens,
                    prompt=args.prompt, ppl_windows=args.ppl_windows,
                    humaneval=args.humaneval, unsafe_exec=args.unsafe_exec,
                    progress=not args.no_progress)

