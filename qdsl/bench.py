@@ -98,18 +98,14 @@ class Row:
 def load_float(name: str):
     """float32 eval model: a short name or directory (``qdsl.models``), or RANDOM_GPT2."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     if name == RANDOM_GPT2:
         from transformers import GPT2Config, GPT2LMHeadModel
         torch.manual_seed(0)
         return GPT2LMHeadModel(GPT2Config()).eval()
-    from qdsl.models import resolve_model
-    r = resolve_model(name)                                  # raises ModelError
-    try:
-        return AutoModelForCausalLM.from_pretrained(r.path, dtype=torch.float32).eval()
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load {r.name} from {r.path}: {e}") from e
+    from qdsl.models import load_model
+    # the class the checkpoint declares; an encoder or missing weights: ModelError
+    return load_model(name, attn=None, require_causal=True, tokenizer=False)[0]
 
 
 def conv1d_to_linear(model):

@@ -133,7 +133,11 @@ class QuantizedModel(torch.nn.Module):
         from .graphlm import GraphLM
 
         if self.mode != "generate":
-            raise ValueError("only causal LMs captured in generate mode can decode")
+            from .errors import ModelError
+
+            raise ModelError(f"{self.source_id} is an encoder / base model captured as a "
+                             f"plain graph (mode {self.mode!r}): eval, bench and HumanEval "
+                             "need a causal LM; explain and compile work")
         return GraphLM(self.gm, self.max_cache_len, name=name or f"qdsl:{self.recipe.source}")
 
     def save(self, out: str | os.PathLike, *, force: bool = False):

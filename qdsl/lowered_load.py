@@ -43,11 +43,16 @@ def _to_meta(gm: torch.nn.Module) -> None:
 
 def meta_model(config_dir: Path) -> torch.nn.Module:
     """The source architecture from its config.json, parameters uninitialised (never touched)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .models import checkpoint_architecture
+
+    # the class the config declares: an encoder is rebuilt without an LM head
+    auto = AutoModelForCausalLM if checkpoint_architecture(config_dir).causal else AutoModel
 
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        model = auto.from_config(config, attn_implementation="eager")
     model = model.to_empty(device="cpu")  # to_empty unties shared tensors: tie them again
     model.tie_weights()
     return model.eval()

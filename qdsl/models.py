@@ -259,16 +259,114 @@ def _resolve_hub(repo_id: str) -> ResolvedModel:
     return ResolvedModel(repo_id, d, weights_hash(d), "hub")
 
 
-def load_model(name_or_path: str | os.PathLike, *, attn: str = "eager"):
-    """Load a model in float32 eval mode -> (model, tokenizer)."""
+@dataclass(frozen=True)
+class Architecture:
+    """What a checkpoint declares it is.
+
+    ``name``: the class in config.json's ``architectures`` (None if it declares none);
+    ``causal``: a causal LM (``*ForCausalLM``, ``*LMHeadModel``), loaded with
+    ``AutoModelForCausalLM``; otherwise an encoder or base model (``BertModel``,
+    ``RobertaModel``, ``GPT2Model``), loaded with ``AutoModel``: no language-model head,
+    captured as a plain graph returning the hidden states.
+    """
+
+    name: str | None
+    model_type: str | None
+    causal: bool
+
+    def describe(self) -> str:
+        return self.name or f"model_type {self.model_type!r}"
+
+
+def checkpoint_architecture(directory: str | os.PathLike) -> Architecture:
+    """Read ``directory/config.json`` -> Architecture; ModelError for a config that is not
+    a JSON object or declares a head qdsl does not load (``BertForMaskedLM`` ...)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_MAPPING_NAMES)
+
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelError(f"{path}: not a readable JSON config ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: not a JSON object")
+    model_type = config.get("model_type")
+    model_type = model_type if isinstance(model_type, str) else None
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list)
+                                  and all(isinstance(a, str) for a in archs)):
+        raise ModelError(f"{path}: 'architectures' must be a list of class names")
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    base_names = {n for v in MODEL_MAPPING_NAMES.values()
+                  for n in ((v,) if isinstance(v, str) else v)}
+    if not archs:   # an older config: decide by model type (the weights check catches a misfit)
+        return Architecture(None, model_type, model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                            or model_type not in MODEL_MAPPING_NAMES)
+    name = archs[0]
+    if name in causal_names:
+        return Architecture(name, model_type, True)
+    if name in base_names:
+        return Architecture(name, model_type, False)
+    raise ModelError(f"{path} declares architecture {name}: qdsl loads causal LMs "
+                     "(*ForCausalLM, *LMHeadModel) and encoders / base models (BertModel, "
+                     "RobertaModel, ...), not other task heads")
+
+
+def load_model(name_or_path: str | os.PathLike, *, attn: str | None = "eager",
+               require_causal: bool = False, tokenizer: bool = True):
+    """Load a model in float32 eval mode -> (model, tokenizer or None).
+
+    The class is the one the checkpoint declares (``checkpoint_architecture``): a
+    causal LM through ``AutoModelForCausalLM``, an encoder / base model through
+    ``AutoModel``. Weights the checkpoint lacks are never initialised at random: any
+    missing weight is a ModelError naming them. ``require_causal``: an encoder is a
+    ModelError (what eval, bench and HumanEval need), raised before loading weights.
+    ``attn``: the attention implementation (None: transformers' default).
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     r = resolve_model(name_or_path)
+    arch = checkpoint_architecture(r.path)
+    if require_causal and not arch.causal:
+        raise ModelError(f"{name_or_path} is an encoder / base model ({arch.describe()}) with "
+                         "no language-model head: eval, bench and HumanEval need a causal LM; "
+                         "explain and compile work")
+    # mismatched shapes are reported in the loading info (and refused below) rather than
+    # raised with a pointer to transformers' load report, which is silenced: the
+    # decision on missing weights is ours and is reported as one error
+    kwargs = {"dtype": torch.float32, "output_loading_info": True,
+              "ignore_mismatched_sizes": True}
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    auto = AutoModelForCausalLM if arch.causal else AutoModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(r.path, dtype=torch.float32,
-                                                     attn_implementation=attn)
-        tok = AutoTokenizer.from_pretrained(r.path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load {r.name} from {r.path}: {e}") from e
+        model, info = auto.from_pretrained(r.path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(r.path) if tokenizer else None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise ModelError(f"cannot load {r.name} from {r.path}: {str(e)[:500]}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k)
+                        for k in info.get("mismatched_keys") or ())
+    if missing or mismatched or info.get("error_msgs"):
+        bad = missing + mismatched
+        shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        raise ModelError(
+            f"{r.path}: loading it as {type(model).__name__} ({arch.describe()} declared) "
+            f"would initialise {len(bad)} weights at random, missing from the checkpoint or "
+            f"of the wrong shape: {shown or '; '.join(map(str, info['error_msgs']))[:300]}; "
+            "refusing to quantize untrained weights"
+            + ("" if arch.name else "; its config.json declares no 'architectures': add the "
+               "class it was saved from (e.g. [\"BertModel\"] for an encoder)"))
+    if info.get("unexpected_keys"):
+        log.info("%s: %d checkpoint tensors unused by %s: %s", r.path,
+                 len(info["unexpected_keys"]), type(model).__name__,
+                 ", ".join(sorted(info["unexpected_keys"])[:6]))
     return model.eval(), tok

@@ -35,7 +35,7 @@ def _model(name: str):
 
         _MODELS.clear()
         FLOAT_REF.clear()
-        model, tok = load_model(name)
+        model, tok = load_model(name, require_causal=True)
         _MODELS[name] = model, tok, max_positions_of(model.config)
     return _MODELS[name]
 

@@ -66,7 +66,7 @@ def load_lm(name_or_path: str) -> tuple[CausalLM, object, int | None, str]:
         tok = AutoTokenizer.from_pretrained(own)
         return lm, tok, max_positions_of(AutoConfig.from_pretrained(own)), source.lower()
     from ..models import load_model
-    model, tok = load_model(name_or_path)
+    model, tok = load_model(name_or_path, require_causal=True)   # an encoder: ModelError
     name = str(name_or_path)
     return HFCausalLM(model, name), tok, max_positions_of(model.config), name.lower()
 
