@@ -23,7 +23,8 @@ class Diagnostic:
     source_line: str = ""
 
     def format(self) -> str:
-        out = [f"{self.file}:{self.line}:{self.col}: {self.severity}: {self.message}"]
+        # user text (a path, a quoted word) reaches messages too: nothing unprintable goes out
+        out = [_printable(f"{self.file}:{self.line}:{self.col}: {self.severity}: {self.message}")]
         if self.source_line:
             text = self.source_line.rstrip("\n")
             if len(text) > 200:  # hostile input: show a window around the column
@@ -36,8 +37,12 @@ class Diagnostic:
             pad = "".join("\t" if c == "\t" else " " for c in text[:max(caret_col - 1, 0)])
             out.append(f"    {pad}^")
         if self.hint:
-            out.append(f"  hint: {self.hint}")
+            out.append(_printable(f"  hint: {self.hint}"))
         return "\n".join(out)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 class QdslError(Exception):

@@ -2,9 +2,11 @@
 
 Each line is parsed on its own with the LALR grammar in ``grammar/qrec.lark``,
 so every syntax error in a file is reported, not only the first. Hostile input
-(control bytes, invalid UTF-8, very long lines, deep parentheses) gives a
-located error, never another exception: the grammar has no recursion and long
-lines are refused before lexing.
+(control, invisible and bidi characters, homoglyphs, very long lines, deep
+parentheses) gives a located error, never another exception: the grammar has
+no recursion, long lines are refused before lexing, and ``chars.first_refused``
+screens every character first. (Bytes that are not UTF-8 never get here: the
+loader refuses such a file as binary.)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from ..errors import Diagnostic
 from ..resources import data_dir
+from .chars import first_refused
 from .syntax import (Arg, BlankLine, CommentLine, Document, IncludeLine, Line, Option,
                      RuleLine, SelectorNode, SettingLine)
 
@@ -40,28 +43,6 @@ SPEC_EXAMPLE = "a spec is options such as `w8 per_channel`, `a16`, `w8a8` or `sk
 def _lark() -> Lark:
     grammar = (data_dir("grammar") / "qrec.lark").read_text(encoding="utf-8")
     return Lark(grammar, parser="lalr", start=["line", "spec"], maybe_placeholders=False)
-
-
-def decode(data: bytes, file: str) -> tuple[str, list[Diagnostic]]:
-    """UTF-8 bytes -> text; each line holding invalid bytes gets one error
-    (at the first bad byte) and is blanked so the rest of the file still parses."""
-    try:
-        return data.decode("utf-8"), []
-    except UnicodeDecodeError:
-        pass
-    out_lines, diags = [], []
-    for i, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            out_lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            offset = sum(len(x) + 1 for x in data.split(b"\n")[:i - 1]) + e.start
-            col = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
-            diags.append(Diagnostic(
-                file, i, col, f"invalid UTF-8 byte 0x{raw[e.start]:02x} (byte offset {offset})",
-                hint="save the file as UTF-8",
-                source_line=raw.decode("utf-8", errors="replace")))
-            out_lines.append("")
-    return "\n".join(out_lines), diags
 
 
 def split_lines(text: str) -> list[str]:
@@ -101,11 +82,10 @@ def parse_line(src: str, n: int, file: str, diags: list[Diagnostic]) -> Line | N
     if len(src) > MAX_LINE:
         err(MAX_LINE + 1, f"line too long ({len(src)} characters; at most {MAX_LINE})")
         return None
-    for col, ch in enumerate(src, start=1):
-        if (ord(ch) < 32 and ch != "\t") or ord(ch) == 127 or ch == "\ufffd":
-            what = "invalid UTF-8" if ch == "\ufffd" else f"control character U+{ord(ch):04X}"
-            err(col, f"{what} is not allowed in a recipe")
-            return None
+    refused = first_refused(src)  # control, invisible, bidi; non-ASCII code (homoglyphs)
+    if refused is not None:
+        err(*refused)
+        return None
     quote = _unterminated_quote(src)
     if quote:
         err(quote, "unterminated string", hint='close it with `"` on the same line')

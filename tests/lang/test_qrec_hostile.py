@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from qdsl.errors import RecipeError
 from qdsl.lang import check_file, format_text, parse_recipe
-from qdsl.lang.parser import decode
 
 ALPHABET = st.sampled_from(list("*.[]0123456789-,?:\"\\#()=wa_ \tbloksetinclude\n") + ["->"])
 
@@ -42,14 +41,22 @@ def test_arbitrary_bytes(tmp_path_factory, data):
         d.format()
 
 
-def test_invalid_utf8_reports_line_and_byte(tmp_path):
+def test_invalid_utf8_is_one_line_without_content(tmp_path):
+    # one line naming the first bad byte, never a diagnostic per line echoing the content
     path = tmp_path / "bad.qrec"
-    path.write_bytes(b"* -> w8\nx -> a\xff8\n* -> w0\n")
-    d1, d2 = check_file(path)
-    assert (d1.line, d1.col, d1.message) == (2, 7, "invalid UTF-8 byte 0xff (byte offset 14)")
-    assert (d2.line, d2.message) == (3, "weight bits must be 1..16, or 32 to keep float; got `w0`")
-    text, diags = decode(b"ok\n\xc3", "f")
-    assert diags[0].line == 2
+    path.write_bytes(b"* -> w8\nsecret -> a\xff8\n\xfe\n")
+    (d,) = check_file(path)
+    assert (d.line, d.col, d.message) == (
+        2, 12, "not a recipe file (binary): invalid UTF-8 byte 0xff (byte offset 19)")
+    assert "secret" not in d.format()
+
+
+def test_nul_byte_is_binary(tmp_path):
+    path = tmp_path / "nul.qrec"
+    path.write_bytes(b"* -> w8\nTOKEN=abc\0PATH=/bin\n" * 50)
+    (d,) = check_file(path)
+    assert d.message == "not a recipe file (binary): it holds a NUL byte"
+    assert "TOKEN" not in d.format()
 
 
 def test_control_bytes():
@@ -87,3 +94,43 @@ def test_many_bad_lines_are_all_reported_quickly():
         parse_recipe(text)
     assert len(e.value.diagnostics) == 5000
     assert time.perf_counter() - t0 < 3.0
+
+
+@pytest.mark.parametrize("line, col, message", [
+    # homoglyphs: the code point, its name and the ASCII character it imitates
+    ("mlp.c_fc -> w8 per_\u0501roup(K=8)", 20,
+     "non-ASCII character '\u0501' (U+0501 CYRILLIC SMALL LETTER KOMI DE) looks like 'd'"),
+    ("bl\u043eck.*.res_sum -> a16", 3,
+     "non-ASCII character '\u043e' (U+043E CYRILLIC SMALL LETTER O) looks like 'o'"),
+    ("* \u2192 w8", 3, "non-ASCII character '\u2192' (U+2192 RIGHTWARDS ARROW) looks like '->'"),
+    ("* -> \uff578", 6,
+     "non-ASCII character '\uff57' (U+FF57 FULLWIDTH LATIN SMALL LETTER W) looks like 'w'"),
+    ('include \u201cbase.qrec\u201d', 9,
+     "non-ASCII character '\u201c' (U+201C LEFT DOUBLE QUOTATION MARK) looks like '\"'"),
+    ("*\u00a0-> w8", 2, "non-ASCII character (U+00A0 NO-BREAK SPACE) looks like ' '"),
+    ("* -> w8 \u00e9", 9, "non-ASCII character '\u00e9' (U+00E9 LATIN SMALL LETTER E WITH ACUTE)"),
+    # invisible and bidi characters: refused in strings and comments too
+    ('set calib.data = "std\u200blib"', 22,
+     "invisible character (U+200B ZERO WIDTH SPACE) is not allowed in a recipe"),
+    ('set calib.data = "std\u3164lib"', 22,
+     "invisible character (U+3164 HANGUL FILLER) is not allowed in a string"),
+    ("* -> w8  # ok \u202e8a -> *", 15, "bidirectional control character "
+     "(U+202E RIGHT-TO-LEFT OVERRIDE) is not allowed in a recipe"),
+    ('include "a\u2066.qrec"', 11, "bidirectional control character "
+     "(U+2066 LEFT-TO-RIGHT ISOLATE) is not allowed in a recipe"),
+    ("* -> w8\u00ad", 8, "invisible character (U+00AD SOFT HYPHEN) is not allowed in a recipe"),
+    ("* -> w8 \x9b31m", 9, "control character U+009B is not allowed in a recipe"),
+])
+def test_suspicious_characters_are_named(line, col, message):
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(line + "\n")
+    (d,) = e.value.diagnostics
+    assert (d.col, d.message) == (col, message)
+    shown = e.value.format()
+    assert all(c.isprintable() or c in "\n\t" for c in shown)
+
+
+def test_non_ascii_in_strings_and_comments_is_fine():
+    r = parse_recipe('set calib.data = "donn\u00e9es/\u0434\u0430\u043d\u043d\u044b\u0435"'
+                     '  # caf\u00e9 \u2192 ok\n* -> w8  # \u00e9t\u00e9\n')
+    assert r.settings.calib_data == "donn\u00e9es/\u0434\u0430\u043d\u043d\u044b\u0435"
