@@ -113,10 +113,11 @@ class QuantPlan:
 
 def _line_of(loc: Loc, recipe: Recipe) -> str:
     text = recipe.text if loc.file == recipe.source else None
-    if text is None:
-        try:
-            text = Path(loc.file).read_text(encoding="utf-8", errors="replace")
-        except OSError:
+    if text is None:  # an included file: read it as the loader does (regular, capped)
+        from .lang.loader import read_text
+
+        text = read_text(Path(loc.file))[0]
+        if text is None:
             return ""
     lines = text.splitlines()
     return lines[loc.line - 1] if 0 < loc.line <= len(lines) else ""

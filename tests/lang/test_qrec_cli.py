@@ -38,7 +38,8 @@ def test_check_missing_file_and_binary(tmp_path, capsys):
     (tmp_path / "bin.qrec").write_bytes(b"\x00\xff\xfe" * 100)
     assert main(["check", str(tmp_path / "nope.qrec"), str(tmp_path / "bin.qrec")]) == 1
     out, err = capsys.readouterr()
-    assert "cannot read recipe" in err and "invalid UTF-8" in err and "Traceback" not in err
+    assert "cannot read recipe" in err and "not a recipe file (binary)" in err
+    assert "Traceback" not in err and err.count("\n") == 3  # one line each (+ a hint)
 
 
 def test_check_usage_error(capsys):
