@@ -150,7 +150,11 @@ def _replace_by_rename(target: str, st: os.stat_result, expected: bytes, data: b
             f.write(data)
             f.flush()
             if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                try:
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                except PermissionError:  # e.g. root in a user namespace: keep the owner
+                    os.unlink(tmp)       # by writing in place instead
+                    return _FALLBACK
             os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))  # after chown, which clears setuid
             os.fsync(f.fileno())
         if _content(target, st) != expected:

@@ -60,13 +60,17 @@ def test_hard_links_are_kept(ugly, capsys, tmp_path):
     assert b.read_text() == PRETTY and a.stat().st_ino == ino and a.stat().st_nlink == 2
 
 
-@pytest.mark.parametrize("linked", [False, True], ids=["renamed", "in-place"])
-def test_mode_and_owner_are_kept(ugly, capsys, tmp_path, linked):
+@pytest.mark.parametrize("how", ["renamed", "in-place", "chown-refused"])
+def test_mode_and_owner_are_kept(ugly, capsys, tmp_path, monkeypatch, how):
     if os.geteuid() != 0:
         pytest.skip("giving a file to another owner needs root (CI runs as root)")
     p = ugly()
-    if linked:
+    if how == "in-place":
         os.link(p, tmp_path / "other.qrec")
+    if how == "chown-refused":  # root in a user namespace: the temp file cannot be given away
+        def refuse(*_):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        monkeypatch.setattr(os, "fchown", refuse)
     os.chown(p, 12345, 23456)
     p.chmod(0o640)
     assert _fmt_write(capsys, p)[0] == 0
