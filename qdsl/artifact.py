@@ -15,6 +15,9 @@
                                  cache and other run-time state are not stored (zeros)
     OUT/model/                   the source model's config.json and tokenizer files
 
+The marker records the sha256 and size of every other file ("files"); ``read_artifact``
+checks them, the JSON schemas and the cross-checks of ``qdsl.artifact_check``.
+
 Written atomically: everything goes to a temporary sibling directory that is
 renamed into place at the end, so Ctrl-C never leaves a half-written artifact.
 """
@@ -25,18 +28,22 @@ import datetime
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_dir  # the output rules: qdsl.atomic.output_dir
+from .artifact_check import (PLAN, check_plan, check_quant_tensors, check_recipe, file_records,
+                             model_dir_files, read_json, read_safetensors, regular_file,
+                             validate, validate_marker, verify_files)
 from .errors import ArtifactError
 
 MARKER = "qdsl_artifact.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: qdsl_artifact.json records each file's sha256 and size ("files")
 
 
 def module_hash(model: torch.nn.Module) -> str:
@@ -69,27 +76,52 @@ def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[s
             save_file(ts, str(tmp / fname))
         if write_more is not None:
             write_more(tmp)
-        (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
-        (tmp / "recipe.qrec").write_text(recipe_text)
-        (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
+        (tmp / "recipe.qrec").write_text(recipe_text, encoding="utf-8")
+        meta["files"] = file_records(tmp, skip=MARKER)  # sha256 + size: what load verifies
+        (tmp / MARKER).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return Path(out)
 
 
-def read_artifact(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """(meta, plan JSON, quantization tensors) of an artifact; clear errors if malformed."""
+def read_artifact(path: str | os.PathLike, *, verify: bool = True
+                  ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(meta, plan JSON, quantization tensors) of an artifact, after every check of
+    ``qdsl.artifact_check`` (one-line ArtifactError naming the file on any failure).
+
+    ``verify``: compare each file with the size and sha256 recorded at save (off:
+    ``--no-verify``; the structural checks still run). A format-1 artifact (written
+    before hashes were recorded) loads with a warning that it cannot be verified.
+    """
     path = Path(path)
     if not (path / MARKER).is_file():
         raise ArtifactError(f"{path} is not a qdsl artifact (no {MARKER}); "
                             "make one with `qdsl compile ... -o DIR`")
-    try:
-        meta = json.loads((path / MARKER).read_text())
-        plan = json.loads((path / "plan.json").read_text())
-        tensors = load_file(str(path / "quant_params.safetensors"))
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"artifact {path} is incomplete or corrupt: {e}") from e
-    if meta.get("format") != "qdsl-artifact" or meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"artifact {path} has format {meta.get('format')!r} "
-                            f"v{meta.get('format_version')}; this qdsl reads v{FORMAT_VERSION}")
+    meta = read_json(path, MARKER)
+    if not isinstance(meta, dict) or meta.get("format") != "qdsl-artifact" \
+            or meta.get("format_version") not in (1, FORMAT_VERSION):
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ArtifactError(f"artifact {path}: {MARKER} is not a qdsl artifact marker this "
+                            f"qdsl reads (format {got!r}; it reads 1 and {FORMAT_VERSION})")
+    validate_marker(path, meta)
+    reads = ["plan.json", "recipe.qrec", "quant_params.safetensors"]
+    if meta["lower"] == "int8" and meta["int8"]["self_contained"]:
+        reads += ["model.safetensors", "model/config.json"]
+    reads = sorted(set(reads) | set(model_dir_files(path)))
+    for rel in reads:
+        regular_file(path, rel)
+    if "files" in meta:
+        if verify:
+            verify_files(path, meta["files"], reads)
+    elif verify:
+        warnings.warn(f"artifact {path} was written before qdsl recorded content hashes "
+                      "(format 1): its files cannot be verified; recompile it to add them",
+                      stacklevel=2)
+    plan = read_json(path, "plan.json")
+    validate(path, "plan.json", plan, PLAN)
+    check_plan(path, meta, plan)
+    check_recipe(path, meta)
+    tensors = read_safetensors(path, "quant_params.safetensors")
+    check_quant_tensors(path, meta, plan, tensors)
     return meta, plan, tensors
 
 
@@ -160,8 +192,9 @@ def artifact_size(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def load_artifact_lm(path: str | os.PathLike, model=None, max_cache_len: int | None = None):
+def load_artifact_lm(path: str | os.PathLike, model=None, max_cache_len: int | None = None,
+                     *, verify: bool = True):
     """An artifact as a ``CausalLM`` (see ``qdsl.compiler.load_artifact_lm``)."""
     from .compiler import load_artifact_lm as _load
 
-    return _load(path, model, max_cache_len=max_cache_len)
+    return _load(path, model, max_cache_len=max_cache_len, verify=verify)

@@ -172,8 +172,14 @@ def _option_to_json(opt: Any) -> dict[str, Any] | None:
 def _option_from_json(d: dict[str, Any] | None, table: dict[str, type]) -> Any:
     if d is None:
         return None
+    if not isinstance(d, dict) or d.get("name") not in table:
+        raise SpecError(f"expected one of {', '.join(table)}, got {str(d)[:60]}")
     d = dict(d)
-    return table[d.pop("name")](**d)
+    cls = table[d.pop("name")]
+    try:
+        return cls(**d)
+    except TypeError as e:  # an unknown or missing parameter
+        raise SpecError(f"{cls.name}: {e}") from None
 
 
 # --------------------------------------------------------------------------
@@ -253,6 +259,25 @@ class TensorSpec:
     observer: Observer = field(default_factory=MinMax)
     dynamic: bool = False
 
+    def __post_init__(self) -> None:
+        b = self.bits
+        if self.kind not in (WEIGHT, ACTIVATION):
+            raise SpecError(f"kind must be {WEIGHT} or {ACTIVATION}, got {self.kind!r}")
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool)
+                              or not MIN_BITS <= b <= MAX_BITS):
+            raise SpecError(f"bits must be {MIN_BITS}..{MAX_BITS} (None for float), got {b!r}")
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise SpecError(f"float dtype must be one of {FLOAT_DTYPES}, got {self.float_dtype!r}")
+        if not isinstance(self.symmetric, bool) or not isinstance(self.dynamic, bool):
+            raise SpecError(f"symmetric and dynamic must be booleans, got {self.symmetric!r}, "
+                            f"{self.dynamic!r}")
+        if type(self.granularity) not in GRANULARITIES.values() \
+                or self.kind not in self.granularity.kinds:
+            raise SpecError(f"granularity {self.granularity!r} does not apply to {self.kind}s")
+        if type(self.observer) not in OBSERVERS.values():
+            raise SpecError(f"observer must be one of {', '.join(OBSERVERS)}, "
+                            f"got {self.observer!r}")
+
     @property
     def quantized(self) -> bool:
         return self.bits is not None
@@ -265,10 +290,15 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        if not isinstance(d, dict):
+            raise SpecError(f"a tensor spec must be an object, got {str(d)[:60]}")
         d = dict(d)
-        d["granularity"] = _option_from_json(d["granularity"], GRANULARITIES)
-        d["observer"] = _option_from_json(d["observer"], OBSERVERS)
-        return cls(**d)
+        d["granularity"] = _option_from_json(d.get("granularity"), GRANULARITIES)
+        d["observer"] = _option_from_json(d.get("observer"), OBSERVERS)
+        try:
+            return cls(**d)
+        except TypeError as e:  # an unknown or missing key
+            raise SpecError(f"tensor spec: {e}") from None
 
     def describe(self) -> str:
         """Short text in recipe syntax, e.g. 'w8 sym per_channel mse'."""

@@ -43,13 +43,23 @@ class Frozen:
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, Tensor]) -> Frozen:
+        """Inverse of ``to_state``; ValueError naming the tensor or config entry that
+        is missing or malformed (the artifact loader reports it as damage)."""
         acts = {}
         for k, c in config["activations"].items():
             prefix = f"act.{k}."
-            acts[k] = module_from_json(c, {n[len(prefix):]: t for n, t in tensors.items()
-                                           if n.startswith(prefix)})
-        weights = {k: (tensors[f"weight.{k}.scale"], tensors[f"weight.{k}.zero_point"])
-                   for k in config["weights"]}
+            try:
+                acts[k] = module_from_json(c, {n[len(prefix):]: t for n, t in tensors.items()
+                                               if n.startswith(prefix)})
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"activation quantizer {k}: missing or malformed {e}") from None
+        weights = {}
+        for k in config["weights"]:
+            scale, zero_point = tensors.get(f"weight.{k}.scale"), tensors.get(f"weight.{k}.zero_point")
+            if scale is None or zero_point is None:
+                raise ValueError(f"weight quantizer {k}: tensor weight.{k}.scale or "
+                                 ".zero_point is missing")
+            weights[k] = (scale, zero_point)
         return cls(acts, weights)
 
 
