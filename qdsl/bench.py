@@ -141,7 +141,8 @@ def _load_child_model(spec: dict):
         except ImportError as e:
             raise ArtifactError("qdsl.artifact is not available in this build; "
                                 "use --lower-all to measure the runtime modules") from e
-        lm = load_artifact_lm(path, max_cache_len=spec.get("cache_len"))
+        lm = load_artifact_lm(path, max_cache_len=spec.get("cache_len"),
+                              verify=spec.get("verify", True))
         return lm, spec["vocab"]
     model = load_lowered(path)                               # fp32 or swapped, meta + assign
     if kind == "fp32-graph":          # the runtime an int8 artifact runs, float weights
@@ -288,8 +289,10 @@ def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
 
 
 def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | None = None,
-              cfg: BenchConfig = BenchConfig(), work_dir: str | None = None) -> dict:
-    """Measure fp32, quantize_dynamic, and the artifact / lowered model -> result dict."""
+              cfg: BenchConfig = BenchConfig(), work_dir: str | None = None,
+              verify: bool = True) -> dict:
+    """Measure fp32, quantize_dynamic, and the artifact / lowered model -> result dict.
+    ``verify``: the artifact's child checks its files' recorded sha256 (``qdsl.load``)."""
     if artifact and not (Path(artifact) / "qdsl_artifact.json").exists():
         raise ArtifactError(f"{artifact}: not a qdsl artifact (no qdsl_artifact.json)")
     cfg = fit_config(model_name, cfg)
@@ -305,7 +308,7 @@ def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | 
                         cfg.context + cfg.decode_tokens + 1)
             specs.append(dict(name=f"qdsl artifact {Path(artifact).name}", kind="artifact",
                               path=str(artifact), size_mb=dir_size_mb(artifact), vocab=vocab,
-                              cache_len=cache))
+                              cache_len=cache, verify=verify))
             specs[1]["cache_len"] = cache
         runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
         for k in range(cfg.rounds):                          # interleave: load drifts
@@ -414,4 +417,10 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 
 
 if __name__ == "__main__":  # the child process: a JSON spec on stdin, a JSON line out
-    print(json.dumps(child_main(json.loads(sys.stdin.read()))))
+    from qdsl.errors import QdslError
+
+    try:
+        print(json.dumps(child_main(json.loads(sys.stdin.read()))))
+    except QdslError as e:  # a user's error (a damaged artifact): its line, no traceback
+        print(e.format(), file=sys.stderr)
+        sys.exit(2)

@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from ..compiler import local_source
 from ..errors import ArtifactError, ModelError
 from ..limits import fit_length, limit_of, tightest
 from ..lm import CausalLM, HFCausalLM
@@ -48,8 +49,11 @@ def max_positions_of(config) -> int | None:
     return None
 
 
-def load_lm(name_or_path: str) -> tuple[CausalLM, object, int | None, str]:
-    """A model or artifact -> (CausalLM, tokenizer, max positions, short name for defaults)."""
+def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
+            ) -> tuple[CausalLM, object, int | None, str]:
+    """A model or artifact -> (CausalLM, tokenizer, max positions, short name for defaults).
+    An artifact: ``verify`` as in ``qdsl.load``; ``source``: the model a fake-quant
+    artifact runs on (default: the one it records, if on this machine; never fetched)."""
     if is_artifact(name_or_path):
         try:
             from ..artifact import load_artifact_lm
@@ -57,14 +61,17 @@ def load_lm(name_or_path: str) -> tuple[CausalLM, object, int | None, str]:
             raise ModelError("compiled artifacts need qdsl compile (not available in this build)") from e
         from transformers import AutoConfig, AutoTokenizer
 
-        source = artifact_source(name_or_path)
+        recorded = artifact_source(name_or_path)
         own = Path(name_or_path) / "model"          # the source's config + tokenizer, if saved
+        model = None
         if not (own / "config.json").is_file():
             from ..models import resolve_model
-            own = resolve_model(source).path
-        lm = load_artifact_lm(name_or_path)
-        tok = AutoTokenizer.from_pretrained(own)
-        return lm, tok, max_positions_of(AutoConfig.from_pretrained(own)), source.lower()
+            model = source or local_source(recorded, name_or_path)
+            own = resolve_model(model).path
+        lm = load_artifact_lm(name_or_path, model, verify=verify)
+        tok = AutoTokenizer.from_pretrained(own, local_files_only=True)
+        config = AutoConfig.from_pretrained(own, local_files_only=True)
+        return lm, tok, max_positions_of(config), recorded.lower()
     from ..models import load_model
     model, tok = load_model(name_or_path, require_causal=True)   # an encoder: ModelError
     name = str(name_or_path)
@@ -99,7 +106,7 @@ def fit_eval(target: str, baseline: str | None = None, ctx_tokens: int | None = 
     ``max_new_tokens`` leaving no room for a prompt, is an ``OptionError``. Both models
     get the same limit, so their windows and prompts are the same tokens."""
     if baseline is None and is_artifact(target):
-        baseline = artifact_source(target)
+        baseline = local_source(artifact_source(target), target)
     limit = tightest(*(limit_of(n) for n in (target, baseline) if n is not None))
     fit_length("--max-new-tokens", max_new_tokens, max_new_tokens, limit,
                reserve=1, reserved_for="the prompt")
@@ -110,7 +117,7 @@ def fit_eval(target: str, baseline: str | None = None, ctx_tokens: int | None = 
 def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | None = None,
              ctx_tokens: int | None = None, max_new_tokens: int = 48, prompt: str | None = None,
              ppl_windows: int = 64, humaneval: int = 0, unsafe_exec: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, verify: bool = True) -> dict:
     """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by
     default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}.
     ``ctx_tokens`` None: 256 clipped to what both run (``fit_eval``). With
@@ -119,8 +126,9 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
     t0 = time.time()
     if humaneval:
         sandbox_kind(unsafe_exec)
+    source = baseline  # a fake-quant artifact runs on the model it names, or on this one
     if baseline is None and is_artifact(target):
-        baseline = artifact_source(target)
+        baseline = local_source(artifact_source(target), target)
     ctx_tokens, limit = fit_eval(target, baseline, ctx_tokens, max_new_tokens)
     out: dict = {"bench": bench, "n": len(samples)}
     for role, name in (("target", target), ("baseline", baseline)):
@@ -128,7 +136,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
             out[role] = None
             continue
         t = time.time()
-        lm, tok, max_pos, short = load_lm(name)
+        lm, tok, max_pos, short = load_lm(name, verify=verify,
+                                          source=source if role == "target" else None)
         max_pos = limit or max_pos   # what both run: an artifact's cache, the positions
         load_s = time.time() - t
         cfg = CompletionConfig(ctx_tokens, max_new_tokens,
