@@ -252,7 +252,8 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
                 seed=st.calib_seed if st.calib_seed is not None else 0), tok)
         if windows.shape[1] > takes.tokens:
             raise CalibrationError(
-                f"calibration windows of {windows.shape[1]} tokens do not fit: {takes.why}")
+                f"calibration windows of {windows.shape[1]} tokens do not fit: {takes.why}; "
+                f"use windows of {takes.tokens} tokens or less (--seq-len {takes.tokens})")
         calibrate(_calib_runner(captured, mode, max_cache_len), windows,
                   batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                   progress=progress)
