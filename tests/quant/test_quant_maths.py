@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from unittest.mock import patch
+
 import pytest
 import torch
 from hypothesis import given
@@ -137,24 +140,82 @@ def test_straight_through_gradient(x, rng, bits, symmetric):
 # --- agreement with torch -------------------------------------------------------------
 
 
+# fake_quantize hands float32 per-tensor / per-channel inputs to torch's fused kernels, so
+# comparing it with those kernels there compares torch with itself. These tests run qdsl's
+# own maths (the fallback used for other dtypes, meta tensors and other shapes of
+# parameters) on the same inputs, with the fused path switched off, and compare.
+
+
+@contextmanager
+def _reference_maths():
+    """fake_quantize with its fused fast path disabled (patched in the module that defines
+    fake_quantize, wherever that is); fails unless the fast path was really consulted."""
+    calls = []
+
+    def no_fused(*args):
+        calls.append(args)
+        return None
+
+    with patch.dict(fake_quantize.__globals__, {"_fused_fake_quantize": no_fused}):
+        yield
+    assert calls, "fake_quantize no longer consults _fused_fake_quantize: update this test"
+
+
 @given(float_tensors(), ranges(), bit_widths, st.booleans())
-def test_agrees_with_torch_per_tensor(x, rng, bits, symmetric):
+def test_reference_maths_agrees_with_torch_per_tensor(x, rng, bits, symmetric):
     """Our grid as torch's (quant_min, quant_max); symmetric = zero point 0 on the narrow
-    grid, e.g. [-127, 127]. 1-bit symmetric ({-1, +1}, no zero) is not affine: skipped."""
+    grid, e.g. [-127, 127]. 1-bit symmetric ({-1, +1}, no zero) is not affine: skipped.
+    Values and straight-through gradients agree bit for bit."""
     if bits == 1 and symmetric:
         return
     s, z = choose_qparams(*rng, bits, symmetric)
     qmin, qmax = qrange(bits, symmetric)
-    ref = torch.fake_quantize_per_tensor_affine(x, s.reshape(1), z.reshape(1), qmin, qmax)
-    assert torch.equal(fake_quantize(x, s, z, bits, symmetric), ref)
+    xt = x.clone().requires_grad_(True)
+    ref = torch.fake_quantize_per_tensor_affine(xt, s.reshape(1), z.reshape(1), qmin, qmax)
+    ref.sum().backward()
+    xr = x.clone().requires_grad_(True)
+    with _reference_maths():
+        ours = fake_quantize(xr, s, z, bits, symmetric)
+        no_grad = fake_quantize(x, s, z, bits, symmetric)  # the branch without autograd
+    ours.sum().backward()
+    assert torch.equal(ours.detach(), ref.detach()) and torch.equal(no_grad, ref.detach())
+    assert torch.equal(xr.grad, xt.grad)
 
 
 @given(matrices(), multibit_widths, st.booleans())
-def test_agrees_with_torch_per_channel(w, bits, symmetric):
+def test_reference_maths_agrees_with_torch_per_channel(w, bits, symmetric):
     s, z = choose_qparams(*reduce_range(w, PerChannel(), WEIGHT), bits, symmetric)  # [out, 1]
     qmin, qmax = qrange(bits, symmetric)
     ref = torch.fake_quantize_per_channel_affine(w, s[:, 0], z[:, 0], 0, qmin, qmax)
-    assert torch.equal(fake_quantize(w, s, z, bits, symmetric), ref)
+    with _reference_maths():
+        ours = fake_quantize(w, s, z, bits, symmetric)
+    assert torch.equal(ours, ref)
+    # and the fast path (what float32 weights get) agrees with it too
+    assert torch.equal(fake_quantize(w, s, z, bits, symmetric), ours)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_reference_maths_rounds_ties_as_torch(symmetric):
+    """Exact halfway points (a power-of-two scale keeps them exact) round to even, as
+    torch's kernel does: half-up rounding differs on every other one."""
+    x = (torch.arange(-24, 24, dtype=torch.float32) + 0.5) * 0.25
+    s, z = torch.tensor(0.25), torch.tensor(0 if symmetric else 3, dtype=torch.int32)
+    qmin, qmax = qrange(8, symmetric)
+    ref = torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
+    with _reference_maths():
+        ours = fake_quantize(x, s, z, 8, symmetric)
+    assert torch.equal(ours, ref)
+
+
+@given(matrices(), multibit_widths, st.booleans())
+def test_other_dtypes_take_the_reference_maths(w, bits, symmetric):
+    """float64 inputs never reach the fused kernels: the result (on float32 values) is
+    torch's, cast."""
+    s, z = choose_qparams(*reduce_range(w, PerChannel(), WEIGHT), bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    ref = torch.fake_quantize_per_channel_affine(w, s[:, 0], z[:, 0], 0, qmin, qmax)
+    ours = fake_quantize(w.double(), s, z, bits, symmetric)
+    assert ours.dtype == torch.float64 and torch.equal(ours.float(), ref)
 
 
 # --- granularity ------------------------------------------------------------------
