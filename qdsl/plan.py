@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from .errors import Diagnostic, PlanError
 from .recipe import Loc, Recipe, Rule
 from .select import select, suggestions
-from .spec import ACTIVATION, FLOAT_BITS, WEIGHT, TensorPatch, TensorSpec, resolve
+from .spec import ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, TensorPatch, TensorSpec, resolve
 
 _PATCH_FIELDS = tuple(f.name for f in fields(TensorPatch))
 _SKIP = TensorPatch(bits=FLOAT_BITS)
@@ -40,9 +40,11 @@ class PlanEntry:
     decided_by: dict[str, dict[str, str]] = field(default_factory=dict, compare=False)
 
     def rule(self, kind: str) -> str:
-        """The rule that decided this tensor's bits (or '-' when no rule touched it)."""
+        """The rule that decided this tensor's precision; where no rule set it, the last
+        rule that set anything ('-' when no rule touched it). ``decided_by`` lists the
+        attributes in rule order."""
         d = self.decided_by.get(kind, {})
-        return d.get("bits") or (max(d.values()) if d else "-")
+        return d.get("bits") or d.get("float_dtype") or (list(d.values())[-1] if d else "-")
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "module": self.module,
@@ -168,6 +170,8 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
                 if kind == WEIGHT and not n.has_weight:
                     continue
                 acc[n.name][kind] = acc[n.name][kind].then(patch)
+                for f in patch.overrides():  # a precision replaced is owned by no one
+                    owner[n.name][kind].pop(f, None)
                 for f in patch.set_fields():
                     owner[n.name][kind][f] = i
     if errors:
@@ -176,7 +180,8 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
     locs = [str(r.loc) for r in recipe.rules]
     entries = []
     for n in nodes:
-        decided = {k: {f: locs[i] for f, i in owner[n.name][k].items()} for k in (WEIGHT, ACTIVATION)}
+        decided = {k: {f: locs[i] for f, i in sorted(owner[n.name][k].items(), key=lambda fi: fi[1])}
+                   for k in (WEIGHT, ACTIVATION)}  # in rule order: the last one set last
         entries.append(PlanEntry(
             name=n.name, role=n.role, module=n.module,
             weight=resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None,
@@ -197,8 +202,9 @@ def _overriders(i: int, rule: Rule, hits: list, owner) -> set[int] | None:
         for kind, patch in _patches(rule).items():
             if kind == WEIGHT and not n.has_weight:
                 continue
-            for f in patch.set_fields():
-                w = owner[n.name][kind][f]
+            mine = owner[n.name][kind]
+            for f in patch.set_fields():  # a replaced precision: its replacer owns it
+                w = mine[f] if f in mine else next(mine[p] for p in PRECISION if p in mine)
                 if w == i:
                     return None
                 winners.add(w)
@@ -227,7 +233,7 @@ def _ineffective(recipe: Recipe, matched: list[list], entries: dict[str, PlanEnt
     no rule gives them bits: `mlp.c_fc -> per_group(K=8)` alone quantizes nothing."""
     for i, rule in enumerate(recipe.rules):
         for kind, patch in ((WEIGHT, rule.weight), (ACTIVATION, rule.activation)):
-            opts = [f for f in patch.set_fields() if f not in ("bits", "float_dtype")]
+            opts = [f for f in patch.set_fields() if f not in PRECISION]
             if rule.skip or not opts or patch.bits is not None:
                 continue
             specs = [getattr(entries[n.name], kind) for n in matched[i]]

@@ -186,6 +186,9 @@ def _option_from_json(d: dict[str, Any] | None, table: dict[str, type]) -> Any:
 # What one rule says about one tensor kind.
 
 
+PRECISION = ("bits", "float_dtype")  # one attribute in the language: w8, fp16, float
+
+
 @dataclass(frozen=True)
 class TensorPatch:
     """Fields a rule sets for weights or for activations; None = not set.
@@ -218,8 +221,18 @@ class TensorPatch:
         return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
 
     def then(self, later: TensorPatch) -> TensorPatch:
-        """Cascade: ``later`` overrides every field it sets."""
-        return replace(self, **{k: getattr(later, k) for k in later.set_fields()})
+        """Cascade: ``later`` overrides every field it sets. ``bits`` and ``float_dtype``
+        are one attribute, the precision (the language's one slot): setting either
+        replaces both, so ``* -> fp16`` then ``mlp.c_fc -> w8`` gives c_fc 8-bit weights."""
+        return replace(self, **{k: getattr(later, k) for k in later.overrides()})
+
+    def overrides(self) -> tuple[str, ...]:
+        """The fields this patch replaces when cascaded: the ones it sets, and both
+        precision fields where it sets either."""
+        out = self.set_fields()
+        if set(out) & set(PRECISION):
+            out = tuple(dict.fromkeys(out + PRECISION))
+        return out
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

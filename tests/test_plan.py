@@ -99,6 +99,30 @@ def test_skip_then_requantize():
     assert p["block.0.attn.out"].weight.quantized
 
 
+def test_a_later_width_replaces_an_earlier_float_dtype():
+    """Precision is one attribute: `* -> fp16` then `mlp.c_fc -> w8` quantizes c_fc's
+    weight (the fp16 used to win while explain named line 2 as deciding the bits)."""
+    p = plan_of(rule("*", 1, w=TensorPatch(float_dtype="fp16"), a=TensorPatch(float_dtype="fp16")),
+                rule("mlp.c_fc", 2, w=TensorPatch(bits=8)))
+    fc = p["block.0.mlp.c_fc"]
+    assert fc.weight.quantized and fc.weight.bits == 8
+    assert fc.decided_by["weight"] == {"bits": "r.qrec:2:1"}
+    assert fc.activation.float_dtype == "fp16" and fc.rule("activation") == "r.qrec:1:1"
+    assert p["block.0.attn.out"].weight.float_dtype == "fp16"
+    # and back: a later float dtype replaces earlier bits, and is the deciding rule
+    p = plan_of(rule("*", 1, w=TensorPatch(bits=8)), rule("lm_head", 2, w=TensorPatch(float_dtype="bf16")))
+    assert not p["lm_head"].weight.quantized and p["lm_head"].rule("weight") == "r.qrec:2:1"
+    assert not p.warnings  # rule 1 still decides every other node: not shadowed
+
+
+def test_rule_column_is_the_last_rule_in_order_not_in_text_order():
+    """Without a precision rule, the deciding rule is the last that set anything: line 10
+    after line 9 (the locations used to be compared as text, where '9' > '10')."""
+    p = plan_of(rule("mlp.c_fc", 9, w=TensorPatch(symmetric=False), optional=True),
+                rule("mlp.c_fc", 10, w=TensorPatch(observer=MSE())))
+    assert p["block.0.mlp.c_fc"].rule("weight") == "r.qrec:10:1"
+
+
 def test_unmatched_rule_is_an_error_with_suggestions():
     with pytest.raises(PlanError) as e:
         plan_of(rule("mlp.c_fcc", 4, a=TensorPatch(bits=16)))

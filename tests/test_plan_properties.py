@@ -27,7 +27,7 @@ from qdsl.explain import rows
 from qdsl.lang import parse_recipe
 from qdsl.lang.formatter import render_rule
 from qdsl.plan import build_plan
-from qdsl.spec import FLOAT_BITS, PerToken, TensorPatch, resolve
+from qdsl.spec import FLOAT_BITS, PRECISION, PerToken, TensorPatch, resolve
 
 FILE = "r.qrec"
 KINDS = ("weight", "activation")
@@ -54,6 +54,9 @@ def said(rule, kind: str) -> dict:
             if getattr(patch, f.name) is not None}
 
 
+PRECISION_FIELDS = set(PRECISION)
+
+
 def kinds_of(node) -> tuple[str, ...]:
     return KINDS if node.has_weight else ("activation",)
 
@@ -67,7 +70,11 @@ def reference_fold(rules, named) -> dict:
             attrs: dict = {}
             for i, rule in enumerate(rules):
                 if ref_selects(rule.selector, n):
-                    for attr, value in said(rule, kind).items():
+                    mine = said(rule, kind)
+                    if PRECISION_FIELDS & mine.keys():  # one attribute: either replaces both
+                        for attr in PRECISION_FIELDS:
+                            attrs.pop(attr, None)
+                    for attr, value in mine.items():
                         attrs[attr] = (value, i)
             out[n.name][kind] = attrs
     return out
@@ -167,9 +174,8 @@ def test_a_later_rule_that_sets_an_attribute_wins(case, data):
                 assert not spec.quantized
             if "float_dtype" in mine:
                 assert spec.float_dtype == mine["float_dtype"]
-            if "bits" in mine and mine["bits"] != FLOAT_BITS \
-                    and "float_dtype" not in fold[n.name][kind]:
-                assert spec.bits == mine["bits"]
+            if "bits" in mine and mine["bits"] != FLOAT_BITS and "float_dtype" not in mine:
+                assert spec.bits == mine["bits"]  # an earlier fp16 does not hold it back
             if spec.quantized:
                 for attr in ("symmetric", "granularity", "observer"):
                     if attr in mine:
@@ -182,10 +188,21 @@ def test_a_later_rule_that_sets_an_attribute_wins(case, data):
 
 
 def _last_setter(rules, node, kind: str, attr: str) -> str | None:
+    """The last rule that set ``attr``; for a precision field, None when a later rule
+    replaced the precision with the other field (``fp16`` then ``w8``: bits only)."""
     for i in reversed(range(len(rules))):
-        if ref_selects(rules[i].selector, node) and attr in said(rules[i], kind):
+        if not ref_selects(rules[i].selector, node):
+            continue
+        mine = said(rules[i], kind)
+        if attr in mine:
             return loc(i)
+        if attr in PRECISION_FIELDS and PRECISION_FIELDS & mine.keys():
+            return None
     return None
+
+
+def _index(rules, location: str) -> int:
+    return next(i for i in range(len(rules)) if loc(i) == location)
 
 
 @given(graphs_and_rules(plannable_only=True))
@@ -201,10 +218,10 @@ def test_explain_names_the_last_rule_that_set_each_attribute(case):
                               if (r := _last_setter(rules, node, kind, a)) is not None}
             assert row["decided_by"].get(kind, {}) == deciding[kind], (node.name, kind)
         assert node.has_weight or "weight" not in row["decided_by"]
-        # the rule column names the rule that set the bits, '-' when no rule touched it
-        # (when rules set other attributes but not the bits, it names one of them: not
-        # checked here)
-        cell = {k: d.get("bits", "-" if not d else None) for k, d in deciding.items()}
-        if None not in cell.values():
-            w, a = cell.get("weight"), cell["activation"]
-            assert row["rule"] == (a if w is None or w == a else f"w {w}; a {a}"), node.name
+        # the rule column names the rule that set the precision; where none did, the last
+        # rule that set anything; '-' when no rule touched the tensor
+        cell = {k: d.get("bits") or d.get("float_dtype")
+                or max(d.values(), key=lambda at: _index(rules, at), default="-")
+                for k, d in deciding.items()}
+        w, a = cell.get("weight"), cell["activation"]
+        assert row["rule"] == (a if w is None or w == a else f"w {w}; a {a}"), node.name
