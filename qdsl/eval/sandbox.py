@@ -16,7 +16,7 @@ What holds, and why:
 * A filesystem of its own: read-only binds of ``/usr`` (``/bin``, ``/lib*`` as the
   host has them), ``/etc/ld.so.cache`` and the interpreter's prefix, a fresh ``/proc`` of the pid
   namespace, a minimal ``/dev``, and size-capped private tmpfs for the working
-  directory ``/sandbox`` and ``/tmp``; ``/`` itself is read-only. Nothing else of
+  directory ``/sandbox``, ``/tmp`` and ``/dev/shm``; ``/`` itself is read-only. Nothing else of
   the host exists inside: no ``/etc``, ``/root``, ``/home``, ``/run``, ``/var``,
   the host's ``/tmp``, the venv or the repository, so no host file can be written
   and no Unix socket on the filesystem (``docker.sock``) can be reached.
@@ -147,7 +147,7 @@ def _bwrap_args(bwrap: str, features: frozenset, prefixes: tuple[str, ...]) -> l
     if os.path.exists("/etc/ld.so.cache"):
         args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     args += ["--proc", "/proc", "--dev", "/dev"]
-    for d in ("/sandbox", "/tmp"):
+    for d in ("/sandbox", "/tmp", "/dev/shm"):  # /dev/shm: --dev makes it uncapped
         if "--size" in features:
             args += ["--size", str(TMPFS_BYTES)]
         args += ["--tmpfs", d]

@@ -73,6 +73,27 @@ def test_writes_outside_the_private_temp_dir_fail(where, tmp_path):
     assert run("open('/escape', 'w')").returncode != 0
 
 
+def test_every_writable_place_is_size_capped():
+    """RAM-backed tmpfs with no cap would let a program fill the host's memory:
+    /sandbox, /tmp and /dev/shm each stop at TMPFS_BYTES (files of 8 MiB, under
+    the per-file limit, until the filesystem is full)."""
+    o = run(f"""
+import os
+for d in ('/sandbox', '/tmp', '/dev/shm'):
+    wrote = 0
+    try:
+        for i in range(64):
+            with open(f'{{d}}/f{{i}}', 'wb') as fh:
+                fh.write(b'x' * (8 << 20))
+            wrote += 8 << 20
+    except OSError as e:
+        print(d, 'full', e.errno)
+    assert wrote <= {sandbox.TMPFS_BYTES}, (d, wrote)
+""", timeout=30)
+    assert o.returncode == 0, text(o)
+    assert text(o).split("\n")[:3] == [f"{d} full 28" for d in ("/sandbox", "/tmp", "/dev/shm")]
+
+
 def test_host_secrets_are_not_readable(monkeypatch):
     monkeypatch.setenv("QDSL_TEST_SECRET", "hunter2-sandbox")
     o = run("print(open('/etc/shadow').read())")
