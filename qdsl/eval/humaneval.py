@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..errors import ModelError
 from ..lm import CausalLM
 from .metrics import pass_at_k
+from . import sandbox
 from .sandbox import OUTPUT_CAP, TIMEOUT_S, run_python, sandbox_kind
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def run_program(program: str, timeout: float = TIMEOUT_S,
         return False, "timed out"
     if out.truncated:
         return False, f"output over {OUTPUT_CAP >> 10} KiB: killed"
+    if out.over_memory:
+        return False, f"memory over {sandbox.TREE_BYTES >> 20} MiB: killed"
     if out.returncode == 0:
         return True, "passed"
     err = out.stderr.decode(errors="replace").strip().splitlines()

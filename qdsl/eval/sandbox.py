@@ -32,6 +32,9 @@ What holds, and why:
   SIGKILLed (``--die-with-parent`` takes the namespace with it).
 * Output: stdout and stderr are read in chunks; past ``OUTPUT_CAP`` bytes the
   sandbox is killed and the outcome says ``truncated``. Nothing more is kept.
+* Memory of the whole tree: every ``WATCH_S`` the evaluator sums the resident memory
+  of the sandbox's processes; past ``TREE_BYTES`` it kills the sandbox
+  (``over_memory``). RLIMIT_AS bounds each process; this bounds them together.
 
 Not covered: kernel bugs (no seccomp filter is installed), CPU and memory use by
 the sandbox while it runs (bounded by the limits and the timeout, not isolated by
@@ -70,6 +73,8 @@ TMPFS_BYTES = 64 << 20       # each of /sandbox and /tmp
 OPEN_FILES = 64
 PROCESSES = 64               # RLIMIT_NPROC: tasks (threads too) of the sandbox user
 OUTPUT_CAP = 1 << 20         # stdout + stderr bytes read before the sandbox is killed
+TREE_BYTES = 3 << 30         # resident memory of all the sandbox's processes together
+WATCH_S = 0.05               # how often the evaluator sums it
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 HINT = ("install bubblewrap (scripts/setup does: apt-get install bubblewrap), or pass "
         "--unsafe-exec to run generated code with resource limits only (it can then read "
@@ -83,6 +88,7 @@ class Outcome:
     stderr: bytes
     timed_out: bool = False
     truncated: bool = False  # more than OUTPUT_CAP bytes of output: killed
+    over_memory: bool = False  # its processes held more than TREE_BYTES together: killed
 
 
 # The program runs as `python -I -S -c LIMITS prog.py`: LIMITS lowers the limits and
@@ -271,9 +277,9 @@ def _communicate(cmd: list[str], timeout: float, cwd: str, **kw) -> Outcome:
                          start_new_session=True, **kw)
     out_fd, err_fd = p.stdout.fileno(), p.stderr.fileno()
     bufs = {out_fd: bytearray(), err_fd: bytearray()}
-    total, timed_out, truncated = 0, False, False
+    total, timed_out, truncated, over_memory = 0, False, False, False
     deadline = time.monotonic() + timeout
-    exited_at = None
+    exited_at, watched_at = None, 0.0
     sel = selectors.DefaultSelector()
     for f in (p.stdout, p.stderr):
         sel.register(f, selectors.EVENT_READ)
@@ -287,7 +293,12 @@ def _communicate(cmd: list[str], timeout: float, cwd: str, **kw) -> Outcome:
                 exited_at = exited_at or now
                 if now - exited_at > 0.5:
                     break
-            for key, _ in sel.select(min(0.1, deadline - now)):
+            if now - watched_at >= WATCH_S:
+                watched_at = now
+                if _tree_rss(p.pid) > TREE_BYTES:
+                    over_memory = True
+                    break
+            for key, _ in sel.select(min(WATCH_S, deadline - now)):
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
@@ -306,8 +317,37 @@ def _communicate(cmd: list[str], timeout: float, cwd: str, **kw) -> Outcome:
         p.wait()
         p.stdout.close()
         p.stderr.close()
-    rc = None if (timed_out or truncated) else p.returncode
-    return Outcome(rc, bytes(bufs[out_fd]), bytes(bufs[err_fd]), timed_out, truncated)
+    rc = None if (timed_out or truncated or over_memory) else p.returncode
+    return Outcome(rc, bytes(bufs[out_fd]), bytes(bufs[err_fd]), timed_out, truncated,
+                   over_memory)
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants, from the host's /proc (the
+    sandbox's pid namespace is visible from outside). RLIMIT_AS bounds one process;
+    this bounds the tree (64 processes x 2 GiB would otherwise fit), where cgroups
+    are not to be had."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) "
+        pid, ppid = int(name), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * page
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
 
 
 def _kill_group(pgid: int) -> None:

@@ -224,6 +224,22 @@ def test_output_is_capped_and_not_buffered():
     assert run_program("print('x' * (1 << 22))") == (False, "output over 1024 KiB: killed")
 
 
+def test_memory_of_the_whole_tree_is_capped(monkeypatch):
+    """64 processes under 2 GiB each would fit 128 GiB: the evaluator sums the tree's
+    resident memory and kills the sandbox past TREE_BYTES (here lowered to 256 MiB,
+    against 5 children of 100 MiB; each alone is far under RLIMIT_AS)."""
+    monkeypatch.setattr(sandbox, "TREE_BYTES", 256 << 20)
+    hog = ("import os, time\nfor _ in range(5):\n    if os.fork() == 0:\n"
+           "        block = b'x' * (100 << 20)\n        time.sleep(30)\n"
+           "        os._exit(0)\ntime.sleep(30)\n")
+    t0 = time.monotonic()
+    o = run(hog, timeout=20)
+    assert o.over_memory and o.returncode is None and not o.timed_out
+    assert time.monotonic() - t0 < 10
+    assert run_program(hog, timeout=20) == (False, "memory over 256 MiB: killed")
+    assert run("b = b'x' * (100 << 20)").returncode == 0  # one such child alone is fine
+
+
 def test_humaneval_verdicts():
     p = load_problems()[2]   # truncate_number: the decimal part
     def prog(body):
