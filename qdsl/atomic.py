@@ -104,12 +104,12 @@ class OutputKind:
         return any(fnmatchcase(rel, p) for p in self.files)
 
 
-# qdsl compile -o OUT (qdsl.artifact; the marker is qdsl.artifact.MARKER)
+# qdsl compile -o OUT (qdsl.artifact; the marker is qdsl.artifact.store.MARKER)
 ARTIFACT = OutputKind("qdsl artifact", "qdsl_artifact.json",
                       ("qdsl_artifact.json", "plan.json", "recipe.qrec",
                        "quant_params.safetensors", "model.safetensors", "model/*"),
                       error=ArtifactError)
-# qdsl sweep -o DIR (qdsl.sweep): reused in place, never replaced
+# qdsl sweep -o DIR (qdsl.study.sweep): reused in place, never replaced
 SWEEP = OutputKind("qdsl sweep directory", "qdsl_sweep.json",
                    ("qdsl_sweep.json", "results.json", "tables.md", "findings.md", ".*.tmp",
                     "cache/*", "plots/*", "artifacts/*"), fmt="qdsl-sweep")

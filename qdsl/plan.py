@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import Diagnostic, PlanError
-from .recipe import Loc, Recipe, Rule
-from .select import select, suggestions
-from .spec import ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, TensorPatch, TensorSpec, resolve
+from .config.recipe import Loc, Recipe, Rule
+from .graph.select import select, suggestions
+from .config.spec import ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, TensorPatch, TensorSpec, resolve
 
 _PATCH_FIELDS = tuple(f.name for f in fields(TensorPatch))
 _SKIP = TensorPatch(bits=FLOAT_BITS)

@@ -9,9 +9,9 @@ from hypothesis import strategies as st  # noqa: F401
 
 # --- language (recipes, selectors, specs) ----------------------------------
 
-from qdsl.recipe import Rule, Selector  # noqa: E402
-from qdsl.spec import (MSE, GroupWise, MinMax, Percentile, PerChannel, PerGroup,  # noqa: E402
-                       PerTensor, PerToken, RunningMinMax, TensorPatch)
+from qdsl.config.recipe import Rule, Selector  # noqa: E402
+from qdsl.config.spec import (MSE, GroupWise, MinMax, Percentile, PerChannel, PerGroup, PerTensor,
+                              PerToken, RunningMinMax, TensorPatch)
 
 _IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,7}", fullmatch=True).filter(
     lambda s: s not in ("include", "set"))

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tiny import tiny, tiny_ids
 
 import qdsl
-from qdsl.cli import main
+from qdsl.cli.main import main
 from qdsl.errors import ArtifactError
 
 W8A8 = """
@@ -338,7 +338,7 @@ def test_config_not_an_object(built, model, tmp_path):
 def test_never_contacts_a_hub(built, model, tmp_path, monkeypatch):
     import huggingface_hub
 
-    import qdsl.models
+    import qdsl.models.zoo
 
     calls = []
 

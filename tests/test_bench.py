@@ -6,8 +6,8 @@ import json
 import pytest
 from tiny import tiny
 
-from qdsl import bench
-from qdsl.cli import main
+from qdsl.eval import hosting as bench
+from qdsl.cli.main import main
 from qdsl.errors import ArtifactError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdsl.capture import capture
+from qdsl.graph.capture import capture
 from qdsl.errors import CaptureError
 from tests.tiny import CAUSAL, FAMILIES, tiny, tiny_captured, tiny_ids
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from qdsl.cli import COMMANDS
+from qdsl.cli.main import COMMANDS
 
 
 def _qdsl(*args):
@@ -34,9 +34,9 @@ def _failing_command(exc):
 
 
 def _run_main_with(monkeypatch, capsys, exc, argv=("check", "x.qrec")):
-    """qdsl.cli.main with the command replaced by one that raises ``exc``."""
-    import qdsl.cli as cli
-    import qdsl.commands.check as check
+    """qdsl.cli.main.main with the command replaced by one that raises ``exc``."""
+    import qdsl.cli.main as cli
+    import qdsl.cli.commands.check as check
 
     monkeypatch.setattr(check, "run", _failing_command(exc))
     code = cli.main(list(argv))
@@ -70,7 +70,7 @@ def test_sigterm_runs_cleanup_and_exits_143(tmp_path):
     script.write_text(f"""
 import os, signal, sys, time
 import qdsl.cli as cli
-import qdsl.commands.check as check
+import qdsl.cli.commands.check as check
 def func(args):
     try:
         os.kill(os.getpid(), signal.SIGTERM)

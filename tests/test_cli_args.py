@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-import qdsl.bench
-import qdsl.models
-from qdsl.cli import main
+import qdsl.eval.hosting
+import qdsl.models.zoo
+from qdsl.cli.main import main
 from qdsl.errors import OptionError
-from qdsl.limits import Limit, fit_length
+from qdsl.models.limits import Limit, fit_length
 
 # command -> the arguments it needs besides the one under test ({tmp}: a temp dir)
 BASE = {
@@ -119,7 +119,7 @@ def test_bad_output_path_is_one_line_before_any_loading(command, option, path, t
 
 def test_zero_is_explicit_where_it_means_skip_or_default(tmp_path):
     """0 is accepted only where --help says what it means."""
-    from qdsl.cli import build_parser
+    from qdsl.cli.main import build_parser
 
     for cmd, opt in (("eval", "--ppl-windows"), ("eval", "--threads"), ("eval", "--humaneval"),
                      ("sweep", "--ppl-windows"), ("sweep", "--layer-windows"),
@@ -155,7 +155,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before its lengths were checked")
 
     monkeypatch.setattr(qdsl.models, "load_model", refuse)
-    monkeypatch.setattr(qdsl.bench, "load_float", refuse)
+    monkeypatch.setattr(qdsl.eval.hosting, "load_float", refuse)
 
 
 @pytest.mark.parametrize("argv,message", [

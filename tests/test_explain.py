@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qdsl.cli import main
-from qdsl.compiler import explain
+from qdsl.cli.main import main
+from qdsl.compiler.build import explain
 from qdsl.errors import PlanError
 from qdsl.resources import data_dir
 from tiny import tiny
@@ -49,7 +49,7 @@ def test_summary_reports_storage_shrink():
     ex = explain("* -> w8a8\n", tiny("llama"))
     s = ex.summary()
     assert "8-bit" in s and "parameter storage" in s
-    from qdsl.explain import storage
+    from qdsl.compiler.render import storage
 
     st = storage(ex.captured.gm, ex.named, ex.plan)
     assert 0.25 < st.after / st.before < 0.3  # 8-bit + per-channel scales; norms stay fp32

@@ -1,5 +1,5 @@
-"""Seed findings as checks (qdsl.findings) and the generated results document
-(qdsl.report): verdicts from synthetic tables, blocks rewritten, prose kept."""
+"""Seed findings as checks (qdsl.study.findings) and the generated results document
+(qdsl.study.report): verdicts from synthetic tables, blocks rewritten, prose kept."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import pytest
 
 from qdsl.errors import QdslError
-from qdsl.findings import (FINDINGS, NOISE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, Rows,
-                           evaluate, render)
-from qdsl.report import SKELETON, update_doc
+from qdsl.study.findings import (FINDINGS, NOISE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, Rows,
+                                 evaluate, render)
+from qdsl.study.report import SKELETON, update_doc
 
 
 def _row(label, es, em=5.0, ppl=10.0, **kw):
@@ -140,7 +140,7 @@ def test_robustness_is_paired_over_samples():
 
 
 def test_clean_scores_come_from_the_quality_job():
-    from qdsl.tables import _with_clean_scores
+    from qdsl.study.tables import _with_clean_scores
 
     rob = {"perturbed_samples": [{"id": "a", "es": 10.0}]}
     got = _with_clean_scores(rob, [{"id": "a", "es": 40.0}, {"id": "b", "es": 5.0}])
@@ -149,7 +149,7 @@ def test_clean_scores_come_from_the_quality_job():
 
 
 def test_every_finding_names_rows_of_its_table():
-    from qdsl.tables import TABLES
+    from qdsl.study.tables import TABLES
 
     for f in FINDINGS:
         assert f.table in TABLES

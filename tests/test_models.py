@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from qdsl import models
+from qdsl.models import zoo as models
 from qdsl.errors import ModelError
 
 
@@ -63,10 +63,10 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 
 
 def _score(name, n=5):
-    from qdsl.eval.bench import stdlib_bench
+    from qdsl.eval.samples import stdlib_bench
     from qdsl.eval.complete import CompletionConfig, evaluate
     from qdsl.eval.run import max_positions_of
-    from qdsl.lm import HFCausalLM
+    from qdsl.models.lm import HFCausalLM
 
     model, tok = models.load_model(name)
     assert model.dtype == torch.float32 and not model.training

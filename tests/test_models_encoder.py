@@ -16,9 +16,9 @@ from transformers import (AutoModel, BertConfig, BertModel, BertTokenizer, GPT2C
                           GPT2LMHeadModel)
 
 import qdsl
-from qdsl import models
-from qdsl.cli import main
-from qdsl.compiler import explain
+from qdsl.models import zoo as models
+from qdsl.cli.main import main
+from qdsl.compiler.build import explain
 from qdsl.errors import ModelError
 from qdsl.resources import data_dir
 

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from qdsl.capture import capture
-from qdsl.naming import ROLES, name_graph
+from qdsl.graph.capture import capture
+from qdsl.graph.naming import ROLES, name_graph
 from tests.tiny import CAUSAL, FAMILIES, tiny, tiny_captured
 
 ATTN = ["attn.scores", "attn.probs", "attn.context", "attn.out"]

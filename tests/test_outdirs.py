@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from qdsl import atomic
-from qdsl.artifact import MARKER, write_artifact
+from qdsl.artifact.store import MARKER, write_artifact
 from qdsl.atomic import ARTIFACT, SWEEP, atomic_dir, clean_stale, output_dir
 from qdsl.errors import ArtifactError, OutputError, QdslError
 
@@ -221,7 +221,7 @@ import qdsl.compiler
 def slow(*a, **k):
     print("ready", flush=True)
     time.sleep(60)
-qdsl.compiler.compile = slow
+qdsl.compiler.build.compile = slow
 from qdsl.cli import main
 sys.exit(main(["compile", sys.argv[2], "--model", "stdlib-gpt2", "-o", sys.argv[1]]))
 """

@@ -10,9 +10,9 @@ import pytest
 
 from qdsl.errors import PlanError
 from qdsl.plan import QuantPlan, build_plan
-from qdsl.recipe import Loc, Recipe, Rule, Selector
-from qdsl.select import glob_matches
-from qdsl.spec import MSE, PerChannel, PerGroup, TensorPatch
+from qdsl.config.recipe import Loc, Recipe, Rule, Selector
+from qdsl.graph.select import glob_matches
+from qdsl.config.spec import MSE, PerChannel, PerGroup, TensorPatch
 
 WEIGHTED = {"linear", "embedding"}
 BLOCK = [("ln_1", "norm", "layer_norm"), ("attn.qkv", "linear", "linear"),

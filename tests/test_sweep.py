@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import qdsl
-from qdsl import sweep as sweep_mod
-from qdsl import sweepjob
+from qdsl.study import sweep as sweep_mod
+from qdsl.study import sweepjob
 from qdsl.passes.record import insert_recorders, recorded_names, relative_error
-from qdsl.robust import nl_spans, pct_drop, perturb_code
-from qdsl.sweep import SweepConfig, run_sweep
-from qdsl.tables import TABLES, Row, Table, recipe_path, render
+from qdsl.eval.robust import nl_spans, pct_drop, perturb_code
+from qdsl.study.sweep import SweepConfig, run_sweep
+from qdsl.study.tables import TABLES, Row, Table, recipe_path, render
 from tiny import tiny, tiny_ids
 
 CODE = '''#!/usr/bin/env python
@@ -184,7 +184,7 @@ def test_every_table_recipe_exists():
 def test_forced_calibration_size_spares_the_calibration_size_table():
     """--calib-samples overrides every recipe but Fig. 7's, whose rows vary it."""
     from qdsl.lang import load_recipe
-    from qdsl.sweep import Job, effective_settings, job_key
+    from qdsl.study.sweep import Job, effective_settings, job_key
 
     cfg = SweepConfig(calib_samples=32)
     fig7 = {r.label: Job.of(r) for r in TABLES["wei-fig7"].rows if r.recipe}
@@ -199,7 +199,7 @@ def test_forced_calibration_size_spares_the_calibration_size_table():
 
 
 def test_forced_calibration_size_names_the_recipes_it_overrides():
-    from qdsl.sweep import Job, forced_calib_overrides
+    from qdsl.study.sweep import Job, forced_calib_overrides
 
     fig7 = [Job.of(r) for r in TABLES["wei-fig7"].rows if r.recipe]
     loose = [Job(j.recipe) for j in fig7]  # the same files named on the command line
@@ -213,8 +213,8 @@ def test_forced_calibration_size_names_the_recipes_it_overrides():
 
 def test_calibration_plot_finds_rows_that_share_a_job():
     """Fig. 7's 512-window row is wei-4's per-column job under another name."""
-    from qdsl.plots import calib_points
-    from qdsl.sweep import Job, job_key
+    from qdsl.study.plots import calib_points
+    from qdsl.study.sweep import Job, job_key
 
     cfg = SweepConfig()
     tables = [TABLES["wei-4"], TABLES["wei-fig7"]]
@@ -287,7 +287,7 @@ def test_recorder_is_identity_and_measures_error():
 
 def test_cli_report_writes_the_document(tiny_dir, tmp_path):
     """`qdsl sweep --report --doc FILE`: the command shown regenerates the same sweep."""
-    from qdsl.cli import main
+    from qdsl.cli.main import main
 
     out, doc = tmp_path / "s", tmp_path / "results.md"
     code = main(["sweep", RECIPES[0], "--model", str(tiny_dir / "model"), "--bench",

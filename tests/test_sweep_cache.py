@@ -1,4 +1,4 @@
-"""The sweep cache read back (qdsl.sweepcache) and standard JSON everywhere: an unusable
+"""The sweep cache read back (qdsl.study.sweepcache) and standard JSON everywhere: an unusable
 cache entry is named and its job runs again (``--report``: its rows show as not run);
 NaN / Infinity are written as null and every reader copes with null. The jobs are
 faked (``sweepjob.run_job``): these tests are about the files, not the models."""
@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 
-from qdsl import sweepjob
+from qdsl.study import sweepjob
 from qdsl.atomic import write_json_atomic
 from qdsl.errors import QdslError
-from qdsl.sweep import SweepConfig, run_sweep
-from qdsl.sweepcache import BadEntry, check_entry, read_entry
-from qdsl.tables import recipe_path
+from qdsl.study.sweep import SweepConfig, run_sweep
+from qdsl.study.sweepcache import BadEntry, check_entry, read_entry
+from qdsl.study.tables import recipe_path
 from tiny import tiny
 
 RECIPE = recipe_path("storti/t2_w8a8.qrec")
@@ -122,7 +122,7 @@ def test_an_unusable_entry_is_named_and_its_job_runs_again(swept, dirs, tmp_path
 
 def test_report_mode_names_the_entry_and_shows_its_row_as_not_run(swept, dirs, tmp_path,
                                                                   monkeypatch, caplog):
-    from qdsl.cli import main
+    from qdsl.cli.main import main
 
     out = tmp_path / "s"
     shutil.copytree(swept, out)
@@ -194,7 +194,7 @@ def test_write_json_atomic_writes_standard_json(tmp_path):
 
 
 def test_report_doc_names_a_corrupt_results_file(swept, tmp_path):
-    from qdsl.report import update_doc
+    from qdsl.study.report import update_doc
 
     out = tmp_path / "s"
     shutil.copytree(swept, out)

@@ -63,7 +63,7 @@ _CAPTURED: dict = {}
 
 def tiny_captured(family: str, mode: str = "plain"):
     """``(model, capture(model, mode=mode))``, built once per test session."""
-    from qdsl.capture import capture
+    from qdsl.graph.capture import capture
 
     if (family, mode) not in _CAPTURED:
         model = tiny(family)

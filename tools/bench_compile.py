@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 import qdsl
-from qdsl.calib import CalibSpec, calibration_windows
-from qdsl.capture import capture
-from qdsl.graphlm import GraphLM
-from qdsl.lm import HFCausalLM
-from qdsl.models import load_model
+from qdsl.models.calib import CalibSpec, calibration_windows
+from qdsl.graph.capture import capture
+from qdsl.runtime.graphlm import GraphLM
+from qdsl.models.lm import HFCausalLM
+from qdsl.models.zoo import load_model
 
 RECIPES = {
     "w16a16": "* -> w16a16\n",
@@ -64,7 +64,7 @@ def fidelity(args) -> dict:
             continue
         t = time.perf_counter()
         qm = qdsl.compile(model, text, calib="stdlib", tokenizer=tok,
-                          settings=qdsl.recipe.Settings(calib_samples=args.samples,
+                          settings=qdsl.config.recipe.Settings(calib_samples=args.samples,
                                                         calib_seq_len=256))
         secs = time.perf_counter() - t
         lm = qm.lm()

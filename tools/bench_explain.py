@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from qdsl.capture import capture
+from qdsl.graph.capture import capture
 from qdsl.lang import load_recipe
-from qdsl.naming import name_graph
+from qdsl.graph.naming import name_graph
 from qdsl.plan import build_plan
 from qdsl.resources import data_dir
 

@@ -31,7 +31,7 @@ import torch
 
 def windows(tok, vocab: int, n: int, seq_len: int) -> torch.Tensor:
     if tok is not None:
-        from qdsl.calib import CalibSpec, calibration_windows
+        from qdsl.models.calib import CalibSpec, calibration_windows
 
         return calibration_windows(CalibSpec("stdlib", samples=n, seq_len=seq_len, seed=1234), tok)
     g = torch.Generator().manual_seed(1234)
@@ -56,7 +56,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def peak_load(artifact: Path) -> dict:
     """Load the artifact in a fresh process: RSS before, after, and peak (VmHWM)."""
-    code = ("import json,time,torch; from qdsl.bench import _rss_mb,_maxrss_mb; b=_rss_mb(); "
+    code = ("import json,time,torch; from qdsl.eval.hosting import _rss_mb,_maxrss_mb; b=_rss_mb(); "
             "t=time.perf_counter(); import qdsl.compiler as C; q=C.load(%r); "
             "print(json.dumps({'rss_base_mb': b, 'rss_after_mb': _rss_mb(), "
             "'peak_mb': _maxrss_mb(), 'load_s': time.perf_counter()-t}))" % str(artifact))
@@ -78,11 +78,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import qdsl.compiler as C
-    from qdsl.artifact import artifact_size
-    from qdsl.bench import RANDOM_GPT2, load_float
-    from qdsl.capture import capture
-    from qdsl.graphlm import GraphLM
+    import qdsl.compiler.build as C
+    from qdsl.artifact.store import artifact_size
+    from qdsl.eval.hosting import RANDOM_GPT2, load_float
+    from qdsl.graph.capture import capture
+    from qdsl.runtime.graphlm import GraphLM
     from qdsl.passes.lower_fake import lower_fake
 
     model = load_float(args.model)

@@ -44,7 +44,7 @@ def rows_by_recipe(res: dict) -> dict[str | None, dict]:
     """recipe under recipes/ (None = fp32) -> its measured row, over every seed table
     in the sweep's results.json (recipes that mean the same share one job, so the
     row's own ``recipe`` field may name the file that ran; the table's is used)."""
-    from qdsl.tables import TABLES
+    from qdsl.study.tables import TABLES
 
     out: dict = {}
     for name, rows in res["tables"].items():

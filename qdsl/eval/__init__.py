@@ -3,7 +3,7 @@
 * ``bench``: build a benchmark from a directory of .py files (or the stdlib test
   split), freeze it to JSONL, load it back.
 * ``metrics``: exact match, edit similarity, perplexity, bits per byte, pass@k.
-* ``complete``: score a ``qdsl.lm.CausalLM`` on a benchmark (greedy, KV cache).
+* ``complete``: score a ``qdsl.models.lm.CausalLM`` on a benchmark (greedy, KV cache).
 * ``humaneval``: pass@1 with generated code run in a sandboxed subprocess.
 * ``sandbox``: run untrusted Python under bubblewrap (own user, pid, network and
   mount namespaces, read-only view, limits, output cap); refuses without it.

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..lm import CausalLM
-from .bench import Sample
+from ..models.lm import CausalLM
+from .samples import Sample
 from .metrics import bits_per_byte, edit_similarity, exact_match, mean, perplexity
 
 log = logging.getLogger(__name__)

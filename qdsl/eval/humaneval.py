@@ -22,7 +22,7 @@ import time
 from tqdm import tqdm
 
 from ..errors import ModelError
-from ..lm import CausalLM
+from ..models.lm import CausalLM
 from .metrics import pass_at_k
 from . import sandbox
 from .sandbox import OUTPUT_CAP, TIMEOUT_S, run_python, sandbox_kind

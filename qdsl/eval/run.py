@@ -2,7 +2,7 @@
 float baseline), score both on one benchmark, report deltas.
 
 An artifact is a directory holding ``qdsl_artifact.json``; it is run through
-``qdsl.artifact.load_artifact_lm`` and its baseline defaults to the model it was
+``qdsl.artifact.store.load_artifact_lm`` and its baseline defaults to the model it was
 compiled from (the JSON's ``model`` / ``source_model`` entry).
 """
 
@@ -14,16 +14,16 @@ import os
 import time
 from pathlib import Path
 
-from ..compiler import local_source
+from ..compiler.build import local_source
 from ..errors import ArtifactError, ModelError
-from ..limits import fit_length, limit_of, tightest
-from ..lm import CausalLM, HFCausalLM
-from .bench import Sample
+from ..models.limits import fit_length, limit_of, tightest
+from ..models.lm import CausalLM, HFCausalLM
+from .samples import Sample
 from .complete import DEFAULT_PROMPT, PROMPT_BY_MODEL, CompletionConfig, evaluate
 from .sandbox import sandbox_kind
 
 log = logging.getLogger(__name__)
-from ..artifact import MARKER as ARTIFACT_FILE, is_artifact  # noqa: F401 (re-exported)
+from ..artifact.store import MARKER as ARTIFACT_FILE, is_artifact  # noqa: F401 (re-exported)
 
 
 def artifact_source(path: str | os.PathLike) -> str:
@@ -56,7 +56,7 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
     artifact runs on (default: the one it records, if on this machine; never fetched)."""
     if is_artifact(name_or_path):
         try:
-            from ..artifact import load_artifact_lm
+            from ..artifact.store import load_artifact_lm
         except ImportError as e:
             raise ModelError("compiled artifacts need qdsl compile (not available in this build)") from e
         from transformers import AutoConfig, AutoTokenizer
@@ -65,14 +65,14 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
         own = Path(name_or_path) / "model"          # the source's config + tokenizer, if saved
         model = None
         if not (own / "config.json").is_file():
-            from ..models import resolve_model
+            from ..models.zoo import resolve_model
             model = source or local_source(recorded, name_or_path)
             own = resolve_model(model).path
         lm = load_artifact_lm(name_or_path, model, verify=verify)
         tok = AutoTokenizer.from_pretrained(own, local_files_only=True)
         config = AutoConfig.from_pretrained(own, local_files_only=True)
         return lm, tok, max_positions_of(config), recorded.lower()
-    from ..models import load_model
+    from ..models.zoo import load_model
     model, tok = load_model(name_or_path, require_causal=True)   # an encoder: ModelError
     name = str(name_or_path)
     return HFCausalLM(model, name), tok, max_positions_of(model.config), name.lower()

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Diagnostic
-from ..recipe import LOWER_COMPUTE, LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
-from ..spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, \
-    TensorPatch
+from ..config.recipe import LOWER_COMPUTE, LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
+from ..config.spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
 from .parser import did_you_mean, clip
 from .presets import PRESETS, preset_options, preset_text

@@ -12,8 +12,8 @@ lines become one, and ``->`` is aligned within a block of consecutive rules.
 from __future__ import annotations
 
 from ..errors import RecipeError
-from ..recipe import Rule
-from ..spec import ACTIVATION, GRANULARITIES, WEIGHT, TensorPatch, format_option
+from ..config.recipe import Rule
+from ..config.spec import ACTIVATION, GRANULARITIES, WEIGHT, TensorPatch, format_option
 from .checker import SpecMeaning, check_document
 from .parser import parse_document, quote
 from .presets import preset_text

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Diagnostic, RecipeError
-from ..recipe import Recipe, Rule, Settings
+from ..config.recipe import Recipe, Rule, Settings
 from ..resources import data_dir
 from .checker import SettingItem, check_document
 from .parser import clip, parse_document

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..spec import (ACTIVATION, MSE, WEIGHT, CurrentMinMax, GroupWise, MinMax, Percentile, PerChannel, PerGroup,
-                    PerTensor, PerToken, RunningMinMax)
+from ..config.spec import (ACTIVATION, MSE, WEIGHT, CurrentMinMax, GroupWise, MinMax, Percentile,
+                           PerChannel, PerGroup, PerTensor, PerToken, RunningMinMax)
 
 BOTH = (WEIGHT, ACTIVATION)
 

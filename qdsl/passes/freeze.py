@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
-from ..explain import param
-from ..fakequant import DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight, module_from_json
-from ..observers import Observer
+from ..compiler.render import param
+from ..runtime.fakequant import DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight, module_from_json
+from ..quant.observers import Observer
 from ..plan import QuantPlan
-from ..spec import TensorSpec
+from ..config.spec import TensorSpec
 
 
 @dataclass

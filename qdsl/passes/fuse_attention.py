@@ -3,7 +3,7 @@ part of the key/value cache.
 
 requires: a captured graph (any lowering) with eager attention, i.e. the chain
           ``matmul(q, transpose(k)) [* scale] [+ mask] -> softmax(-1) [-> to / dropout(p,
-          train=False)] -> matmul(probs, v)`` (what ``qdsl.capture`` produces, so that
+          train=False)] -> matmul(probs, v)`` (what ``qdsl.graph.capture`` produces, so that
           scores and probs have names a recipe can quantize).
 ensures:  every such chain with no quantizer inside it (scores and probs float) is one
           ``call_module`` of a ``FusedAttention`` (``qdsl_attn__<n>``), which the rest of

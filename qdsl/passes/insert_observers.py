@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..observers import Observer, make_observer
+from ..quant.observers import Observer, make_observer
 from ..plan import QuantPlan
 from .common import set_activation_module
 

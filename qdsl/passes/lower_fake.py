@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
-from ..explain import param
-from ..fakequant import FLOAT_TORCH_DTYPES
+from ..compiler.render import param
+from ..runtime.fakequant import FLOAT_TORCH_DTYPES
 from ..plan import QuantPlan
-from ..quant import fake_quantize, group_unview, group_view
-from ..spec import GroupWise, TensorSpec
+from ..quant.primitives import fake_quantize, group_unview, group_view
+from ..config.spec import GroupWise, TensorSpec
 from .common import replace_weight, set_activation_module
 from .freeze import Frozen, oriented
 from .simplify import drop_noops

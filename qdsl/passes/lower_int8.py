@@ -37,12 +37,12 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import GraphError
-from ..explain import param
+from ..compiler.render import param
 from ..plan import QuantPlan
-from ..quant import group_unview, group_view, quantize
+from ..quant.primitives import group_unview, group_view, quantize
 from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                        Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
-from ..spec import GroupWise, PerChannel, PerTensor, PerToken, TensorSpec
+from ..config.spec import GroupWise, PerChannel, PerTensor, PerToken, TensorSpec
 from .common import ACT_PREFIX, attr_name
 from .freeze import Frozen
 from .fuse_attention import fuse_attention

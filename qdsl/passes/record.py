@@ -1,6 +1,6 @@
 """Pass: record activations at named nodes (Wei et al. 2023, Fig. 6b/6c).
 
-requires: a named graph (``qdsl.naming.name_graph``); the graph may already be
+requires: a named graph (``qdsl.graph.naming.name_graph``); the graph may already be
           quantized (``lower_fake``): then the recorder reads the activation
           quantizer's output, i.e. what the next op really consumes.
 ensures:  each chosen node's output passes through an identity ``Recorder``; the

@@ -12,9 +12,9 @@ from __future__ import annotations
 from torch import fx
 
 from ..errors import GraphError
-from ..explain import param
+from ..compiler.render import param
 from ..plan import QuantPlan
-from ..spec import GroupWise, PerGroup
+from ..config.spec import GroupWise, PerGroup
 from .common import fx_node
 
 

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from qdsl.errors import GraphError
-from qdsl.quant import choose_qparams, dequantize, quantize, reduce_range
-from qdsl.spec import ACTIVATION, WEIGHT, PerChannel, PerTensor, PerToken, TensorSpec
+from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_range
+from qdsl.config.spec import ACTIVATION, WEIGHT, PerChannel, PerTensor, PerToken, TensorSpec
 
 W8 = TensorSpec(WEIGHT, 8, symmetric=True, granularity=PerChannel())
 A8_DYNAMIC = TensorSpec(ACTIVATION, 8, symmetric=True, granularity=PerToken(), dynamic=True)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qdsl.quant import choose_qparams, dequantize, quantize, reduce_mean_abs, reduce_range
+from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_mean_abs, reduce_range
 from qdsl.runtime.int8 import check_spec, derived
 from qdsl.runtime.packing import pack_int, packed_len, unpack_int
-from qdsl.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
+from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
 
 
 def weight_spec(bits: int, group_size: int | None = None) -> TensorSpec:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import qdsl
-from qdsl import bench
+from qdsl.eval import hosting as bench
 from qdsl.errors import OptionError
-from qdsl.eval.bench import load_bench
+from qdsl.eval.samples import load_bench
 from qdsl.eval.run import fit_eval, run_eval
-from qdsl.lm import HFCausalLM
-from qdsl.models import load_model
+from qdsl.models.lm import HFCausalLM
+from qdsl.models.zoo import load_model
 
 GPT2 = "stdlib-gpt2"
 
@@ -51,7 +51,7 @@ def test_eval_limit_is_the_tighter_of_artifact_cache_and_model(tmp_path, caplog)
 def test_compile_and_eval_stdlib_gpt2_with_default_lengths(tmp_path, caplog):
     """compile --calib without --seq-len (256 > the 255 the graph runs) and eval of the
     artifact with default options (a 256-token perplexity window) both failed."""
-    from qdsl.recipe import Settings
+    from qdsl.config.recipe import Settings
 
     recipe = "block.0.ln_1 -> a8 asym per_tensor minmax\n"
     with caplog.at_level(logging.WARNING):

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from qdsl.eval.bench import (BenchError, bench_from_dir, is_trivial, load_bench, load_jsonl,
-                             save_jsonl)
+from qdsl.eval.samples import (BenchError, bench_from_dir, is_trivial, load_bench, load_jsonl,
+                               save_jsonl)
 from qdsl.eval.stdlib import VALID_PER_MILLE, split_of
 
 SRC = {
@@ -173,7 +173,7 @@ def test_symlinks_out_of_the_directory_are_not_followed(tmp_path, caplog):
     (root / "loop2.py").symlink_to(root / "loop.py")
     (root / "dangling.py").symlink_to(root / "missing.py")
     os.mkfifo(root / "fifo.py")                               # never opened
-    with caplog.at_level(logging.WARNING, logger="qdsl.eval.bench"):
+    with caplog.at_level(logging.WARNING, logger="qdsl.eval.samples"):
         samples = bench_from_dir(root, 100, seed=0)
     assert {s.path for s in samples} == {"a.py", "same.py"}
     assert not any("SECRET" in s.context + s.target for s in samples)
@@ -263,7 +263,7 @@ def test_jsonl_fifo_is_refused_without_blocking(tmp_path):
 
 @pytest.mark.parametrize("make", ["empty_dir", "bad_jsonl"])
 def test_cli_bad_bench_is_one_line_exit_2(tmp_path, capsys, make):
-    from qdsl.cli import main
+    from qdsl.cli.main import main
 
     if make == "empty_dir":
         bench = tmp_path / "code"

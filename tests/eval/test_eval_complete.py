@@ -1,10 +1,10 @@
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from qdsl.eval.bench import Sample
+from qdsl.eval.samples import Sample
 from qdsl.eval.complete import (CompletionConfig, complete_line, evaluate, first_line,
                                 prompt_ids, prompt_text)
-from qdsl.lm import HFCausalLM
+from qdsl.models.lm import HFCausalLM
 
 
 class CharTok:

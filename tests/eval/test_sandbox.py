@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 import qdsl
-from qdsl.cli import main
+from qdsl.cli.main import main
 from qdsl.errors import SandboxError
 from qdsl.eval import sandbox
 from qdsl.eval.humaneval import load_problems, run_program
 from qdsl.eval.sandbox import OUTPUT_CAP, run_python, sandbox_kind
-from qdsl.sweep import SweepConfig
+from qdsl.study.sweep import SweepConfig
 
 REPO = Path(qdsl.__file__).resolve().parents[1]
 

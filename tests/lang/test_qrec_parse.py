@@ -6,9 +6,9 @@ import pytest
 
 from qdsl.errors import RecipeError
 from qdsl.lang import PRESETS, load_recipe, parse_recipe
-from qdsl.recipe import Loc, Rule, Selector, Settings
-from qdsl.spec import (MSE, GroupWise, MinMax, Percentile, PerChannel, PerGroup, PerTensor,
-                       PerToken, RunningMinMax, TensorPatch)
+from qdsl.config.recipe import Loc, Rule, Selector, Settings
+from qdsl.config.spec import (MSE, GroupWise, MinMax, Percentile, PerChannel, PerGroup, PerTensor,
+                              PerToken, RunningMinMax, TensorPatch)
 
 W, A = TensorPatch, TensorPatch
 
@@ -152,6 +152,6 @@ def test_cascade_later_rule_overrides_only_what_it_sets():
 def test_language_never_imports_torch():
     import subprocess
     import sys
-    code = ("import sys, qdsl.lang, qdsl.commands.check, qdsl.commands.fmt; "
+    code = ("import sys, qdsl.lang, qdsl.cli.commands.check, qdsl.cli.commands.fmt; "
             "qdsl.lang.parse_recipe('* -> w8a8'); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@ import pytest
 
 from qdsl.lang import check_file, format_text, load_recipe
 from qdsl.resources import data_dir
-from qdsl.spec import ACTIVATION, PerGroup, resolve
+from qdsl.config.spec import ACTIVATION, PerGroup, resolve
 
 RECIPES = sorted(data_dir("recipes").glob("**/*.qrec"))
 

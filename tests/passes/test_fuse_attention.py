@@ -7,9 +7,9 @@ import pytest
 import torch
 from tiny import CAUSAL, tiny, tiny_ids
 
-import qdsl.compiler as C
-from qdsl.capture import capture
-from qdsl.graphlm import GraphLM
+import qdsl.compiler.build as C
+from qdsl.graph.capture import capture
+from qdsl.runtime.graphlm import GraphLM
 from qdsl.passes.fuse_attention import ATTN_PREFIX, FusedAttention, find_attention, fuse_attention
 
 CACHE = 32

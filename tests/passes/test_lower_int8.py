@@ -15,10 +15,10 @@ import pytest
 import torch
 from tiny import tiny, tiny_ids
 
-import qdsl.compiler as C
+import qdsl.compiler.build as C
 from qdsl.errors import ArtifactError, GraphError
 from qdsl.passes.lower_fake import lower_fake
-from qdsl.quant import quantize
+from qdsl.quant.primitives import quantize
 from qdsl.runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                           Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
 
@@ -60,7 +60,7 @@ def modules(q):
 
 def float_weights(q):
     """Float tensors of 2+ dims the lowered graph reads, besides the key/value cache."""
-    from qdsl.artifact import lowered_state
+    from qdsl.artifact.store import lowered_state
     stored, _, _ = lowered_state(q.gm)
     return [k for k, t in stored.items()
             if t.is_floating_point() and t.dim() >= 2 and not k.endswith("_scale")]
@@ -68,14 +68,14 @@ def float_weights(q):
 
 def fake_of(model, q):
     """The fake-quant graph built from q's frozen parameters."""
-    from qdsl.capture import capture
+    from qdsl.graph.capture import capture
     gm = capture(model, mode="generate", max_cache_len=CACHE).gm
     return lower_fake(gm, q.named, q.plan, q.frozen)
 
 
 def assert_agrees(model, q, top1=0.9):
     ids = tiny_ids(model, 2, 12, seed=7)
-    from qdsl.graphlm import GraphLM
+    from qdsl.runtime.graphlm import GraphLM
     a, b = q(ids), GraphLM(fake_of(model, q), CACHE).logits(ids)
     assert (a - b).abs().max() <= 0.02 * b.abs().max(), (a - b).abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= top1

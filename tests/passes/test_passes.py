@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 import qdsl
-from qdsl.compiler import explain
-from qdsl.artifact import atomic_dir
-from qdsl.capture import capture
+from qdsl.compiler.build import explain
+from qdsl.artifact.store import atomic_dir
+from qdsl.graph.capture import capture
 from qdsl.errors import ArtifactError
-from qdsl.fakequant import DynamicFakeQuant, FakeQuant
+from qdsl.runtime.fakequant import DynamicFakeQuant, FakeQuant
 from qdsl.lang import parse_recipe
-from qdsl.naming import name_graph
-from qdsl.observers import Observer
+from qdsl.graph.naming import name_graph
+from qdsl.quant.observers import Observer
 from qdsl.passes.calibrate import calibrate
 from qdsl.passes.freeze import freeze
 from qdsl.passes.insert_observers import insert_observers
@@ -157,7 +157,7 @@ def test_peg_k_that_does_not_divide_is_named():
 
 
 def test_calibration_windows_longer_than_the_model_are_refused():
-    from qdsl.calib import CalibrationError
+    from qdsl.models.calib import CalibrationError
 
     model = tiny("gpt2")  # 64 positions
     with pytest.raises(CalibrationError, match="--seq-len 63"):

@@ -1,4 +1,4 @@
-"""Runtime fake-quant modules (qdsl/fakequant.py): forward, shapes, state round trip."""
+"""Runtime fake-quant modules (qdsl/runtime/fakequant.py): forward, shapes, state round trip."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 from strategies import activations, matrices
 
-from qdsl.fakequant import (DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight,
-                            module_from_json)
-from qdsl.observers import make_observer
-from qdsl.quant import binarize, choose_qparams, fake_quantize, qrange, reduce_range
-from qdsl.spec import (ACTIVATION, MSE, WEIGHT, GroupWise, PerChannel, PerGroup, PerTensor,
-                       PerToken, TensorPatch, resolve)
+from qdsl.runtime.fakequant import (DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight,
+                                    module_from_json)
+from qdsl.quant.observers import make_observer
+from qdsl.quant.primitives import binarize, choose_qparams, fake_quantize, qrange, reduce_range
+from qdsl.config.spec import (ACTIVATION, MSE, WEIGHT, GroupWise, PerChannel, PerGroup, PerTensor,
+                              PerToken, TensorPatch, resolve)
 
 
 def _round_trip(m):

@@ -1,4 +1,4 @@
-"""Properties of the quantizer maths (qdsl/quant.py)."""
+"""Properties of the quantizer maths (qdsl/quant/primitives.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import activations, bit_widths, float_tensors, matrices, multibit_widths, ranges
 
-from qdsl.quant import (binarize, choose_qparams, dequantize, dim_range, fake_quantize,
-                        group_unview, group_view, inverse_permutation, peg_permutation, qrange,
-                        quantize, reduce_range)
-from qdsl.spec import ACTIVATION, WEIGHT, GroupWise, PerChannel, PerGroup, PerTensor, PerToken
+from qdsl.quant.primitives import (binarize, choose_qparams, dequantize, dim_range, fake_quantize,
+                                   group_unview, group_view, inverse_permutation, peg_permutation,
+                                   qrange, quantize, reduce_range)
+from qdsl.config.spec import ACTIVATION, WEIGHT, GroupWise, PerChannel, PerGroup, PerTensor, PerToken
 
 
 def _clip_range(scale, zero_point, bits, symmetric):

@@ -1,4 +1,4 @@
-"""Observers (qdsl/observers.py): semantics, shapes, MSE vs min-max, state round trip."""
+"""Observers (qdsl/quant/observers.py): semantics, shapes, MSE vs min-max, state round trip."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 from strategies import activations, float_tensors, matrices
 
-from qdsl.observers import (CurrentMinMaxObserver, MeanAbsObserver, MinMaxObserver, MSEObserver, PercentileObserver,
-                            RunningMinMaxObserver, kth_percentile, make_observer, mse_search,
-                            observer_from_json)
-from qdsl.quant import choose_qparams, fake_quantize, group_unview, group_view, reduce_range
-from qdsl.spec import (ACTIVATION, MSE, WEIGHT, GroupWise, MinMax, Percentile, PerChannel,
-                       PerGroup, PerTensor, PerToken, RunningMinMax, TensorPatch, resolve)
+from qdsl.quant.observers import (CurrentMinMaxObserver, MeanAbsObserver, MinMaxObserver,
+                                  MSEObserver, PercentileObserver, RunningMinMaxObserver,
+                                  kth_percentile, make_observer, mse_search, observer_from_json)
+from qdsl.quant.primitives import choose_qparams, fake_quantize, group_unview, group_view, reduce_range
+from qdsl.config.spec import (ACTIVATION, MSE, WEIGHT, GroupWise, MinMax, Percentile, PerChannel,
+                              PerGroup, PerTensor, PerToken, RunningMinMax, TensorPatch, resolve)
 
 
 def _sq_err(w, scale, zp, bits, symmetric, granularity):

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qdsl.quant import binarize, choose_qparams, fake_quantize, group_view, reduce_range
+from qdsl.quant.primitives import binarize, choose_qparams, fake_quantize, group_view, reduce_range
 from qdsl.runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                           Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
 from qdsl.runtime.packed import weight_spec
-from qdsl.spec import ACTIVATION, WEIGHT, PerTensor, PerToken, TensorSpec
+from qdsl.config.spec import ACTIVATION, WEIGHT, PerTensor, PerToken, TensorSpec
 
 torch.manual_seed(0)
 W, B = torch.randn(48, 64), torch.randn(48)

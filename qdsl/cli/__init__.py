@@ -1,0 +1,5 @@
+"""The ``qdsl`` command line (``qdsl = "qdsl.cli:main"``; ``python -m qdsl.cli``)."""
+
+from .main import main
+
+__all__ = ["main"]

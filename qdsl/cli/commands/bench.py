@@ -1,0 +1,78 @@
+"""``qdsl bench``: hosting metrics against fp32 and torch.ao quantize_dynamic."""
+
+from __future__ import annotations
+
+import argparse
+
+from qdsl.cli.names import COMMANDS
+
+from ..args import MAX_THREADS, int_range, nonneg_float, output_file, positive_float, positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench", help=COMMANDS["bench"],
+        description="Measure file size, peak memory, prefill latency and decode latency per "
+                    "token (batch 1, KV cache) of the fp32 model, torch.ao quantize_dynamic "
+                    "and a qdsl artifact (or --lower-all), each in a fresh process; print a "
+                    "markdown table with ratios to fp32 and a cost view (Wei et al. Table 2).")
+    p.add_argument("model", metavar="MODEL_OR_ARTIFACT",
+                   help="short name (smollm2-135m, stdlib-gpt2, gpt2-124m-random), model "
+                        "directory, or artifact directory (contains qdsl_artifact.json)")
+    p.add_argument("--baseline", metavar="MODEL",
+                   help="float model of an artifact (default: recorded in the artifact)")
+    p.add_argument("--lower-all", choices=("w8a8-dynamic", "w8-weight-only", "w4"),
+                   help="swap every linear (and Conv1D, embedding) of the eager model for "
+                        "qdsl runtime modules and measure that")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="prefill length in tokens (default 512, clipped with a note so that "
+                        "context + decode tokens + 1 fit the model's positions: 223 on "
+                        "stdlib-gpt2; a larger explicit value is an error)")
+    p.add_argument("--decode-tokens", type=positive_int, default=32,
+                   help="decode steps per repeat (default 32)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (default 5)")
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=1,
+                   help="torch threads (default 1)")
+    p.add_argument("--rounds", type=positive_int, default=2,
+                   help="measure every model this often, interleaved (default 2)")
+    p.add_argument("--json", metavar="FILE", type=output_file(".json"),
+                   help="write the results to a .json file")
+    p.add_argument("--plot", metavar="FILE.png", type=output_file(".png", ".svg"),
+                   help="plot size against decode latency (.png or .svg)")
+    p.add_argument("--power-watts", type=positive_float, default=None,
+                   help="assumed power for the cost view (default 65)")
+    p.add_argument("--price-per-kwh", type=nonneg_float, default=None,
+                   help="assumed $/kWh for the cost view (default 0.15)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load an artifact even if its files do not match the sha256 "
+                        "recorded at compile time (damaged or edited); the format checks "
+                        "still run")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qdsl.eval import hosting as bench
+    from qdsl.artifact.store import is_artifact, read_artifact
+    from qdsl.atomic import write_json_atomic
+    from qdsl.compiler.build import local_source
+
+    cfg = bench.BenchConfig(
+        context=args.context, decode_tokens=args.decode_tokens, repeats=args.repeats,
+        threads=args.threads, rounds=args.rounds,
+        power_watts=bench.DEFAULT_WATTS if args.power_watts is None else args.power_watts,
+        price_per_kwh=bench.DEFAULT_PRICE if args.price_per_kwh is None else args.price_per_kwh)
+    model, artifact = args.model, None
+    if is_artifact(args.model):  # checked (one line if damaged) before anything is loaded
+        artifact = args.model
+        meta, _, _ = read_artifact(artifact, verify=not args.no_verify)
+        model = args.baseline or local_source(meta["model"]["id"], artifact)
+    elif args.baseline:
+        model = args.baseline
+    result = bench.run_bench(model, artifact=artifact, lower_all=args.lower_all, cfg=cfg,
+                             verify=not args.no_verify)
+    print(bench.markdown(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+    if args.plot:
+        bench.plot(result, args.plot)
+    return 0

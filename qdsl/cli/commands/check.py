@@ -1,0 +1,40 @@
+"""``qdsl check FILE...``: report every error and warning in recipe files.
+
+Exit status: 0 clean (warnings allowed), 1 if any file has an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..names import COMMANDS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check", help=COMMANDS["check"],
+        description="Parse and check .qrec recipe files (and the files they include). "
+                    "Every error is printed as FILE:LINE:COL with the line, a caret and a "
+                    "hint. Exit status 1 if any file has an error.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="recipe files to check")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only, no summary")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ...lang import check_file
+
+    failed = 0
+    for path in args.files:
+        diags = check_file(path)
+        for d in diags:
+            print(d.format(), file=sys.stderr)
+        errors = sum(d.severity == "error" for d in diags)
+        failed += errors > 0
+        if not args.quiet:
+            status = f"{errors} error{'s' * (errors != 1)}" if errors else "ok"
+            warnings = len(diags) - errors
+            status += f", {warnings} warning{'s' * (warnings != 1)}" if warnings else ""
+            print(f"{path}: {status}")
+    return 1 if failed else 0

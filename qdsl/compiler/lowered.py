@@ -1,0 +1,185 @@
+"""Load a self-contained ``--lower int8`` artifact without a float detour (gpt-fast style).
+
+    config.json --meta device--> model --to_empty--> capture --params to meta-->
+    lower_fake + lower_int8 (structure only) --assign--> stored integer tensors
+
+``torch.export`` cannot trace a model whose parameters are on ``meta`` while the
+static key/value cache is on the CPU (``index_copy_`` refuses mixed devices), and
+exporting with meta inputs would bake ``device=meta`` into the graph. The cheapest
+honest route: ``to_empty(device="cpu")`` gives the parameters uninitialised CPU
+memory that nothing ever writes or reads (tracing only looks at shapes), so the
+pages are never resident; right after capture every parameter and buffer is
+swapped for a meta tensor, the passes build the runtime modules on meta, and the
+stored tensors are assigned (``load_state_dict(..., assign=True)``). Run-time state
+(the key/value cache) is zero-initialised. Peak memory stays near the quantized size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..artifact.store import assign_tensors, graph_tensors
+from ..artifact.schema import check_config, read_safetensors
+from ..errors import ArtifactError
+
+
+def _to_meta(gm: torch.nn.Module) -> None:
+    """Swap every parameter and buffer for a meta tensor of the same shape (sharing kept)."""
+    memo: dict[int, torch.Tensor] = {}
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                if t is None:
+                    continue
+                if id(t) not in memo:
+                    meta = torch.empty_like(t, device="meta")
+                    memo[id(t)] = (torch.nn.Parameter(meta, requires_grad=False)
+                                   if isinstance(t, torch.nn.Parameter) else meta)
+                store[k] = memo[id(t)]
+
+
+def meta_model(config_dir: Path, max_bytes: int | None = None,
+               modules: set[str] | None = None) -> torch.nn.Module:
+    """The source architecture from its config.json, parameters uninitialised (never
+    touched). Decided on the meta device, before any memory is taken or any graph is
+    captured, refused with an ArtifactError: a float model larger than ``max_bytes``,
+    or one with modules holding parameters that ``modules`` (the plan's module map)
+    does not have (a config edited after the compile: more layers, other names)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from ..models.zoo import checkpoint_architecture
+
+    # the class the config declares: an encoder is rebuilt without an LM head
+    auto = AutoModelForCausalLM if checkpoint_architecture(config_dir).causal else AutoModel
+    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    with torch.device("meta"):
+        model = auto.from_config(config, attn_implementation="eager")
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    if max_bytes is not None and size > max_bytes:
+        raise ArtifactError(f"artifact {config_dir.parent}: model/config.json describes a "
+                            f"model of {size / 1e9:.3g} GB in float, more than its stored "
+                            f"tensors can be ({max_bytes / 1e9:.3g} GB at most)")
+    if modules is not None:
+        extra = sorted(n for n, m in model.named_modules()
+                       if n not in modules and any(True for _ in m.parameters(recurse=False)))
+        if extra:
+            raise ArtifactError(f"artifact {config_dir.parent}: model/config.json describes "
+                                f"{len(extra)} module(s) the plan does not have (e.g. "
+                                f"{extra[0]}): it is not the model the artifact was compiled "
+                                "from")
+    model = model.to_empty(device="cpu")  # to_empty unties shared tensors: tie them again
+    model.tie_weights()
+    return model.eval()
+
+
+def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor], model=None,
+              same_model: bool = False):
+    """``qdsl.load`` for a self-contained int8 artifact -> QuantizedModel. ``same_model``:
+    ``meta`` asks for another cache length than the compile's (``QuantPlan.check_graph``)."""
+    from ..graph.capture import capture, max_positions
+    from .build import QuantizedModel, artifact_errors, as_model, check_source, plan_of
+    from ..graph.naming import name_graph
+    from ..passes.freeze import Frozen
+    from ..passes.lower_fake import lower_fake
+    from ..passes.lower_int8 import lower_int8
+    from ..config.recipe import Recipe, Settings
+
+    d, info = Path(path), meta["int8"]
+    if model is not None:  # optional: must be the model the artifact was compiled from
+        check_source(as_model(model)[0], meta, d)
+    check_config(d)
+    # the float model is at most 32x its stored form (1-bit codes) plus run-time buffers
+    limit = 32 * (d / "model.safetensors").stat().st_size + (256 << 20)
+    try:
+        skeleton = meta_model(d / "model", max_bytes=limit,
+                              modules=set(plan_json["module_map"].values()))
+    except ArtifactError:
+        raise
+    except Exception as e:  # transformers raises many types on a config it cannot build
+        raise ArtifactError(f"artifact {d}: cannot rebuild the model from model/config.json: "
+                            f"{type(e).__name__}: {str(e)[:200]}") from None
+    if meta["mode"] == "generate" and not same_model \
+            and meta["max_cache_len"] > max_positions(skeleton):
+        raise ArtifactError(f"artifact {d}: qdsl_artifact.json: max_cache_len "
+                            f"{meta['max_cache_len']} exceeds the model's "
+                            f"{max_positions(skeleton)} positions (model/config.json)")
+    with artifact_errors(d, "the model of model/config.json cannot be captured"):
+        captured = capture(skeleton, mode=meta["mode"], max_cache_len=meta["max_cache_len"])
+        named = name_graph(captured)
+    plan = plan_of(d, meta, plan_json, named, same_model=same_model)
+    gm = captured.gm
+    _to_meta(gm)
+    del skeleton, captured
+    # weight scales are stored in the runtime modules; the passes only need their shapes
+    tensors = {**tensors, **{k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+                             for k, (shape, dtype) in info["weight_qparams"].items()}}
+    with artifact_errors(d, "the quantizers (quant_params.safetensors, int8.weight_qparams) "
+                            "do not fit the model of model/config.json"):
+        on_meta = Frozen.from_state(meta["quantizers"],
+                                    {k: t.to("meta") for k, t in tensors.items()})
+        with warnings.catch_warnings():  # fallbacks were reported when compiling
+            warnings.simplefilter("ignore")
+            gm = lower_int8(lower_fake(gm, named, plan, on_meta), named, plan, on_meta,
+                            fallback=info["fallback"],
+                            compute=meta["settings"].get("lower_compute"))
+    stored = read_safetensors(d, "model.safetensors")
+    for k, v in info["aliases"].items():
+        if v not in stored:
+            raise ArtifactError(f"artifact {d}: qdsl_artifact.json: alias {k} names tensor {v}, "
+                                "which model.safetensors does not hold")
+        stored[k] = stored[v]
+    _check_shapes(d, gm, stored, set(info["runtime_state"]))
+    with artifact_errors(d, "model.safetensors does not fit the model"):
+        assign_tensors(gm, stored)
+    for k, t in graph_tensors(gm).items():
+        if k in info["runtime_state"]:
+            assign_tensors(gm, {k: torch.zeros(t.shape, dtype=t.dtype)})
+    missing = [k for k, t in graph_tensors(gm).items() if t.is_meta]
+    if missing:
+        raise ArtifactError(f"artifact {d}: tensors missing from model.safetensors: {missing[:5]}")
+    tok = _tokenizer(d / "model")
+    recipe = Recipe.from_json(meta["recipe"]["rules"],
+                              text=(d / "recipe.qrec").read_text(encoding="utf-8"))
+    return QuantizedModel(gm, named=named, plan=plan, recipe=recipe,
+                          frozen=Frozen.from_state(meta["quantizers"], tensors),
+                          lower="int8", mode=meta["mode"], max_cache_len=meta["max_cache_len"],
+                          source_id=meta["model"]["id"], source_hash=meta["model"]["hash"],
+                          settings=Settings(**meta["settings"]), tokenizer=tok,
+                          model_config=gm_config(d / "model"), fallback=info["fallback"])
+
+
+def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str]) -> None:
+    """Each tensor the lowered graph reads is stored with the shape and dtype the
+    graph built from model/config.json expects (a config edited after the compile,
+    or a tensor swapped, is refused before anything is assigned)."""
+    for k, want in graph_tensors(gm).items():
+        got = stored.get(k)
+        if k in state or got is None:
+            continue
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ArtifactError(
+                f"artifact {d}: model.safetensors: tensor {k} is {list(got.shape)} "
+                f"{got.dtype}; the model in model/config.json needs {list(want.shape)} "
+                f"{want.dtype}")
+
+
+def gm_config(config_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(config_dir, local_files_only=True)
+
+
+def _tokenizer(model_dir: Path):
+    if not any(model_dir.glob("tokenizer*")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # tokenizers and transformers raise many types on damaged files
+        raise ArtifactError(f"artifact {model_dir.parent}: the tokenizer in model/ cannot be "
+                            f"loaded: {type(e).__name__}: {str(e)[:200]}") from None

@@ -1,0 +1,426 @@
+"""Hosting metrics (Wei et al. 2023, Table 2): file size, peak memory, prefill
+latency, decode latency per token, tokens/s, and an energy / cost estimate,
+for the fp32 model, ``torch.ao`` ``quantize_dynamic`` (the peer to beat) and a
+qdsl model, all in one run.
+
+Every model is measured in a fresh subprocess (``python -m qdsl.eval.hosting CHILD``)
+so peak resident memory (``ru_maxrss``) belongs to that model alone. Latencies
+are medians over ``repeats`` runs after a warm-up; decode is per token at batch
+1 with a key/value cache (``CausalLM.prefill`` / ``decode``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from qdsl.errors import ArtifactError, ModelError
+from qdsl.models.limits import Limit, fit_length, model_limit
+
+log = logging.getLogger(__name__)
+
+RANDOM_GPT2 = "gpt2-124m-random"  # GPT2LMHeadModel(GPT2Config()), seeded: speed work
+DEFAULT_WATTS = 65.0    # assumed package power of the CPU while generating
+DEFAULT_PRICE = 0.15    # assumed $ per kWh
+PRED_TOKENS = 20        # tokens generated per prediction (Wei et al. Table 2)
+GRAPH_CACHE_LEN = 1024  # static cache of the fp32 graph row (qdsl compile's default)
+DEFAULT_CONTEXT = 512   # prefill tokens, clipped to the model (fit_config)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    context: int | None = None   # prefill tokens; None: DEFAULT_CONTEXT fitted to the model
+    decode_tokens: int = 32
+    repeats: int = 5
+    threads: int = 1
+    rounds: int = 2         # every model measured this often, rounds in alternating order
+    power_watts: float = DEFAULT_WATTS
+    price_per_kwh: float = DEFAULT_PRICE
+    pred_tokens: int = PRED_TOKENS
+
+    def __post_init__(self):
+        for k in ("decode_tokens", "repeats", "threads", "rounds", "pred_tokens"):
+            assert getattr(self, k) >= 1, (k, self)
+        assert self.context is None or self.context >= 1, self
+        assert self.power_watts > 0 and self.price_per_kwh >= 0, self
+
+
+def fit_config(model_name: str, cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with a context that fits the float model's positions together with the
+    decode steps and the graph rows' spare cache slot (graphs run cache - 1 tokens):
+    stdlib-gpt2 (256 positions), 32 decode tokens -> context 223. A context left
+    unset is clipped with a warning; a given one that does not fit is an OptionError."""
+    if model_name == RANDOM_GPT2:
+        from transformers import GPT2Config
+
+        n = GPT2Config().n_positions
+        limit = Limit(n, f"{RANDOM_GPT2} has {n} positions")
+    else:
+        limit = model_limit(model_name)
+    fit_length("--decode-tokens", cfg.decode_tokens, cfg.decode_tokens, limit, reserve=2,
+               reserved_for="one prompt token and the graph's spare cache slot")
+    context = fit_length("--context", cfg.context, DEFAULT_CONTEXT, limit,
+                         reserve=cfg.decode_tokens + 1,
+                         reserved_for=f"{cfg.decode_tokens} decode tokens and the graph's "
+                                      "spare cache slot")
+    return replace(cfg, context=context)
+
+
+@dataclass
+class Row:
+    """One measured model. Times in milliseconds, sizes in MB (10^6 bytes)."""
+
+    name: str
+    kind: str
+    size_mb: float | None
+    rss_load_mb: float
+    peak_rss_mb: float
+    prefill_ms: float
+    decode_ms: float
+    tokens_per_s: float
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# Loading (parent and child).
+
+
+def load_float(name: str):
+    """float32 eval model: a short name or directory (``qdsl.models``), or RANDOM_GPT2."""
+    import torch
+
+    if name == RANDOM_GPT2:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config()).eval()
+    from qdsl.models.zoo import load_model
+    # the class the checkpoint declares; an encoder or missing weights: ModelError
+    return load_model(name, attn=None, require_causal=True, tokenizer=False)[0]
+
+
+def conv1d_to_linear(model):
+    """Replace transformers Conv1D (weight [in, out]) by the equivalent nn.Linear, in place."""
+    import torch
+
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
+            lin = torch.nn.Linear(m.weight.shape[0], m.nf)
+            lin.weight, lin.bias = torch.nn.Parameter(m.weight.t().contiguous()), m.bias
+            model.set_submodule(name, lin)
+    return model
+
+
+def _quantize_dynamic(model):
+    import torch
+
+    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8,
+                                                      inplace=True)
+
+
+def _load_child_model(spec: dict):
+    """The model a child measures -> (CausalLM, vocab size)."""
+    from qdsl.models.lm import HFCausalLM
+    from qdsl.runtime.swap import load_lowered
+
+    kind, path = spec["kind"], spec["path"]
+    if kind == "artifact":
+        try:
+            from qdsl.artifact.store import load_artifact_lm
+        except ImportError as e:
+            raise ArtifactError("qdsl.artifact is not available in this build; "
+                                "use --lower-all to measure the runtime modules") from e
+        lm = load_artifact_lm(path, max_cache_len=spec.get("cache_len"),
+                              verify=spec.get("verify", True))
+        return lm, spec["vocab"]
+    model = load_lowered(path)                               # fp32 or swapped, meta + assign
+    if kind == "fp32-graph":          # the runtime an int8 artifact runs, float weights
+        from qdsl.graph.capture import capture
+        from qdsl.runtime.graphlm import GraphLM
+        from qdsl.passes.fuse_attention import fuse_attention
+        from qdsl.passes.simplify import drop_noops
+
+        cache = spec.get("cache_len", GRAPH_CACHE_LEN)
+        gm = capture(model, mode="generate", max_cache_len=cache).gm
+        drop_noops(gm)              # as lower_fake does before lower_int8
+        fuse_attention(gm)
+        return GraphLM(gm, cache, name=spec["name"]), model.config.vocab_size
+    if kind == "torch-ao":
+        model = _quantize_dynamic(model)
+    elif kind == "torch-ao-linear":
+        model = _quantize_dynamic(conv1d_to_linear(model))
+    return HFCausalLM(model, spec["name"]), model.config.vocab_size
+
+
+# --------------------------------------------------------------------------
+# The child: measure one model.
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc), MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _maxrss_mb() -> float:
+    """Peak resident set size of this process image, MB.
+
+    ``ru_maxrss`` survives fork + exec on Linux (a child reports its parent's peak
+    if that was higher), so prefer ``VmHWM``, which starts afresh at exec.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6     # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
+
+
+def measure(lm, vocab: int, cfg: BenchConfig) -> dict:
+    """Prefill ms (median), decode ms per token (median of per-run medians)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, cfg.context), generator=g)
+    lm.prefill(ids[:, :8])                                   # warm-up
+    for _ in range(3):
+        lm.decode(1)
+    prefill, decode = [], []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        logits = lm.prefill(ids)
+        prefill.append(time.perf_counter() - t0)
+        steps = []
+        for _ in range(cfg.decode_tokens):
+            tok = int(logits.argmax())
+            t0 = time.perf_counter()
+            logits = lm.decode(tok)
+            steps.append(time.perf_counter() - t0)
+        decode.append(statistics.median(steps))
+    return {"prefill_ms": 1e3 * statistics.median(prefill),
+            "decode_ms": 1e3 * statistics.median(decode),
+            "prefill_all_ms": [1e3 * t for t in prefill],
+            "decode_all_ms": [1e3 * t for t in decode]}
+
+
+def child_main(spec: dict) -> dict:
+    import torch
+
+    cfg = BenchConfig(**spec["config"])
+    torch.set_num_threads(cfg.threads)
+    base = _rss_mb()
+    lm, vocab = _load_child_model(spec)
+    out = {"rss_base_mb": base, "rss_load_mb": _rss_mb(), "peak_load_mb": _maxrss_mb()}
+    out.update(measure(lm, vocab, cfg))
+    out["peak_rss_mb"] = _maxrss_mb()
+    return out
+
+
+def _run_child(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "qdsl.eval.hosting"], input=json.dumps(spec),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelError(f"benchmark of {spec['name']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------
+# The parent: prepare files, run children, tabulate.
+
+
+def dir_size_mb(path: str | os.PathLike) -> float:
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
+def _saved_size_mb(module, work: Path, name: str) -> float:
+    import torch
+
+    f = work / f"{name}.pt"
+    torch.save(module.state_dict(), f)
+    return dir_size_mb(f)
+
+
+def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
+    """Write the files the children load; return their specs (without config)."""
+    from qdsl.runtime.swap import save_lowered, swap_linears
+
+    model = load_float(model_name)
+    fp32_dir = save_lowered(model, "fp32", work / "fp32")
+    n_params = sum(p.numel() for p in model.parameters())
+    has_conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    fp32_mb = dir_size_mb(fp32_dir / "model.safetensors")
+    specs = [dict(name="fp32", kind="fp32", path=str(fp32_dir), size_mb=fp32_mb,
+                  extra={"params": n_params, "fp16_size_mb": 2 * n_params / 1e6}),
+             dict(name="fp32 graph (static cache, fused attention, as qdsl runs)", kind="fp32-graph",
+                  path=str(fp32_dir), size_mb=fp32_mb)]
+    ao = _quantize_dynamic(model)
+    specs.append(dict(name="torch.ao quantize_dynamic" + (" (Conv1D left float)"
+                                                          if has_conv1d else ""),
+                      kind="torch-ao", path=str(fp32_dir),
+                      size_mb=_saved_size_mb(ao, work, "ao")))
+    if has_conv1d:
+        model = load_float(model_name)
+        ao = _quantize_dynamic(conv1d_to_linear(model))
+        specs.append(dict(name="torch.ao quantize_dynamic (Conv1D -> Linear)",
+                          kind="torch-ao-linear", path=str(fp32_dir),
+                          size_mb=_saved_size_mb(ao, work, "ao_linear")))
+    del ao
+    if lower_all:
+        model = load_float(model_name)
+        d = save_lowered(swap_linears(model, lower_all), lower_all, work / lower_all)
+        specs.append(dict(name=f"qdsl {lower_all} (swap_linears)", kind="lowered",
+                          path=str(d), size_mb=dir_size_mb(d / "model.safetensors")))
+    return specs
+
+
+def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | None = None,
+              cfg: BenchConfig = BenchConfig(), work_dir: str | None = None,
+              verify: bool = True) -> dict:
+    """Measure fp32, quantize_dynamic, and the artifact / lowered model -> result dict.
+    ``verify``: the artifact's child checks its files' recorded sha256 (``qdsl.load``)."""
+    if artifact and not (Path(artifact) / "qdsl_artifact.json").exists():
+        raise ArtifactError(f"{artifact}: not a qdsl artifact (no qdsl_artifact.json)")
+    cfg = fit_config(model_name, cfg)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        specs = prepare(model_name, lower_all, Path(tmp))
+        if artifact:
+            from transformers import AutoConfig
+            vocab = AutoConfig.from_pretrained(specs[0]["path"]).vocab_size
+            meta = json.loads((Path(artifact) / "qdsl_artifact.json").read_text())
+            # the artifact's own cache, or room for the prompt and the decoded tokens (a
+            # sweep compiles with 305 slots); the fp32 graph row runs the same length
+            cache = max(meta.get("max_cache_len", GRAPH_CACHE_LEN),
+                        cfg.context + cfg.decode_tokens + 1)
+            specs.append(dict(name=f"qdsl artifact {Path(artifact).name}", kind="artifact",
+                              path=str(artifact), size_mb=dir_size_mb(artifact), vocab=vocab,
+                              cache_len=cache, verify=verify))
+            specs[1]["cache_len"] = cache
+        runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
+        for k in range(cfg.rounds):                          # interleave: load drifts
+            order = range(len(specs)) if k % 2 == 0 else reversed(range(len(specs)))
+            for i in order:
+                log.info("measuring %s (round %d)", specs[i]["name"], k + 1)
+                runs[i].append(_run_child({**specs[i], "config": asdict(cfg)}))
+        rows = [_row(spec, runs[i]) for i, spec in enumerate(specs)]
+    return {"model": model_name, "config": asdict(cfg), "conditions": conditions(cfg),
+            "rows": [asdict(r) for r in rows]}
+
+
+def _row(spec: dict, runs: list[dict]) -> Row:
+    """Medians over every repeat of every round; memory from the first round."""
+    pre = statistics.median(t for r in runs for t in r["prefill_all_ms"])
+    dec = statistics.median(t for r in runs for t in r["decode_all_ms"])
+    return Row(spec["name"], spec["kind"], spec["size_mb"], runs[0]["rss_load_mb"],
+               max(r["peak_rss_mb"] for r in runs), pre, dec, 1e3 / dec,
+               {**spec.get("extra", {}), "runs": runs})
+
+
+def conditions(cfg: BenchConfig) -> dict:
+    import platform
+
+    import torch
+    return {"torch": torch.__version__, "threads": cfg.threads, "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "load_avg": os.getloadavg()}
+
+
+# --------------------------------------------------------------------------
+# Reporting.
+
+
+def cost(row: dict, cfg: dict) -> dict:
+    """Per 1k predictions (context prefill + ``pred_tokens`` decode steps): s, Wh, $."""
+    s = (row["prefill_ms"] + cfg["pred_tokens"] * row["decode_ms"]) / 1e3
+    wh = cfg["power_watts"] * s * 1000 / 3600
+    return {"s_per_pred": s, "wh_per_1k": wh, "usd_per_1k": wh / 1000 * cfg["price_per_kwh"]}
+
+
+def markdown(result: dict) -> str:
+    cfg, rows = result["config"], result["rows"]
+    base = rows[0]
+    fp16 = base["extra"].get("fp16_size_mb")
+
+    def ratio(v, b):
+        return f" ({v / b:.2f}x)" if v is not None and b else ""
+
+    out = [f"Model `{result['model']}`; context {cfg['context']} tokens, decode "
+           f"{cfg['decode_tokens']} tokens x {cfg['repeats']} repeats x {cfg['rounds']} rounds "
+           f"(medians, after warm-up, models interleaved), "
+           f"{cfg['threads']} thread(s), torch {result['conditions']['torch']}, "
+           f"load average {', '.join(f'{x:.1f}' for x in result['conditions']['load_avg'])}.",
+           "",
+           "| model | file MB | RSS after load MB | peak RSS MB | prefill ms | decode ms/token "
+           "| vs fp32 graph (prefill / decode) | tokens/s | s/pred | Wh / 1k pred | $ / 1k pred |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    graph = next((r for r in rows if r["kind"] == "fp32-graph"), None)
+    for r in rows:
+        c = cost(r, cfg)
+        size = "-" if r["size_mb"] is None else f"{r['size_mb']:.1f}{ratio(r['size_mb'], base['size_mb'])}"
+        vs = "-" if graph is None else (f"{r['prefill_ms'] / graph['prefill_ms']:.2f}x / "
+                                        f"{r['decode_ms'] / graph['decode_ms']:.2f}x")
+        out.append(f"| {r['name']} | {size} | {r['rss_load_mb']:.0f} | "
+                   f"{r['peak_rss_mb']:.0f}{ratio(r['peak_rss_mb'], base['peak_rss_mb'])} | "
+                   f"{r['prefill_ms']:.1f}{ratio(r['prefill_ms'], base['prefill_ms'])} | "
+                   f"{r['decode_ms']:.2f}{ratio(r['decode_ms'], base['decode_ms'])} | {vs} | "
+                   f"{r['tokens_per_s']:.1f} | {c['s_per_pred']:.2f} | {c['wh_per_1k']:.1f} | "
+                   f"{c['usd_per_1k']:.4f} |")
+    if fp16:
+        out.append(f"\nfp16 file size (computed, 2 bytes/parameter): {fp16:.1f} MB "
+                   f"({fp16 / base['size_mb']:.2f}x).")
+    out.append(f"Cost: a prediction = prefill of the context + {cfg['pred_tokens']} decode steps "
+               f"(Wei et al. Table 2 generate 20 tokens); assumed {cfg['power_watts']:g} W and "
+               f"${cfg['price_per_kwh']:g}/kWh.")
+    return "\n".join(out)
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+    """File size against decode latency, one labelled point per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result["rows"]:
+        if r["size_mb"] is None:
+            continue
+        ax.scatter(r["decode_ms"], r["size_mb"], s=40)
+        ax.annotate(r["name"], (r["decode_ms"], r["size_mb"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("decode latency per token (ms, batch 1, KV cache)")
+    ax.set_ylabel("file size on disk (MB)")
+    ax.set_title(f"{result['model']}: size vs decode latency", fontsize=10)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":  # the child process: a JSON spec on stdin, a JSON line out
+    from qdsl.errors import QdslError
+
+    try:
+        print(json.dumps(child_main(json.loads(sys.stdin.read()))))
+    except QdslError as e:  # a user's error (a damaged artifact): its line, no traceback
+        print(e.format(), file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,69 @@
+"""Per-layer activation statistics behind the sweep's Fig. 6b / 6c plots.
+
+The float model is captured once per process (generate mode, the compiled models'
+cache length) with a ``Recorder`` (``qdsl.passes.record``) after every residual sum
+and linear output of every block. On the layer windows (the ends of the first
+benchmark contexts) it gives max |x| per layer and window (Fig. 6b) and each
+layer's output on window 0; a quantized model, recorded the same way on window 0,
+gives its relative error per layer against those outputs (Fig. 6c).
+"""
+
+from __future__ import annotations
+
+from .sweep import SweepConfig
+from .sweepjob import _cache_len, _model
+
+FLOAT_REF: dict = {}  # (model, windows, tokens) -> float layer statistics; per process
+
+
+def layer_windows(tok, samples, cfg: SweepConfig):
+    """[1, T] token windows for layer statistics: the ends of the first samples' contexts."""
+    import torch
+
+    out = []
+    for s in samples[:cfg.layer_windows]:
+        ids = tok(s.context, add_special_tokens=False)["input_ids"][-cfg.layer_tokens:]
+        if len(ids) >= 2:
+            out.append(torch.tensor([ids], dtype=torch.long))
+    return out
+
+
+def float_reference(cfg: SweepConfig, windows) -> dict:
+    """Float graph's recorded activations: max |x| per layer over every window, and
+    each layer's output on window 0 (the fixed input for relative errors)."""
+    ref_key = (cfg.model, cfg.layer_windows, cfg.layer_tokens)
+    if ref_key not in FLOAT_REF:
+        from ..graph.capture import capture
+        from ..runtime.graphlm import GraphLM
+        from ..graph.naming import name_graph
+        from ..passes.record import insert_recorders, recorded_names
+
+        model, _, max_pos = _model(cfg.model)
+        captured = capture(model, mode="generate", max_cache_len=_cache_len(cfg, max_pos))
+        named = name_graph(captured)
+        names = recorded_names(named)
+        recs = insert_recorders(captured.gm, named, names, keep=True)
+        lm = GraphLM(captured.gm, _cache_len(cfg, max_pos))
+        outputs = {}
+        for i, w in enumerate(windows):
+            lm.logits(w)
+            if i == 0:
+                outputs = {n: recs[n].last for n in names}
+        FLOAT_REF[ref_key] = {"names": names, "outputs": outputs,
+                              "max_abs": {n: recs[n].max_abs for n in names}}
+        del captured, lm, recs
+    return FLOAT_REF[ref_key]
+
+
+def layer_stats(qm, cfg: SweepConfig, windows) -> dict:
+    """Per recorded layer: the quantized model's max |x| and relative error vs float on
+    window 0."""
+    from ..runtime.graphlm import GraphLM
+    from ..passes.record import insert_recorders, relative_error
+
+    ref = float_reference(cfg, windows)
+    recs = insert_recorders(qm.gm, qm.named, ref["names"], keep=True)
+    GraphLM(qm.gm, qm.max_cache_len).logits(windows[0])
+    return {n: {"max_abs": recs[n].max_abs[0],
+                "rel_err": relative_error(recs[n].last, ref["outputs"][n])}
+            for n in ref["names"]}

@@ -1,0 +1,287 @@
+"""``qdsl sweep``: compile + evaluate many recipes on one model and benchmark, cached.
+
+A sweep is a list of jobs. A job is one recipe (or the float baseline) and a kind:
+``quality`` (compile, line completion EM / ES, perplexity, storage estimate,
+per-layer activation statistics; ``int8`` lowerings also the real artifact size
+and ``qdsl bench``), ``robust`` (the same model on contexts whose comments and
+docstrings are perturbed, ``qdsl.eval.robust``) or ``humaneval`` (HumanEval pass@1 for
+the tables whose paper reports it, with ``SweepConfig.humaneval`` > 0). Robust and
+HumanEval jobs reload the quality job's saved artifact instead of calibrating again.
+``qdsl.study.sweepjob`` runs one job; this module plans, keys and schedules them.
+
+Each finished job is written atomically to ``DIR/cache/<key>.json``, key = sha256 of
+(kind, recipe meaning hash, effective calibration settings, model content hash,
+benchmark content hash, evaluation settings, ``FORMAT``). A re-run skips what is
+cached, so an interrupted sweep resumes where it stopped; an entry that cannot be
+used (``qdsl.study.sweepcache``) is named in a warning and its job runs again. DIR is marked
+by ``qdsl_sweep.json``: a sweep writes only into a new or empty directory or one with
+that marker, one sweep at a time (``qdsl.atomic.output_dir``). After every job
+``DIR/results.json``, ``DIR/tables.md`` and ``DIR/plots/*.png`` are rewritten from
+the cache (``qdsl.study.report``).
+
+Calibration: a recipe's own ``set calib.samples`` wins (Wei et al.'s 512, the Fig. 7
+ablation), else ``SweepConfig.calib_default``; ``calib_samples`` forces one value
+(except on wei-fig7, whose rows vary it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..atomic import SWEEP, output_dir
+from ..errors import QdslError
+from .sweepcache import load_cache
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when a job's computation changes meaning: old cache entries are ignored
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    model: str = "smollm2-135m"
+    bench: str = "stdlib"
+    n: int = 100                 # completion samples
+    bench_seed: int = 0
+    ppl_windows: int = 32
+    ctx_tokens: int = 256
+    max_new_tokens: int = 48
+    prompt: str | None = None    # None: the model's best measured prompt mode
+    calib: str = "stdlib"        # calibration data (stdlib = non-test stdlib sources)
+    calib_default: int = 32      # windows, for recipes that set none
+    calib_samples: int | None = None  # force this many windows (not on wei-fig7)
+    calib_seq_len: int = 256
+    calib_seed: int = 0
+    layer_windows: int = 4       # Fig. 6b: max |x| per layer over this many windows
+    layer_tokens: int = 128      # tokens per layer-statistics window
+    perturb_prob: float = 0.35   # robust jobs: NL-Augmenter ChangeCharCase probability
+    perturb_seed: int = 0
+    threads: int = 1             # torch threads per job (2 threads on 2 busy cores: ~10x slower)
+    bench_int8: bool = True      # run qdsl bench for lower = int8 recipes
+    humaneval: int = 0           # HumanEval problems for pass@1 tables (0: no HumanEval jobs)
+    humaneval_tokens: int = 300  # new tokens per HumanEval completion
+    unsafe_exec: bool = False    # no bubblewrap: run HumanEval's code with rlimits only
+
+
+@dataclass(frozen=True)
+class Job:
+    recipe: str | None   # path of a .qrec file; None = the float baseline
+    kind: str = "quality"  # "quality" | "robust" | "humaneval"
+    lower: str | None = None  # overrides the recipe's `set lower` ("int8": real lowering)
+    own_calib: bool = False   # the recipe's calibration size wins over --calib-samples
+
+    @classmethod
+    def of(cls, row, kind: str = "quality") -> Job:
+        """The job of a table row (``qdsl.study.tables.Row``)."""
+        from .tables import recipe_path
+
+        return cls(recipe_path(row.recipe) if row.recipe else None, kind, row.lower,
+                   row.own_calib)
+
+
+# ------------------------------------------------------------------ keys
+
+
+def bench_hash(samples) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.id, s.context, s.target]).encode())
+    return h.hexdigest()[:16]
+
+
+def prompt_mode(cfg: SweepConfig) -> str:
+    from ..eval.complete import DEFAULT_PROMPT, PROMPT_BY_MODEL
+
+    return cfg.prompt or PROMPT_BY_MODEL.get(str(cfg.model).lower(), DEFAULT_PROMPT)
+
+
+def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None,
+                       own_calib: bool = False):
+    """Sweep defaults, then the recipe's own settings, then forced overrides
+    (``--calib-samples`` except where ``own_calib``: Fig. 7's rows vary exactly that)."""
+    from ..config.recipe import Settings
+
+    st = Settings(calib_samples=cfg.calib_default, calib_seq_len=cfg.calib_seq_len,
+                  calib_seed=cfg.calib_seed, calib_data=cfg.calib).then(recipe.settings)
+    forced = None if own_calib else cfg.calib_samples
+    return st.then(Settings(calib_samples=forced, lower=lower))
+
+
+def forced_calib_overrides(jobs, cfg: SweepConfig) -> list[str]:
+    """A line for each recipe whose own ``set calib.samples`` ``--calib-samples`` replaces
+    (a recipe such as wei/fig7_calib_128.qrec named on the command line would otherwise
+    silently run with another calibration size)."""
+    from ..lang import load_recipe
+
+    if cfg.calib_samples is None:
+        return []
+    out = []
+    for path in dict.fromkeys(j.recipe for j in jobs if j.recipe and not j.own_calib):
+        own = load_recipe(path).settings.calib_samples
+        if own is not None and own != cfg.calib_samples:
+            out.append(f"--calib-samples {cfg.calib_samples} overrides "
+                       f"{Path(path).name}'s own `set calib.samples = {own}`")
+    return out
+
+
+def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
+    payload: dict = {"format": FORMAT, "kind": job.kind, "model": model_hash, "bench": bhash,
+                     "eval": [cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg),
+                              cfg.ppl_windows], "layers": [cfg.layer_windows, cfg.layer_tokens]}
+    if job.recipe is not None:
+        from ..lang import load_recipe
+
+        r = load_recipe(job.recipe)
+        payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower,
+                                                                   job.own_calib).to_json())
+    if job.kind == "robust":
+        payload["perturb"] = [cfg.perturb_prob, cfg.perturb_seed]
+    if job.kind == "humaneval":
+        payload["humaneval"] = [cfg.humaneval, cfg.humaneval_tokens]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ the sweep
+
+
+def memory_jobs(requested: int, model: str) -> int:
+    """How many jobs fit in available memory: ~3.5x the fp32 weights each, + 1 GB
+    (measured peak of one job: 3.2x for Qwen2.5-Coder-0.5B's 2.4 GB, 7.8 GB)."""
+    import psutil
+
+    from ..models.zoo import resolve_model
+
+    try:
+        d = resolve_model(model).path
+        weights = sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) or 1 << 30
+    except QdslError:
+        weights = 1 << 30
+    need = 3.5 * weights + (1 << 30)
+    avail = psutil.virtual_memory().available
+    fit = max(1, min(requested, int(avail // need)))
+    if fit < requested:
+        log.warning("-j %d: running %d job(s) at a time; each needs about %.1f GB and "
+                    "%.1f GB is available", requested, fit, need / 2**30, avail / 2**30)
+    return fit
+
+
+def plan_jobs(tables, humaneval: bool = False) -> list[Job]:
+    """Jobs of the tables in order, baseline first; a robust table's robust jobs (and,
+    with ``humaneval``, a pass@1 table's HumanEval jobs) follow its quality jobs (they
+    reload the compiled models). Deduplicated."""
+    jobs = [Job(None)]
+    for t in tables:
+        jobs += [Job.of(r) for r in t.rows]
+        if t.kind == "robust":
+            jobs += [Job.of(r, "robust") for r in t.rows]
+        if humaneval and "pass@1" in t.paper_cols:
+            jobs += [Job.of(r, "humaneval") for r in t.rows]
+    seen, out = set(), []
+    for j in jobs:
+        if j not in seen:
+            seen.add(j)
+            out.append(j)
+    return out
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipes=(),
+              jobs: int = 1, progress: bool = True, only_report: bool = False) -> dict:
+    """Run (or resume) the jobs of ``tables`` (``qdsl.study.tables.Table``s) and of loose
+    ``recipes`` (one extra table, "recipes"); returns what ``DIR/results.json`` holds.
+    ``only_report``: run nothing, rewrite the reports from the cache.
+
+    ``out_dir`` is claimed first (``qdsl.atomic.output_dir``): a directory another sweep
+    is writing, or a non-empty one that is not a sweep's (no ``qdsl_sweep.json``), is
+    refused before any work."""
+    with output_dir(out_dir, SWEEP, reuse=True) as claim:
+        return _sweep(cfg, claim.path, tables=tables, recipes=recipes, jobs=jobs,
+                      progress=progress, only_report=only_report)
+
+
+def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progress: bool,
+           only_report: bool) -> dict:
+    from ..eval.samples import load_bench
+    from ..eval.sandbox import sandbox_kind
+    from ..models.zoo import resolve_model
+    from .sweepjob import _worker
+    from .tables import TABLES, adhoc_table, write_all
+
+    out = Path(out_dir)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    samples = load_bench(cfg.bench, cfg.n, cfg.bench_seed)
+    model_hash = resolve_model(cfg.model).content_hash[:16]
+    bhash = bench_hash(samples)
+    tables = ([adhoc_table(list(recipes))] if recipes else []) + list(tables)  # run in order
+    he = cfg.humaneval > 0
+    todo = plan_jobs(tables, he)
+    others = [t for t in TABLES.values() if t not in tables]
+    keys = {j: job_key(j, cfg, model_hash, bhash) for j in plan_jobs(tables + others, he)}
+    will_run = set() if only_report else {keys[j] for j in todo}
+    done = load_cache(out / "cache", {k: j.kind for j, k in keys.items()}, will_run)
+    # the report also shows every other seed table with a finished row in this cache
+    shown = tables + [t for t in others
+                      if any(keys[Job.of(r)] in done for r in t.rows if r.recipe)]
+    pending, seen = [], set()
+    for j in todo:
+        if keys[j] not in done and keys[j] not in seen:
+            seen.add(keys[j])
+            pending.append(j)
+    meta = {"config": asdict(cfg), "model_hash": model_hash, "bench_hash": bhash,
+            "n_samples": len(samples)}
+    failed: dict = {}
+
+    def write():
+        return write_all(out, meta, shown, keys, done, failed, wall=time.time() - t0)
+
+    if only_report or not pending:
+        return write()
+    if any(j.kind == "humaneval" for j in pending):  # refuse before hours of compiling
+        sandbox_kind(cfg.unsafe_exec)
+    for line in forced_calib_overrides(pending, cfg):
+        log.warning(line)
+    workers = memory_jobs(jobs, cfg.model) if jobs > 1 else 1
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
+    log.info("sweep: %d jobs (%d distinct), %d to run, %d worker(s) x %d thread(s)",
+             len(todo), len({keys[j] for j in todo}), len(pending), workers, threads)
+    bar = tqdm(total=len(pending), desc="sweep", unit="job", disable=not progress)
+
+    def finish(key: str, res: dict) -> None:
+        if "error" in res:
+            failed[key] = res
+            log.warning("job %s failed: %s", res.get("recipe"), res["error"])
+        else:
+            done[key] = res
+        bar.update(1)
+        bar.set_postfix_str(Path(res.get("recipe") or "fp32").stem)
+        write()
+
+    def artifact(j: Job) -> str | None:  # robust / HumanEval reload the quality job's model
+        q = replace(j, kind="quality")
+        return None if j.recipe is None else str(out / "artifacts" / keys[q])
+
+    if workers == 1:
+        for j in pending:
+            finish(*_worker(j, cfg, samples, str(out), keys[j], threads, progress, artifact(j)))
+    else:  # a robust job running beside its quality job compiles for itself
+        import multiprocessing as mp
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futs = [pool.submit(_worker, j, cfg, samples, str(out), keys[j], threads, False,
+                                artifact(j)) for j in pending]
+            for f in as_completed(futs):
+                finish(*f.result())
+    bar.close()
+    return write()
+
+
+def config_with(cfg: SweepConfig, **changes) -> SweepConfig:
+    """``cfg`` with the non-None ``changes`` applied (the command line's overrides)."""
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,221 @@
+"""One ``qdsl sweep`` job, in whichever process runs it: compile the recipe (or reload
+its saved artifact), evaluate, measure, and cache the result atomically.
+
+Kinds (``qdsl.study.sweep.Job``): ``quality`` compiles, saves the artifact and measures line
+completion, perplexity, storage and per-layer statistics (``int8`` lowerings also the
+artifact's real size and ``qdsl bench``); ``robust`` and ``humaneval`` reload that
+artifact (HumanEval re-captured with a cache long enough for its prompts) and score
+the perturbed benchmark or HumanEval pass@1. A model is loaded once per process.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+from ..atomic import finite, write_json_atomic
+from ..errors import QdslError
+from .sweep import Job, SweepConfig, effective_settings, prompt_mode
+
+log = logging.getLogger(__name__)
+
+_MODELS: dict = {}   # model name -> (model, tokenizer, max positions); per process
+
+
+def _model(name: str):
+    from .layerstats import FLOAT_REF
+
+    if name not in _MODELS:
+        from ..eval.run import max_positions_of
+        from ..models.zoo import load_model
+
+        _MODELS.clear()
+        FLOAT_REF.clear()
+        model, tok = load_model(name, require_causal=True)
+        _MODELS[name] = model, tok, max_positions_of(model.config)
+    return _MODELS[name]
+
+
+def _cache_len(cfg: SweepConfig, max_pos: int | None) -> int:
+    """Static key/value cache of the compiled graphs: room for the longest sequence the
+    sweep runs (prompt + new tokens, a calibration or perplexity window), no more:
+    decode attends over the whole cache, so a 1024 cache is ~3x slower than 320."""
+    need = max(cfg.ctx_tokens + cfg.max_new_tokens, cfg.calib_seq_len, cfg.layer_tokens) + 2
+    return _fit(need, max_pos)
+
+
+def _fit(need: int, max_pos: int | None) -> int:
+    """``need`` cache slots, at most the model's positions."""
+    return min(need, max_pos) if max_pos else need
+
+
+def _int8_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("qdsl.passes.lower_int8") is not None
+
+
+def _humaneval_cache_len(cfg: SweepConfig, tok, max_pos: int | None) -> int:
+    """Static cache for HumanEval: the longest prompt of the first ``cfg.humaneval``
+    problems plus the new tokens (``generate`` left-cuts what still does not fit)."""
+    from ..eval.humaneval import load_problems
+
+    longest = max(len(tok(p["prompt"], add_special_tokens=False)["input_ids"])
+                  for p in load_problems()[:cfg.humaneval])
+    return _fit(longest + cfg.humaneval_tokens + 2, max_pos)
+
+
+def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: bool,
+             cache_len: int | None = None):
+    import qdsl
+
+    model, tok, max_pos = _model(cfg.model)
+    cache_len = cache_len or _cache_len(cfg, max_pos)
+    st = effective_settings(recipe, cfg, job.lower, job.own_calib)
+    lower = st.lower or "fake"
+    if lower == "int8" and not _int8_available():
+        out["bench"] = {"skipped": "int8 lowering not available (qdsl.passes.lower_int8 "
+                                   "missing): compiled as fake-quant"}
+        lower = "fake"
+    # calibration windows must fit the graph's cache (stdlib-gpt2: 256 positions)
+    st = replace(st, calib_seq_len=min(st.calib_seq_len or 256, cache_len - 1))
+    t = time.time()
+    qm = qdsl.compile(model, recipe, tokenizer=tok, settings=st, lower=lower,
+                      max_cache_len=cache_len, fallback="simulate",
+                      progress=progress)
+    out.update(compile_seconds=round(time.time() - t, 2), lower=lower,
+               calib_samples=st.calib_samples, settings=st.to_json(),
+               fallbacks=len(getattr(qm, "fallbacks", None) or ()))
+    return qm
+
+
+def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: bool = False,
+            artifact: Path | None = None) -> dict:
+    """Run one job -> its result dict (the caller caches it). ``artifact``: where the
+    recipe's compiled model is saved (quality job) or reloaded from (robust and
+    HumanEval jobs)."""
+    from ..eval.complete import CompletionConfig, evaluate
+    from ..lang import load_recipe
+    from ..models.lm import HFCausalLM
+    from .layerstats import float_reference, layer_stats, layer_windows
+    from .tables import describe_bits
+
+    t0 = time.time()
+    model, tok, max_pos = _model(cfg.model)
+    he_cache = _humaneval_cache_len(cfg, tok, max_pos) if job.kind == "humaneval" else None
+    max_pos = (he_cache or _cache_len(cfg, max_pos)) - 1  # what the graphs run; float alike
+    ccfg = CompletionConfig(cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg))
+    out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
+    qm = None
+    if job.recipe is None:
+        lm = HFCausalLM(model, cfg.model)
+        out.update(bits="fp32", lower="float")
+    else:
+        recipe = load_recipe(job.recipe)
+        out["recipe_hash"] = recipe.hash()
+        qm = _reload(artifact, model, he_cache) if job.kind != "quality" else None
+        if qm is None:  # HumanEval compiles with its longer cache (slower calibration)
+            qm = _compile(recipe, cfg, job, out, progress, he_cache)
+            if artifact is not None and job.kind != "humaneval":
+                qm.save(artifact, force=True)
+                out["artifact"] = str(artifact)
+        lm = qm.lm(name=Path(job.recipe).stem)
+        out["bits"] = describe_bits(qm.plan)
+    if job.kind == "humaneval":
+        from ..eval.humaneval import run_humaneval
+
+        out["humaneval"] = run_humaneval(lm, tok, cfg.humaneval, cfg.humaneval_tokens,
+                                         heal=ccfg.prompt == "heal", max_positions=max_pos,
+                                         progress=progress, unsafe=cfg.unsafe_exec)
+    elif job.kind == "robust":
+        from ..eval.robust import robust_scores
+
+        out["robust"] = robust_scores(lm, tok, samples, ccfg, max_positions=max_pos,
+                                      prob=cfg.perturb_prob, seed=cfg.perturb_seed,
+                                      progress=progress)
+    else:
+        t = time.time()
+        res = evaluate(lm, tok, samples, ccfg, max_positions=max_pos,
+                       ppl_windows=cfg.ppl_windows, progress=progress)
+        out.update({k: res.get(k) for k in ("n", "em", "es", "ppl", "bpb", "ppl_windows")})
+        out["eval_seconds"] = round(time.time() - t, 2)
+        out["samples"] = [{k: r[k] for k in ("id", "pred", "em", "es")} for r in res["samples"]]
+        _sizes(qm, model, out, job, cfg, out_dir)
+        windows = layer_windows(tok, samples, cfg)   # only quality jobs measure layers
+        if windows:
+            t = time.time()
+            if qm is None:
+                ref = float_reference(cfg, windows)
+                out["layers"] = {n: {"max_abs_windows": ref["max_abs"][n]} for n in ref["names"]}
+            elif qm.lower == "fake":  # int8 lowering replaced the named nodes
+                out["layers"] = layer_stats(qm, cfg, windows)
+            out["layer_seconds"] = round(time.time() - t, 2)
+    out["seconds"] = round(time.time() - t0, 2)
+    del qm, lm
+    gc.collect()
+    return out
+
+
+def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> None:
+    """Estimated parameter storage; int8 lowerings: the artifact's real size and bench."""
+    if qm is None:
+        n = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+        out.update(size_before=n * 4, size_after=n * 4, size_mb=n * 4 / 1e6, compression=1.0)
+        return
+    from .tables import storage
+
+    before, after = storage(model, qm.named, qm.plan)
+    out.update(size_before=before, size_after=after, size_mb=after / 1e6,
+               compression=before / after if after else None)
+    if qm.lower == "int8":
+        from ..artifact.store import artifact_size
+
+        art = Path(out.get("artifact") or out_dir / "artifacts" / Path(job.recipe).stem)
+        if "artifact" not in out:
+            qm.save(art, force=True)
+        out["artifact_bytes"] = artifact_size(art)
+        if cfg.bench_int8:
+            try:
+                from ..eval.hosting import BenchConfig, run_bench
+
+                out["bench"] = run_bench(cfg.model, artifact=str(art),
+                                         cfg=BenchConfig(repeats=3, rounds=1))
+            except (ImportError, QdslError) as e:
+                out["bench"] = {"skipped": f"{type(e).__name__}: {e}"}
+
+
+def _reload(artifact: Path | None, model, cache_len: int | None = None):
+    """A quality job's compiled model, without calibrating again (None if unusable);
+    ``cache_len``: re-captured with this static cache."""
+    import qdsl
+
+    if artifact is None or not (Path(artifact) / "qdsl_artifact.json").exists():
+        return None
+    try:
+        return qdsl.load(artifact, model, max_cache_len=cache_len)
+    except QdslError as e:
+        log.warning("cannot reload %s (%s); compiling again", artifact, e)
+        return None
+
+
+def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads: int,
+            progress: bool = False, artifact: str | None = None) -> tuple[str, dict]:
+    """Run a job and cache it (in a pool process or in the sweep's own)."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        res = run_job(job, cfg, samples, Path(out_dir), progress=progress,
+                      artifact=Path(artifact) if artifact else None)
+    except Exception as e:  # a failed job is reported, not cached, and retried next run
+        log.debug("job %s failed", job, exc_info=True)
+        return key, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                     "recipe": job.recipe, "kind": job.kind}
+    res = finite({**res, "key": key, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json_atomic(Path(out_dir) / "cache" / f"{key}.json", res)  # as it is read back
+    return key, res
