@@ -4,7 +4,7 @@
     qm = qdsl.compile(model, "recipes/storti/t3_res_sum.qrec", calib="my_code/")
     qm.save("out/")            # safetensors + JSON
     qm = qdsl.load("out/")     # no calibration; refuses a different source model
-    qdsl.compiler.build.explain("recipes/card.qrec", model).table()   # no data needed
+    qdsl.compiler.explain("recipes/card.qrec", model).table()   # no data needed
 
 Attributes are imported lazily so that the language front end never imports torch.
 """

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qdsl.cli.main import main
-from qdsl.compiler.build import explain
+from qdsl.compiler import explain
 from qdsl.errors import PlanError
 from qdsl.resources import data_dir
 from tiny import tiny

@@ -18,7 +18,7 @@ from transformers import (AutoModel, BertConfig, BertModel, BertTokenizer, GPT2C
 import qdsl
 from qdsl.models import zoo as models
 from qdsl.cli.main import main
-from qdsl.compiler.build import explain
+from qdsl.compiler import explain
 from qdsl.errors import ModelError
 from qdsl.resources import data_dir
 

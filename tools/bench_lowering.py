@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import qdsl.compiler.build as C
+    import qdsl.compiler as C
     from qdsl.artifact.store import artifact_size
     from qdsl.eval.hosting import RANDOM_GPT2, load_float
     from qdsl.graph.capture import capture

@@ -16,7 +16,8 @@
     OUT/model/                   the source model's config.json and tokenizer files
 
 The marker records the sha256 and size of every other file ("files"); ``read_artifact``
-checks them, the JSON schemas and the cross-checks of ``qdsl.artifact.schema``.
+checks them, the JSON schemas and the cross-checks of ``qdsl.artifact.files``,
+``qdsl.artifact.schema`` and ``qdsl.artifact.tensors``.
 
 Written atomically: everything goes to a temporary sibling directory that is
 renamed into place at the end, so Ctrl-C never leaves a half-written artifact.
@@ -37,9 +38,9 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..atomic import atomic_dir  # the output rules: qdsl.atomic.output_dir
-from .schema import (PLAN, check_plan, check_quant_tensors, check_recipe, file_records,
-                     model_dir_files, read_json, read_safetensors, regular_file, validate,
-                     validate_marker, verify_files)
+from .files import file_records, model_dir_files, read_json, regular_file, verify_files
+from .schema import PLAN, check_plan, check_recipe, validate, validate_marker
+from .tensors import check_quant_tensors, read_safetensors
 from ..errors import ArtifactError
 
 MARKER = "qdsl_artifact.json"
@@ -86,7 +87,8 @@ def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[s
 def read_artifact(path: str | os.PathLike, *, verify: bool = True
                   ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """(meta, plan JSON, quantization tensors) of an artifact, after every check of
-    ``qdsl.artifact.schema`` (one-line ArtifactError naming the file on any failure).
+    ``qdsl.artifact.files``, ``.schema`` and ``.tensors`` (one-line ArtifactError naming
+    the file on any failure).
 
     ``verify``: compare each file with the size and sha256 recorded at save (off:
     ``--no-verify``; the structural checks still run). A format-1 artifact (written
@@ -139,7 +141,7 @@ def _state_targets(gm: torch.fx.GraphModule) -> set[str]:
 
 def graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor the graph reads: get_attr targets and the called modules' tensors."""
-    from ..compiler.render import param
+    from ..graph.attrs import param
 
     out: dict[str, torch.Tensor] = {}
     for n in gm.graph.nodes:
@@ -190,11 +192,3 @@ def assign_tensors(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -
 def artifact_size(path: str | os.PathLike) -> int:
     """Bytes on disk of every file in the artifact directory."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def load_artifact_lm(path: str | os.PathLike, model=None, max_cache_len: int | None = None,
-                     *, verify: bool = True):
-    """An artifact as a ``CausalLM`` (see ``qdsl.compiler.build.load_artifact_lm``)."""
-    from ..compiler.build import load_artifact_lm as _load
-
-    return _load(path, model, max_cache_len=max_cache_len, verify=verify)

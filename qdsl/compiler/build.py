@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import ArtifactError, QdslError
 from ..models.limits import Limit, fit_length
 from ..plan import QuantPlan, build_plan
 from ..config.recipe import Recipe
@@ -269,141 +267,3 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,
                           source_hash=module_hash(m), settings=st, tokenizer=tok,
                           model_config=getattr(m, "config", None), fallback=fallback)
-
-
-def load(path: str | os.PathLike, model: ModelArg | None = None,
-         max_cache_len: int | None = None, *, verify: bool = True) -> QuantizedModel:
-    """Rebuild a compiled model from an artifact and its source model, without calibrating.
-
-    Self-contained ``--lower int8`` artifacts need no source model (``model`` given:
-    it must be the one compiled from); see ``qdsl.compiler.lowered``. Other artifacts
-    load against ``model``, or else the recorded source if it is on this machine (a
-    short name, a directory, a hub snapshot already cached): nothing is downloaded.
-    ``max_cache_len`` re-captures with another static key/value cache than the
-    compile's (e.g. to generate longer sequences than it was calibrated for); the
-    quantizers, fitted per node, are reused unchanged. ``verify=False`` skips the
-    comparison of each file with its recorded sha256 (``--no-verify``); every other
-    check of ``qdsl.artifact.store.read_artifact`` still runs.
-    """
-    from ..artifact.store import read_artifact
-    from ..graph.capture import capture, max_positions
-    from ..graph.naming import name_graph
-    from ..passes.freeze import Frozen
-    from ..passes.lower_fake import lower_fake
-    from ..config.recipe import Settings
-
-    meta, plan_json, tensors = read_artifact(path, verify=verify)
-    recache = max_cache_len is not None and max_cache_len != meta["max_cache_len"]
-    if recache:
-        meta = {**meta, "max_cache_len": max_cache_len}
-    if meta["lower"] == "int8" and meta["int8"]["self_contained"]:
-        from .lowered import load_int8
-
-        return load_int8(path, meta, plan_json, tensors, model, same_model=recache)
-    m, tok, model_id = as_model(model if model is not None
-                                else local_source(meta["model"]["id"], path))
-    got = check_source(m, meta, path)
-    if meta["mode"] == "generate" and not recache and meta["max_cache_len"] > max_positions(m):
-        raise ArtifactError(f"artifact {path}: qdsl_artifact.json: max_cache_len "
-                            f"{meta['max_cache_len']} exceeds the model's {max_positions(m)} "
-                            "positions")
-    captured = capture(m, mode=meta["mode"], max_cache_len=meta["max_cache_len"])
-    named = name_graph(captured)
-    plan = plan_of(path, meta, plan_json, named, same_model=recache)
-    with artifact_errors(path, "quant_params.safetensors does not fit the model"):
-        frozen = Frozen.from_state(meta["quantizers"], tensors)
-        gm = lower_fake(captured.gm, named, plan, frozen)
-        if meta["lower"] == "int8":
-            from ..passes.lower_int8 import lower_int8
-
-            gm = lower_int8(gm, named, plan, frozen, fallback=meta["int8"]["fallback"],
-                            compute=meta["settings"].get("lower_compute"))
-    recipe = Recipe.from_json(meta["recipe"]["rules"],
-                              text=(Path(path) / "recipe.qrec").read_text(encoding="utf-8"))
-    return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,
-                          lower=meta["lower"], mode=meta["mode"],
-                          max_cache_len=meta["max_cache_len"], source_id=model_id,
-                          source_hash=got, settings=Settings(**meta["settings"]), tokenizer=tok)
-
-
-def local_source(model_id: str, path) -> str:
-    """An artifact's recorded source model if it is on this machine (a short name, a
-    directory, a hub snapshot already in the cache); never downloads: loading an
-    artifact must not fetch what a file in it names."""
-    from ..models.zoo import SHORT_NAMES
-
-    if model_id.lower() in SHORT_NAMES or Path(model_id).expanduser().is_dir():
-        return model_id
-    if model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(model_id, local_files_only=True)
-        except Exception:  # not cached (or no huggingface_hub): refused below
-            pass
-    raise ArtifactError(
-        f"artifact {path} was compiled from {model_id!r}, which is not a short name or a "
-        "model directory on this machine (loading an artifact never downloads a model); "
-        "pass the source model: --baseline DIR, or qdsl.load(path, model=DIR)")
-
-
-@contextmanager
-def artifact_errors(path, what: str):
-    """Failures while applying an artifact's stored parameters -> one ArtifactError
-    ``artifact PATH: WHAT: the failure``."""
-    try:
-        yield
-    except ArtifactError:
-        raise
-    except (QdslError, RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise ArtifactError(f"artifact {path}: {what}: {type(e).__name__}: "
-                            f"{str(e)[:200]}") from None
-
-
-def plan_of(path, meta: dict, plan_json: dict, named, same_model: bool) -> QuantPlan:
-    """plan.json as a QuantPlan that fits ``named`` and is exactly what the recorded
-    recipe gives on it (the cross-check of plan and recipe)."""
-    from dataclasses import replace
-
-    from ..config.recipe import Loc
-
-    with artifact_errors(path, "plan.json does not fit the model"):
-        plan = QuantPlan.from_json(plan_json)
-        plan.check_graph(named, same_model=same_model)
-        recorded = Recipe.from_json(meta["recipe"]["rules"])
-        # locations point into the compiling machine's files: never read them here
-        rules = tuple(replace(r, loc=Loc("<artifact>", r.loc.line, r.loc.col))
-                      for r in recorded.rules)
-        again = build_plan(Recipe(rules, recorded.settings, source="<artifact>"), named)
-    for got, want in zip(plan.entries, again.entries):
-        if got != want:
-            raise ArtifactError(f"artifact {path}: plan.json does not agree with the recipe "
-                                f"recorded in qdsl_artifact.json at node {got.name}")
-    if len(plan.entries) != len(again.entries):
-        raise ArtifactError(f"artifact {path}: plan.json has {len(plan.entries)} nodes, the "
-                            f"recorded recipe plans {len(again.entries)}")
-    return plan
-
-
-def check_source(m, meta: dict, path) -> str:
-    """``m``'s content hash, if it is the model the artifact at ``path`` was compiled
-    from; else an ArtifactError naming both."""
-    from ..artifact.store import module_hash
-
-    got = module_hash(m)
-    if got != meta["model"]["hash"]:
-        raise ArtifactError(
-            f"artifact {path} was compiled from model {meta['model']['id']!r} "
-            f"(hash {meta['model']['hash']}), not this one (hash {got}); "
-            "load it against the model it was compiled from")
-    return got
-
-
-def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None,
-                     max_cache_len: int | None = None, *, verify: bool = True):
-    """An artifact as a ``CausalLM`` (what ``qdsl eval`` and ``qdsl bench`` run);
-    ``max_cache_len`` and ``verify`` as in ``load``."""
-    q = load(path, model, max_cache_len=max_cache_len, verify=verify)
-    lm = q.lm(name=f"qdsl:{Path(path).name}")
-    lm.tokenizer = q.tokenizer
-    return lm

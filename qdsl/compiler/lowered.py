@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..artifact.store import assign_tensors, graph_tensors
-from ..artifact.schema import check_config, read_safetensors
+from ..artifact.tensors import check_config, read_safetensors
 from ..errors import ArtifactError
 
 
@@ -81,7 +81,8 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
     """``qdsl.load`` for a self-contained int8 artifact -> QuantizedModel. ``same_model``:
     ``meta`` asks for another cache length than the compile's (``QuantPlan.check_graph``)."""
     from ..graph.capture import capture, max_positions
-    from .build import QuantizedModel, artifact_errors, as_model, check_source, plan_of
+    from .build import QuantizedModel, as_model
+    from .source import artifact_errors, check_source, plan_of
     from ..graph.naming import name_graph
     from ..passes.freeze import Frozen
     from ..passes.lower_fake import lower_fake

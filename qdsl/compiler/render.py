@@ -15,20 +15,12 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
+from ..graph.attrs import param
 from ..models.limits import check_block
 from ..plan import PlanEntry, QuantPlan
 from ..config.spec import GroupWise, PerChannel, PerTensor, TensorSpec
 
 _FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def param(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    """The tensor behind a get_attr target (parameter, buffer or constant)."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    assert isinstance(obj, torch.Tensor), f"{target} is {type(obj).__name__}, not a tensor"
-    return obj
 
 
 def weight_bytes(spec: TensorSpec | None, shape: tuple[int, ...]) -> float:

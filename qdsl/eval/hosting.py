@@ -137,9 +137,9 @@ def _load_child_model(spec: dict):
     kind, path = spec["kind"], spec["path"]
     if kind == "artifact":
         try:
-            from qdsl.artifact.store import load_artifact_lm
+            from qdsl.compiler.loading import load_artifact_lm
         except ImportError as e:
-            raise ArtifactError("qdsl.artifact is not available in this build; "
+            raise ArtifactError("qdsl.compiler is not available in this build; "
                                 "use --lower-all to measure the runtime modules") from e
         lm = load_artifact_lm(path, max_cache_len=spec.get("cache_len"),
                               verify=spec.get("verify", True))

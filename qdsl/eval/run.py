@@ -2,7 +2,7 @@
 float baseline), score both on one benchmark, report deltas.
 
 An artifact is a directory holding ``qdsl_artifact.json``; it is run through
-``qdsl.artifact.store.load_artifact_lm`` and its baseline defaults to the model it was
+``qdsl.compiler.loading.load_artifact_lm`` and its baseline defaults to the model it was
 compiled from (the JSON's ``model`` / ``source_model`` entry).
 """
 
@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from ..compiler.build import local_source
+from ..compiler.source import local_source
 from ..errors import ArtifactError, ModelError
 from ..models.limits import fit_length, limit_of, tightest
 from ..models.lm import CausalLM, HFCausalLM
@@ -56,7 +56,7 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
     artifact runs on (default: the one it records, if on this machine; never fetched)."""
     if is_artifact(name_or_path):
         try:
-            from ..artifact.store import load_artifact_lm
+            from ..compiler.loading import load_artifact_lm
         except ImportError as e:
             raise ModelError("compiled artifacts need qdsl compile (not available in this build)") from e
         from transformers import AutoConfig, AutoTokenizer

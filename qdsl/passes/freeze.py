@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
-from ..compiler.render import param
+from ..graph.attrs import param
 from ..runtime.fakequant import DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight, module_from_json
 from ..quant.observers import Observer
 from ..plan import QuantPlan

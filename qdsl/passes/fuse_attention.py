@@ -27,8 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
+
+from ..runtime.attention import FusedAttention
 
 ATTN_PREFIX = "qdsl_attn__"
 _MATMUL = ("aten.matmul.default", "aten.bmm.default")
@@ -36,28 +37,6 @@ _SCALE = {"aten.mul.Tensor": False, "aten.div.Tensor": True}        # op -> divi
 _PASS = ("aten.to.dtype", "aten.dropout.default", "aten.clone.default",
          "aten.alias.default")                                        # identities here
 _ASSERT = "aten._assert_tensor_metadata.default"
-
-
-class FusedAttention(nn.Module):
-    """``softmax(q @ k^T * scale + mask) @ v`` over the first ``cache_position[-1] + 1``
-    keys; ``gqa``: k / v have fewer heads than q (SDPA repeats them)."""
-
-    def __init__(self, scale: float, gqa: bool = False):
-        super().__init__()
-        self.scale, self.gqa = scale, gqa
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
-                cache_position: Tensor | None = None) -> Tensor:
-        if cache_position is not None:
-            n = int(cache_position[-1]) + 1
-            k, v = k[:, :, :n], v[:, :, :n]
-            if mask is not None:
-                mask = mask[..., :n]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                              enable_gqa=self.gqa)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale:.6g}, gqa={self.gqa}"
 
 
 @dataclass

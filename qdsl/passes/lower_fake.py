@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
-from ..compiler.render import param
+from ..graph.attrs import param
 from ..runtime.fakequant import FLOAT_TORCH_DTYPES
 from ..plan import QuantPlan
 from ..quant.primitives import fake_quantize, group_unview, group_view

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import GraphError
-from ..compiler.render import param
+from ..graph.attrs import param
 from ..plan import QuantPlan
 from ..quant.primitives import group_unview, group_view, quantize
 from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,

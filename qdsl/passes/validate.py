@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import fx
 
 from ..errors import GraphError
-from ..compiler.render import param
+from ..graph.attrs import param
 from ..plan import QuantPlan
 from ..config.spec import GroupWise, PerGroup
 from .common import fx_node

@@ -7,10 +7,11 @@ import pytest
 import torch
 from tiny import CAUSAL, tiny, tiny_ids
 
-import qdsl.compiler.build as C
+import qdsl.compiler as C
 from qdsl.graph.capture import capture
 from qdsl.runtime.graphlm import GraphLM
-from qdsl.passes.fuse_attention import ATTN_PREFIX, FusedAttention, find_attention, fuse_attention
+from qdsl.passes.fuse_attention import ATTN_PREFIX, find_attention, fuse_attention
+from qdsl.runtime.attention import FusedAttention
 
 CACHE = 32
 

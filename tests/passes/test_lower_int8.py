@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny import tiny, tiny_ids
 
-import qdsl.compiler.build as C
+import qdsl.compiler as C
 from qdsl.errors import ArtifactError, GraphError
 from qdsl.passes.lower_fake import lower_fake
 from qdsl.quant.primitives import quantize

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import qdsl
-from qdsl.compiler.build import explain
+from qdsl.compiler import explain
 from qdsl.artifact.store import atomic_dir
 from qdsl.graph.capture import capture
 from qdsl.errors import ArtifactError

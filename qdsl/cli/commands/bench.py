@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from qdsl.eval import hosting as bench
     from qdsl.artifact.store import is_artifact, read_artifact
     from qdsl.atomic import write_json_atomic
-    from qdsl.compiler.build import local_source
+    from qdsl.compiler.source import local_source
 
     cfg = bench.BenchConfig(
         context=args.context, decode_tokens=args.decode_tokens, repeats=args.repeats,
