@@ -1,6 +1,6 @@
 """Train the reference model ``stdlib-gpt2``: a small GPT-2 (the CodeGPT
 architecture) in full precision, with a byte-level BPE tokenizer, on the
-Python standard library's own source (split: ``qdsl.eval.stdlib``).
+Python standard library's own source (split: ``qdsl.models.stdlib``).
 
 Resumable background job::
 
@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qdsl.eval.stdlib import stdlib_dir, stdlib_files  # noqa: E402
+from qdsl.models.stdlib import stdlib_dir, stdlib_files  # noqa: E402
 
 log = logging.getLogger("train_reference")
 EOS = "<|endoftext|>"

@@ -207,7 +207,7 @@ def bench_from_dir(directory: str | os.PathLike, n: int, seed: int = 0,
 def stdlib_bench(n: int, seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> list[Sample]:
     """The standard bench: the held-out test split of the local Python's stdlib
     (the files ``stdlib-gpt2`` never saw)."""
-    from .stdlib import stdlib_dir, stdlib_files
+    from ..models.stdlib import stdlib_dir, stdlib_files
     return build_bench(stdlib_files("test"), stdlib_dir(), n, seed, max_chars)
 
 

@@ -42,7 +42,7 @@ class CalibSpec:
 
 def _texts(source: str, pattern: str = "*.py") -> Iterator[str]:
     if source == "stdlib":  # the reference model's train split; eval uses the test split
-        from ..eval.stdlib import stdlib_files
+        from .stdlib import stdlib_files
 
         files = stdlib_files("train")
     else:

@@ -1,0 +1,3 @@
+"""Graph passes, one per module: each takes a named fx graph and a plan and rewrites
+the graph (insert_observers, calibrate, freeze, lower_fake, lower_int8, fuse_attention,
+simplify, record, validate; int8_exec reports what an int8 graph runs)."""

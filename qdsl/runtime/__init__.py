@@ -1,4 +1,11 @@
-"""Runtime modules: real low-bit weights (buffers + a short forward each)."""
+"""Runtime modules: every module that runs in a lowered graph (buffers + a short forward).
+
+* ``int8``, ``packed``, ``packing``: real int8 and packed low-bit weights; ``swap``
+  puts them into an eager model.
+* ``fakequant``: the simulation modules ``--lower fake`` inserts.
+* ``attention``: ``FusedAttention`` (what ``passes.fuse_attention`` inserts).
+* ``graphlm``: a captured graph run as a ``CausalLM`` (prefill + cached decode).
+"""
 
 from qdsl.runtime.int8 import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                                Int8WeightOnlyLinear)

@@ -7,7 +7,7 @@ import pytest
 
 from qdsl.eval.samples import (BenchError, bench_from_dir, is_trivial, load_bench, load_jsonl,
                                save_jsonl)
-from qdsl.eval.stdlib import VALID_PER_MILLE, split_of
+from qdsl.models.stdlib import VALID_PER_MILLE, split_of
 
 SRC = {
     "a.py": "import os\n\n\ndef f(x):\n    return (\n        x + 1\n    )\n\n\nclass A:\n    pass\n",
@@ -105,7 +105,7 @@ def test_stdlib_split_is_the_same_in_every_process():
     """The split must not depend on the process (e.g. on Python's salted str hash)."""
     paths = ["os.py", "json/__init__.py", "asyncio/subprocess.py", "copyreg.py"] + [
         f"pkg/mod_{i}.py" for i in range(300)]
-    code = ("import json, sys; from qdsl.eval.stdlib import split_of; "
+    code = ("import json, sys; from qdsl.models.stdlib import split_of; "
             "print(json.dumps([split_of(p) for p in json.loads(sys.stdin.read())]))")
     runs = [subprocess.run([sys.executable, "-c", code], input=json.dumps(paths),
                            capture_output=True, text=True, check=True,
