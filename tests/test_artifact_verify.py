@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tiny import tiny, tiny_ids
 
 import qdsl
-from qdsl.cli.main import main
+from qdsl.cli import main
 from qdsl.errors import ArtifactError
 
 W8A8 = """

@@ -7,7 +7,7 @@ import pytest
 from tiny import tiny
 
 from qdsl.eval import hosting as bench
-from qdsl.cli.main import main
+from qdsl.cli import main
 from qdsl.errors import ArtifactError
 
 

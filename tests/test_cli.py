@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from qdsl.cli.main import COMMANDS
+from qdsl.cli.names import COMMANDS
 
 
 def _qdsl(*args):
@@ -34,8 +34,8 @@ def _failing_command(exc):
 
 
 def _run_main_with(monkeypatch, capsys, exc, argv=("check", "x.qrec")):
-    """qdsl.cli.main.main with the command replaced by one that raises ``exc``."""
-    import qdsl.cli.main as cli
+    """qdsl.cli.main with the command replaced by one that raises ``exc``."""
+    import qdsl.cli.app as cli
     import qdsl.cli.commands.check as check
 
     monkeypatch.setattr(check, "run", _failing_command(exc))

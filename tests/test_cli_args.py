@@ -9,7 +9,7 @@ import pytest
 
 import qdsl.eval.hosting
 import qdsl.models.zoo
-from qdsl.cli.main import main
+from qdsl.cli import main
 from qdsl.errors import OptionError
 from qdsl.models.limits import Limit, fit_length
 
@@ -119,7 +119,7 @@ def test_bad_output_path_is_one_line_before_any_loading(command, option, path, t
 
 def test_zero_is_explicit_where_it_means_skip_or_default(tmp_path):
     """0 is accepted only where --help says what it means."""
-    from qdsl.cli.main import build_parser
+    from qdsl.cli.app import build_parser
 
     for cmd, opt in (("eval", "--ppl-windows"), ("eval", "--threads"), ("eval", "--humaneval"),
                      ("sweep", "--ppl-windows"), ("sweep", "--layer-windows"),

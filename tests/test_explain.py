@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qdsl.cli.main import main
+from qdsl.cli import main
 from qdsl.compiler import explain
 from qdsl.errors import PlanError
 from qdsl.resources import data_dir

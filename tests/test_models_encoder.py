@@ -17,7 +17,7 @@ from transformers import (AutoModel, BertConfig, BertModel, BertTokenizer, GPT2C
 
 import qdsl
 from qdsl.models import zoo as models
-from qdsl.cli.main import main
+from qdsl.cli import main
 from qdsl.compiler import explain
 from qdsl.errors import ModelError
 from qdsl.resources import data_dir

@@ -287,7 +287,7 @@ def test_recorder_is_identity_and_measures_error():
 
 def test_cli_report_writes_the_document(tiny_dir, tmp_path):
     """`qdsl sweep --report --doc FILE`: the command shown regenerates the same sweep."""
-    from qdsl.cli.main import main
+    from qdsl.cli import main
 
     out, doc = tmp_path / "s", tmp_path / "results.md"
     code = main(["sweep", RECIPES[0], "--model", str(tiny_dir / "model"), "--bench",

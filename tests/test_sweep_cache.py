@@ -122,7 +122,7 @@ def test_an_unusable_entry_is_named_and_its_job_runs_again(swept, dirs, tmp_path
 
 def test_report_mode_names_the_entry_and_shows_its_row_as_not_run(swept, dirs, tmp_path,
                                                                   monkeypatch, caplog):
-    from qdsl.cli.main import main
+    from qdsl.cli import main
 
     out = tmp_path / "s"
     shutil.copytree(swept, out)

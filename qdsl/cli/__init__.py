@@ -1,5 +1,5 @@
 """The ``qdsl`` command line (``qdsl = "qdsl.cli:main"``; ``python -m qdsl.cli``)."""
 
-from .main import main
+from .app import main
 
 __all__ = ["main"]

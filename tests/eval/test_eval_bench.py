@@ -129,7 +129,7 @@ class _CountingList(list):
 def test_build_is_linear_in_leading_blank_lines(tmp_path, monkeypatch):
     """Checking 'some earlier line is not blank' per candidate line was quadratic:
     3000 blank lines then 1500 statements took 4.5M line reads; now O(lines)."""
-    from qdsl.eval import bench as bench_mod
+    from qdsl.eval import samples as bench_mod
 
     real = bench_mod._read_lines
     monkeypatch.setattr(bench_mod, "_read_lines", lambda p: _CountingList(real(p)))
@@ -263,7 +263,7 @@ def test_jsonl_fifo_is_refused_without_blocking(tmp_path):
 
 @pytest.mark.parametrize("make", ["empty_dir", "bad_jsonl"])
 def test_cli_bad_bench_is_one_line_exit_2(tmp_path, capsys, make):
-    from qdsl.cli.main import main
+    from qdsl.cli import main
 
     if make == "empty_dir":
         bench = tmp_path / "code"

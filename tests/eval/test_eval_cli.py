@@ -7,7 +7,7 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from qdsl.cli.main import main
+from qdsl.cli import main
 
 CODE = "def f(x):\n    return x + 1\n\n\nclass A:\n    def g(self):\n        return f(2)\n"
 

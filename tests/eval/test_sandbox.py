@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import qdsl
-from qdsl.cli.main import main
+from qdsl.cli import main
 from qdsl.errors import SandboxError
 from qdsl.eval import sandbox
 from qdsl.eval.humaneval import load_problems, run_program

@@ -1,10 +1,10 @@
-"""`qdsl check` and `qdsl fmt` through qdsl.cli.main.main: exit codes, output, no tracebacks."""
+"""`qdsl check` and `qdsl fmt` through qdsl.cli.main: exit codes, output, no tracebacks."""
 
 from __future__ import annotations
 
 import pytest
 
-from qdsl.cli.main import main
+from qdsl.cli import main
 
 GOOD = "*               -> w8a8\nblock.*.res_sum -> a16\n"
 UGLY = "* -> w8a8\nblock.*.res_sum->a16  # keep\n"

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from qdsl.cli.main import main
+from qdsl.cli import main
 from qdsl.errors import RecipeError
 from qdsl.lang import check_file, load_recipe
 from qdsl.lang.loader import MAX_FILE_BYTES, MAX_INCLUDE_DEPTH

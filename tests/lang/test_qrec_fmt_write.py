@@ -10,7 +10,7 @@ import stat
 import pytest
 
 import qdsl.lang
-from qdsl.cli.main import main
+from qdsl.cli import main
 
 UGLY = "* -> w8a8\nblock.*.res_sum->a16\n"
 PRETTY = "*               -> w8a8\nblock.*.res_sum -> a16\n"

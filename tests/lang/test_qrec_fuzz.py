@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qdsl.cli.main import main
+from qdsl.cli import main
 from qdsl.errors import QdslError, RecipeError
 from qdsl.lang import check_file, format_text, load_recipe, parse_recipe
 
