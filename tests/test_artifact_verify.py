@@ -349,7 +349,7 @@ def test_never_contacts_a_hub(built, model, tmp_path, monkeypatch):
         raise FileNotFoundError("not cached")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
-    monkeypatch.setattr(qdsl.models, "_resolve_hub", lambda *a: pytest.fail("hub"))
+    monkeypatch.setattr(qdsl.models.zoo, "_resolve_hub", lambda *a: pytest.fail("hub"))
     d = copy(built, "fake", tmp_path / "a")
     edit_json(d / "qdsl_artifact.json", lambda m: m["model"].update(id="someorg/somemodel"))
     msg = refused(d, None, "'someorg/somemodel', which is not a short name or a model "

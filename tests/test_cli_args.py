@@ -81,7 +81,7 @@ def no_loading(monkeypatch):
         raise AssertionError("a model was loaded before the arguments were checked")
 
     for name in ("load_model", "resolve_model"):
-        monkeypatch.setattr(qdsl.models, name, refuse)
+        monkeypatch.setattr(qdsl.models.zoo, name, refuse)
 
 
 def _fails_cleanly(argv, option, capsys):
@@ -154,7 +154,7 @@ def no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before its lengths were checked")
 
-    monkeypatch.setattr(qdsl.models, "load_model", refuse)
+    monkeypatch.setattr(qdsl.models.zoo, "load_model", refuse)
     monkeypatch.setattr(qdsl.eval.hosting, "load_float", refuse)
 
 
