@@ -50,7 +50,8 @@ def test_artifact_without_compiler_is_a_clear_error(tiny, monkeypatch, capsys):
     art = tiny / "art"
     art.mkdir(exist_ok=True)
     (art / "qdsl_artifact.json").write_text(json.dumps({"model": {"id": str(tiny / "model"), "hash": "x"}}))
-    monkeypatch.setitem(sys.modules, "qdsl.compiler.loading", None)        # import fails
+    for name in ("qdsl.artifact.store", "qdsl.compiler.loading"):   # a build without them
+        monkeypatch.setitem(sys.modules, name, None)                # import fails
     assert main(["eval", str(art), "--bench", str(tiny / "code"), "--n", "1"]) == 2
     assert "compiled artifacts need qdsl compile" in capsys.readouterr().err
 
