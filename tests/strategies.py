@@ -128,7 +128,7 @@ def packed_codes(draw):
 # --- planner (synthetic named graphs; rules over their names) ----------------
 # A NamedGraph without a model: blocks of canonical parts plus top-level nodes, some
 # with random names. Selectors come with ``ref_selects``, their meaning written out
-# here independently of qdsl.select.
+# here independently of qdsl.graph.select.
 
 _PARTS = (("ln_1", "norm", "layer_norm"), ("attn.qkv", "linear", "linear"),
           ("attn.scores", "attn_scores", "matmul"), ("attn.probs", "softmax", "softmax"),
@@ -147,10 +147,10 @@ def _part(name: str, weighted: bool) -> tuple[str, str, str]:
 
 @st.composite
 def named_graphs(draw):
-    """A qdsl.naming.NamedGraph of 1..4 blocks: block.N.<part> for a few parts (GPT-2's
+    """A qdsl.graph.naming.NamedGraph of 1..4 blocks: block.N.<part> for a few parts (GPT-2's
     and random identifiers), then some top-level nodes; linears and embeddings have
     weights."""
-    from qdsl.naming import NamedGraph, NamedNode
+    from qdsl.graph.naming import NamedGraph, NamedNode
 
     taken = {p[0] for p in _PARTS + _TOPS}
     fresh = draw(st.lists(st.tuples(_IDENT.filter(lambda s: s not in taken), st.booleans()),

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from strategies import graphs_and_rules, plannable, planner_rules, ref_selects
 
 from qdsl.errors import PlanError
-from qdsl.explain import rows
+from qdsl.compiler.render import rows
 from qdsl.lang import parse_recipe
 from qdsl.lang.formatter import render_rule
 from qdsl.plan import build_plan
-from qdsl.spec import FLOAT_BITS, PRECISION, PerToken, TensorPatch, resolve
+from qdsl.config.spec import FLOAT_BITS, PRECISION, PerToken, TensorPatch, resolve
 
 FILE = "r.qrec"
 KINDS = ("weight", "activation")
