@@ -154,7 +154,8 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
             if not rule.selector.optional:
                 near = suggestions(rule.selector, nodes)
                 errors.append(_diag(
-                    rule, recipe, f"selector `{_sel_text(rule)}` matches no node of this model",
+                    rule, recipe,
+                    f"selector `{rule.selector.text()}` matches no node of this model",
                     hint=(f"did you mean {', '.join(f'`{s}`' for s in near)}? " if near else "")
                     + "mark the rule optional with a trailing `?` if that is intended"))
             continue
@@ -221,7 +222,7 @@ def _shadowed(recipe: Recipe, matched: list[list], owner) -> Iterable[Diagnostic
             f"line {recipe.rules[w].loc.line}" + (
                 f" of {recipe.rules[w].loc.file}" if recipe.rules[w].loc.file != rule.loc.file
                 else "") for w in sorted(winners))
-        yield _diag(rule, recipe, f"rule `{_sel_text(rule)}` is shadowed: everything it sets "
+        yield _diag(rule, recipe, f"rule `{rule.selector.text()}` is shadowed: everything it sets "
                     f"on the {len(matched[i])} node(s) it matches is overridden by {by}",
                     severity="warning",
                     hint="remove it, or move it after the rules that override it")
@@ -243,9 +244,3 @@ def _ineffective(recipe: Recipe, matched: list[list], entries: dict[str, PlanEnt
                             f"the {kind}s of the {len(specs)} node(s) this rule matches stay "
                             "float, as no rule gives them bits", severity="warning",
                             hint=f"add bits here (e.g. `{kind[0]}8`) or in an earlier rule")
-
-
-def _sel_text(rule: Rule) -> str:
-    s = rule.selector
-    prefix = "" if s.kind == "glob" else f"{s.kind}:"
-    return f"{prefix}{s.pattern}{'?' if s.optional else ''}"

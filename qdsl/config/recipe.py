@@ -51,6 +51,23 @@ class Selector:
     def __post_init__(self) -> None:
         assert self.kind in SELECTOR_KINDS, f"unknown selector kind {self.kind!r}"
 
+    def text(self) -> str:
+        """The selector as a recipe writes it (``selector_text``)."""
+        return selector_text(self.kind, self.pattern, self.optional)
+
+
+def selector_text(kind: str, pattern: str, optional: bool = False) -> str:
+    """A selector as recipe text, which parses back to the same selector: a glob bare,
+    ``re:"PATTERN"`` quoted, any other kind ``KIND:PATTERN``; ``?`` if optional. The one
+    renderer: the formatter, the syntax tree and the planner's messages all use it."""
+    if kind == "glob":
+        body = pattern
+    elif kind == "re":
+        body = f're:"{pattern}"'
+    else:
+        body = f"{kind}:{pattern}"
+    return body + ("?" if optional else "")
+
 
 @dataclass(frozen=True)
 class Rule:

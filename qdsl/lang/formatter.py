@@ -99,11 +99,8 @@ def _value(node: SettingLine) -> str:
 
 def render_rule(rule: Rule, preset: str | None = None) -> str:
     """``SELECTOR -> SPEC`` of a checked rule."""
-    sel = rule.selector
-    body = {"glob": sel.pattern, "re": f're:"{sel.pattern}"'}.get(
-        sel.kind, f"{sel.kind}:{sel.pattern}")
     meaning = SpecMeaning(rule.weight, rule.activation, rule.skip, preset)
-    return f"{body}{'?' if sel.optional else ''} -> {render_meaning(meaning)}"
+    return f"{rule.selector.text()} -> {render_meaning(meaning)}"
 
 
 def render_meaning(m: SpecMeaning) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from ..config.recipe import selector_text
+
 Number = Union[int, float]
 
 
@@ -55,13 +57,7 @@ class SelectorNode:
     pattern_col: int  # where the pattern starts (after `op:`, inside `re:"`)
 
     def text(self) -> str:
-        if self.kind == "glob":
-            body = self.pattern
-        elif self.kind == "re":
-            body = f're:"{self.pattern}"'
-        else:
-            body = f"{self.kind}:{self.pattern}"
-        return body + ("?" if self.optional else "")
+        return selector_text(self.kind, self.pattern, self.optional)
 
 
 @dataclass(frozen=True)
