@@ -47,23 +47,7 @@ TORCH_FREE = {"config", "lang"}
 HEAVY = ("torch", "transformers", "safetensors")
 
 # Today's violations: (kind, detail). Each must still occur; fix one, delete its line.
-KNOWN = {
-    # study: sweepjob imports Job / SweepConfig from sweep, which starts sweepjob's worker
-    ("cycle", "qdsl.study.sweep -> qdsl.study.sweepjob -> qdsl.study.sweep"),
-    # study: layerstats uses sweepjob's private _model / _cache_len; sweepjob runs layerstats
-    ("cycle", "qdsl.study.layerstats -> qdsl.study.sweepjob -> qdsl.study.layerstats"),
-    # study: tables write the reports of a sweep (Job); sweep builds the tables
-    ("cycle", "qdsl.study.sweep -> qdsl.study.tables -> qdsl.study.sweep"),
-    # study: the three cycles above, joined through layerstats / tables / plots
-    ("cycle", "qdsl.study.layerstats -> qdsl.study.sweep -> qdsl.study.sweepjob -> "
-              "qdsl.study.layerstats"),
-    ("cycle", "qdsl.study.sweep -> qdsl.study.sweepjob -> qdsl.study.tables -> "
-              "qdsl.study.sweep"),
-    ("cycle", "qdsl.study.plots -> qdsl.study.sweep -> qdsl.study.sweepjob -> "
-              "qdsl.study.tables -> qdsl.study.plots"),
-    ("cycle", "qdsl.study.plots -> qdsl.study.sweep -> qdsl.study.tables -> "
-              "qdsl.study.plots"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def layer(module: str) -> str:

@@ -16,7 +16,8 @@ from qdsl.study import sweepjob
 from qdsl.passes.record import insert_recorders, recorded_names, relative_error
 from qdsl.eval.robust import nl_spans, pct_drop, perturb_code
 from qdsl.study.sweep import SweepConfig, run_sweep
-from qdsl.study.tables import TABLES, Row, Table, recipe_path, render
+from qdsl.study.jobs import recipe_path
+from qdsl.study.tables import TABLES, Row, Table, render
 from tiny import tiny, tiny_ids
 
 CODE = '''#!/usr/bin/env python

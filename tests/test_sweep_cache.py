@@ -17,7 +17,7 @@ from qdsl.atomic import write_json_atomic
 from qdsl.errors import QdslError
 from qdsl.study.sweep import SweepConfig, run_sweep
 from qdsl.study.sweepcache import BadEntry, check_entry, read_entry
-from qdsl.study.tables import recipe_path
+from qdsl.study.jobs import recipe_path
 from tiny import tiny
 
 RECIPE = recipe_path("storti/t2_w8a8.qrec")

@@ -4,7 +4,8 @@ Each ``Finding`` states one claim of a seed paper (Storti 2023, Wei et al. 2023)
 a check that reads the rows of ``results.json``'s tables and returns a verdict with
 the numbers behind it. ``qdsl sweep`` writes them to ``DIR/findings.md`` and into
 the results document (``--doc``), so which findings reproduced is computed from
-what was measured, never typed in.
+what was measured, never typed in. The claims themselves (which check, on which
+rows) are data: ``[[finding]]`` entries of the seed files (``qdsl.study.seeds``).
 
 Verdicts:
 
@@ -27,6 +28,8 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
+
+from .seeds import finding_specs
 
 REPRODUCED, NOT_REPRODUCED, NOISE, NOT_RUN = ("reproduced", "not reproduced",
                                               "within noise", "not run yet")
@@ -246,53 +249,21 @@ class Finding:
     paper_evidence: str = ""
 
 
-_T3_SINGLE = ["First Layer Normalization (Input FFN)", "Second Layer Normalization",
-              "Residual Sum of attn", "Residual Sum of block", "Query x Key", "Softmax",
-              "weights_output x value", "Attention projection layer",
-              "MLP fully connected layer", "MLP projection layer (Output FFN)"]
-_ST, _WEI = "Storti 2023", "Wei et al. 2023"
+# the checks a seed file's [[finding]] may name (``check = "better"``)
+CHECKS: dict[str, Callable[..., tuple[str, str]]] = {
+    "better": _better, "near": _near, "recovers": _recovers, "collapses": _collapses,
+    "best_of": _best_of, "flat": _flat, "less_robust": _less_robust}
 
-FINDINGS: tuple[Finding, ...] = (
-    Finding(_ST, "MSE range estimation for weights beats (current) min-max at W8A8",
-            "storti-1", partial(_better, "MSE / CMM", "CMM / CMM"),
-            "EM 16 vs 14 at equal ES 38"),
-    Finding(_ST, "naive W8A8 costs only a few ES points", "storti-2",
-            partial(_near, "W8A8", "Baseline"), "ES 38 vs 41"),
-    Finding(_ST, "8-bit weights with float activations (W8A32) are near lossless", "storti-2",
-            partial(_near, "W8A32", "Baseline"), "ES 40 vs 41"),
-    Finding(_ST, "4-bit weights cost more than 8-bit weights (W4A32 below W8A32)", "storti-2",
-            partial(_better, "W8A32", "W4A32"), "ES 40 vs 36"),
-    Finding(_ST, "keeping the block's residual sum (res_sum) at 16 bits recovers most of "
-            "the W8A8 loss", "storti-3",
-            partial(_recovers, "Residual Sum of block", "Naive W8A8",
-                                "Baseline (fp32)"), "ES 40 / EM 17 vs 38 / 16"),
-    Finding(_ST, "res_sum is the single activation whose 16 bits help most", "storti-3",
-            partial(_best_of, "Residual Sum of block", _T3_SINGLE),
-            "only res_sum reaches 40 / 17"),
-    Finding(_ST, "per-embedding-group activations (PEG, K = 8) recover W8A8", "storti-4",
-            partial(_recovers, "W8A8 K = 8", "Naive W8A8", "Baseline (fp32)"),
-            "ES 40 / EM 17"),
-    Finding(_ST, "permuting before grouping helps PEG (K = 4 permuted above K = 4)",
-            "storti-4", partial(_better, "W8A8 K = 4 permuted", "W8A8 K = 4"),
-            "ES 40 vs 38"),
-    Finding(_WEI, "dynamic per-tensor W8A8 is near lossless", "wei-4",
-            partial(_near, "Dynamic (per-tensor)", "Full precision"),
-            "pass@1 11.77 vs 11.71"),
-    Finding(_WEI, "static per-column weights beat static per-tensor", "wei-4",
-            partial(_better, "Static (per-column)", "Static (per-tensor)"),
-            "pass@1 11.83 vs 10.79"),
-    Finding(_WEI, "W8A4 collapses", "wei-5",
-            partial(_collapses, "W8A4", "Full precision"), "pass@1 0.61"),
-    Finding(_WEI, "W4A8 stays usable but below W8A8", "wei-5",
-            partial(_better, "W8A8", "W4A8"), "pass@1 18.54 vs 22.50"),
-    Finding(_WEI, "the calibration-set size barely matters", "wei-fig7",
-            partial(_flat, ["32 windows", "128 windows", "512 windows",
-                                            "2048 windows"]), "Fig. 7: flat from 500 to 5k"),
-    Finding(_WEI, "quantized models lose more than the float model when comments are "
-            "perturbed", "wei-7",
-            partial(_less_robust, ["D (T)", "S (C)", "S (T)"], "FP"),
-            "HumanEval %drop 15.8 / 22.7 / 33.3 vs 10.5"),
-)
+
+def _finding(paper: str, spec: dict) -> Finding:
+    """A seed file's ``[[finding]]``: its check bound to its ``args``."""
+    return Finding(paper, spec["claim"], spec["table"],
+                   partial(CHECKS[spec["check"]], *spec.get("args", ())),
+                   spec.get("paper_evidence", ""))
+
+
+# every seed claim, in the order of the seed files (qdsl/study/data/*.toml)
+FINDINGS: tuple[Finding, ...] = tuple(_finding(p, f) for p, f in finding_specs())
 
 
 def evaluate(tables: dict[str, list[dict]], n: int) -> list[dict]:

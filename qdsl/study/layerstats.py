@@ -1,7 +1,7 @@
 """Per-layer activation statistics behind the sweep's Fig. 6b / 6c plots.
 
-The float model is captured once per process (generate mode, the compiled models'
-cache length) with a ``Recorder`` (``qdsl.passes.record``) after every residual sum
+The float model is captured once per loaded model (``qdsl.study.jobs.LoadedModel``,
+its ``float_ref``; generate mode, the compiled models' cache length) with a ``Recorder`` (``qdsl.passes.record``) after every residual sum
 and linear output of every block. On the layer windows (the ends of the first
 benchmark contexts) it gives max |x| per layer and window (Fig. 6b) and each
 layer's output on window 0; a quantized model, recorded the same way on window 0,
@@ -10,10 +10,7 @@ gives its relative error per layer against those outputs (Fig. 6c).
 
 from __future__ import annotations
 
-from .sweep import SweepConfig
-from .sweepjob import _cache_len, _model
-
-FLOAT_REF: dict = {}  # (model, windows, tokens) -> float layer statistics; per process
+from .jobs import LoadedModel, SweepConfig, cache_len
 
 
 def layer_windows(tok, samples, cfg: SweepConfig):
@@ -28,40 +25,43 @@ def layer_windows(tok, samples, cfg: SweepConfig):
     return out
 
 
-def float_reference(cfg: SweepConfig, windows) -> dict:
+def float_reference(cfg: SweepConfig, windows, loaded: LoadedModel) -> dict:
     """Float graph's recorded activations: max |x| per layer over every window, and
-    each layer's output on window 0 (the fixed input for relative errors)."""
-    ref_key = (cfg.model, cfg.layer_windows, cfg.layer_tokens)
-    if ref_key not in FLOAT_REF:
+    each layer's output on window 0 (the fixed input for relative errors).
+
+    Requires: ``loaded`` is ``cfg.model`` and ``windows`` are ``layer_windows``'s.
+    Guarantees: measured once per (windows, tokens) setting and kept on ``loaded``."""
+    ref_key = (cfg.layer_windows, cfg.layer_tokens)
+    if ref_key not in loaded.float_ref:
         from ..graph.capture import capture
         from ..runtime.graphlm import GraphLM
         from ..graph.naming import name_graph
         from ..passes.record import insert_recorders, recorded_names
 
-        model, _, max_pos = _model(cfg.model)
-        captured = capture(model, mode="generate", max_cache_len=_cache_len(cfg, max_pos))
+        graph_cache = cache_len(cfg, loaded.max_pos)
+        captured = capture(loaded.model, mode="generate", max_cache_len=graph_cache)
         named = name_graph(captured)
         names = recorded_names(named)
         recs = insert_recorders(captured.gm, named, names, keep=True)
-        lm = GraphLM(captured.gm, _cache_len(cfg, max_pos))
+        lm = GraphLM(captured.gm, graph_cache)
         outputs = {}
         for i, w in enumerate(windows):
             lm.logits(w)
             if i == 0:
                 outputs = {n: recs[n].last for n in names}
-        FLOAT_REF[ref_key] = {"names": names, "outputs": outputs,
+        loaded.float_ref[ref_key] = {"names": names, "outputs": outputs,
                               "max_abs": {n: recs[n].max_abs for n in names}}
         del captured, lm, recs
-    return FLOAT_REF[ref_key]
+    return loaded.float_ref[ref_key]
 
 
-def layer_stats(qm, cfg: SweepConfig, windows) -> dict:
+def layer_stats(qm, cfg: SweepConfig, windows, loaded: LoadedModel) -> dict:
     """Per recorded layer: the quantized model's max |x| and relative error vs float on
-    window 0."""
+    window 0 (the float reference of ``loaded``, the model ``qm`` was compiled from)."""
     from ..runtime.graphlm import GraphLM
     from ..passes.record import insert_recorders, relative_error
 
-    ref = float_reference(cfg, windows)
+    ref = float_reference(cfg, windows, loaded)
     recs = insert_recorders(qm.gm, qm.named, ref["names"], keep=True)
     GraphLM(qm.gm, qm.max_cache_len).logits(windows[0])
     return {n: {"max_abs": recs[n].max_abs[0],

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .jobs import Job
+
 _BLOCK = re.compile(r"^block\.(\d+)\.(.+)$")
 
 
@@ -42,8 +44,6 @@ def _plt():
 
 def _label_of(tables, keys, done) -> dict[str, str]:
     """Job key -> a short label (the first table row naming its recipe)."""
-    from .sweep import Job
-
     out: dict[str, str] = {}
     for t in tables:
         for r in t.rows:
@@ -178,8 +178,6 @@ _ERROR_SERIES = ("t4_dynamic_per_tensor", "t4_static_per_tensor", "t4_static_per
 
 def write_plots(out: Path, tables, keys: dict, done: dict) -> None:
     """Every plot the finished jobs allow (quality jobs only)."""
-    from .sweep import Job
-
     out.mkdir(parents=True, exist_ok=True)
     labels = _label_of(tables, keys, done)
     runs = {k: done[k] for k in labels if done[k].get("kind") == "quality"}
@@ -197,8 +195,6 @@ def write_plots(out: Path, tables, keys: dict, done: dict) -> None:
 def calib_points(tables, keys: dict, runs: dict) -> list[tuple[int, float, float | None]]:
     """(windows, ES, perplexity) of each finished row of a calibration-size table, found
     by its job: Fig. 7's 512-window row shares wei-4's per-column job and label."""
-    from .sweep import Job
-
     fig7 = [keys.get(Job.of(r)) for t in tables if t.kind == "calib" for r in t.rows if r.recipe]
     return [(r["calib_samples"], r["es"], r.get("ppl")) for k in dict.fromkeys(fig7)
             if (r := runs.get(k)) and r.get("calib_samples")]

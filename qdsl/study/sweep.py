@@ -7,7 +7,8 @@ and ``qdsl bench``), ``robust`` (the same model on contexts whose comments and
 docstrings are perturbed, ``qdsl.eval.robust``) or ``humaneval`` (HumanEval pass@1 for
 the tables whose paper reports it, with ``SweepConfig.humaneval`` > 0). Robust and
 HumanEval jobs reload the quality job's saved artifact instead of calibrating again.
-``qdsl.study.sweepjob`` runs one job; this module plans, keys and schedules them.
+``qdsl.study.sweepjob`` runs one job; this module plans, keys and schedules them
+(``Job`` and ``SweepConfig`` are ``qdsl.study.jobs``'s, importable from here too).
 
 Each finished job is written atomically to ``DIR/cache/<key>.json``, key = sha256 of
 (kind, recipe meaning hash, effective calibration settings, model content hash,
@@ -32,59 +33,20 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..atomic import SWEEP, output_dir
 from ..errors import QdslError
+from .jobs import HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings, prompt_mode
 from .sweepcache import load_cache
+from .sweepjob import _worker
+from .tables import TABLES, adhoc_table, write_all
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when a job's computation changes meaning: old cache entries are ignored
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    model: str = "smollm2-135m"
-    bench: str = "stdlib"
-    n: int = 100                 # completion samples
-    bench_seed: int = 0
-    ppl_windows: int = 32
-    ctx_tokens: int = 256
-    max_new_tokens: int = 48
-    prompt: str | None = None    # None: the model's best measured prompt mode
-    calib: str = "stdlib"        # calibration data (stdlib = non-test stdlib sources)
-    calib_default: int = 32      # windows, for recipes that set none
-    calib_samples: int | None = None  # force this many windows (not on wei-fig7)
-    calib_seq_len: int = 256
-    calib_seed: int = 0
-    layer_windows: int = 4       # Fig. 6b: max |x| per layer over this many windows
-    layer_tokens: int = 128      # tokens per layer-statistics window
-    perturb_prob: float = 0.35   # robust jobs: NL-Augmenter ChangeCharCase probability
-    perturb_seed: int = 0
-    threads: int = 1             # torch threads per job (2 threads on 2 busy cores: ~10x slower)
-    bench_int8: bool = True      # run qdsl bench for lower = int8 recipes
-    humaneval: int = 0           # HumanEval problems for pass@1 tables (0: no HumanEval jobs)
-    humaneval_tokens: int = 300  # new tokens per HumanEval completion
-    unsafe_exec: bool = False    # no bubblewrap: run HumanEval's code with rlimits only
-
-
-@dataclass(frozen=True)
-class Job:
-    recipe: str | None   # path of a .qrec file; None = the float baseline
-    kind: str = "quality"  # "quality" | "robust" | "humaneval"
-    lower: str | None = None  # overrides the recipe's `set lower` ("int8": real lowering)
-    own_calib: bool = False   # the recipe's calibration size wins over --calib-samples
-
-    @classmethod
-    def of(cls, row, kind: str = "quality") -> Job:
-        """The job of a table row (``qdsl.study.tables.Row``)."""
-        from .tables import recipe_path
-
-        return cls(recipe_path(row.recipe) if row.recipe else None, kind, row.lower,
-                   row.own_calib)
 
 
 # ------------------------------------------------------------------ keys
@@ -95,24 +57,6 @@ def bench_hash(samples) -> str:
     for s in samples:
         h.update(json.dumps([s.id, s.context, s.target]).encode())
     return h.hexdigest()[:16]
-
-
-def prompt_mode(cfg: SweepConfig) -> str:
-    from ..eval.complete import DEFAULT_PROMPT, PROMPT_BY_MODEL
-
-    return cfg.prompt or PROMPT_BY_MODEL.get(str(cfg.model).lower(), DEFAULT_PROMPT)
-
-
-def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None,
-                       own_calib: bool = False):
-    """Sweep defaults, then the recipe's own settings, then forced overrides
-    (``--calib-samples`` except where ``own_calib``: Fig. 7's rows vary exactly that)."""
-    from ..config.recipe import Settings
-
-    st = Settings(calib_samples=cfg.calib_default, calib_seq_len=cfg.calib_seq_len,
-                  calib_seed=cfg.calib_seed, calib_data=cfg.calib).then(recipe.settings)
-    forced = None if own_calib else cfg.calib_samples
-    return st.then(Settings(calib_samples=forced, lower=lower))
 
 
 def forced_calib_overrides(jobs, cfg: SweepConfig) -> list[str]:
@@ -142,9 +86,9 @@ def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
         r = load_recipe(job.recipe)
         payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower,
                                                                    job.own_calib).to_json())
-    if job.kind == "robust":
+    if job.kind == ROBUST:
         payload["perturb"] = [cfg.perturb_prob, cfg.perturb_seed]
-    if job.kind == "humaneval":
+    if job.kind == HUMANEVAL:
         payload["humaneval"] = [cfg.humaneval, cfg.humaneval_tokens]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -181,9 +125,9 @@ def plan_jobs(tables, humaneval: bool = False) -> list[Job]:
     for t in tables:
         jobs += [Job.of(r) for r in t.rows]
         if t.kind == "robust":
-            jobs += [Job.of(r, "robust") for r in t.rows]
+            jobs += [Job.of(r, ROBUST) for r in t.rows]
         if humaneval and "pass@1" in t.paper_cols:
-            jobs += [Job.of(r, "humaneval") for r in t.rows]
+            jobs += [Job.of(r, HUMANEVAL) for r in t.rows]
     seen, out = set(), []
     for j in jobs:
         if j not in seen:
@@ -211,8 +155,6 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progr
     from ..eval.samples import load_bench
     from ..eval.sandbox import sandbox_kind
     from ..models.zoo import resolve_model
-    from .sweepjob import _worker
-    from .tables import TABLES, adhoc_table, write_all
 
     out = Path(out_dir)
     (out / "cache").mkdir(parents=True, exist_ok=True)
@@ -244,7 +186,7 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progr
 
     if only_report or not pending:
         return write()
-    if any(j.kind == "humaneval" for j in pending):  # refuse before hours of compiling
+    if any(j.kind == HUMANEVAL for j in pending):  # refuse before hours of compiling
         sandbox_kind(cfg.unsafe_exec)
     for line in forced_calib_overrides(pending, cfg):
         log.warning(line)
@@ -265,7 +207,7 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progr
         write()
 
     def artifact(j: Job) -> str | None:  # robust / HumanEval reload the quality job's model
-        q = replace(j, kind="quality")
+        q = replace(j, kind=QUALITY)
         return None if j.recipe is None else str(out / "artifacts" / keys[q])
 
     if workers == 1:

@@ -1,7 +1,7 @@
 """One ``qdsl sweep`` job, in whichever process runs it: compile the recipe (or reload
 its saved artifact), evaluate, measure, and cache the result atomically.
 
-Kinds (``qdsl.study.sweep.Job``): ``quality`` compiles, saves the artifact and measures line
+Kinds (``qdsl.study.jobs.Job``): ``quality`` compiles, saves the artifact and measures line
 completion, perplexity, storage and per-layer statistics (``int8`` lowerings also the
 artifact's real size and ``qdsl bench``); ``robust`` and ``humaneval`` reload that
 artifact (HumanEval re-captured with a cache long enough for its prompts) and score
@@ -19,38 +19,27 @@ from pathlib import Path
 
 from ..atomic import finite, write_json_atomic
 from ..errors import QdslError
-from .sweep import Job, SweepConfig, effective_settings, prompt_mode
+from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, LoadedModel, SweepConfig, cache_len,
+                   effective_settings, fit, prompt_mode)
+from .layerstats import float_reference, layer_stats, layer_windows
+from .tables import describe_bits, storage
 
 log = logging.getLogger(__name__)
 
-_MODELS: dict = {}   # model name -> (model, tokenizer, max positions); per process
+_LOADED: dict = {}   # model name -> LoadedModel; one per process (the last one loaded)
 
 
-def _model(name: str):
-    from .layerstats import FLOAT_REF
-
-    if name not in _MODELS:
+def _model(name: str) -> LoadedModel:
+    """The model ``name``, loaded once per process; loading another drops the previous
+    one (and the float statistics measured on it)."""
+    if name not in _LOADED:
         from ..eval.run import max_positions_of
         from ..models.zoo import load_model
 
-        _MODELS.clear()
-        FLOAT_REF.clear()
+        _LOADED.clear()
         model, tok = load_model(name, require_causal=True)
-        _MODELS[name] = model, tok, max_positions_of(model.config)
-    return _MODELS[name]
-
-
-def _cache_len(cfg: SweepConfig, max_pos: int | None) -> int:
-    """Static key/value cache of the compiled graphs: room for the longest sequence the
-    sweep runs (prompt + new tokens, a calibration or perplexity window), no more:
-    decode attends over the whole cache, so a 1024 cache is ~3x slower than 320."""
-    need = max(cfg.ctx_tokens + cfg.max_new_tokens, cfg.calib_seq_len, cfg.layer_tokens) + 2
-    return _fit(need, max_pos)
-
-
-def _fit(need: int, max_pos: int | None) -> int:
-    """``need`` cache slots, at most the model's positions."""
-    return min(need, max_pos) if max_pos else need
+        _LOADED[name] = LoadedModel(name, model, tok, max_positions_of(model.config))
+    return _LOADED[name]
 
 
 def _int8_available() -> bool:
@@ -66,15 +55,16 @@ def _humaneval_cache_len(cfg: SweepConfig, tok, max_pos: int | None) -> int:
 
     longest = max(len(tok(p["prompt"], add_special_tokens=False)["input_ids"])
                   for p in load_problems()[:cfg.humaneval])
-    return _fit(longest + cfg.humaneval_tokens + 2, max_pos)
+    return fit(longest + cfg.humaneval_tokens + 2, max_pos)
 
 
 def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: bool,
-             cache_len: int | None = None):
+             graph_cache: int | None = None):
     import qdsl
 
-    model, tok, max_pos = _model(cfg.model)
-    cache_len = cache_len or _cache_len(cfg, max_pos)
+    loaded = _model(cfg.model)
+    model, tok = loaded.model, loaded.tok
+    graph_cache = graph_cache or cache_len(cfg, loaded.max_pos)
     st = effective_settings(recipe, cfg, job.lower, job.own_calib)
     lower = st.lower or "fake"
     if lower == "int8" and not _int8_available():
@@ -82,10 +72,10 @@ def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: bool,
                                    "missing): compiled as fake-quant"}
         lower = "fake"
     # calibration windows must fit the graph's cache (stdlib-gpt2: 256 positions)
-    st = replace(st, calib_seq_len=min(st.calib_seq_len or 256, cache_len - 1))
+    st = replace(st, calib_seq_len=min(st.calib_seq_len or 256, graph_cache - 1))
     t = time.time()
     qm = qdsl.compile(model, recipe, tokenizer=tok, settings=st, lower=lower,
-                      max_cache_len=cache_len, fallback="simulate",
+                      max_cache_len=graph_cache, fallback="simulate",
                       progress=progress)
     out.update(compile_seconds=round(time.time() - t, 2), lower=lower,
                calib_samples=st.calib_samples, settings=st.to_json(),
@@ -101,13 +91,13 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     from ..eval.complete import CompletionConfig, evaluate
     from ..lang import load_recipe
     from ..models.lm import HFCausalLM
-    from .layerstats import float_reference, layer_stats, layer_windows
-    from .tables import describe_bits
 
     t0 = time.time()
-    model, tok, max_pos = _model(cfg.model)
-    he_cache = _humaneval_cache_len(cfg, tok, max_pos) if job.kind == "humaneval" else None
-    max_pos = (he_cache or _cache_len(cfg, max_pos)) - 1  # what the graphs run; float alike
+    loaded = _model(cfg.model)
+    model, tok = loaded.model, loaded.tok
+    he_cache = (_humaneval_cache_len(cfg, tok, loaded.max_pos) if job.kind == HUMANEVAL
+                else None)
+    max_pos = (he_cache or cache_len(cfg, loaded.max_pos)) - 1  # what graphs run; float too
     ccfg = CompletionConfig(cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg))
     out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
     qm = None
@@ -117,21 +107,21 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     else:
         recipe = load_recipe(job.recipe)
         out["recipe_hash"] = recipe.hash()
-        qm = _reload(artifact, model, he_cache) if job.kind != "quality" else None
+        qm = _reload(artifact, model, he_cache) if job.kind != QUALITY else None
         if qm is None:  # HumanEval compiles with its longer cache (slower calibration)
             qm = _compile(recipe, cfg, job, out, progress, he_cache)
-            if artifact is not None and job.kind != "humaneval":
+            if artifact is not None and job.kind != HUMANEVAL:
                 qm.save(artifact, force=True)
                 out["artifact"] = str(artifact)
         lm = qm.lm(name=Path(job.recipe).stem)
         out["bits"] = describe_bits(qm.plan)
-    if job.kind == "humaneval":
+    if job.kind == HUMANEVAL:
         from ..eval.humaneval import run_humaneval
 
         out["humaneval"] = run_humaneval(lm, tok, cfg.humaneval, cfg.humaneval_tokens,
                                          heal=ccfg.prompt == "heal", max_positions=max_pos,
                                          progress=progress, unsafe=cfg.unsafe_exec)
-    elif job.kind == "robust":
+    elif job.kind == ROBUST:
         from ..eval.robust import robust_scores
 
         out["robust"] = robust_scores(lm, tok, samples, ccfg, max_positions=max_pos,
@@ -149,10 +139,10 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
         if windows:
             t = time.time()
             if qm is None:
-                ref = float_reference(cfg, windows)
+                ref = float_reference(cfg, windows, loaded)
                 out["layers"] = {n: {"max_abs_windows": ref["max_abs"][n]} for n in ref["names"]}
             elif qm.lower == "fake":  # int8 lowering replaced the named nodes
-                out["layers"] = layer_stats(qm, cfg, windows)
+                out["layers"] = layer_stats(qm, cfg, windows, loaded)
             out["layer_seconds"] = round(time.time() - t, 2)
     out["seconds"] = round(time.time() - t0, 2)
     del qm, lm
@@ -166,8 +156,6 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
         n = sum(p.numel() for p in model.parameters() if p.is_floating_point())
         out.update(size_before=n * 4, size_after=n * 4, size_mb=n * 4 / 1e6, compression=1.0)
         return
-    from .tables import storage
-
     before, after = storage(model, qm.named, qm.plan)
     out.update(size_before=before, size_after=after, size_mb=after / 1e6,
                compression=before / after if after else None)
@@ -188,15 +176,15 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
                 out["bench"] = {"skipped": f"{type(e).__name__}: {e}"}
 
 
-def _reload(artifact: Path | None, model, cache_len: int | None = None):
+def _reload(artifact: Path | None, model, graph_cache: int | None = None):
     """A quality job's compiled model, without calibrating again (None if unusable);
-    ``cache_len``: re-captured with this static cache."""
+    ``graph_cache``: re-captured with this static cache."""
     import qdsl
 
     if artifact is None or not (Path(artifact) / "qdsl_artifact.json").exists():
         return None
     try:
-        return qdsl.load(artifact, model, max_cache_len=cache_len)
+        return qdsl.load(artifact, model, max_cache_len=graph_cache)
     except QdslError as e:
         log.warning("cannot reload %s (%s); compiling again", artifact, e)
         return None

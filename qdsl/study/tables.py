@@ -1,8 +1,10 @@
-"""The seed papers' tables as data, and their markdown rendering.
+"""The seed papers' tables, and their markdown rendering.
 
-A table is a named list of rows; a row is a label, the recipe file that
-reproduces it (relative to the shipped ``recipes/`` directory; None = the float
-baseline) and the paper's numbers for that row. ``qdsl sweep --table storti-3``
+The tables are data: ``[[table]]`` entries of the seed files
+(``qdsl/study/data/*.toml``, read by ``qdsl.study.seeds``). A table is a named list
+of rows; a row is a label, the recipe file that reproduces it (relative to the
+shipped ``recipes/`` directory; None = the float baseline) and the paper's numbers
+for that row. ``qdsl sweep --table storti-3``
 runs exactly the recipes of one table; ``render`` lays a table out as the paper
 does, with our measured numbers and the paper's side by side.
 
@@ -14,8 +16,24 @@ Table 5 for CodeGen-2B, Table 7 the %drop under character-level perturbation
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import platform
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..atomic import write_json_atomic, write_text_atomic
+from ..errors import QdslError
+from ..lang.parser import did_you_mean
+from .findings import evaluate, render as render_findings
+from .jobs import HUMANEVAL, ROBUST, Job
+from .plots import write_plots
+from .seeds import table_specs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,109 +57,28 @@ class Table:
         return [r.recipe for r in self.rows if r.recipe]
 
 
-def _s(label, recipe, es, em, **kw):
-    return Row(label, recipe, {"ES": es, "EM": em, **kw})
+def _row(spec: dict, cols: tuple[str, ...]) -> Row:
+    """A ``[[table]]`` row of a seed file: a paper column it lacks is null (no such
+    row in the paper), before the row's other printed numbers."""
+    printed = spec.get("paper", {})
+    paper = {c: printed.get(c) for c in cols} | printed
+    return Row(spec["label"], spec.get("recipe"), paper, spec.get("lower"),
+               spec.get("own_calib", False))
 
 
-_BASE = _s("Baseline (fp32)", None, 41, 17)
-_ST = "storti/"
-TABLES: dict[str, Table] = {t.name: t for t in (
-    Table("storti-1", "Storti 2023 Table 1: range estimators (weights / activations), W8A8",
-          "quality", (
-              _s("None / None", None, 41, 17),
-              _s("MSE / CMM", _ST + "t1_mse_cmm.qrec", 38, 16),
-              _s("MSE / RMM", _ST + "t1_mse_rmm.qrec", 38, 16),
-              _s("CMM / CMM", _ST + "t1_cmm_cmm.qrec", 38, 14),
-              _s("RMM / CMM", _ST + "t1_rmm_cmm.qrec", 38, 14),
-              _s("CMM / RMM (grid, not in paper)", _ST + "t1_cmm_rmm.qrec", None, None),
-              _s("RMM / RMM (grid, not in paper)", _ST + "t1_rmm_rmm.qrec", None, None))),
-    Table("storti-2", "Storti 2023 Table 2: naive PTQ", "quality", (
-        _s("Baseline", None, 41, 17, Compression="1x"),
-        _s("W8A8", _ST + "t2_w8a8.qrec", 38, 16, Compression="4x"),
-        _s("W8A32", _ST + "t2_w8a32.qrec", 40, 17, Compression="4x"),
-        _s("W8A16", _ST + "t2_w8a16.qrec", 40, 17, Compression="4x"),
-        _s("W4A32", _ST + "t2_w4a32.qrec", 36, 14, Compression="8x"),
-        _s("W4A16", _ST + "t2_w4a16.qrec", 36, 14, Compression="8x"),
-        _s("W8A32, weights min-max (diagnostic, not in paper)", _ST + "t2_w8a32_minmax.qrec",
-           None, None),
-        _s("W8A32, weights per channel (diagnostic, not in paper)",
-           _ST + "t2_w8a32_per_channel.qrec", None, None))),
-    Table("storti-3", "Storti 2023 Table 3: mixed precision (one activation kept at 16 bits), "
-          "W8A8", "quality", (
-              _BASE,
-              _s("Naive W8A8", _ST + "t2_w8a8.qrec", 38, 16),
-              _s("Naive W8A16", _ST + "t2_w8a16.qrec", 40, 17),
-              _s("First Layer Normalization (Input FFN)", _ST + "t3_ln_1.qrec", 37, 15),
-              _s("Second Layer Normalization", _ST + "t3_ln_2.qrec", 37, 16),
-              _s("Residual Sum of attn", _ST + "t3_res_attn.qrec", 38, 16),
-              _s("Residual Sum of block", _ST + "t3_res_sum.qrec", 40, 17),
-              _s("Query x Key", _ST + "t3_attn_scores.qrec", 37, 16),
-              _s("Softmax", _ST + "t3_attn_probs.qrec", 37, 15),
-              _s("weights_output x value", _ST + "t3_attn_context.qrec", 38, 16),
-              _s("Attention projection layer", _ST + "t3_attn_out.qrec", 37, 16),
-              _s("MLP fully connected layer", _ST + "t3_mlp_c_fc.qrec", 37, 16),
-              _s("MLP projection layer (Output FFN)", _ST + "t3_mlp_c_proj.qrec", 38, 17),
-              _s("Input and Output of FFN", _ST + "t3_ffn_in_out.qrec", 37, 17),
-              _s("Input and Residual Sum of FFN", _ST + "t3_ffn_in_res.qrec", 39, 16),
-              _s("Output and Residual Sum of FFN", _ST + "t3_ffn_out_res.qrec", 39, 17),
-              _s("Both residual sums (diagnostic, not in paper)", _ST + "t3_res_both.qrec",
-                 None, None))),
-    Table("storti-4", "Storti 2023 Table 4: per-embedding-group (PEG) activations", "quality", (
-        _BASE,
-        _s("Naive W8A8", _ST + "t4_w8a8_per_tensor.qrec", 38, 16),
-        _s("Naive W4A32", _ST + "t2_w4a32.qrec", 38, 16),
-        _s("W8A8 K = 2", _ST + "t4_w8a8_k2.qrec", 38, 16),
-        _s("W8A8 K = 4", _ST + "t4_w8a8_k4.qrec", 38, 17),
-        _s("W8A8 K = 8", _ST + "t4_w8a8_k8.qrec", 40, 17),
-        _s("W8A8 K = 2 permuted", _ST + "t4_w8a8_k2_permuted.qrec", 39, 17),
-        _s("W8A8 K = 4 permuted", _ST + "t4_w8a8_k4_permuted.qrec", 40, 17),
-        _s("W4A32 K = 8 permuted", _ST + "t4_w4a32_k8_permuted.qrec", 36, 14),
-        _s("W8A8 per-tensor (read as per-token)", _ST + "t4_w8a8_per_token.qrec", 40, 17))),
-    Table("wei-4", "Wei et al. 2023 Table 4: dynamic vs static activations, per-tensor vs "
-          "per-column weights, W8A8 (paper: CodeGen-350M, HumanEval pass@1 %)", "quality", (
-              Row("Full precision", None, {"pass@1": 11.71}),
-              Row("Dynamic (per-tensor)", "wei/t4_dynamic_per_tensor.qrec", {"pass@1": 11.77}),
-              Row("Static (per-tensor)", "wei/t4_static_per_tensor.qrec", {"pass@1": 10.79}),
-              Row("Static (per-column)", "wei/t4_static_per_column.qrec", {"pass@1": 11.83})),
-          paper_cols=("pass@1",)),
-    Table("wei-5", "Wei et al. 2023 Table 5: precision (static per-column) "
-          "(paper: CodeGen-2B, HumanEval pass@1 %)", "quality", (
-              Row("Full precision", None, {"pass@1": 20.91}),
-              Row("W8A8", "wei/t5_w8a8.qrec", {"pass@1": 22.50}),
-              Row("W4A8", "wei/t5_w4a8.qrec", {"pass@1": 18.54}),
-              Row("W8A4", "wei/t5_w8a4.qrec", {"pass@1": 0.61})),
-          paper_cols=("pass@1",)),
-    Table("wei-7", "Wei et al. 2023 Table 7: %drop under character-level perturbation of "
-          "comments and docstrings (paper: CodeGen-350M, Ch column, HumanEval / MBPP)",
-          "robust", (
-              Row("FP", None, {"HumanEval": 10.53, "MBPP": 13.56}),
-              Row("D (T)", "wei/t4_dynamic_per_tensor.qrec", {"HumanEval": 15.79, "MBPP": 17.72}),
-              Row("S (C)", "wei/t4_static_per_column.qrec", {"HumanEval": 22.73, "MBPP": 14.91}),
-              Row("S (T)", "wei/t4_static_per_tensor.qrec", {"HumanEval": 33.33, "MBPP": 13.16})),
-          paper_cols=("HumanEval", "MBPP")),
-    Table("int8", "Real lowering (qdsl compile --lower int8): quality and hosting metrics "
-          "(cf. Wei et al. Table 2)", "hosting", (
-              Row("fp32", None),
-              Row("W8A8 dynamic (int8 GEMM)", "int8/w8a8_dynamic.qrec", lower="int8"),
-              Row("W8 weight-only", "int8/w8_weight_only.qrec", lower="int8"),
-              Row("W4 group 64 (packed)", "int8/w4_group64.qrec", lower="int8")),
-          paper_cols=()),
-    Table("wei-fig7", "Wei et al. 2023 Fig. 7: calibration-set size (static per-column W8A8; "
-          "paper: 500..5k samples, accuracy stable)", "calib", (
-              Row("Full precision", None),
-              Row("32 windows", "wei/fig7_calib_32.qrec", own_calib=True),
-              Row("128 windows", "wei/fig7_calib_128.qrec", own_calib=True),
-              Row("512 windows", "wei/fig7_calib_512.qrec", own_calib=True),
-              Row("2048 windows", "wei/fig7_calib_2048.qrec", own_calib=True)), paper_cols=()),
-)}
+def _table(spec: dict) -> Table:
+    cols = tuple(spec.get("paper_cols", ("ES", "EM")))
+    return Table(spec["name"], spec["title"], spec["kind"],
+                 tuple(_row(r, cols) for r in spec["rows"]), cols)
+
+
+# every seed table, in the order of the seed files (qdsl/study/data/*.toml)
+TABLES: dict[str, Table] = {t.name: t for t in map(_table, table_specs())}
 
 
 def get_table(name: str) -> Table:
-    from ..errors import QdslError
-
+    """The seed table ``name``; a ``QdslError`` naming the tables when there is none."""
     if name not in TABLES:
-        from ..lang.parser import did_you_mean
-
         hint = did_you_mean(name, list(TABLES))
         raise QdslError(f"unknown table {name!r}" + (f"; {hint}" if hint else "")
                         + f" (tables: {', '.join(TABLES)}, all)")
@@ -249,8 +186,6 @@ def render(table: Table, results: dict[str | None, dict]) -> str:
 
 def describe_bits(plan) -> str:
     """'W8A8', or the majority widths plus the exceptions: 'W8A8 (+A16 x30)'."""
-    from collections import Counter
-
     w = Counter(e.weight.bits or 32 for e in plan.entries if e.weight is not None)
     a = Counter(e.activation.bits or 32 for e in plan.entries if e.activation is not None)
     parts, extra = [], []
@@ -267,7 +202,7 @@ def storage(model, named, plan) -> tuple[float, float]:
     """Estimated parameter bytes (before, after) of ``plan`` over the SOURCE model's
     parameters (``qdsl.compiler.render.storage`` reads the graph, whose quantized weights
     ``lower_fake`` has replaced), tied tensors counted once."""
-    from ..compiler.render import storage_of
+    from ..compiler.render import storage_of  # imports torch (see machine)
 
     params = dict(model.named_parameters(remove_duplicate=False))
 
@@ -283,20 +218,8 @@ def storage(model, named, plan) -> tuple[float, float]:
 # ------------------------------------------------------------------ sweep reports
 
 
-def recipe_path(recipe: str) -> str:
-    """A table's recipe (relative to the shipped recipes/) or a user's path -> a path."""
-    from pathlib import Path
-
-    from ..resources import data_dir
-
-    p = Path(recipe)
-    return str(p) if p.is_absolute() or p.exists() else str(data_dir("recipes") / recipe)
-
-
 def adhoc_table(recipes: list[str]) -> Table:
     """The table of recipe files named on the command line."""
-    from pathlib import Path
-
     rows = [Row("Baseline (fp32)", None)]
     rows += [Row(Path(r).stem, str(Path(r).resolve())) for r in recipes]
     return Table("recipes", "Recipes named on the command line", "quality", tuple(rows), ())
@@ -311,10 +234,9 @@ def _summary(res: dict) -> dict:
 
 
 def machine() -> dict:
-    import os
-    import platform
+    """The machine a sweep reports: CPU, cores, torch and Python versions, load."""
+    import torch  # not at the top: the CLI imports this module for every command
 
-    import torch
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -343,17 +265,15 @@ def _with_clean_scores(robust: dict, samples: list[dict] | None) -> dict:
 def table_results(table: Table, keys: dict, done: dict) -> dict:
     """recipe (None = baseline) -> the quality result, with the robust job's numbers
     under "robust" for a robust table and the HumanEval job's under "humaneval"."""
-    from .sweep import Job
-
     out = {}
     for r in table.rows:
         q = done.get(keys.get(Job.of(r)))
         if q is not None:
             q = dict(q)
-            rob = done.get(keys.get(Job.of(r, "robust")))
+            rob = done.get(keys.get(Job.of(r, ROBUST)))
             if rob is not None:
                 q["robust"] = _with_clean_scores(rob["robust"], q.get("samples"))
-            he = done.get(keys.get(Job.of(r, "humaneval")))
+            he = done.get(keys.get(Job.of(r, HUMANEVAL)))
             if he is not None and "pass@1" in table.paper_cols:
                 q["humaneval"] = _summary(he)["humaneval"]
             out[r.recipe] = q
@@ -364,12 +284,6 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
               wall: float) -> dict:
     """Rewrite DIR/results.json, DIR/tables.md, DIR/findings.md and DIR/plots/ from the
     finished jobs."""
-    import time
-    from pathlib import Path
-
-    from .plots import write_plots
-    from ..atomic import write_json_atomic, write_text_atomic
-
     out = Path(out)
     res_tables, md = {}, []
     for t in tables:
@@ -380,8 +294,6 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
                                   else {}),
                                **_summary(results.get(r.recipe, {}))} for r in t.rows]
         md.append(render(t, results))
-    from .findings import evaluate, render as render_findings
-
     findings = evaluate(res_tables, meta["n_samples"])
     runs = {k: _summary(v) for k, v in done.items() if k in set(keys.values())}
     job_seconds = sum(v.get("seconds") or 0 for v in runs.values())
@@ -408,6 +320,5 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
     try:
         write_plots(out / "plots", tables, keys, done)
     except Exception as e:  # a plot must never lose a sweep's results
-        import logging
-        logging.getLogger(__name__).warning("plots failed: %s: %s", type(e).__name__, e)
+        log.warning("plots failed: %s: %s", type(e).__name__, e)
     return obj

@@ -1,0 +1,113 @@
+"""What a ``qdsl sweep`` job is, shared by the modules that plan, run and report it.
+
+``SweepConfig`` (the sweep's settings), ``Job`` (one recipe or the float baseline,
+and a kind), the settings a job compiles with and the static cache its graphs get,
+and ``LoadedModel``: the model a worker process loaded once, with the float
+statistics measured on it (``qdsl.study.layerstats``). ``qdsl.study.sweep`` plans
+and keys the jobs, ``qdsl.study.sweepjob`` runs one, ``qdsl.study.tables`` reports
+them; each imports this module and none of them imports another's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config.recipe import Settings
+from ..resources import data_dir
+
+# job kinds
+QUALITY = "quality"      # compile; completion, perplexity, storage, per-layer statistics
+ROBUST = "robust"        # the quality job's model on perturbed contexts
+HUMANEVAL = "humaneval"  # the quality job's model on HumanEval pass@1
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    model: str = "smollm2-135m"
+    bench: str = "stdlib"
+    n: int = 100                 # completion samples
+    bench_seed: int = 0
+    ppl_windows: int = 32
+    ctx_tokens: int = 256
+    max_new_tokens: int = 48
+    prompt: str | None = None    # None: the model's best measured prompt mode
+    calib: str = "stdlib"        # calibration data (stdlib = non-test stdlib sources)
+    calib_default: int = 32      # windows, for recipes that set none
+    calib_samples: int | None = None  # force this many windows (not on wei-fig7)
+    calib_seq_len: int = 256
+    calib_seed: int = 0
+    layer_windows: int = 4       # Fig. 6b: max |x| per layer over this many windows
+    layer_tokens: int = 128      # tokens per layer-statistics window
+    perturb_prob: float = 0.35   # robust jobs: NL-Augmenter ChangeCharCase probability
+    perturb_seed: int = 0
+    threads: int = 1             # torch threads per job (2 threads on 2 busy cores: ~10x slower)
+    bench_int8: bool = True      # run qdsl bench for lower = int8 recipes
+    humaneval: int = 0           # HumanEval problems for pass@1 tables (0: no HumanEval jobs)
+    humaneval_tokens: int = 300  # new tokens per HumanEval completion
+    unsafe_exec: bool = False    # no bubblewrap: run HumanEval's code with rlimits only
+
+
+def recipe_path(recipe: str) -> str:
+    """A table's recipe (relative to the shipped recipes/) or a user's path -> a path."""
+    p = Path(recipe)
+    return str(p) if p.is_absolute() or p.exists() else str(data_dir("recipes") / recipe)
+
+
+@dataclass(frozen=True)
+class Job:
+    recipe: str | None   # path of a .qrec file; None = the float baseline
+    kind: str = QUALITY  # QUALITY | ROBUST | HUMANEVAL
+    lower: str | None = None  # overrides the recipe's `set lower` ("int8": real lowering)
+    own_calib: bool = False   # the recipe's calibration size wins over --calib-samples
+
+    @classmethod
+    def of(cls, row, kind: str = QUALITY) -> Job:
+        """The job of a table row (``qdsl.study.tables.Row``)."""
+        return cls(recipe_path(row.recipe) if row.recipe else None, kind, row.lower,
+                   row.own_calib)
+
+
+def prompt_mode(cfg: SweepConfig) -> str:
+    """The completion prompt mode the sweep evaluates with."""
+    # here, not at the top: every qdsl command builds its parser from SweepConfig, and
+    # qdsl.eval.complete imports torch
+    from ..eval.complete import DEFAULT_PROMPT, PROMPT_BY_MODEL
+
+    return cfg.prompt or PROMPT_BY_MODEL.get(str(cfg.model).lower(), DEFAULT_PROMPT)
+
+
+def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None,
+                       own_calib: bool = False):
+    """Sweep defaults, then the recipe's own settings, then forced overrides
+    (``--calib-samples`` except where ``own_calib``: Fig. 7's rows vary exactly that)."""
+    st = Settings(calib_samples=cfg.calib_default, calib_seq_len=cfg.calib_seq_len,
+                  calib_seed=cfg.calib_seed, calib_data=cfg.calib).then(recipe.settings)
+    forced = None if own_calib else cfg.calib_samples
+    return st.then(Settings(calib_samples=forced, lower=lower))
+
+
+def fit(need: int, max_pos: int | None) -> int:
+    """``need`` cache slots, at most the model's positions."""
+    return min(need, max_pos) if max_pos else need
+
+
+def cache_len(cfg: SweepConfig, max_pos: int | None) -> int:
+    """Static key/value cache of the compiled graphs: room for the longest sequence the
+    sweep runs (prompt + new tokens, a calibration or perplexity window), no more:
+    decode attends over the whole cache, so a 1024 cache is ~3x slower than 320."""
+    need = max(cfg.ctx_tokens + cfg.max_new_tokens, cfg.calib_seq_len, cfg.layer_tokens) + 2
+    return fit(need, max_pos)
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded once per process: the model, its tokenizer, its maximum positions,
+    and the float layer statistics measured on it (``qdsl.study.layerstats``), keyed by
+    (windows, tokens); they live and go with the model."""
+    name: str
+    model: Any
+    tok: Any
+    max_pos: int | None
+    float_ref: dict = field(default_factory=dict)
