@@ -2,7 +2,8 @@
 
     recipe text --lang--> Recipe
     model --capture--> fx graph --name--> NamedGraph --match(Recipe)--> QuantPlan
-    (compile) --insert_observers--> --calibrate--> --freeze--> --lower--> quantized graph
+    (compile) --OBSERVE--> --calibrate--> --FREEZE + FAKE | INT8--> quantized graph
+    (the pipelines of ``qdsl.passes.pipeline``)
 """
 
 from __future__ import annotations
@@ -85,14 +86,14 @@ def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
     """Capture ``model`` (plain graph), name it, and match ``recipe``: no data needed."""
     from ..graph.capture import capture
     from ..graph.naming import name_graph
-    from ..passes.validate import validate_plan
+    from ..passes.pipeline import VALIDATE, PassContext, run
 
     r = as_recipe(recipe)
     m, _, _ = as_model(model)
     captured = capture(m, example_inputs, mode="plain")
     named = name_graph(captured)
     plan = build_plan(r, named)
-    validate_plan(captured.gm, named, plan)
+    run(VALIDATE, captured.gm, PassContext(named, plan))
     return Explanation(r, captured, named, plan, lower or r.settings.lower or "fake")
 
 
@@ -187,7 +188,8 @@ def _calib_runner(captured, mode: str, max_cache_len: int):
 
 def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None,
             settings=None, lower: str | None = None, max_cache_len: int | None = None,
-            progress: bool = True, fallback: str = "error") -> QuantizedModel:
+            progress: bool = True, fallback: str = "error",
+            check: bool = False) -> QuantizedModel:
     """Compile ``recipe`` for ``model``: capture, name, match, observe, calibrate, freeze, lower.
 
     ``calib``: a directory of code, a saved ``datasets`` dataset, ``"stdlib"``, or a
@@ -198,21 +200,20 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     ``max_cache_len`` (generate mode) None: 1024 clipped to the model's positions with a
     warning; the calibration window length (``calib.seq_len``) unset: 256 clipped to what
     the graph takes. A given length that does not fit is an ``OptionError``, raised before
-    capture.
+    capture. The passes run as the pipelines of ``qdsl.passes.pipeline`` (OBSERVE,
+    calibration, FREEZE + FAKE or INT8); ``check`` checks the graph after every pass (tests).
     """
     from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibration_windows
     from ..graph.capture import capture, max_positions
-    from ..passes.validate import validate_plan
     from ..graph.naming import name_graph
     from ..passes.calibrate import calibrate
-    from ..passes.freeze import freeze
-    from ..passes.insert_observers import insert_observers
-    from ..passes.lower_fake import lower_fake
+    from ..passes.pipeline import FREEZE, OBSERVE, PassContext, lowering, run
     from ..config.recipe import Settings
 
     r = as_recipe(recipe)
     st = r.settings.then(settings or Settings())
     lower = lower or st.lower or "fake"
+    lowered = FREEZE + lowering(lower)  # ValueError on an unknown mode, before any work
     m, tok, model_id = as_model(model)
     tok = tokenizer or tok
     mode = "generate" if is_causal_lm(m) else "plain"
@@ -231,8 +232,9 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     captured = capture(m, mode=mode, max_cache_len=max_cache_len)
     named = name_graph(captured)
     plan = build_plan(r, named)
-    validate_plan(captured.gm, named, plan)
-    observers = insert_observers(captured.gm, named, plan)
+    ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute)
+    run(OBSERVE, captured.gm, ctx, check=check)
+    observers = ctx.observers
     if observers:
         source = calib if calib is not None else st.calib_data
         if source is None:
@@ -255,15 +257,10 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
         calibrate(_calib_runner(captured, mode, max_cache_len), windows,
                   batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                   progress=progress)
-    frozen = freeze(captured.gm, named, plan, observers)
-    gm = lower_fake(captured.gm, named, plan, frozen)
-    if lower == "int8":
-        from ..passes.lower_int8 import lower_int8
-
-        gm = lower_int8(gm, named, plan, frozen, fallback=fallback, compute=st.lower_compute)
+    gm = run(lowered, captured.gm, ctx, check=check)
     from ..artifact.store import module_hash
 
-    return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=frozen, lower=lower,
+    return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,
                           source_hash=module_hash(m), settings=st, tokenizer=tok,
                           model_config=getattr(m, "config", None), fallback=fallback)

@@ -148,13 +148,11 @@ def _load_child_model(spec: dict):
     if kind == "fp32-graph":          # the runtime an int8 artifact runs, float weights
         from qdsl.graph.capture import capture
         from qdsl.runtime.graphlm import GraphLM
-        from qdsl.passes.fuse_attention import fuse_attention
-        from qdsl.passes.simplify import drop_noops
+        from qdsl.passes.pipeline import FLOAT_RUNTIME, PassContext, run
 
         cache = spec.get("cache_len", GRAPH_CACHE_LEN)
-        gm = capture(model, mode="generate", max_cache_len=cache).gm
-        drop_noops(gm)              # as lower_fake does before lower_int8
-        fuse_attention(gm)
+        gm = run(FLOAT_RUNTIME, capture(model, mode="generate", max_cache_len=cache).gm,
+                 PassContext())  # what INT8 runs after lowering, on float weights
         return GraphLM(gm, cache, name=spec["name"]), model.config.vocab_size
     if kind == "torch-ao":
         model = _quantize_dynamic(model)

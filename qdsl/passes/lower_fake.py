@@ -3,8 +3,9 @@
 requires: ``frozen`` from ``freeze`` (or loaded from an artifact) for this plan.
 ensures:  each activation module sits on its node's output (replacing an observer
           if one is there); each quantized weight is replaced, for its own op only,
-          by its fake-quantized value, computed once here (weights are constant);
-          export's no-op nodes are gone (``simplify.drop_noops``; named nodes stay).
+          by its fake-quantized value, computed once here (weights are constant).
+          Export's no-op nodes stay: the pipelines (``qdsl.passes.pipeline.FAKE``)
+          run ``simplify.drop_noops`` next.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from ..quant.primitives import fake_quantize, group_unview, group_view
 from ..config.spec import GroupWise, TensorSpec
 from .common import replace_weight, set_activation_module
 from .freeze import Frozen, oriented
-from .simplify import drop_noops
 
 
 def fake_weight(w: Tensor, spec: TensorSpec, scale: Tensor, zero_point: Tensor) -> Tensor:
@@ -49,5 +49,4 @@ def lower_fake(gm: fx.GraphModule, named, plan: QuantPlan, frozen: Frozen) -> fx
             replace_weight(gm, node, fake_weight(param(gm, node.weight), spec, None, None))
     gm.graph.lint()
     gm.recompile()
-    drop_noops(gm, keep={node.node for node in named.nodes})
     return gm

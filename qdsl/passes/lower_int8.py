@@ -8,9 +8,9 @@ ensures:  every op a row below matches is a ``call_module`` of a runtime module
           (``qdsl_int8__<name>``); the fake weight copies, biases and activation
           modules no node reads any more are gone from the graph module;
           everything else (activation quantizers at non-linear nodes, ops no row
-          matches under ``fallback="simulate"``) stays fake-quant; attentions whose
-          scores and probs stay float run as one fused SDPA call over the filled part
-          of the cache (``fuse_attention``).
+          matches under ``fallback="simulate"``) stays fake-quant. The pipeline
+          (``qdsl.passes.pipeline.INT8``) runs ``fuse_attention`` next: attentions
+          whose scores and probs stay float become one fused SDPA call.
 
 Integer codes are ``quantize(w_hat, scale, zero_point)`` of the fake-quantized copy
 with the frozen parameters: ``w_hat = (q - zp) * scale`` in float32, so
@@ -45,7 +45,6 @@ from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
 from ..config.spec import GroupWise, PerChannel, PerTensor, PerToken, TensorSpec
 from .common import ACT_PREFIX, attr_name
 from .freeze import Frozen
-from .fuse_attention import fuse_attention
 
 INT8_PREFIX = "qdsl_int8__"
 FALLBACKS = ("error", "simulate")
@@ -301,7 +300,6 @@ def lower_int8(gm: fx.GraphModule, named, plan: QuantPlan, frozen: Frozen, *,
     _drop_unread(gm)
     gm.graph.lint()
     gm.recompile()
-    fuse_attention(gm)
     gm.meta["qdsl_fallbacks"] = fallbacks
     return gm
 
