@@ -147,5 +147,5 @@ def test_torch_free_layers_import_without_torch(name):
 def test_the_graph_sees_imports_inside_functions():
     g, _ = import_graph()
     # compiler.build imports the passes inside compile(), lazily
-    assert g.has_edge("qdsl.compiler.build", "qdsl.passes.freeze")
+    assert g.has_edge("qdsl.compiler.build", "qdsl.passes.pipeline")
     assert g.has_edge("qdsl.cli.commands.check", "qdsl.lang")

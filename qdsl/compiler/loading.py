@@ -2,7 +2,7 @@
 
     artifact --read_artifact--> meta, plan.json, tensors
     source model --capture--> --name--> plan (checked against the recorded recipe)
-    --lower_fake (stored quantizers)--> [--lower_int8-->] QuantizedModel
+    --FAKE | INT8 pipeline (stored quantizers; qdsl.passes.pipeline)--> QuantizedModel
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
     from ..graph.capture import capture, max_positions
     from ..graph.naming import name_graph
     from ..passes.freeze import Frozen
-    from ..passes.lower_fake import lower_fake
+    from ..passes.pipeline import PassContext, lowering, run
     from ..config.recipe import Settings
 
     meta, plan_json, tensors = read_artifact(path, verify=verify)
@@ -57,12 +57,11 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
     plan = plan_of(path, meta, plan_json, named, same_model=recache)
     with artifact_errors(path, "quant_params.safetensors does not fit the model"):
         frozen = Frozen.from_state(meta["quantizers"], tensors)
-        gm = lower_fake(captured.gm, named, plan, frozen)
-        if meta["lower"] == "int8":
-            from ..passes.lower_int8 import lower_int8
-
-            gm = lower_int8(gm, named, plan, frozen, fallback=meta["int8"]["fallback"],
-                            compute=meta["settings"].get("lower_compute"))
+        int8 = meta["lower"] == "int8"
+        ctx = PassContext(named, plan, frozen=frozen,
+                          fallback=meta["int8"]["fallback"] if int8 else "error",
+                          lower_compute=meta["settings"].get("lower_compute"))
+        gm = run(lowering("int8" if int8 else "fake"), captured.gm, ctx)
     recipe = Recipe.from_json(meta["recipe"]["rules"],
                               text=(Path(path) / "recipe.qrec").read_text(encoding="utf-8"))
     return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,

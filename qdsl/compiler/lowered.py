@@ -1,7 +1,7 @@
 """Load a self-contained ``--lower int8`` artifact without a float detour (gpt-fast style).
 
     config.json --meta device--> model --to_empty--> capture --params to meta-->
-    lower_fake + lower_int8 (structure only) --assign--> stored integer tensors
+    the INT8 pipeline (structure only) --assign--> stored integer tensors
 
 ``torch.export`` cannot trace a model whose parameters are on ``meta`` while the
 static key/value cache is on the CPU (``index_copy_`` refuses mixed devices), and
@@ -85,8 +85,7 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
     from .source import artifact_errors, check_source, plan_of
     from ..graph.naming import name_graph
     from ..passes.freeze import Frozen
-    from ..passes.lower_fake import lower_fake
-    from ..passes.lower_int8 import lower_int8
+    from ..passes.pipeline import INT8, PassContext, run
     from ..config.recipe import Recipe, Settings
 
     d, info = Path(path), meta["int8"]
@@ -124,9 +123,8 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
                                     {k: t.to("meta") for k, t in tensors.items()})
         with warnings.catch_warnings():  # fallbacks were reported when compiling
             warnings.simplefilter("ignore")
-            gm = lower_int8(lower_fake(gm, named, plan, on_meta), named, plan, on_meta,
-                            fallback=info["fallback"],
-                            compute=meta["settings"].get("lower_compute"))
+            gm = run(INT8, gm, PassContext(named, plan, frozen=on_meta, fallback=info["fallback"],
+                                           lower_compute=meta["settings"].get("lower_compute")))
     stored = read_safetensors(d, "model.safetensors")
     for k, v in info["aliases"].items():
         if v not in stored:

@@ -1,0 +1,91 @@
+"""The pass runner: logging, requires, check=True; the compile pipelines under check."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from qdsl.compiler import build as C
+from qdsl.errors import GraphError
+from qdsl.graph.capture import capture
+from qdsl.graph.naming import name_graph
+from qdsl.lang import parse_recipe
+from qdsl.passes import pipeline as P
+from qdsl.passes.pipeline import FAKE, INT8, OBSERVE, Pass, PassContext, run
+from qdsl.plan import build_plan
+from tiny import tiny, tiny_ids
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _toy(recipe: str = "* -> w8a8"):
+    torch.manual_seed(0)
+    cap = capture(Toy().eval(), (torch.randn(4, 16),))
+    named = name_graph(cap)
+    return cap.gm, PassContext(named, build_plan(parse_recipe(recipe), named))
+
+
+def test_the_runner_logs_each_pass_and_records_what_it_ensures(caplog):
+    gm, ctx = _toy()
+    with caplog.at_level(logging.INFO, logger="qdsl.passes.pipeline"):
+        run(OBSERVE, gm, ctx)
+    logged = [r.getMessage() for r in caplog.records if r.name == "qdsl.passes.pipeline"]
+    assert [m.split(":")[0] for m in logged] == ["pass validate_plan", "pass insert_observers"]
+    assert all(m.endswith(" ms") for m in logged)
+    assert {"validated", "observed"} <= ctx.properties and set(ctx.observers) == {"fc1", "fc2"}
+
+
+def test_a_pass_whose_requires_do_not_hold_is_refused_by_name():
+    gm, ctx = _toy()
+    with pytest.raises(GraphError, match=r"pass lower_fake requires frozen"):
+        run(FAKE, gm, ctx)
+    with pytest.raises(GraphError, match=r"pass insert_observers requires validated"):
+        run(OBSERVE[1:], gm, ctx)
+    assert ctx.observers is None   # nothing ran
+
+
+def _delete_a_weight(gm, ctx):
+    """A broken pass: deletes the attribute the first get_attr node reads."""
+    target = next(n.target for n in gm.graph.nodes if n.op == "get_attr")
+    path, _, name = target.rpartition(".")
+    delattr(gm.get_submodule(path) if path else gm, name)
+    return gm
+
+
+def test_check_names_the_pass_that_broke_the_graph():
+    broken = Pass("delete_a_weight", _delete_a_weight)
+    run([broken], *_toy())                       # unchecked: nobody notices
+    gm, ctx = _toy()
+    with pytest.raises(GraphError, match=r"pass delete_a_weight broke the graph \(after "
+                                         r"validate_plan\): .*fc1.weight"):
+        run([P.VALIDATE_PLAN, broken], gm, ctx, check=True)
+
+
+def test_lower_int8_and_fuse_attention_are_separate_steps():
+    # lower_fake no longer drops no-ops itself, lower_int8 no longer fuses attention
+    names = [p.name for p in INT8]
+    assert names == ["lower_fake", "drop_noops", "lower_int8", "fuse_attention"]
+    assert [p.name for p in FAKE] == names[:2]
+
+
+@pytest.mark.parametrize("lower", ["fake", "int8"])
+def test_compile_passes_every_check(lower):
+    recipe = "* -> w8 sym per_channel\nblock.*.ln_1 -> a8 asym per_tensor dynamic\n" \
+             "block.*.ln_2 -> a8 per_tensor static\n"
+    m = tiny("gpt2")
+    ids = tiny_ids(m, 2, 12)
+    q = C.compile(m, recipe, calib=tiny_ids(m, 2, 16), lower=lower, max_cache_len=32,
+                  progress=False, check=True)
+    plain = C.compile(m, recipe, calib=tiny_ids(m, 2, 16), lower=lower, max_cache_len=32,
+                      progress=False)
+    assert torch.equal(q(ids), plain(ids))   # checking changes nothing
