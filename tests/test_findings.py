@@ -199,3 +199,22 @@ def test_update_doc_errors(tmp_path):
     doc.write_text(SKELETON.replace("<!-- qdsl:findings -->\n<!-- /qdsl:findings -->\n", ""))
     with pytest.raises(QdslError, match="findings"):
         update_doc(doc, _results_dir(tmp_path), "cmd")
+
+
+def test_seed_files_hold_every_table_and_claim():
+    """The seed data (qdsl/study/data/*.toml): tables in the order of --table all, a
+    paper column a row lacks reads as null, claims grouped by paper in file order."""
+    from qdsl.study.findings import CHECKS, _finding
+    from qdsl.study.tables import TABLES
+
+    assert list(TABLES) == ["storti-1", "storti-2", "storti-3", "storti-4", "wei-4", "wei-5",
+                            "wei-7", "int8", "wei-fig7"]
+    diag = TABLES["storti-2"].rows[-1]
+    assert diag.paper == {"ES": None, "EM": None} and diag.recipe.startswith("storti/")
+    assert TABLES["storti-2"].rows[0].paper == {"ES": 41, "EM": 17, "Compression": "1x"}
+    assert TABLES["wei-5"].rows[1].paper == {"pass@1": 22.5}
+    assert all(r.own_calib for r in TABLES["wei-fig7"].rows if r.recipe)
+    assert [f.paper for f in FINDINGS] == sorted(f.paper for f in FINDINGS)
+    assert {f.check.func for f in FINDINGS} <= set(CHECKS.values())
+    with pytest.raises(ValueError, match="unknown check 'bigger'"):
+        _finding("P", {"claim": "c", "table": "t", "check": "bigger", "args": []})

@@ -184,13 +184,11 @@ def test_every_committed_cache_entry_is_usable():
 
 
 def test_write_json_atomic_writes_standard_json(tmp_path):
-    from qdsl.eval.run import write_json_atomic as eval_write   # eval --json
-
+    """qdsl.atomic's writer (the sweep's cache and reports, eval --json, bench --json)."""
     obj = {"a": math.nan, "b": [math.inf, -math.inf, 1.5, (2.0, math.nan)], "c": {"d": math.nan}}
-    for write in (write_json_atomic, eval_write):
-        write(tmp_path / "x.json", obj)
-        assert _strict((tmp_path / "x.json").read_text()) == {
-            "a": None, "b": [None, None, 1.5, [2.0, None]], "c": {"d": None}}
+    write_json_atomic(tmp_path / "x.json", obj)
+    assert _strict((tmp_path / "x.json").read_text()) == {
+        "a": None, "b": [None, None, 1.5, [2.0, None]], "c": {"d": None}}
 
 
 def test_report_doc_names_a_corrupt_results_file(swept, tmp_path):

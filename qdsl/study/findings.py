@@ -256,7 +256,12 @@ CHECKS: dict[str, Callable[..., tuple[str, str]]] = {
 
 
 def _finding(paper: str, spec: dict) -> Finding:
-    """A seed file's ``[[finding]]``: its check bound to its ``args``."""
+    """A seed file's ``[[finding]]``: its check bound to its ``args``.
+
+    Requires: ``spec["check"]`` is a key of ``CHECKS`` (else a ValueError naming it)."""
+    if spec["check"] not in CHECKS:
+        raise ValueError(f"{paper}: finding {spec['claim']!r}: unknown check "
+                         f"{spec['check']!r} (checks: {', '.join(CHECKS)})")
     return Finding(paper, spec["claim"], spec["table"],
                    partial(CHECKS[spec["check"]], *spec.get("args", ())),
                    spec.get("paper_evidence", ""))
