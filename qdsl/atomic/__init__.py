@@ -1,8 +1,9 @@
 """Safe output. No torch.
 
-Files: a temporary file in the same directory, then ``os.replace``, so an interrupted
-write (Ctrl-C, a crash) never leaves a half-written file. JSON is always standard
-JSON: NaN and Infinity are written as ``null``.
+Files (``qdsl.atomic.files``, re-exported here): a temporary file in the same
+directory, then ``os.replace``, so an interrupted write (Ctrl-C, a crash) never leaves
+a half-written file. JSON is always standard JSON: NaN and Infinity are written as
+``null``.
 
 Directories (``output_dir``): every command that writes a directory claims it first,
 before any long work, and the claim enforces one rule:
@@ -30,9 +31,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -42,50 +41,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-from .errors import ArtifactError, OutputError, QdslError
+from ..errors import ArtifactError, OutputError, QdslError
+from .files import (atomic_path, finite, umasked, write_json_atomic,  # noqa: F401 (re-exported)
+                    write_text_atomic)
 
 log = logging.getLogger(__name__)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, keeping an existing file's permissions."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def finite(obj: Any) -> Any:
-    """``obj`` with every NaN / Infinity float (an empty or overflowed measurement)
-    replaced by None, so that it is standard JSON: ``{"ppl": nan} -> {"ppl": None}``."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs) -> None:
-    """``json.dumps(obj, indent=1)`` written atomically, with a final newline; NaN and
-    Infinity become null (``allow_nan=False`` guards the rest)."""
-    kwargs = {"indent": 1, **dump_kwargs, "allow_nan": False}
-    write_text_atomic(path, json.dumps(finite(obj), **kwargs) + "\n")
-
-
 # ------------------------------------------------------------------ output directories
-
 
 @dataclass(frozen=True)
 class OutputKind:
@@ -256,9 +221,7 @@ class OutputClaim:
         removed if it raises (KeyboardInterrupt included)."""
         tmp = Path(tempfile.mkdtemp(dir=self.path.parent,
                                     prefix=f".{self.path.name}.tmp-{os.getpid()}-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)   # as mkdir would make it, not mkdtemp's 0700
+        os.chmod(tmp, umasked(0o777))   # as mkdir would make it, not mkdtemp's 0700
         try:
             yield tmp
         except BaseException:
@@ -311,7 +274,7 @@ class OutputClaim:
                               "qdsl wrote")
             log.info("%s: a %s without %s; adopting it", n, k.name, k.marker)
         p.mkdir(exist_ok=True)
-        from . import __version__
+        from .. import __version__
 
         write_json_atomic(p / k.marker, {"format": k.fmt, "qdsl_version": __version__})
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..models.limits import Limit, fit_length
+from ..models.limits import DEFAULT_MAX_CACHE_LEN, Limit, fit_length
 from ..plan import QuantPlan, build_plan
 from ..config.recipe import Recipe
 
@@ -98,9 +98,6 @@ def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
 
 
 # --------------------------------------------------------------------------- compile
-
-DEFAULT_MAX_CACHE_LEN = 1024  # generate-mode graphs: context + new tokens must fit
-
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
     can = getattr(model, "can_generate", None)

@@ -24,8 +24,9 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from qdsl.atomic import atomic_path
 from qdsl.errors import ArtifactError, ModelError
-from qdsl.models.limits import Limit, fit_length, model_limit
+from qdsl.models.limits import DEFAULT_MAX_CACHE_LEN, Limit, fit_length, model_limit
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ RANDOM_GPT2 = "gpt2-124m-random"  # GPT2LMHeadModel(GPT2Config()), seeded: speed
 DEFAULT_WATTS = 65.0    # assumed package power of the CPU while generating
 DEFAULT_PRICE = 0.15    # assumed $ per kWh
 PRED_TOKENS = 20        # tokens generated per prediction (Wei et al. Table 2)
-GRAPH_CACHE_LEN = 1024  # static cache of the fp32 graph row (qdsl compile's default)
+GRAPH_CACHE_LEN = DEFAULT_MAX_CACHE_LEN  # static cache of the fp32 graph row (as qdsl compile)
 DEFAULT_CONTEXT = 512   # prefill tokens, clipped to the model (fit_config)
 
 
@@ -108,18 +109,6 @@ def load_float(name: str):
     return load_model(name, attn=None, require_causal=True, tokenizer=False)[0]
 
 
-def conv1d_to_linear(model):
-    """Replace transformers Conv1D (weight [in, out]) by the equivalent nn.Linear, in place."""
-    import torch
-
-    for name, m in list(model.named_modules()):
-        if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
-            lin = torch.nn.Linear(m.weight.shape[0], m.nf)
-            lin.weight, lin.bias = torch.nn.Parameter(m.weight.t().contiguous()), m.bias
-            model.set_submodule(name, lin)
-    return model
-
-
 def _quantize_dynamic(model):
     import torch
 
@@ -132,6 +121,7 @@ def _quantize_dynamic(model):
 def _load_child_model(spec: dict):
     """The model a child measures -> (CausalLM, vocab size)."""
     from qdsl.models.lm import HFCausalLM
+    from qdsl.runtime.conv1d import conv1d_to_linear
     from qdsl.runtime.swap import load_lowered
 
     kind, path = spec["kind"], spec["path"]
@@ -255,12 +245,13 @@ def _saved_size_mb(module, work: Path, name: str) -> float:
 
 def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
     """Write the files the children load; return their specs (without config)."""
+    from qdsl.runtime.conv1d import conv1d_to_linear, is_conv1d
     from qdsl.runtime.swap import save_lowered, swap_linears
 
     model = load_float(model_name)
     fp32_dir = save_lowered(model, "fp32", work / "fp32")
     n_params = sum(p.numel() for p in model.parameters())
-    has_conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    has_conv1d = any(is_conv1d(m) for m in model.modules())
     fp32_mb = dir_size_mb(fp32_dir / "model.safetensors")
     specs = [dict(name="fp32", kind="fp32", path=str(fp32_dir), size_mb=fp32_mb,
                   extra={"params": n_params, "fp16_size_mb": 2 * n_params / 1e6}),
@@ -406,12 +397,9 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".tmp" + Path(path).suffix) as tmp:  # savefig reads it
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":  # the child process: a JSON spec on stdin, a JSON line out

@@ -78,23 +78,6 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
     return HFCausalLM(model, name), tok, max_positions_of(model.config), name.lower()
 
 
-def _finite(obj):
-    """NaN (an empty measurement) -> None, so the file is strict JSON."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    from ..atomic import write_json_atomic as _write
-
-    _write(path, _finite(obj), allow_nan=False)  # strict JSON: no NaN / Infinity
-
-
 DEFAULT_CTX_TOKENS = 256
 
 

@@ -37,7 +37,9 @@ from qdsl.errors import CaptureError
 log = logging.getLogger(__name__)
 
 MODES = ("plain", "generate")
-DEFAULT_MAX_CACHE_LEN = 256
+# a direct capture() call's cache (tests, tools): small on purpose. qdsl compile always
+# passes its own, qdsl.models.limits.DEFAULT_MAX_CACHE_LEN (1024) fitted to the model
+CAPTURE_CACHE_LEN = 256
 # Example sizes: avoid 0/1, which export would specialise on.
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 MAX_SEQ_FALLBACK = 2048
@@ -74,7 +76,7 @@ class _LogitsOf(torch.nn.Module):
 
 def capture(model: torch.nn.Module, example_inputs: tuple | None = None, *,
             mode: str = "plain", dynamic_shapes=None,
-            max_cache_len: int = DEFAULT_MAX_CACHE_LEN) -> Captured:
+            max_cache_len: int = CAPTURE_CACHE_LEN) -> Captured:
     """Export ``model`` to an fx graph; see the module docstring for the modes.
 
     ``example_inputs``: for a plain ``nn.Module`` the positional inputs (required);

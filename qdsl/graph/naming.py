@@ -7,70 +7,22 @@
 GPT-J, LLaMA and BERT graphs. Nodes with no structural role keep their module
 path (``fc1``), so recipes also work on arbitrary modules.
 
-Each ``NamedNode`` says where a pass acts: an activation quantizer goes after
-fx node ``node``; a weight quantizer replaces the ``get_attr`` target ``weight``.
+Each ``NamedNode`` (``qdsl.graph.named``, re-exported here) says where a pass acts: an
+activation quantizer goes after fx node ``node``; a weight quantizer replaces the
+``get_attr`` target ``weight``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import networkx as nx
-import torch
 from torch.fx import Node
 
-from qdsl.graph.roles import (PASSTHROUGH_OPS, GraphFacts, Scope, Unit, build_facts, graph_hash,
-                              has_nonlinearity, is_tensor, linears_behind, opname, shape_key,
-                              skip_passthrough_back, unit_input)
-
-# Every role a NamedNode can have (docs/naming.md describes each).
-ROLES = ("embedding", "embedding_sum", "norm", "linear", "attn_scores", "softmax",
-         "attn_context", "act_fn", "gated_mul", "residual_add", "parallel_add")
-
-
-@dataclass(frozen=True)
-class NamedNode:
-    name: str                         # canonical: "block.0.attn.qkv"
-    role: str                         # one of ROLES
-    block: int | None                 # block index, None outside blocks
-    module: str                       # source model's module path (the enclosing one if functional)
-    module_type: str                  # class name: Linear, Conv1D, LlamaRMSNorm, GPT2Attention
-    op: str                           # short op: linear, layer_norm, matmul, softmax, add, gelu
-    node: str                         # fx node whose OUTPUT is the activation
-    weight: str | None = None         # get_attr target of the weight (linears / embeddings)
-    bias: str | None = None           # get_attr target of the bias
-    weight_layout: str | None = None  # "out_in" (nn.Linear) | "in_out" (Conv1D) | None
-    tied: str | None = None           # canonical name of another node sharing this weight
-
-    @property
-    def has_weight(self) -> bool:
-        return self.weight is not None
-
-    @property
-    def has_activation(self) -> bool:
-        return bool(self.node)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class NamedGraph:
-    nodes: tuple[NamedNode, ...]      # graph order of their activation nodes
-    by_name: dict[str, NamedNode]
-    graph_hash: str
-    module_map: dict[str, str]        # canonical name -> module path
-    blocks: int
-
-    def __getitem__(self, name: str) -> NamedNode:
-        return self.by_name[name]
-
-    def names(self) -> list[str]:
-        return [n.name for n in self.nodes]
-
-    def to_json(self) -> dict:
-        return {"graph_hash": self.graph_hash, "blocks": self.blocks,
-                "nodes": [n.to_json() for n in self.nodes]}
+from qdsl.graph.attrs import param
+from qdsl.graph.named import ROLES, Drafts, NamedGraph, NamedNode  # noqa: F401 (re-exported)
+from qdsl.graph.ops import INDEX_VIEWS, PASSTHROUGH_OPS, opname
+from qdsl.graph.roles import (GraphFacts, Scope, Unit, build_facts, graph_hash, has_nonlinearity,
+                              is_tensor, linears_behind, shape_key, skip_passthrough_back,
+                              unit_input)
 
 
 def name_graph(captured) -> NamedGraph:
@@ -78,7 +30,7 @@ def name_graph(captured) -> NamedGraph:
     gm = captured.gm if hasattr(captured, "gm") else captured
     strip = captured.module_path if hasattr(captured, "module_path") else (lambda p: p)
     facts = build_facts(gm, strip)
-    drafts = _Drafts(facts)
+    drafts = Drafts(facts)
     for index, block in enumerate(facts.blocks):
         _name_block(drafts, index, block)
     if facts.blocks:
@@ -89,49 +41,9 @@ def name_graph(captured) -> NamedGraph:
                       {n.name: n.module for n in nodes}, len(facts.blocks))
 
 
-class _Drafts:
-    """Names given so far; each fx activation node and each unit is named once."""
-
-    def __init__(self, facts: GraphFacts):
-        self.facts = facts
-        self.items: dict[str, NamedNode] = {}
-        self.named_units: set[str] = set()
-
-    def unit(self, name: str, unit: Unit, block: int | None, role: str | None = None) -> None:
-        role = role or ("norm" if unit.kind == "norm" else unit.kind)
-        self._add(NamedNode(name, role, block, unit.scope.path, unit.scope.type, unit.op,
-                            unit.out.name, unit.weight, unit.bias, unit.layout))
-        self.named_units.add(unit.core.name)
-
-    def functional(self, name: str, role: str, node: Node, block: int | None, op: str,
-                   scope: Scope | None = None) -> None:
-        scope = scope or self.facts.innermost(node) or Scope("", "", "")
-        self._add(NamedNode(name, role, block, scope.path, scope.type, op, node.name))
-
-    def _add(self, item: NamedNode) -> None:
-        name, k = item.name, 1
-        while name in self.items:  # only fallback names can collide
-            name, k = f"{item.name}.{k}", k + 1
-        self.items[name] = NamedNode(**{**item.to_json(), "name": name})
-
-    def finish(self) -> tuple[NamedNode, ...]:
-        items = sorted(self.items.values(), key=lambda n: self.facts.order[n.node])
-        owners: dict[str, list[str]] = {}
-        for item in items:
-            if item.weight:
-                owners.setdefault(item.weight, []).append(item.name)
-        return tuple(NamedNode(**{**i.to_json(), "tied": _other(owners.get(i.weight), i.name)})
-                     for i in items)
-
-
-def _other(names: list[str] | None, me: str) -> str | None:
-    others = [n for n in names or () if n != me]
-    return others[0] if others else None
-
-
 # -- blocks ------------------------------------------------------------------
 
-def _name_block(d: _Drafts, index: int, block: Scope) -> None:
+def _name_block(d: Drafts, index: int, block: Scope) -> None:
     facts, pre = d.facts, f"block.{index}."
     att = next(a for a in facts.attentions if facts.in_scope(a.probs, block))
     linears = [u for u in facts.units if u.kind == "linear" and facts.in_scope(u.core, block)]
@@ -171,7 +83,7 @@ def _attn_out(facts, att, linears: list[Unit], qkv: set[Unit]) -> Unit | None:
     return None
 
 
-def _name_mlp(d: _Drafts, index: int, mlp: list[Unit]) -> list[Unit]:
+def _name_mlp(d: Drafts, index: int, mlp: list[Unit]) -> list[Unit]:
     """c_fc -> act -> c_proj, or act(gate) * up -> down. Returns the first linears."""
     facts, pre = d.facts, f"block.{index}.mlp."
     feeders = {u: [f for f in linears_behind(facts, unit_input(facts, u)) if f in mlp] for u in mlp}
@@ -225,7 +137,7 @@ def _act_op(facts: GraphFacts, act: Node, first: Unit) -> str:
     return next((name for op, name in _ACT_SIGNATURES if op in ops), opname(act))
 
 
-def _name_norms(d: _Drafts, index: int, block: Scope, attn_in: list[Unit],
+def _name_norms(d: Drafts, index: int, block: Scope, attn_in: list[Unit],
                 mlp_in: list[Unit]) -> None:
     facts, pre = d.facts, f"block.{index}."
     norms = [u for u in facts.units if u.kind == "norm" and facts.in_scope(u.core, block)]
@@ -238,7 +150,7 @@ def _name_norms(d: _Drafts, index: int, block: Scope, attn_in: list[Unit],
             d.unit(pre + "ln_2", norm, index)
 
 
-def _name_residuals(d: _Drafts, index: int, block: Scope) -> None:
+def _name_residuals(d: Drafts, index: int, block: Scope) -> None:
     """Adds continuing the residual stream that enters the block; see docs/naming.md."""
     facts, pre = d.facts, f"block.{index}."
     members = [facts.node(n) for n in facts.order if facts.in_scope(facts.node(n), block)]
@@ -263,7 +175,7 @@ def _name_residuals(d: _Drafts, index: int, block: Scope) -> None:
     _name_post_norm(d, index, block, adds)
 
 
-def _name_post_norm(d: _Drafts, index: int, block: Scope, adds: list[Node]) -> None:
+def _name_post_norm(d: Drafts, index: int, block: Scope, adds: list[Node]) -> None:
     """Post-LN blocks (BERT): the norm right after the closing residual add."""
     facts = d.facts
     for norm in (u for u in facts.units if u.kind == "norm" and facts.in_scope(u.core, block)):
@@ -308,7 +220,7 @@ def _stream(facts: GraphFacts, start: Node) -> set[str]:
 
 # -- outside the blocks -------------------------------------------------------
 
-def _name_outside(d: _Drafts) -> None:
+def _name_outside(d: Drafts) -> None:
     """Embeddings and their sum before block 0; ln_f and lm_head after the last block."""
     facts = d.facts
     first, last = _block_span(facts, facts.blocks[0])[0], _block_span(facts, facts.blocks[-1])[1]
@@ -334,7 +246,7 @@ def _block_span(facts: GraphFacts, block: Scope) -> tuple[int, int]:
     return min(orders), max(orders)
 
 
-def _name_embeddings(d: _Drafts, embeds: list[Unit]) -> None:
+def _name_embeddings(d: Drafts, embeds: list[Unit]) -> None:
     """Token embedding (indexed by the first input) = embed; others by table size."""
     facts = d.facts
     if not embeds:
@@ -354,28 +266,17 @@ def _name_embeddings(d: _Drafts, embeds: list[Unit]) -> None:
                      node, None, "add")
 
 
-_INDEX_VIEWS = {"view", "reshape", "unsqueeze", "expand", "to", "_to_copy", "alias", "clone",
-                "contiguous", "squeeze", "slice"}
-
-
 def _indexed_by_input(facts: GraphFacts, unit: Unit) -> bool:
     """Indices come (through views) from the graph's first input."""
     first = next(n for n in facts.gm.graph.nodes if n.op == "placeholder")
     cur = unit.core.args[1]
-    while isinstance(cur, Node) and opname(cur) in _INDEX_VIEWS:
+    while isinstance(cur, Node) and opname(cur) in INDEX_VIEWS:
         cur = cur.args[0]
     return cur is first
 
 
 def _rows(facts: GraphFacts, unit: Unit) -> int:
-    return int(_attr(facts.gm, unit.weight).shape[0])
-
-
-def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return int(param(facts.gm, unit.weight).shape[0])
 
 
 def _from_embedding(facts: GraphFacts, arg, outs: set[str]) -> bool:
@@ -386,7 +287,7 @@ def _from_embedding(facts: GraphFacts, arg, outs: set[str]) -> bool:
 
 # -- everything else -----------------------------------------------------------
 
-def _name_leftovers(d: _Drafts) -> None:
+def _name_leftovers(d: Drafts) -> None:
     """Units with no structural role keep their module path (inside a block: relative)."""
     facts = d.facts
     for unit in facts.units:

@@ -8,6 +8,8 @@ each node's ``nn_module_stack``), never one family's module names:
   each with the node whose output is its activation;
 * attention patterns: ``matmul -> (scale/mask ops) -> softmax -> (dropout) -> matmul``;
 * blocks: the repeated module (a ModuleList element) holding exactly one attention.
+
+The op tables it matches (``WEIGHTED_OPS``, ``NORM_OPS`` ...) live in ``ops``.
 """
 
 from __future__ import annotations
@@ -19,30 +21,8 @@ import networkx as nx
 import torch
 from torch.fx import Node
 
-# op name -> (input arg, weight arg, bias arg, weight layout)
-WEIGHTED_OPS: dict[str, tuple[int, int, int | None, str | None]] = {
-    "linear": (0, 1, 2, "out_in"),     # y = x W^T + b, W: [out, in]
-    "addmm": (1, 2, 0, "in_out"),      # Conv1D: y = b + x W, W: [in, out]
-    "embedding": (1, 0, None, None),   # y = W[ids]
-}
-NORM_OPS = {"layer_norm": "layer_norm", "native_layer_norm": "layer_norm", "rms_norm": "rms_norm"}
-SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
-MATMUL_OPS = {"matmul", "bmm", "baddbmm"}
-# ops that neither change a value's meaning nor its shape
-PASSTHROUGH_OPS = {"to", "_to_copy", "alias", "clone", "dropout", "contiguous", "detach",
-                   "type_as", "native_dropout"}
-# ops allowed between Q x K^T and softmax (scale, mask, soft-capping)
-SCORE_OPS = PASSTHROUGH_OPS | {"mul", "div", "add", "sub", "where", "masked_fill", "tanh"}
-NONLINEAR_OPS = {"gelu", "silu", "relu", "tanh", "sigmoid", "erf", "elu", "mish", "hardswish"}
-
-
-def opname(node: Node) -> str:
-    """``aten.linear.default`` -> ``"linear"``; builtins by name; "" for non-calls."""
-    if node.op != "call_function":
-        return ""
-    packet = getattr(node.target, "_overloadpacket", None)
-    name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", str(node.target))
-    return name.split(".")[-1]
+from .ops import (MATMUL_OPS, NONLINEAR_OPS, NORM_OPS, PASSTHROUGH_OPS, SCORE_OPS, SOFTMAX_OPS,
+                  WEIGHTED_OPS, opname)
 
 
 def is_tensor(node: object) -> bool:

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 ARTIFACT_MARKER = "qdsl_artifact.json"   # qdsl.artifact.store.MARKER
 POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 BLOCK_KEYS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers")
+# generate-mode graphs (qdsl compile, bench's fp32 graph row): the static key/value
+# cache's slots when none is given (context + new tokens must fit), fitted to the model
+DEFAULT_MAX_CACHE_LEN = 1024
 
 
 @dataclass(frozen=True)

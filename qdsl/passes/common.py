@@ -8,9 +8,6 @@ from torch import fx, nn
 from ..errors import GraphError
 
 ACT_PREFIX, WEIGHT_PREFIX = "qdsl_act__", "qdsl_weight__"
-# ops that consume a weight: the weight's position in their args
-_WEIGHT_ARG = {"aten.linear.default": 1, "aten.embedding.default": 0, "aten.addmm.default": 2,
-               "aten.mm.default": 1, "aten.matmul.default": 1, "aten.t.default": 0}
 
 
 def attr_name(canonical: str, prefix: str = ACT_PREFIX) -> str:

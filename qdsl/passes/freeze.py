@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..graph.attrs import param
+from ..runtime.conv1d import oriented
 from ..runtime.fakequant import DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight, module_from_json
 from ..quant.observers import Observer
 from ..plan import QuantPlan
@@ -70,11 +71,6 @@ def activation_module(spec: TensorSpec, observer: Observer | None) -> nn.Module 
         return DynamicFakeQuant(spec)
     assert observer is not None, f"no observer for static spec {spec.describe()}"
     return FakeQuant.from_observer(observer)
-
-
-def oriented(w: Tensor, layout: str | None) -> Tensor:
-    """Weights as [out, in]: transformers' Conv1D stores [in, out]."""
-    return w.t() if layout == "in_out" else w
 
 
 @torch.no_grad()

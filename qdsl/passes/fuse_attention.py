@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx
 
+from ..graph.ops import ASSERT_OP as _ASSERT, ATTENTION_VIEWS, aten_name as _target
 from ..runtime.attention import FusedAttention
 
 ATTN_PREFIX = "qdsl_attn__"
@@ -36,7 +37,6 @@ _MATMUL = ("aten.matmul.default", "aten.bmm.default")
 _SCALE = {"aten.mul.Tensor": False, "aten.div.Tensor": True}        # op -> divides?
 _PASS = ("aten.to.dtype", "aten.dropout.default", "aten.clone.default",
          "aten.alias.default")                                        # identities here
-_ASSERT = "aten._assert_tensor_metadata.default"
 
 
 @dataclass
@@ -59,10 +59,6 @@ class Chain:
     def keys_transposed(self) -> fx.Node:
         """transpose(k), the scores matmul's second operand."""
         return self.nodes[0].args[1]
-
-
-def _target(n) -> str:
-    return str(n.target) if isinstance(n, fx.Node) and n.op == "call_function" else ""
 
 
 def _only_user(n: fx.Node) -> fx.Node | None:
@@ -174,9 +170,7 @@ def fuse_attention(gm: fx.GraphModule) -> list[str]:
 
 def _erase_unread_views(gm: fx.GraphModule, node) -> None:
     """Erase ``node`` and its view-like producers while nothing reads them."""
-    views = ("aten.transpose.int", "aten.reshape.default", "aten.view.default",
-             "aten.expand.default", "aten.unsqueeze.default")
-    while isinstance(node, fx.Node) and not node.users and _target(node) in views:
+    while isinstance(node, fx.Node) and not node.users and _target(node) in ATTENTION_VIEWS:
         nxt = node.args[0]
         gm.graph.erase_node(node)
         node = nxt

@@ -14,12 +14,13 @@ import torch
 from torch import Tensor, fx
 
 from ..graph.attrs import param
+from ..runtime.conv1d import oriented
 from ..runtime.fakequant import FLOAT_TORCH_DTYPES
 from ..plan import QuantPlan
 from ..quant.primitives import fake_quantize, group_unview, group_view
 from ..config.spec import GroupWise, TensorSpec
 from .common import replace_weight, set_activation_module
-from .freeze import Frozen, oriented
+from .freeze import Frozen
 
 
 def fake_weight(w: Tensor, spec: TensorSpec, scale: Tensor, zero_point: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import GraphError
 from ..graph.attrs import param
+from ..graph.ops import LINEAR_INPUT_VIEWS, WEIGHTED_ATEN_OPS
 from ..plan import QuantPlan
 from ..quant.primitives import group_unview, group_view, quantize
 from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
@@ -48,12 +49,9 @@ from .freeze import Frozen
 
 INT8_PREFIX = "qdsl_int8__"
 FALLBACKS = ("error", "simulate")
-# ops between a quantizer and the linear that reads it (GPT-2 Conv1D: view(x, [-1, d]))
-VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
-            "aten.alias.default", "aten.contiguous.default", "aten.clone.default", "aten.flatten.using_ints"}
-# op -> (input arg, weight arg, bias arg, weight stored [in, out]?)
-OPS = {"aten.linear.default": (0, 1, 2, False), "aten.addmm.default": (1, 2, 0, True),
-       "aten.embedding.default": (1, 0, None, False)}
+# ops between a quantizer and the linear that reads it (GPT-2 Conv1D: view(x, [-1, d]));
+# op -> (input arg, weight arg, bias arg, weight stored [in, out]?): the op tables
+VIEW_OPS, OPS = LINEAR_INPUT_VIEWS, WEIGHTED_ATEN_OPS
 
 
 @dataclass

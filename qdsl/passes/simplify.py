@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import fx
 
-_ASSERT = "aten._assert_tensor_metadata.default"
+from ..graph.ops import ASSERT_OP as _ASSERT
 
 
 def drop_noops(gm: fx.GraphModule, keep: set[str] = frozenset()) -> int:

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qdsl.atomic import atomic_path
 from qdsl.errors import ArtifactError
+from qdsl.runtime.conv1d import linear_weight
 from qdsl.runtime.int8 import Int8DynamicLinear, Int8Embedding, Int8WeightOnlyLinear
 from qdsl.runtime.packed import PackedEmbedding, PackedLinear, weight_spec
 
@@ -38,15 +40,6 @@ SCHEMES = {
 LOWERED_JSON = "qdsl_lowered.json"
 
 
-def _linear_weight(m: nn.Module) -> torch.Tensor | None:
-    """[out, in] weight of an nn.Linear or a transformers Conv1D, else None."""
-    if isinstance(m, nn.Linear):
-        return m.weight
-    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
-        return m.weight.t()                                  # Conv1D stores [in, out]
-    return None
-
-
 def swap_linears(model: nn.Module, scheme: str) -> nn.Module:
     """Swap linears, Conv1Ds and the input embedding in place; returns ``model``."""
     if scheme not in SCHEMES:
@@ -56,7 +49,7 @@ def swap_linears(model: nn.Module, scheme: str) -> nn.Module:
     tied = head is not None and head.weight is emb.weight
     new_emb = make_embedding(emb.weight)
     for name, m in list(model.named_modules()):
-        w = _linear_weight(m)
+        w = linear_weight(m)
         if w is None:
             continue
         if m is head and tied:                               # share the embedding's codes
@@ -87,12 +80,11 @@ def save_lowered(model: nn.Module, scheme: str, out_dir: str | os.PathLike) -> P
         else:
             seen[key], state[k] = k, v.contiguous()
     model.config.save_pretrained(out)
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
     meta = {"scheme": scheme, "aliases": aliases}
-    (out / (LOWERED_JSON + ".tmp")).write_text(json.dumps(meta, indent=1))
-    os.replace(out / (LOWERED_JSON + ".tmp"), out / LOWERED_JSON)
+    with atomic_path(out / LOWERED_JSON) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
     return out
 
 

@@ -84,7 +84,8 @@ def _check_artifact(path: str, verify: bool) -> None:
 
 def run(args) -> int:
     from ...eval.samples import load_bench, save_jsonl
-    from ...eval.run import fit_eval, run_eval, write_json_atomic
+    from ...atomic import write_json_atomic
+    from ...eval.run import fit_eval, run_eval
     from ...eval.sandbox import sandbox_kind
 
     if args.humaneval:  # no sandbox: refuse before anything is loaded
