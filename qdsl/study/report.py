@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import QdslError
+from .findings import evaluate, render
 
 BLOCKS = ("run", "tables", "findings")
 _BLOCK = re.compile(r"(<!-- qdsl:(\w+) -->\n)(.*?)(<!-- /qdsl:\2 -->)", re.S)
@@ -72,8 +73,8 @@ def tables_block(tables_md: str) -> str:
 
 
 def findings_block(res: dict) -> str:
-    from .findings import evaluate, render
-
+    """The findings block of a results document: the verdicts ``res`` (a results.json)
+    holds, or, for an older one without them, the verdicts over its tables."""
     return render(res.get("findings") or evaluate(res["tables"], res["n_samples"]),
                   res["n_samples"])
 

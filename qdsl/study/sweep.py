@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,6 +41,10 @@ from tqdm.auto import tqdm
 
 from ..atomic import SWEEP, output_dir
 from ..errors import QdslError
+from ..eval.samples import load_bench
+from ..eval.sandbox import sandbox_kind
+from ..lang import load_recipe
+from ..models.zoo import resolve_model
 from .jobs import HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings, prompt_mode
 from .sweepcache import load_cache
 from .sweepjob import _worker
@@ -63,8 +68,6 @@ def forced_calib_overrides(jobs, cfg: SweepConfig) -> list[str]:
     """A line for each recipe whose own ``set calib.samples`` ``--calib-samples`` replaces
     (a recipe such as wei/fig7_calib_128.qrec named on the command line would otherwise
     silently run with another calibration size)."""
-    from ..lang import load_recipe
-
     if cfg.calib_samples is None:
         return []
     out = []
@@ -81,8 +84,6 @@ def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
                      "eval": [cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg),
                               cfg.ppl_windows], "layers": [cfg.layer_windows, cfg.layer_tokens]}
     if job.recipe is not None:
-        from ..lang import load_recipe
-
         r = load_recipe(job.recipe)
         payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower,
                                                                    job.own_calib).to_json())
@@ -99,9 +100,7 @@ def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
 def memory_jobs(requested: int, model: str) -> int:
     """How many jobs fit in available memory: ~3.5x the fp32 weights each, + 1 GB
     (measured peak of one job: 3.2x for Qwen2.5-Coder-0.5B's 2.4 GB, 7.8 GB)."""
-    import psutil
-
-    from ..models.zoo import resolve_model
+    import psutil  # not a declared dependency: only -j > 1 needs it
 
     try:
         d = resolve_model(model).path
@@ -152,10 +151,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
 
 def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progress: bool,
            only_report: bool) -> dict:
-    from ..eval.samples import load_bench
-    from ..eval.sandbox import sandbox_kind
-    from ..models.zoo import resolve_model
-
     out = Path(out_dir)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -214,7 +209,6 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progr
         for j in pending:
             finish(*_worker(j, cfg, samples, str(out), keys[j], threads, progress, artifact(j)))
     else:  # a robust job running beside its quality job compiles for itself
-        import multiprocessing as mp
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             futs = [pool.submit(_worker, j, cfg, samples, str(out), keys[j], threads, False,
                                 artifact(j)) for j in pending]

@@ -6,11 +6,16 @@ completion, perplexity, storage and per-layer statistics (``int8`` lowerings als
 artifact's real size and ``qdsl bench``); ``robust`` and ``humaneval`` reload that
 artifact (HumanEval re-captured with a cache long enough for its prompts) and score
 the perturbed benchmark or HumanEval pass@1. A model is loaded once per process.
+
+What imports torch (the model, the evaluations, the compiler) is imported inside the
+functions that run a job: every qdsl command imports this module (its parser reads
+``SweepConfig`` through ``qdsl.study.sweep``), and most never run a job.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import time
 import traceback
@@ -19,6 +24,8 @@ from pathlib import Path
 
 from ..atomic import finite, write_json_atomic
 from ..errors import QdslError
+from ..lang import load_recipe
+from ..models.zoo import load_model
 from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, LoadedModel, SweepConfig, cache_len,
                    effective_settings, fit, prompt_mode)
 from .layerstats import float_reference, layer_stats, layer_windows
@@ -33,8 +40,7 @@ def _model(name: str) -> LoadedModel:
     """The model ``name``, loaded once per process; loading another drops the previous
     one (and the float statistics measured on it)."""
     if name not in _LOADED:
-        from ..eval.run import max_positions_of
-        from ..models.zoo import load_model
+        from ..eval.run import max_positions_of  # imports torch
 
         _LOADED.clear()
         model, tok = load_model(name, require_causal=True)
@@ -43,8 +49,6 @@ def _model(name: str) -> LoadedModel:
 
 
 def _int8_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("qdsl.passes.lower_int8") is not None
 
 
@@ -89,7 +93,6 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     recipe's compiled model is saved (quality job) or reloaded from (robust and
     HumanEval jobs)."""
     from ..eval.complete import CompletionConfig, evaluate
-    from ..lang import load_recipe
     from ..models.lm import HFCausalLM
 
     t0 = time.time()
