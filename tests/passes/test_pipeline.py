@@ -71,6 +71,26 @@ def test_check_names_the_pass_that_broke_the_graph():
         run([P.VALIDATE_PLAN, broken], gm, ctx, check=True)
 
 
+def _unquantize_fc1(gm, ctx):
+    """A broken pass: fc1's readers read it unquantized (the graph still lints)."""
+    q = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "qdsl_act__fc1")
+    q.replace_all_uses_with(q.args[0])
+    gm.graph.erase_node(q)
+    gm.recompile()
+    return gm
+
+
+def test_check_catches_a_planned_node_that_lost_its_quantizer():
+    gm, ctx = _toy("fc1 -> a8 dynamic\nfc2 -> w8")
+    run([P.VALIDATE_PLAN], gm, ctx)
+    ctx.observers = {}
+    gm = run(P.FREEZE + FAKE, gm, ctx, check=True)          # the real passes pass
+    with pytest.raises(GraphError, match=r"pass unquantize broke the graph .*activation "
+                                         r"quantizer of fc1") as e:
+        run([Pass("unquantize", _unquantize_fc1)], gm, ctx, check=True)
+    assert e.value.node == "fc1"
+
+
 def test_lower_int8_and_fuse_attention_are_separate_steps():
     # lower_fake no longer drops no-ops itself, lower_int8 no longer fuses attention
     names = [p.name for p in INT8]
