@@ -1,11 +1,13 @@
 """Per-layer activation statistics behind the sweep's Fig. 6b / 6c plots.
 
-The float model is captured once per loaded model (``qdsl.study.jobs.LoadedModel``,
-its ``float_ref``; generate mode, the compiled models' cache length) with a ``Recorder`` (``qdsl.passes.record``) after every residual sum
-and linear output of every block. On the layer windows (the ends of the first
-benchmark contexts) it gives max |x| per layer and window (Fig. 6b) and each
-layer's output on window 0; a quantized model, recorded the same way on window 0,
-gives its relative error per layer against those outputs (Fig. 6c).
+The float model is captured once per loaded model (kept in its
+``qdsl.study.jobs.LoadedModel.float_ref``; generate mode, the compiled models' cache
+length) with a ``Recorder`` (``qdsl.passes.record``) after every residual sum and
+linear output of every block. On the layer windows (the ends of the first benchmark
+contexts) it gives max |x| per layer and window (Fig. 6b) and each layer's output on
+window 0; a quantized model, recorded the same way on window 0, gives its relative
+error per layer against those outputs (Fig. 6c). Torch and the graph passes are
+imported inside the functions: the CLI imports this module for every command.
 """
 
 from __future__ import annotations
