@@ -128,7 +128,7 @@ def run(args) -> int:
 def _check_lengths(args) -> None:
     """Lengths the user gave that the model cannot run (its graphs' cache stops at its
     positions, and a graph runs cache - 1 tokens): an OptionError before any job. The
-    defaults are clipped by the jobs themselves (qdsl.study.sweepjob._cache_len)."""
+    defaults are clipped by the jobs themselves (qdsl.study.jobs.cache_len)."""
     from ...models.limits import Limit, fit_length, model_limit
     from ...study.sweep import SweepConfig
 
