@@ -65,7 +65,8 @@ def test_write_text_atomic_new_file_is_private(tmp_path):
     from qdsl.atomic import write_json_atomic
 
     write_json_atomic(tmp_path / "r.json", {"ppl": float("nan"), "xs": (1.0, float("inf"))})
-    assert (tmp_path / "r.json").read_text() == '{\n "ppl": null,\n "xs": [\n  1.0,\n  null\n ]\n}\n'
+    want = '{\n "ppl": null,\n "xs": [\n  1.0,\n  null\n ]\n}\n'
+    assert (tmp_path / "r.json").read_text() == want
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o600
 
 

@@ -10,7 +10,8 @@ hosting cost.
   mount namespaces, read-only view, limits, output cap); refuses without it.
 * ``run``: what ``qdsl eval`` does: model or artifact vs its float baseline.
 * ``robust``: completion under perturbed prompts (Wei et al. Table 7).
-* ``hosting``: what ``qdsl bench`` measures: size, memory, latency vs fp32 and torch.ao.
+* ``hosting``: what ``qdsl bench`` measures: size, memory, latency vs fp32 and torch.ao;
+  ``hosting_report``: its cost per prediction, table and plot.
 
 The stdlib corpus itself is ``qdsl.models.stdlib``.
 

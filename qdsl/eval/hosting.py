@@ -6,7 +6,8 @@ qdsl model, all in one run.
 Every model is measured in a fresh subprocess (``python -m qdsl.eval.hosting CHILD``)
 so peak resident memory (``ru_maxrss``) belongs to that model alone. Latencies
 are medians over ``repeats`` runs after a warm-up; decode is per token at batch
-1 with a key/value cache (``CausalLM.prefill`` / ``decode``).
+1 with a key/value cache (``CausalLM.prefill`` / ``decode``). The report (``cost``,
+``markdown``, ``plot``) is ``qdsl.eval.hosting_report``, re-exported here.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from qdsl.atomic import atomic_path
 from qdsl.errors import ArtifactError, ModelError
+from qdsl.eval.hosting_report import cost, markdown, plot  # noqa: F401 (re-exported)
 from qdsl.models.limits import DEFAULT_MAX_CACHE_LEN, Limit, fit_length, model_limit
 
 log = logging.getLogger(__name__)
@@ -326,80 +327,6 @@ def conditions(cfg: BenchConfig) -> dict:
     return {"torch": torch.__version__, "threads": cfg.threads, "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(),
             "load_avg": os.getloadavg()}
-
-
-# --------------------------------------------------------------------------
-# Reporting.
-
-
-def cost(row: dict, cfg: dict) -> dict:
-    """Per 1k predictions (context prefill + ``pred_tokens`` decode steps): s, Wh, $."""
-    s = (row["prefill_ms"] + cfg["pred_tokens"] * row["decode_ms"]) / 1e3
-    wh = cfg["power_watts"] * s * 1000 / 3600
-    return {"s_per_pred": s, "wh_per_1k": wh, "usd_per_1k": wh / 1000 * cfg["price_per_kwh"]}
-
-
-def markdown(result: dict) -> str:
-    cfg, rows = result["config"], result["rows"]
-    base = rows[0]
-    fp16 = base["extra"].get("fp16_size_mb")
-
-    def ratio(v, b):
-        return f" ({v / b:.2f}x)" if v is not None and b else ""
-
-    out = [f"Model `{result['model']}`; context {cfg['context']} tokens, decode "
-           f"{cfg['decode_tokens']} tokens x {cfg['repeats']} repeats x {cfg['rounds']} rounds "
-           f"(medians, after warm-up, models interleaved), "
-           f"{cfg['threads']} thread(s), torch {result['conditions']['torch']}, "
-           f"load average {', '.join(f'{x:.1f}' for x in result['conditions']['load_avg'])}.",
-           "",
-           "| model | file MB | RSS after load MB | peak RSS MB | prefill ms | decode ms/token "
-           "| vs fp32 graph (prefill / decode) | tokens/s | s/pred | Wh / 1k pred | $ / 1k pred |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    graph = next((r for r in rows if r["kind"] == "fp32-graph"), None)
-    for r in rows:
-        c = cost(r, cfg)
-        size = "-" if r["size_mb"] is None else f"{r['size_mb']:.1f}{ratio(r['size_mb'], base['size_mb'])}"
-        vs = "-" if graph is None else (f"{r['prefill_ms'] / graph['prefill_ms']:.2f}x / "
-                                        f"{r['decode_ms'] / graph['decode_ms']:.2f}x")
-        out.append(f"| {r['name']} | {size} | {r['rss_load_mb']:.0f} | "
-                   f"{r['peak_rss_mb']:.0f}{ratio(r['peak_rss_mb'], base['peak_rss_mb'])} | "
-                   f"{r['prefill_ms']:.1f}{ratio(r['prefill_ms'], base['prefill_ms'])} | "
-                   f"{r['decode_ms']:.2f}{ratio(r['decode_ms'], base['decode_ms'])} | {vs} | "
-                   f"{r['tokens_per_s']:.1f} | {c['s_per_pred']:.2f} | {c['wh_per_1k']:.1f} | "
-                   f"{c['usd_per_1k']:.4f} |")
-    if fp16:
-        out.append(f"\nfp16 file size (computed, 2 bytes/parameter): {fp16:.1f} MB "
-                   f"({fp16 / base['size_mb']:.2f}x).")
-    out.append(f"Cost: a prediction = prefill of the context + {cfg['pred_tokens']} decode steps "
-               f"(Wei et al. Table 2 generate 20 tokens); assumed {cfg['power_watts']:g} W and "
-               f"${cfg['price_per_kwh']:g}/kWh.")
-    return "\n".join(out)
-
-
-def plot(result: dict, path: str | os.PathLike) -> None:
-    """File size against decode latency, one labelled point per model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["rows"]:
-        if r["size_mb"] is None:
-            continue
-        ax.scatter(r["decode_ms"], r["size_mb"], s=40)
-        ax.annotate(r["name"], (r["decode_ms"], r["size_mb"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("decode latency per token (ms, batch 1, KV cache)")
-    ax.set_ylabel("file size on disk (MB)")
-    ax.set_title(f"{result['model']}: size vs decode latency", fontsize=10)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".tmp" + Path(path).suffix) as tmp:  # savefig reads it
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":  # the child process: a JSON spec on stdin, a JSON line out
