@@ -116,3 +116,16 @@ def test_op_names():
     assert (opname(v), aten_name(v)) == ("view", "aten.view.default")
     assert (opname(x), aten_name(x)) == ("", "")
     assert aten_name(3) == ""
+
+
+# ---------------------------------------------------------------- graph attributes
+
+def test_owner_and_param_of_a_dotted_target():
+    from qdsl.graph.attrs import owner, param
+
+    model = nn.Sequential(nn.Linear(2, 3))
+    model.register_buffer("scale", torch.ones(1))
+    assert owner(model, "0.weight") == (model[0], "weight")
+    assert owner(model, "scale") == (model, "scale")
+    assert param(model, "0.weight") is model[0].weight
+    assert param(model, "scale") is model.scale

@@ -42,6 +42,7 @@ from .files import file_records, model_dir_files, read_json, regular_file, verif
 from .schema import PLAN, check_plan, check_recipe, validate, validate_marker
 from .tensors import check_quant_tensors, read_safetensors
 from ..errors import ArtifactError
+from ..graph.attrs import owner, param
 
 MARKER = "qdsl_artifact.json"
 FORMAT_VERSION = 2  # 2: qdsl_artifact.json records each file's sha256 and size ("files")
@@ -141,8 +142,6 @@ def _state_targets(gm: torch.fx.GraphModule) -> set[str]:
 
 def graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor the graph reads: get_attr targets and the called modules' tensors."""
-    from ..graph.attrs import param
-
     out: dict[str, torch.Tensor] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
@@ -179,14 +178,13 @@ def assign_tensors(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -
     for k, t in tensors.items():
         if k in keys:
             continue
-        owner_path, _, name = k.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        if name in owner._parameters:
-            owner._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
-        elif name in owner._buffers:
-            owner._buffers[name] = t
+        module, name = owner(gm, k)
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+        elif name in module._buffers:
+            module._buffers[name] = t
         else:
-            setattr(owner, name, t)
+            setattr(module, name, t)
 
 
 def artifact_size(path: str | os.PathLike) -> int:

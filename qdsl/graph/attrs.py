@@ -1,4 +1,5 @@
-"""Reading a graph module's attributes: the tensor behind a ``get_attr`` target."""
+"""A graph module's attributes: the tensor behind a ``get_attr`` target, and the
+module that owns a dotted target (to replace or delete it)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,10 @@ def param(gm: torch.nn.Module, target: str) -> torch.Tensor:
         obj = getattr(obj, part)
     assert isinstance(obj, torch.Tensor), f"{target} is {type(obj).__name__}, not a tensor"
     return obj
+
+
+def owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    """``(module, name)`` of a dotted attribute target: ``"h.0.w"`` -> (``gm.h[0]``,
+    ``"w"``); a top-level name is owned by ``gm``. The owner must exist."""
+    path, _, name = target.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), name

@@ -6,6 +6,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import GraphError
+from ..graph.attrs import owner
 
 ACT_PREFIX, WEIGHT_PREFIX = "qdsl_act__", "qdsl_weight__"
 
@@ -78,9 +79,8 @@ def replace_weight(gm: fx.GraphModule, named_node, value: torch.Tensor) -> None:
 
 def _delete_attr(gm: fx.GraphModule, target: str) -> None:
     """Free a parameter no node reads any more (unless another attribute aliases it)."""
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        owner._parameters[name] = None
-    elif name in owner._buffers:
-        owner._buffers[name] = None
+    module, name = owner(gm, target)
+    if name in module._parameters:
+        module._parameters[name] = None
+    elif name in module._buffers:
+        module._buffers[name] = None

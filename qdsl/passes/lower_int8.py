@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import GraphError
-from ..graph.attrs import param
+from ..graph.attrs import owner, param
 from ..graph.ops import LINEAR_INPUT_VIEWS, WEIGHTED_ATEN_OPS
 from ..plan import QuantPlan
 from ..quant.primitives import group_unview, group_view, quantize
@@ -373,7 +373,6 @@ def _drop_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
 
 
 def _delattr(gm: fx.GraphModule, target: str) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if hasattr(owner, name):
-        delattr(owner, name)
+    module, name = owner(gm, target)
+    if hasattr(module, name):
+        delattr(module, name)
