@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import linecache
 import logging
 import os
 import re
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.export import Dim
+from transformers import GenerationConfig
+from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 from qdsl.errors import CaptureError
 
@@ -146,9 +149,6 @@ def _is_encoder(model: torch.nn.Module) -> bool:
 
 def _capture_generate(model: torch.nn.Module, example_inputs: tuple | None,
                       max_cache_len: int) -> Captured:
-    from transformers import GenerationConfig
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
-
     if not _is_transformers(model) or _is_encoder(model):
         raise CaptureError(f"mode 'generate' needs a causal LM, got {type(model).__name__}",
                            hint="use mode='plain' for encoders and plain modules")
@@ -262,5 +262,4 @@ def _failing_frame(exc: BaseException, source: torch.nn.Module, root: torch.nn.M
 
 
 def _source_line(filename: str, lineno: int) -> str:
-    import linecache
     return linecache.getline(filename, lineno).strip()

@@ -13,6 +13,7 @@ Glob semantics (documented in docs/language.md):
 
 from __future__ import annotations
 
+import difflib
 import re
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -103,8 +104,6 @@ def select(sel: Selector, nodes: Iterable[Nameable]) -> list:
 
 def suggestions(sel: Selector, nodes: Iterable[Nameable], n: int = 3) -> list[str]:
     """Closest existing names for a selector that matched nothing ('did you mean')."""
-    import difflib
-
     nodes = list(nodes)
     if sel.kind == "op":
         pool = sorted({x.op for x in nodes})

@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from ..errors import QdslError
+from .stdlib import stdlib_files
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ class CalibSpec:
 
 def _texts(source: str, pattern: str = "*.py") -> Iterator[str]:
     if source == "stdlib":  # the reference model's train split; eval uses the test split
-        from .stdlib import stdlib_files
-
         files = stdlib_files("train")
     else:
         path = Path(source)

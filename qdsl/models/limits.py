@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ArtifactError, ModelError, OptionError
+from . import zoo
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,7 @@ def check_block(option: str, block: int, n_blocks: int | None) -> None:
 def model_blocks(name_or_path: str | os.PathLike) -> int | None:
     """The number of blocks of a model (short name, directory or hub id), from its
     config.json, without loading it."""
-    from .zoo import resolve_model
-
-    d = resolve_model(name_or_path).path
+    d = zoo.resolve_model(name_or_path).path
     return blocks_of_config(_read_json(Path(d) / "config.json", "model config", ModelError))
 
 
@@ -87,9 +86,7 @@ def _read_json(path: Path, what: str, error: type) -> dict:
 
 def model_limit(name_or_path: str | os.PathLike) -> Limit | None:
     """The positions of a model (short name, directory or hub id), from its config.json."""
-    from .zoo import resolve_model
-
-    d = resolve_model(name_or_path).path
+    d = zoo.resolve_model(name_or_path).path
     n = positions_of_config(_read_json(Path(d) / "config.json", "model config", ModelError))
     return Limit(n, f"the model has {n} positions") if n else None
 

@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import time
+from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,6 @@ def weights_hash(directory: Path) -> str:
 
 def _gguf_parts(name: str, src: GGUFSource) -> list[Path]:
     """The installed part files, checked for the pinned version, without importing them."""
-    from importlib import metadata
     parts = []
     for (dist, module), rel in zip(src.packages, src.files):
         spec = importlib.util.find_spec(module)
