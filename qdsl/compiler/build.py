@@ -17,15 +17,25 @@ import torch
 
 from ..models.limits import DEFAULT_MAX_CACHE_LEN, Limit, fit_length
 from ..plan import QuantPlan, build_plan
-from ..config.recipe import Recipe
+from ..artifact.store import lowered_state, module_hash, write_artifact
+from ..config.recipe import Recipe, Settings
+from ..errors import ModelError
+from ..graph.capture import capture, max_positions
+from ..graph.naming import name_graph
+from ..lang import load_recipe, parse_recipe
+from ..models import zoo
+from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibration_windows
+from ..passes.calibrate import calibrate
+from ..passes.int8_exec import execution
+from ..passes.pipeline import FREEZE, OBSERVE, VALIDATE, PassContext, lowering, run
+from ..runtime.graphlm import GraphLM
+from .render import draw_block, render_summary, render_table, rows
 
 ModelArg = Any  # a short name / directory / hub id, or an nn.Module
 
 
 def as_recipe(recipe: Recipe | str | os.PathLike) -> Recipe:
     """A Recipe, or a path to a .qrec file, or recipe text (if it contains '->')."""
-    from ..lang import load_recipe, parse_recipe
-
     if isinstance(recipe, Recipe):
         return recipe
     text = str(recipe)
@@ -38,9 +48,8 @@ def as_model(model: ModelArg):
     """(nn.Module, tokenizer or None, model id) from a model argument."""
     if isinstance(model, torch.nn.Module):
         return model.eval(), None, type(model).__name__
-    from ..models.zoo import load_model
 
-    m, tok = load_model(str(model))
+    m, tok = zoo.load_model(str(model))
     return m, tok, str(model)
 
 
@@ -55,39 +64,26 @@ class Explanation:
     def _execution(self):
         if self.lower != "int8":
             return None
-        from ..passes.int8_exec import execution
 
         table = execution(self.captured.gm, self.named, self.plan)
         return lambda entry: table[entry.name]
 
     def rows(self) -> list[dict[str, Any]]:
-        from .render import rows
-
         return rows(self.plan, self.named, self._execution())
 
     def table(self) -> str:
-        from .render import render_table
-
         return render_table(self.rows())
 
     def summary(self) -> str:
-        from .render import render_summary
-
         return render_summary(self.plan, self.captured.gm, self.named)
 
     def draw(self, path: str, block: int = 0) -> None:
-        from .render import draw_block
-
         draw_block(self.captured.gm, self.named, self.plan, path, block=block)
 
 
 def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
             example_inputs: tuple | None = None) -> Explanation:
     """Capture ``model`` (plain graph), name it, and match ``recipe``: no data needed."""
-    from ..graph.capture import capture
-    from ..graph.naming import name_graph
-    from ..passes.pipeline import VALIDATE, PassContext, run
-
     r = as_recipe(recipe)
     m, _, _ = as_model(model)
     captured = capture(m, example_inputs, mode="plain")
@@ -128,19 +124,13 @@ class QuantizedModel(torch.nn.Module):
 
     def lm(self, name: str | None = None):
         """This model as a ``CausalLM`` (generate-mode graphs only)."""
-        from ..runtime.graphlm import GraphLM
-
         if self.mode != "generate":
-            from ..errors import ModelError
-
             raise ModelError(f"{self.source_id} is an encoder / base model captured as a "
                              f"plain graph (mode {self.mode!r}): eval, bench and HumanEval "
                              "need a causal LM; explain and compile work")
         return GraphLM(self.gm, self.max_cache_len, name=name or f"qdsl:{self.recipe.source}")
 
     def save(self, out: str | os.PathLike, *, force: bool = False):
-        from ..artifact.store import write_artifact
-
         config, tensors = self.frozen.to_state()
         meta = {"model": {"id": self.source_id, "hash": self.source_hash},
                 "recipe": {"source": self.recipe.source, "hash": self.recipe.hash(),
@@ -150,8 +140,6 @@ class QuantizedModel(torch.nn.Module):
                 "quantizers": config}
         extra, write_more = None, None
         if self.lower == "int8":
-            from ..artifact.store import lowered_state
-
             state, aliases, runtime_state = lowered_state(self.gm)
             # weight scales live in the runtime modules (model.safetensors): keep shapes only
             shapes = {k: [list(t.shape), str(t.dtype).removeprefix("torch.")]
@@ -177,8 +165,6 @@ class QuantizedModel(torch.nn.Module):
 
 def _calib_runner(captured, mode: str, max_cache_len: int):
     if mode == "generate":
-        from ..runtime.graphlm import GraphLM
-
         return GraphLM(captured.gm, max_cache_len).logits
     return captured.gm
 
@@ -200,13 +186,6 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     capture. The passes run as the pipelines of ``qdsl.passes.pipeline`` (OBSERVE,
     calibration, FREEZE + FAKE or INT8); ``check`` checks the graph after every pass (tests).
     """
-    from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibration_windows
-    from ..graph.capture import capture, max_positions
-    from ..graph.naming import name_graph
-    from ..passes.calibrate import calibrate
-    from ..passes.pipeline import FREEZE, OBSERVE, PassContext, lowering, run
-    from ..config.recipe import Settings
-
     r = as_recipe(recipe)
     st = r.settings.then(settings or Settings())
     lower = lower or st.lower or "fake"
@@ -255,7 +234,6 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
                   batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                   progress=progress)
     gm = run(lowered, captured.gm, ctx, check=check)
-    from ..artifact.store import module_hash
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,

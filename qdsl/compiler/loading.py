@@ -10,9 +10,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..artifact.store import read_artifact
+from ..config.recipe import Recipe, Settings
 from ..errors import ArtifactError
-from ..config.recipe import Recipe
+from ..graph.capture import capture, max_positions
+from ..graph.naming import name_graph
+from ..passes.freeze import Frozen
+from ..passes.pipeline import PassContext, lowering, run
 from .build import ModelArg, QuantizedModel, as_model
+from .lowered import load_int8
 from .source import artifact_errors, check_source, local_source, plan_of
 
 
@@ -30,20 +36,11 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
     comparison of each file with its recorded sha256 (``--no-verify``); every other
     check of ``qdsl.artifact.store.read_artifact`` still runs.
     """
-    from ..artifact.store import read_artifact
-    from ..graph.capture import capture, max_positions
-    from ..graph.naming import name_graph
-    from ..passes.freeze import Frozen
-    from ..passes.pipeline import PassContext, lowering, run
-    from ..config.recipe import Settings
-
     meta, plan_json, tensors = read_artifact(path, verify=verify)
     recache = max_cache_len is not None and max_cache_len != meta["max_cache_len"]
     if recache:
         meta = {**meta, "max_cache_len": max_cache_len}
     if meta["lower"] == "int8" and meta["int8"]["self_contained"]:
-        from .lowered import load_int8
-
         return load_int8(path, meta, plan_json, tensors, model, same_model=recache)
     m, tok, model_id = as_model(model if model is not None
                                 else local_source(meta["model"]["id"], path))

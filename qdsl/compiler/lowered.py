@@ -20,10 +20,19 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ..artifact.store import assign_tensors, graph_tensors
 from ..artifact.tensors import check_config, read_safetensors
+from ..config.recipe import Recipe, Settings
 from ..errors import ArtifactError
+from ..graph.capture import capture, max_positions
+from ..graph.naming import name_graph
+from ..models.zoo import checkpoint_architecture
+from ..passes.freeze import Frozen
+from ..passes.pipeline import INT8, PassContext, run
+from .build import QuantizedModel, as_model
+from .source import artifact_errors, check_source, plan_of
 
 
 def _to_meta(gm: torch.nn.Module) -> None:
@@ -48,10 +57,6 @@ def meta_model(config_dir: Path, max_bytes: int | None = None,
     captured, refused with an ArtifactError: a float model larger than ``max_bytes``,
     or one with modules holding parameters that ``modules`` (the plan's module map)
     does not have (a config edited after the compile: more layers, other names)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from ..models.zoo import checkpoint_architecture
-
     # the class the config declares: an encoder is rebuilt without an LM head
     auto = AutoModelForCausalLM if checkpoint_architecture(config_dir).causal else AutoModel
     config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
@@ -80,14 +85,6 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
               same_model: bool = False):
     """``qdsl.load`` for a self-contained int8 artifact -> QuantizedModel. ``same_model``:
     ``meta`` asks for another cache length than the compile's (``QuantPlan.check_graph``)."""
-    from ..graph.capture import capture, max_positions
-    from .build import QuantizedModel, as_model
-    from .source import artifact_errors, check_source, plan_of
-    from ..graph.naming import name_graph
-    from ..passes.freeze import Frozen
-    from ..passes.pipeline import INT8, PassContext, run
-    from ..config.recipe import Recipe, Settings
-
     d, info = Path(path), meta["int8"]
     if model is not None:  # optional: must be the model the artifact was compiled from
         check_source(as_model(model)[0], meta, d)
@@ -167,16 +164,12 @@ def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str])
 
 
 def gm_config(config_dir: Path):
-    from transformers import AutoConfig
-
     return AutoConfig.from_pretrained(config_dir, local_files_only=True)
 
 
 def _tokenizer(model_dir: Path):
     if not any(model_dir.glob("tokenizer*")):
         return None
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:  # tokenizers and transformers raise many types on damaged files

@@ -6,10 +6,13 @@ re-derived from the recorded recipe. Failures are one ``ArtifactError``.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
+from ..artifact.store import module_hash
+from ..config.recipe import Loc, Recipe
 from ..errors import ArtifactError, QdslError
-from ..config.recipe import Recipe
+from ..models.zoo import SHORT_NAMES
 from ..plan import QuantPlan, build_plan
 
 
@@ -17,8 +20,6 @@ def local_source(model_id: str, path) -> str:
     """An artifact's recorded source model if it is on this machine (a short name, a
     directory, a hub snapshot already in the cache); never downloads: loading an
     artifact must not fetch what a file in it names."""
-    from ..models.zoo import SHORT_NAMES
-
     if model_id.lower() in SHORT_NAMES or Path(model_id).expanduser().is_dir():
         return model_id
     if model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")):
@@ -50,10 +51,6 @@ def artifact_errors(path, what: str):
 def plan_of(path, meta: dict, plan_json: dict, named, same_model: bool) -> QuantPlan:
     """plan.json as a QuantPlan that fits ``named`` and is exactly what the recorded
     recipe gives on it (the cross-check of plan and recipe)."""
-    from dataclasses import replace
-
-    from ..config.recipe import Loc
-
     with artifact_errors(path, "plan.json does not fit the model"):
         plan = QuantPlan.from_json(plan_json)
         plan.check_graph(named, same_model=same_model)
@@ -75,8 +72,6 @@ def plan_of(path, meta: dict, plan_json: dict, named, same_model: bool) -> Quant
 def check_source(m, meta: dict, path) -> str:
     """``m``'s content hash, if it is the model the artifact at ``path`` was compiled
     from; else an ArtifactError naming both."""
-    from ..artifact.store import module_hash
-
     got = module_hash(m)
     if got != meta["model"]["hash"]:
         raise ArtifactError(
