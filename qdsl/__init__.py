@@ -9,6 +9,8 @@
 Attributes are imported lazily so that the language front end never imports torch.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {"compile": "compiler", "load": "compiler", "QuantizedModel": "compiler",
@@ -17,7 +19,5 @@ _LAZY = {"compile": "compiler", "load": "compiler", "QuantizedModel": "compiler"
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f"qdsl.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'qdsl' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from .errors import Diagnostic, PlanError
 from .config.recipe import Loc, Recipe, Rule
+from .lang.loader import read_text
 from .graph.select import select, suggestions
 from .config.spec import ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, TensorPatch, TensorSpec, resolve
 
@@ -116,7 +117,6 @@ class QuantPlan:
 def _line_of(loc: Loc, recipe: Recipe) -> str:
     text = recipe.text if loc.file == recipe.source else None
     if text is None:  # an included file: read it as the loader does (regular, capped)
-        from .lang.loader import read_text
 
         text = read_text(Path(loc.file))[0]
         if text is None:

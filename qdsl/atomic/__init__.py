@@ -43,6 +43,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Iterator
 
+from .. import __version__
 from ..errors import ArtifactError, OutputError, QdslError
 from .files import (atomic_path, finite, umasked, write_json_atomic,  # noqa: F401 (re-exported)
                     write_text_atomic)
@@ -274,7 +275,6 @@ class OutputClaim:
                               "qdsl wrote")
             log.info("%s: a %s without %s; adopting it", n, k.name, k.marker)
         p.mkdir(exist_ok=True)
-        from .. import __version__
 
         write_json_atomic(p / k.marker, {"format": k.fmt, "qdsl_version": __version__})
 

@@ -18,6 +18,7 @@ import signal
 import sys
 import traceback
 
+from .. import __version__
 from ..errors import QdslError
 from .names import COMMANDS
 
@@ -28,8 +29,6 @@ def _available() -> list[str]:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = argparse.ArgumentParser(
         prog="qdsl",
         description="Declarative quantization recipes for PyTorch code models: "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import torch
 
 from ..errors import OptionError
@@ -130,8 +131,6 @@ def render_summary(plan: QuantPlan, gm: torch.nn.Module, named) -> str:
 def dataflow(gm: torch.fx.GraphModule, named):
     """networkx DiGraph over canonical names: an edge A -> B when B's node is reached
     from A's output without passing through another named node."""
-    import networkx as nx
-
     fx_to_name = {n.node: n.name for n in named.nodes}
     nodes = {n.name: n for n in gm.graph.nodes}
     g = nx.DiGraph()
@@ -164,7 +163,6 @@ def draw_block(gm: torch.fx.GraphModule, named, plan: QuantPlan, path: str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import networkx as nx
     from matplotlib.patches import Patch
 
     prefix = f"block.{block}."

@@ -154,8 +154,6 @@ class Recipe:
     @classmethod
     def from_json(cls, d: dict[str, Any], text: str = "") -> Recipe:
         """Rebuild a checked recipe from ``to_json`` (includes already spliced in)."""
-        from .spec import TensorPatch
-
         def loc(s: str) -> Loc:
             file, line, col = s.rsplit(":", 2)
             return Loc(file, int(line), int(col))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import QdslError
+from ..models.stdlib import stdlib_dir, stdlib_files
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,6 @@ def bench_from_dir(directory: str | os.PathLike, n: int, seed: int = 0,
 def stdlib_bench(n: int, seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> list[Sample]:
     """The standard bench: the held-out test split of the local Python's stdlib
     (the files ``stdlib-gpt2`` never saw)."""
-    from ..models.stdlib import stdlib_dir, stdlib_files
     return build_bench(stdlib_files("test"), stdlib_dir(), n, seed, max_chars)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import re
 
+from .parser import parse_spec_text
+
 PRESETS: dict[str, str] = {
     "w8a8": "w8, a8",      # Storti Table 2, Wei Tables 4/5
     "w8a16": "w8, a16",    # Storti Table 2
@@ -43,8 +45,6 @@ def preset_text(word: str) -> str | None:
 @functools.cache
 def preset_options(word: str):
     """The parsed options of a preset (``parse_spec_text`` of its text)."""
-    from .parser import parse_spec_text
-
     text = preset_text(word)
     assert text is not None, f"{word!r} is not a preset"
     return parse_spec_text(text)
