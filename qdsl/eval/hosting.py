@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -25,9 +26,19 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+
 from qdsl.errors import ArtifactError, ModelError
 from qdsl.eval.hosting_report import cost, markdown, plot  # noqa: F401 (re-exported)
+from qdsl.graph.capture import capture
+from qdsl.models import zoo
 from qdsl.models.limits import DEFAULT_MAX_CACHE_LEN, Limit, fit_length, model_limit
+from qdsl.models.lm import HFCausalLM
+from qdsl.passes.pipeline import FLOAT_RUNTIME, PassContext, run
+from qdsl.runtime.conv1d import conv1d_to_linear, is_conv1d
+from qdsl.runtime.graphlm import GraphLM
+from qdsl.runtime.swap import load_lowered, save_lowered, swap_linears
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +74,6 @@ def fit_config(model_name: str, cfg: BenchConfig) -> BenchConfig:
     stdlib-gpt2 (256 positions), 32 decode tokens -> context 223. A context left
     unset is clipped with a warning; a given one that does not fit is an OptionError."""
     if model_name == RANDOM_GPT2:
-        from transformers import GPT2Config
-
         n = GPT2Config().n_positions
         limit = Limit(n, f"{RANDOM_GPT2} has {n} positions")
     else:
@@ -99,20 +108,14 @@ class Row:
 
 def load_float(name: str):
     """float32 eval model: a short name or directory (``qdsl.models``), or RANDOM_GPT2."""
-    import torch
-
     if name == RANDOM_GPT2:
-        from transformers import GPT2Config, GPT2LMHeadModel
         torch.manual_seed(0)
         return GPT2LMHeadModel(GPT2Config()).eval()
-    from qdsl.models.zoo import load_model
     # the class the checkpoint declares; an encoder or missing weights: ModelError
-    return load_model(name, attn=None, require_causal=True, tokenizer=False)[0]
+    return zoo.load_model(name, attn=None, require_causal=True, tokenizer=False)[0]
 
 
 def _quantize_dynamic(model):
-    import torch
-
     with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8,
@@ -121,10 +124,6 @@ def _quantize_dynamic(model):
 
 def _load_child_model(spec: dict):
     """The model a child measures -> (CausalLM, vocab size)."""
-    from qdsl.models.lm import HFCausalLM
-    from qdsl.runtime.conv1d import conv1d_to_linear
-    from qdsl.runtime.swap import load_lowered
-
     kind, path = spec["kind"], spec["path"]
     if kind == "artifact":
         try:
@@ -137,9 +136,6 @@ def _load_child_model(spec: dict):
         return lm, spec["vocab"]
     model = load_lowered(path)                               # fp32 or swapped, meta + assign
     if kind == "fp32-graph":          # the runtime an int8 artifact runs, float weights
-        from qdsl.graph.capture import capture
-        from qdsl.runtime.graphlm import GraphLM
-        from qdsl.passes.pipeline import FLOAT_RUNTIME, PassContext, run
 
         cache = spec.get("cache_len", GRAPH_CACHE_LEN)
         gm = run(FLOAT_RUNTIME, capture(model, mode="generate", max_cache_len=cache).gm,
@@ -180,8 +176,6 @@ def _maxrss_mb() -> float:
 
 def measure(lm, vocab: int, cfg: BenchConfig) -> dict:
     """Prefill ms (median), decode ms per token (median of per-run medians)."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, cfg.context), generator=g)
     lm.prefill(ids[:, :8])                                   # warm-up
@@ -206,8 +200,6 @@ def measure(lm, vocab: int, cfg: BenchConfig) -> dict:
 
 
 def child_main(spec: dict) -> dict:
-    import torch
-
     cfg = BenchConfig(**spec["config"])
     torch.set_num_threads(cfg.threads)
     base = _rss_mb()
@@ -237,8 +229,6 @@ def dir_size_mb(path: str | os.PathLike) -> float:
 
 
 def _saved_size_mb(module, work: Path, name: str) -> float:
-    import torch
-
     f = work / f"{name}.pt"
     torch.save(module.state_dict(), f)
     return dir_size_mb(f)
@@ -246,9 +236,6 @@ def _saved_size_mb(module, work: Path, name: str) -> float:
 
 def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
     """Write the files the children load; return their specs (without config)."""
-    from qdsl.runtime.conv1d import conv1d_to_linear, is_conv1d
-    from qdsl.runtime.swap import save_lowered, swap_linears
-
     model = load_float(model_name)
     fp32_dir = save_lowered(model, "fp32", work / "fp32")
     n_params = sum(p.numel() for p in model.parameters())
@@ -289,7 +276,6 @@ def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | 
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         specs = prepare(model_name, lower_all, Path(tmp))
         if artifact:
-            from transformers import AutoConfig
             vocab = AutoConfig.from_pretrained(specs[0]["path"]).vocab_size
             meta = json.loads((Path(artifact) / "qdsl_artifact.json").read_text())
             # the artifact's own cache, or room for the prompt and the decoded tokens (a
@@ -321,9 +307,6 @@ def _row(spec: dict, runs: list[dict]) -> Row:
 
 
 def conditions(cfg: BenchConfig) -> dict:
-    import platform
-
-    import torch
     return {"torch": torch.__version__, "threads": cfg.threads, "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(),
             "load_avg": os.getloadavg()}

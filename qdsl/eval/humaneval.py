@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
 from tqdm import tqdm
 
 from ..errors import ModelError
@@ -50,7 +51,6 @@ def generate(lm: CausalLM, tok, prompt: str, max_new_tokens: int = 300,
     """The completion of ``prompt`` (text after it), cut at a stop sequence. A
     model with a short context sees the prompt left-truncated and writes at most
     half its context."""
-    import torch
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     if max_positions:
         max_new_tokens = min(max_new_tokens, max_positions // 2)

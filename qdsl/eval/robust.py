@@ -21,6 +21,8 @@ import tokenize
 import zlib
 from dataclasses import replace
 
+from .complete import prompt_ids, score_completion
+
 DEFAULT_PROB = 0.35  # NL-Augmenter ChangeCharCase default
 _AFTER = {tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING}
 _SKIP = {tokenize.NL, tokenize.COMMENT}
@@ -123,8 +125,6 @@ def robust_scores(lm, tok, samples, ccfg, *, max_positions: int | None = None,
     """Clean vs perturbed EM / ES of one model (``qdsl.models.lm.CausalLM``). A sample whose
     prompt tokens the perturbation leaves unchanged (it touched only text before the
     prompt window) has the same prediction by construction and is decoded once."""
-    from .complete import prompt_ids, score_completion
-
     pert = perturb_samples(samples, seed, prob)
     changed = [i for i, (a, b) in enumerate(zip(samples, pert))
                if not prompt_ids(tok, a, ccfg, max_positions).equal(

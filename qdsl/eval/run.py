@@ -14,12 +14,16 @@ import os
 import time
 from pathlib import Path
 
+from transformers import AutoConfig, AutoTokenizer
+
 from ..compiler.source import local_source
 from ..errors import ArtifactError, ModelError
+from ..models import zoo
 from ..models.limits import fit_length, limit_of, tightest
 from ..models.lm import CausalLM, HFCausalLM
 from .samples import Sample
 from .complete import DEFAULT_PROMPT, PROMPT_BY_MODEL, CompletionConfig, evaluate
+from .humaneval import run_humaneval
 from .sandbox import sandbox_kind
 
 log = logging.getLogger(__name__)
@@ -59,21 +63,18 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
             from ..compiler.loading import load_artifact_lm
         except ImportError as e:
             raise ModelError("compiled artifacts need qdsl compile (not available in this build)") from e
-        from transformers import AutoConfig, AutoTokenizer
 
         recorded = artifact_source(name_or_path)
         own = Path(name_or_path) / "model"          # the source's config + tokenizer, if saved
         model = None
         if not (own / "config.json").is_file():
-            from ..models.zoo import resolve_model
             model = source or local_source(recorded, name_or_path)
-            own = resolve_model(model).path
+            own = zoo.resolve_model(model).path
         lm = load_artifact_lm(name_or_path, model, verify=verify)
         tok = AutoTokenizer.from_pretrained(own, local_files_only=True)
         config = AutoConfig.from_pretrained(own, local_files_only=True)
         return lm, tok, max_positions_of(config), recorded.lower()
-    from ..models.zoo import load_model
-    model, tok = load_model(name_or_path, require_causal=True)   # an encoder: ModelError
+    model, tok = zoo.load_model(name_or_path, require_causal=True)   # an encoder: ModelError
     name = str(name_or_path)
     return HFCausalLM(model, name), tok, max_positions_of(model.config), name.lower()
 
@@ -129,7 +130,6 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
                        ppl_windows=ppl_windows, progress=progress)
         res.update(model=name, load_seconds=round(load_s, 2))
         if humaneval:
-            from .humaneval import run_humaneval
             res["humaneval"] = run_humaneval(lm, tok, limit=humaneval,
                                              heal=cfg.prompt == "heal", max_positions=max_pos,
                                              progress=progress, unsafe=unsafe_exec)
