@@ -38,8 +38,11 @@ from qdsl.errors import GraphError
 from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_range
 from qdsl.config.spec import ACTIVATION, WEIGHT, PerChannel, PerTensor, PerToken, TensorSpec
 
-W8 = TensorSpec(WEIGHT, 8, symmetric=True, granularity=PerChannel())
-A8_DYNAMIC = TensorSpec(ACTIVATION, 8, symmetric=True, granularity=PerToken(), dynamic=True)
+BITS = 8  # the one width these modules run (weights and activations); check_spec refuses others
+W8 = TensorSpec(WEIGHT, BITS, symmetric=True, granularity=PerChannel())
+A8_DYNAMIC = TensorSpec(ACTIVATION, BITS, symmetric=True, granularity=PerToken(), dynamic=True)
+# Int8DynamicLinear's activation granularities, by name (its config records the name)
+DYNAMIC_ACT_GRANULARITIES = {g.name: g for g in (PerToken(), PerTensor())}
 
 
 def derived(module: nn.Module, slot: str, sources: tuple[Tensor, ...], build):
@@ -67,10 +70,10 @@ def check_spec(spec: TensorSpec, bits: tuple[int, ...], granularities: tuple[typ
 
 def quantize_weight_int8(weight: Tensor, spec: TensorSpec = W8) -> tuple[Tensor, Tensor]:
     """float ``[out, in]`` -> (int8 ``[out, in]``, float32 scale ``[out]``)."""
-    check_spec(spec, (8,), (PerChannel, PerTensor), "int8 weight")
+    check_spec(spec, (BITS,), (PerChannel, PerTensor), "int8 weight")
     lo, hi = reduce_range(weight.detach().float(), spec.granularity, WEIGHT)
-    scale, zp = choose_qparams(lo, hi, 8, True)
-    q = quantize(weight.detach(), scale, zp, 8, True).to(torch.int8)
+    scale, zp = choose_qparams(lo, hi, spec.bits, spec.symmetric)
+    q = quantize(weight.detach(), scale, zp, spec.bits, spec.symmetric).to(torch.int8)
     return q, scale.reshape(-1).expand(weight.shape[0]).contiguous()
 
 
@@ -78,7 +81,7 @@ def quantize_act_int8(x: Tensor, scale: Tensor, zero_point: Tensor,
                       symmetric: bool) -> tuple[Tensor, Tensor]:
     """x ``[M, K]`` -> (int8 code, int32 zero point in that code); asym shifted by -128."""
     shift = 0 if symmetric else 128
-    return (quantize(x, scale, zero_point, 8, symmetric, dtype=torch.int8, offset=shift),
+    return (quantize(x, scale, zero_point, BITS, symmetric, dtype=torch.int8, offset=shift),
             zero_point - shift)
 
 
@@ -154,7 +157,7 @@ class _Int8Weight(nn.Module):
     def config(self) -> dict:
         return {"module": type(self).__name__, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None,
-                "weight": {"bits": 8, "symmetric": True, "granularity": self.weight_granularity}}
+                "weight": {"bits": BITS, "symmetric": True, "granularity": self.weight_granularity}}
 
 
 class Int8DynamicLinear(_Int8Weight):
@@ -162,11 +165,13 @@ class Int8DynamicLinear(_Int8Weight):
     on the symmetric grid (default) or the asymmetric one (``weight_rowsum`` corrects)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 act_granularity: str = "per_token", act_symmetric: bool = True,
-                 device=None) -> None:
+                 act_granularity: PerToken | PerTensor | str = "per_token",
+                 act_symmetric: bool = True, device=None) -> None:
         super().__init__(in_features, out_features, bias, device)
-        assert act_granularity in ("per_token", "per_tensor"), act_granularity
-        self.act_granularity, self.act_symmetric = act_granularity, act_symmetric
+        g = DYNAMIC_ACT_GRANULARITIES.get(getattr(act_granularity, "name", act_granularity))
+        assert g is not None, act_granularity
+        self._act_g = g                                      # resolved once, used per forward
+        self.act_granularity, self.act_symmetric = g.name, act_symmetric
         if not act_symmetric:
             self.WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_rowsum")
             self.register_buffer("weight_rowsum", torch.empty(out_features, dtype=torch.int32,
@@ -180,9 +185,9 @@ class Int8DynamicLinear(_Int8Weight):
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None,
                    weight_spec: TensorSpec = W8, act_spec: TensorSpec = A8_DYNAMIC):
-        check_spec(act_spec, (8,), (PerToken, PerTensor), "Int8DynamicLinear activation", None)
+        check_spec(act_spec, (BITS,), (PerToken, PerTensor), "Int8DynamicLinear activation", None)
         q, scale = quantize_weight_int8(weight, weight_spec)
-        m = cls.from_int(q, scale, bias, act_granularity=act_spec.granularity.name,
+        m = cls.from_int(q, scale, bias, act_granularity=act_spec.granularity,
                          act_symmetric=act_spec.symmetric)
         m.weight_granularity = weight_spec.granularity.name
         return m
@@ -197,16 +202,15 @@ class Int8DynamicLinear(_Int8Weight):
         if x2.shape[0] == 1 and fbgemm_exact():              # decode: 1 token = 1 tensor
             y = torch.ops.quantized.linear_dynamic(x2, self._fbgemm(), False)
             return y.reshape(*x.shape[:-1], self.out_features)
-        g = PerToken() if self.act_granularity == "per_token" else PerTensor()
         sym = self.act_symmetric
-        scale, zp = choose_qparams(*reduce_range(x2, g, ACTIVATION), 8, sym)
+        scale, zp = choose_qparams(*reduce_range(x2, self._act_g, ACTIVATION), BITS, sym)
         xq, zp = quantize_act_int8(x2, scale, zp, sym)       # scale, zp: [M, 1] or 0-d
         y = int8_matmul(xq, scale, None if sym else zp, self.weight, self.weight_scale,
                         None if sym else self.weight_rowsum, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def config(self) -> dict:
-        return {**super().config(), "act": {"bits": 8, "symmetric": self.act_symmetric,
+        return {**super().config(), "act": {"bits": BITS, "symmetric": self.act_symmetric,
                                             "dynamic": True, "granularity": self.act_granularity}}
 
 
@@ -228,8 +232,8 @@ class Int8StaticLinear(_Int8Weight):
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None, act_scale: Tensor | float,
                    act_zero_point: Tensor | int, weight_spec: TensorSpec = W8,
-                   act_spec: TensorSpec = TensorSpec(ACTIVATION, 8, symmetric=False)):
-        check_spec(act_spec, (8,), (PerTensor,), "Int8StaticLinear activation", None)
+                   act_spec: TensorSpec = TensorSpec(ACTIVATION, BITS, symmetric=False)):
+        check_spec(act_spec, (BITS,), (PerTensor,), "Int8StaticLinear activation", None)
         q, scale = quantize_weight_int8(weight, weight_spec)
         m = cls.from_int(q, scale, bias, act_scale, act_zero_point,
                          act_symmetric=act_spec.symmetric)
@@ -254,7 +258,7 @@ class Int8StaticLinear(_Int8Weight):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def config(self) -> dict:
-        return {**super().config(), "act": {"bits": 8, "symmetric": self.act_symmetric,
+        return {**super().config(), "act": {"bits": BITS, "symmetric": self.act_symmetric,
                                             "dynamic": False, "granularity": "per_tensor"}}
 
 
@@ -325,4 +329,4 @@ class Int8Embedding(nn.Module):
     def config(self) -> dict:
         return {"module": type(self).__name__, "num_embeddings": self.num_embeddings,
                 "embedding_dim": self.embedding_dim,
-                "weight": {"bits": 8, "symmetric": True, "granularity": "per_channel"}}
+                "weight": {"bits": BITS, "symmetric": True, "granularity": "per_channel"}}
