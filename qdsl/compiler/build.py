@@ -234,6 +234,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
                   batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                   progress=progress)
     gm = run(lowered, captured.gm, ctx, check=check)
+    ctx.frozen.codes.clear()  # the lowering used freeze's codes; the graph holds its own
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,

@@ -4,7 +4,8 @@ quantization parameters (what an artifact stores).
 requires: ``calibrate`` ran (static activation observers have data).
 ensures:  ``Frozen`` holds, per named node, its activation module (FakeQuant with
           frozen scale / zero point / PEG permutation, DynamicFakeQuant, or FloatCast)
-          and its weight's (scale, zero_point); the graph is unchanged.
+          and its weight's (scale, zero_point) and integer codes (computed once here;
+          the lowerings reuse them); the graph is unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import Tensor, fx, nn
 
 from ..graph.attrs import param
 from ..runtime.conv1d import oriented
-from ..runtime.fakequant import DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight, module_from_json
+from ..runtime.fakequant import (DynamicFakeQuant, FakeQuant, FloatCast, module_from_json,
+                                 quantize_weight)
 from ..quant.observers import Observer
 from ..plan import QuantPlan
 from ..config.spec import TensorSpec
@@ -24,10 +26,16 @@ from ..config.spec import TensorSpec
 
 @dataclass
 class Frozen:
-    """Frozen quantization parameters, keyed by canonical name."""
+    """Frozen quantization parameters, keyed by canonical name.
+
+    ``codes``: each quantized weight's int32 codes [out, in] (``quantize_weight``), as
+    ``freeze`` computed them; in memory only (an artifact stores the lowered weights,
+    not these): ``from_state`` leaves it empty, and the lowerings then derive the
+    codes from the stored weight and (scale, zero_point)."""
 
     activations: dict[str, nn.Module] = field(default_factory=dict)
     weights: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # (scale, zero_point)
+    codes: dict[str, Tensor] = field(default_factory=dict)
 
     def to_state(self) -> tuple[dict, dict[str, Tensor]]:
         """(JSON config, flat tensors for safetensors: ``act.<name>.<buffer>``, ``weight.<name>.scale``)."""
@@ -84,6 +92,7 @@ def freeze(gm: fx.GraphModule, named, plan: QuantPlan,
             frozen.activations[node.name] = m
         if entry.weight is not None and entry.weight.quantized:
             w = oriented(param(gm, node.weight), node.weight_layout)
-            _, scale, zero_point = fake_quantize_weight(w, entry.weight)
+            q, scale, zero_point = quantize_weight(w, entry.weight)
             frozen.weights[node.name] = (scale, zero_point)
+            frozen.codes[node.name] = q
     return frozen

@@ -3,7 +3,11 @@
 requires: ``frozen`` from ``freeze`` (or loaded from an artifact) for this plan.
 ensures:  each activation module sits on its node's output (replacing an observer
           if one is there); each quantized weight is replaced, for its own op only,
-          by its fake-quantized value, computed once here (weights are constant).
+          by its fake-quantized value, computed once here (weights are constant):
+          the dequantized codes ``freeze`` computed (``frozen.codes``), or, for a
+          frozen state without codes (an artifact's), the stored weight
+          fake-quantized with the frozen (scale, zero_point). Both give the same
+          floats: ``fake_quantize`` is ``dequantize(quantize(.))``.
           Export's no-op nodes stay: the pipelines (``qdsl.passes.pipeline.FAKE``)
           run ``simplify.drop_noops`` next.
 """
@@ -15,7 +19,7 @@ from torch import Tensor, fx
 
 from ..graph.attrs import param
 from ..runtime.conv1d import oriented
-from ..runtime.fakequant import FLOAT_TORCH_DTYPES
+from ..runtime.fakequant import FLOAT_TORCH_DTYPES, dequantize_weight
 from ..plan import QuantPlan
 from ..quant.primitives import fake_quantize, group_unview, group_view
 from ..config.spec import GroupWise, TensorSpec
@@ -44,7 +48,10 @@ def lower_fake(gm: fx.GraphModule, named, plan: QuantPlan, frozen: Frozen) -> fx
             continue
         if node.name in frozen.weights:
             w = oriented(param(gm, node.weight), node.weight_layout)
-            w_hat = oriented(fake_weight(w, spec, *frozen.weights[node.name]), node.weight_layout)
+            q = frozen.codes.get(node.name)
+            w_hat = (fake_weight(w, spec, *frozen.weights[node.name]) if q is None
+                     else dequantize_weight(q, spec, *frozen.weights[node.name]).to(w.dtype))
+            w_hat = oriented(w_hat, node.weight_layout)
             replace_weight(gm, node, w_hat.contiguous())
         elif not spec.quantized and spec.float_dtype != "fp32":
             replace_weight(gm, node, fake_weight(param(gm, node.weight), spec, None, None))

@@ -12,12 +12,10 @@ ensures:  every op a row below matches is a ``call_module`` of a runtime module
           (``qdsl.passes.pipeline.INT8``) runs ``fuse_attention`` next: attentions
           whose scores and probs stay float become one fused SDPA call.
 
-Integer codes are ``quantize(w_hat, scale, zero_point)`` of the fake-quantized copy
-with the frozen parameters: ``w_hat = (q - zp) * scale`` in float32, so
-``round(w_hat / scale) = q`` exactly for |q| <= 255 (relative error ~1e-7), the
-same integers as quantizing the original weight (tests check it), without keeping
-the float original alive. On meta tensors (``qdsl.load``) the pass only builds
-structure; the stored integers are assigned afterwards.
+Integer codes are the ones ``freeze`` computed (``frozen.codes``), used as they are.
+A frozen state without codes (an artifact's, on meta tensors: ``qdsl.load``) gets
+``quantize(w_hat, scale, zero_point)`` of the fake-quantized copy: there the pass
+only builds structure, and the stored integers are assigned afterwards.
 
 The input quantizer of a linear is its producer's activation quantizer, found by
 walking back from the op's input through view-like ops: a static 8-bit per-tensor
@@ -99,11 +97,14 @@ def _a8_dynamic(s: Site) -> bool:
 # --------------------------------------------------------------------------- builders
 
 def _codes(gm: fx.GraphModule, s: Site, frozen: Frozen) -> tuple[Tensor, Tensor]:
-    """(int32 codes [out, in], scale) of the op's fake-quantized weight."""
+    """(int32 codes [out, in], scale) of the op's quantized weight: freeze's codes, or
+    (no codes: an artifact's frozen state) the fake-quantized copy's."""
+    scale, zp = frozen.weights[s.name]
+    if s.name in frozen.codes:
+        return frozen.codes[s.name], scale
     _, w_arg, _, in_out = OPS[str(s.op.target)]
     w = param(gm, s.op.args[w_arg].target).detach()
     w = w.t() if in_out else w                               # [out, in]
-    scale, zp = frozen.weights[s.name]
     if isinstance(s.weight.granularity, GroupWise):          # scale: [out, in/size, 1]
         q = group_unview(quantize(group_view(w.float(), s.weight.granularity.size),
                                   scale, zp, s.weight.bits, True))
@@ -134,7 +135,7 @@ def _static(gm, s, frozen):
 def _dynamic(gm, s, frozen):
     q, scale = _codes(gm, s, frozen)
     return Int8DynamicLinear.from_int(q, scale, _bias(gm, s),
-                                      act_granularity=s.input.granularity.name,
+                                      act_granularity=s.input.granularity,
                                       act_symmetric=s.input.symmetric)
 
 

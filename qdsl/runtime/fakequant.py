@@ -10,8 +10,10 @@ rebuilds any of them.
 * ``DynamicFakeQuant``: range from the tensor itself at every call (min-max;
   per tensor, per token or per group); the spec's observer is not used.
 * ``FloatCast``: fp16 / bf16 passthrough (cast to the dtype and back).
-* ``fake_quantize_weight``: weights are constant, so they are fake-quantized once at
-  freeze time and stored as a float tensor; no per-forward work.
+* ``quantize_weight`` / ``dequantize_weight``: weights are constant, so freeze computes
+  their integer codes once; the lowerings reuse them (fake: dequantized to a float
+  tensor, no per-forward work; int8: the runtime modules' codes).
+* ``fake_quantize_weight``: the float weight's fake-quantized value in one call.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from qdsl.quant.observers import Observer, make_observer
-from qdsl.quant.primitives import (choose_qparams, fake_quantize, group_unview, group_view,
-                                   is_binary, reduce_mean_abs, reduce_range)
+from qdsl.quant.primitives import (choose_qparams, dequantize, fake_quantize, group_unview,
+                                   group_view, is_binary, quantize, reduce_mean_abs, reduce_range)
 from qdsl.config.spec import GroupWise, TensorSpec
 
 FLOAT_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -131,6 +133,35 @@ MODULE_TYPES: dict[str, type] = {c.__name__: c for c in (FakeQuant, DynamicFakeQ
 def module_from_json(config: dict, state: dict[str, Tensor] | None = None) -> nn.Module:
     """Rebuild any runtime module from its ``to_json()`` and ``state_dict()``."""
     return MODULE_TYPES[config["type"]].from_state(config, state or {})
+
+
+def quantize_weight(w: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Integer codes of a constant, quantized-spec weight [out, in], computed once:
+    ``(q, scale, zero_point)``.
+
+    q: int32 [out, in] on the spec's grid; scale / zero_point are the observer's (per
+    channel [out, 1], group [out, in/size, 1], ...). ``dequantize_weight(q, spec, scale,
+    zero_point)`` is the fake-quantized weight. Requires ``spec.quantized``.
+    """
+    with torch.no_grad():
+        obs = make_observer(spec)
+        obs(w)
+        scale, zero_point = obs.qparams()
+        g = spec.granularity
+        wf = w.detach().float()
+        v = group_view(wf, g.size) if isinstance(g, GroupWise) else wf
+        q = quantize(v, scale, zero_point, spec.bits, spec.symmetric)
+    return (group_unview(q) if isinstance(g, GroupWise) else q), scale, zero_point
+
+
+def dequantize_weight(q: Tensor, spec: TensorSpec, scale: Tensor,
+                      zero_point: Tensor) -> Tensor:
+    """float32 [out, in] weight of codes ``q [out, in]`` (from ``quantize_weight``):
+    the same values as fake-quantizing the float weight with these parameters."""
+    g = spec.granularity
+    if isinstance(g, GroupWise):
+        return group_unview(dequantize(group_view(q, g.size), scale, zero_point))
+    return dequantize(q, scale, zero_point)
 
 
 def fake_quantize_weight(w: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, Tensor]:

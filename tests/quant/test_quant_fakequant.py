@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 from strategies import activations, matrices
 
-from qdsl.runtime.fakequant import (DynamicFakeQuant, FakeQuant, FloatCast, fake_quantize_weight,
-                                    module_from_json)
+from qdsl.runtime.fakequant import (DynamicFakeQuant, FakeQuant, FloatCast, dequantize_weight,
+                                    fake_quantize_weight, module_from_json, quantize_weight)
 from qdsl.quant.observers import make_observer
 from qdsl.quant.primitives import binarize, choose_qparams, fake_quantize, qrange, reduce_range
 from qdsl.config.spec import (ACTIVATION, MSE, WEIGHT, GroupWise, PerChannel, PerGroup, PerTensor,
@@ -96,6 +96,18 @@ def test_fake_quantize_weight(w, gran, bits, symmetric):
     levels = v / s + z  # on the integer grid
     assert torch.allclose(levels, levels.round(), atol=1e-3)
     assert (levels.round() >= qmin).all() and (levels.round() <= qmax).all()
+
+
+@given(matrices(col_multiple=4), st.sampled_from([PerTensor(), PerChannel(), GroupWise(4)]),
+       st.sampled_from([1, 2, 4, 8]), st.booleans())
+def test_quantize_weight_codes_dequantize_to_the_fake_quantized_weight(w, gran, bits, symmetric):
+    """freeze keeps the codes; lower_fake dequantizes them: the same floats, bit for bit."""
+    spec = resolve(WEIGHT, TensorPatch(bits=bits, symmetric=symmetric, granularity=gran))
+    q, s, z = quantize_weight(w, spec)
+    w_hat, s2, z2 = fake_quantize_weight(w, spec)
+    assert q.dtype == torch.int32 and q.shape == w.shape
+    assert torch.equal(s, s2) and torch.equal(z, z2)
+    assert torch.equal(dequantize_weight(q, spec, s, z), w_hat)
 
 
 def test_fake_quantize_weight_binary_mse_and_float():
