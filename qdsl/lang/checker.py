@@ -218,7 +218,9 @@ class _SpecState:
                 return
             kind = WEIGHT if bits.group(1) == "w" else ACTIVATION
             value = int(bits.group(2)) if len(bits.group(2)) <= 4 else 10 ** 6
-            if not (MIN_BITS <= value <= MAX_BITS or value == FLOAT_BITS):
+            try:  # the range is the spec's to check (TensorPatch); here it gets a location
+                TensorPatch(bits=value)
+            except SpecError:
                 err(col, f"{kind} bits must be "
                          f"{MIN_BITS}..{MAX_BITS}, or {FLOAT_BITS} to keep float; got `{text}`")
                 return
