@@ -224,7 +224,7 @@ class _SpecState:
                 err(col, f"{kind} bits must be "
                          f"{MIN_BITS}..{MAX_BITS}, or {FLOAT_BITS} to keep float; got `{text}`")
                 return
-            self.set(kind, "precision", ("bits", value), text, col)
+            self.set(kind, "precision", {"bits": value}, text, col)
             self.current = kind
             return
         d = self._definition(o, col)
@@ -353,9 +353,7 @@ class _SpecState:
 
     def patch(self, kind: str) -> TensorPatch:
         s = {k: v[0] for k, v in self.slots[kind].items()}
-        prec = s.pop("precision", None)
-        return TensorPatch(bits=prec[1] if prec and prec[0] == "bits" else None,
-                           float_dtype=prec[1] if prec and prec[0] == "float" else None, **s)
+        return TensorPatch(**s.pop("precision", {}), **s)  # precision: bits or float_dtype
 
 
 def _unknown_arg(err: _Reporter, d: OptionDef, name: str, col: int) -> None:

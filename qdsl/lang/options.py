@@ -63,7 +63,7 @@ class ArgDef:
 @dataclass(frozen=True)
 class OptionDef:
     word: str
-    slot: str  # TensorPatch field it sets ('precision' covers bits and float_dtype)
+    slot: str  # TensorPatch field it sets ('precision': {bits: N} or {float_dtype: D})
     kinds: tuple[str, ...]
     build: Callable[..., Any]  # keyword arguments (by ArgDef.name) -> field value
     args: tuple[ArgDef, ...] = ()
@@ -99,9 +99,9 @@ def _defs() -> dict[str, OptionDef]:
                   (ArgDef("p", _percent, True),), 1, "percentile(99.9)"),
         OptionDef("static", "dynamic", (ACTIVATION,), lambda: False),
         OptionDef("dynamic", "dynamic", (ACTIVATION,), lambda: True),
-        OptionDef("fp16", "precision", BOTH, lambda: ("float", "fp16")),
-        OptionDef("bf16", "precision", BOTH, lambda: ("float", "bf16")),
-        OptionDef("fp32", "precision", BOTH, lambda: ("float", "fp32")),
+        OptionDef("fp16", "precision", BOTH, lambda: {"float_dtype": "fp16"}),
+        OptionDef("bf16", "precision", BOTH, lambda: {"float_dtype": "bf16"}),
+        OptionDef("fp32", "precision", BOTH, lambda: {"float_dtype": "fp32"}),
     ]
     return {d.word: d for d in defs}
 
