@@ -221,14 +221,6 @@ def lazy_violations() -> dict[str, list[int]]:
 # Today's imports inside functions that belong at the top (shrinks only: fix one,
 # delete its line).
 KNOWN_LAZY: set[str] = {
-    "qdsl/artifact/schema.py: qdsl.config.recipe",
-    "qdsl/artifact/schema.py: qdsl.lang.checker",
-    "qdsl/artifact/schema.py: qdsl.lang.loader",
-    "qdsl/artifact/schema.py: qdsl.lang.parser",
-    "qdsl/artifact/schema.py: qdsl.lang.syntax",
-    "qdsl/artifact/tensors.py: qdsl.quant.primitives",
-    "qdsl/artifact/tensors.py: safetensors.torch",
-    "qdsl/artifact/tensors.py: torch",
     "qdsl/cli/commands/bench.py: qdsl.atomic",
     "qdsl/cli/commands/check.py: qdsl.lang",
     "qdsl/cli/commands/compile.py: qdsl.atomic",
@@ -248,9 +240,6 @@ KNOWN_LAZY: set[str] = {
     "qdsl/cli/commands/sweep.py: shlex",
     "qdsl/passes/lower_int8.py: dataclasses",
     "qdsl/passes/lower_int8.py: qdsl.passes.common",
-    "qdsl/runtime/swap.py: safetensors.torch",
-    "qdsl/runtime/swap.py: transformers",
-    "qdsl/study/sweepjob.py: qdsl",
 }
 
 

@@ -13,7 +13,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config.recipe import Recipe, Rule, Settings
 from ..errors import ArtifactError
+from ..lang.checker import check_document
+from ..lang.loader import read_text
+from ..lang.parser import parse_document
+from ..lang.syntax import IncludeLine
 from .files import regular_file
 
 MAX_INT = 1 << 31
@@ -264,12 +269,6 @@ def check_recipe(d: Path, meta: dict) -> None:
     """recipe.qrec parses, and its rules (and, without includes, its hash) agree with
     the ones the marker records. Includes are not followed (they name files on the
     machine that compiled): the recorded rules from other files stand for them."""
-    from ..lang.checker import check_document
-    from ..lang.loader import read_text
-    from ..lang.parser import parse_document
-    from ..lang.syntax import IncludeLine
-    from ..config.recipe import Recipe, Rule, Settings
-
     regular_file(d, "recipe.qrec")
     try:
         recorded = Recipe.from_json(meta["recipe"]["rules"])

@@ -10,7 +10,11 @@ import json
 import math
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from ..errors import ArtifactError
+from ..quant.primitives import qrange
 from .files import read_json, regular_file
 from .schema import _show
 
@@ -26,9 +30,6 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 def read_safetensors(d: Path, rel: str) -> dict:
     """Tensors of a safetensors file whose header was checked against the file's size
     first (so nothing larger than the file is ever allocated); float tensors finite."""
-    import torch
-    from safetensors.torch import load_file
-
     size = regular_file(d, rel).st_size
     where = f"artifact {d}: {rel}"
     with open(d / rel, "rb") as f:
@@ -73,10 +74,6 @@ def check_quant_tensors(d: Path, meta: dict, plan: dict, tensors: dict) -> None:
     """quant_params.safetensors holds each quantizer's tensors: positive finite scales,
     integer zero points on the quantizer's grid, PEG permutations that are
     permutations; an activation's scale is 0-d (per tensor) or 1-d (PEG)."""
-    import torch
-
-    from ..quant.primitives import qrange
-
     where = f"artifact {d}: quant_params.safetensors"
     need: dict[str, tuple | None] = {}  # tensor name -> (bits, symmetric), None: optional
     for k, c in meta["quantizers"]["activations"].items():

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from qdsl.atomic import atomic_path
 from qdsl.errors import ArtifactError
@@ -68,8 +70,6 @@ def save_lowered(model: nn.Module, scheme: str, out_dir: str | os.PathLike) -> P
 
     ``scheme`` is the one ``swap_linears`` applied, or "fp32" for an unswapped model.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state, seen, aliases = {}, {}, {}
@@ -90,9 +90,6 @@ def save_lowered(model: nn.Module, scheme: str, out_dir: str | os.PathLike) -> P
 
 def load_lowered(path: str | os.PathLike, attn: str = "sdpa") -> nn.Module:
     """Meta-device model from config.json, ``swap_linears``, ``load_state_dict(assign=True)``."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     d = Path(path)
     if not (d / LOWERED_JSON).exists():
         raise ArtifactError(f"{d}: not a lowered model (no {LOWERED_JSON})")

@@ -22,6 +22,8 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+import qdsl
+
 from ..atomic import finite, write_json_atomic
 from ..errors import QdslError
 from ..lang import load_recipe
@@ -64,8 +66,6 @@ def _humaneval_cache_len(cfg: SweepConfig, tok, max_pos: int | None) -> int:
 
 def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: bool,
              graph_cache: int | None = None):
-    import qdsl
-
     loaded = _model(cfg.model)
     model, tok = loaded.model, loaded.tok
     graph_cache = graph_cache or cache_len(cfg, loaded.max_pos)
@@ -182,8 +182,6 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
 def _reload(artifact: Path | None, model, graph_cache: int | None = None):
     """A quality job's compiled model, without calibrating again (None if unusable);
     ``graph_cache``: re-captured with this static cache."""
-    import qdsl
-
     if artifact is None or not (Path(artifact) / "qdsl_artifact.json").exists():
         return None
     try:
