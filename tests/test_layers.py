@@ -238,8 +238,6 @@ KNOWN_LAZY: set[str] = {
     "qdsl/cli/commands/sweep.py: qdsl.study.sweep",
     "qdsl/cli/commands/sweep.py: qdsl.study.tables",
     "qdsl/cli/commands/sweep.py: shlex",
-    "qdsl/passes/lower_int8.py: dataclasses",
-    "qdsl/passes/lower_int8.py: qdsl.passes.common",
 }
 
 

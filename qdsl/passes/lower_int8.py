@@ -28,7 +28,7 @@ weight-only modules fed exactly what the fake-quant graph fed the op.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -42,7 +42,7 @@ from ..quant.primitives import group_unview, group_view, quantize
 from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                        Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
 from ..config.spec import GroupWise, PerChannel, PerTensor, PerToken, TensorSpec
-from .common import ACT_PREFIX, attr_name
+from .common import ACT_PREFIX, attr_name, weight_use
 from .freeze import Frozen
 
 INT8_PREFIX = "qdsl_int8__"
@@ -207,8 +207,6 @@ def why_not(s: Site) -> str:
 
 def _sites(gm: fx.GraphModule, named, plan: QuantPlan) -> list[Site]:
     """A Site for every named node with a quantized weight, in graph order."""
-    from .common import weight_use
-
     by_fx = {n.node: n.name for n in named.nodes}
     sites = []
     for node in named.nodes:
@@ -232,8 +230,6 @@ def _sites(gm: fx.GraphModule, named, plan: QuantPlan) -> list[Site]:
 
 def _weight_op(gm, node, weight_use):
     """The op reading the node's weight: after lower_fake it reads ``qdsl_weight__<name>``."""
-    from dataclasses import replace
-
     fake = attr_name(node.name, "qdsl_weight__")
     if hasattr(gm, fake):
         return weight_use(gm, replace(node, weight=fake))
