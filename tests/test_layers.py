@@ -220,25 +220,7 @@ def lazy_violations() -> dict[str, list[int]]:
 
 # Today's imports inside functions that belong at the top (shrinks only: fix one,
 # delete its line).
-KNOWN_LAZY: set[str] = {
-    "qdsl/cli/commands/bench.py: qdsl.atomic",
-    "qdsl/cli/commands/check.py: qdsl.lang",
-    "qdsl/cli/commands/compile.py: qdsl.atomic",
-    "qdsl/cli/commands/compile.py: qdsl.config.recipe",
-    "qdsl/cli/commands/eval.py: qdsl.atomic",
-    "qdsl/cli/commands/eval.py: qdsl.eval.samples",
-    "qdsl/cli/commands/eval.py: qdsl.eval.sandbox",
-    "qdsl/cli/commands/explain.py: qdsl.models.limits",
-    "qdsl/cli/commands/fmt.py: qdsl.lang",
-    "qdsl/cli/commands/fmt.py: qdsl.lang.loader",
-    "qdsl/cli/commands/sweep.py: qdsl.errors",
-    "qdsl/cli/commands/sweep.py: qdsl.eval.sandbox",
-    "qdsl/cli/commands/sweep.py: qdsl.models.limits",
-    "qdsl/cli/commands/sweep.py: qdsl.study.report",
-    "qdsl/cli/commands/sweep.py: qdsl.study.sweep",
-    "qdsl/cli/commands/sweep.py: qdsl.study.tables",
-    "qdsl/cli/commands/sweep.py: shlex",
-}
+KNOWN_LAZY: set[str] = set()
 
 
 def test_imports_inside_functions_only_for_optional_or_heavy_on_the_light_path():

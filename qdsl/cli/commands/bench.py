@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from qdsl.atomic import write_json_atomic
 from qdsl.cli.names import COMMANDS
 
 from ..args import MAX_THREADS, int_range, nonneg_float, output_file, positive_float, positive_int
@@ -53,7 +54,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from qdsl.eval import hosting as bench
     from qdsl.artifact.store import is_artifact, read_artifact
-    from qdsl.atomic import write_json_atomic
     from qdsl.compiler.source import local_source
 
     cfg = bench.BenchConfig(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ...lang import check_file
 from ..names import COMMANDS
 
 
@@ -23,8 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...lang import check_file
-
     failed = 0
     for path in args.files:
         diags = check_file(path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ...atomic import ARTIFACT, output_dir as claim_output
+from ...config.recipe import Settings
 from ..names import COMMANDS
 from ..args import int_range, output_dir, positive_int, seed_int
 
@@ -48,9 +50,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ...artifact.store import artifact_size
-    from ...atomic import ARTIFACT, output_dir as claim_output
     from ...compiler.build import compile
-    from ...config.recipe import Settings
 
     overrides = Settings(calib_samples=args.samples, calib_seq_len=args.seq_len,
                          calib_seed=args.seed, lower=args.lower)

@@ -7,6 +7,9 @@ import argparse
 import math
 from pathlib import Path
 
+from ...atomic import write_json_atomic
+from ...eval.samples import load_bench, save_jsonl
+from ...eval.sandbox import sandbox_kind
 from ..names import COMMANDS
 from ..args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_file,
                     positive_int, seed_int)
@@ -83,10 +86,7 @@ def _check_artifact(path: str, verify: bool) -> None:
 
 
 def run(args) -> int:
-    from ...eval.samples import load_bench, save_jsonl
-    from ...atomic import write_json_atomic
     from ...eval.run import fit_eval, run_eval
-    from ...eval.sandbox import sandbox_kind
 
     if args.humaneval:  # no sandbox: refuse before anything is loaded
         sandbox_kind(args.unsafe_exec)

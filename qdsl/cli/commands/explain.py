@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ...models.limits import check_block, model_blocks
 from ..names import COMMANDS
 from ..args import nonneg_int, output_file
 
@@ -33,7 +34,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ...compiler.build import explain
-    from ...models.limits import check_block, model_blocks
 
     if args.graph:  # from the model's config.json, before loading or capturing it
         check_block("--block", args.block, model_blocks(args.model))

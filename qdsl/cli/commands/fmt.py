@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ... import lang
+from ...lang.loader import MAX_FILE_BYTES, read_text
 from ..names import COMMANDS
 from ...errors import RecipeError
 
@@ -42,9 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...lang import format_text
-    from ...lang.loader import read_text
-
     status = 0
     for path in map(Path, args.files):
         text, diags = read_text(path)
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             status = 1
             continue
         try:
-            formatted = format_text(text, str(path))
+            formatted = lang.format_text(text, str(path))
         except RecipeError as e:
             print(e.format(), file=sys.stderr)
             status = 1
@@ -195,8 +194,6 @@ def _content(target: str, st: os.stat_result) -> bytes | None:
 
 
 def _read_all(fd: int) -> bytes:
-    from ...lang.loader import MAX_FILE_BYTES
-
     chunks, size = [], 0
     while size <= MAX_FILE_BYTES:
         chunk = os.pread(fd, MAX_FILE_BYTES + 1 - size, size)

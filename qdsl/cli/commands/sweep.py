@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
+from ...errors import QdslError
+from ...eval.sandbox import sandbox_kind
+from ...models.limits import Limit, fit_length, model_limit
+from ...study.report import update_doc
+from ...study.sweep import SweepConfig, run_sweep
+from ...study.tables import TABLES, get_table
 from ..names import COMMANDS
 from ..args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_dir,
                     output_file, positive_int, seed_int)
@@ -29,8 +36,6 @@ tables whose paper reports it (wei-4, wei-5), reusing each row's compiled model.
 
 
 def register(sub) -> None:
-    from ...study.sweep import SweepConfig
-
     d = SweepConfig()
     p = sub.add_parser("sweep", help=COMMANDS["sweep"], description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,11 +93,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ...errors import QdslError
-    from ...study.sweep import SweepConfig, run_sweep
-    from ...eval.sandbox import sandbox_kind
-    from ...study.tables import TABLES, get_table
-
     if args.humaneval and not args.report:  # no sandbox: refuse before anything runs
         sandbox_kind(args.unsafe_exec)
     names = [n for t in args.table for n in (TABLES if t == "all" else [t])]
@@ -117,8 +117,6 @@ def run(args) -> int:
     print(f"wrote {args.out}/results.json, {args.out}/tables.md, {args.out}/findings.md, "
           f"{args.out}/plots/")
     if args.doc:
-        from ...study.report import update_doc
-
         print(f"wrote {update_doc(args.doc, args.out, _command(args, cfg))}")
     for v in res["failed"].values():
         print(f"FAILED {v['kind']} {v['recipe']}: {v['error']}")
@@ -129,9 +127,6 @@ def _check_lengths(args) -> None:
     """Lengths the user gave that the model cannot run (its graphs' cache stops at its
     positions, and a graph runs cache - 1 tokens): an OptionError before any job. The
     defaults are clipped by the jobs themselves (qdsl.study.jobs.cache_len)."""
-    from ...models.limits import Limit, fit_length, model_limit
-    from ...study.sweep import SweepConfig
-
     d = SweepConfig()
     limit = model_limit(args.model)
     if limit is None:
@@ -154,10 +149,6 @@ _FLAGS = {"model": "--model", "bench": "--bench", "n": "--n", "bench_seed": "--s
 
 def _command(args, cfg) -> str:
     """The command line that regenerates this sweep and document (defaults left out)."""
-    import shlex
-
-    from ...study.sweep import SweepConfig
-
     d = SweepConfig()
     words = ["qdsl", "sweep", *args.recipes]
     for t in args.table:
