@@ -308,6 +308,19 @@ def test_stored_tensor_of_another_shape(built, model, tmp_path):
                       r"in model/config.json needs", verify=False)
 
 
+def test_stored_tensor_under_an_unknown_name(built, model, tmp_path):
+    """A renamed key (one flipped byte in the header, found by the fuzz test) was an
+    AttributeError from assigning it to a module that does not exist."""
+    from safetensors.torch import load_file, save_file
+    d = copy(built, "int8", tmp_path)
+    t = load_file(str(d / "model.safetensors"))
+    name = next(k for k in t if "." not in k) if any("." not in k for k in t) else next(iter(t))
+    t["qdsl_int8__no_such_module." + name] = t.pop(name)
+    save_file(t, str(d / "model.safetensors"))
+    refused(d, model, r"model.safetensors: tensor qdsl_int8__no_such_module\.\S+ is not one the "
+                      r"model in model/config.json reads", verify=False)
+
+
 # --------------------------------------------------------------------------- model/config.json
 
 

@@ -151,8 +151,16 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
 def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str]) -> None:
     """Each tensor the lowered graph reads is stored with the shape and dtype the
     graph built from model/config.json expects (a config edited after the compile,
-    or a tensor swapped, is refused before anything is assigned)."""
-    for k, want in graph_tensors(gm).items():
+    or a tensor swapped, is refused before anything is assigned); it holds no tensor
+    the graph does not read (a renamed key would be assigned to a module that does
+    not exist)."""
+    expected = graph_tensors(gm)
+    unknown = sorted(set(stored) - set(expected))
+    if unknown:
+        raise ArtifactError(f"artifact {d}: model.safetensors: tensor {unknown[0]} is not one "
+                            "the model in model/config.json reads"
+                            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    for k, want in expected.items():
         got = stored.get(k)
         if k in state or got is None:
             continue
