@@ -7,7 +7,8 @@ linear output of every block. On the layer windows (the ends of the first benchm
 contexts) it gives max |x| per layer and window (Fig. 6b) and each layer's output on
 window 0; a quantized model, recorded the same way on window 0, gives its relative
 error per layer against those outputs (Fig. 6c). Torch and the graph passes are
-imported inside the functions: the CLI imports this module for every command.
+imported inside the functions: the sweep command imports this module to parse its
+arguments, which must not load torch.
 """
 
 from __future__ import annotations

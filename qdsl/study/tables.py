@@ -235,7 +235,7 @@ def _summary(res: dict) -> dict:
 
 def machine() -> dict:
     """The machine a sweep reports: CPU, cores, torch and Python versions, load."""
-    import torch  # not at the top: the CLI imports this module for every command
+    import torch  # not at the top: the sweep command imports this module to parse its arguments
 
     cpu = platform.processor() or platform.machine()
     try:
