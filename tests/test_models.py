@@ -65,14 +65,14 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 def _score(name, n=5):
     from qdsl.eval.samples import stdlib_bench
     from qdsl.eval.complete import CompletionConfig, evaluate
-    from qdsl.eval.run import max_positions_of
+    from qdsl.models.limits import positions_of_config
     from qdsl.models.lm import HFCausalLM
 
     model, tok = models.load_model(name)
     assert model.dtype == torch.float32 and not model.training
     assert model.config._attn_implementation == "eager"
     res = evaluate(HFCausalLM(model, name), tok, stdlib_bench(n, seed=0), CompletionConfig(),
-                   max_positions=max_positions_of(model.config), ppl_windows=2, progress=False)
+                   max_positions=positions_of_config(model.config), ppl_windows=2, progress=False)
     assert res["n"] == n and 0 <= res["es"] <= 100 and 1 < res["ppl"] < 1000
     return res
 

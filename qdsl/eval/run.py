@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..compiler.source import local_source
 from ..errors import ArtifactError, ModelError
 from ..models import zoo
-from ..models.limits import fit_length, limit_of, tightest
+from ..models.limits import fit_length, limit_of, positions_of_config, tightest
 from ..models.lm import CausalLM, HFCausalLM
 from .samples import Sample
 from .complete import DEFAULT_PROMPT, PROMPT_BY_MODEL, CompletionConfig, evaluate
@@ -45,14 +45,6 @@ def artifact_source(path: str | os.PathLike) -> str:
     raise ArtifactError(f"{path}: {ARTIFACT_FILE} does not name its source model")
 
 
-def max_positions_of(config) -> int | None:
-    for key in ("n_positions", "max_position_embeddings"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
             ) -> tuple[CausalLM, object, int | None, str]:
     """A model or artifact -> (CausalLM, tokenizer, max positions, short name for defaults).
@@ -73,10 +65,10 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
         lm = load_artifact_lm(name_or_path, model, verify=verify)
         tok = AutoTokenizer.from_pretrained(own, local_files_only=True)
         config = AutoConfig.from_pretrained(own, local_files_only=True)
-        return lm, tok, max_positions_of(config), recorded.lower()
+        return lm, tok, positions_of_config(config), recorded.lower()
     model, tok = zoo.load_model(name_or_path, require_causal=True)   # an encoder: ModelError
     name = str(name_or_path)
-    return HFCausalLM(model, name), tok, max_positions_of(model.config), name.lower()
+    return HFCausalLM(model, name), tok, positions_of_config(model.config), name.lower()
 
 
 DEFAULT_CTX_TOKENS = 256

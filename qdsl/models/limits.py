@@ -42,22 +42,25 @@ class Limit:
     why: str
 
 
-def positions_of_config(config: dict) -> int | None:
-    """The position-table size in a config.json dict (None if it states none)."""
-    for key in POSITION_KEYS:
-        v = config.get(key)
+def _first_count(config, keys: tuple[str, ...]) -> int | None:
+    """The first of ``keys`` that ``config`` (a config.json dict or a transformers
+    config object) sets to a positive integer, else None."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    for key in keys:
+        v = get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
 
 
-def blocks_of_config(config: dict) -> int | None:
-    """The number of transformer blocks a config.json dict states (None if none)."""
-    for key in BLOCK_KEYS:
-        v = config.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
+def positions_of_config(config) -> int | None:
+    """The position-table size a config (dict or object) states (None if none)."""
+    return _first_count(config, POSITION_KEYS)
+
+
+def blocks_of_config(config) -> int | None:
+    """The number of transformer blocks a config (dict or object) states (None if none)."""
+    return _first_count(config, BLOCK_KEYS)
 
 
 def check_block(option: str, block: int, n_blocks: int | None) -> None:

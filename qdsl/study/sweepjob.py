@@ -27,6 +27,7 @@ import qdsl
 from ..atomic import finite, write_json_atomic
 from ..errors import QdslError
 from ..lang import load_recipe
+from ..models.limits import positions_of_config
 from ..models.zoo import load_model
 from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, LoadedModel, SweepConfig, cache_len,
                    effective_settings, fit, prompt_mode)
@@ -42,11 +43,9 @@ def _model(name: str) -> LoadedModel:
     """The model ``name``, loaded once per process; loading another drops the previous
     one (and the float statistics measured on it)."""
     if name not in _LOADED:
-        from ..eval.run import max_positions_of  # imports torch
-
         _LOADED.clear()
         model, tok = load_model(name, require_causal=True)
-        _LOADED[name] = LoadedModel(name, model, tok, max_positions_of(model.config))
+        _LOADED[name] = LoadedModel(name, model, tok, positions_of_config(model.config))
     return _LOADED[name]
 
 
