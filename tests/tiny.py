@@ -69,3 +69,14 @@ def tiny_captured(family: str, mode: str = "plain"):
         model = tiny(family)
         _CAPTURED[family, mode] = model, capture(model, mode=mode)
     return _CAPTURED[family, mode]
+
+
+class Toy(torch.nn.Module):
+    """Two linears and a relu, [B, 16] -> [B, 8]: the smallest graph a pass test needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))

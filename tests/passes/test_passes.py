@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import qdsl
 from qdsl.compiler import explain
@@ -20,16 +19,7 @@ from qdsl.passes.freeze import freeze
 from qdsl.passes.insert_observers import insert_observers
 from qdsl.passes.lower_fake import lower_fake
 from qdsl.plan import build_plan
-from tiny import tiny, tiny_ids
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
+from tiny import Toy, tiny, tiny_ids
 
 
 def _toy(recipe: str):

@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-from torch import nn
 
 from qdsl.compiler import build as C
 from qdsl.errors import GraphError
@@ -16,16 +15,7 @@ from qdsl.lang import parse_recipe
 from qdsl.passes import pipeline as P
 from qdsl.passes.pipeline import FAKE, INT8, OBSERVE, Pass, PassContext, run
 from qdsl.plan import build_plan
-from tiny import tiny, tiny_ids
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
+from tiny import Toy, tiny, tiny_ids
 
 
 def _toy(recipe: str = "* -> w8a8"):
