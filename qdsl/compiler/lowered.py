@@ -128,12 +128,13 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
             raise ArtifactError(f"artifact {d}: qdsl_artifact.json: alias {k} names tensor {v}, "
                                 "which model.safetensors does not hold")
         stored[k] = stored[v]
-    _check_shapes(d, gm, stored, set(info["runtime_state"]))
+    state = set(info["runtime_state"])
+    expected = _check_shapes(d, gm, stored, state)
+    # run-time state (key/value cache, counters) is not stored: zeros, in the same assignment
+    stored.update({k: torch.zeros(t.shape, dtype=t.dtype) for k, t in expected.items()
+                   if k in state})
     with artifact_errors(d, "model.safetensors does not fit the model"):
         assign_tensors(gm, stored)
-    for k, t in graph_tensors(gm).items():
-        if k in info["runtime_state"]:
-            assign_tensors(gm, {k: torch.zeros(t.shape, dtype=t.dtype)})
     missing = [k for k, t in graph_tensors(gm).items() if t.is_meta]
     if missing:
         raise ArtifactError(f"artifact {d}: tensors missing from model.safetensors: {missing[:5]}")
@@ -148,12 +149,13 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
                           model_config=gm_config(d / "model"), fallback=info["fallback"])
 
 
-def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str]) -> None:
+def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str]
+                  ) -> dict[str, torch.Tensor]:
     """Each tensor the lowered graph reads is stored with the shape and dtype the
     graph built from model/config.json expects (a config edited after the compile,
     or a tensor swapped, is refused before anything is assigned); it holds no tensor
     the graph does not read (a renamed key would be assigned to a module that does
-    not exist)."""
+    not exist). Returns the graph's tensors (on the meta device: shapes and dtypes)."""
     expected = graph_tensors(gm)
     unknown = sorted(set(stored) - set(expected))
     if unknown:
@@ -169,6 +171,7 @@ def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str])
                 f"artifact {d}: model.safetensors: tensor {k} is {list(got.shape)} "
                 f"{got.dtype}; the model in model/config.json needs {list(want.shape)} "
                 f"{want.dtype}")
+    return expected
 
 
 def gm_config(config_dir: Path):
