@@ -4,118 +4,144 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from qdsl.errors import QdslError
-from qdsl.study.findings import (FINDINGS, NOISE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, Rows,
+from qdsl.study.findings import (CONTRADICTED, FINDINGS, INCONCLUSIVE, NOT_RUN, REPRODUCED,
                                  evaluate, render)
 from qdsl.study.report import SKELETON, update_doc
+from qdsl.study.seeds import margins
+
+N = 100
 
 
-def _row(label, es, em=5.0, ppl=10.0, **kw):
-    return {"label": label, "es": es, "em": em, "ppl": ppl, **kw}
+def _row(label, es, em=5.0, ppl=10.0, sd=0.0, seed=0, n=N, **kw):
+    """A measured row over ``n`` samples whose ES averages ``es``: sample i scores
+    es + sd * z_i (z_i a fixed +-1 pattern shifted by ``seed``, mean 0)."""
+    z = [1.0 if (i + seed) % 2 else -1.0 for i in range(n)]
+    samples = [{"id": f"s{i}", "es": es + sd * z[i], "em": i < round(em * n / 100)}
+               for i in range(n)]
+    return {"label": label, "es": es, "em": em, "ppl": ppl, "samples": samples, **kw}
 
 
-def _verdict(tables, claim_start, n=100):
-    return next(f for f in evaluate(tables, n) if f["claim"].startswith(claim_start))
+def _verdict(tables, claim_start):
+    return next(f for f in evaluate(tables) if f["claim"].startswith(claim_start))
 
 
-def test_margin_shrinks_with_samples():
-    assert Rows({}, 100).margin == pytest.approx(2 * 2 ** 0.5 * 30 / 10)
-    assert Rows({}, 400).margin == pytest.approx(Rows({}, 100).margin / 2)
+def test_margins_are_data():
+    assert margins() == {"es": 2.0, "em": 2.0, "pass1": 5.0, "ppl_pct": 5.0,
+                         "robust_drop_pct": 5.0}
 
 
-@pytest.mark.parametrize("w8a8, expected", [(41.0, REPRODUCED), (2.0, NOT_REPRODUCED)])
-def test_near_lossless(w8a8, expected):
-    t = {"storti-2": [_row("Baseline", 42.0), _row("W8A8", w8a8)]}
-    assert _verdict(t, "naive W8A8")["verdict"] == expected
+@pytest.mark.parametrize("w8a32, sd, expected", [
+    (41.5, 1.0, REPRODUCED),      # drop 0.5, CI well inside the 2-point margin
+    (40.5, 10.0, INCONCLUSIVE),   # drop 1.5, but the CI reaches past 2 points
+    (30.0, 1.0, CONTRADICTED),    # drop 12: the whole CI outside the margin
+    (44.0, 1.0, REPRODUCED)])     # a gain is no loss
+def test_near_lossless_is_an_equivalence_claim(w8a32, sd, expected):
+    t = {"storti-2": [_row("Baseline", 42.0), _row("W8A32", w8a32, sd=sd, seed=1)]}
+    f = _verdict(t, "8-bit weights with float")
+    assert f["verdict"] == expected, f
+    assert "margin -2" in f["evidence"] and "bootstrap [" in f["evidence"]
 
 
-@pytest.mark.parametrize("per_col, expected", [(40.0, REPRODUCED), (33.0, NOISE),
-                                               (20.0, NOT_REPRODUCED)])
-def test_better_needs_the_noise_margin(per_col, expected):
-    t = {"wei-4": [_row("Static (per-column)", per_col), _row("Static (per-tensor)", 30.0)]}
+def test_near_lossless_a_few_points_has_its_own_margin():
+    t = {"storti-2": [_row("Baseline", 42.0), _row("W8A8", 39.0, sd=1.0, seed=1)]}
+    f = _verdict(t, "naive W8A8")
+    assert f["verdict"] == REPRODUCED and "margin -5" in f["evidence"]
+
+
+def test_near_lossless_needs_perplexity_inside_its_margin_where_recorded():
+    base, q = _row("Baseline", 42.0), _row("W8A32", 41.8, sd=0.5, seed=1)
+    t = {"storti-2": [base, q]}
+    assert "no CI (old cache)" in _verdict(t, "8-bit weights with float")["evidence"]
+    base["ppl_window_nll"] = [2.0, 2.1, 1.9, 2.3]
+    q["ppl_window_nll"] = [x + math.log(1.3) for x in base["ppl_window_nll"]]
+    f = _verdict(t, "8-bit weights with float")
+    assert f["verdict"] == CONTRADICTED and "ppl ratio x1.30 [1.30, 1.30]" in f["evidence"]
+    q["ppl_window_nll"] = [x + math.log(1.01) for x in base["ppl_window_nll"]]
+    assert _verdict(t, "8-bit weights with float")["verdict"] == REPRODUCED
+
+
+@pytest.mark.parametrize("per_col, expected", [(40.0, REPRODUCED), (30.5, INCONCLUSIVE),
+                                               (20.0, CONTRADICTED)])
+def test_better_needs_its_ci_above_zero(per_col, expected):
+    t = {"wei-4": [_row("Static (per-column)", per_col, sd=5.0, seed=1),
+                   _row("Static (per-tensor)", 30.0)]}
     f = _verdict(t, "static per-column")
     assert f["verdict"] == expected and "ΔES" in f["evidence"]
-    assert ("perplexity" in f["evidence"]) == (expected == NOISE)
 
 
-def test_perplexity_witness_when_es_cannot_tell():
-    t = {"wei-4": [_row("Static (per-column)", 33.0, ppl=10.0),
-                   _row("Static (per-tensor)", 30.0, ppl=12.0)]}
-    assert _verdict(t, "static per-column")["evidence"].endswith(
-        "perplexity favours Static (per-column)")
-    t["wei-4"][1]["ppl"] = 10.2
-    assert _verdict(t, "static per-column")["evidence"].endswith("cannot tell either")
+def test_rows_without_per_sample_scores_are_not_decided():
+    t = {"wei-4": [{"label": "Static (per-column)", "es": 40.0, "em": 1.0},
+                   {"label": "Static (per-tensor)", "es": 30.0, "em": 1.0}]}
+    f = _verdict(t, "static per-column")
+    assert f["verdict"] == NOT_RUN and "per-sample ES scores" in f["evidence"]
 
 
-def test_humaneval_pass_at_1_is_printed_beside_es():
-    he = {"problems": 82, "passed": 26, "pass@1": 26 / 82}
-    t = {"wei-4": [_row("Dynamic (per-tensor)", 40.0, humaneval=he),
-                   _row("Full precision", 42.0)]}
-    f = _verdict(t, "dynamic per-tensor")
-    assert "Dynamic (per-tensor): ES 40.0, EM 5, ppl 10.0, HumanEval pass@1 31.7% of 82" \
-        in f["evidence"]
-    assert "Full precision: ES 42.0, EM 5, ppl 10.0;" in f["evidence"]
+def _he(passed, problems=82):
+    return {"problems": problems, "passed": len(passed), "pass@1": len(passed) / problems,
+            "results": [{"task_id": f"HumanEval/{i}", "passed": i in passed}
+                        for i in range(problems)]}
 
 
 def test_wei_claims_are_decided_by_pass_at_1_when_every_row_has_it():
-    def he(passed):
-        return {"problems": 82, "passed": passed, "pass@1": passed / 82}
-    t = {"wei-4": [_row("Static (per-column)", 55.9, humaneval=he(41)),
-                   _row("Static (per-tensor)", 52.4, humaneval=he(21)),
-                   _row("Full precision", 57.2, humaneval=he(49)),
-                   _row("Dynamic (per-tensor)", 51.6, humaneval=he(43))]}
-    f = _verdict(t, "static per-column", n=20)   # ES alone: +3.5, within 19 points of noise
+    t = {"wei-4": [_row("Static (per-column)", 55.9, n=20, humaneval=_he(set(range(41)))),
+                   _row("Static (per-tensor)", 52.4, n=20, humaneval=_he(set(range(21)))),
+                   _row("Full precision", 57.2, n=20, humaneval=_he(set(range(49)))),
+                   _row("Dynamic (per-tensor)", 51.6, n=20, humaneval=_he(set(range(43))))]}
+    f = _verdict(t, "static per-column")   # +24.4 points, 20 discordant pairs of 20
     assert f["verdict"] == REPRODUCED and "Δpass@1 +24.4" in f["evidence"]
-    assert "decided by HumanEval" in f["evidence"]
-    assert _verdict(t, "dynamic per-tensor", n=20)["verdict"] == REPRODUCED  # -7.3 < margin
-    t["wei-4"][3]["humaneval"] = he(20)
-    assert _verdict(t, "dynamic per-tensor", n=20)["verdict"] == NOT_REPRODUCED
-    del t["wei-4"][1]["humaneval"]                  # one row without HumanEval: ES decides
-    assert _verdict(t, "static per-column", n=20)["verdict"] == NOISE
-    assert "decided by HumanEval" in render(evaluate(t, 20), 20)
+    assert "McNemar 20/0" in f["evidence"]
+    f = _verdict(t, "dynamic per-tensor")  # -7.3 points: CI past the 5-point margin
+    assert f["verdict"] == INCONCLUSIVE and "HumanEval pass@1 52.4% of 82" in f["evidence"]
+    t["wei-4"][3]["humaneval"] = _he(set(range(20)))
+    assert _verdict(t, "dynamic per-tensor")["verdict"] == CONTRADICTED
+    del t["wei-4"][1]["humaneval"]         # one row without HumanEval: ES decides
+    assert "ΔES" in _verdict(t, "static per-column")["evidence"]
 
 
 def test_calibration_size_is_decided_on_three_of_four_rows():
-    rows = [_row("32 windows", 41.1), _row("128 windows", 42.0), _row("512 windows", 41.1)]
-    f = _verdict({"wei-fig7": rows[:2]}, "the calibration-set size")
-    assert f["verdict"] == NOT_RUN
+    rows = [_row("32 windows", 41.1, sd=1.0), _row("128 windows", 42.0, sd=1.0, seed=1),
+            _row("512 windows", 41.1, sd=1.0)]
+    assert _verdict({"wei-fig7": rows[:2]}, "the calibration-set size")["verdict"] == NOT_RUN
     f = _verdict({"wei-fig7": rows}, "the calibration-set size")
     assert f["verdict"] == REPRODUCED and f["evidence"].endswith(
-        "ES spread 0.9 (2048 windows not run yet)")
-    rows.append(_row("2048 windows", 20.0))
-    assert _verdict({"wei-fig7": rows}, "the calibration-set size")["verdict"] == NOT_REPRODUCED
+        "margin ±2 (2048 windows not run yet)")
+    rows.append(_row("2048 windows", 20.0, sd=1.0))
+    assert _verdict({"wei-fig7": rows}, "the calibration-set size")["verdict"] == CONTRADICTED
+    rows[-1] = _row("2048 windows", 40.5, sd=8.0, seed=1)
+    assert _verdict({"wei-fig7": rows}, "the calibration-set size")["verdict"] == INCONCLUSIVE
 
 
 def test_recovers_share_of_the_loss():
-    t = {"storti-3": [_row("Baseline (fp32)", 42.0), _row("Naive W8A8", 2.0),
-                      _row("Residual Sum of block", 30.0)]}
+    t = {"storti-3": [_row("Baseline (fp32)", 42.0), _row("Naive W8A8", 2.0, sd=1.0),
+                      _row("Residual Sum of block", 30.0, sd=1.0, seed=1)]}
     assert _verdict(t, "keeping the block's residual")["verdict"] == REPRODUCED
-    t["storti-3"][2]["es"] = 10.0
+    t["storti-3"][2] = _row("Residual Sum of block", 10.0, sd=1.0, seed=1)
     f = _verdict(t, "keeping the block's residual")
-    assert f["verdict"] == NOT_REPRODUCED and "recovers 8.0 of 40.0" in f["evidence"]
+    assert f["verdict"] == CONTRADICTED and "won back +8.0" in f["evidence"]
+    t["storti-3"][1] = _row("Naive W8A8", 41.0, sd=10.0, seed=1)  # nothing measurable lost
+    f = _verdict(t, "keeping the block's residual")
+    assert f["verdict"] == INCONCLUSIVE and "not significant" in f["evidence"]
+
+
+def test_collapses_keeps_less_than_half():
+    t = {"wei-5": [_row("Full precision", 42.0), _row("W8A4", 5.0, sd=1.0)]}
+    assert _verdict(t, "W8A4 collapses")["verdict"] == REPRODUCED
+    t["wei-5"][1] = _row("W8A4", 35.0, sd=1.0)
+    assert _verdict(t, "W8A4 collapses")["verdict"] == CONTRADICTED
+    t["wei-5"][1] = _row("W8A4", 21.0, sd=20.0)
+    assert _verdict(t, "W8A4 collapses")["verdict"] == INCONCLUSIVE
 
 
 def test_missing_rows_are_not_run():
     t = {"wei-5": [_row("Full precision", 42.0), {"label": "W8A4", "es": None}]}
     f = _verdict(t, "W8A4 collapses")
     assert f["verdict"] == NOT_RUN and "W8A4" in f["evidence"]
-    assert all(f["verdict"] == NOT_RUN for f in evaluate({}, 100))
-
-
-def test_robustness_compares_drops():
-    """Without per-sample scores (an older cache) the drops are compared by direction."""
-    rob = lambda d: {"robust": {"es_drop_pct": d}}  # noqa: E731
-    t = {"wei-7": [_row("FP", 40, **rob(2.0)), _row("D (T)", 39, **rob(5.0)),
-                   _row("S (C)", 38, **rob(4.0)), _row("S (T)", 30, **rob(9.0))]}
-    f = _verdict(t, "quantized models lose more")
-    assert f["verdict"] == REPRODUCED and "direction only" in f["evidence"]
-    t["wei-7"][0]["robust"]["es_drop_pct"] = 6.0
-    assert _verdict(t, "quantized models lose more")["verdict"] == NOISE  # mixed
-    t["wei-7"][0]["robust"]["es_drop_pct"] = 20.0
-    assert _verdict(t, "quantized models lose more")["verdict"] == NOT_REPRODUCED
+    assert all(f["verdict"] == NOT_RUN for f in evaluate({}))
 
 
 def _robust(n, drops, es=50.0):
@@ -125,18 +151,28 @@ def _robust(n, drops, es=50.0):
     return {"robust": {"n": n, "es": es, "es_drop_pct": pct, "perturbed_samples": ps}}
 
 
-def test_robustness_is_paired_over_samples():
-    """A larger mean drop counts only beyond 2 paired standard errors."""
+def test_robustness_follows_weis_result_3():
+    """No quantized row may lose more than the margin beyond the float row's %drop."""
     fp = _robust(20, [0.0] * 10)
+    same = _robust(20, [1.0, -1.0] * 5)
     noisy = _robust(20, [30.0, -25.0, 20.0, -10.0, 15.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-    clear = _robust(20, [10.0] * 10)
-    rows = lambda q: {"wei-7": [_row("FP", 50, **fp), _row("D (T)", 50, **q),  # noqa: E731
-                                _row("S (C)", 50, **q), _row("S (T)", 50, **q)]}
-    f = _verdict(rows(noisy), "quantized models lose more", n=20)
-    assert f["verdict"] == NOISE and "±" in f["evidence"], f
-    assert _verdict(rows(clear), "quantized models lose more", n=20)["verdict"] == REPRODUCED
-    gain = _robust(20, [-10.0] * 10)
-    assert _verdict(rows(gain), "quantized models lose more", n=20)["verdict"] == NOT_REPRODUCED
+    worse = _robust(20, [20.0] * 10)
+    rows = lambda q: {"wei-7": [_row("FP", 50, **fp), _row("D (T)", 50, **same),  # noqa: E731
+                                _row("S (C)", 50, **same), _row("S (T)", 50, **q)]}
+    f = _verdict(rows(same), "quantization has no negative impact")
+    assert f["verdict"] == REPRODUCED and "margin +5 %drop points" in f["evidence"], f
+    assert _verdict(rows(noisy), "quantization has no negative")["verdict"] == INCONCLUSIVE
+    assert _verdict(rows(worse), "quantization has no negative")["verdict"] == CONTRADICTED
+    gain = _robust(20, [-10.0] * 10)      # more robust than float: no negative impact
+    assert _verdict(rows(gain), "quantization has no negative")["verdict"] == REPRODUCED
+
+
+def test_robustness_without_per_sample_scores_is_inconclusive():
+    rob = lambda d: {"robust": {"es_drop_pct": d}}  # noqa: E731
+    t = {"wei-7": [_row("FP", 40, **rob(2.0)), _row("D (T)", 39, **rob(5.0)),
+                   _row("S (C)", 38, **rob(4.0)), _row("S (T)", 30, **rob(9.0))]}
+    f = _verdict(t, "quantization has no negative")
+    assert f["verdict"] == INCONCLUSIVE and "no per-sample scores: no CI" in f["evidence"]
 
 
 def test_clean_scores_come_from_the_quality_job():
@@ -155,11 +191,11 @@ def test_every_finding_names_rows_of_its_table():
         assert f.table in TABLES
         labels = {r.label for r in TABLES[f.table].rows}
         full = {f.table: [_row(x, 40.0, robust={"es_drop_pct": 1.0}) for x in labels]}
-        assert evaluate(full, 100)[FINDINGS.index(f)]["verdict"] != NOT_RUN, f.claim
+        assert evaluate(full)[FINDINGS.index(f)]["verdict"] != NOT_RUN, f.claim
 
 
 def test_render_groups_by_paper():
-    md = render(evaluate({}, 100), 100)
+    md = render(evaluate({}), 100)
     assert "**Storti 2023**" in md and "**Wei et al. 2023**" in md
     assert f"not run yet: {len(FINDINGS)}" in md
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 import tokenize
 
 import pytest
@@ -139,8 +141,10 @@ def test_humaneval_jobs_reuse_the_quality_artifacts(tiny_dir, tmp_path):
     assert [r["task_id"] for r in done[0]] == ["HumanEval/0", "HumanEval/1"]
     md = (tmp_path / "h" / "tables.md").read_text()
     header = next(ln for ln in md.splitlines() if ln.startswith("| Method"))
-    assert header.rstrip(" |").endswith("pass@1 % | paper pass@1")
-    assert "(of 2) | 10.8 |" in md
+    assert header.rstrip(" |").endswith("pass@1 % (diff [95% CI]) | paper pass@1")
+    assert re.search(r"\| \d+\.\d of 2 \([+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]\) \| 10\.8 \|", md)
+    w8 = next(r for r in res["tables"]["he"] if r["recipe"])
+    assert w8["vs_float"]["pass@1"]["n"] == 2 and "p_exact" in w8["vs_float"]["pass@1"]
     assert all("humaneval" not in row for row in res["tables"]["es"])  # not a pass@1 table
     assert md.count("pass@1 %") == 1
     # without --humaneval the same table plans no HumanEval jobs
@@ -156,10 +160,31 @@ def test_render_marks_partial_tables_and_shows_paper_numbers():
     md = render(t, {None: base, "storti/t3_res_sum.qrec": row})
     assert "(partial: 2/17 rows)" in md
     line = next(ln for ln in md.splitlines() if ln.startswith("| Residual Sum of block |"))
-    assert line.split(" | ")[1:9] == ["W8A8", "30.5", "10.0", "-9.5", "-10.0", "9.00",
+    # no per-sample scores to pair: the values alone, perplexity says why it has no CI
+    assert line.split(" | ")[1:7] == ["W8A8", "30.5", "10", "9.00, no CI (old cache)",
                                       "2.45x", "219.6"]
     assert line.rstrip(" |").endswith("40 | 17")
     assert "(not run yet)" in md
+
+
+def test_render_prints_paired_differences_with_cis():
+    t = TABLES["storti-2"]
+    ids = [f"s{i}" for i in range(4)]
+    base = {"es": 40.0, "em": 50.0, "ppl": 3.0, "bits": "fp32", "ppl_window_nll": [1.0, 1.2],
+            "samples": [{"id": i, "es": e, "em": m} for i, e, m in
+                        zip(ids, (30.0, 40.0, 50.0, 40.0), (True, True, False, False))]}
+    row = {"es": 38.0, "em": 25.0, "ppl": 3.3, "bits": "W8A8",
+           "ppl_window_nll": [1.0 + math.log(1.1), 1.2 + math.log(1.1)],
+           "samples": [{"id": i, "es": e, "em": m} for i, e, m in
+                       zip(ids, (29.0, 37.0, 48.0, 38.0), (True, False, False, False))]}
+    md = render(t, {None: base, "storti/t2_w8a8.qrec": row})
+    line = next(ln for ln in md.splitlines() if ln.startswith("| W8A8 |"))
+    cells = line.split(" | ")
+    # d = [-1, -3, -2, -2]: mean -2, sd 0.816, t_{.975,3} = 3.182: half-width 1.30
+    assert cells[2] == "38.0 (-2.0 [-3.3, -0.7])"
+    assert cells[3].startswith("25 (-25 [") and cells[4] == "3.30 (x1.10 [1.10, 1.10])"
+    assert next(ln for ln in md.splitlines() if ln.startswith("| Baseline |")).split(" | ")[2] \
+        == "40.0"
 
 
 def test_hosting_table_shows_bench_rows_against_fp32_and_torch_ao():

@@ -20,7 +20,8 @@ text, stripped: leading blank lines are skipped (the target never is blank).
 Perplexity: for the first ``ppl_windows`` samples, the window is the last
 ``min(ctx_tokens, max_positions)`` tokens of context + target + "\\n"; reported as
 per-token perplexity (tokenizer dependent) and bits per byte (comparable across
-tokenizers).
+tokenizers), with each window's mean NLL (nats per token) and token count, so that two
+models' perplexities can be compared window by window (``qdsl.study.stats.ppl_ratio``).
 """
 
 from __future__ import annotations
@@ -138,17 +139,22 @@ def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
     if max_positions:
         window = min(window, max_positions)
     nll, n_tok, n_bytes, t0 = 0.0, 0, 0, time.time()
+    window_nll, window_tokens = [], []   # per window: mean NLL (nats / token), tokens
     for s in tqdm(samples[:n_windows], desc="perplexity", disable=not progress, unit="window"):
         ids = _encode(tok, s.context + s.target + "\n")[-window:]
         if len(ids) < 2:
             continue
         x = torch.tensor([ids], dtype=torch.long)
         logits = lm.logits(x)[0, :-1].float()          # [T-1, V]
-        nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        w = F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        nll += w
         n_tok += len(ids) - 1
+        window_nll.append(w / (len(ids) - 1))
+        window_tokens.append(len(ids) - 1)
         n_bytes += len(_decode(tok, ids[1:]).encode("utf-8"))
     return {"windows": min(n_windows, len(samples)), "window": window, "tokens": n_tok,
             "ppl": perplexity(nll, n_tok), "bpb": bits_per_byte(nll, n_bytes),
+            "window_nll": window_nll, "window_tokens": window_tokens,
             "seconds": round(time.time() - t0, 2)}
 
 
@@ -167,6 +173,7 @@ def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
     if ppl_windows > 0:
         p = score_perplexity(lm, tok, samples, ppl_windows, cfg.ctx_tokens, max_positions, progress)
         out.update({"ppl": p["ppl"], "bpb": p["bpb"], "ppl_windows": p["windows"],
-                    "ppl_tokens": p["tokens"], "ppl_seconds": p["seconds"]})
+                    "ppl_tokens": p["tokens"], "ppl_seconds": p["seconds"],
+                    "ppl_window_nll": p["window_nll"], "ppl_window_tokens": p["window_tokens"]})
     out["samples"] = comp["samples"]
     return out

@@ -1,40 +1,44 @@
-"""The seed papers' findings as checks over a sweep's measured tables.
+"""The seed papers' findings as checks over a sweep's measured rows, with CIs.
 
 Each ``Finding`` states one claim of a seed paper (Storti 2023, Wei et al. 2023) and
-a check that reads the rows of ``results.json``'s tables and returns a verdict with
-the numbers behind it. ``qdsl sweep`` writes them to ``DIR/findings.md`` and into
-the results document (``--doc``), so which findings reproduced is computed from
-what was measured, never typed in. The claims themselves (which check, on which
-rows) are data: ``[[finding]]`` entries of the seed files (``qdsl.study.seeds``).
+a check that reads the measured rows of the sweep's tables and returns a verdict with
+the numbers behind it. ``qdsl sweep`` writes them to ``DIR/findings.md``, into
+``results.json`` and into the results document (``--doc``), so which findings
+reproduced is computed from what was measured, never typed in. The claims themselves
+(which check, on which rows) are data: ``[[finding]]`` entries of the seed files
+(``qdsl.study.seeds``); the margins are ``qdsl/study/data/margins.toml``.
 
-Verdicts:
+Every verdict comes from a paired 95% confidence interval (``qdsl.study.stats`` via
+``qdsl.study.paired``; every row scores the same samples):
 
-* ``reproduced`` / ``not reproduced``: the measured difference clears the noise
-  margin in the claim's direction / against it (or a level claim holds / fails);
-* ``within noise``: the difference is smaller than the margin, so this sample
-  cannot tell (ES over n samples has a standard error of about 30 / sqrt(n)
-  points; the margin is ``NOISE_SIGMAS`` standard errors of a difference);
-* ``not run yet``: a row the check needs has no result.
+* ``reproduced``: the whole CI lies on the claim's side (for an equivalence claim,
+  "near lossless" / "flat", inside the margin);
+* ``contradicted``: the whole CI lies on the other side (outside the margin);
+* ``inconclusive``: the CI straddles the boundary: this sample cannot decide;
+* ``not run yet``: a row the check needs has no result (or no per-sample scores).
 
-Perplexity (over the same windows for every row) is printed as the finer-grained
-second witness: it moves long before ES does. Rows with a HumanEval job (``qdsl sweep
---humaneval``) print their pass@1, and a Wei et al. claim whose rows all have one is
-decided by pass@1 (their metric) instead of ES.
+The metric: HumanEval pass@1 (Wei et al.'s) when every row of the check has a
+per-problem HumanEval result over the same problems, else ES, unless the claim names
+one (``metric = "em"``). A "near lossless" claim also needs perplexity inside its
+margin where the rows recorded per-window losses.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from .seeds import finding_specs
+from .paired import (OLD_CACHE, aligned, fmt, metric_diff, pct_drop_diff, ppl_test,
+                     proportion_test)
+from .seeds import finding_specs, margins
+from .stats import BOOTSTRAP_RESAMPLES, Interval, mean_t, paired_bootstrap
 
-REPRODUCED, NOT_REPRODUCED, NOISE, NOT_RUN = ("reproduced", "not reproduced",
-                                              "within noise", "not run yet")
-ES_SD = 30.0            # per-sample SD of edit similarity, measured on this benchmark
-NOISE_SIGMAS = 2.0      # a difference must exceed 2 standard errors
+REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_RUN = ("reproduced", "contradicted",
+                                                  "inconclusive", "not run yet")
+VERDICTS = (REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_RUN)
+_MARGIN_KEY = {"es": "es", "em": "em", "pass@1": "pass1"}
+_NAME = {"es": "ES", "em": "EM", "pass@1": "pass@1"}
 
 
 class _Missing(Exception):
@@ -44,8 +48,8 @@ class _Missing(Exception):
 class Rows:
     """The measured rows of a sweep's tables, by (table, label)."""
 
-    def __init__(self, tables: dict[str, list[dict]], n: int):
-        self.tables, self.n = tables, max(n, 1)
+    def __init__(self, tables: dict[str, list[dict]]):
+        self.tables = tables
 
     def get(self, table: str, label: str) -> dict:
         for row in self.tables.get(table, []):
@@ -54,11 +58,6 @@ class Rows:
                     raise _Missing(f"{table}: {label}")
                 return row
         raise _Missing(f"{table}: {label}")
-
-    @property
-    def margin(self) -> float:
-        """ES points a difference of two rows must exceed: 2 x sqrt(2) x SD / sqrt(n)."""
-        return NOISE_SIGMAS * math.sqrt(2) * ES_SD / math.sqrt(self.n)
 
 
 def _row_text(label: str, r: dict) -> str:
@@ -69,98 +68,150 @@ def _row_text(label: str, r: dict) -> str:
     return f"{label}: ES {r['es']:.1f}, EM {r['em']:.0f}, ppl {ppl_s}{he_s}"
 
 
-def _pass1(ra: dict, rb: dict) -> tuple[float, float] | None:
-    """(pass@1 difference a - b, its noise margin) in points when both rows have a
-    HumanEval job over the same problems, else None. Margin: NOISE_SIGMAS standard
-    errors of a difference of two proportions at their pooled rate (unpaired, so
-    conservative: the same problems are scored twice)."""
-    ha, hb = ra.get("humaneval"), rb.get("humaneval")
-    if not ha or not hb or ha["problems"] != hb["problems"]:
-        return None
-    p = (ha["pass@1"] + hb["pass@1"]) / 2
-    margin = NOISE_SIGMAS * 100 * math.sqrt(2 * p * (1 - p) / ha["problems"])
-    return 100 * (ha["pass@1"] - hb["pass@1"]), max(margin, 100 / ha["problems"])
+def _metric(rows: list[dict], metric: str | None) -> str:
+    """The claim's metric, else pass@1 where every row has per-problem results, else ES."""
+    if metric:
+        return metric
+    return "pass@1" if aligned(rows, "pass@1") is not None else "es"
 
 
-def _better(a: str, b: str, *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: row ``a`` scores higher than row ``b``: by HumanEval pass@1 (the paper's
-    metric) when both rows have it, else by ES."""
+def _margin(metric: str, margin: float | None) -> float:
+    return margin if margin is not None else margins()[_MARGIN_KEY[metric]]
+
+
+def _values(rows: list[dict], labels: list[str], metric: str) -> list[list[float]]:
+    v = aligned(rows, metric)
+    if v is None:
+        raise _Missing(f"per-sample {_NAME[metric]} scores of {', '.join(labels)}")
+    return v
+
+
+def _diff(ra: dict, rb: dict, a: str, b: str, metric: str) -> Interval:
+    d = metric_diff(ra, rb, metric)
+    if d is None:
+        raise _Missing(f"per-sample {_NAME[metric]} scores of {a}, {b}")
+    return d
+
+
+def _diff_text(ra: dict, rb: dict, metric: str, d: Interval) -> str:
+    """'ΔES -16.0 [-19.5, -12.5] (bootstrap [-19.3, -12.6])' or, for a proportion,
+    'Δpass@1 -7.3 [-15.9, +1.2] (McNemar 4/10, exact p 0.18)'."""
+    text = f"Δ{_NAME[metric]} {fmt(d)}"
+    if metric == "es":
+        return text + f" (bootstrap {fmt(_boot(ra, rb)).split(' ', 1)[1]})"
+    t = proportion_test(ra, rb, metric)
+    return text + f" (McNemar {t.b}/{t.c}, exact p {t.p_exact:.2g})"
+
+
+def _boot(ra: dict, rb: dict) -> Interval:
+    v = aligned([ra, rb], "es")
+    return paired_bootstrap(v[0], v[1])
+
+
+def _ppl_text(ra: dict, rb: dict) -> str:
+    if ra.get("ppl") is None or rb.get("ppl") is None:
+        return ""
+    p = ppl_test(ra, rb)
+    return f"; ppl ratio {fmt(p, 2, ratio=True)}" if p else f"; ppl ratio: {OLD_CACHE}"
+
+
+def _side(iv: Interval, boundary: float) -> str:
+    """REPRODUCED above ``boundary``, CONTRADICTED below, INCONCLUSIVE across."""
+    return REPRODUCED if iv.lo > boundary else CONTRADICTED if iv.hi < boundary else INCONCLUSIVE
+
+
+def _better(a: str, b: str, *, rows: Rows, table: str, metric: str | None = None,
+            margin: float | None = None) -> tuple[str, str]:
+    """Claim: row ``a`` scores higher than row ``b``: the CI of a - b above 0."""
     ra, rb = rows.get(table, a), rows.get(table, b)
-    he = _pass1(ra, rb)
-    if he is not None:
-        d, margin = he
-        verdict = REPRODUCED if d > margin else NOT_REPRODUCED if d < -margin else NOISE
-        return verdict, (f"{_row_text(a, ra)}; {_row_text(b, rb)}; Δpass@1 {d:+.1f} "
-                         f"(margin {margin:.1f}; decided by HumanEval)")
-    d = ra["es"] - rb["es"]
-    verdict = (REPRODUCED if d > rows.margin else NOT_REPRODUCED if d < -rows.margin
-               else NOISE)
-    text = f"{_row_text(a, ra)}; {_row_text(b, rb)}; ΔES {d:+.1f}"
-    return verdict, text + (_ppl_witness(a, ra, b, rb) if verdict == NOISE else "")
+    m = _metric([ra, rb], metric)
+    d = _diff(ra, rb, a, b, m)
+    return _side(d, 0.0), (f"{_row_text(a, ra)}; {_row_text(b, rb)}; "
+                           f"{_diff_text(ra, rb, m, d)}{_ppl_text(ra, rb)}")
 
 
-def _ppl_witness(a: str, ra: dict, b: str, rb: dict) -> str:
-    """Which row perplexity favours, when ES cannot tell (5% apart or more)."""
-    pa, pb = ra.get("ppl"), rb.get("ppl")
-    if not pa or not pb or max(pa, pb) / min(pa, pb) < 1.05:
-        return "; perplexity cannot tell either"
-    return f"; perplexity favours {a if pa < pb else b}"
-
-
-def _near(a: str, base: str, *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: row ``a`` is within the noise margin of ``base`` (near lossless), by
-    HumanEval pass@1 when both rows have it, else by ES."""
+def _near(a: str, base: str, *, rows: Rows, table: str, metric: str | None = None,
+          margin: float | None = None) -> tuple[str, str]:
+    """Claim: row ``a`` loses at most the margin against ``base`` (an equivalence claim,
+    one-sided: a gain is no loss). Reproduced when the whole CI of the drop lies inside
+    the margin, and perplexity's ratio CI (where recorded) inside its margin;
+    contradicted when either CI lies wholly outside."""
     ra, rb = rows.get(table, a), rows.get(table, base)
-    he = _pass1(ra, rb)
-    if he is not None:
-        d, margin = he
-        return (REPRODUCED if d >= -margin else NOT_REPRODUCED,
-                f"{_row_text(a, ra)}; {_row_text(base, rb)}; Δpass@1 {d:+.1f} "
-                f"(margin {margin:.1f}; decided by HumanEval)")
-    d = ra["es"] - rb["es"]
-    return (REPRODUCED if d >= -rows.margin else NOT_REPRODUCED,
-            f"{_row_text(a, ra)}; {_row_text(base, rb)}; ΔES {d:+.1f}")
+    m = _metric([ra, rb], metric)
+    d, mg = _diff(ra, rb, a, base, m), _margin(m, margin)
+    verdicts = [REPRODUCED if d.lo >= -mg else CONTRADICTED if d.hi < -mg else INCONCLUSIVE]
+    text = (f"{_row_text(a, ra)}; {_row_text(base, rb)}; {_diff_text(ra, rb, m, d)}, "
+            f"margin -{mg:g}{_ppl_text(ra, rb)}")
+    p = ppl_test(ra, rb) if ra.get("ppl") is not None and rb.get("ppl") is not None else None
+    if p is not None:
+        pm = 1 + margins()["ppl_pct"] / 100
+        verdicts.append(REPRODUCED if p.hi <= pm else CONTRADICTED if p.lo > pm
+                        else INCONCLUSIVE)
+        text += f", margin x{pm:g}"
+    verdict = (CONTRADICTED if CONTRADICTED in verdicts else
+               REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
+    return verdict, text
 
 
-def _recovers(fixed: str, broken: str, base: str,
-              share: float = 0.5, *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: ``fixed`` wins back at least ``share`` of the ES ``broken`` lost vs ``base``."""
-    rf, rb, r0 = rows.get(table, fixed), rows.get(table, broken), rows.get(table, base)
-    lost = r0["es"] - rb["es"]
-    won = rf["es"] - rb["es"]
-    text = (f"{_row_text(fixed, rf)}; {_row_text(broken, rb)}; {_row_text(base, r0)}; "
-            f"recovers {won:.1f} of {lost:.1f} ES points")
-    if lost <= rows.margin:
-        return NOISE, text + " (nothing measurable was lost)"
-    return (REPRODUCED if won >= share * lost else NOT_REPRODUCED), text
+def _recovers(fixed: str, broken: str, base: str, share: float = 0.5, *, rows: Rows,
+              table: str, metric: str | None = None,
+              margin: float | None = None) -> tuple[str, str]:
+    """Claim: ``fixed`` wins back at least ``share`` of what ``broken`` lost vs ``base``:
+    the CI of the per-sample contrast (fixed - broken) - share x (base - broken) above
+    0; inconclusive when the loss itself is not significant."""
+    labels = [fixed, broken, base]
+    rs = [rows.get(table, x) for x in labels]
+    m = _metric(rs, metric)
+    f, b, o = _values(rs, labels, m)
+    lost = mean_t([y - x for x, y in zip(b, o)])
+    won = mean_t([x - y for x, y in zip(f, b)])
+    c = mean_t([(x - y) - share * (z - y) for x, y, z in zip(f, b, o)])
+    text = ("; ".join(_row_text(x, r) for x, r in zip(labels, rs))
+            + f"; lost {fmt(lost)}, won back {fmt(won)} {_NAME[m]} points; "
+            f"won - {share:g} x lost {fmt(c)}")
+    if lost.lo <= 0:
+        return INCONCLUSIVE, text + " (the loss itself is not significant)"
+    return _side(c, 0.0), text
 
 
-def _collapses(a: str, base: str, *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: row ``a`` loses at least half of the baseline's ES (of its pass@1 when
-    both rows have HumanEval)."""
+def _collapses(a: str, base: str, *, rows: Rows, table: str, metric: str | None = None,
+               margin: float | None = None) -> tuple[str, str]:
+    """Claim: row ``a`` keeps less than half of the baseline's score: the CI of the
+    per-sample contrast a - 0.5 x base below 0."""
     ra, r0 = rows.get(table, a), rows.get(table, base)
-    text = f"{_row_text(a, ra)}; {_row_text(base, r0)}"
-    if _pass1(ra, r0) is not None:
-        kept = ra["humaneval"]["pass@1"] < 0.5 * r0["humaneval"]["pass@1"]
-        return (REPRODUCED if kept else NOT_REPRODUCED), text + " (decided by HumanEval)"
-    return (REPRODUCED if ra["es"] < 0.5 * r0["es"] else NOT_REPRODUCED), text
+    m = _metric([ra, r0], metric)
+    x, o = _values([ra, r0], [a, base], m)
+    c = mean_t([p - 0.5 * q for p, q in zip(x, o)])
+    v = _side(c, 0.0)
+    verdict = {REPRODUCED: CONTRADICTED, CONTRADICTED: REPRODUCED}.get(v, v)
+    return verdict, (f"{_row_text(a, ra)}; {_row_text(base, r0)}; {_NAME[m]} "
+                     f"{a} - 0.5 x {base}: {fmt(c)}")
 
 
-def _best_of(a: str, others: list[str], *, rows: Rows, table: str) -> tuple[str, str]:
-    """Claim: row ``a`` is the best of ``others`` (every other row measured)."""
+def _best_of(a: str, others: list[str], *, rows: Rows, table: str, metric: str | None = None,
+             margin: float | None = None) -> tuple[str, str]:
+    """Claim: row ``a`` beats every other row: each CI of a - other above 0 (no
+    multiple-comparison correction); contradicted when some other row is
+    significantly better."""
     ra = rows.get(table, a)
     rest = {o: rows.get(table, o) for o in others if o != a}
-    top, rt = max(rest.items(), key=lambda kv: kv[1]["es"])
-    d = ra["es"] - rt["es"]
-    verdict = (REPRODUCED if d > rows.margin else NOT_REPRODUCED if d < -rows.margin
-               else NOISE)
-    return verdict, f"{_row_text(a, ra)}; best other: {_row_text(top, rt)}; ΔES {d:+.1f}"
+    m = _metric([ra, *rest.values()], metric)
+    diffs = {o: _diff(ra, r, a, o, m) for o, r in rest.items()}
+    sides = {o: _side(d, 0.0) for o, d in diffs.items()}
+    worse = [o for o, s in sides.items() if s == CONTRADICTED]
+    verdict = (CONTRADICTED if worse else REPRODUCED
+               if all(s == REPRODUCED for s in sides.values()) else INCONCLUSIVE)
+    top = max(rest, key=lambda o: rest[o]["es"])
+    return verdict, (f"{_row_text(a, ra)}; best other by ES: {_row_text(top, rest[top])}; "
+                     f"Δ{_NAME[m]} vs it {fmt(diffs[top])}; significantly above "
+                     f"{sum(s == REPRODUCED for s in sides.values())} of {len(rest)}, below "
+                     f"{len(worse)}" + (f" ({', '.join(worse)})" if worse else ""))
 
 
-def _flat(labels: list[str], min_rows: int = 3, *, rows: Rows,
-          table: str) -> tuple[str, str]:
-    """Claim: the rows' ES spread stays within the noise margin; decided once at least
-    ``min_rows`` of them have run (the missing ones are named)."""
+def _flat(labels: list[str], min_rows: int = 3, *, rows: Rows, table: str,
+          metric: str | None = None, margin: float | None = None) -> tuple[str, str]:
+    """Claim: the rows score alike: every pairwise CI inside the margin (reproduced),
+    one wholly outside it (contradicted); decided once ``min_rows`` have run."""
     got, missing = {}, []
     for x in labels:
         try:
@@ -169,45 +220,31 @@ def _flat(labels: list[str], min_rows: int = 3, *, rows: Rows,
             missing.append(x)
     if len(got) < min_rows:
         raise _Missing(f"{table}: {missing[0]}")
+    m = _metric(list(got.values()), metric)
+    mg = _margin(m, margin)
+    names = list(got)
+    pairs = {(x, y): _diff(got[x], got[y], x, y, m)
+             for i, x in enumerate(names) for y in names[i + 1:]}
+    out = [p for p, d in pairs.items() if d.lo > mg or d.hi < -mg]
+    inside = all(-mg <= d.lo and d.hi <= mg for d in pairs.values())
+    (x, y), d = max(pairs.items(), key=lambda kv: max(abs(kv[1].lo), abs(kv[1].hi)))
     spread = max(r["es"] for r in got.values()) - min(r["es"] for r in got.values())
-    return (REPRODUCED if spread <= rows.margin else NOT_REPRODUCED,
-            "; ".join(_row_text(x, r) for x, r in got.items()) + f"; ES spread {spread:.1f}"
-            + (f" ({', '.join(missing)} not run yet)" if missing else ""))
+    verdict = CONTRADICTED if out else REPRODUCED if inside else INCONCLUSIVE
+    return verdict, ("; ".join(_row_text(k, r) for k, r in got.items())
+                     + f"; ES spread {spread:.1f}; widest pairwise CI: {x} - {y} {fmt(d)}, "
+                     f"margin ±{mg:g}"
+                     + (f" ({', '.join(missing)} not run yet)" if missing else ""))
 
 
-def _paired_pct_drop_diff(rq: dict, r0: dict) -> tuple[float, float] | None:
-    """(%drop of q - %drop of the base, its standard error), paired over the samples.
+def _robust_as_float(quantized: list[str], base: str, *, rows: Rows, table: str,
+                     metric: str | None = None,
+                     margin: float | None = None) -> tuple[str, str]:
+    """Claim (Wei et al. Result 3): quantization has no negative impact on robustness.
+    Each quantized row's ES %drop under perturbation minus the float row's, paired per
+    sample: reproduced when every CI lies below the margin (no row loses more than
+    the margin), contradicted when some row's whole CI lies above it."""
+    mg = margin if margin is not None else margins()["robust_drop_pct"]
 
-    Sample i contributes 100 * d_i / ES, d_i = its clean ES - its perturbed ES (0 where
-    the perturbation left the prompt alone), so the mean is the %drop; the two models
-    share the samples, so the SE comes from the per-sample differences. None without
-    per-sample clean scores (``es_clean``)."""
-    def contrib(r):
-        ps = r.get("perturbed_samples")
-        if ps is None or not r.get("es") or any("es_clean" not in x for x in ps):
-            return None
-        return {x["id"]: 100.0 * (x["es_clean"] - x["es"]) / r["es"] for x in ps}
-    cq, c0 = contrib(rq), contrib(r0)
-    n = rq.get("n") or 0
-    if cq is None or c0 is None or n < 2 or n != r0.get("n"):
-        return None
-    x = [cq.get(i, 0.0) - c0.get(i, 0.0) for i in set(cq) | set(c0)]
-    x += [0.0] * (n - len(x))
-    mean = sum(x) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
-    return mean, sd / math.sqrt(n)
-
-
-def _less_robust(quantized: list[str], base: str, *, rows: Rows,
-                 table: str) -> tuple[str, str]:
-    """Claim: quantized models drop more ES under perturbation than the float model.
-
-    Each quantized row's %drop is compared with the float one's, paired per sample; it
-    counts as more (less) fragile when the difference exceeds ``NOISE_SIGMAS`` standard
-    errors. Reproduced when every quantized row is more fragile, not reproduced when
-    one is less fragile, within noise otherwise. Without per-sample scores (older
-    caches) the drops are compared by direction alone, and say so: reproduced when
-    every row drops more, not reproduced when none does, within noise when mixed."""
     def robust(label):
         r = rows.get(table, label).get("robust")
         if not r:
@@ -216,28 +253,21 @@ def _less_robust(quantized: list[str], base: str, *, rows: Rows,
             raise _Missing(f"{table}: {label} (an ES %drop; its clean ES is 0)")
         return r
     r0 = robust(base)
-    more = less = 0
-    parts, paired_any, direction_only = [], False, False
+    verdicts, parts = [], []
     for q in quantized:
         rq = robust(q)
-        diff = rq["es_drop_pct"] - r0["es_drop_pct"]
-        paired = _paired_pct_drop_diff(rq, r0)
-        if paired is None:
-            direction_only = True
-            more, less = more + (diff > 0), less + (diff < 0)
-            parts.append(f"{q}: {rq['es_drop_pct']:.1f}% (direction only)")
+        d = pct_drop_diff(rq, r0)
+        if d is None:
+            verdicts.append(INCONCLUSIVE)
+            parts.append(f"{q}: {rq['es_drop_pct']:.1f}% (no per-sample scores: no CI)")
             continue
-        paired_any = True
-        margin = NOISE_SIGMAS * paired[1]
-        more, less = more + (paired[0] > margin), less + (paired[0] < -margin)
-        parts.append(f"{q}: {rq['es_drop_pct']:.1f}% ({diff:+.1f} ± {margin:.1f})")
-    text = f"{base}: ES drop {r0['es_drop_pct']:.1f}%; " + "; ".join(parts)
-    if paired_any:
-        text += f" (± {NOISE_SIGMAS:g} paired standard errors)"
-    if more == len(quantized):
-        return REPRODUCED, text
-    refuted = not more if direction_only else less > 0
-    return (NOT_REPRODUCED if refuted else NOISE), text
+        verdicts.append(REPRODUCED if d.hi <= mg else CONTRADICTED if d.lo > mg
+                        else INCONCLUSIVE)
+        parts.append(f"{q}: {rq['es_drop_pct']:.1f}% (vs {base} {fmt(d)})")
+    verdict = (CONTRADICTED if CONTRADICTED in verdicts else
+               REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
+    return verdict, (f"{base}: ES drop {r0['es_drop_pct']:.1f}%; " + "; ".join(parts)
+                     + f"; margin +{mg:g} %drop points")
 
 
 @dataclass(frozen=True)
@@ -252,18 +282,23 @@ class Finding:
 # the checks a seed file's [[finding]] may name (``check = "better"``)
 CHECKS: dict[str, Callable[..., tuple[str, str]]] = {
     "better": _better, "near": _near, "recovers": _recovers, "collapses": _collapses,
-    "best_of": _best_of, "flat": _flat, "less_robust": _less_robust}
+    "best_of": _best_of, "flat": _flat, "robust_as_float": _robust_as_float}
 
 
 def _finding(paper: str, spec: dict) -> Finding:
-    """A seed file's ``[[finding]]``: its check bound to its ``args``.
+    """A seed file's ``[[finding]]``: its check bound to its ``args`` (and its optional
+    ``metric``: "es", "em" or "pass@1", and ``margin`` in that metric's units).
 
     Requires: ``spec["check"]`` is a key of ``CHECKS`` (else a ValueError naming it)."""
     if spec["check"] not in CHECKS:
         raise ValueError(f"{paper}: finding {spec['claim']!r}: unknown check "
                          f"{spec['check']!r} (checks: {', '.join(CHECKS)})")
+    if spec.get("metric", "es") not in _NAME:
+        raise ValueError(f"{paper}: finding {spec['claim']!r}: unknown metric "
+                         f"{spec['metric']!r} (metrics: {', '.join(_NAME)})")
+    opts = {k: spec[k] for k in ("metric", "margin") if k in spec}
     return Finding(paper, spec["claim"], spec["table"],
-                   partial(CHECKS[spec["check"]], *spec.get("args", ())),
+                   partial(CHECKS[spec["check"]], *spec.get("args", ()), **opts),
                    spec.get("paper_evidence", ""))
 
 
@@ -271,9 +306,9 @@ def _finding(paper: str, spec: dict) -> Finding:
 FINDINGS: tuple[Finding, ...] = tuple(_finding(p, f) for p, f in finding_specs())
 
 
-def evaluate(tables: dict[str, list[dict]], n: int) -> list[dict]:
-    """Every finding's verdict over results.json's ``tables`` (``n`` samples per row)."""
-    rows = Rows(tables, n)
+def evaluate(tables: dict[str, list[dict]]) -> list[dict]:
+    """Every finding's verdict over the sweep's measured rows (with per-sample scores)."""
+    rows = Rows(tables)
     out = []
     for f in FINDINGS:
         try:
@@ -285,17 +320,32 @@ def evaluate(tables: dict[str, list[dict]], n: int) -> list[dict]:
     return out
 
 
+def counts(findings: list[dict]) -> dict[str, int]:
+    return {v: sum(1 for f in findings if f["verdict"] == v) for v in VERDICTS}
+
+
+def method_note(n: int) -> str:
+    """How the verdicts were made (the header of findings.md and the findings block)."""
+    mg = margins()
+    return (f"Verdicts over {n} completion samples per row, from paired 95% confidence "
+            "intervals against the named row (`qdsl/study/stats.py`): ES by the paired t "
+            f"interval over the same samples (the seeded percentile bootstrap, "
+            f"{BOOTSTRAP_RESAMPLES} resamples, printed beside it as a check); EM and "
+            "HumanEval pass@1 by Newcombe's paired score interval with McNemar's exact "
+            "test (discordant pairs b/c); perplexity as a ratio from paired per-window "
+            "log-losses, where the cache recorded them. Margins "
+            f"(`qdsl/study/data/margins.toml`): ES {mg['es']:g} points, EM {mg['em']:g}, "
+            f"pass@1 {mg['pass1']:g}, perplexity {mg['ppl_pct']:g}%, robustness "
+            f"{mg['robust_drop_pct']:g} %drop points. **reproduced**: the whole CI on the "
+            "claim's side (an equivalence claim: inside the margin); **contradicted**: the "
+            "whole CI on the other side; **inconclusive**: the CI straddles, so these "
+            "samples cannot decide.")
+
+
 def render(findings: list[dict], n: int) -> str:
-    """Markdown: one line per finding, grouped by paper, with the verdict counts."""
-    margin = Rows({}, n).margin
-    counts = {v: sum(1 for f in findings if f["verdict"] == v)
-              for v in (REPRODUCED, NOT_REPRODUCED, NOISE, NOT_RUN)}
-    out = [f"Verdicts over {n} samples per row: a difference counts when it exceeds "
-           f"{margin:.1f} ES points (2 standard errors of a difference of two rows). "
-           + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".", ""]
-    if any("decided by HumanEval" in f["evidence"] for f in findings):
-        out[0] += (" Claims marked *decided by HumanEval* compare pass@1 instead, with a "
-                   "margin of 2 standard errors of a difference of two pass rates.")
+    """Markdown: the method, the verdict counts, one line per finding by paper."""
+    out = [method_note(n) + " " + ", ".join(f"{k}: {v}" for k, v in counts(findings).items())
+           + ".", ""]
     for paper in dict.fromkeys(f["paper"] for f in findings):
         out += [f"**{paper}**", "", "| claim | table | paper | verdict | measured |",
                 "|---|---|---|---|---|"]

@@ -74,9 +74,9 @@ def tables_block(tables_md: str) -> str:
 
 def findings_block(res: dict) -> str:
     """The findings block of a results document: the verdicts ``res`` (a results.json)
-    holds, or, for an older one without them, the verdicts over its tables."""
-    return render(res.get("findings") or evaluate(res["tables"], res["n_samples"]),
-                  res["n_samples"])
+    holds, or, for an older one without them, the verdicts over its tables (rows
+    without per-sample scores, so those checks read "not run yet")."""
+    return render(res.get("findings") or evaluate(res["tables"]), res["n_samples"])
 
 
 def update_doc(doc: str | Path, results_dir: str | Path, command: str) -> Path:

@@ -133,7 +133,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
         t = time.time()
         res = evaluate(lm, tok, samples, ccfg, max_positions=max_pos,
                        ppl_windows=cfg.ppl_windows, progress=progress)
-        out.update({k: res.get(k) for k in ("n", "em", "es", "ppl", "bpb", "ppl_windows")})
+        out.update({k: res.get(k) for k in ("n", "em", "es", "ppl", "bpb", "ppl_windows",
+                                             "ppl_window_nll", "ppl_window_tokens")})
         out["eval_seconds"] = round(time.time() - t, 2)
         out["samples"] = [{k: r[k] for k in ("id", "pred", "em", "es")} for r in res["samples"]]
         _sizes(qm, model, out, job, cfg, out_dir)

@@ -30,6 +30,7 @@ from ..errors import QdslError
 from ..lang.parser import did_you_mean
 from .findings import evaluate, render as render_findings
 from .jobs import HUMANEVAL, ROBUST, Job
+from .paired import OLD_CACHE, fmt, metric_diff, pct_drop_diff, ppl_test, vs_float
 from .plots import write_plots
 from .seeds import table_specs
 
@@ -94,41 +95,61 @@ def _f(x, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def _signed(x) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:+.1f}"
+def _with_diff(value: str, res: dict, base: dict | None, metric: str) -> str:
+    """'41.1 (-0.9 [-2.3, +0.5])': the value and its paired difference from the float
+    row with the 95% CI (ES: t interval; EM / pass@1: Newcombe); the value alone for the
+    float row itself, or where the rows cannot be paired (no per-sample scores)."""
+    if base is None or res is base or value == "-":
+        return value
+    d = metric_diff(res, base, metric)
+    return f"{value} ({fmt(d, 0 if metric == 'em' else 1)})" if d is not None else value
 
 
-def _diff(res: dict, base: dict | None, field: str) -> float | None:
-    """``res[field] - base[field]``; None when either is missing (null: not measured)."""
-    a, b = res.get(field), (base or {}).get(field)
-    return None if a is None or b is None else a - b
+def _ppl_cell(res: dict, base: dict | None) -> str:
+    """'11.69 (x1.17 [1.10, 1.24])'; 'no CI (old cache)' without per-window losses."""
+    ppl = _f(res.get("ppl"), 2)
+    if base is None or res is base or res.get("ppl") is None or base.get("ppl") is None:
+        return ppl
+    p = ppl_test(res, base)
+    return f"{ppl} ({fmt(p, 2, ratio=True)})" if p is not None else f"{ppl}, {OLD_CACHE}"
 
 
-def _pass1(res: dict | None) -> str:
-    """Measured HumanEval pass@1 (%) and the problem count: '31.1 (of 164)'."""
+def _pass1(res: dict | None, base: dict | None = None) -> str:
+    """Measured HumanEval pass@1 (%), the problem count and the paired difference from
+    the float row: '31.1 of 164 (-7.3 [-15.9, +1.2])'."""
     he = (res or {}).get("humaneval")
-    return f"{100 * he['pass@1']:.1f} (of {he['problems']})" if he else "-"
+    if not he:
+        return "-"
+    value = f"{100 * he['pass@1']:.1f} of {he['problems']}"
+    bhe = (base or {}).get("humaneval")
+    if not bhe or res is base:
+        return value
+    d = metric_diff(res, base, "pass@1")
+    return f"{value} ({fmt(d)})" if d is not None else value
 
 
 def _quality_line(row: Row, res: dict | None, base: dict | None, cols) -> list[str]:
     paper = [_f(row.paper.get(c)) for c in cols]
     if res is None:
-        return [row.label, "-", "(not run yet)", "", "", "", "", "", "", *paper]
-    d_es = _diff(res, base, "es") if row.recipe else None
-    d_em = _diff(res, base, "em") if row.recipe else None
+        return [row.label, "-", "(not run yet)", "", "", "", "", *paper]
     comp = res.get("compression")
     size = res.get("size_mb")
-    return [row.label, res.get("bits", "fp32"), _f(res["es"]), _f(res["em"]), _signed(d_es),
-            _signed(d_em), _f(res.get("ppl"), 2), f"{comp:.2f}x" if comp else "-",
-            _f(size, 1), *paper]
+    return [row.label, res.get("bits", "fp32"), _with_diff(_f(res["es"]), res, base, "es"),
+            _with_diff(_f(res["em"], 0), res, base, "em"), _ppl_cell(res, base),
+            f"{comp:.2f}x" if comp else "-", _f(size, 1), *paper]
 
 
-def _robust_line(row: Row, res: dict | None, cols) -> list[str]:
+def _robust_line(row: Row, res: dict | None, base: dict | None, cols) -> list[str]:
     paper = [_f(row.paper.get(c), 2) for c in cols]
     r = (res or {}).get("robust")
     if not r:
         return [row.label, "(not run yet)", "", "", "", "", "", *paper]
-    return [row.label, _f(r["es"]), _f(r["es_perturbed"]), _f(r["es_drop_pct"], 2),
+    drop = _f(r["es_drop_pct"], 2)
+    r0 = (base or {}).get("robust")
+    if r0 and r is not r0 and r.get("es_drop_pct") is not None:
+        d = pct_drop_diff(r, r0)
+        drop += f" ({fmt(d)})" if d is not None else " (no per-sample scores)"
+    return [row.label, _f(r["es"]), _f(r["es_perturbed"]), drop,
             _f(r["em"]), _f(r["em_perturbed"]), _f(r["em_drop_pct"], 2), *paper]
 
 
@@ -150,18 +171,21 @@ def render(table: Table, results: dict[str | None, dict]) -> str:
     """Markdown for one table. ``results``: recipe (None = baseline) -> result dict."""
     base = results.get(None)
     if table.kind == "robust":
-        head = ["Model", "ES", "ES pert.", "%drop ES", "EM", "EM pert.", "%drop EM",
-                *[f"paper %drop ({c})" for c in table.paper_cols]]
-        lines = [_robust_line(r, results.get(r.recipe), table.paper_cols) for r in table.rows]
+        head = ["Model", "ES", "ES pert.", "%drop ES (diff vs float [95% CI])", "EM",
+                "EM pert.", "%drop EM", *[f"paper %drop ({c})" for c in table.paper_cols]]
+        lines = [_robust_line(r, results.get(r.recipe), base, table.paper_cols)
+                 for r in table.rows]
     else:
-        head = ["Method", "bits", "ES", "EM", "ΔES", "ΔEM", "ppl", "compression", "MB",
+        head = ["Method", "bits", "ES (diff [95% CI])", "EM (diff [95% CI])",
+                "ppl (ratio [95% CI])", "compression", "MB",
                 *[f"paper {c}" for c in table.paper_cols]]
         lines = [_quality_line(r, results.get(r.recipe), base, table.paper_cols)
                  for r in table.rows]
         if any("humaneval" in (results.get(r.recipe) or {}) for r in table.rows):
-            head.insert(-len(table.paper_cols) or len(head), "pass@1 %")
+            head.insert(-len(table.paper_cols) or len(head), "pass@1 % (diff [95% CI])")
             for line, r in zip(lines, table.rows):
-                line.insert(-len(table.paper_cols) or len(line), _pass1(results.get(r.recipe)))
+                line.insert(-len(table.paper_cols) or len(line),
+                            _pass1(results.get(r.recipe), base))
         if table.kind == "hosting":
             head += ["artifact MB", "decode ms/tok", "fp32 decode", "torch.ao decode",
                      "prefill ms", "fp32 prefill", "peak RSS MB"]
@@ -227,7 +251,9 @@ def adhoc_table(recipes: list[str]) -> Table:
 
 def _summary(res: dict) -> dict:
     """A cached job result without its per-sample rows and per-layer detail."""
-    out = {k: v for k, v in res.items() if k not in ("samples", "layers", "robust", "traceback")}
+    out = {k: v for k, v in res.items()
+           if k not in ("samples", "layers", "robust", "traceback", "ppl_window_nll",
+                        "ppl_window_tokens")}
     if "humaneval" in out:  # pass@1 and counts, not the 164 completions
         out["humaneval"] = {k: v for k, v in out["humaneval"].items() if k != "results"}
     return out
@@ -275,7 +301,7 @@ def table_results(table: Table, keys: dict, done: dict) -> dict:
                 q["robust"] = _with_clean_scores(rob["robust"], q.get("samples"))
             he = done.get(keys.get(Job.of(r, HUMANEVAL)))
             if he is not None and "pass@1" in table.paper_cols:
-                q["humaneval"] = _summary(he)["humaneval"]
+                q["humaneval"] = he["humaneval"]   # with its per-problem results
             out[r.recipe] = q
     return out
 
@@ -285,16 +311,21 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
     """Rewrite DIR/results.json, DIR/tables.md, DIR/findings.md and DIR/plots/ from the
     finished jobs."""
     out = Path(out)
-    res_tables, md = {}, []
+    res_tables, full_tables, md = {}, {}, []
     for t in tables:
         results = table_results(t, keys, done)
+        full_tables[t.name] = [{"label": r.label, "recipe": r.recipe,
+                                **results.get(r.recipe, {})} for r in t.rows]
         res_tables[t.name] = [{"label": r.label, "recipe": r.recipe, "paper": r.paper,
                                **({"robust": results[r.recipe]["robust"]}
                                   if r.recipe in results and "robust" in results[r.recipe]
                                   else {}),
-                               **_summary(results.get(r.recipe, {}))} for r in t.rows]
+                               **_summary(results.get(r.recipe, {})),
+                               **({"vs_float": vs_float(results[r.recipe], results.get(None))}
+                                  if r.recipe in results and r.recipe is not None else {})}
+                              for r in t.rows]
         md.append(render(t, results))
-    findings = evaluate(res_tables, meta["n_samples"])
+    findings = evaluate(full_tables)  # per-sample scores: not in results.json's rows
     runs = {k: _summary(v) for k, v in done.items() if k in set(keys.values())}
     job_seconds = sum(v.get("seconds") or 0 for v in runs.values())
     obj = {**meta, "machine": machine(), "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -311,7 +342,11 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
             f"calibration {cfg['calib']}, {cfg['calib_default']} windows of "
             f"{cfg['calib_seq_len']} tokens unless the recipe sets its own. Compute so far: "
             f"{job_seconds / 60:.1f} min of jobs. ES = edit similarity (0-100), EM = exact "
-            f"match (%), compression = estimated fp32 / quantized parameter bytes.\n\n")
+            f"match (%), compression = estimated fp32 / quantized parameter bytes. In "
+            f"parentheses: the paired difference from the float row with its 95% CI over "
+            f"the same samples (ES: paired t interval; EM, pass@1: Newcombe's paired score "
+            f"interval, points; perplexity: the ratio from paired per-window log-losses, "
+            f"'{OLD_CACHE}' where the cache predates recording them).\n\n")
     fails = "".join(f"- FAILED {v.get('kind')} {v.get('recipe')}: {v.get('error')}\n"
                     for v in failed.values())
     write_text_atomic(out / "tables.md", head + "\n".join(md) + ("\n" + fails if fails else ""))

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -75,6 +76,23 @@ def test_evaluate_reports_em_es():
                    ppl_windows=1, progress=False)
     assert res["em"] == 100.0 and res["es"] == 100.0 and res["n"] == 2
     assert abs(res["ppl"] - 256.0) < 1e-3                       # uniform logits over 256 ids
+
+
+def test_perplexity_records_each_windows_mean_loss():
+    """Per window: mean NLL (nats per token) and tokens, for paired comparisons."""
+    import math
+
+    from qdsl.eval.complete import score_perplexity
+    short = Sample("g.py:1", "g.py", 1, "x\n", "y")
+    res = score_perplexity(ScriptLM(""), CharTok(), [S, short], 2, progress=False)
+    n_tok = len(S.context + S.target + "\n") - 1
+    assert res["window_tokens"] == [n_tok, len("x\ny\n") - 1]
+    assert res["window_nll"] == [pytest.approx(math.log(256))] * 2  # uniform over 256 ids
+    total = sum(w * t for w, t in zip(res["window_nll"], res["window_tokens"]))
+    assert res["ppl"] == pytest.approx(math.exp(total / res["tokens"]))
+    res = evaluate(ScriptLM("\n    return y\n"), CharTok(), [S, S], CompletionConfig(),
+                   ppl_windows=2, progress=False)
+    assert len(res["ppl_window_nll"]) == 2 == len(res["ppl_window_tokens"])
 
 
 def _tiny_gpt2():
