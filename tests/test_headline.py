@@ -40,3 +40,22 @@ def test_headline_reads_rows_by_table_recipe_and_keeps_prose(tmp_path):
     assert "| fp32 | 42.0 / 9 / 10.0 | 42.0 / 9 / 10.0 | 24.4 | 62.43 |" in text
     assert "| Wei W8A8 dynamic, per-tensor | 39.9 / 7 / 2.6e+06 | - | - | - |" in text
     assert "Qwen HumanEval pass@1 % (first 82)" in text
+
+
+def test_headline_prints_es_cis_and_the_precision_block(tmp_path):
+    es = {"est": -2.1, "lo": -6.2, "hi": 2.0, "n": 100, "method": "t", "sd": 20.9}
+    fp = {"label": "Full precision", "es": 42.0, "em": 9.0, "ppl": 10.0}
+    dyn = {"label": "Dynamic (per-tensor)", "es": 39.9, "em": 7.0, "ppl": 11.7,
+           "eval_seconds": 400.0, "vs_float": {"es": es}}
+    dirs = [_results(tmp_path / k, 100, [fp, dyn]) for k in ("s", "q", "g")]
+    doc = tmp_path / "r.md"
+    doc.write_text("<!-- qdsl:headline -->\n<!-- /qdsl:headline -->\n"
+                   "<!-- qdsl:precision -->\nold\n<!-- /qdsl:precision -->\n")
+    _tool().main(["--doc", str(doc), "--smol", str(dirs[0]), "--qwen", str(dirs[1]),
+                  "--gpt2", str(dirs[2])])
+    text = doc.read_text()
+    assert "| Wei W8A8 dynamic, per-tensor | 39.9 (-2.1 [-6.2, +2.0]) / 7 / 11.7 |" in text
+    # SD 20.9 for a half-width of 1.5: n = 749 (qdsl.study.stats.n_for_halfwidth)
+    assert "| Wei W8A8 dynamic, per-tensor | 20.9 | 100 | 4.1 | 749 |" in text
+    assert "SmolLM2-135M: every listed row within ±1.5 ES points needs n = 749" in text
+    assert "4.0 s per sample" in text and "old" not in text

@@ -6,6 +6,10 @@ The table sits between ``<!-- qdsl:headline -->`` and ``<!-- /qdsl:headline -->`
 (``qdsl sweep --doc`` leaves blocks it does not own alone). Each cell is read from a
 sweep's ``results.json`` (the rows of its seed tables), matched by the recipe file
 relative to ``recipes/``; a row a sweep has not run shows ``-``. Nothing is typed by hand, so the table cannot drift from the caches.
+ES cells carry the row's paired difference from fp32 with its 95% CI (``vs_float`` in
+results.json, ``qdsl.study.stats``). The ``<!-- qdsl:precision -->`` block, when the
+document has one, gets each model's sample sizes for a ±1.5-point ES CI
+(``qdsl.study.precision``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 from pathlib import Path
 
 from qdsl.atomic import write_text_atomic
+from qdsl.study.precision import precision_table
 
 # (label, recipe under recipes/ or None for fp32)
 ROWS = (
@@ -38,6 +43,8 @@ ROWS = (
     ("Wei W8A4 static, per-column", "wei/t5_w8a4.qrec"),
 )
 _BLOCK = re.compile(r"(<!-- qdsl:headline -->\n)(.*?)(<!-- /qdsl:headline -->)", re.S)
+_PRECISION = re.compile(r"(<!-- qdsl:precision -->\n)(.*?)(<!-- /qdsl:precision -->)", re.S)
+MODELS = {"smol": "SmolLM2-135M", "qwen": "Qwen2.5-Coder-0.5B", "gpt2": "stdlib-gpt2"}
 
 
 def rows_by_recipe(res: dict) -> dict[str | None, dict]:
@@ -67,7 +74,9 @@ def quality(run: dict | None, ppl_only: bool = False) -> str:
         return "-"
     if ppl_only:
         return _num(run.get("ppl"), 2)
-    return f"{_num(run['es'])} / {run['em']:.0f} / {_num(run.get('ppl'))}"
+    d = (run.get("vs_float") or {}).get("es")
+    es = _num(run["es"]) + (f" ({d['est']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}])" if d else "")
+    return f"{es} / {run['em']:.0f} / {_num(run.get('ppl'))}"
 
 
 def pass1(run: dict | None) -> str:
@@ -77,8 +86,8 @@ def pass1(run: dict | None) -> str:
 
 def table(smol: dict, qwen: dict, gpt2: dict, n: dict) -> str:
     he_n = next((r["humaneval"]["problems"] for r in qwen.values() if "humaneval" in r), None)
-    head = ["recipe", f"SmolLM2-135M ES / EM / ppl (n={n['smol']})",
-            f"Qwen2.5-Coder-0.5B ES / EM / ppl (n={n['qwen']})"]
+    head = ["recipe", f"SmolLM2-135M ES (diff [95% CI]) / EM / ppl (n={n['smol']})",
+            f"Qwen2.5-Coder-0.5B ES (diff [95% CI]) / EM / ppl (n={n['qwen']})"]
     if he_n:
         head.append(f"Qwen HumanEval pass@1 % (first {he_n})")
     head.append("stdlib-gpt2 ppl")
@@ -108,7 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     if not _BLOCK.search(text):
         raise SystemExit(f"{doc}: no <!-- qdsl:headline --> ... <!-- /qdsl:headline --> block")
     body = table(runs["smol"], runs["qwen"], runs["gpt2"], n)
-    write_text_atomic(doc, _BLOCK.sub(lambda m: m.group(1) + body + m.group(3), text))
+    text = _BLOCK.sub(lambda m: m.group(1) + body + m.group(3), text)
+    if _PRECISION.search(text):
+        prec = "\n".join(precision_table(MODELS[k], [(label, runs[k].get(recipe))
+                                                     for label, recipe in ROWS if recipe])
+                         for k in MODELS)
+        text = _PRECISION.sub(lambda m: m.group(1) + prec + m.group(3), text)
+    write_text_atomic(doc, text)
     print(f"wrote the headline table of {doc}")
 
 
