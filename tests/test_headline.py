@@ -39,7 +39,7 @@ def test_headline_reads_rows_by_table_recipe_and_keeps_prose(tmp_path):
     assert text.endswith("<!-- /qdsl:headline -->\nmore prose\n") and "old" not in text
     assert "| fp32 | 42.0 / 9 / 10.0 | 42.0 / 9 / 10.0 | 24.4 | 62.43 |" in text
     assert "| Wei W8A8 dynamic, per-tensor | 39.9 / 7 / 2.6e+06 | - | - | - |" in text
-    assert "Qwen HumanEval pass@1 % (first 82)" in text
+    assert "Qwen HumanEval pass@1 % (diff [95% CI]; first 82)" in text
 
 
 def test_headline_prints_es_cis_and_the_precision_block(tmp_path):

@@ -59,7 +59,9 @@ def rows_by_recipe(res: dict) -> dict[str | None, dict]:
             continue
         for row, measured in zip(TABLES[name].rows, rows):
             if "es" in measured:
-                out[row.recipe] = {**out.get(row.recipe, {}), **measured}
+                before = out.get(row.recipe, {})
+                out[row.recipe] = {**before, **measured, "vs_float": {
+                    **before.get("vs_float", {}), **measured.get("vs_float", {})}}
     return out
 
 
@@ -81,7 +83,11 @@ def quality(run: dict | None, ppl_only: bool = False) -> str:
 
 def pass1(run: dict | None) -> str:
     he = (run or {}).get("humaneval")
-    return f"{100 * he['pass@1']:.1f}" if he else "-"
+    if not he:
+        return "-"
+    d = ((run or {}).get("vs_float") or {}).get("pass@1")
+    return f"{100 * he['pass@1']:.1f}" + (f" ({d['est']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}])"
+                                          if d else "")
 
 
 def table(smol: dict, qwen: dict, gpt2: dict, n: dict) -> str:
@@ -89,7 +95,7 @@ def table(smol: dict, qwen: dict, gpt2: dict, n: dict) -> str:
     head = ["recipe", f"SmolLM2-135M ES (diff [95% CI]) / EM / ppl (n={n['smol']})",
             f"Qwen2.5-Coder-0.5B ES (diff [95% CI]) / EM / ppl (n={n['qwen']})"]
     if he_n:
-        head.append(f"Qwen HumanEval pass@1 % (first {he_n})")
+        head.append(f"Qwen HumanEval pass@1 % (diff [95% CI]; first {he_n})")
     head.append("stdlib-gpt2 ppl")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, recipe in ROWS:

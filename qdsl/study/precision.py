@@ -60,7 +60,7 @@ def precision_table(model: str, rows: list[tuple[str, dict | None]],
     close = [x for x in got if abs(x.diff) <= NEAR]
     secs = [x.sec_per_sample for x in got if x.sec_per_sample]
     hours = sum(secs) / len(secs) * n_max * len(got) / 3600 if secs else None
-    text = (f"\n{model}: every listed row within ±{half_width:g} ES points needs n = "
+    text = (f"\n\n{model}: every listed row within ±{half_width:g} ES points needs n = "
             f"{n_max:,} (the largest paired SD, {max(x.sd for x in got):.1f})")
     if close:
         text += (f"; the {len(close)} rows within {NEAR:g} ES points of the float row (whose "
