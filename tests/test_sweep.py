@@ -91,6 +91,12 @@ def test_smoke_sweep_then_cached(tiny_dir, tmp_path, monkeypatch):
     assert len(list((out / "cache").glob("*.json"))) == 3
     cached = json.loads(next(iter((out / "cache").glob("*.json"))).read_text())
     assert "samples" in cached and "layers" in cached
+    # per-window losses are cached, so perplexity gets a paired CI against fp32
+    assert len(cached["ppl_window_nll"]) == 2 == len(cached["ppl_window_tokens"])
+    assert "ppl_window_nll" not in rows[1]     # results.json keeps the summary
+    assert rows[1]["vs_float"]["ppl"]["method"] == "t on paired log-loss"
+    assert rows[1]["vs_float"]["es"]["n"] == 4
+    assert ", no CI (old cache)" not in (out / "tables.md").read_text()
     layers = [json.loads(p.read_text())["layers"] for p in (out / "cache").glob("*.json")]
     assert any("rel_err" in d.get("block.1.res_sum", {}) for d in layers)
     assert "| t3_res_sum |" in (out / "tables.md").read_text()
