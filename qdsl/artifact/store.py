@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..atomic import atomic_dir  # the output rules: qdsl.atomic.output_dir
+from .migrate import migrate
 from .files import file_records, model_dir_files, read_json, regular_file, verify_files
 from .schema import PLAN, check_plan, check_recipe, validate, validate_marker
 from .tensors import check_quant_tensors, read_safetensors
@@ -45,7 +46,11 @@ from ..errors import ArtifactError
 from ..graph.attrs import owner, param
 
 MARKER = "qdsl_artifact.json"
-FORMAT_VERSION = 2  # 2: qdsl_artifact.json records each file's sha256 and size ("files")
+# 2: qdsl_artifact.json records each file's sha256 and size ("files");
+# 3: each activation quantizer is {"type", "spec": TensorSpec JSON} (2 and 1 are
+#    still read: qdsl.artifact.migrate rewrites their quantizers from plan.json)
+FORMAT_VERSION = 3
+READS = (1, 2, FORMAT_VERSION)
 
 
 def module_hash(model: torch.nn.Module) -> str:
@@ -101,10 +106,11 @@ def read_artifact(path: str | os.PathLike, *, verify: bool = True
                             "make one with `qdsl compile ... -o DIR`")
     meta = read_json(path, MARKER)
     if not isinstance(meta, dict) or meta.get("format") != "qdsl-artifact" \
-            or meta.get("format_version") not in (1, FORMAT_VERSION):
+            or meta.get("format_version") not in READS:
         got = meta.get("format_version") if isinstance(meta, dict) else None
         raise ArtifactError(f"artifact {path}: {MARKER} is not a qdsl artifact marker this "
-                            f"qdsl reads (format {got!r}; it reads 1 and {FORMAT_VERSION})")
+                            f"qdsl reads (format {got!r}; it reads "
+                            f"{', '.join(map(str, READS))})")
     validate_marker(path, meta)
     reads = ["plan.json", "recipe.qrec", "quant_params.safetensors"]
     if meta["lower"] == "int8" and meta["int8"]["self_contained"]:
@@ -121,6 +127,7 @@ def read_artifact(path: str | os.PathLike, *, verify: bool = True
                       stacklevel=2)
     plan = read_json(path, "plan.json")
     validate(path, "plan.json", plan, PLAN)
+    meta = migrate(meta, plan)  # formats 1 and 2: quantizers in the current shape
     check_plan(path, meta, plan)
     check_recipe(path, meta)
     tensors = read_safetensors(path, "quant_params.safetensors")

@@ -4,18 +4,20 @@ fake-quant graph by a runtime module (``qdsl.runtime``) holding integer weights.
 requires: ``lower_fake`` ran with ``frozen`` (each quantized weight is a
           fake-quantized copy at ``qdsl_weight__<name>``; activation modules sit
           at ``qdsl_act__<name>`` on named nodes' outputs).
-ensures:  every op a row below matches is a ``call_module`` of a runtime module
+ensures:  every op a registered handler lowers is a ``call_module`` of a runtime module
           (``qdsl_int8__<name>``); the fake weight copies, biases and activation
           modules no node reads any more are gone from the graph module;
-          everything else (activation quantizers at non-linear nodes, ops no row
+          everything else (activation quantizers at non-linear nodes, ops no handler
           matches under ``fallback="simulate"``) stays fake-quant. The pipeline
           (``qdsl.passes.pipeline.INT8``) runs ``fuse_attention`` next: attentions
           whose scores and probs stay float become one fused SDPA call.
 
-Integer codes are the ones ``freeze`` computed (``frozen.codes``), used as they are.
-A frozen state without codes (an artifact's, on meta tensors: ``qdsl.load``) gets
-``quantize(w_hat, scale, zero_point)`` of the fake-quantized copy: there the pass
-only builds structure, and the stored integers are assigned afterwards.
+Each site is looked up in ``HANDLERS`` by (op kind, ``weight_kind`` of its weight
+spec, ``input_kind`` of its input spec); a handler builds the runtime module with
+its ``from_spec`` from the plan's specs and the integer codes ``freeze`` computed
+(``frozen.codes``), used as they are. A frozen state without codes is an artifact's
+(``qdsl.load``): on meta tensors the pass only builds structure (codes are shapes),
+and the stored integers are assigned afterwards, never re-derived.
 
 The input quantizer of a linear is its producer's activation quantizer, found by
 walking back from the op's input through view-like ops: a static 8-bit per-tensor
@@ -41,6 +43,7 @@ from ..plan import QuantPlan
 from ..quant.primitives import group_unview, group_view, quantize
 from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                        Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
+from ..runtime.packed import PACKED_WEIGHT_BITS
 from ..config.spec import GroupWise, PerChannel, PerTensor, PerToken, TensorSpec
 from .common import ACT_PREFIX, attr_name, weight_use
 from .freeze import Frozen
@@ -54,7 +57,7 @@ VIEW_OPS, OPS = LINEAR_INPUT_VIEWS, WEIGHTED_ATEN_OPS
 
 @dataclass
 class Site:
-    """One named node's weight op, as the rewrite rows see it."""
+    """One named node's weight op, as the handlers see it."""
 
     name: str
     weight: TensorSpec                 # the plan's weight spec (quantized)
@@ -66,45 +69,55 @@ class Site:
     chain: list[fx.Node] = field(default_factory=list)  # view ops, op input first
 
 
-# --------------------------------------------------------------------------- predicates
+# --------------------------------------------------------------------------- spec kinds
+# A site is looked up by (op kind, weight spec kind, input spec kind) in HANDLERS.
 
-def _w8(s: Site) -> bool:
-    w = s.weight
-    return w.bits == 8 and w.symmetric and isinstance(w.granularity, (PerChannel, PerTensor))
-
-
-def _packed(s: Site) -> bool:
-    w = s.weight
-    g = w.granularity
-    return w.bits in (1, 2, 4) and w.symmetric and isinstance(g, (PerChannel, GroupWise))
-
-
-def _a_float(s: Site) -> bool:  # float, fp16/bf16, or more than 8 bits: weight-only
-    return s.input is None or not s.input.quantized or s.input.bits > 8
+def weight_kind(w: TensorSpec) -> str | None:
+    """"w8" (8-bit symmetric, per channel / per tensor: int8 buffers), "packed" (1 / 2 /
+    4-bit symmetric, per channel / group: packed buffers), None (no integer storage)."""
+    if not w.symmetric:
+        return None
+    if w.bits == 8 and isinstance(w.granularity, (PerChannel, PerTensor)):
+        return "w8"
+    if w.bits in PACKED_WEIGHT_BITS and isinstance(w.granularity, (PerChannel, GroupWise)):
+        return "packed"
+    return None
 
 
-def _a8_static(s: Site) -> bool:
+def input_kind(s: Site) -> str:
+    """"ids" (an embedding's), "float" (float, fp16/bf16 or more than 8 bits),
+    "a8 static" (per tensor), "a8 dynamic" (per token / per tensor), "a8 other"
+    (8 bits, another granularity), "low" (fewer than 8 bits)."""
     a = s.input
-    return a is not None and a.bits == 8 and not a.dynamic and isinstance(a.granularity, PerTensor)
+    if s.kind == "embedding":
+        return "ids"
+    if a is None or not a.quantized or a.bits > 8:
+        return "float"
+    if a.bits < 8:
+        return "low"
+    if not a.dynamic and isinstance(a.granularity, PerTensor):
+        return "a8 static"
+    if a.dynamic and isinstance(a.granularity, (PerToken, PerTensor)):
+        return "a8 dynamic"
+    return "a8 other"
 
 
-def _a8_dynamic(s: Site) -> bool:
-    a = s.input
-    return (a is not None and a.bits == 8 and a.dynamic
-            and isinstance(a.granularity, (PerToken, PerTensor)))
-
-
-# --------------------------------------------------------------------------- builders
+# --------------------------------------------------------------------------- handlers
 
 def _codes(gm: fx.GraphModule, s: Site, frozen: Frozen) -> tuple[Tensor, Tensor]:
-    """(int32 codes [out, in], scale) of the op's quantized weight: freeze's codes, or
-    (no codes: an artifact's frozen state) the fake-quantized copy's."""
+    """(int32 codes [out, in], scale) of the op's quantized weight: freeze's codes. A
+    frozen state without codes is an artifact's: on the meta device (``qdsl.load`` of a
+    self-contained artifact) the codes are shapes only, the stored integers assigned
+    afterwards; with a real source model (an artifact without a model config) they are
+    the fake-quantized copy's codes (``quantize(dequantize(q)) == q``)."""
     scale, zp = frozen.weights[s.name]
     if s.name in frozen.codes:
         return frozen.codes[s.name], scale
     _, w_arg, _, in_out = OPS[str(s.op.target)]
     w = param(gm, s.op.args[w_arg].target).detach()
     w = w.t() if in_out else w                               # [out, in]
+    if w.is_meta:
+        return torch.empty(w.shape, dtype=torch.int32, device="meta"), scale
     if isinstance(s.weight.granularity, GroupWise):          # scale: [out, in/size, 1]
         q = group_unview(quantize(group_view(w.float(), s.weight.granularity.size),
                                   scale, zp, s.weight.bits, True))
@@ -120,73 +133,81 @@ def _bias(gm: fx.GraphModule, s: Site) -> Tensor | None:
     return param(gm, s.op.args[b_arg].target)
 
 
-def _group(s: Site) -> int | None:
-    g = s.weight.granularity
-    return g.size if isinstance(g, GroupWise) else None
+@dataclass(frozen=True)
+class Handler:
+    """How one (op, weight kind, input kind) is lowered: ``build(gm, site, frozen)`` makes
+    the runtime module from the site's specs and frozen codes; ``label`` is explain's
+    `exec` text; ``feed_float``: the module is fed the producer's float output (it
+    quantizes its input itself)."""
+
+    label: str
+    build: Callable[[fx.GraphModule, Site, Frozen], nn.Module]
+    feed_float: bool
 
 
+# (op kind, weight kind, input kind) -> Handler; no entry = fallback (error or simulate)
+HANDLERS: dict[tuple[str, str, str], Handler] = {}
+
+
+def handler(op: str, weight: str, inputs: tuple[str, ...], label: str, feed_float: bool = False):
+    """Register the decorated builder for ``op`` with a ``weight``-kind weight and each of
+    ``inputs`` (input kinds); one handler per key."""
+    def register(build):
+        for i in inputs:
+            assert (op, weight, i) not in HANDLERS, (op, weight, i)
+            HANDLERS[op, weight, i] = Handler(label, build, feed_float)
+        return build
+    return register
+
+
+A8_ANY = ("a8 static", "a8 dynamic", "a8 other")
+
+
+# embedding(W8, ids) -> Int8Embedding(ids): int8 rows, per-row scale, dequantized on lookup
+@handler("embedding", "w8", ("ids",), "int8 rows")
+def _int8_embedding(gm, s, frozen):
+    return Int8Embedding.from_spec(s.weight, *_codes(gm, s, frozen))
+
+
+# embedding(W4|W2|W1, ids) -> PackedEmbedding(ids): packed rows, unpacked on lookup
+@handler("embedding", "packed", ("ids",), "packed w{bits}")
+def _packed_embedding(gm, s, frozen):
+    return PackedEmbedding.from_spec(s.weight, *_codes(gm, s, frozen))
+
+
+# linear(Qstatic8(x), W8, b) -> Int8StaticLinear(x): int8 x int8 -> int32, frozen input scale/zp
+@handler("linear", "w8", ("a8 static",), "int8 gemm (static)", feed_float=True)
 def _static(gm, s, frozen):
     fq = gm.get_submodule(s.act.target)                      # FakeQuant: 0-d scale / zp
-    q, scale = _codes(gm, s, frozen)
-    return Int8StaticLinear.from_int(q, scale, _bias(gm, s), fq.scale, fq.zero_point,
-                                     act_symmetric=s.input.symmetric)
+    return Int8StaticLinear.from_spec(s.weight, *_codes(gm, s, frozen), _bias(gm, s),
+                                      act_spec=s.input, act_scale=fq.scale,
+                                      act_zero_point=fq.zero_point)
 
 
+# linear(Qdynamic8(x), W8, b) -> Int8DynamicLinear(x): per-token/tensor scales at run time
+@handler("linear", "w8", ("a8 dynamic",), "int8 gemm (dynamic)", feed_float=True)
 def _dynamic(gm, s, frozen):
-    q, scale = _codes(gm, s, frozen)
-    return Int8DynamicLinear.from_int(q, scale, _bias(gm, s),
-                                      act_granularity=s.input.granularity,
-                                      act_symmetric=s.input.symmetric)
+    return Int8DynamicLinear.from_spec(s.weight, *_codes(gm, s, frozen), _bias(gm, s),
+                                       act_spec=s.input)
 
 
+# linear(x, W8, b), x float / fp16 / >8-bit -> Int8WeightOnlyLinear(x): bf16 GEMM, scale after
+@handler("linear", "w8", ("float",), "int8 weight-only")
 def _weight_only(gm, s, frozen):
-    return Int8WeightOnlyLinear.from_int(*_codes(gm, s, frozen), _bias(gm, s))
+    return Int8WeightOnlyLinear.from_spec(s.weight, *_codes(gm, s, frozen), _bias(gm, s))
 
 
+# linear(x, W4|W2|W1, b), x float or 8-bit (its quantizer stays) -> PackedLinear(x)
+@handler("linear", "packed", ("float",) + A8_ANY, "packed w{bits}")
 def _packed_linear(gm, s, frozen):
-    return PackedLinear.from_int(*_codes(gm, s, frozen), _bias(gm, s), s.weight.bits, _group(s))
+    return PackedLinear.from_spec(s.weight, *_codes(gm, s, frozen), _bias(gm, s))
 
 
-def _int8_embedding(gm, s, frozen):
-    return Int8Embedding.from_int(*_codes(gm, s, frozen))
-
-
-def _packed_embedding(gm, s, frozen):
-    return PackedEmbedding.from_int(*_codes(gm, s, frozen), s.weight.bits, _group(s))
-
-
-@dataclass(frozen=True)
-class Row:
-    label: str
-    pattern: Callable[[Site], bool]
-    build: Callable[[fx.GraphModule, Site, Frozen], nn.Module]
-    feed_float: bool  # True: feed the producer's float output (the module quantizes itself)
-
-
-# The rewrite table: first matching row wins; no row = fallback (error or simulate).
-ROWS = (
-    # embedding(W8, ids) -> Int8Embedding(ids): int8 rows, per-row scale, dequantized on lookup
-    Row("int8 rows", lambda s: s.kind == "embedding" and _w8(s), _int8_embedding, False),
-    # embedding(W4|W2|W1, ids) -> PackedEmbedding(ids): packed rows, unpacked on lookup
-    Row("packed w{bits}", lambda s: s.kind == "embedding" and _packed(s), _packed_embedding, False),
-    # linear(Qstatic8(x), W8, b) -> Int8StaticLinear(x): int8 x int8 -> int32, frozen input scale/zp
-    Row("int8 gemm (static)", lambda s: s.kind == "linear" and _w8(s) and _a8_static(s),
-        _static, True),
-    # linear(Qdynamic8(x), W8, b) -> Int8DynamicLinear(x): per-token/tensor scales at run time
-    Row("int8 gemm (dynamic)", lambda s: s.kind == "linear" and _w8(s) and _a8_dynamic(s),
-        _dynamic, True),
-    # linear(x, W8, b), x float / fp16 / >8-bit -> Int8WeightOnlyLinear(x): bf16 GEMM, scale after
-    Row("int8 weight-only", lambda s: s.kind == "linear" and _w8(s) and _a_float(s),
-        _weight_only, False),
-    # linear(x, W4|W2|W1, b), x float or >=8-bit (its quantizer stays) -> PackedLinear(x)
-    Row("packed w{bits}", lambda s: s.kind == "linear" and _packed(s)
-        and (_a_float(s) or s.input.bits == 8), _packed_linear, False),
-)
 SIMULATED, FLOAT, FUSED = "simulated (fake-quant)", "float", "float (fused attention)"
 
 
 def why_not(s: Site) -> str:
-    """Why no row lowers ``s`` (for the error / fallback report)."""
+    """Why no handler lowers ``s`` (for the error / fallback report)."""
     w, a = s.weight, s.input
     if s.op is None or s.kind not in ("linear", "embedding"):
         return f"its weight is read by {s.kind}, which has no integer kernel"
@@ -200,7 +221,7 @@ def why_not(s: Site) -> str:
         return f"its input is quantized to {a.bits} bits ({a.describe()}); kernels take a8"
     if a is not None and a.quantized:
         return f"input quantizer {a.describe()} has no integer kernel (a8 per_tensor / per_token)"
-    return f"no rewrite row for {w.describe()}"
+    return f"no integer kernel is registered for {w.describe()}"
 
 
 # --------------------------------------------------------------------------- matching
@@ -254,11 +275,13 @@ def _find_input(s: Site, by_fx: dict[str, str], plan: QuantPlan) -> None:
         s.input = plan[s.producer].activation
 
 
-def decide(s: Site) -> Row | None:
-    return next((r for r in ROWS if r.pattern(s)), None)
+def decide(s: Site) -> Handler | None:
+    """The registered handler of ``s``'s (op kind, weight kind, input kind), or None."""
+    w = weight_kind(s.weight)
+    return None if w is None else HANDLERS.get((s.kind, w, input_kind(s)))
 
 
-def _label(row: Row, s: Site) -> str:
+def _label(row: Handler, s: Site) -> str:
     return row.label.format(bits=s.weight.bits)
 
 
@@ -267,8 +290,8 @@ def _label(row: Row, s: Site) -> str:
 @torch.no_grad()
 def lower_int8(gm: fx.GraphModule, named, plan: QuantPlan, frozen: Frozen, *,
                fallback: str = "error", compute: str | None = None) -> fx.GraphModule:
-    """Apply the rewrite table. ``fallback``: "error" raises GraphError at the first op no
-    row lowers; "simulate" leaves it fake-quant, warns, and lists it in
+    """Lower each site by its registered handler (``HANDLERS``). ``fallback``: "error" raises GraphError at the first op no
+    handler lowers; "simulate" leaves it fake-quant, warns, and lists it in
     ``gm.meta["qdsl_fallbacks"]`` ([{"node", "reason"}]). ``compute`` (the recipe's
     ``lower.compute``): weight-only modules compute in "bf16" (fast kernels, the
     default) or "fp32" (exact, slow)."""
@@ -329,7 +352,7 @@ def _share_tied(module: nn.Module, s: Site, named, shared: dict) -> None:
             setattr(module, n, getattr(first, n))
 
 
-def _replace(gm: fx.GraphModule, s: Site, row: Row, module: nn.Module) -> None:
+def _replace(gm: fx.GraphModule, s: Site, row: Handler, module: nn.Module) -> None:
     """op(x, W, b) -> call_module(module, x'); x' = the producer's float output or x."""
     attr = attr_name(s.name, INT8_PREFIX)
     gm.add_submodule(attr, module)

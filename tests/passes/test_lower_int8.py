@@ -1,4 +1,4 @@
-"""lower_int8 on tiny models: each rewrite row, agreement with fake-quant, int8
+"""lower_int8 on tiny models: each registered handler, agreement with fake-quant, int8
 artifacts (round trip bit-identical, meta-device load), fallback, explain's exec column.
 
 Tolerance: lowered vs fake-quant logits from the same frozen parameters differ by
