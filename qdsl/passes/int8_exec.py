@@ -9,7 +9,8 @@ import torch.fx as fx
 from ..plan import QuantPlan
 from .common import ACT_PREFIX
 from .fuse_attention import find_attention
-from .lower_int8 import FLOAT, FUSED, SIMULATED, VIEW_OPS, _label, _sites, decide
+from .int8_handlers import FLOAT, FUSED, SIMULATED, _label, decide
+from .lower_int8 import VIEW_OPS, _sites
 
 
 def execution(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, str]:

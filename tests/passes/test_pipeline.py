@@ -127,7 +127,7 @@ def test_calibrate_and_record_run_through_the_runner():
     run(RECORD, gm2, rctx)
     rec = rctx.recorders["fc2"]
     assert len(rec.max_abs) == 1
-    assert rec.max_abs[0] == pytest.approx(float(gm2(batches[0]).abs().max()))
+    assert rec.max_abs[0] == pytest.approx(float(gm2(batches[0]).detach().abs().max()))
     rctx.feed = Feed(gm2, batches[1:])
     run(FEED, gm2, rctx)
     assert len(rec.max_abs) == 3      # the direct call above, then the second batch
