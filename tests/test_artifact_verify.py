@@ -101,6 +101,11 @@ def test_marker_records_every_file(built, model):
         files = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
         assert set(meta["files"]) == files - {"qdsl_artifact.json"}
         assert meta["format_version"] == 3
+        umask = os.umask(0)
+        os.umask(umask)
+        modes = {p.relative_to(d).as_posix(): p.stat().st_mode & 0o777
+                 for p in d.rglob("*") if p.is_file()}
+        assert modes == {f: 0o666 & ~umask for f in files | {"qdsl_artifact.json"}}
         load(d, model)
 
 

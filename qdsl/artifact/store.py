@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..atomic import atomic_dir  # the output rules: qdsl.atomic.output_dir
+from ..atomic import atomic_dir, umasked  # the output rules: qdsl.atomic.output_dir
 from .migrate import migrate
 from .files import file_records, model_dir_files, read_json, regular_file, verify_files
 from .schema import PLAN, check_plan, check_recipe, validate, validate_marker
@@ -78,9 +78,9 @@ def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[s
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **meta}
     with atomic_dir(out, force=force) as tmp:
-        save_file(tensors, str(tmp / "quant_params.safetensors"))
+        _save(tensors, tmp / "quant_params.safetensors")
         for fname, ts in (extra or {}).items():
-            save_file(ts, str(tmp / fname))
+            _save(ts, tmp / fname)
         if write_more is not None:
             write_more(tmp)
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
@@ -88,6 +88,13 @@ def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[s
         meta["files"] = file_records(tmp, skip=MARKER)  # sha256 + size: what load verifies
         (tmp / MARKER).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return Path(out)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``, and the mode ``open`` would give the file (it makes
+    it 0600, unlike every other file of the artifact)."""
+    save_file(tensors, str(path))
+    os.chmod(path, umasked(0o666))
 
 
 def read_artifact(path: str | os.PathLike, *, verify: bool = True
