@@ -36,13 +36,16 @@ def test_v2_artifact_loads_and_computes_what_it_did(kind, model, tmp_path):
     assert json.loads((V2 / kind / "qdsl_artifact.json").read_text())["format_version"] == 2
     q = _load(kind, model)
     with torch.no_grad():
-        assert torch.equal(q(EXPECTED["ids"]), EXPECTED[kind])
+        y = q(EXPECTED["ids"])
+    # the float GEMMs' summation order follows torch's thread count (another test may
+    # have set 1): 6e-8 apart at most here, where one a8 / w8 step is ~1e-2
+    torch.testing.assert_close(y, EXPECTED[kind], rtol=0, atol=1e-6)
     out = q.save(tmp_path / kind)                            # saved again: format 3
     meta = json.loads((out / "qdsl_artifact.json").read_text())
     assert meta["format_version"] == FORMAT_VERSION == 3
     assert all(set(c) == {"type", "spec"} for c in meta["quantizers"]["activations"].values())
     with torch.no_grad():
-        assert torch.equal(_load(kind, model, out)(EXPECTED["ids"]), EXPECTED[kind])
+        assert torch.equal(_load(kind, model, out)(EXPECTED["ids"]), y)   # same process
     for f in ("quant_params.safetensors", "plan.json") + (("model.safetensors",)
                                                            if kind == "int8" else ()):
         assert (out / f).read_bytes() == (V2 / kind / f).read_bytes(), f
