@@ -31,6 +31,7 @@ block.*.ln_2         -> a8 per_tensor static
 """
 FAKE = W8A8 + "block.0.mlp.c_fc -> a8 per_group(K=2, permute)\n"
 CACHE = 16
+V2 = Path(__file__).parent / "data" / "artifact_v2"   # written by main's code (format 2)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,12 @@ def test_marker_records_every_file(built, model):
         meta = json.loads((d / "qdsl_artifact.json").read_text())
         files = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
         assert set(meta["files"]) == files - {"qdsl_artifact.json"}
-        assert meta["format_version"] == 2
+        assert meta["format_version"] == 3
+        umask = os.umask(0)
+        os.umask(umask)
+        modes = {p.relative_to(d).as_posix(): p.stat().st_mode & 0o777
+                 for p in d.rglob("*") if p.is_file()}
+        assert modes == {f: 0o666 & ~umask for f in files | {"qdsl_artifact.json"}}
         load(d, model)
 
 
@@ -136,8 +142,9 @@ def test_ff_bytes_in_a_float_tensor_are_refused(built, model, tmp_path):
         refused(d, model, f"{rel}: tensor .* NaN or infinite", verify=False)
 
 
-def test_format_1_artifact_loads_with_a_warning(built, model, tmp_path):
-    d = copy(built, "int8", tmp_path)
+def test_format_1_artifact_loads_with_a_warning(model, tmp_path):
+    d = tmp_path / "int8"
+    shutil.copytree(V2 / "int8", d)       # format 2 as main wrote it; 1 has no hashes
     edit_json(d / "qdsl_artifact.json", lambda m: (m.pop("files"), m.update(format_version=1)))
     with pytest.warns(UserWarning, match="cannot be verified"):
         load(d, model)
@@ -190,8 +197,11 @@ def test_recorded_rules_must_have_the_recorded_hash(built, model, tmp_path):
     (lambda m: m.pop("mode"), 'qdsl_artifact.json: missing key "mode"'),
     (lambda m: m.update(max_cache_len="16"), "max_cache_len must be an integer"),
     (lambda m: m.update(max_cache_len=10 ** 12), r"max_cache_len must be 1\.\.1048576"),
-    (lambda m: m["quantizers"]["activations"]["block.0.ln_2"].update(bits=99),
-     r'quantizers.activations\["block.0.ln_2"\].bits must be 1\.\.16, got 99'),
+    (lambda m: m["quantizers"]["activations"]["block.0.ln_2"]["spec"].update(bits=99),
+     r'quantizers.activations\["block.0.ln_2"\].spec.bits must be 1\.\.16, got 99'),
+    (lambda m: m["quantizers"]["activations"]["block.0.ln_2"].update(bits=8),
+     r'quantizers.activations\["block.0.ln_2"\] has an unknown key "bits"'),
+    (lambda m: m.update(format_version=4), "format 4; it reads 1, 2, 3"),
     (lambda m: m["int8"].update(fallback=None), "int8.fallback must be a string"),
     (lambda m: m["files"].update({"../x": {"sha256": "0" * 64, "size": 1}}), "malformed"),
     (lambda m: m.update(extra=1), 'unknown key "extra"'),

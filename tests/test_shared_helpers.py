@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -61,13 +63,34 @@ def test_atomic_path_leaves_the_target_alone_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
-def test_write_text_atomic_new_file_is_private(tmp_path):
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_write_text_atomic_new_file_has_the_umask_mode(tmp_path, umask):
+    """A new file gets what open() would give it (0o666 less the umask), not mkstemp's
+    0600; an existing file keeps its own mode."""
+    from qdsl.atomic import write_text_atomic
+
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "new.txt", "x\n")
+        with open(tmp_path / "by_open.txt", "w") as f:
+            f.write("x\n")
+        (tmp_path / "kept.txt").write_text("old")
+        os.chmod(tmp_path / "kept.txt", 0o640)
+        write_text_atomic(tmp_path / "kept.txt", "new")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "new.txt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "by_open.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "kept.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "kept.txt").read_text() == "new"
+
+
+def test_write_json_atomic_writes_nan_as_null(tmp_path):
     from qdsl.atomic import write_json_atomic
 
     write_json_atomic(tmp_path / "r.json", {"ppl": float("nan"), "xs": (1.0, float("inf"))})
     want = '{\n "ppl": null,\n "xs": [\n  1.0,\n  null\n ]\n}\n'
     assert (tmp_path / "r.json").read_text() == want
-    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o600
 
 
 # ---------------------------------------------------------------- Conv1D

@@ -180,33 +180,44 @@ RECIPE = Obj({"source": NAME, "settings": SETTINGS, "rules": List(Obj({
     "selector": Obj({"kind": Str(enum=("glob", "op", "type", "re", "module")),
                      "pattern": NAME, "optional": Bool}),
     "weight": PATCH, "activation": PATCH, "skip": Bool, "loc": LOC}))})
-ACTIVATION_MODULE = Tagged("type", {"FakeQuant": {"bits": Int(1, 16), "symmetric": Bool},
-                                    "DynamicFakeQuant": {"spec": TENSOR_SPEC},
-                                    "FloatCast": {"float_dtype": FLOAT_DTYPE}})
+# format 3: each activation quantizer is its type and the TensorSpec it runs
+ACTIVATION_MODULE = Tagged("type", {t: {"spec": TENSOR_SPEC}
+                                    for t in ("FakeQuant", "DynamicFakeQuant", "FloatCast")})
+# formats 1 and 2 (read through qdsl.artifact.migrate)
+ACTIVATION_MODULE_V2 = Tagged("type", {"FakeQuant": {"bits": Int(1, 16), "symmetric": Bool},
+                                       "DynamicFakeQuant": {"spec": TENSOR_SPEC},
+                                       "FloatCast": {"float_dtype": FLOAT_DTYPE}})
 DTYPE = Str(enum=("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16",
                   "int32", "int64", "bool"))
 REL_PATH = Str(pattern=r"(?!/)(?!.*(^|/)\.\.?(/|$))[^\\\x00]+", max_len=1024)
 
-MARKER = Obj({
-    "format": Str(enum=("qdsl-artifact",)),
-    "format_version": Int(1, 2),
-    "qdsl_version": NAME, "created": NAME,
-    "model": Obj({"id": Str(pattern=r"(?s).+", max_len=1024), "hash": NAME}),
-    "recipe": Obj({"source": NAME, "hash": NAME, "rules": RECIPE}),
-    "settings": SETTINGS,
-    "lower": Str(enum=("fake", "int8")),
-    "mode": Str(enum=("generate", "plain")),
-    "max_cache_len": Int(1, 1 << 20),
-    "graph_hash": NAME,
-    "quantizers": Obj({"activations": Map(ACTIVATION_MODULE), "weights": List(NAME)}),
-}, {
-    "int8": Obj({"self_contained": Bool, "fallback": Str(enum=("error", "simulate")),
-                 "fallbacks": List(Obj({"node": NAME, "reason": Str()})),
-                 "aliases": Map(NAME), "runtime_state": List(NAME),
-                 "weight_qparams": Map(Pair(List(Int(0, MAX_INT), 0, 8), DTYPE))}),
-    "files": Map(Obj({"sha256": Str(pattern=SHA256.pattern), "size": Int(0, 1 << 50)}),
-                 key=REL_PATH),
-})
+
+def _marker(versions: tuple[int, int], activation_module: Check) -> Check:
+    """The marker schema of the format versions ``versions`` (lo, hi)."""
+    return Obj({
+        "format": Str(enum=("qdsl-artifact",)),
+        "format_version": Int(*versions),
+        "qdsl_version": NAME, "created": NAME,
+        "model": Obj({"id": Str(pattern=r"(?s).+", max_len=1024), "hash": NAME}),
+        "recipe": Obj({"source": NAME, "hash": NAME, "rules": RECIPE}),
+        "settings": SETTINGS,
+        "lower": Str(enum=("fake", "int8")),
+        "mode": Str(enum=("generate", "plain")),
+        "max_cache_len": Int(1, 1 << 20),
+        "graph_hash": NAME,
+        "quantizers": Obj({"activations": Map(activation_module), "weights": List(NAME)}),
+    }, {
+        "int8": Obj({"self_contained": Bool, "fallback": Str(enum=("error", "simulate")),
+                     "fallbacks": List(Obj({"node": NAME, "reason": Str()})),
+                     "aliases": Map(NAME), "runtime_state": List(NAME),
+                     "weight_qparams": Map(Pair(List(Int(0, MAX_INT), 0, 8), DTYPE))}),
+        "files": Map(Obj({"sha256": Str(pattern=SHA256.pattern), "size": Int(0, 1 << 50)}),
+                     key=REL_PATH),
+    })
+
+
+MARKER = _marker((3, 3), ACTIVATION_MODULE)
+MARKER_V2 = _marker((1, 2), ACTIVATION_MODULE_V2)
 PLAN = Obj({"graph_hash": NAME, "recipe_hash": NAME, "module_map": Map(NAME),
             "entries": List(Obj({"name": NAME, "role": NAME, "module": NAME,
                                  "weight": Opt(TENSOR_SPEC), "activation": TENSOR_SPEC,
@@ -220,7 +231,8 @@ def validate(d: Path, rel: str, value: Any, schema: Check) -> None:
 
 
 def validate_marker(d: Path, meta: Any) -> None:
-    validate(d, "qdsl_artifact.json", meta, MARKER)
+    old = isinstance(meta, dict) and meta.get("format_version") in (1, 2)
+    validate(d, "qdsl_artifact.json", meta, MARKER_V2 if old else MARKER)
     if meta["format_version"] >= 2 and "files" not in meta:
         raise ArtifactError(f"artifact {d}: qdsl_artifact.json: missing key \"files\" "
                             "(the content hashes of format 2)")
@@ -254,9 +266,8 @@ def check_plan(d: Path, meta: dict, plan: dict) -> None:
         if (w is not None and w["bits"] is not None) != (e["name"] in weights):
             bad(f"node {e['name']}: weight quantizer {'missing' if w else 'unexpected'}")
         want = (None if a["bits"] is None and a["float_dtype"] == "fp32" else
-                {"type": "FloatCast", "float_dtype": a["float_dtype"]} if a["bits"] is None else
-                {"type": "DynamicFakeQuant", "spec": a} if a["dynamic"] else
-                {"type": "FakeQuant", "bits": a["bits"], "symmetric": a["symmetric"]})
+                {"type": "FloatCast" if a["bits"] is None else
+                 "DynamicFakeQuant" if a["dynamic"] else "FakeQuant", "spec": a})
         if acts.get(e["name"]) != want:
             bad(f"node {e['name']}: activation quantizer {acts.get(e['name'])} "
                 f"but the plan says {want}")

@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..atomic import atomic_dir  # the output rules: qdsl.atomic.output_dir
+from ..atomic import atomic_dir, umasked  # the output rules: qdsl.atomic.output_dir
+from .migrate import migrate
 from .files import file_records, model_dir_files, read_json, regular_file, verify_files
 from .schema import PLAN, check_plan, check_recipe, validate, validate_marker
 from .tensors import check_quant_tensors, read_safetensors
@@ -45,7 +46,11 @@ from ..errors import ArtifactError
 from ..graph.attrs import owner, param
 
 MARKER = "qdsl_artifact.json"
-FORMAT_VERSION = 2  # 2: qdsl_artifact.json records each file's sha256 and size ("files")
+# 2: qdsl_artifact.json records each file's sha256 and size ("files");
+# 3: each activation quantizer is {"type", "spec": TensorSpec JSON} (2 and 1 are
+#    still read: qdsl.artifact.migrate rewrites their quantizers from plan.json)
+FORMAT_VERSION = 3
+READS = (1, 2, FORMAT_VERSION)
 
 
 def module_hash(model: torch.nn.Module) -> str:
@@ -73,9 +78,9 @@ def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[s
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **meta}
     with atomic_dir(out, force=force) as tmp:
-        save_file(tensors, str(tmp / "quant_params.safetensors"))
+        _save(tensors, tmp / "quant_params.safetensors")
         for fname, ts in (extra or {}).items():
-            save_file(ts, str(tmp / fname))
+            _save(ts, tmp / fname)
         if write_more is not None:
             write_more(tmp)
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
@@ -83,6 +88,13 @@ def write_artifact(out: str | os.PathLike, *, meta: dict[str, Any], plan: dict[s
         meta["files"] = file_records(tmp, skip=MARKER)  # sha256 + size: what load verifies
         (tmp / MARKER).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return Path(out)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``, and the mode ``open`` would give the file (it makes
+    it 0600, unlike every other file of the artifact)."""
+    save_file(tensors, str(path))
+    os.chmod(path, umasked(0o666))
 
 
 def read_artifact(path: str | os.PathLike, *, verify: bool = True
@@ -101,10 +113,11 @@ def read_artifact(path: str | os.PathLike, *, verify: bool = True
                             "make one with `qdsl compile ... -o DIR`")
     meta = read_json(path, MARKER)
     if not isinstance(meta, dict) or meta.get("format") != "qdsl-artifact" \
-            or meta.get("format_version") not in (1, FORMAT_VERSION):
+            or meta.get("format_version") not in READS:
         got = meta.get("format_version") if isinstance(meta, dict) else None
         raise ArtifactError(f"artifact {path}: {MARKER} is not a qdsl artifact marker this "
-                            f"qdsl reads (format {got!r}; it reads 1 and {FORMAT_VERSION})")
+                            f"qdsl reads (format {got!r}; it reads "
+                            f"{', '.join(map(str, READS))})")
     validate_marker(path, meta)
     reads = ["plan.json", "recipe.qrec", "quant_params.safetensors"]
     if meta["lower"] == "int8" and meta["int8"]["self_contained"]:
@@ -121,6 +134,7 @@ def read_artifact(path: str | os.PathLike, *, verify: bool = True
                       stacklevel=2)
     plan = read_json(path, "plan.json")
     validate(path, "plan.json", plan, PLAN)
+    meta = migrate(meta, plan)  # formats 1 and 2: quantizers in the current shape
     check_plan(path, meta, plan)
     check_recipe(path, meta)
     tensors = read_safetensors(path, "quant_params.safetensors")

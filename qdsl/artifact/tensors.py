@@ -78,8 +78,8 @@ def check_quant_tensors(d: Path, meta: dict, plan: dict, tensors: dict) -> None:
     need: dict[str, tuple | None] = {}  # tensor name -> (bits, symmetric), None: optional
     for k, c in meta["quantizers"]["activations"].items():
         if c["type"] == "FakeQuant":
-            need.update({f"act.{k}.scale": (c["bits"], c["symmetric"]),
-                         f"act.{k}.zero_point": (c["bits"], c["symmetric"]),
+            grid = (c["spec"]["bits"], c["spec"]["symmetric"])
+            need.update({f"act.{k}.scale": grid, f"act.{k}.zero_point": grid,
                          f"act.{k}.perm": None})
             scale, zp = tensors.get(f"act.{k}.scale"), tensors.get(f"act.{k}.zero_point")
             perm = tensors.get(f"act.{k}.perm")

@@ -53,8 +53,9 @@ def umasked(mode: int) -> int:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` atomically, keeping an
-    existing file's permissions; a new file is 0600 (as it has always been)."""
-    with atomic_path(path, mode=0o600) as tmp:
+    existing file's permissions; a new file gets what ``open`` would give it (0o666
+    less the umask: 0644 under the usual 022), not ``mkstemp``'s private 0600."""
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
 

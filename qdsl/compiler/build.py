@@ -2,7 +2,7 @@
 
     recipe text --lang--> Recipe
     model --capture--> fx graph --name--> NamedGraph --match(Recipe)--> QuantPlan
-    (compile) --OBSERVE--> --calibrate--> --FREEZE + FAKE | INT8--> quantized graph
+    (compile) --OBSERVE--> --CALIBRATE + FREEZE + FAKE | INT8--> quantized graph
     (the pipelines of ``qdsl.passes.pipeline``)
 """
 
@@ -25,9 +25,9 @@ from ..graph.naming import name_graph
 from ..lang import load_recipe, parse_recipe
 from ..models import zoo
 from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibration_windows
-from ..passes.calibrate import calibrate
 from ..passes.int8_exec import execution
-from ..passes.pipeline import FREEZE, OBSERVE, VALIDATE, PassContext, lowering, run
+from ..passes.pipeline import (CALIBRATE, FREEZE, OBSERVE, VALIDATE, Feed, PassContext,
+                               lowering, run)
 from ..runtime.graphlm import GraphLM
 from .render import draw_block, render_summary, render_table, rows
 
@@ -184,7 +184,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     warning; the calibration window length (``calib.seq_len``) unset: 256 clipped to what
     the graph takes. A given length that does not fit is an ``OptionError``, raised before
     capture. The passes run as the pipelines of ``qdsl.passes.pipeline`` (OBSERVE,
-    calibration, FREEZE + FAKE or INT8); ``check`` checks the graph after every pass (tests).
+    CALIBRATE + FREEZE + FAKE or INT8); ``check`` checks the graph after every pass (tests).
     """
     r = as_recipe(recipe)
     st = r.settings.then(settings or Settings())
@@ -230,10 +230,10 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
             raise CalibrationError(
                 f"calibration windows of {windows.shape[1]} tokens do not fit: {takes.why}; "
                 f"use windows of {takes.tokens} tokens or less (--seq-len {takes.tokens})")
-        calibrate(_calib_runner(captured, mode, max_cache_len), windows,
-                  batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
-                  progress=progress)
-    gm = run(lowered, captured.gm, ctx, check=check)
+        ctx.feed = Feed(_calib_runner(captured, mode, max_cache_len), windows,
+                        batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
+                        progress=progress)
+    gm = run(CALIBRATE + lowered, captured.gm, ctx, check=check)
     ctx.frozen.codes.clear()  # the lowering used freeze's codes; the graph holds its own
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,

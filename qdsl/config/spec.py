@@ -32,6 +32,18 @@ class SpecError(ValueError):
     """A spec value is out of its domain (raised on construction)."""
 
 
+def check_bits(bits: Any, *, float_ok: bool = False) -> int:
+    """The one check of a bit width: an int in ``MIN_BITS..MAX_BITS`` (``float_ok``: or
+    ``FLOAT_BITS``, a rule's "keep float"); SpecError otherwise. The spec constructors
+    call it, and the quantizer maths' ``qrange`` (the language's checker turns the spec's
+    error into a located diagnostic)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) \
+            or not (MIN_BITS <= bits <= MAX_BITS or (float_ok and bits == FLOAT_BITS)):
+        also = f" (or {FLOAT_BITS} for float)" if float_ok else " (None for float)"
+        raise SpecError(f"bits must be {MIN_BITS}..{MAX_BITS}{also}, got {bits!r}")
+    return bits
+
+
 # --------------------------------------------------------------------------
 # Granularity: how many (scale, zero point) pairs a tensor gets.
 
@@ -206,10 +218,8 @@ class TensorPatch:
     dynamic: bool | None = None
 
     def __post_init__(self) -> None:
-        b = self.bits
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool)
-                              or not (MIN_BITS <= b <= MAX_BITS or b == FLOAT_BITS)):
-            raise SpecError(f"bits must be {MIN_BITS}..{MAX_BITS} (or 32 for float), got {b!r}")
+        if self.bits is not None:
+            check_bits(self.bits, float_ok=True)
         if self.float_dtype is not None and self.float_dtype not in FLOAT_DTYPES:
             raise SpecError(f"float dtype must be one of {FLOAT_DTYPES}, got {self.float_dtype!r}")
 
@@ -273,12 +283,10 @@ class TensorSpec:
     dynamic: bool = False
 
     def __post_init__(self) -> None:
-        b = self.bits
         if self.kind not in (WEIGHT, ACTIVATION):
             raise SpecError(f"kind must be {WEIGHT} or {ACTIVATION}, got {self.kind!r}")
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool)
-                              or not MIN_BITS <= b <= MAX_BITS):
-            raise SpecError(f"bits must be {MIN_BITS}..{MAX_BITS} (None for float), got {b!r}")
+        if self.bits is not None:
+            check_bits(self.bits)
         if self.float_dtype not in FLOAT_DTYPES:
             raise SpecError(f"float dtype must be one of {FLOAT_DTYPES}, got {self.float_dtype!r}")
         if not isinstance(self.symmetric, bool) or not isinstance(self.dynamic, bool):

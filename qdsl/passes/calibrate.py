@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 @torch.inference_mode()
 def calibrate(run: Callable[[torch.Tensor], object], windows: torch.Tensor, *,
               batch_size: int = 1, progress: bool = True) -> None:
-    """``windows``: [N, T] token ids; ``run(ids [B, T])`` runs the model on one batch."""
-    batches = windows.split(batch_size)
+    """``windows``: [N, T] token ids (split into batches of ``batch_size``) or a sequence
+    of [B, T] batches; ``run(ids [B, T])`` runs the model on one batch."""
+    batches = windows.split(batch_size) if isinstance(windows, torch.Tensor) else windows
     for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
                       leave=False):
         run(batch)

@@ -17,11 +17,10 @@ from torch import Tensor, fx, nn
 
 from ..graph.attrs import param
 from ..runtime.conv1d import oriented
-from ..runtime.fakequant import (DynamicFakeQuant, FakeQuant, FloatCast, module_from_json,
-                                 quantize_weight)
+from ..runtime.fakequant import activation_module, quantize_weight
+from ..runtime.registry import module_from_json
 from ..quant.observers import Observer
 from ..plan import QuantPlan
-from ..config.spec import TensorSpec
 
 
 @dataclass
@@ -60,7 +59,7 @@ class Frozen:
             try:
                 acts[k] = module_from_json(c, {n[len(prefix):]: t for n, t in tensors.items()
                                                if n.startswith(prefix)})
-            except (KeyError, TypeError) as e:
+            except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"activation quantizer {k}: missing or malformed {e}") from None
         weights = {}
         for k in config["weights"]:
@@ -70,15 +69,6 @@ class Frozen:
                                  ".zero_point is missing")
             weights[k] = (scale, zero_point)
         return cls(acts, weights)
-
-
-def activation_module(spec: TensorSpec, observer: Observer | None) -> nn.Module | None:
-    if not spec.quantized:
-        return None if spec.float_dtype == "fp32" else FloatCast(spec.float_dtype)
-    if spec.dynamic:
-        return DynamicFakeQuant(spec)
-    assert observer is not None, f"no observer for static spec {spec.describe()}"
-    return FakeQuant.from_observer(observer)
 
 
 @torch.no_grad()

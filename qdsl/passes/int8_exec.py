@@ -1,5 +1,5 @@
 """How each named node runs under ``--lower int8``: the `exec` column of
-``qdsl explain --lower int8``, decided by the same rows as ``lower_int8`` without
+``qdsl explain --lower int8``, decided by the same handlers as ``lower_int8`` (``HANDLERS``) without
 rewriting the graph."""
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ import torch.fx as fx
 from ..plan import QuantPlan
 from .common import ACT_PREFIX
 from .fuse_attention import find_attention
-from .lower_int8 import FLOAT, FUSED, SIMULATED, VIEW_OPS, _label, _sites, decide
+from .int8_handlers import FLOAT, FUSED, SIMULATED, _label, decide
+from .lower_int8 import VIEW_OPS, _sites
 
 
 def execution(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, str]:
     """canonical name -> how it runs under ``--lower int8`` (the `exec` column).
 
-    Weight nodes: the row's label (``int8 gemm (dynamic)``, ``int8 weight-only``,
-    ``packed w4``, ``int8 rows``) or ``simulated (fake-quant)`` where no row applies,
+    Weight nodes: the handler's label (``int8 gemm (dynamic)``, ``int8 weight-only``,
+    ``packed w4``, ``int8 rows``) or ``simulated (fake-quant)`` where no handler applies,
     plus `` + fake-quant out`` when the node's own output is quantized. Other nodes:
     ``int8 (gemm input)`` when every reader of a quantized output is an int8 GEMM that
     quantizes it itself, ``simulated (fake-quant)`` when quantized otherwise,

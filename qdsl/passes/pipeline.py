@@ -9,8 +9,8 @@ requirements do not hold (GraphError naming the pass and the property), and with
 
     ctx = PassContext(named, plan)
     gm = run(OBSERVE, captured.gm, ctx)      # ctx.observers
-    ... calibrate ...
-    gm = run(FREEZE + lowering("int8"), gm, ctx)
+    ctx.feed = Feed(runner, windows)         # calibration data
+    gm = run(CALIBRATE + FREEZE + lowering("int8"), gm, ctx)
 
 The pass functions themselves (``lower_fake(gm, named, plan, frozen)`` ...) keep
 their own signatures for direct use; the records below adapt them. A pass never
@@ -27,16 +27,29 @@ from typing import Any, Callable
 from torch import fx
 
 from ..errors import GraphError
+from .calibrate import calibrate
 from .common import ACT_PREFIX, WEIGHT_PREFIX, attr_name
 from .freeze import Frozen, freeze
 from .fuse_attention import fuse_attention
 from .insert_observers import insert_observers
 from .lower_fake import lower_fake
 from .lower_int8 import INT8_PREFIX, lower_int8
+from .record import insert_recorders
 from .simplify import drop_noops
 from .validate import validate_plan
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Feed:
+    """Data a pass runs through the graph: ``run(batch)`` on each batch of ``windows``
+    (a [N, T] tensor split into ``batch_size`` rows, or a sequence of [B, T] batches)."""
+
+    run: Callable[[Any], object]
+    windows: Any
+    batch_size: int = 1
+    progress: bool = False
 
 
 @dataclass
@@ -46,7 +59,9 @@ class PassContext:
     ``named`` / ``plan``: the named graph and its plan (None only for pipelines of
     plan-free passes, e.g. ``FLOAT_RUNTIME``). ``observers``: set by
     ``insert_observers``; ``frozen``: set by ``freeze`` or given (an artifact's).
-    ``fallback`` / ``lower_compute``: ``lower_int8``'s settings. ``properties``:
+    ``fallback`` / ``lower_compute``: ``lower_int8``'s settings. ``feed``: the data
+    ``calibrate`` / ``record`` run through the graph; ``record_names``: the nodes
+    ``insert_recorders`` records, ``recorders`` what it inserted. ``properties``:
     the names the passes run so far ensured (the runner adds them)."""
 
     named: Any = None
@@ -55,6 +70,9 @@ class PassContext:
     observers: dict | None = None
     fallback: str = "error"
     lower_compute: str | None = None
+    feed: Feed | None = None
+    record_names: list[str] | None = None
+    recorders: dict | None = None
     properties: set[str] = field(default_factory=set)
 
 
@@ -76,6 +94,10 @@ def _ran(name: str) -> Callable[[fx.GraphModule, PassContext], bool]:
 # property -> does it hold for (gm, ctx)?
 PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
     "planned": lambda gm, ctx: ctx.named is not None and ctx.plan is not None,
+    "named": lambda gm, ctx: ctx.named is not None,
+    "fed": lambda gm, ctx: ctx.feed is not None,
+    "calibrated": _ran("calibrated"),
+    "recording": lambda gm, ctx: ctx.recorders is not None,
     "validated": _ran("validated"),
     "observed": lambda gm, ctx: ctx.observers is not None,
     "frozen": lambda gm, ctx: ctx.frozen is not None,
@@ -98,6 +120,29 @@ def _observe(gm, ctx):
     return gm
 
 
+def _feed(gm, ctx):
+    """Run ``ctx.feed`` through the graph (the recorders, or the observers)."""
+    f = ctx.feed
+    calibrate(f.run, f.windows, batch_size=f.batch_size, progress=f.progress)
+    return gm
+
+
+def _calibrate(gm, ctx):
+    """``_feed`` for the observers; with none (a dynamic-only recipe) it runs nothing
+    and needs no data."""
+    if not ctx.observers:
+        return gm
+    if ctx.feed is None:
+        raise GraphError(f"pass calibrate: {len(ctx.observers)} static activation observers "
+                         "and no calibration data (PassContext.feed)")
+    return _feed(gm, ctx)
+
+
+def _record(gm, ctx):
+    ctx.recorders = insert_recorders(gm, ctx.named, ctx.record_names, keep=True)
+    return gm
+
+
 def _freeze(gm, ctx):
     ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers)
     return gm
@@ -116,6 +161,7 @@ def _fuse(gm, ctx):
 
 VALIDATE_PLAN = Pass("validate_plan", _validate, ("planned",), ("validated",))
 INSERT_OBSERVERS = Pass("insert_observers", _observe, ("planned", "validated"), ("observed",))
+CALIBRATE_PASS = Pass("calibrate", _calibrate, ("observed",), ("calibrated",))
 FREEZE_PASS = Pass("freeze", _freeze, ("planned", "observed"), ("frozen",))
 LOWER_FAKE = Pass("lower_fake", lambda gm, ctx: lower_fake(gm, ctx.named, ctx.plan, ctx.frozen),
                   ("planned", "frozen"), ("fake_lowered",))
@@ -124,11 +170,17 @@ LOWER_INT8 = Pass("lower_int8", lambda gm, ctx: lower_int8(
     gm, ctx.named, ctx.plan, ctx.frozen, fallback=ctx.fallback, compute=ctx.lower_compute),
     ("planned", "frozen", "fake_lowered"), ("int8_lowered",))
 FUSE_ATTENTION = Pass("fuse_attention", _fuse, (), ("attention_fused",))
+INSERT_RECORDERS = Pass("insert_recorders", _record, ("named",), ("recording",))
+RUN_RECORDERS = Pass("record", _feed, ("recording", "fed"), ("recorded",))
 
-# the named pipelines (compile: OBSERVE, calibrate, FREEZE + lowering(lower);
-# load: lowering(lower) with the artifact's frozen quantizers)
+# the named pipelines (compile: OBSERVE, CALIBRATE + FREEZE + lowering(lower);
+# load: lowering(lower) with the artifact's frozen quantizers; the study's layer
+# statistics: RECORD on a float or compiled graph, FEED for more windows)
 VALIDATE = [VALIDATE_PLAN]
 OBSERVE = [VALIDATE_PLAN, INSERT_OBSERVERS]
+CALIBRATE = [CALIBRATE_PASS]
+RECORD = [INSERT_RECORDERS, RUN_RECORDERS]
+FEED = [RUN_RECORDERS]
 FREEZE = [FREEZE_PASS]
 FAKE = [LOWER_FAKE, SIMPLIFY]
 INT8 = FAKE + [LOWER_INT8, FUSE_ATTENTION]

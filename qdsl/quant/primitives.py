@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qdsl.config.spec import ACTIVATION, WEIGHT, GroupWise, PerChannel, PerGroup, PerTensor, PerToken
+from qdsl.config.spec import (ACTIVATION, WEIGHT, GroupWise, PerChannel, PerGroup, PerTensor,
+                              PerToken, check_bits)
 
 EPS = 1e-8  # smallest scale (the seeds clamp their step the same way)
 
@@ -39,8 +40,7 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     >>> qrange(8, True), qrange(4, False), qrange(1, True)
     ((-127, 127), (0, 15), (-1, 1))
     """
-    if not 1 <= bits <= 16:
-        raise ValueError(f"bits must be in 1..16, got {bits}")
+    check_bits(bits)  # the spec's one check (SpecError, a ValueError)
     if not symmetric:
         return 0, 2**bits - 1
     if bits == 1:

@@ -5,6 +5,9 @@
 * ``fakequant``: the simulation modules ``--lower fake`` inserts.
 * ``attention``: ``FusedAttention`` (what ``passes.fuse_attention`` inserts).
 * ``graphlm``: a captured graph run as a ``CausalLM`` (prefill + cached decode).
+* ``registry``: every module by its JSON ``type`` (``module_from_json``). Each module is
+  built from the ``TensorSpec``s it runs (``from_spec``) and records them as
+  ``TensorSpec.to_json()``.
 """
 
 from qdsl.runtime.int8 import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,

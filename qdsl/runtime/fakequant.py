@@ -1,8 +1,10 @@
 """Runtime modules for simulated quantization (``--lower fake``).
 
-Buffers and a one-line forward. Every module saves as ``state_dict()`` tensors
-(safetensors) plus ``to_json()`` (config); ``module_from_json(config, state)``
-rebuilds any of them.
+Buffers and a one-line forward. Each module is built from the ``TensorSpec`` it runs
+(``from_spec``) and holds it: ``to_json()`` is ``{"type": <class>, "spec":
+spec.to_json()}``, the spec's own JSON and the one shape every runtime module
+serialises its spec in (``qdsl.runtime.registry``); ``state_dict()`` holds the frozen
+tensors (safetensors); ``registry.module_from_json(config, state)`` rebuilds any of them.
 
 * ``FakeQuant``: static, frozen scale / zero point (and the PEG permutation, kept
   for the record: the d-long scale vector is already un-permuted, so the forward
@@ -21,52 +23,70 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qdsl.quant.observers import Observer, make_observer
+from qdsl.quant.observers import make_observer
 from qdsl.quant.primitives import (choose_qparams, dequantize, fake_quantize, group_unview,
                                    group_view, is_binary, quantize, reduce_mean_abs, reduce_range)
-from qdsl.config.spec import GroupWise, TensorSpec
+from qdsl.config.spec import GroupWise, PerGroup, PerToken, TensorSpec
 
 FLOAT_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class FakeQuant(nn.Module):
+class _SpecModule(nn.Module):
+    """A runtime module holding the spec it runs: ``spec``, JSON ``{"type", "spec"}``."""
+
+    spec: TensorSpec
+
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "spec": self.spec.to_json()}
+
+    def extra_repr(self) -> str:
+        return self.spec.describe()
+
+
+class FakeQuant(_SpecModule):
     """Static fake-quant of an activation: scale / zero_point broadcast against x.
 
-    Per tensor: 0-d buffers; PEG: [d] vectors (+ ``perm`` [d] int64 for the record).
+    Per tensor: 0-d buffers; PEG: [d] vectors (+ ``perm`` [d] int64 for the record,
+    present exactly when the spec says ``per_group(..., permute)``).
     """
 
-    def __init__(self, scale: Tensor, zero_point: Tensor, bits: int, symmetric: bool,
+    def __init__(self, spec: TensorSpec, scale: Tensor, zero_point: Tensor,
                  perm: Tensor | None = None) -> None:
         super().__init__()
-        self.bits, self.symmetric = int(bits), bool(symmetric)
+        if not spec.quantized or spec.dynamic or isinstance(spec.granularity, PerToken):
+            raise ValueError(f"FakeQuant runs a static quantized spec, got {spec.describe()!r}")
+        g = spec.granularity
+        if (perm is not None) != (isinstance(g, PerGroup) and g.permute):
+            raise ValueError(f"FakeQuant {spec.describe()!r}: a PEG permutation is "
+                             f"{'unexpected' if perm is not None else 'missing'}")
+        self.spec = spec
+        # the forward's two numbers, taken from the spec once (not re-read per call)
+        self.bits, self.symmetric = spec.bits, spec.symmetric
         self.register_buffer("scale", scale.detach().float().clone())
         self.register_buffer("zero_point", zero_point.detach().to(torch.int32).clone())
         perm = None if perm is None else perm.detach().to(torch.int64).clone()
         self.register_buffer("perm", perm)  # None: not PEG (absent from the state dict)
 
+    @classmethod
+    def from_spec(cls, spec: TensorSpec, scale: Tensor, zero_point: Tensor,
+                  perm: Tensor | None = None) -> FakeQuant:
+        """``spec`` with its frozen parameters (a calibrated observer's ``qparams()`` and
+        ``perm``)."""
+        return cls(spec, scale, zero_point, perm)
+
     def forward(self, x: Tensor) -> Tensor:
         return fake_quantize(x, self.scale, self.zero_point, self.bits, self.symmetric)
 
-    def to_json(self) -> dict:
-        return {"type": "FakeQuant", "bits": self.bits, "symmetric": self.symmetric}
-
     @classmethod
     def from_state(cls, config: dict, state: dict[str, Tensor]) -> FakeQuant:
-        return cls(state["scale"], state["zero_point"], config["bits"], config["symmetric"],
+        return cls(TensorSpec.from_json(config["spec"]), state["scale"], state["zero_point"],
                    state.get("perm"))
 
-    @classmethod
-    def from_observer(cls, obs: Observer) -> FakeQuant:
-        """Freeze a calibrated observer."""
-        scale, zero_point = obs.qparams()
-        return cls(scale, zero_point, obs.bits, obs.symmetric, obs.perm)
-
     def extra_repr(self) -> str:
-        return (f"bits={self.bits}, symmetric={self.symmetric}, "
-                f"scale={list(self.scale.shape)}, perm={self.perm is not None}")
+        return f"{self.spec.describe()}, scale={list(self.scale.shape)}"
 
 
-class DynamicFakeQuant(nn.Module):
+class DynamicFakeQuant(_SpecModule):
     """Min-max range of the current tensor (per tensor, per token [..., 1], per group [d]).
 
     1-bit symmetric: scale = mean|x| per group. No state besides the spec.
@@ -76,15 +96,18 @@ class DynamicFakeQuant(nn.Module):
         super().__init__()
         if not spec.quantized:
             raise ValueError(f"spec {spec.describe()!r} is float: use FloatCast")
-        if spec.kind not in spec.granularity.kinds:
-            raise ValueError(f"{spec.granularity.name} does not apply to {spec.kind}s")
         self.spec = spec
+        self.binary = is_binary(spec.bits, spec.symmetric)
+
+    @classmethod
+    def from_spec(cls, spec: TensorSpec) -> DynamicFakeQuant:
+        return cls(spec)
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.spec
         with torch.no_grad():
             xf = x.detach().float()
-            if is_binary(s.bits, s.symmetric):
+            if self.binary:
                 scale = reduce_mean_abs(xf, s.granularity, s.kind).clamp_min(1e-8)
                 zero_point = torch.zeros_like(scale, dtype=torch.int32)
             else:
@@ -92,47 +115,50 @@ class DynamicFakeQuant(nn.Module):
                                                    s.bits, s.symmetric)
         return fake_quantize(x, scale, zero_point, s.bits, s.symmetric)
 
-    def to_json(self) -> dict:
-        return {"type": "DynamicFakeQuant", "spec": self.spec.to_json()}
-
     @classmethod
     def from_state(cls, config: dict, state: dict[str, Tensor] | None = None) -> DynamicFakeQuant:
         return cls(TensorSpec.from_json(config["spec"]))
 
-    def extra_repr(self) -> str:
-        return self.spec.describe()
 
+class FloatCast(_SpecModule):
+    """fp16 / bf16 passthrough of a float spec: x.to(dtype).to(x.dtype) (rounds the
+    mantissa / range)."""
 
-class FloatCast(nn.Module):
-    """fp16 / bf16 passthrough: x.to(dtype).to(x.dtype) (rounds the mantissa / range)."""
-
-    def __init__(self, float_dtype: str) -> None:
+    def __init__(self, spec: TensorSpec) -> None:
         super().__init__()
-        if float_dtype not in FLOAT_TORCH_DTYPES:
-            raise ValueError(f"float dtype must be one of {list(FLOAT_TORCH_DTYPES)}, "
-                             f"got {float_dtype!r}")
-        self.float_dtype = float_dtype
+        if spec.quantized or spec.float_dtype == "fp32":
+            raise ValueError(f"FloatCast runs an fp16 / bf16 spec, got {spec.describe()!r}")
+        self.spec = spec
+        self.dtype = FLOAT_TORCH_DTYPES[spec.float_dtype]
+
+    @classmethod
+    def from_spec(cls, spec: TensorSpec) -> FloatCast:
+        return cls(spec)
+
+    @property
+    def float_dtype(self) -> str:
+        return self.spec.float_dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.to(FLOAT_TORCH_DTYPES[self.float_dtype]).to(x.dtype)
-
-    def to_json(self) -> dict:
-        return {"type": "FloatCast", "float_dtype": self.float_dtype}
+        return x.to(self.dtype).to(x.dtype)
 
     @classmethod
     def from_state(cls, config: dict, state: dict[str, Tensor] | None = None) -> FloatCast:
-        return cls(config["float_dtype"])
-
-    def extra_repr(self) -> str:
-        return self.float_dtype
+        return cls(TensorSpec.from_json(config["spec"]))
 
 
 MODULE_TYPES: dict[str, type] = {c.__name__: c for c in (FakeQuant, DynamicFakeQuant, FloatCast)}
 
 
-def module_from_json(config: dict, state: dict[str, Tensor] | None = None) -> nn.Module:
-    """Rebuild any runtime module from its ``to_json()`` and ``state_dict()``."""
-    return MODULE_TYPES[config["type"]].from_state(config, state or {})
+def activation_module(spec: TensorSpec, observer=None) -> nn.Module | None:
+    """The module an activation spec runs as after freezing (None: fp32, nothing to do):
+    FloatCast, DynamicFakeQuant, or FakeQuant frozen from its calibrated ``observer``."""
+    if not spec.quantized:
+        return None if spec.float_dtype == "fp32" else FloatCast.from_spec(spec)
+    if spec.dynamic:
+        return DynamicFakeQuant.from_spec(spec)
+    assert observer is not None, f"no observer for static spec {spec.describe()}"
+    return FakeQuant.from_spec(spec, *observer.qparams(), observer.perm)
 
 
 def quantize_weight(w: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, Tensor]:

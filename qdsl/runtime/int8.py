@@ -1,8 +1,12 @@
 """Int8 runtime modules: real int8 weights in memory and on disk.
 
-Each module is registered buffers and a short forward; ``from_float`` quantizes
-a float ``[out, in]`` weight with qdsl's quantizer maths (``qdsl.quant``), and
-``config()`` gives the JSON metadata an artifact records.
+Each module is registered buffers and a short forward, built from the ``TensorSpec``s
+it runs (weight; activation for w8a8), which it holds and checks once:
+``from_spec(weight_spec, codes, scale, ...)`` takes integer codes already on the spec's
+grid (what ``freeze`` computed; ``passes.lower_int8``), ``from_float`` quantizes a float
+``[out, in]`` weight with qdsl's quantizer maths (``qdsl.quant``). ``to_json()`` is the
+specs in their own JSON (``TensorSpec.to_json``) with the shapes; ``from_json`` rebuilds
+the empty module on the meta device for ``load_state_dict(..., assign=True)``.
 
 Kernels (measured on this CPU, ``tools/bench_kernels.py``, docs/performance.md):
 
@@ -40,9 +44,9 @@ from qdsl.config.spec import ACTIVATION, WEIGHT, PerChannel, PerTensor, PerToken
 
 BITS = 8  # the one width these modules run (weights and activations); check_spec refuses others
 W8 = TensorSpec(WEIGHT, BITS, symmetric=True, granularity=PerChannel())
+W8_GRANULARITIES = (PerChannel, PerTensor)
 A8_DYNAMIC = TensorSpec(ACTIVATION, BITS, symmetric=True, granularity=PerToken(), dynamic=True)
-# Int8DynamicLinear's activation granularities, by name (its config records the name)
-DYNAMIC_ACT_GRANULARITIES = {g.name: g for g in (PerToken(), PerTensor())}
+A8_STATIC = TensorSpec(ACTIVATION, BITS, symmetric=False, granularity=PerTensor())
 
 
 def derived(module: nn.Module, slot: str, sources: tuple[Tensor, ...], build):
@@ -70,7 +74,7 @@ def check_spec(spec: TensorSpec, bits: tuple[int, ...], granularities: tuple[typ
 
 def quantize_weight_int8(weight: Tensor, spec: TensorSpec = W8) -> tuple[Tensor, Tensor]:
     """float ``[out, in]`` -> (int8 ``[out, in]``, float32 scale ``[out]``)."""
-    check_spec(spec, (BITS,), (PerChannel, PerTensor), "int8 weight")
+    check_spec(spec, (BITS,), W8_GRANULARITIES, "int8 weight")
     lo, hi = reduce_range(weight.detach().float(), spec.granularity, WEIGHT)
     scale, zp = choose_qparams(lo, hi, spec.bits, spec.symmetric)
     q = quantize(weight.detach(), scale, zp, spec.bits, spec.symmetric).to(torch.int8)
@@ -119,45 +123,65 @@ def prepack_int8(w: Tensor, w_scale: Tensor, bias: Tensor | None):
 
 
 class _Int8Weight(nn.Module):
-    """int8 ``weight [out, in]``, float32 ``weight_scale [out]``, optional float ``bias``."""
+    """int8 ``weight [out, in]``, float32 ``weight_scale [out]``, optional float ``bias``;
+    ``weight_spec``: the w8 spec the codes are on (per channel, or per tensor: its one
+    scale repeated per row)."""
 
     WEIGHT_BUFFERS = ("weight", "weight_scale")
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device=None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight_spec: TensorSpec = W8, device=None) -> None:
         super().__init__()
+        check_spec(weight_spec, (BITS,), W8_GRANULARITIES, f"{type(self).__name__} weight")
         self.in_features, self.out_features = in_features, out_features
-        self.weight_granularity = "per_channel"
+        self.weight_spec = weight_spec
         self.register_buffer("weight", torch.empty(out_features, in_features,
                                                    dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
 
-    def _load_weight(self, weight: Tensor, bias: Tensor | None, spec: TensorSpec) -> None:
-        self.weight, self.weight_scale = quantize_weight_int8(weight, spec)
-        self.weight_granularity = spec.granularity.name
-        if bias is not None:
-            self.bias = bias.detach().float().clone()
-
     def _set_int8(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         """Integer codes ``q [out, in]`` with their scale (``[out, 1]``, ``[out]`` or 0-d)."""
         self.weight = q.to(torch.int8)
         self.weight_scale = scale.float().reshape(-1).expand(self.out_features).contiguous()
-        self.weight_granularity = "per_tensor" if scale.numel() == 1 else "per_channel"
         if bias is not None:
             self.bias = bias.detach().float().clone()
 
+    def _specs(self) -> dict:
+        """The constructor's spec keywords (what ``to_json`` records besides shapes)."""
+        return {"weight_spec": self.weight_spec}
+
     @classmethod
-    def from_int(cls, q: Tensor, scale: Tensor, bias: Tensor | None = None, **kwargs):
-        """From integer codes ``q [out, in]`` (already on the grid) and their weight scale."""
-        m = cls(q.shape[1], q.shape[0], bias is not None, device="meta", **kwargs)
+    def from_spec(cls, weight_spec: TensorSpec, q: Tensor, scale: Tensor,
+                  bias: Tensor | None = None, **specs):
+        """Integer codes ``q [out, in]`` on ``weight_spec``'s grid and their scale
+        (``[out, 1]``, ``[out]`` or 0-d); ``specs``: the class's other keywords."""
+        m = cls(q.shape[1], q.shape[0], bias is not None, weight_spec=weight_spec,
+                device="meta", **specs)
         m._set_int8(q, scale, bias)
         return m
 
-    def config(self) -> dict:
-        return {"module": type(self).__name__, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None,
-                "weight": {"bits": BITS, "symmetric": True, "granularity": self.weight_granularity}}
+    def to_json(self) -> dict:
+        out = {"type": type(self).__name__, "in_features": self.in_features,
+               "out_features": self.out_features, "bias": self.bias is not None}
+        for k, v in self._specs().items():
+            out[k.removesuffix("_spec")] = v.to_json() if isinstance(v, TensorSpec) else v
+        return out
+
+    config = to_json  # the name this method had
+
+    @classmethod
+    def from_json(cls, config: dict):
+        """The empty module (meta device) of a ``to_json()``."""
+        kw = {k: config[k] for k in config
+              if k not in ("type", "in_features", "out_features", "bias")}
+        specs = {f"{k}_spec": TensorSpec.from_json(v) for k, v in kw.items() if k in SPEC_KEYS}
+        rest = {k: v for k, v in kw.items() if k not in SPEC_KEYS}
+        return cls(config["in_features"], config["out_features"], config["bias"],
+                   device="meta", **specs, **rest)
+
+
+SPEC_KEYS = ("weight", "act")  # to_json keys holding a TensorSpec's JSON
 
 
 class Int8DynamicLinear(_Int8Weight):
@@ -165,17 +189,27 @@ class Int8DynamicLinear(_Int8Weight):
     on the symmetric grid (default) or the asymmetric one (``weight_rowsum`` corrects)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 act_granularity: PerToken | PerTensor | str = "per_token",
-                 act_symmetric: bool = True, device=None) -> None:
-        super().__init__(in_features, out_features, bias, device)
-        g = DYNAMIC_ACT_GRANULARITIES.get(getattr(act_granularity, "name", act_granularity))
-        assert g is not None, act_granularity
-        self._act_g = g                                      # resolved once, used per forward
-        self.act_granularity, self.act_symmetric = g.name, act_symmetric
-        if not act_symmetric:
+                 weight_spec: TensorSpec = W8, act_spec: TensorSpec = A8_DYNAMIC,
+                 device=None) -> None:
+        super().__init__(in_features, out_features, bias, weight_spec=weight_spec,
+                         device=device)
+        check_spec(act_spec, (BITS,), (PerToken, PerTensor), "Int8DynamicLinear activation",
+                   None)
+        if not (act_spec.dynamic or isinstance(act_spec.granularity, PerToken)):
+            raise GraphError(f"Int8DynamicLinear cannot run {act_spec.describe()!r}",
+                             hint="a static activation runs as Int8StaticLinear")
+        self.act_spec = act_spec
+        if not self.act_symmetric:
             self.WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_rowsum")
             self.register_buffer("weight_rowsum", torch.empty(out_features, dtype=torch.int32,
                                                               device=device))
+
+    @property
+    def act_symmetric(self) -> bool:
+        return self.act_spec.symmetric
+
+    def _specs(self) -> dict:
+        return {**super()._specs(), "act_spec": self.act_spec}
 
     def _set_int8(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         super()._set_int8(q, scale, bias)
@@ -185,12 +219,8 @@ class Int8DynamicLinear(_Int8Weight):
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None,
                    weight_spec: TensorSpec = W8, act_spec: TensorSpec = A8_DYNAMIC):
-        check_spec(act_spec, (BITS,), (PerToken, PerTensor), "Int8DynamicLinear activation", None)
         q, scale = quantize_weight_int8(weight, weight_spec)
-        m = cls.from_int(q, scale, bias, act_granularity=act_spec.granularity,
-                         act_symmetric=act_spec.symmetric)
-        m.weight_granularity = weight_spec.granularity.name
-        return m
+        return cls.from_spec(weight_spec, q, scale, bias, act_spec=act_spec)
 
     def _fbgemm(self):
         """Packed params for decode, built once from the buffers (not saved)."""
@@ -202,16 +232,13 @@ class Int8DynamicLinear(_Int8Weight):
         if x2.shape[0] == 1 and fbgemm_exact():              # decode: 1 token = 1 tensor
             y = torch.ops.quantized.linear_dynamic(x2, self._fbgemm(), False)
             return y.reshape(*x.shape[:-1], self.out_features)
-        sym = self.act_symmetric
-        scale, zp = choose_qparams(*reduce_range(x2, self._act_g, ACTIVATION), BITS, sym)
-        xq, zp = quantize_act_int8(x2, scale, zp, sym)       # scale, zp: [M, 1] or 0-d
-        y = int8_matmul(xq, scale, None if sym else zp, self.weight, self.weight_scale,
-                        None if sym else self.weight_rowsum, self.bias)
+        a = self.act_spec
+        scale, zp = choose_qparams(*reduce_range(x2, a.granularity, ACTIVATION), BITS,
+                                   a.symmetric)
+        xq, zp = quantize_act_int8(x2, scale, zp, a.symmetric)   # scale, zp: [M, 1] or 0-d
+        y = int8_matmul(xq, scale, None if a.symmetric else zp, self.weight, self.weight_scale,
+                        None if a.symmetric else self.weight_rowsum, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def config(self) -> dict:
-        return {**super().config(), "act": {"bits": BITS, "symmetric": self.act_symmetric,
-                                            "dynamic": True, "granularity": self.act_granularity}}
 
 
 class Int8StaticLinear(_Int8Weight):
@@ -220,30 +247,42 @@ class Int8StaticLinear(_Int8Weight):
     WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_rowsum")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 act_symmetric: bool = False, device=None) -> None:
-        super().__init__(in_features, out_features, bias, device)
-        self.act_symmetric = act_symmetric
+                 weight_spec: TensorSpec = W8, act_spec: TensorSpec = A8_STATIC,
+                 device=None) -> None:
+        super().__init__(in_features, out_features, bias, weight_spec=weight_spec,
+                         device=device)
+        check_spec(act_spec, (BITS,), (PerTensor,), "Int8StaticLinear activation", None)
+        if act_spec.dynamic:
+            raise GraphError(f"Int8StaticLinear cannot run {act_spec.describe()!r}",
+                             hint="a dynamic activation runs as Int8DynamicLinear")
+        self.act_spec = act_spec
         self.register_buffer("weight_rowsum", torch.empty(out_features, dtype=torch.int32,
                                                           device=device))
         self.register_buffer("input_scale", torch.empty((), device=device))
         self.register_buffer("input_zero_point", torch.empty((), dtype=torch.int32,
                                                              device=device))
 
+    @property
+    def act_symmetric(self) -> bool:
+        return self.act_spec.symmetric
+
+    def _specs(self) -> dict:
+        return {**super()._specs(), "act_spec": self.act_spec}
+
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None, act_scale: Tensor | float,
                    act_zero_point: Tensor | int, weight_spec: TensorSpec = W8,
-                   act_spec: TensorSpec = TensorSpec(ACTIVATION, BITS, symmetric=False)):
-        check_spec(act_spec, (BITS,), (PerTensor,), "Int8StaticLinear activation", None)
+                   act_spec: TensorSpec = A8_STATIC):
         q, scale = quantize_weight_int8(weight, weight_spec)
-        m = cls.from_int(q, scale, bias, act_scale, act_zero_point,
-                         act_symmetric=act_spec.symmetric)
-        m.weight_granularity = weight_spec.granularity.name
-        return m
+        return cls.from_spec(weight_spec, q, scale, bias, act_spec=act_spec,
+                             act_scale=act_scale, act_zero_point=act_zero_point)
 
     @classmethod
-    def from_int(cls, q: Tensor, scale: Tensor, bias: Tensor | None = None,
-                 act_scale: Tensor | float = 1.0, act_zero_point: Tensor | int = 0, **kwargs):
-        m = super().from_int(q, scale, bias, **kwargs)
+    def from_spec(cls, weight_spec: TensorSpec, q: Tensor, scale: Tensor,
+                  bias: Tensor | None = None, *, act_spec: TensorSpec = A8_STATIC,
+                  act_scale: Tensor | float = 1.0, act_zero_point: Tensor | int = 0):
+        """As ``_Int8Weight.from_spec``, with the activation's frozen scale / zero point."""
+        m = super().from_spec(weight_spec, q, scale, bias, act_spec=act_spec)
         m.weight_rowsum = m.weight.sum(1, dtype=torch.int32)
         m.input_scale = torch.as_tensor(act_scale, dtype=torch.float32).reshape(())
         m.input_zero_point = torch.as_tensor(act_zero_point, dtype=torch.int32).reshape(())
@@ -257,10 +296,6 @@ class Int8StaticLinear(_Int8Weight):
                         self.weight, self.weight_scale, self.weight_rowsum, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def config(self) -> dict:
-        return {**super().config(), "act": {"bits": BITS, "symmetric": self.act_symmetric,
-                                            "dynamic": False, "granularity": "per_tensor"}}
-
 
 class Int8WeightOnlyLinear(_Int8Weight):
     """int8 weights, float activations; bf16 compute (see the module doc), scale after.
@@ -270,17 +305,20 @@ class Int8WeightOnlyLinear(_Int8Weight):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 compute_dtype: str = "bf16", device=None) -> None:
-        super().__init__(in_features, out_features, bias, device)
+                 weight_spec: TensorSpec = W8, compute_dtype: str = "bf16",
+                 device=None) -> None:
+        super().__init__(in_features, out_features, bias, weight_spec=weight_spec,
+                         device=device)
         assert compute_dtype in ("bf16", "fp32"), compute_dtype
         self.compute_dtype = compute_dtype
+
+    def _specs(self) -> dict:
+        return {**super()._specs(), "compute_dtype": self.compute_dtype}
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None,
                    weight_spec: TensorSpec = W8):
-        m = cls(weight.shape[1], weight.shape[0], bias is not None, device="meta")
-        m._load_weight(weight, bias, weight_spec)
-        return m
+        return cls.from_spec(weight_spec, *quantize_weight_int8(weight, weight_spec), bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.compute_dtype == "fp32":
@@ -295,30 +333,30 @@ class Int8WeightOnlyLinear(_Int8Weight):
         y = y if self.bias is None else y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def config(self) -> dict:
-        return {**super().config(), "compute_dtype": self.compute_dtype}
-
 
 class Int8Embedding(nn.Module):
     """int8 rows ``weight [num, dim]`` with one scale per row; only looked-up rows dequantized."""
 
     WEIGHT_BUFFERS = ("weight", "weight_scale")
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, device=None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, *,
+                 weight_spec: TensorSpec = W8, device=None) -> None:
         super().__init__()
+        check_spec(weight_spec, (BITS,), W8_GRANULARITIES, "Int8Embedding weight")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight_spec = weight_spec
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim,
                                                    dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(num_embeddings, device=device))
 
     @classmethod
-    def from_float(cls, weight: Tensor):
-        return cls.from_int(*quantize_weight_int8(weight, W8))
+    def from_float(cls, weight: Tensor, weight_spec: TensorSpec = W8):
+        return cls.from_spec(weight_spec, *quantize_weight_int8(weight, weight_spec))
 
     @classmethod
-    def from_int(cls, q: Tensor, scale: Tensor):
+    def from_spec(cls, weight_spec: TensorSpec, q: Tensor, scale: Tensor):
         """int8 codes ``q [num, dim]`` and a per-row (``[num, 1]``, ``[num]``) or 0-d scale."""
-        m = cls(*q.shape, device="meta")
+        m = cls(*q.shape, weight_spec=weight_spec, device="meta")
         m.weight = q.to(torch.int8)
         m.weight_scale = scale.float().reshape(-1).expand(q.shape[0]).contiguous()
         return m
@@ -326,7 +364,13 @@ class Int8Embedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         return dequantize(self.weight[ids], self.weight_scale[ids].unsqueeze(-1), 0)
 
-    def config(self) -> dict:
-        return {"module": type(self).__name__, "num_embeddings": self.num_embeddings,
-                "embedding_dim": self.embedding_dim,
-                "weight": {"bits": BITS, "symmetric": True, "granularity": "per_channel"}}
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "weight": self.weight_spec.to_json()}
+
+    config = to_json
+
+    @classmethod
+    def from_json(cls, config: dict):
+        return cls(config["num_embeddings"], config["embedding_dim"],
+                   weight_spec=TensorSpec.from_json(config["weight"]), device="meta")

@@ -4,7 +4,10 @@ so the file on disk and the weights in memory really are 1/8 .. 1/32 of float32.
 Codes are stored unsigned: for b >= 2 bits on the narrow symmetric grid
 ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` the stored value is ``q + 2^(b-1)`` (4 bits:
 q = -7..7 -> 1..15); for 1 bit (XTC, sign times mean|W|) it is ``(q + 1) / 2``.
-Scales are float32 ``[out, in / group_size]`` (one column for per channel).
+Scales are float32 ``[out, in / group_size]`` (one column for per channel). Each
+module holds its weight ``TensorSpec`` (``from_spec``: codes on its grid; ``to_json`` /
+``from_json`` as the int8 modules); bits and group size are taken from it once
+(``packed_layout``).
 
 ``PackedLinear`` runs w4 with group sizes 32 / 64 / 128 / 256 on torch's CPU int4
 kernel (``aten._weight_int4pack_mm_for_cpu``, weights repacked into its layout at
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_mean_abs, reduce_range
+from qdsl.errors import GraphError
 from qdsl.runtime.int8 import check_spec, derived
 from qdsl.runtime.packing import pack_int, packed_len, unpack_int
 from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
@@ -34,10 +38,10 @@ def weight_spec(bits: int, group_size: int | None = None) -> TensorSpec:
 
 def quantize_packed(weight: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor]:
     """float ``[out, in]`` -> (uint8 packed ``[out, bytes]``, float32 scale ``[out, G]``)."""
-    check_spec(spec, (1, 2, 4), (PerChannel, GroupWise), "PackedLinear weight")
+    _, group = packed_layout(spec)
     w = weight.detach().float()
     out, n = w.shape
-    size = spec.granularity.size if isinstance(spec.granularity, GroupWise) else n
+    size = group or n
     if spec.bits == 1:
         scale = reduce_mean_abs(w, spec.granularity, WEIGHT)        # XTC: mean|W| per group
     else:
@@ -62,25 +66,39 @@ def dequantize_packed(packed: Tensor, scale: Tensor, bits: int, n: int) -> Tenso
     return w.reshape(rows, n)
 
 
+def packed_layout(spec: TensorSpec) -> tuple[int, int | None]:
+    """What a packed module runs of its weight spec, taken once: ``(bits, group size or
+    None for per channel)``; GraphError for a spec no packed module runs."""
+    check_spec(spec, PACKED_WEIGHT_BITS, (PerChannel, GroupWise), "PackedLinear weight")
+    g = spec.granularity
+    return spec.bits, (g.size if isinstance(g, GroupWise) else None)
+
+
+PACKED_WEIGHT_BITS = (1, 2, 4)
+
+
 class _PackedWeight(nn.Module):
-    """``weight_packed`` uint8 ``[out, bytes]`` and ``weight_scale`` float32 ``[out, G]``."""
+    """``weight_packed`` uint8 ``[out, bytes]`` and ``weight_scale`` float32 ``[out, G]``;
+    ``weight_spec``: the symmetric 1 / 2 / 4-bit spec (per channel or group) of the codes."""
 
     WEIGHT_BUFFERS = ("weight_packed", "weight_scale")
 
-    def __init__(self, rows: int, cols: int, bits: int, group_size: int | None,
-                 device=None) -> None:
+    def __init__(self, rows: int, cols: int, weight_spec: TensorSpec, device=None) -> None:
         super().__init__()
-        assert bits in (1, 2, 4), bits
-        assert group_size is None or cols % group_size == 0, (cols, group_size)
-        self.bits, self.group_size = bits, group_size
-        groups = cols // group_size if group_size else 1
-        self.register_buffer("weight_packed", torch.empty(rows, packed_len(cols, bits),
+        self.weight_spec = weight_spec
+        self.bits, self.group_size = packed_layout(weight_spec)
+        if self.group_size is not None and cols % self.group_size:
+            raise GraphError(f"{type(self).__name__}: {cols} input columns do not split into "
+                             f"groups of {self.group_size}")
+        groups = cols // self.group_size if self.group_size else 1
+        self.register_buffer("weight_packed", torch.empty(rows, packed_len(cols, self.bits),
                                                           dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty(rows, groups, device=device))
 
-    def _weight_config(self) -> dict:
-        g = f"group(size={self.group_size})" if self.group_size else "per_channel"
-        return {"bits": self.bits, "symmetric": True, "granularity": g}
+    def _set_codes(self, q: Tensor, scale: Tensor) -> None:
+        """Signed codes ``q [rows, cols]`` and scales (``[rows, G]``, ``[rows, G, 1]``, ``[rows, 1]``)."""
+        self.weight_packed = pack_codes(q, self.bits)
+        self.weight_scale = scale.float().reshape(q.shape[0], -1).contiguous()
 
 
 INT4_GROUPS = (32, 64, 128, 256)   # what aten._weight_int4pack_mm_for_cpu takes
@@ -90,10 +108,9 @@ class PackedLinear(_PackedWeight):
     """Weight-only w4 / w2 / w1 linear: the int4 kernel (w4, group 32..256, bf16) or
     unpack + dequantize + float32 GEMM."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int,
-                 group_size: int | None = None, bias: bool = True, *,
-                 compute_dtype: str = "bf16", device=None) -> None:
-        super().__init__(out_features, in_features, bits, group_size, device)
+    def __init__(self, in_features: int, out_features: int, weight_spec: TensorSpec,
+                 bias: bool = True, *, compute_dtype: str = "bf16", device=None) -> None:
+        super().__init__(out_features, in_features, weight_spec, device)
         assert compute_dtype in ("bf16", "fp32"), compute_dtype
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
@@ -101,21 +118,20 @@ class PackedLinear(_PackedWeight):
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None, spec: TensorSpec):
-        size = spec.granularity.size if isinstance(spec.granularity, GroupWise) else None
-        m = cls(weight.shape[1], weight.shape[0], spec.bits, size, bias is not None,
-                device="meta")
+        m = cls(weight.shape[1], weight.shape[0], spec, bias is not None, device="meta")
         m.weight_packed, m.weight_scale = quantize_packed(weight, spec)
         if bias is not None:
             m.bias = bias.detach().float().clone()
         return m
 
     @classmethod
-    def from_int(cls, q: Tensor, scale: Tensor, bias: Tensor | None, bits: int,
-                 group_size: int | None = None):
-        """Signed codes ``q [out, in]`` and scales (``[out, G]``, ``[out, G, 1]``, ``[out, 1]``)."""
-        m = cls(q.shape[1], q.shape[0], bits, group_size, bias is not None, device="meta")
-        m.weight_packed = pack_codes(q, bits)
-        m.weight_scale = scale.float().reshape(q.shape[0], -1).contiguous()
+    def from_spec(cls, weight_spec: TensorSpec, q: Tensor, scale: Tensor,
+                  bias: Tensor | None = None, *, compute_dtype: str = "bf16"):
+        """Signed codes ``q [out, in]`` on ``weight_spec``'s grid and their scales
+        (``[out, G]``, ``[out, G, 1]``, ``[out, 1]``)."""
+        m = cls(q.shape[1], q.shape[0], weight_spec, bias is not None,
+                compute_dtype=compute_dtype, device="meta")
+        m._set_codes(q, scale)
         if bias is not None:
             m.bias = bias.detach().float().clone()
         return m
@@ -147,32 +163,39 @@ class PackedLinear(_PackedWeight):
         y = y if self.bias is None else y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def config(self) -> dict:
-        return {"module": type(self).__name__, "in_features": self.in_features,
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None,
-                "weight": self._weight_config(), "compute_dtype": self.compute_dtype}
+                "weight": self.weight_spec.to_json(), "compute_dtype": self.compute_dtype}
+
+    config = to_json  # the name this method had
+
+    @classmethod
+    def from_json(cls, config: dict):
+        """The empty module (meta device) of a ``to_json()``."""
+        return cls(config["in_features"], config["out_features"],
+                   TensorSpec.from_json(config["weight"]), config["bias"],
+                   compute_dtype=config["compute_dtype"], device="meta")
 
 
 class PackedEmbedding(_PackedWeight):
     """Packed embedding rows; only the looked-up rows are unpacked."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int,
-                 group_size: int | None = None, device=None) -> None:
-        super().__init__(num_embeddings, embedding_dim, bits, group_size, device)
+    def __init__(self, num_embeddings: int, embedding_dim: int, weight_spec: TensorSpec,
+                 device=None) -> None:
+        super().__init__(num_embeddings, embedding_dim, weight_spec, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     @classmethod
     def from_float(cls, weight: Tensor, spec: TensorSpec):
-        size = spec.granularity.size if isinstance(spec.granularity, GroupWise) else None
-        m = cls(*weight.shape, spec.bits, size, "meta")
+        m = cls(*weight.shape, spec, "meta")
         m.weight_packed, m.weight_scale = quantize_packed(weight, spec)
         return m
 
     @classmethod
-    def from_int(cls, q: Tensor, scale: Tensor, bits: int, group_size: int | None = None):
-        m = cls(*q.shape, bits, group_size, "meta")
-        m.weight_packed = pack_codes(q, bits)
-        m.weight_scale = scale.float().reshape(q.shape[0], -1).contiguous()
+    def from_spec(cls, weight_spec: TensorSpec, q: Tensor, scale: Tensor):
+        m = cls(*q.shape, weight_spec, "meta")
+        m._set_codes(q, scale)
         return m
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -181,6 +204,13 @@ class PackedEmbedding(_PackedWeight):
                                  self.bits, self.embedding_dim)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
-    def config(self) -> dict:
-        return {"module": type(self).__name__, "num_embeddings": self.num_embeddings,
-                "embedding_dim": self.embedding_dim, "weight": self._weight_config()}
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "weight": self.weight_spec.to_json()}
+
+    config = to_json
+
+    @classmethod
+    def from_json(cls, config: dict):
+        return cls(config["num_embeddings"], config["embedding_dim"],
+                   TensorSpec.from_json(config["weight"]), device="meta")

@@ -39,22 +39,24 @@ def float_reference(cfg: SweepConfig, windows, loaded: LoadedModel) -> dict:
         from ..graph.capture import capture
         from ..runtime.graphlm import GraphLM
         from ..graph.naming import name_graph
-        from ..passes.record import insert_recorders, recorded_names
+        from ..passes.pipeline import FEED, RECORD, Feed, PassContext, run
+        from ..passes.record import recorded_names
 
         graph_cache = cache_len(cfg, loaded.max_pos)
         captured = capture(loaded.model, mode="generate", max_cache_len=graph_cache)
         named = name_graph(captured)
         names = recorded_names(named)
-        recs = insert_recorders(captured.gm, named, names, keep=True)
         lm = GraphLM(captured.gm, graph_cache)
-        outputs = {}
-        for i, w in enumerate(windows):
-            lm.logits(w)
-            if i == 0:
-                outputs = {n: recs[n].last for n in names}
+        # window 0 alone first: its outputs are the reference; then the rest
+        ctx = PassContext(named, record_names=names, feed=Feed(lm.logits, windows[:1]))
+        run(RECORD, captured.gm, ctx)
+        recs = ctx.recorders
+        outputs = {n: recs[n].last for n in names}
+        ctx.feed = Feed(lm.logits, windows[1:])
+        run(FEED, captured.gm, ctx)
         loaded.float_ref[ref_key] = {"names": names, "outputs": outputs,
                               "max_abs": {n: recs[n].max_abs for n in names}}
-        del captured, lm, recs
+        del captured, lm, recs, ctx
     return loaded.float_ref[ref_key]
 
 
@@ -62,11 +64,14 @@ def layer_stats(qm, cfg: SweepConfig, windows, loaded: LoadedModel) -> dict:
     """Per recorded layer: the quantized model's max |x| and relative error vs float on
     window 0 (the float reference of ``loaded``, the model ``qm`` was compiled from)."""
     from ..runtime.graphlm import GraphLM
-    from ..passes.record import insert_recorders, relative_error
+    from ..passes.pipeline import RECORD, Feed, PassContext, run
+    from ..passes.record import relative_error
 
     ref = float_reference(cfg, windows, loaded)
-    recs = insert_recorders(qm.gm, qm.named, ref["names"], keep=True)
-    GraphLM(qm.gm, qm.max_cache_len).logits(windows[0])
+    ctx = PassContext(qm.named, record_names=ref["names"],
+                      feed=Feed(GraphLM(qm.gm, qm.max_cache_len).logits, windows[:1]))
+    run(RECORD, qm.gm, ctx)
+    recs = ctx.recorders
     return {n: {"max_abs": recs[n].max_abs[0],
                 "rel_err": relative_error(recs[n].last, ref["outputs"][n])}
             for n in ref["names"]}

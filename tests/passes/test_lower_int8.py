@@ -1,4 +1,4 @@
-"""lower_int8 on tiny models: each rewrite row, agreement with fake-quant, int8
+"""lower_int8 on tiny models: each registered handler, agreement with fake-quant, int8
 artifacts (round trip bit-identical, meta-device load), fallback, explain's exec column.
 
 Tolerance: lowered vs fake-quant logits from the same frozen parameters differ by
@@ -202,7 +202,7 @@ def test_packed_artifact_round_trip(tmp_path):
 
 def test_meta_load_builds_on_meta(gpt2_w8a8, tmp_path, monkeypatch):
     """Loading never materialises float weights: lower_int8 sees only meta tensors."""
-    import qdsl.passes.lower_int8 as L
+    import qdsl.passes.int8_handlers as L
     _, q = gpt2_w8a8
     out = q.save(tmp_path / "m")
     seen = []

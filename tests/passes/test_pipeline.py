@@ -99,3 +99,35 @@ def test_compile_passes_every_check(lower):
     plain = C.compile(m, recipe, calib=tiny_ids(m, 2, 16), lower=lower, max_cache_len=32,
                       progress=False)
     assert torch.equal(q(ids), plain(ids))   # checking changes nothing
+
+
+def test_calibrate_and_record_run_through_the_runner():
+    """Calibration and the study's recorders are passes of named pipelines: CALIBRATE
+    feeds the observers (and refuses to freeze nothing: no data is a named error),
+    RECORD inserts recorders and feeds them, FEED feeds more."""
+    from qdsl.passes.pipeline import CALIBRATE, FEED, FREEZE, RECORD, Feed
+
+    gm, ctx = _toy("* -> w8a8")
+    run(OBSERVE, gm, ctx)
+    with pytest.raises(GraphError, match="pass calibrate: 2 static activation observers"):
+        run(CALIBRATE, gm, ctx)
+    x = torch.randn(8, 16)                   # the toy graph takes batches of 4
+    ctx.feed = Feed(gm, x, batch_size=4)
+    gm = run(CALIBRATE + FREEZE + FAKE, gm, ctx, check=True)
+    assert {"calibrated", "frozen"} <= ctx.properties
+    fq = ctx.frozen.activations["fc1"]        # static a8 of fc1's output, on x's range
+    obs = ctx.observers["fc1"]
+    assert obs.max_val.numel() and fq.spec == ctx.plan["fc1"].activation
+
+    gm2, rctx = _toy("* -> w8a8")
+    batches = [torch.randn(4, 16), torch.randn(4, 16)]
+    rctx.record_names, rctx.feed = ["fc1", "fc2"], Feed(gm2, batches[:1])
+    with pytest.raises(GraphError, match="pass record requires recording"):
+        run(FEED, gm2, rctx)
+    run(RECORD, gm2, rctx)
+    rec = rctx.recorders["fc2"]
+    assert len(rec.max_abs) == 1
+    assert rec.max_abs[0] == pytest.approx(float(gm2(batches[0]).detach().abs().max()))
+    rctx.feed = Feed(gm2, batches[1:])
+    run(FEED, gm2, rctx)
+    assert len(rec.max_abs) == 3      # the direct call above, then the second batch

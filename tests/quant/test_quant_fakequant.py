@@ -9,12 +9,16 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 from strategies import activations, matrices
 
-from qdsl.runtime.fakequant import (DynamicFakeQuant, FakeQuant, FloatCast, dequantize_weight,
-                                    fake_quantize_weight, module_from_json, quantize_weight)
+from qdsl.runtime.fakequant import (DynamicFakeQuant, FakeQuant, FloatCast, activation_module,
+                                    dequantize_weight, fake_quantize_weight, quantize_weight)
+from qdsl.runtime.registry import module_from_json
 from qdsl.quant.observers import make_observer
 from qdsl.quant.primitives import binarize, choose_qparams, fake_quantize, qrange, reduce_range
 from qdsl.config.spec import (ACTIVATION, MSE, WEIGHT, GroupWise, PerChannel, PerGroup, PerTensor,
-                              PerToken, TensorPatch, resolve)
+                              PerToken, TensorPatch, TensorSpec, resolve)
+
+A4_ASYM = TensorSpec(ACTIVATION, 4, symmetric=False)
+A8_SYM = TensorSpec(ACTIVATION, 8, symmetric=True)
 
 
 def _round_trip(m):
@@ -23,12 +27,29 @@ def _round_trip(m):
 
 def test_fake_quant_static_and_round_trip():
     s, z = choose_qparams(torch.tensor(-3.5), torch.tensor(10.2), 4, False)
-    fq = FakeQuant(s, z, 4, False)
+    fq = FakeQuant.from_spec(A4_ASYM, s, z)
     x = torch.tensor([-9.0, 0.0, 0.4567, 20.0])
     assert torch.allclose(fq(x), torch.tensor([-4, 0, 1, 11]) * s)
     back = _round_trip(fq)
     assert back.perm is None and torch.equal(back(x), fq(x))
     assert back.zero_point.dtype == torch.int32 and back.scale.dtype == torch.float32
+    # the one JSON shape of a spec: the module records its TensorSpec as the spec does
+    assert fq.to_json() == {"type": "FakeQuant", "spec": A4_ASYM.to_json()}
+    assert back.spec == A4_ASYM and (back.bits, back.symmetric) == (4, False)
+
+
+def test_runtime_modules_refuse_specs_they_do_not_run():
+    s, z = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    with pytest.raises(ValueError, match="static quantized spec"):
+        FakeQuant.from_spec(resolve(ACTIVATION, TensorPatch(bits=8, dynamic=True)), s, z)
+    with pytest.raises(ValueError, match="permutation is missing"):
+        FakeQuant.from_spec(resolve(ACTIVATION, TensorPatch(bits=8, granularity=PerGroup(
+            2, permute=True))), s, z)
+    with pytest.raises(ValueError, match="permutation is unexpected"):
+        FakeQuant.from_spec(A8_SYM, s, z, torch.arange(4))
+    with pytest.raises(ValueError, match="fp16 / bf16"):
+        FloatCast.from_spec(resolve(ACTIVATION, TensorPatch(bits=8)))
+    assert activation_module(resolve(ACTIVATION, TensorPatch(bits=32))) is None
 
 
 @given(activations(d_choices=(4, 8)), st.booleans())
@@ -37,7 +58,8 @@ def test_fake_quant_from_peg_observer(x, symmetric):
                                            granularity=PerGroup(2, permute=True)))
     obs = make_observer(spec)
     obs(x)
-    fq = FakeQuant.from_observer(obs)
+    fq = activation_module(spec, obs)
+    assert isinstance(fq, FakeQuant) and fq.spec == spec
     d = x.shape[-1]
     assert fq.scale.shape == fq.zero_point.shape == fq.perm.shape == (d,)
     assert torch.equal(fq(x), fake_quantize(x, *obs.qparams(), 8, symmetric))
@@ -46,7 +68,7 @@ def test_fake_quant_from_peg_observer(x, symmetric):
 
 
 def test_fake_quant_gradients_flow():
-    fq = FakeQuant(torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), 8, True)
+    fq = FakeQuant.from_spec(A8_SYM, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32))
     x = torch.tensor([0.05, 5.0, -20.0], requires_grad=True)
     fq(x).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0]  # 5.0 -> q = 50 on the grid; -20 -> -200 clamped
@@ -74,13 +96,18 @@ def test_dynamic_per_tensor_and_binary():
         DynamicFakeQuant(resolve(ACTIVATION, TensorPatch(bits=32)))
 
 
+def _cast(dtype: str) -> FloatCast:
+    return FloatCast.from_spec(resolve(ACTIVATION, TensorPatch(float_dtype=dtype)))
+
+
 def test_float_cast():
     x = torch.tensor([1.0 + 2**-10, 1e5])
-    assert FloatCast("bf16")(x).tolist() == [1.0, 99840.0]
-    assert FloatCast("fp16")(x)[0].item() == 1.0 + 2**-10
-    assert torch.equal(_round_trip(FloatCast("fp16"))(x), FloatCast("fp16")(x))
+    assert _cast("bf16")(x).tolist() == [1.0, 99840.0]
+    assert _cast("fp16")(x)[0].item() == 1.0 + 2**-10
+    assert torch.equal(_round_trip(_cast("fp16"))(x), _cast("fp16")(x))
+    assert _round_trip(_cast("bf16")).float_dtype == "bf16"
     with pytest.raises(ValueError, match="float dtype"):
-        FloatCast("fp8")
+        TensorSpec(ACTIVATION, None, float_dtype="fp8")
 
 
 @given(matrices(col_multiple=4), st.sampled_from([PerTensor(), PerChannel(), GroupWise(4)]),

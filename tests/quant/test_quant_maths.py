@@ -34,6 +34,16 @@ def test_grids():
         qrange(0, True)
 
 
+def test_qrange_checks_bits_with_the_specs_one_validator():
+    from qdsl.config.spec import SpecError, TensorPatch, TensorSpec, check_bits
+    for bad in (0, 17, 32, True, 8.0):   # 32 is a rule's "keep float", not a grid
+        for make in (lambda b: qrange(b, True), check_bits,
+                     lambda b: TensorSpec("weight", b)):
+            with pytest.raises(SpecError, match="bits must be 1..16"):
+                make(bad)
+    assert TensorPatch(bits=32).bits == check_bits(32, float_ok=True) == 32
+
+
 def test_worked_example():
     s, z = choose_qparams(torch.tensor(-3.5), torch.tensor(10.2), 4, False)
     assert s.item() == pytest.approx(13.7 / 15) and z.item() == 4 and z.dtype == torch.int32

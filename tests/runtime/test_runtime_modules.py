@@ -1,6 +1,8 @@
 """Runtime modules against a float reference on random data, state-dict round
 trips through safetensors, and meta-device construction + assign loading."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -9,6 +11,7 @@ from qdsl.quant.primitives import binarize, choose_qparams, fake_quantize, group
 from qdsl.runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                           Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
 from qdsl.runtime.packed import weight_spec
+from qdsl.runtime.registry import module_from_json
 from qdsl.config.spec import ACTIVATION, WEIGHT, PerTensor, PerToken, TensorSpec
 
 torch.manual_seed(0)
@@ -79,7 +82,7 @@ def test_w4_int4_kernel_is_close_to_the_exact_path(size):
     y, ref = fast(x), exact(x)
     assert y.shape == ref.shape == (2, 5, 96) and y.dtype == torch.float32
     assert (y - ref).norm() / ref.norm() < 5e-3                  # bf16 rounding
-    assert fast.config()["compute_dtype"] == "bf16"
+    assert fast.to_json()["compute_dtype"] == "bf16"
     assert not PackedLinear.from_float(w, b, weight_spec(4, 16)).uses_int4_kernel()
     assert not PackedLinear.from_float(w, b, weight_spec(2, 32)).uses_int4_kernel()
 
@@ -113,19 +116,48 @@ def test_embeddings_dequantize_looked_up_rows():
 @pytest.mark.parametrize("name", list(TOL))
 def test_safetensors_round_trip_and_meta_assign(name, tmp_path):
     mod = modules()[name]
+    """The module's JSON (its specs, as TensorSpec.to_json) and its state dict are all it
+    is: rebuilt on meta from the JSON alone, assigned the saved tensors, it computes the
+    same; the JSON survives a JSON round trip (a dyn_tensor module stays per tensor)."""
     save_file(mod.state_dict(), str(tmp_path / "m.safetensors"))
-    cls = type(mod)
-    kwargs = {k: v for k, v in vars(mod).items()
-              if k in ("act_granularity", "act_symmetric", "compute_dtype")}
-    if cls is PackedLinear:
-        fresh = cls(64, 48, mod.bits, mod.group_size, mod.bias is not None, device="meta")
-    else:
-        fresh = cls(64, 48, mod.bias is not None, device="meta", **kwargs)
+    config = json.loads(json.dumps(mod.to_json()))
+    fresh = type(mod).from_json(config)
     assert all(t.is_meta for t in fresh.state_dict().values())
     fresh.load_state_dict(load_file(str(tmp_path / "m.safetensors")), assign=True)
     x = torch.randn(3, 64)
     assert torch.equal(fresh(x), mod(x))
-    assert fresh.config() == mod.config()
+    assert fresh.to_json() == mod.to_json() == config
+    assert TensorSpec.from_json(config["weight"]) == mod.weight_spec
+    if "act" in config:
+        assert TensorSpec.from_json(config["act"]) == mod.act_spec
+    again = module_from_json(config, load_file(str(tmp_path / "m.safetensors")))
+    assert type(again) is type(mod) and torch.equal(again(x), mod(x))
+
+
+def test_dyn_tensor_keeps_its_granularity_through_json():
+    mod = modules()["dyn_tensor"]
+    assert mod.to_json()["act"]["granularity"] == {"name": "per_tensor"}
+    assert mod.act_spec.granularity == PerTensor() and not hasattr(mod, "_act_g")
+    fresh = Int8DynamicLinear.from_json(mod.to_json())
+    assert fresh.act_spec == mod.act_spec
+
+
+def test_modules_are_built_from_specs_they_can_run():
+    from qdsl.errors import GraphError
+    q, scale = torch.zeros(48, 64, dtype=torch.int32), torch.ones(48, 1)
+    m = Int8WeightOnlyLinear.from_spec(weight_spec(8), q, scale, B)
+    assert m.weight_spec == weight_spec(8) and m.weight.dtype == torch.int8
+    w4 = PackedLinear.from_spec(weight_spec(4, 16), q, torch.ones(48, 4))
+    assert (w4.bits, w4.group_size) == (4, 16) and w4.weight_packed.shape == (48, 32)
+    with pytest.raises(GraphError, match="w4"):
+        Int8WeightOnlyLinear.from_spec(weight_spec(4), q, scale)
+    with pytest.raises(GraphError, match="w8"):
+        PackedLinear.from_spec(weight_spec(8), q, scale)
+    with pytest.raises(GraphError, match="static"):
+        Int8DynamicLinear.from_spec(weight_spec(8), q, scale,
+                                    act_spec=TensorSpec(ACTIVATION, 8, granularity=PerTensor()))
+    with pytest.raises(GraphError, match="groups of 24"):
+        PackedLinear.from_spec(weight_spec(4, 24), q, torch.ones(48, 3))
 
 
 def test_storage_is_really_small():
