@@ -225,7 +225,7 @@ def test_forced_avx2_runs_no_reference_path(tmp_path):
         assert not refused & set(names), (key, names)
         if key.endswith("/8"):
             assert "torch_int8pack_mm" not in names, key
-    assert len(list(tmp_path.glob("AVX2-*.json"))) == 1      # the timed table, cached
+    assert len(list(tmp_path.glob("AVX2-t*.json"))) == 1     # the timed table, cached
     if EXT:   # at decode an integer kernel beats dequantize + float GEMM
         assert res["ran"]["dynamic/1"] == ["qdsl_w8a8"], res["ran"]
 
@@ -292,5 +292,6 @@ def test_table_ignores_a_damaged_or_foreign_file(tmp_path, monkeypatch, caplog):
 
 def test_machine_key_names_torch_capability_and_cpu():
     a, b = _cap(), cpu.detect("AVX2", frozenset({"avx2", "fma"}), "another CPU")
-    assert table_mod.machine_key(a).startswith("AVX2-")
-    assert table_mod.machine_key(a) != table_mod.machine_key(b)
+    assert table_mod.machine_key(a, 1).startswith("AVX2-t1-")
+    assert table_mod.machine_key(a, 1) != table_mod.machine_key(b, 1)
+    assert table_mod.machine_key(a, 1) != table_mod.machine_key(a, 2)

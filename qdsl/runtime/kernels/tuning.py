@@ -18,7 +18,7 @@ scales applied around one float32 GEMM) is always eligible, so there is always a
 choice. Among the eligible candidates the table picks by measurement: each
 (operation, class) is timed once per machine on SmolLM2-135M's shapes (``TUNE_SHAPES``)
 and the result cached as JSON under ``<qdsl cache>/kernels/`` keyed by torch version,
-capability and CPU model (``QDSL_KERNEL_AUTOTUNE=0``: no timing, the first eligible
+capability, CPU model and threads (``QDSL_KERNEL_AUTOTUNE=0``: no timing, the first eligible
 candidate in the rule order below, which the benchmark backs; docs/performance.md).
 """
 
@@ -106,11 +106,13 @@ def reference_paths(op: str, cls: str, cap: Capability) -> list[str]:
             if not c.startswith("qdsl_") and c not in eligible(op, cls, cap, True)]
 
 
-def machine_key(cap: Capability) -> str:
-    """torch version + capability + CPU model (+ the kernel source), as a file name."""
+def machine_key(cap: Capability, threads: int | None = None) -> str:
+    """torch version + capability + CPU model + threads (+ the kernel source), as a file
+    name: ``AVX2-t1-<hash>``."""
+    threads = torch.get_num_threads() if threads is None else threads
     src = hashlib.sha256(cext.SOURCE.read_bytes()).hexdigest()[:8]
-    raw = f"{torch.__version__}|{cap.name}|{cap.model}|{src}"
-    return f"{cap.name}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+    raw = f"{torch.__version__}|{cap.name}|{cap.model}|{threads}|{src}"
+    return f"{cap.name}-t{threads}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 
 
 def cache_path(cap: Capability) -> Path:
