@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from qdsl.errors import GraphError
 from qdsl.runtime import kernels
-from qdsl.runtime.kernels import derived  # noqa: F401 (packed.py and callers use it here)
 from qdsl.quant.primitives import choose_qparams, quantize, reduce_range
 from qdsl.config.spec import ACTIVATION, WEIGHT, PerChannel, PerTensor, PerToken, TensorSpec
 

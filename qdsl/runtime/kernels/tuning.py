@@ -204,7 +204,7 @@ def reset() -> None:
     _table.clear()
 
 
-def measure(op: str, cls: str, cands: list[str], repeats: int = 5) -> dict[str, float]:
+def measure(op: str, cls: str, cands: list[str], repeats: int = 9) -> dict[str, float]:
     """Each candidate's summed median ms over the class's tuning shapes, interleaved."""
     total = dict.fromkeys(cands, 0.0)
     for k, n in TUNE_SHAPES[cls]:
