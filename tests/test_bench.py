@@ -61,6 +61,19 @@ def test_weight_bytes_count_a_tied_head_once_and_skip_gather_only_tables():
     assert weight_bytes_per_token(model) == (40 + 10) * 4
 
 
+def test_weight_bytes_of_torch_ao_dynamic_linears_are_their_packed_int8():
+    import warnings
+    import torch
+    from qdsl.eval.hosting_hw import weight_bytes_per_token
+
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
+    assert weight_bytes_per_token(m) == (64 * 32 + 32 + 2 * 32) * 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
+    assert weight_bytes_per_token(q) == 64 * 32 + 32 * 4 + 2 * 32 * 4
+
+
 FAKE_LLAMA_BENCH = """#!{python}
 import json, sys
 a = sys.argv[1:]

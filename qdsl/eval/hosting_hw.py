@@ -46,7 +46,8 @@ def read_bandwidth_gbs(threads: int, mb: int = BANDWIDTH_MB, repeats: int = 5) -
 
 def weight_bytes_per_token(module: nn.Module) -> int:
     """Bytes of the parameters and buffers a decode step reads: all, each storage once,
-    except key/value caches and gather-only embedding tables (a tied head counts)."""
+    except key/value caches and gather-only embedding tables (a tied head counts), plus
+    torch.ao dynamic linears' packed weights (held outside parameters and buffers)."""
     embedding_ptrs, other_ptrs = set(), set()
     for m in module.modules():
         own = [t for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
@@ -63,6 +64,10 @@ def weight_bytes_per_token(module: nn.Module) -> int:
             continue
         seen.add(ptr)
         total += t.untyped_storage().nbytes()
+    for m in module.modules():          # torch.ao dynamic linears: packed params, no buffers
+        if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):
+            w, b = m._packed_params._weight_bias()
+            total += w.untyped_storage().nbytes() + (0 if b is None else b.nbytes)
     return total
 
 

@@ -26,9 +26,10 @@ def _bandwidth(result: dict) -> float | None:
 
 
 def bound_ms(row: dict, bandwidth: float | None) -> float | None:
-    """Decode's bandwidth bound: weight bytes read per token / read bandwidth (ms)."""
+    """Decode's bandwidth bound: weight bytes read per token / read bandwidth (ms), with
+    the run's median bandwidth (``bandwidth``) so that rows compare on one figure."""
     nbytes = row["extra"].get("weight_bytes_per_token")
-    bw = row["extra"].get("bandwidth_gbs") or bandwidth
+    bw = bandwidth or row["extra"].get("bandwidth_gbs")     # one figure for every row
     return nbytes / (bw * 1e9) * 1e3 if nbytes and bw else None
 
 
