@@ -3,6 +3,9 @@ import sys
 
 # shared test helpers (tiny.py, strategies.py) import as top-level modules
 sys.path.insert(0, os.path.dirname(__file__))
+# kernels chosen by the table's rules, not timed (deterministic; tests/runtime/test_kernels.py
+# tests the timing and its cache on their own)
+os.environ.setdefault("QDSL_KERNEL_AUTOTUNE", "0")
 
 from hypothesis import HealthCheck, settings
 

@@ -33,6 +33,83 @@ def test_bench_cli_tiny(tiny_dir, tmp_path, capsys):
         assert r["decode_ms"] > 0 and r["prefill_ms"] > 0 and r["peak_rss_mb"] > 0
     assert result["rows"][-1]["size_mb"] < result["rows"][0]["size_mb"]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+    # where the time goes: capability, bandwidth, the bound, the kernels that ran
+    cond = result["conditions"]
+    assert cond["capability"] and cond["threads"] == 1
+    for r in result["rows"]:
+        assert r["extra"]["bandwidth_gbs"] > 0 and r["extra"]["weight_bytes_per_token"] > 0
+        assert r["extra"]["bound_ms"] > 0
+    ours = result["rows"][-1]["extra"]
+    assert ours["kernels"] and set(ours["kernels"]) <= {f"{op}/{c}" for op in
+                                                        ("w8a8", "w8", "w4", "embedding_int8")
+                                                        for c in ("decode", "prefill")}
+    assert ours["weight_bytes_per_token"] < result["rows"][0]["extra"]["weight_bytes_per_token"]
+    assert "decode / bandwidth bound" in table and "Kernels of qdsl w8a8-dynamic" in table
+    assert "read bandwidth" in table and cond["capability"] in table
+
+
+def test_weight_bytes_count_a_tied_head_once_and_skip_gather_only_tables():
+    from torch import nn
+    from qdsl.eval.hosting_hw import weight_bytes_per_token
+
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10)
+    assert weight_bytes_per_token(nn.ModuleList([emb, head])) == (40 + 10) * 4   # emb skipped
+    head.weight = emb.weight                                                     # tied
+    assert weight_bytes_per_token(nn.ModuleList([emb, head])) == (40 + 10) * 4
+    model = nn.ModuleList([emb, head])
+    model.register_buffer("key_cache", __import__("torch").zeros(100))          # not weights
+    assert weight_bytes_per_token(model) == (40 + 10) * 4
+
+
+def test_weight_bytes_of_torch_ao_dynamic_linears_are_their_packed_int8():
+    import warnings
+    import torch
+    from qdsl.eval.hosting_hw import weight_bytes_per_token
+
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
+    assert weight_bytes_per_token(m) == (64 * 32 + 32 + 2 * 32) * 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
+    assert weight_bytes_per_token(q) == 64 * 32 + 32 * 4 + 2 * 32 * 4
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+import json, sys
+a = sys.argv[1:]
+p, n = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1])
+depth = int(a[a.index("-d") + 1]) if "-d" in a else 0
+ts = 200.0 if n == 0 else (40.0 if depth else 50.0)
+print(json.dumps([{{"model_type": "llama 135M Q8_0", "model_size": 150000000, "n_prompt": p,
+                   "n_gen": n, "n_depth": depth, "avg_ts": ts}}]))
+"""
+
+
+def test_llamacpp_rows_from_llama_bench_json(tmp_path):
+    import sys
+    from qdsl.eval import hosting_hw
+
+    binary = tmp_path / "llama-bench"
+    binary.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    binary.chmod(0o755)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(96))
+    (row,) = hosting_hw.llamacpp_rows(str(binary), [str(gguf)], 512, 32, 1, 2)
+    assert row["prefill_ms"] == pytest.approx(512 / 200 * 1e3)
+    assert row["decode_ms"] == pytest.approx(25.0)                   # after 512 tokens
+    assert row["extra"]["decode_ms_empty_context"] == pytest.approx(20.0)
+    assert row["extra"]["weight_bytes_per_token"] == 150000000
+    assert "Q8_0" in row["name"] and row["kind"] == "llama.cpp"
+
+
+def test_llamacpp_options_are_checked(tmp_path):
+    from qdsl.errors import OptionError
+    from qdsl.eval import hosting_hw
+
+    with pytest.raises(OptionError, match="go together"):
+        hosting_hw.check_llamacpp(None, ["x.gguf"])
+    with pytest.raises(OptionError, match="not an executable"):
+        hosting_hw.check_llamacpp(str(tmp_path / "nope"), ["x.gguf"])
 
 
 def test_cost_is_linear_in_latency():

@@ -81,3 +81,17 @@ def test_cli_explain_on_a_saved_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{bad}:1:1: error: weight options on `block.0.attn.probs`" in err
     assert "Traceback" not in err
+
+
+def test_explain_lower_int8_says_which_kernels_run_here(tmp_path, monkeypatch):
+    """`--lower int8` adds the kernel per operation and shape class on this CPU,
+    naming 'dequantize + float32 GEMM' where that is the choice; fake lowering: none."""
+    monkeypatch.setenv("QDSL_KERNEL_CACHE", str(tmp_path))
+    recipe = "* -> w8 a.dynamic per_token\n"
+    assert explain(recipe, tiny("gpt2"), lower="fake").kernel_lines() == []
+    lines = explain(recipe, tiny("gpt2"), lower="int8").kernel_lines()
+    assert lines[0].startswith("CPU: ")
+    keys = {line.split(":")[0] for line in lines[1:] if not line.startswith("qdsl's C++")}
+    assert keys == {f"{op}/{c}" for op in ("w8a8", "w8", "w4", "embedding_int8")
+                    for c in ("decode", "prefill")}
+    assert all("float32 GEMM" in line for line in lines if ": float_gemm" in line)

@@ -1,10 +1,18 @@
-"""Microbenchmarks of the CPU kernels behind qdsl's runtime modules, as ratios to
-fp32 ``F.linear`` measured in the same run (interleaved, medians).
+"""Microbenchmarks of every candidate kernel of qdsl's kernel table
+(``qdsl/runtime/kernels``), as ratios to float32 ``F.linear`` measured in the same
+run (interleaved, medians), on SmolLM2-135M's shapes.
 
-    .venv/bin/python tools/bench_kernels.py [--threads 1] [--repeats 50]
+    .venv/bin/python tools/bench_kernels.py [--threads 1] [--repeats 20] [--compile]
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python tools/bench_kernels.py
 
-Shapes: GPT-2 124M's MLP up-projection (768 -> 3072) at decode (M = 1) and
-prefill (M = 512), plus the tied lm_head (768 -> 50257) at M = 1.
+Rows: each candidate (``eligible`` on this capability, or ``refused`` as a reference
+path: measured anyway, to show why), plus comparison rows that the runtime does not
+use: oneDNN's int8 linear through the x86 inductor ops (``onednn.qlinear_pointwise``,
+u8 activations: exact only with VNNI), fbgemm's dynamic linear through the
+deprecated ``torch.ao`` quantized tensors, and with ``--compile`` a dequant-fused
+linear compiled by ``torch.compile`` (inductor, C++ backend). ``--table`` prints the
+table the runtime chose (measuring it if not cached). Shapes: 576 -> 1536, 1536 -> 576
+and the 49152-row tied head, at M = 1 (decode) and M = 512 (prefill; the head at M = 1 only).
 """
 
 from __future__ import annotations
@@ -16,60 +24,55 @@ import warnings
 
 import torch
 
-from qdsl.runtime import Int8DynamicLinear, Int8WeightOnlyLinear, PackedLinear
-from qdsl.runtime.int8 import prepack_int8
-from qdsl.runtime.packed import weight_spec
+from qdsl.runtime import kernels
+from qdsl.runtime.kernels import impls
+
+SHAPES = ((576, 1536), (1536, 576), (576, 49152))
 
 
-def kernels(m: int, k: int, n: int) -> dict:
-    """name -> zero-argument callable computing [m, k] @ [n, k]^T in that way."""
-    w, x = torch.randn(n, k) * 0.05, torch.randn(m, k)
-    dyn = Int8DynamicLinear.from_float(w)
-    wq, ws = dyn.weight, dyn.weight_scale
-    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
-    packed = prepack_int8(wq, ws, None)
-    wo, wo32 = Int8WeightOnlyLinear.from_float(w), Int8WeightOnlyLinear.from_float(w)
-    wo32.compute_dtype = "fp32"
-    out = {
-        "fp32 F.linear": lambda: torch.nn.functional.linear(x, w),
-        "bf16 F.linear (weights bf16)": (lambda wb=w.bfloat16(), xb=x.bfloat16():
-                                         torch.nn.functional.linear(xb, wb)),
-        "_int_mm only (int8 in, int32 out)": lambda: torch._int_mm(xq, wq.t()),
-        "fbgemm linear_dynamic (incl. act quant)": (
-            lambda: torch.ops.quantized.linear_dynamic(x, packed, False)),
-        "Int8DynamicLinear (module)": lambda: dyn(x),
-        "Int8DynamicLinear _int_mm path": lambda: _int_mm_path(dyn, x),
-        "Int8WeightOnlyLinear bf16 (module)": lambda: wo(x),
-        "Int8WeightOnlyLinear fp32 dequant": lambda: wo32(x),
-    }
-    if m <= 4:
-        out["_weight_int8pack_mm fp32 input"] = (
-            lambda: torch.ops.aten._weight_int8pack_mm(x, wq, ws))
-    packed = PackedLinear.from_float(w, None, weight_spec(4, 64))
-    out["PackedLinear w4 group 64 (module, int4 kernel bf16)"] = lambda: packed(x)
-    if n <= 4096:
-        exact = PackedLinear.from_float(w, None, weight_spec(4, 64))
-        exact.compute_dtype = "fp32"
-        out["PackedLinear w4 group 64 fp32 (unpack per call)"] = lambda: exact(x)
-        if m == 1:
-            w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
-            sz = torch.rand(k // 64, n, 2)
-            out["aten._weight_int4pack_mm_for_cpu g64 fp32 input"] = (
-                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, 64, sz))
+def comparison_rows(m: int, k: int, n: int, compile_: bool) -> dict:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) * 0.01
+    x = torch.randn(m, k, generator=g)
+    xu = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    wf = w.float() * ws[:, None]
+    out = {"fp32 F.linear": lambda: torch.nn.functional.linear(x, wf)}
+    if hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        pw, zp = torch.ops.onednn.qlinear_prepack(w, None), torch.zeros(n, dtype=torch.long)
+        out["(cmp) onednn.qlinear_pointwise u8 x s8"] = lambda: torch.ops.onednn.qlinear_pointwise(
+            xu, 1.0, 128, pw, ws, zp, None, 1.0, 0, torch.float32, "none", [], "")
+    with warnings.catch_warnings():  # torch.ao quantized tensors are deprecated
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(w, ws.double(), torch.zeros(n, dtype=torch.long), 0)
+        fb = torch.ops.quantized.linear_prepack(qw, None)
+    out["(cmp) fbgemm linear_dynamic (torch.ao, deprecated)"] = (
+        lambda: torch.ops.quantized.linear_dynamic(x, fb, False))
+    if compile_:
+        fn = torch.compile(lambda x, w, s: torch.nn.functional.linear(x, w.float() * s[:, None]),
+                           dynamic=False)
+        out["(cmp) torch.compile dequant + linear (inductor)"] = lambda: fn(x, w, ws)
     return out
 
 
-def _int_mm_path(dyn: Int8DynamicLinear, x: torch.Tensor) -> torch.Tensor:
-    """The M > 1 path of Int8DynamicLinear, forced at any M (per-token quant + _int_mm)."""
-    return dyn.forward(x.expand(2, *x.shape))[0] if x.shape[0] == 1 else dyn(x)
+def candidate_rows(m: int, k: int, n: int, cap) -> dict:
+    cls = kernels.shape_class(m)
+    out = {}
+    for op in ("w8a8", "w8", "w4"):
+        ok = kernels.eligible(op, cls, cap, kernels.table().ext)
+        for name in impls.IMPLS[op]:
+            if name.startswith("qdsl_") and not kernels.table().ext:
+                continue
+            tag = "" if name in ok else " [refused: reference path]"
+            out[f"{op} {name}{tag}"] = impls.bench_case(op, name, m, k, n)
+    return out
 
 
 def bench(fns: dict, repeats: int) -> dict:
     times = {name: [] for name in fns}
     with torch.inference_mode():
         for f in fns.values():
-            f(), f()                                         # warm-up, fbgemm prepack
+            f(), f()                                         # warm-up, prepacking, compile
         for _ in range(repeats):                             # interleaved: load drifts
             for name, f in fns.items():
                 t0 = time.perf_counter()
@@ -81,18 +84,30 @@ def bench(fns: dict, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--prefill-m", type=int, default=512)
+    ap.add_argument("--compile", action="store_true", help="add a torch.compile row (slow to build)")
+    ap.add_argument("--table", action="store_true", help="print the runtime's kernel table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {args.repeats}\n")
-    print("| shape (M x K -> N) | kernel | ms | vs fp32 |\n|---|---|---|---|")
-    for m, k, n in ((1, 768, 3072), (512, 768, 3072), (1, 768, 50257)):
-        res = bench(kernels(m, k, n), args.repeats if m == 1 else max(5, args.repeats // 5))
-        base = res["fp32 F.linear"]
-        for name, ms in res.items():
-            print(f"| {m} x {k} -> {n} | {name} | {ms:.3f} | {ms / base:.2f}x |")
+    cap = kernels.capability()
+    print(f"torch {torch.__version__}, capability {cap.describe()}, {args.threads} thread(s), "
+          f"medians of {args.repeats}; C++ kernels: "
+          f"{'yes' if kernels.table().ext else 'no (' + str(kernels.cext.why_not()) + ')'}\n")
+    print("| M x K -> N | kernel | ms | vs fp32 |\n|---|---|---|---|")
+    for k, n in SHAPES:
+        for m in (1, args.prefill_m):
+            if m > 1 and n > 10000:
+                continue
+            fns = {**comparison_rows(m, k, n, args.compile), **candidate_rows(m, k, n, cap)}
+            res = bench(fns, args.repeats if m == 1 else max(3, args.repeats // 5))
+            base = res["fp32 F.linear"]
+            for name, ms in res.items():
+                print(f"| {m} x {k} -> {n} | {name} | {ms:.3f} | {ms / base:.2f}x |", flush=True)
+    if args.table:
+        print()
+        for line in kernels.summary_lines(kernels.report()):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibra
 from ..passes.int8_exec import execution
 from ..passes.pipeline import (CALIBRATE, FREEZE, OBSERVE, VALIDATE, Feed, PassContext,
                                lowering, run)
+from ..runtime import kernels
 from ..runtime.graphlm import GraphLM
 from .render import draw_block, render_summary, render_table, rows
 
@@ -76,6 +77,14 @@ class Explanation:
 
     def summary(self) -> str:
         return render_summary(self.plan, self.captured.gm, self.named)
+
+    def kernel_lines(self) -> list[str]:
+        """Under ``--lower int8``: the kernel each runtime operation runs on this CPU
+        (``qdsl.runtime.kernels``, timed once per machine), saying where it is
+        dequantize + float GEMM; empty otherwise."""
+        if self.lower != "int8":
+            return []
+        return kernels.summary_lines(kernels.report())
 
     def draw(self, path: str, block: int = 0) -> None:
         draw_block(self.captured.gm, self.named, self.plan, path, block=block)

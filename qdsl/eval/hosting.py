@@ -30,6 +30,7 @@ import torch
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from qdsl.errors import ArtifactError, ModelError
+from qdsl.eval import hosting_hw
 from qdsl.eval.hosting_report import cost, markdown, plot  # noqa: F401 (re-exported)
 from qdsl.graph.capture import capture
 from qdsl.models import zoo
@@ -37,6 +38,7 @@ from qdsl.models.limits import DEFAULT_MAX_CACHE_LEN, Limit, fit_length, model_l
 from qdsl.models.lm import HFCausalLM
 from qdsl.passes.pipeline import FLOAT_RUNTIME, PassContext, run
 from qdsl.runtime.conv1d import conv1d_to_linear, is_conv1d
+from qdsl.runtime import kernels
 from qdsl.runtime.graphlm import GraphLM
 from qdsl.runtime.swap import load_lowered, save_lowered, swap_linears
 
@@ -207,6 +209,11 @@ def child_main(spec: dict) -> dict:
     out = {"rss_base_mb": base, "rss_load_mb": _rss_mb(), "peak_load_mb": _maxrss_mb()}
     out.update(measure(lm, vocab, cfg))
     out["peak_rss_mb"] = _maxrss_mb()
+    module = hosting_hw.module_of(lm)
+    out["weight_bytes_per_token"] = None if module is None else \
+        hosting_hw.weight_bytes_per_token(module)
+    out["bandwidth_gbs"] = hosting_hw.read_bandwidth_gbs(cfg.threads)   # same process, threads
+    out["kernels"] = {k: v["kernel"] for k, v in kernels.report(measure=False)["kernels"].items()}
     return out
 
 
@@ -267,11 +274,14 @@ def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
 
 def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | None = None,
               cfg: BenchConfig = BenchConfig(), work_dir: str | None = None,
-              verify: bool = True) -> dict:
+              verify: bool = True, llamacpp: str | None = None,
+              gguf: tuple[str, ...] = ()) -> dict:
     """Measure fp32, quantize_dynamic, and the artifact / lowered model -> result dict.
-    ``verify``: the artifact's child checks its files' recorded sha256 (``qdsl.load``)."""
+    ``verify``: the artifact's child checks its files' recorded sha256 (``qdsl.load``).
+    ``llamacpp`` (a ``llama-bench`` binary) with ``gguf`` files adds llama.cpp's rows."""
     if artifact and not (Path(artifact) / "qdsl_artifact.json").exists():
         raise ArtifactError(f"{artifact}: not a qdsl artifact (no qdsl_artifact.json)")
+    hosting_hw.check_llamacpp(llamacpp, list(gguf))
     cfg = fit_config(model_name, cfg)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         specs = prepare(model_name, lower_all, Path(tmp))
@@ -292,24 +302,36 @@ def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | 
             for i in order:
                 log.info("measuring %s (round %d)", specs[i]["name"], k + 1)
                 runs[i].append(_run_child({**specs[i], "config": asdict(cfg)}))
-        rows = [_row(spec, runs[i]) for i, spec in enumerate(specs)]
+        rows = [asdict(_row(spec, runs[i])) for i, spec in enumerate(specs)]
+    if llamacpp:
+        log.info("measuring llama.cpp (%d GGUF file(s))", len(gguf))
+        rows += hosting_hw.llamacpp_rows(llamacpp, list(gguf), cfg.context, cfg.decode_tokens,
+                                         cfg.threads, cfg.repeats)
     return {"model": model_name, "config": asdict(cfg), "conditions": conditions(cfg),
-            "rows": [asdict(r) for r in rows]}
+            "rows": rows}
 
 
 def _row(spec: dict, runs: list[dict]) -> Row:
-    """Medians over every repeat of every round; memory from the first round."""
+    """Medians over every repeat of every round; memory from the first round; the
+    decode bandwidth bound from the bytes a step reads and the children's bandwidth."""
     pre = statistics.median(t for r in runs for t in r["prefill_all_ms"])
     dec = statistics.median(t for r in runs for t in r["decode_all_ms"])
+    bw = statistics.median(r["bandwidth_gbs"] for r in runs)
+    nbytes = runs[0].get("weight_bytes_per_token")
+    bound = {} if not nbytes else {"weight_bytes_per_token": nbytes, "bandwidth_gbs": bw,
+                                   "bound_ms": nbytes / (bw * 1e9) * 1e3}
     return Row(spec["name"], spec["kind"], spec["size_mb"], runs[0]["rss_load_mb"],
                max(r["peak_rss_mb"] for r in runs), pre, dec, 1e3 / dec,
-               {**spec.get("extra", {}), "runs": runs})
+               {**spec.get("extra", {}), **bound, "kernels": runs[0].get("kernels", {}),
+                "runs": runs})
 
 
 def conditions(cfg: BenchConfig) -> dict:
+    """torch, threads, CPUs, load, and the capability the kernels were chosen for
+    (the bandwidth is measured in each child: ``Row.extra``)."""
     return {"torch": torch.__version__, "threads": cfg.threads, "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(),
-            "load_avg": os.getloadavg()}
+            "load_avg": os.getloadavg(), **hosting_hw.machine(cfg.threads, bandwidth=False)}
 
 
 if __name__ == "__main__":  # the child process: a JSON spec on stdin, a JSON line out

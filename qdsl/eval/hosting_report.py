@@ -18,42 +18,87 @@ def cost(row: dict, cfg: dict) -> dict:
     return {"s_per_pred": s, "wh_per_1k": wh, "usd_per_1k": wh / 1000 * cfg["price_per_kwh"]}
 
 
+def _bandwidth(result: dict) -> float | None:
+    """The machine's read bandwidth (GB/s): the median over the measured rows."""
+    bws = sorted(r["extra"]["bandwidth_gbs"] for r in result["rows"]
+                 if r["extra"].get("bandwidth_gbs"))
+    return bws[len(bws) // 2] if bws else None
+
+
+def bound_ms(row: dict, bandwidth: float | None) -> float | None:
+    """Decode's bandwidth bound: weight bytes read per token / read bandwidth (ms), with
+    the run's median bandwidth (``bandwidth``) so that rows compare on one figure."""
+    nbytes = row["extra"].get("weight_bytes_per_token")
+    bw = bandwidth or row["extra"].get("bandwidth_gbs")     # one figure for every row
+    return nbytes / (bw * 1e9) * 1e3 if nbytes and bw else None
+
+
 def markdown(result: dict) -> str:
-    cfg, rows = result["config"], result["rows"]
+    cfg, rows, cond = result["config"], result["rows"], result["conditions"]
     base = rows[0]
     fp16 = base["extra"].get("fp16_size_mb")
+    bw = _bandwidth(result)
 
     def ratio(v, b):
         return f" ({v / b:.2f}x)" if v is not None and b else ""
 
+    def mb(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    machine = (f"CPU capability {cond['capability_text']}" if "capability_text" in cond
+               else "")
+    if bw:
+        machine += f"; read bandwidth {bw:.1f} GB/s ({cfg['threads']} thread(s), torch.sum)"
     out = [f"Model `{result['model']}`; context {cfg['context']} tokens, decode "
            f"{cfg['decode_tokens']} tokens x {cfg['repeats']} repeats x {cfg['rounds']} rounds "
            f"(medians, after warm-up, models interleaved), "
-           f"{cfg['threads']} thread(s), torch {result['conditions']['torch']}, "
-           f"load average {', '.join(f'{x:.1f}' for x in result['conditions']['load_avg'])}.",
+           f"{cfg['threads']} thread(s), torch {cond['torch']}, "
+           f"load average {', '.join(f'{x:.1f}' for x in cond['load_avg'])}.",
+           *([machine + "."] if machine else []),
            "",
            "| model | file MB | RSS after load MB | peak RSS MB | prefill ms | decode ms/token "
-           "| vs fp32 graph (prefill / decode) | tokens/s | s/pred | Wh / 1k pred | $ / 1k pred |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| decode / bandwidth bound | vs fp32 graph (prefill / decode) | tokens/s | s/pred "
+           "| Wh / 1k pred | $ / 1k pred |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     graph = next((r for r in rows if r["kind"] == "fp32-graph"), None)
     for r in rows:
         c = cost(r, cfg)
         size = "-" if r["size_mb"] is None else f"{r['size_mb']:.1f}{ratio(r['size_mb'], base['size_mb'])}"
         vs = "-" if graph is None else (f"{r['prefill_ms'] / graph['prefill_ms']:.2f}x / "
                                         f"{r['decode_ms'] / graph['decode_ms']:.2f}x")
-        out.append(f"| {r['name']} | {size} | {r['rss_load_mb']:.0f} | "
-                   f"{r['peak_rss_mb']:.0f}{ratio(r['peak_rss_mb'], base['peak_rss_mb'])} | "
+        b = bound_ms(r, bw)
+        bound = "-" if b is None else f"{r['decode_ms'] / b:.2f}x of {b:.2f} ms"
+        peak = "-" if r["peak_rss_mb"] is None else \
+            f"{r['peak_rss_mb']:.0f}{ratio(r['peak_rss_mb'], base['peak_rss_mb'])}"
+        out.append(f"| {r['name']} | {size} | {mb(r['rss_load_mb'])} | {peak} | "
                    f"{r['prefill_ms']:.1f}{ratio(r['prefill_ms'], base['prefill_ms'])} | "
-                   f"{r['decode_ms']:.2f}{ratio(r['decode_ms'], base['decode_ms'])} | {vs} | "
-                   f"{r['tokens_per_s']:.1f} | {c['s_per_pred']:.2f} | {c['wh_per_1k']:.1f} | "
-                   f"{c['usd_per_1k']:.4f} |")
+                   f"{r['decode_ms']:.2f}{ratio(r['decode_ms'], base['decode_ms'])} | {bound} | "
+                   f"{vs} | {r['tokens_per_s']:.1f} | {c['s_per_pred']:.2f} | "
+                   f"{c['wh_per_1k']:.1f} | {c['usd_per_1k']:.4f} |")
     if fp16:
         out.append(f"\nfp16 file size (computed, 2 bytes/parameter): {fp16:.1f} MB "
                    f"({fp16 / base['size_mb']:.2f}x).")
+    out.append("Bandwidth bound: the weight bytes a decode step reads (gather-only embedding "
+               "tables excluded) / the read bandwidth; 1.00x is the fastest any kernel can go.")
+    out += _kernel_lines(rows)
     out.append(f"Cost: a prediction = prefill of the context + {cfg['pred_tokens']} decode steps "
                f"(Wei et al. Table 2 generate 20 tokens); assumed {cfg['power_watts']:g} W and "
                f"${cfg['price_per_kwh']:g}/kWh.")
     return "\n".join(out)
+
+
+def _kernel_lines(rows: list[dict]) -> list[str]:
+    """What the qdsl rows ran, per operation and shape class (qdsl.runtime.kernels)."""
+    out = []
+    for r in rows:
+        chosen = r["extra"].get("kernels")
+        if not chosen:
+            continue
+        parts = [f"{k} {name}" + (" (dequantize + float GEMM: no integer kernel is faster "
+                                  "on this CPU)" if name == "float_gemm" else "")
+                 for k, name in sorted(chosen.items())]
+        out.append(f"Kernels of {r['name']}: " + "; ".join(parts) + ".")
+    return out
 
 
 def plot(result: dict, path: str | os.PathLike) -> None:

@@ -8,21 +8,12 @@ grid (what ``freeze`` computed; ``passes.lower_int8``), ``from_float`` quantizes
 specs in their own JSON (``TensorSpec.to_json``) with the shapes; ``from_json`` rebuilds
 the empty module on the meta device for ``load_state_dict(..., assign=True)``.
 
-Kernels (measured on this CPU, ``tools/bench_kernels.py``, docs/performance.md):
-
-* w8a8, M > 1 (prefill): per-token activation quantization + ``torch._int_mm``
-  (int8 x int8 -> int32, exact; on CPU it has no M > 16 / multiple-of-8
-  constraint, that is the CUDA kernel). ~0.1x fp32 at 512x768 @ 768x3072.
-* w8a8, M = 1 (decode): fbgemm's ``quantized::linear_dynamic`` on packed params
-  built at first use from the int8 buffers (the file stays plain int8). It
-  quantizes the one token per tensor = per token, on the asymmetric grid
-  [0, 255] (at least as fine as the symmetric one), with ``reduce_range=False``
-  only where a probe shows the kernel exact (VNNI); else the ``_int_mm`` path.
-  Fewer small ops than our quantize + ``_int_mm`` (35 vs 45 us at 768x3072).
-* weight-only: ``aten._weight_int8pack_mm`` for M <= 4 and an int8 -> bf16 GEMM
-  with the scale applied after for larger M; both compute in bf16 (fast on
-  AVX512-BF16; float32 inputs to these kernels are 10x slower here), so the
-  activations are rounded to bf16 (output error ~3e-3 relative).
+Kernels: every GEMM goes through ``qdsl.runtime.kernels`` (one entry per operation,
+the kernel chosen per CPU capability and shape class, never a reference loop; see
+that package and docs/performance.md). Weight-only modules with the default
+``compute_dtype="bf16"`` run the table's choice (a bf16 kernel only where it is the
+fastest here, ~3e-3 relative); ``"fp32"`` dequantizes and runs one float32 GEMM,
+the fake-quant maths bit for bit.
 
 Activations are quantized on the symmetric int8 grid [-127, 127] or the
 asymmetric one [0, 255]; the asymmetric code is shifted by -128 to fit int8 and
@@ -32,14 +23,12 @@ corrected with the weight's row sums:
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 from torch import Tensor, nn
 
 from qdsl.errors import GraphError
-from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_range
+from qdsl.runtime import kernels
+from qdsl.quant.primitives import choose_qparams, quantize, reduce_range
 from qdsl.config.spec import ACTIVATION, WEIGHT, PerChannel, PerTensor, PerToken, TensorSpec
 
 BITS = 8  # the one width these modules run (weights and activations); check_spec refuses others
@@ -47,17 +36,6 @@ W8 = TensorSpec(WEIGHT, BITS, symmetric=True, granularity=PerChannel())
 W8_GRANULARITIES = (PerChannel, PerTensor)
 A8_DYNAMIC = TensorSpec(ACTIVATION, BITS, symmetric=True, granularity=PerToken(), dynamic=True)
 A8_STATIC = TensorSpec(ACTIVATION, BITS, symmetric=False, granularity=PerTensor())
-
-
-def derived(module: nn.Module, slot: str, sources: tuple[Tensor, ...], build):
-    """``build()``, computed once per storage of ``sources`` and kept on ``module`` under
-    ``slot`` (not a buffer, so never saved): a kernel's prepacked weight. Loading new
-    buffers or moving the module changes their storage, which rebuilds it."""
-    key = tuple(t.data_ptr() for t in sources)
-    hit = module.__dict__.get(slot)
-    if hit is None or hit[0] != key:
-        hit = module.__dict__[slot] = (key, build())
-    return hit[1]
 
 
 def check_spec(spec: TensorSpec, bits: tuple[int, ...], granularities: tuple[type, ...],
@@ -91,35 +69,10 @@ def quantize_act_int8(x: Tensor, scale: Tensor, zero_point: Tensor,
 
 def int8_matmul(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None, w: Tensor, w_scale: Tensor,
                 w_rowsum: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``(xq - x_zp) @ w^T * x_scale * w_scale + bias``; xq [M, K] int8, w [N, K] int8."""
-    acc = torch._int_mm(xq, w.t())                          # [M, N] int32, exact
-    if x_zp is not None and w_rowsum is not None:
-        acc -= x_zp * w_rowsum                               # [M, 1] * [N]
-    y = acc.float().mul_(x_scale).mul_(w_scale)             # [M, 1] and [N] scales
-    return y if bias is None else y.add_(bias)
-
-
-@functools.cache
-def fbgemm_exact() -> bool:
-    """Whether fbgemm's dynamic linear is exact with full-range uint8 activations here.
-
-    Without VNNI its u8 x s8 pair sums saturate at int16 (255 * 127 * 2 > 32767).
-    """
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return False
-    w = torch.full((8, 64), 127, dtype=torch.int8)
-    packed = prepack_int8(w, torch.ones(8), None)
-    y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)
-    return bool(torch.allclose(y, torch.full((1, 8), 127.0 * 64)))
-
-
-def prepack_int8(w: Tensor, w_scale: Tensor, bias: Tensor | None):
-    """fbgemm packed params from int8 ``[out, in]`` and per-row scales (no requantization)."""
-    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated
-        warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(
-            w, w_scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qw, bias)
+    """``(xq - x_zp) @ w^T * x_scale * w_scale + bias``; xq [M, K] int8, w [N, K] int8,
+    the integer product exact (the kernel table's ``w8a8`` entry)."""
+    return kernels.linear_w8a8(xq, x_scale, None if w_rowsum is None else x_zp, w, w_scale,
+                               w_rowsum, bias)
 
 
 class _Int8Weight(nn.Module):
@@ -222,16 +175,8 @@ class Int8DynamicLinear(_Int8Weight):
         q, scale = quantize_weight_int8(weight, weight_spec)
         return cls.from_spec(weight_spec, q, scale, bias, act_spec=act_spec)
 
-    def _fbgemm(self):
-        """Packed params for decode, built once from the buffers (not saved)."""
-        return derived(self, "_fbgemm_packed", (self.weight, self.weight_scale),
-                       lambda: prepack_int8(self.weight, self.weight_scale, self.bias))
-
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)                 # [M, K]
-        if x2.shape[0] == 1 and fbgemm_exact():              # decode: 1 token = 1 tensor
-            y = torch.ops.quantized.linear_dynamic(x2, self._fbgemm(), False)
-            return y.reshape(*x.shape[:-1], self.out_features)
         a = self.act_spec
         scale, zp = choose_qparams(*reduce_range(x2, a.granularity, ACTIVATION), BITS,
                                    a.symmetric)
@@ -298,11 +243,8 @@ class Int8StaticLinear(_Int8Weight):
 
 
 class Int8WeightOnlyLinear(_Int8Weight):
-    """int8 weights, float activations; bf16 compute (see the module doc), scale after.
-
-    ``compute_dtype="fp32"`` dequantizes the weight to float32 per call instead
-    (exact, but slower than the float model on this CPU).
-    """
+    """int8 weights, float activations: the kernel table's ``w8`` entry
+    (``compute_dtype="fp32"``: dequantize + float32 GEMM, see the module doc)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight_spec: TensorSpec = W8, compute_dtype: str = "bf16",
@@ -321,16 +263,9 @@ class Int8WeightOnlyLinear(_Int8Weight):
         return cls.from_spec(weight_spec, *quantize_weight_int8(weight, weight_spec), bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.compute_dtype == "fp32":
-            w = dequantize(self.weight, self.weight_scale[:, None], 0)   # [out, in] float32
-            return nn.functional.linear(x, w, self.bias)
-        x2 = x.reshape(-1, self.in_features).bfloat16()     # [M, K]
-        if x2.shape[0] <= 4:                                 # fused: x @ (w * scale)^T
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight,
-                                                   self.weight_scale.bfloat16()).float()
-        else:                                                # (x @ w^T) * scale
-            y = nn.functional.linear(x2, self.weight.bfloat16()).float().mul_(self.weight_scale)
-        y = y if self.bias is None else y.add_(self.bias)
+        x2 = x.reshape(-1, self.in_features)                 # [M, K]
+        y = kernels.linear_w8(x2, self.weight, self.weight_scale, self.bias,
+                              exact=self.compute_dtype == "fp32")
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -362,7 +297,7 @@ class Int8Embedding(nn.Module):
         return m
 
     def forward(self, ids: Tensor) -> Tensor:
-        return dequantize(self.weight[ids], self.weight_scale[ids].unsqueeze(-1), 0)
+        return kernels.embedding_int8(ids, self.weight, self.weight_scale)
 
     def to_json(self) -> dict:
         return {"type": type(self).__name__, "num_embeddings": self.num_embeddings,

@@ -9,13 +9,12 @@ module holds its weight ``TensorSpec`` (``from_spec``: codes on its grid; ``to_j
 ``from_json`` as the int8 modules); bits and group size are taken from it once
 (``packed_layout``).
 
-``PackedLinear`` runs w4 with group sizes 32 / 64 / 128 / 256 on torch's CPU int4
-kernel (``aten._weight_int4pack_mm_for_cpu``, weights repacked into its layout at
-first use, not saved): it computes in bf16 (activations, scales and outputs rounded
-to bf16, ~3e-3 relative, as ``Int8WeightOnlyLinear``) and measured 0.5x of a float32
-linear at decode on SmolLM2's shapes, where unpacking per call was 40x. Other widths
-and group sizes, and ``compute_dtype="fp32"``, unpack and dequantize the weight per
-call (vectorised bit ops) and run a float32 GEMM: exact, slow.
+``PackedLinear`` runs w4 through the kernel table's ``w4`` entry
+(``qdsl.runtime.kernels``: qdsl's fused C++ GEMV reading the packed bytes, torch's
+bf16 int4 GEMM ``aten._weight_int4pack_mm_for_cpu`` with group sizes 32..256, or
+unpack + float32 GEMM, chosen per CPU and shape class). Other widths, and
+``compute_dtype="fp32"``, unpack and dequantize the weight per call (vectorised bit
+ops) and run a float32 GEMM: the fake-quant maths bit for bit, slow.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ from torch import Tensor, nn
 
 from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_mean_abs, reduce_range
 from qdsl.errors import GraphError
-from qdsl.runtime.int8 import check_spec, derived
+from qdsl.runtime import kernels
+from qdsl.runtime.int8 import check_spec
 from qdsl.runtime.packing import pack_int, packed_len, unpack_int
 from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
 
@@ -101,9 +101,6 @@ class _PackedWeight(nn.Module):
         self.weight_scale = scale.float().reshape(q.shape[0], -1).contiguous()
 
 
-INT4_GROUPS = (32, 64, 128, 256)   # what aten._weight_int4pack_mm_for_cpu takes
-
-
 class PackedLinear(_PackedWeight):
     """Weight-only w4 / w2 / w1 linear: the int4 kernel (w4, group 32..256, bf16) or
     unpack + dequantize + float32 GEMM."""
@@ -137,30 +134,24 @@ class PackedLinear(_PackedWeight):
         return m
 
     def uses_int4_kernel(self) -> bool:
+        """Whether forward runs the kernel table's w4 entry (a 4-bit kernel: qdsl's fused
+        C++ GEMV or torch's int4 GEMM, by CPU and shape) rather than unpacking per call."""
         return (self.compute_dtype == "bf16" and self.bits == 4
-                and self.group_size in INT4_GROUPS and not self.weight_packed.is_meta
-                and self.weight_packed.device.type == "cpu"
-                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+                and (self.group_size or self.in_features) % 32 == 0   # what both take
+                and not self.weight_packed.is_meta and self.weight_packed.device.type == "cpu")
 
-    def _int4(self) -> tuple[Tensor, Tensor]:
-        """(kernel-layout weight, bf16 scales and zeros ``[G, out, 2]``), built once from
-        the buffers: stored code u = q + 8 and w = (u - 8) * scale + 0, the kernel's form."""
-        def build():
-            u = unpack_int(self.weight_packed, 4, self.in_features).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-            scale = self.weight_scale.t()                                # [G, out]
-            return packed, torch.stack([scale, torch.zeros_like(scale)], -1).bfloat16().contiguous()
-        return derived(self, "_int4_packed", (self.weight_packed, self.weight_scale), build)
+    def _w4(self) -> kernels.W4:
+        dequant = lambda: dequantize_packed(self.weight_packed, self.weight_scale,  # noqa: E731
+                                            self.bits, self.in_features)
+        return kernels.W4(self.weight_packed, self.weight_scale, self.in_features,
+                          self.group_size or self.in_features, self.bias, dequant, owner=self)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.uses_int4_kernel():
             w = dequantize_packed(self.weight_packed, self.weight_scale, self.bits,
                                   self.in_features)
             return nn.functional.linear(x, w, self.bias)
-        packed, sz = self._int4()
-        x2 = x.reshape(-1, self.in_features).bfloat16()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz).float()
-        y = y if self.bias is None else y.add_(self.bias)
+        y = kernels.linear_w4(x.reshape(-1, self.in_features), self._w4())
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def to_json(self) -> dict:

@@ -16,7 +16,9 @@ def register(sub) -> None:
         description="Measure file size, peak memory, prefill latency and decode latency per "
                     "token (batch 1, KV cache) of the fp32 model, torch.ao quantize_dynamic "
                     "and a qdsl artifact (or --lower-all), each in a fresh process; print a "
-                    "markdown table with ratios to fp32 and a cost view (Wei et al. Table 2).")
+                    "markdown table with ratios to fp32 and a cost view (Wei et al. Table 2); "
+                    "records the CPU capability, threads and read bandwidth, and reports "
+                    "decode against its bandwidth bound and the kernels the qdsl rows ran.")
     p.add_argument("model", metavar="MODEL_OR_ARTIFACT",
                    help="short name (smollm2-135m, stdlib-gpt2, gpt2-124m-random), model "
                         "directory, or artifact directory (contains qdsl_artifact.json)")
@@ -48,6 +50,12 @@ def register(sub) -> None:
                    help="load an artifact even if its files do not match the sha256 "
                         "recorded at compile time (damaged or edited); the format checks "
                         "still run")
+    p.add_argument("--llamacpp", metavar="LLAMA_BENCH",
+                   help="a llama.cpp llama-bench binary: also run it on the --gguf files "
+                        "(same context, decode tokens, threads and repeats) and add its rows "
+                        "(tools/build_llamacpp.py builds one)")
+    p.add_argument("--gguf", metavar="FILE", action="append", default=[],
+                   help="a GGUF file for --llamacpp (repeat for several, e.g. F32, Q8_0, Q4_0)")
     p.set_defaults(func=run)
 
 
@@ -69,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.baseline:
         model = args.baseline
     result = bench.run_bench(model, artifact=artifact, lower_all=args.lower_all, cfg=cfg,
-                             verify=not args.no_verify)
+                             verify=not args.no_verify, llamacpp=args.llamacpp,
+                             gguf=tuple(args.gguf))
     print(bench.markdown(result))
     if args.json:
         write_json_atomic(args.json, result)

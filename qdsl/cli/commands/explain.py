@@ -46,6 +46,11 @@ def run(args) -> int:
         print(result.table())
         print()
         print(result.summary())
+        lines = result.kernel_lines()
+        if lines:
+            print()
+            print("Kernels on this CPU (--lower int8):")
+            print("\n".join(f"  {line}" for line in lines))
     if args.graph:
         result.draw(args.graph, block=args.block)
         print(f"wrote {args.graph}", file=sys.stderr)

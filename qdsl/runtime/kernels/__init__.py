@@ -1,0 +1,103 @@
+"""Kernel dispatch per CPU: one entry per operation, the kernel chosen per
+(capability, shape class) by the table (``tuning.py``), never a reference loop.
+
+Entries (2-D inputs; the runtime modules reshape around them):
+
+* ``linear_w8a8(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias)``: w8a8 GEMM / GEMV
+  after the activation was quantized (dynamic and static modules);
+* ``linear_w8(x, w, w_scale, bias)``: int8 weight-only;
+* ``linear_w4(x, W4)``: packed 4-bit weight-only;
+* ``embedding_int8(ids, w, w_scale)``: int8 rows.
+
+``report()`` says what runs here (``qdsl bench``, ``qdsl explain --lower int8``):
+the capability, whether qdsl's C++ kernels built, and per operation and class the
+chosen kernel, or "dequantize + float GEMM" where no integer kernel is eligible or
+faster on this CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qdsl.runtime.kernels import cext, impls
+from qdsl.runtime.kernels.cpu import Capability, capability
+from qdsl.runtime.kernels.impls import IMPLS, W4, derived
+from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Table, eligible,
+                                        reference_paths, shape_class, table)
+
+__all__ = ["linear_w8a8", "linear_w8", "linear_w4", "embedding_int8", "W4", "derived",
+           "choose", "report", "table", "Table", "Capability", "capability", "eligible",
+           "reference_paths", "shape_class", "IMPLS", "OPS", "CLASSES", "FLOAT"]
+
+
+def choose(op: str, m: int, exact: bool = False) -> str:
+    """The kernel ``op`` runs for ``m`` activation rows on this machine; ``exact``:
+    ``float_gemm``, the fake-quant maths bit for bit (``set lower.compute = fp32``)."""
+    return FLOAT if exact else table().choose(op, m)
+
+
+def linear_w8a8(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None, w: Tensor,
+                w_scale: Tensor, w_rowsum: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``(xq - x_zp) @ w^T * x_scale * w_scale + bias``: xq int8 [M, K]; x_scale and x_zp
+    per row ([M, 1] / [M]) or 0-d; x_zp None for symmetric activations."""
+    m = xq.shape[0]
+    xs = x_scale.float().reshape(-1).expand(m).contiguous()
+    zp = None if x_zp is None else x_zp.to(torch.int32).reshape(-1).expand(m).contiguous()
+    name = choose("w8a8", m)
+    return IMPLS["w8a8"][name](xq.contiguous(), xs, zp, w, w_scale, w_rowsum, bias)
+
+
+def linear_w8(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+              exact: bool = False) -> Tensor:
+    """``x @ (w * w_scale)^T + bias``: x float32 [M, K], w int8 [N, K]."""
+    m, k = x.shape
+    name = choose("w8", m, exact)
+    if not impls.w8_supports(name, m, k):
+        t = table()
+        name = next(c for c in eligible("w8", shape_class(m), t.cap, t.ext)
+                    if impls.w8_supports(c, m, k))
+    return IMPLS["w8"][name](x.float().contiguous(), w, w_scale, bias)
+
+
+def linear_w4(x: Tensor, w4: W4, exact: bool = False) -> Tensor:
+    """x float32 [M, K] times a packed 4-bit weight (``W4``); a kernel that cannot take
+    this group size hands over to ``float_gemm``."""
+    name = choose("w4", x.shape[0], exact)
+    if not w4.supports(name):
+        name = FLOAT
+    return IMPLS["w4"][name](x.float().contiguous(), w4)
+
+
+def embedding_int8(ids: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    return IMPLS["embedding_int8"][choose("embedding_int8", ids.numel())](ids, w, w_scale)
+
+
+def report(measure: bool = True) -> dict:
+    """What runs on this machine: capability, extension, and per ``op/class`` the chosen
+    kernel with its description, ``integer`` (False: dequantize + float GEMM) and the
+    reference paths refused. ``measure=False`` reports only what is chosen so far."""
+    t = table()
+    choices = t.full() if measure else dict(t.choices)
+    rows = {}
+    for key, name in sorted(choices.items()):
+        op, _, cls = key.partition("/")
+        rows[key] = {"kernel": name, "what": DESCRIPTIONS[name],
+                     "integer": name != FLOAT,
+                     "refused": reference_paths(op, cls, t.cap),
+                     "timings_ms": t.timings.get(key, {})}
+    return {"capability": t.cap.to_json(), "capability_text": t.cap.describe(),
+            "threads": torch.get_num_threads(), "extension": t.ext,
+            "extension_missing": cext.why_not(), "cache": str(t.path) if t.path else None,
+            "kernels": rows}
+
+
+def summary_lines(rep: dict) -> list[str]:
+    """``report()`` as short lines: one per operation and class."""
+    lines = [f"CPU: {rep['capability_text']}; {rep['threads']} thread(s)"]
+    if not rep["extension"]:
+        lines.append(f"qdsl's C++ kernels unavailable: {rep['extension_missing']}")
+    for key, row in rep["kernels"].items():
+        note = "" if row["integer"] else " (no integer kernel is faster here)"
+        lines.append(f"{key}: {row['kernel']} - {row['what']}{note}")
+    return lines

@@ -1,0 +1,95 @@
+"""qdsl's own fused CPU kernels (``qdsl_kernels.cpp``), built on first use with
+``torch.utils.cpp_extension.load_inline`` and registered as ``torch.ops.qdsl_kernels``.
+
+The build needs a C++ compiler (and ninja) at run time; torch caches it under its
+extensions directory (``TORCH_EXTENSIONS_DIR``), keyed by the source, so it is built
+once per machine (~1 minute) and loaded in well under a second afterwards. Where the
+build fails (no compiler, a non-x86 CPU) ``load()`` returns False, logs why once, and
+the kernel table falls back to torch's own kernels (never a crash).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("qdsl_kernels.cpp")
+NAME = "qdsl_kernels_v1"          # bump with an incompatible change of the op schemas
+DISABLE_ENV = "QDSL_NO_CEXT"      # set to 1: never build (tests of the fallback)
+
+# the reason the extension is unavailable, once known (None: loaded or not tried)
+_why_not: list[str] = []
+
+
+def why_not() -> str | None:
+    """Why the extension could not be used, or None."""
+    return _why_not[0] if _why_not else None
+
+
+@functools.cache
+def load() -> bool:
+    """Build (first use) and load the extension; False (and the reason, logged once)
+    where it cannot be: never raises."""
+    reason = _precheck()
+    if reason is None:
+        try:
+            _build()
+            return True
+        except Exception as e:  # noqa: BLE001 - any build failure means "use torch's kernels"
+            reason = f"building qdsl's C++ kernels failed ({type(e).__name__}: " \
+                     f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})"
+    _why_not.append(reason)
+    log.warning("%s; using torch's kernels instead", reason)
+    return False
+
+
+def _precheck() -> str | None:
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"qdsl's C++ kernels are disabled ({DISABLE_ENV} is set)"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"qdsl's C++ kernels are x86-64 only (this CPU: {platform.machine()})"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not on PATH) for qdsl's kernels"
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401 - the pip package puts the binary on its own path
+        except ImportError:
+            return "ninja is not installed (pip install ninja) for qdsl's kernels"
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    return None
+
+
+def _build() -> None:
+    if hasattr(torch.ops, "qdsl_kernels") and hasattr(torch.ops.qdsl_kernels, "w8_linear"):
+        return                                        # already registered in this process
+    cpp_extension.load_inline(NAME, cpp_sources=[SOURCE.read_text()], is_python_module=False,
+                extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"],
+                verbose=False)
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shape functions, so the ops trace (torch.compile / export) on fake tensors."""
+    lib = "qdsl_kernels::"
+
+    @torch.library.register_fake(lib + "w8_linear")
+    def _(x, w, w_scale, bias, isa):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake(lib + "w8a8_linear")
+    def _(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias, isa):
+        return x_scale.new_empty(xq.shape[0], w.shape[0])
+
+    @torch.library.register_fake(lib + "w4_linear")
+    def _(x, packed, scale, gs, bias, isa):
+        return x.new_empty(x.shape[0], packed.shape[0])

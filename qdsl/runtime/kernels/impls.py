@@ -1,0 +1,205 @@
+"""The candidate kernels, one function per (operation, candidate), with the
+operation's signature (the entry points in ``kernels/__init__.py`` call them):
+
+* ``w8a8``: ``f(xq int8 [M, K], x_scale f32 [M], x_zp int32 [M] | None, w int8 [N, K],
+  w_scale f32 [N], w_rowsum int32 [N] | None, bias | None) -> f32 [M, N]``,
+  ``(xq - x_zp) @ w^T * x_scale * w_scale + bias``;
+* ``w8``: ``f(x f32 [M, K], w, w_scale, bias)``, ``x @ (w * w_scale)^T + bias``;
+* ``w4``: ``f(x f32 [M, K], W4)``, W4 the packed weight and its derived forms;
+* ``embedding_int8``: ``f(ids, w, w_scale)``.
+
+Accuracy against the fake-quant maths (tests/runtime/test_kernels.py): the integer
+kernels (``qdsl_w8a8``, ``torch_int_mm``) accumulate exactly in int32;
+``float_gemm`` of w8a8 is exact while ``K * 127^2 < 2^24`` (K <= 1040) and within
+float32 rounding beyond; the float32 kernels (``qdsl_w8``, ``qdsl_w4``, ``float_gemm``)
+differ from it by summation order only (~1e-6 relative); the bf16 ones
+(``torch_int8pack_mm``, ``torch_bf16_gemm``, ``torch_int4pack_mm``) round
+activations, scales and outputs to bf16 (~4e-3 relative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from qdsl.runtime.kernels.cpu import capability
+
+INT4_GROUPS = (32, 64, 128, 256)   # what aten._weight_int4pack_mm_for_cpu takes
+BF16 = frozenset({"torch_int8pack_mm", "torch_bf16_gemm", "torch_int4pack_mm"})  # round to bf16
+
+
+def derived(owner, slot: str, sources: tuple[Tensor, ...], build):
+    """``build()``, computed once per storage of ``sources`` and kept on ``owner`` under
+    ``slot`` (not a buffer, so never saved): a kernel's prepacked weight. Loading new
+    buffers or moving the module changes their storage, which rebuilds it."""
+    key = tuple(t.data_ptr() for t in sources)
+    hit = owner.__dict__.get(slot)
+    if hit is None or hit[0] != key:
+        hit = owner.__dict__[slot] = (key, build())
+    return hit[1]
+
+
+def _isa() -> int:
+    return capability().isa
+
+
+def _epilogue(acc: Tensor, x_scale: Tensor, x_zp: Tensor | None, w_scale: Tensor,
+              w_rowsum: Tensor | None, bias: Tensor | None) -> Tensor:
+    """int32 (or integer-valued float) accumulator -> float32 output."""
+    if x_zp is not None:
+        acc = acc - x_zp[:, None] * w_rowsum
+    y = acc.float().mul_(x_scale[:, None]).mul_(w_scale)
+    return y if bias is None else y.add_(bias)
+
+
+# ---------------------------------------------------------------- w8a8
+
+def _c(t: Tensor | None) -> Tensor | None:
+    """Contiguous (the C++ kernels' layout; a no-op for the runtime modules' buffers, a
+    copy for a weight stored transposed, e.g. GPT-2's Conv1D turned around)."""
+    return None if t is None else t.contiguous()
+
+
+def w8a8_qdsl(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
+    return torch.ops.qdsl_kernels.w8a8_linear(xq, x_scale, x_zp, _c(w), _c(w_scale),
+                                              _c(w_rowsum) if x_zp is not None else None,
+                                              _c(bias), _isa())
+
+
+def w8a8_int_mm(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
+    if xq.shape[1] == 1:   # torch 2.13's _int_mm returns zeros at K = 1, N > 1 (tests)
+        return w8a8_float(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias)
+    return _epilogue(torch._int_mm(xq, w.t()), x_scale, x_zp, w_scale, w_rowsum, bias)
+
+
+def w8a8_float(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
+    acc = nn.functional.linear(xq.float(), w.float())         # integer-valued float32
+    if x_zp is not None:
+        acc -= x_zp[:, None].float() * w_rowsum.float()
+    y = acc.mul_(x_scale[:, None]).mul_(w_scale)
+    return y if bias is None else y.add_(bias)
+
+
+# ---------------------------------------------------------------- w8 weight-only
+
+def w8_qdsl(x, w, w_scale, bias):
+    return torch.ops.qdsl_kernels.w8_linear(x, _c(w), _c(w_scale), _c(bias), _isa())
+
+
+def w8_int8pack(x, w, w_scale, bias):
+    y = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w, w_scale.bfloat16()).float()
+    return y if bias is None else y.add_(bias)
+
+
+def w8_supports(name: str, m: int, k: int) -> bool:
+    """torch 2.13's ``_weight_int8pack_mm`` returns garbage or crashes (segfault) for
+    some K not a multiple of 32 (1, 9, 24, 40, 65 ...; tests): run it only where safe."""
+    return name != "torch_int8pack_mm" or (k % 32 == 0 and m <= 4)
+
+
+def w8_bf16(x, w, w_scale, bias):
+    y = nn.functional.linear(x.bfloat16(), w.bfloat16()).float().mul_(w_scale)
+    return y if bias is None else y.add_(bias)
+
+
+def w8_float(x, w, w_scale, bias):
+    return nn.functional.linear(x, w.float() * w_scale[:, None], bias)
+
+
+# ---------------------------------------------------------------- w4 packed
+
+@dataclass
+class W4:
+    """A packed 4-bit weight: uint8 ``packed [N, K/2]`` (codes u = q + 8, low nibble
+    first), float32 ``scale [N, G]``, ``group_size`` (K for per channel), the bias,
+    ``dequant()`` -> float32 ``[N, K]``, and ``owner``, where derived forms are kept."""
+
+    packed: Tensor
+    scale: Tensor
+    in_features: int
+    group_size: int
+    bias: Tensor | None
+    dequant: Callable[[], Tensor]
+    owner: object = field(default=None, repr=False)
+
+    def supports(self, name: str) -> bool:
+        if name == "qdsl_w4":
+            return self.group_size % 32 == 0 and self.in_features % self.group_size == 0
+        if name == "torch_int4pack_mm":   # its weight layout needs N % 16 == 0
+            return self.group_size in INT4_GROUPS and self.packed.shape[0] % 16 == 0
+        return True
+
+
+def w4_qdsl(x, w4: W4):
+    return torch.ops.qdsl_kernels.w4_linear(x, _c(w4.packed), _c(w4.scale), w4.group_size,
+                                            _c(w4.bias), _isa())
+
+
+def _int4_layout(w4: W4) -> tuple[Tensor, Tensor]:
+    """(aten's int4 weight layout, bf16 scales and zeros ``[G, N, 2]``)."""
+    def build():
+        lo, hi = w4.packed & 15, w4.packed >> 4
+        u = torch.stack([lo, hi], -1).reshape(w4.packed.shape[0], -1)[:, :w4.in_features]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 1)
+        scale = w4.scale.t()                                               # [G, N]
+        return packed, torch.stack([scale, torch.zeros_like(scale)], -1).bfloat16().contiguous()
+    owner = w4.owner if w4.owner is not None else w4
+    return derived(owner, "_int4_packed", (w4.packed, w4.scale), build)
+
+
+def w4_int4pack(x, w4: W4):
+    packed, sz = _int4_layout(w4)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, w4.group_size, sz)
+    y = y.float()
+    return y if w4.bias is None else y.add_(w4.bias)
+
+
+def w4_float(x, w4: W4):
+    return nn.functional.linear(x, w4.dequant(), w4.bias)
+
+
+# ---------------------------------------------------------------- int8 embedding
+
+def embedding_gather(ids, w, w_scale):
+    return w[ids].float() * w_scale[ids].unsqueeze(-1)
+
+
+IMPLS: dict[str, dict[str, Callable]] = {
+    "w8a8": {"qdsl_w8a8": w8a8_qdsl, "torch_int_mm": w8a8_int_mm, "float_gemm": w8a8_float},
+    "w8": {"qdsl_w8": w8_qdsl, "torch_int8pack_mm": w8_int8pack, "torch_bf16_gemm": w8_bf16,
+           "float_gemm": w8_float},
+    "w4": {"qdsl_w4": w4_qdsl, "torch_int4pack_mm": w4_int4pack, "float_gemm": w4_float},
+    "embedding_int8": {"torch_gather": embedding_gather},
+}
+
+
+def random_w4(k: int, n: int, group_size: int, g: torch.Generator | None = None) -> W4:
+    """A random packed w4 weight (benchmarks, tests), with its float32 dequantization."""
+    u = torch.randint(1, 16, (n, k), dtype=torch.uint8, generator=g)
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    scale = torch.rand(n, k // group_size, generator=g) * 0.01 + 1e-3
+    w = ((u.float() - 8).reshape(n, -1, group_size) * scale[:, :, None]).reshape(n, k)
+    return W4(packed, scale, k, group_size, None, lambda: w)
+
+
+def bench_case(op: str, name: str, m: int, k: int, n: int) -> Callable[[], Tensor]:
+    """A zero-argument call of candidate ``name`` of ``op`` on random [m, k] x [n, k]."""
+    g = torch.Generator().manual_seed(0)
+    f = IMPLS[op][name]
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) * 0.01
+    x = torch.randn(m, k, generator=g)
+    if op == "w8a8":
+        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        xs = torch.rand(m, generator=g)
+        return lambda: f(xq, xs, None, w, ws, None, None)
+    if op == "w8":
+        return lambda: f(x, w, ws, None)
+    if op == "w4":
+        w4 = random_w4(k, n, 64, g)
+        return lambda: f(x, w4)
+    ids = torch.randint(0, n, (1, m), generator=g)
+    return lambda: f(ids, w, ws)

@@ -1,0 +1,297 @@
+"""The kernel table (qdsl/runtime/kernels): every candidate against the fake-quant
+maths, the choice per capability (never a reference path under forced AVX2), the
+on-disk table, and the fallback without a C++ compiler. Nothing here is timed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qdsl.runtime.kernels import cext, cpu, impls, tuning as table_mod
+from qdsl.runtime import kernels
+
+ROOT = Path(__file__).resolve().parents[2]
+FORCED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+HOST_FLAGS = cpu.cpu_flags()
+EXT = cext.load()
+ISAS = list(range(kernels.capability().isa + 1)) if EXT else []
+BF16_TOL = 1e-2        # relative (norm) error of kernels that round to bf16
+
+
+def run_py(code: str, env: dict) -> str:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    proc = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+# ------------------------------------------------------------------ capability
+
+def test_capability_from_torch_level_and_flags():
+    avx512 = frozenset("avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16".split())
+    full = cpu.detect("AVX512", avx512)
+    assert (full.isa, full.avx512_vnni, full.avx512_bf16, full.forced) == (cpu.ISA_VNNI, True, True, False)
+    assert full.name == "AVX512_VNNI_BF16"
+    forced = cpu.detect("AVX2", avx512)                       # ATEN_CPU_CAPABILITY=avx2
+    assert (forced.isa, forced.avx512_vnni, forced.avx512_bf16, forced.forced) == (
+        cpu.ISA_AVX2, False, False, True)
+    assert forced.name == "AVX2"
+    old = cpu.detect("AVX2", frozenset({"avx2", "fma"}))      # a real AVX2-only CPU
+    assert (old.isa, old.forced) == (cpu.ISA_AVX2, False)
+    assert cpu.detect("DEFAULT", frozenset()).isa == cpu.ISA_GENERIC
+
+
+def test_onednn_isa_cap_removes_vnni(monkeypatch):
+    flags = frozenset("avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16".split())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    cap = cpu.detect("AVX512", flags)
+    assert cap.isa == cpu.ISA_AVX512 and not cap.avx512_vnni and not cap.avx512_bf16 and cap.forced
+
+
+def test_reference_paths_are_never_eligible_without_the_feature():
+    avx2 = cpu.detect("AVX2", frozenset({"avx2", "fma"}))
+    for op in kernels.OPS:
+        for cls in kernels.CLASSES:
+            ok = kernels.eligible(op, cls, avx2, ext=True)
+            assert ok and not {"torch_int_mm", "torch_bf16_gemm"} & set(ok), (op, cls)
+            assert kernels.eligible(op, cls, avx2, ext=False)[-1:] != []   # never empty
+    assert "torch_int8pack_mm" not in kernels.eligible("w8", "prefill", avx2, True)
+    assert "torch_int_mm" in kernels.reference_paths("w8a8", "prefill", avx2)
+    vnni = cpu.detect("AVX512", frozenset("avx2 fma avx512f avx512bw avx512vl avx512_vnni".split()))
+    assert "torch_int_mm" in kernels.eligible("w8a8", "prefill", vnni, True)
+
+
+# ------------------------------------------------------------------ correctness
+
+def _w8a8_ref(xq, xs, zp, w, ws, bias):
+    acc = xq.long() @ w.long().t()                            # exact
+    if zp is not None:
+        acc = acc - zp.long()[:, None] * w.long().sum(1)
+    y = acc.double() * xs.double()[:, None] * ws.double()
+    return y if bias is None else y + bias.double()
+
+
+shapes = st.tuples(st.integers(1, 9), st.integers(1, 97), st.integers(1, 40))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, asym=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_w8a8_candidates_match_the_integer_maths(shape, asym, bias, seed):
+    m, k, n = shape
+    g = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    xs, ws = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) * 0.01
+    zp = torch.randint(-128, 128, (m,), dtype=torch.int32, generator=g) if asym else None
+    b = torch.randn(n, generator=g) if bias else None
+    rowsum = w.sum(1, dtype=torch.int32)
+    ref = _w8a8_ref(xq, xs, zp, w, ws, b)
+    tol = 2e-6 * ref.abs().max().item() + 1e-6              # only the float epilogue rounds
+    for name, f in impls.IMPLS["w8a8"].items():
+        if name == "qdsl_w8a8" and not EXT:
+            continue
+        y = f(xq, xs, zp, w, ws, rowsum, b)
+        assert (y.double() - ref).abs().max() <= tol, name
+    for isa in ISAS:                                          # every instruction-set path
+        acc = torch.ops.qdsl_kernels.w8a8_linear(xq, torch.ones(m), None, w, torch.ones(n),
+                                                 None, None, isa)
+        assert torch.equal(acc.long(), xq.long() @ w.long().t()), isa    # exact int32
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_w8_candidates_match_dequantized_weights(shape, bias, seed):
+    m, k, n = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) * 0.01 + 1e-3
+    b = torch.randn(n, generator=g) if bias else None
+    w_hat = w.double() * ws.double()[:, None]
+    ref = x.double() @ w_hat.t() + (0 if b is None else b.double())
+    bound = x.double().abs() @ w_hat.abs().t()               # float32 error scale per output
+    for name, f in impls.IMPLS["w8"].items():
+        if name == "qdsl_w8" and not EXT or not impls.w8_supports(name, m, k):
+            continue
+        y = f(x, w, ws, b).double()
+        tol = (BF16_TOL if name in impls.BF16 else 1e-6) * bound + 1e-6
+        assert ((y - ref).abs() <= tol).all(), name
+    for isa in ISAS:
+        y = torch.ops.qdsl_kernels.w8_linear(x, w, ws, b, isa).double()
+        assert ((y - ref).abs() <= 1e-6 * bound + 1e-6).all(), isa
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 9), groups=st.integers(1, 4), gs=st.sampled_from([32, 64, 128]),
+       n=st.integers(1, 40), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_w4_candidates_match_dequantized_weights(m, groups, gs, n, bias, seed):
+    k = groups * gs
+    g = torch.Generator().manual_seed(seed)
+    w4 = impls.random_w4(k, n, gs, g)
+    if bias:
+        w4.bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    w_hat = w4.dequant().double()
+    ref = x.double() @ w_hat.t() + (0 if w4.bias is None else w4.bias.double())
+    bound = x.double().abs() @ w_hat.abs().t()
+    for name, f in impls.IMPLS["w4"].items():
+        if name == "qdsl_w4" and not EXT or not w4.supports(name):
+            continue
+        y = f(x, w4).double()
+        tol = (BF16_TOL if name in impls.BF16 else 1e-6) * bound + 1e-6
+        assert ((y - ref).abs() <= tol).all(), name
+    for isa in ISAS:
+        y = torch.ops.qdsl_kernels.w4_linear(x, w4.packed, w4.scale, gs, w4.bias, isa).double()
+        assert ((y - ref).abs() <= 1e-6 * bound + 1e-6).all(), isa
+
+
+def test_int8_embedding_gathers_and_scales():
+    w = torch.randint(-127, 128, (10, 7), dtype=torch.int8)
+    ws = torch.rand(10)
+    ids = torch.tensor([[3, 9, 3], [0, 1, 2]])
+    out = kernels.embedding_int8(ids, w, ws)
+    assert torch.equal(out, w[ids].float() * ws[ids, None])
+
+
+def test_the_extension_rejects_bad_inputs_by_name():
+    if not EXT:
+        pytest.skip(f"qdsl's C++ kernels unavailable: {cext.why_not()}")
+    with pytest.raises(RuntimeError, match="qdsl_kernels: w must be"):
+        torch.ops.qdsl_kernels.w8_linear(torch.randn(2, 4), torch.zeros(3, 4), torch.ones(3),
+                                         None, 1)
+
+
+# ------------------------------------------------------------------ dispatch
+
+SPY = r"""
+import json, torch
+from qdsl.runtime import kernels
+from qdsl.runtime.kernels import impls
+from qdsl.runtime import Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, PackedLinear, Int8Embedding
+from qdsl.runtime.packed import weight_spec
+kernels.table().full()          # timed first (QDSL_KERNEL_AUTOTUNE=1): not spied on
+ran = set()
+def spy(op, name, f):
+    def g(*a):
+        ran.add((op, name)); return f(*a)
+    return g
+for op, table in impls.IMPLS.items():
+    for name, f in list(table.items()):
+        table[name] = spy(op, name, f)
+def refuse(*a, **k):
+    raise AssertionError("torch._int_mm called")
+if not kernels.capability().avx512_vnni:
+    torch._int_mm = refuse
+torch.manual_seed(0)
+w, b = torch.randn(96, 64) * 0.05, torch.randn(96)
+mods = {"dynamic": Int8DynamicLinear.from_float(w, b),
+        "static": Int8StaticLinear.from_float(w, b, 0.02, 3),
+        "weight_only": Int8WeightOnlyLinear.from_float(w, b),
+        "w4": PackedLinear.from_float(w, b, weight_spec(4, 32))}
+out = {}
+for name, m in mods.items():
+    for rows in (1, 8):
+        ran.clear()
+        m(torch.randn(rows, 64))
+        out[f"{name}/{rows}"] = sorted(n for _, n in ran)
+ran.clear()
+Int8Embedding.from_float(w)(torch.tensor([[1, 2]]))
+out["embedding"] = sorted(n for _, n in ran)
+print(json.dumps({"ran": out, "cap": kernels.capability().name,
+                  "report": kernels.report(measure=False)["kernels"]}))
+"""
+
+
+@pytest.mark.slow
+def test_forced_avx2_runs_no_reference_path(tmp_path):
+    """Under ATEN_CPU_CAPABILITY=avx2 (the table timed, as on an AVX2 machine) every
+    runtime module runs a kernel that is not a reference path: no ``_int_mm`` without
+    VNNI, no ``_weight_int8pack_mm`` at prefill, no bf16 GEMM without AVX512-BF16."""
+    env = {**FORCED_AVX2, "QDSL_KERNEL_AUTOTUNE": "1", "QDSL_KERNEL_CACHE": str(tmp_path)}
+    res = json.loads(run_py(SPY, env).strip().splitlines()[-1])
+    assert res["cap"] == "AVX2"
+    refused = {"torch_int_mm", "torch_bf16_gemm"}
+    for key, names in res["ran"].items():
+        assert len(names) == 1, (key, names)                  # one kernel per call
+        assert not refused & set(names), (key, names)
+        if key.endswith("/8"):
+            assert "torch_int8pack_mm" not in names, key
+    assert len(list(tmp_path.glob("AVX2-t*.json"))) == 1     # the timed table, cached
+    if EXT:   # at decode an integer kernel beats dequantize + float GEMM
+        assert res["ran"]["dynamic/1"] == ["qdsl_w8a8"], res["ran"]
+
+
+def test_without_a_compiler_the_runtime_falls_back(tmp_path):
+    """No C++ kernels (``QDSL_NO_CEXT``; a missing compiler takes the same path): the
+    modules run torch's kernels and the report says why, once."""
+    env = {**FORCED_AVX2, "QDSL_NO_CEXT": "1", "QDSL_KERNEL_AUTOTUNE": "0",
+           "QDSL_KERNEL_CACHE": str(tmp_path)}
+    res = json.loads(run_py(SPY, env).strip().splitlines()[-1])
+    names = {n for v in res["ran"].values() for n in v}
+    assert names and not any(n.startswith("qdsl_") for n in names)
+    assert not {"torch_int_mm", "torch_bf16_gemm"} & names
+    assert res["ran"]["dynamic/1"] == ["float_gemm"]        # no integer kernel: said so
+
+
+def test_missing_compiler_is_a_reason_not_a_crash(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-qdsl")
+    monkeypatch.delenv(cext.DISABLE_ENV, raising=False)
+    reason = cext._precheck()
+    assert reason and "no C++ compiler" in reason
+
+
+# ------------------------------------------------------------------ the table on disk
+
+def _cap():
+    return cpu.detect("AVX2", frozenset({"avx2", "fma"}), "test CPU")
+
+
+def test_table_is_measured_once_and_cached(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    calls = []
+
+    def fake_measure(op, cls, cands, repeats=5):
+        calls.append((op, cls))
+        return {c: float(len(cands) - i) for i, c in enumerate(cands)}   # last is fastest
+    monkeypatch.setattr(table_mod, "measure", fake_measure)
+    t = table_mod.Table(_cap(), ext=True, autotune=True, path=path)
+    assert t.choose("w8a8", 1) == "float_gemm" and t.choose("w8", 9) == "qdsl_w8"
+    assert calls == [("w8a8", "decode"), ("w8", "prefill")]
+    data = json.loads(path.read_text())
+    assert data["choices"] == {"w8/prefill": "qdsl_w8", "w8a8/decode": "float_gemm"}
+    assert data["capability"]["name"] == "AVX2"
+    again = table_mod.Table(_cap(), ext=True, autotune=True, path=path)
+    assert again.choose("w8a8", 1) == "float_gemm" and len(calls) == 2   # read, not re-timed
+    rules = table_mod.Table(_cap(), ext=True, autotune=False, path=None)
+    assert rules.choose("w8a8", 1) == "qdsl_w8a8" and len(calls) == 2   # first eligible
+    assert table_mod.Table(_cap(), ext=False, autotune=True, path=None).choose("w8a8", 1) \
+        == "float_gemm" and len(calls) == 2                  # one candidate: nothing to time
+
+
+def test_table_ignores_a_damaged_or_foreign_file(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(table_mod, "measure", lambda op, cls, cands, repeats=5:
+                        {c: float(i) for i, c in enumerate(cands)})
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    t = table_mod.Table(_cap(), ext=True, autotune=True, path=path)
+    assert "ignoring the kernel table" in caplog.text
+    assert t.choose("w8a8", 1) == "qdsl_w8a8"                # re-measured, rewritten
+    path.write_text(json.dumps({"choices": {"w8a8/prefill": "torch_int_mm"}}))
+    t = table_mod.Table(_cap(), ext=True, autotune=True, path=path)
+    assert t.choose("w8a8", 100) != "torch_int_mm"           # not eligible on AVX2
+
+
+def test_machine_key_names_torch_capability_and_cpu():
+    a, b = _cap(), cpu.detect("AVX2", frozenset({"avx2", "fma"}), "another CPU")
+    assert table_mod.machine_key(a, 1).startswith("AVX2-t1-")
+    assert table_mod.machine_key(a, 1) != table_mod.machine_key(b, 1)
+    assert table_mod.machine_key(a, 1) != table_mod.machine_key(a, 2)
