@@ -208,7 +208,8 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     captured = capture(m, mode=mode, max_cache_len=max_cache_len)
     named = name_graph(captured)
     plan = build_plan(r, named)
-    ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute)
+    ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute,
+                      export=st.export)
     run(OBSERVE, captured.gm, ctx, check=check)
     observers = ctx.observers
     if observers:

@@ -55,6 +55,7 @@ class PassContext:
     observers: dict | None = None
     fallback: str = "error"
     lower_compute: str | None = None
+    export: str | None = None  # `set export`: freeze rounds weight scales to fp16 for gguf
     properties: set[str] = field(default_factory=set)
 
 
@@ -99,7 +100,7 @@ def _observe(gm, ctx):
 
 
 def _freeze(gm, ctx):
-    ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers)
+    ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers, export=ctx.export)
     return gm
 
 
