@@ -36,6 +36,7 @@ RANK = {
     "artifact": 6,   # the artifact on disk (read / write)
     "compiler": 7,   # the driver: explain, compile, load
     "eval": 8,       # completion, perplexity, HumanEval, robustness, hosting metrics
+    "export": 8,     # artifacts written as GGUF / compressed-tensors (reads them like eval)
     "study": 9,      # the seed-paper reproduction: a client of the library
     "cli": 10,       # argument parsing, one library call per command
 }

@@ -17,6 +17,7 @@ from ..compiler.build import as_model
 from ..compiler.loading import load
 from ..compiler.source import local_source
 from ..errors import ExportError
+from .ctwrite import write_compressed_tensors
 from .ggufwrite import write_gguf
 
 FORMATS = ("gguf", "compressed-tensors")
@@ -37,5 +38,4 @@ def export(artifact: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
     q = load(artifact, m, verify=verify)
     if fmt == "gguf":
         return write_gguf(q, m.config, tok, out, requantize=requantize, vocab=vocab)
-    from .ctwrite import write_compressed_tensors
     return write_compressed_tensors(q, m.config, tok, out, force=force)
