@@ -103,7 +103,8 @@ def _module_tensors(w: Weight, module: str, wargs: dict, in_args: dict | None,
     if in_args is not None and not in_args["dynamic"]:
         out[f"{module}.input_scale"] = act.scale.detach().float().reshape(1).clone()
         if not in_args["symmetric"]:
-            out[f"{module}.input_zero_point"] = (act.zero_point.detach().reshape(1) - 128).to(torch.int8).clone()
+            zero = act.zero_point.detach().reshape(1) - 128      # qdsl's [0, 255] -> int8
+            out[f"{module}.input_zero_point"] = zero.to(torch.int8).clone()
     return out
 
 

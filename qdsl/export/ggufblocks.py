@@ -142,6 +142,6 @@ def requantize(x: torch.Tensor, qtype: str) -> tuple[np.ndarray, dict]:
         data = gguf_quantize(a, GGMLQuantizationType[qtype])
         back = dequantize(data, qtype)
     err = back - a
-    norm = float(np.sqrt((a.astype(np.float64) ** 2).sum()))
-    return data, {"max_abs_error": float(np.abs(err).max()),
-                  "rel_rms_error": float(np.sqrt((err.astype(np.float64) ** 2).sum())) / (norm or 1.0)}
+    norm = float(np.sqrt((a.astype(np.float64) ** 2).sum())) or 1.0
+    rms = float(np.sqrt((err.astype(np.float64) ** 2).sum()))
+    return data, {"max_abs_error": float(np.abs(err).max()), "rel_rms_error": rms / norm}

@@ -76,8 +76,9 @@ def plan_tensors(q, config, *, requantize: bool = False) -> tuple[list, list[dic
             data, reason = gb.exact_blocks(w, verdict.qtype)
         if reason is not None:
             if not requantize:
+                nearest = verdict.nearest or gb.nearest_spec(w.spec.bits, w.spec.symmetric)
                 refused.append(f"node {w.node} ({w.name}, {row['spec']}): {reason}; nearest "
-                               f"exportable spec: {verdict.nearest or gb.nearest_spec(w.spec.bits, w.spec.symmetric)}")
+                               f"exportable spec: {nearest}")
                 continue
             data, err = gb.requantize(w.tensor, verdict.qtype)
             row.update(requantized=True, reason=reason, **err)

@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..config.recipe import Rule
 from ..config.spec import (ACTIVATION, FLOAT_BITS, WEIGHT, GroupWise, PerChannel, PerGroup,
-                           PerTensor, PerToken, TensorPatch, format_option)
+                           PerTensor, TensorPatch, format_option)
 from ..errors import Diagnostic
 
 GGUF, CT = "gguf", "compressed-tensors"
@@ -55,7 +55,8 @@ def spec_problems(fmt: str, kind: str, spec) -> list[Problem]:
             return [("bits", f"llama.cpp runs activations in float (it rounds a linear's input "
                              f"to its own 8-bit blocks at run time, not configurable): {what} "
                              "cannot be exported to GGUF",
-                     "drop the activation spec (weight-only), or `set export = compressed_tensors`")]
+                     "drop the activation spec (weight-only), or "
+                     "`set export = compressed_tensors`")]
         if bits != 8:
             out.append(("bits", f"compressed-tensors quantizes linear inputs to 8 bits: {what} "
                                 "cannot be exported", "a8 sym per_token dynamic"))
@@ -67,7 +68,8 @@ def spec_problems(fmt: str, kind: str, spec) -> list[Problem]:
     if fmt == GGUF:
         if bits > 8:
             out.append(("bits", f"GGUF carries integer weights as 4- or 8-bit blocks (Q4_0, "
-                                f"Q4_1, Q8_0): w{bits} cannot be exported", "w8 sym group(size=32)"))
+                                f"Q4_1, Q8_0): w{bits} cannot be exported",
+                         "w8 sym group(size=32)"))
         elif sym is False and bits > 4:
             out.append(("symmetric", f"GGUF has no {bits}-bit block with a zero point (Q4_1 is "
                                      "4 bits)", "w8 sym group(size=32)"))
@@ -95,7 +97,8 @@ def rule_problems(fmt: str, rule: Rule, granularity_set: bool) -> list[Problem]:
     the default per_channel, which GGUF cannot carry)."""
     if rule.skip:
         return []
-    out = [*spec_problems(fmt, WEIGHT, rule.weight), *spec_problems(fmt, ACTIVATION, rule.activation)]
+    out = [*spec_problems(fmt, WEIGHT, rule.weight),
+           *spec_problems(fmt, ACTIVATION, rule.activation)]
     w = rule.weight
     if (fmt == GGUF and _quantized(w) and w.bits <= 8 and w.granularity is None
             and not granularity_set):
@@ -103,7 +106,8 @@ def rule_problems(fmt: str, rule: Rule, granularity_set: bool) -> list[Problem]:
                                    "GGUF's 32-column blocks cannot carry",
                     f"write w{w.bits} sym group(size={GGUF_BLOCK})"))
     if (fmt == CT and _quantized(w) and w.bits == 8 and isinstance(w.granularity, GroupWise)
-            and _quantized(rule.activation) and not isinstance(rule.activation.granularity, PerGroup)):
+            and _quantized(rule.activation)
+            and not isinstance(rule.activation.granularity, PerGroup)):
         out.append(("granularity", "vLLM's int8 x int8 GEMM takes per-channel or per-tensor "
                                    "weight scales, not groups", "w8 sym per_channel"))
     return out
