@@ -4,6 +4,8 @@ block layouts, the refusal of grids GGUF cannot carry, --requantize, the vocabul
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -186,3 +188,33 @@ def test_blocks_dequantize_to_qdsl_values(kind, rows, nb, seed):
     assert reason is None
     back = gguf_dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(rows, -1)
     assert np.array_equal(back, w.tensor.numpy())
+
+
+def test_cli_export_of_the_shipped_gpt2_with_its_tokenizer(tmp_path, capsys):
+    """`qdsl compile` + `qdsl export` on stdlib-gpt2: architecture keys and the full
+    vocabulary (tokens by id, merges, special ids, pre-tokenizer) as llama.cpp reads them."""
+    from transformers import AutoTokenizer
+
+    from qdsl.cli import main
+    from qdsl.models import zoo
+
+    recipe = str(Path(__file__).parents[2] / "recipes" / "export" / "gguf_w8_group32.qrec")
+    assert main(["compile", recipe, "--model", "stdlib-gpt2", "-o", str(tmp_path / "a")]) == 0
+    assert main(["export", str(tmp_path / "a"), "--format", "gguf",
+                 "-o", str(tmp_path / "m.gguf")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    f = {k: v.contents() for k, v in r.fields.items()}
+    assert f["general.architecture"] == "gpt2" and f["gpt2.block_count"] == 4
+    assert f["gpt2.context_length"] == 256 and f["gpt2.embedding_length"] == 256
+    tok = AutoTokenizer.from_pretrained(zoo.resolve_model("stdlib-gpt2").path)
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert f["tokenizer.ggml.tokens"] == [by_id[i] for i in range(len(by_id))]
+    assert len(f["tokenizer.ggml.merges"]) > 0
+    assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    types = {t.tensor_type.name for t in r.tensors}
+    assert types == {"Q8_0", "F32"}
+    assert main(["export", str(tmp_path / "a"), "--format", "gguf",
+                 "-o", str(tmp_path / "x.bin")]) == 2
+    assert "a GGUF file must end in .gguf" in capsys.readouterr().err
