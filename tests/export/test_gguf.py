@@ -218,3 +218,12 @@ def test_cli_export_of_the_shipped_gpt2_with_its_tokenizer(tmp_path, capsys):
     assert main(["export", str(tmp_path / "a"), "--format", "gguf",
                  "-o", str(tmp_path / "x.bin")]) == 2
     assert "a GGUF file must end in .gguf" in capsys.readouterr().err
+
+
+def test_an_int8_lowered_artifact_is_refused_with_what_to_do(tmp_path):
+    m = tiny("llama")
+    qdsl.compile(m, "* -> w8 sym per_channel\n", lower="int8").save(tmp_path / "a")
+    with pytest.raises(ExportError, match=r"the artifact was lowered to 'int8'; export reads "
+                                          r"the fake-quant form: compile the recipe without "
+                                          r"--lower int8"):
+        export(tmp_path / "a", "gguf", tmp_path / "m.gguf", model=m, vocab=False)
