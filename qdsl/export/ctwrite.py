@@ -154,11 +154,13 @@ def write_compressed_tensors(q, config, tokenizer, out: str | os.PathLike, *,
                "ignore": sorted(set(ignore)), "kv_cache_scheme": None}
     cfg = config.to_dict()
     cfg["quantization_config"] = qconfig
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" in tensors \
-            and not torch.equal(tensors["lm_head.weight"], _embed(tensors)):
-        cfg["tie_word_embeddings"] = False
-    elif cfg.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
+    if cfg.get("tie_word_embeddings"):   # a compressed or different lm_head: untie it
+        compressed = any(k.startswith("lm_head.") and k != "lm_head.weight" for k in tensors)
+        if compressed or ("lm_head.weight" in tensors
+                          and not torch.equal(tensors["lm_head.weight"], _embed(tensors))):
+            cfg["tie_word_embeddings"] = False
+        else:
+            tensors.pop("lm_head.weight", None)
     with atomic_dir(out, force=force, kind=CT_DIR) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

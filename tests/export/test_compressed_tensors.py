@@ -46,7 +46,7 @@ def fake_weight(q, node: str) -> torch.Tensor:
 @pytest.mark.parametrize("case", list(CASES))
 def test_compressed_tensors_decompress_to_qdsl_weights(case, tmp_path):
     recipe, fmt, strategy, act = CASES[case]
-    m = tiny("llama")
+    m = tiny("llama", tie_word_embeddings=True)
     q = qdsl.compile(m, recipe, calib=tiny_ids(m, 2, 8))
     q.save(tmp_path / "a")
     rep = export(tmp_path / "a", "compressed-tensors", tmp_path / "ct", model=m)
@@ -71,6 +71,11 @@ def test_compressed_tensors_decompress_to_qdsl_weights(case, tmp_path):
             checked += 1
     assert checked == sum(n.startswith("block.") for n in modules.values()) + (case != "w4a16")
     assert ("lm_head" in cfg["ignore"]) == (case == "w4a16")
+    full = json.loads((tmp_path / "ct" / "config.json").read_text())
+    # tied in the source, but the embedding is written dequantized: a compressed lm_head,
+    # or a float one (w4a16 skips it), must load as its own module in vLLM
+    assert full["tie_word_embeddings"] is False
+    assert ("lm_head.weight" in sd) == (case == "w4a16")
     assert rep["types"]["dense float32"] >= 5      # norms + the (dequantized) embedding
 
 
