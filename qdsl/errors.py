@@ -100,6 +100,11 @@ class ArtifactError(QdslError):
     """A compiled artifact is missing, corrupt, or does not belong to the given model."""
 
 
+class ExportError(QdslError):
+    """An artifact cannot be written in an outside format (GGUF, compressed-tensors):
+    names the node or tensor and why, and the nearest spec that format carries."""
+
+
 class ModelError(QdslError):
     """A model name or directory cannot be resolved or loaded."""
 

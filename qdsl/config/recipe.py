@@ -101,6 +101,7 @@ class Settings:
     calib_data: str | None = None
     lower: str | None = None  # "fake" | "int8"
     lower_compute: str | None = None  # weight-only kernels: "bf16" (fast) | "fp32" (exact)
+    export: str | None = None  # "gguf" | "compressed-tensors": the format the result must fit
 
     def then(self, later: Settings) -> Settings:
         """Later settings (an including file, the command line) override earlier ones."""
@@ -114,7 +115,7 @@ class Settings:
                 if f.name not in _LATER or getattr(self, f.name) is not None}
 
 
-_LATER = ("lower_compute",)
+_LATER = ("lower_compute", "export")
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -126,9 +127,13 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "calib.data": ("calib_data", str),
     "lower": ("lower", str),
     "lower.compute": ("lower_compute", str),
+    "export": ("export", str),
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")
+# `set export = gguf | compressed_tensors` (the word; "compressed-tensors" quoted also)
+EXPORT_TARGETS = ("gguf", "compressed-tensors")
+SETTING_CHOICES = {"lower": LOWER_TARGETS, "lower.compute": LOWER_COMPUTE, "export": EXPORT_TARGETS}
 
 
 @dataclass(frozen=True)

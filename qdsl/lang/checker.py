@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Diagnostic
-from ..config.recipe import LOWER_COMPUTE, LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
+from ..config.recipe import SETTING_CHOICES, SETTING_KEYS, Loc, Rule, Selector
 from ..config.spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
 from .parser import did_you_mean, clip
@@ -382,8 +382,8 @@ def check_setting(node: SettingLine, file: str, err: _Reporter) -> SettingItem |
         if v < low:
             err(col, f"`{key}` must be >= {low}, got {v}")
             return None
-    elif key in ("lower", "lower.compute"):
-        allowed = LOWER_TARGETS if key == "lower" else LOWER_COMPUTE
+    elif key in SETTING_CHOICES:  # export: the word compressed_tensors (or "compressed-tensors")
+        allowed, v = SETTING_CHOICES[key], str(v).replace("_", "-") if key == "export" else v
         if node.value_kind == "number" or v not in allowed:
             err(col, f"`{key}` must be one of {', '.join(allowed)}, got `{_show(node)}`",
                 did_you_mean(str(v), allowed))

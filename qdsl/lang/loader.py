@@ -30,6 +30,7 @@ from ..errors import Diagnostic, RecipeError
 from ..config.recipe import Recipe, Rule, Settings
 from ..resources import data_dir
 from .checker import SettingItem, check_document
+from .exportrules import rule_diagnostics
 from .parser import clip, parse_document
 from .syntax import IncludeLine
 
@@ -73,7 +74,7 @@ def check_file(path: str | os.PathLike) -> list[Diagnostic]:
         return diags
     out = _Result(diags=diags)
     _compile(text, str(path), Path(path).parent, (Path(path).resolve(),), out)
-    return out.diags
+    return out.diags + _export_diags(out, str(path), text)
 
 
 def read_text(path: Path) -> tuple[str | None, list[Diagnostic]]:
@@ -164,7 +165,25 @@ def _position(data: bytes, offset: int) -> tuple[int, int]:
         len(data[start:offset].decode("utf-8", errors="replace")) + 1
 
 
+def _export_diags(out: _Result, file: str, text: str) -> list[Diagnostic]:
+    """``set export = F``: every rule F cannot carry (qdsl.lang.exportrules)."""
+    fmt = next((s.value for s in reversed(out.settings) if s.field == "export"), None)
+    if fmt is None:
+        return []
+    lines = {file: text.splitlines()}
+
+    def source(f: str, line: int) -> str:
+        if f not in lines:
+            try:
+                lines[f] = Path(f).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError):
+                lines[f] = []
+        return lines[f][line - 1] if 0 < line <= len(lines[f]) else ""
+    return rule_diagnostics(out.rules, fmt, source)
+
+
 def _finish(out: _Result, file: str, text: str) -> Recipe:
+    out.diags += _export_diags(out, file, text)
     errors = [d for d in out.diags if d.severity == "error"]
     if errors:
         raise RecipeError(errors)

@@ -73,7 +73,10 @@ class Frozen:
 
 @torch.no_grad()
 def freeze(gm: fx.GraphModule, named, plan: QuantPlan,
-           observers: dict[str, Observer]) -> Frozen:
+           observers: dict[str, Observer], *, export: str | None = None) -> Frozen:
+    """``export == "gguf"`` (``set export = gguf``): weight scales rounded up to fp16,
+    so that GGUF's fp16 block scales carry them exactly (docs/export.md)."""
+    scale_dtype = torch.float16 if export == "gguf" else None
     frozen = Frozen()
     for node in named.nodes:
         entry = plan[node.name]
@@ -82,7 +85,7 @@ def freeze(gm: fx.GraphModule, named, plan: QuantPlan,
             frozen.activations[node.name] = m
         if entry.weight is not None and entry.weight.quantized:
             w = oriented(param(gm, node.weight), node.weight_layout)
-            q, scale, zero_point = quantize_weight(w, entry.weight)
+            q, scale, zero_point = quantize_weight(w, entry.weight, scale_dtype)
             frozen.weights[node.name] = (scale, zero_point)
             frozen.codes[node.name] = q
     return frozen

@@ -83,3 +83,11 @@ def _only_read_by(start: fx.Node | None, ops: set[str]) -> bool:
         elif u.name not in ops:
             return False
     return True
+
+
+def weight_inputs(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, tuple]:
+    """canonical name of each node with a quantized weight -> ``(kind, producer,
+    input spec, activation module target)``: what feeds its op (found the way
+    ``lower_int8`` finds it; ``qdsl.export`` maps it to an input scheme)."""
+    return {s.name: (s.kind, s.producer, s.input, s.act.target if s.act is not None else None)
+            for s in _sites(gm, named, plan)}

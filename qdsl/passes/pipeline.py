@@ -73,6 +73,7 @@ class PassContext:
     feed: Feed | None = None
     record_names: list[str] | None = None
     recorders: dict | None = None
+    export: str | None = None  # `set export`: freeze rounds weight scales to fp16 for gguf
     properties: set[str] = field(default_factory=set)
 
 
@@ -144,7 +145,7 @@ def _record(gm, ctx):
 
 
 def _freeze(gm, ctx):
-    ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers)
+    ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers, export=ctx.export)
     return gm
 
 

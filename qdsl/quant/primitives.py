@@ -79,6 +79,20 @@ def choose_qparams(min_val: Tensor, max_val: Tensor, bits: int,
     return scale, zero_point
 
 
+def round_scale_up(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 ``scale`` rounded up to the nearest value of ``dtype`` (fp16 for GGUF's
+    block scales), still float32: the codes computed with it never clip more than
+    with ``scale``, and ``dtype`` holds it exactly (``set export = gguf``).
+
+    >>> round_scale_up(torch.tensor([0.1, 0.5]), torch.float16).tolist()
+    [0.10003662109375, 0.5]
+    """
+    low = scale.to(dtype)
+    inf = torch.full_like(low, float("inf"))
+    up = torch.where(low.float() < scale, torch.nextafter(low, inf), low)
+    return up.float()
+
+
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
              symmetric: bool, *, dtype: torch.dtype = torch.int32, offset: int = 0) -> Tensor:
     """Integers on the grid, as an int32 tensor (cast to int8 / pack in the lowering).

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from qdsl.quant.observers import make_observer
 from qdsl.quant.primitives import (choose_qparams, dequantize, fake_quantize, group_unview,
-                                   group_view, is_binary, quantize, reduce_mean_abs, reduce_range)
+                                   group_view, is_binary, quantize, reduce_mean_abs, reduce_range,
+                                   round_scale_up)
 from qdsl.config.spec import GroupWise, PerGroup, PerToken, TensorSpec
 
 FLOAT_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -161,9 +162,11 @@ def activation_module(spec: TensorSpec, observer=None) -> nn.Module | None:
     return FakeQuant.from_spec(spec, *observer.qparams(), observer.perm)
 
 
-def quantize_weight(w: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_weight(w: Tensor, spec: TensorSpec, scale_dtype: torch.dtype | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Integer codes of a constant, quantized-spec weight [out, in], computed once:
-    ``(q, scale, zero_point)``.
+    ``(q, scale, zero_point)``. ``scale_dtype`` (fp16 under ``set export = gguf``):
+    the observer's scales are first rounded up to values that dtype holds exactly.
 
     q: int32 [out, in] on the spec's grid; scale / zero_point are the observer's (per
     channel [out, 1], group [out, in/size, 1], ...). ``dequantize_weight(q, spec, scale,
@@ -173,6 +176,8 @@ def quantize_weight(w: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, Tensor
         obs = make_observer(spec)
         obs(w)
         scale, zero_point = obs.qparams()
+        if scale_dtype is not None:
+            scale = round_scale_up(scale, scale_dtype)
         g = spec.granularity
         wf = w.detach().float()
         v = group_view(wf, g.size) if isinstance(g, GroupWise) else wf

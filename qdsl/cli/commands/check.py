@@ -6,6 +6,7 @@ Exit status: 0 clean (warnings allowed), 1 if any file has an error.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ...lang import check_file
@@ -20,10 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "hint. Exit status 1 if any file has an error.")
     p.add_argument("files", nargs="+", metavar="FILE", help="recipe files to check")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only, no summary")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="json: one JSON list on stdout of every diagnostic (file, line, column, "
+                        "severity, message, hint), for editors (docs/export.md#editors)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "json":
+        found = [d for path in args.files for d in check_file(path)]
+        print(json.dumps([{"file": d.file, "line": d.line, "column": d.col,
+                           "severity": d.severity, "message": d.message, "hint": d.hint}
+                          for d in found], indent=1))
+        return 1 if any(d.severity == "error" for d in found) else 0
     failed = 0
     for path in args.files:
         diags = check_file(path)

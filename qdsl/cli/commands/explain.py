@@ -54,4 +54,7 @@ def run(args) -> int:
     if args.graph:
         result.draw(args.graph, block=args.block)
         print(f"wrote {args.graph}", file=sys.stderr)
-    return 0
+    errors = result.export_errors   # `set export`: what the format cannot carry
+    for d in errors:
+        print(d.format(), file=sys.stderr)
+    return 1 if errors else 0
