@@ -74,9 +74,16 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
 
 
 DEFAULT_CTX_TOKENS = 256
-# samples per forward (qdsl eval --batch-size): measured on SmolLM2-135M, 2 cores
-# (docs/performance.md); a compiled graph holds a key/value cache per row
+# samples per forward (qdsl eval --batch-size) for a float model; an artifact: 1
+# (measured on SmolLM2-135M, 2 cores, docs/performance.md: batch 8 is 1.6x the
+# one-sample loop on the float model, no faster on the fake-quant and int8 graphs)
 DEFAULT_BATCH_SIZE = 8
+DEFAULT_ARTIFACT_BATCH_SIZE = 1
+
+
+def default_batch_size(name: str) -> int:
+    """``--batch-size`` left out: DEFAULT_BATCH_SIZE, or 1 for an artifact."""
+    return DEFAULT_ARTIFACT_BATCH_SIZE if is_artifact(name) else DEFAULT_BATCH_SIZE
 
 
 def fit_eval(target: str, baseline: str | None = None, ctx_tokens: int | None = None,
@@ -99,14 +106,15 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
              ctx_tokens: int | None = None, max_new_tokens: int = 48, prompt: str | None = None,
              ppl_windows: int = 64, humaneval: int = 0, unsafe_exec: bool = False,
              progress: bool = True, verify: bool = True,
-             batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+             batch_size: int | None = None) -> dict:
     """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by
     default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}.
     ``ctx_tokens`` None: 256 clipped to what both run (``fit_eval``). With
     ``humaneval``, a missing sandbox is a ``SandboxError`` before any model is loaded
     unless ``unsafe_exec``. ``batch_size``: completions and perplexity windows per
-    forward (``evaluate``); HumanEval decodes one problem at a time, so with it an
-    artifact is loaded with batch 1 (its graph's rows are fixed)."""
+    forward (``evaluate``; None: ``default_batch_size`` per model); HumanEval decodes
+    one problem at a time, so with it an artifact is loaded with batch 1 (its
+    graph's rows are fixed)."""
     t0 = time.time()
     if humaneval:
         sandbox_kind(unsafe_exec)
@@ -120,8 +128,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
             out[role] = None
             continue
         t = time.time()
-        rows = batch_size
-        if humaneval and batch_size > 1 and is_artifact(name):
+        rows = default_batch_size(name) if batch_size is None else batch_size
+        if humaneval and rows > 1 and is_artifact(name):
             log.info("%s: loaded with batch 1: HumanEval decodes one problem at a time", name)
             rows = 1
         lm, tok, max_pos, short = load_lm(name, verify=verify, batch_size=rows,

@@ -203,11 +203,14 @@ def test_batch_rows():
         batch_rows(HFCausalLM(tiny("gpt2")), 0)
 
 
-def test_cli_batch_size_option(capsys):
-    from qdsl.eval.run import DEFAULT_BATCH_SIZE
+def test_cli_batch_size_option(capsys, artifacts):
+    from qdsl.eval.run import DEFAULT_BATCH_SIZE, default_batch_size
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
-    assert f"(default {DEFAULT_BATCH_SIZE};" in " ".join(capsys.readouterr().out.split())
+    assert f"(default {DEFAULT_BATCH_SIZE} for a model, 1 for an artifact" \
+        in " ".join(capsys.readouterr().out.split())
+    assert default_batch_size(str(artifacts[1]["fake"])) == 1
+    assert default_batch_size("stdlib-gpt2") == DEFAULT_BATCH_SIZE
     with pytest.raises(SystemExit) as e:
         main(["eval", "x", "--batch-size", "0"])
     assert e.value.code == 2
