@@ -132,9 +132,11 @@ class QuantizedModel(torch.nn.Module):
 
     def __init__(self, gm, *, named, plan: QuantPlan, recipe: Recipe, frozen, lower: str,
                  mode: str, max_cache_len: int, source_id: str, source_hash: str,
-                 settings, tokenizer=None, model_config=None, fallback: str = "error"):
+                 settings, tokenizer=None, model_config=None, fallback: str = "error",
+                 batch_size: int = 1):
         super().__init__()
         self.gm = gm
+        self.batch_size = batch_size   # the generate graph's rows (qdsl.load batch_size)
         self.model_config, self.fallback = model_config, fallback
         # ops --lower int8 left as fake-quant simulation: [{"node", "reason"}]
         self.fallbacks = list(getattr(gm, "meta", {}).get("qdsl_fallbacks", []))
@@ -154,7 +156,8 @@ class QuantizedModel(torch.nn.Module):
             raise ModelError(f"{self.source_id} is an encoder / base model captured as a "
                              f"plain graph (mode {self.mode!r}): eval, bench and HumanEval "
                              "need a causal LM; explain and compile work")
-        return GraphLM(self.gm, self.max_cache_len, name=name or f"qdsl:{self.recipe.source}")
+        return GraphLM(self.gm, self.max_cache_len, name=name or f"qdsl:{self.recipe.source}",
+                       batch_size=self.batch_size)
 
     def save(self, out: str | os.PathLike, *, force: bool = False):
         config, tensors = self.frozen.to_state()

@@ -7,23 +7,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from ..artifact.store import read_artifact
 from ..config.recipe import Recipe, Settings
+from ..config.spec import PerToken
 from ..errors import ArtifactError
 from ..graph.capture import capture, max_positions
 from ..graph.naming import name_graph
 from ..passes.freeze import Frozen
 from ..passes.pipeline import PassContext, lowering, run
+from ..plan import QuantPlan
 from .build import ModelArg, QuantizedModel, as_model
 from .lowered import load_int8
 from .source import artifact_errors, check_source, local_source, plan_of
 
+log = logging.getLogger(__name__)
+
 
 def load(path: str | os.PathLike, model: ModelArg | None = None,
-         max_cache_len: int | None = None, *, verify: bool = True) -> QuantizedModel:
+         max_cache_len: int | None = None, *, verify: bool = True,
+         batch_size: int = 1) -> QuantizedModel:
     """Rebuild a compiled model from an artifact and its source model, without calibrating.
 
     Self-contained ``--lower int8`` artifacts need no source model (``model`` given:
@@ -34,14 +40,20 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
     compile's (e.g. to generate longer sequences than it was calibrated for); the
     quantizers, fitted per node, are reused unchanged. ``verify=False`` skips the
     comparison of each file with its recorded sha256 (``--no-verify``); every other
-    check of ``qdsl.artifact.store.read_artifact`` still runs.
+    check of ``qdsl.artifact.store.read_artifact`` still runs. ``batch_size`` B > 1
+    (generate mode): a graph of B left-padded rows per forward (``qdsl.graph.capture``;
+    another capture of the same model, like another cache length), unless the plan
+    quantizes an activation dynamically over more than one token (``batch_mixing``):
+    then a warning and batch 1.
     """
     meta, plan_json, tensors = read_artifact(path, verify=verify)
+    batch_size = _batch_for(path, meta, plan_json, batch_size)
     recache = max_cache_len is not None and max_cache_len != meta["max_cache_len"]
     if recache:
         meta = {**meta, "max_cache_len": max_cache_len}
     if meta["lower"] == "int8" and meta["int8"]["self_contained"]:
-        return load_int8(path, meta, plan_json, tensors, model, same_model=recache)
+        return load_int8(path, meta, plan_json, tensors, model,
+                         same_model=recache or batch_size > 1, batch_size=batch_size)
     m, tok, model_id = as_model(model if model is not None
                                 else local_source(meta["model"]["id"], path))
     got = check_source(m, meta, path)
@@ -49,9 +61,10 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
         raise ArtifactError(f"artifact {path}: qdsl_artifact.json: max_cache_len "
                             f"{meta['max_cache_len']} exceeds the model's {max_positions(m)} "
                             "positions")
-    captured = capture(m, mode=meta["mode"], max_cache_len=meta["max_cache_len"])
+    captured = capture(m, mode=meta["mode"], max_cache_len=meta["max_cache_len"],
+                       batch_size=batch_size)
     named = name_graph(captured)
-    plan = plan_of(path, meta, plan_json, named, same_model=recache)
+    plan = plan_of(path, meta, plan_json, named, same_model=recache or batch_size > 1)
     with artifact_errors(path, "quant_params.safetensors does not fit the model"):
         frozen = Frozen.from_state(meta["quantizers"], tensors)
         int8 = meta["lower"] == "int8"
@@ -64,14 +77,44 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
     return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,
                           lower=meta["lower"], mode=meta["mode"],
                           max_cache_len=meta["max_cache_len"], source_id=model_id,
-                          source_hash=got, settings=Settings(**meta["settings"]), tokenizer=tok)
+                          source_hash=got, settings=Settings(**meta["settings"]), tokenizer=tok,
+                          batch_size=batch_size)
+
+
+def batch_mixing(plan: QuantPlan) -> str | None:
+    """Why the plan's graph cannot run several samples in one forward without one
+    changing another's numbers, or None: a dynamic activation quantizer whose scale
+    spans more than one token (per_tensor, per_group) would take it over every row."""
+    for e in plan.entries:
+        a = e.activation
+        if a.quantized and a.dynamic and not isinstance(a.granularity, PerToken):
+            return (f"node {e.name} quantizes its input dynamically {a.granularity.name}, "
+                    "so one scale would span the batch's samples")
+    return None
+
+
+def _batch_for(path, meta: dict, plan_json: dict, batch_size: int) -> int:
+    """``batch_size``, or 1 (with a warning saying why) where the artifact cannot batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: at least 1")
+    if batch_size == 1:
+        return 1
+    why = ("it is a plain graph (mode 'plain'), not a generate graph"
+           if meta["mode"] != "generate" else batch_mixing(QuantPlan.from_json(plan_json)))
+    if why:
+        log.warning("%s runs one sample per forward (batch size 1, not %d): %s", path,
+                    batch_size, why)
+        return 1
+    return batch_size
 
 
 def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None,
-                     max_cache_len: int | None = None, *, verify: bool = True):
+                     max_cache_len: int | None = None, *, verify: bool = True,
+                     batch_size: int = 1):
     """An artifact as a ``CausalLM`` (what ``qdsl eval`` and ``qdsl bench`` run);
-    ``max_cache_len`` and ``verify`` as in ``load``."""
-    q = load(path, model, max_cache_len=max_cache_len, verify=verify)
+    ``max_cache_len``, ``verify`` and ``batch_size`` as in ``load`` (the LM's
+    ``batch_size`` says what it got)."""
+    q = load(path, model, max_cache_len=max_cache_len, verify=verify, batch_size=batch_size)
     lm = q.lm(name=f"qdsl:{Path(path).name}")
     lm.tokenizer = q.tokenizer
     return lm

@@ -82,9 +82,10 @@ def meta_model(config_dir: Path, max_bytes: int | None = None,
 
 
 def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor], model=None,
-              same_model: bool = False):
+              same_model: bool = False, batch_size: int = 1):
     """``qdsl.load`` for a self-contained int8 artifact -> QuantizedModel. ``same_model``:
-    ``meta`` asks for another cache length than the compile's (``QuantPlan.check_graph``)."""
+    ``meta`` asks for another cache length than the compile's, or ``batch_size`` > 1
+    rows (another capture of the same model: ``QuantPlan.check_graph``)."""
     d, info = Path(path), meta["int8"]
     if model is not None:  # optional: must be the model the artifact was compiled from
         check_source(as_model(model)[0], meta, d)
@@ -105,7 +106,8 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
                             f"{meta['max_cache_len']} exceeds the model's "
                             f"{max_positions(skeleton)} positions (model/config.json)")
     with artifact_errors(d, "the model of model/config.json cannot be captured"):
-        captured = capture(skeleton, mode=meta["mode"], max_cache_len=meta["max_cache_len"])
+        captured = capture(skeleton, mode=meta["mode"], max_cache_len=meta["max_cache_len"],
+                           batch_size=batch_size)
         named = name_graph(captured)
     plan = plan_of(d, meta, plan_json, named, same_model=same_model)
     gm = captured.gm
@@ -122,7 +124,11 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
             warnings.simplefilter("ignore")
             gm = run(INT8, gm, PassContext(named, plan, frozen=on_meta, fallback=info["fallback"],
                                            lower_compute=meta["settings"].get("lower_compute")))
-    stored = read_safetensors(d, "model.safetensors")
+    # tensors at the file's offsets can be 8-byte aligned; aten._weight_int8pack_mm
+    # (Int8WeightOnlyLinear, 2..4 rows) segfaults on an int8 weight not 16-byte aligned
+    # with 4 rows: a 4-token prompt or a batch of 4. A copy is 64-byte aligned.
+    stored = {k: v if v.data_ptr() % 64 == 0 else v.clone()
+              for k, v in read_safetensors(d, "model.safetensors").items()}
     for k, v in info["aliases"].items():
         if v not in stored:
             raise ArtifactError(f"artifact {d}: qdsl_artifact.json: alias {k} names tensor {v}, "
@@ -146,7 +152,8 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
                           lower="int8", mode=meta["mode"], max_cache_len=meta["max_cache_len"],
                           source_id=meta["model"]["id"], source_hash=meta["model"]["hash"],
                           settings=Settings(**meta["settings"]), tokenizer=tok,
-                          model_config=gm_config(d / "model"), fallback=info["fallback"])
+                          model_config=gm_config(d / "model"), fallback=info["fallback"],
+                          batch_size=batch_size)
 
 
 def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str]

@@ -17,6 +17,14 @@ predicted line, at an end-of-sequence token or after ``max_new_tokens``. The
 prediction is the first non-blank line of the (relevant part of the) generated
 text, stripped: leading blank lines are skipped (the target never is blank).
 
+Batches (``batch_size`` > 1, ``qdsl eval --batch-size``): several samples per
+forward through the model's ``greedy_batch`` (``qdsl.models.batching``: left-padded,
+a mask and positions per row, a key/value cache; each row stops on its own), the
+longest prompts together; perplexity windows likewise through ``logits_rows``. A
+model without them (or a graph loaded with batch 1) runs one sample at a time. The
+predictions equal batch size 1 up to float summation order (a different matrix shape
+may sum in another order and, rarely, flip a near-tied greedy choice).
+
 Perplexity: for the first ``ppl_windows`` samples, the window is the last
 ``min(ctx_tokens, max_positions)`` tokens of context + target + "\\n"; reported as
 per-token perplexity (tokenizer dependent) and bits per byte (comparable across
@@ -105,47 +113,113 @@ def prompt_ids(tok, sample: Sample, cfg: CompletionConfig, max_positions: int | 
     return torch.tensor([ids], dtype=torch.long)
 
 
-def complete_line(lm: CausalLM, tok, sample: Sample, cfg: CompletionConfig,
-                  max_positions: int | None = None) -> str:
-    """Greedy completion of the sample's target line (stripped)."""
+def _stop_rule(tok, cfg: CompletionConfig):
     eos = _eos_ids(tok)
 
     def stop(out: list[int]) -> bool:  # end of line (after some content) or end of text
         return out[-1] in eos or "\n" in _relevant(_decode(tok, out), cfg.prompt).lstrip()
+    return stop
 
-    out = lm.greedy(prompt_ids(tok, sample, cfg, max_positions), cfg.max_new_tokens, stop)
+
+def _prediction(tok, out: list[int], cfg: CompletionConfig) -> str:
     return first_line(_relevant(_decode(tok, out), cfg.prompt))
+
+
+def complete_line(lm: CausalLM, tok, sample: Sample, cfg: CompletionConfig,
+                  max_positions: int | None = None) -> str:
+    """Greedy completion of the sample's target line (stripped)."""
+    out = lm.greedy(prompt_ids(tok, sample, cfg, max_positions), cfg.max_new_tokens,
+                    _stop_rule(tok, cfg))
+    return _prediction(tok, out, cfg)
+
+
+def complete_lines(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig,
+                   max_positions: int | None = None) -> list[str]:
+    """``complete_line`` of up to ``lm.batch_size`` samples in one batch
+    (``lm.greedy_batch``: left-padded, same stop rule); equal to one at a time up to
+    float summation order."""
+    prompts = [prompt_ids(tok, s, cfg, max_positions)[0].tolist() for s in samples]
+    outs = lm.greedy_batch(prompts, cfg.max_new_tokens, _stop_rule(tok, cfg))
+    return [_prediction(tok, out, cfg) for out in outs]
+
+
+def batch_rows(lm: CausalLM, batch_size: int) -> int:
+    """Rows per forward: ``batch_size`` capped at what ``lm`` runs (1 without
+    ``greedy_batch``; a graph's fixed batch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size}: at least 1")
+    if not hasattr(lm, "greedy_batch"):
+        return 1
+    cap = getattr(lm, "batch_size", None)
+    return min(batch_size, cap) if cap else batch_size
+
+
+def _batches(samples: list[Sample], rows: int, key) -> list[list[int]]:
+    """Sample indices in batches of ``rows``, longest prompts first (less padding);
+    rows 1: in order."""
+    order = range(len(samples)) if rows == 1 else sorted(
+        range(len(samples)), key=lambda i: -key(samples[i]))
+    order = list(order)
+    return [order[i:i + rows] for i in range(0, len(order), rows)]
 
 
 def score_completion(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig,
                      max_positions: int | None = None, progress: bool = True,
-                     desc: str = "complete") -> dict:
-    """EM (percent), ES (0-100) and per-sample predictions."""
-    rows, t0, c0 = [], time.time(), time.process_time()
-    for s in tqdm(samples, desc=desc, disable=not progress, unit="sample"):
-        pred = complete_line(lm, tok, s, cfg, max_positions)
-        rows.append({"id": s.id, "target": s.target.strip(), "pred": pred,
-                     "em": exact_match(pred, s.target), "es": edit_similarity(pred, s.target)})
+                     desc: str = "complete", batch_size: int = 1) -> dict:
+    """EM (percent), ES (0-100) and per-sample predictions (in ``samples``' order).
+    ``batch_size`` > 1: that many samples per forward where ``lm`` can
+    (``batch_rows``), the longest prompts together; the progress bar counts samples
+    (rate and ETA in samples/s)."""
+    t0, c0 = time.time(), time.process_time()
+    rows_per = batch_rows(lm, batch_size)
+    preds: list[str | None] = [None] * len(samples)
+    bar = tqdm(total=len(samples), desc=desc, disable=not progress, unit="sample",
+               postfix={"batch": rows_per})
+    with bar:
+        for idx in _batches(samples, rows_per,
+                            lambda s: len(prompt_ids(tok, s, cfg, max_positions)[0])):
+            batch = [samples[i] for i in idx]
+            got = (complete_lines(lm, tok, batch, cfg, max_positions) if rows_per > 1
+                   else [complete_line(lm, tok, batch[0], cfg, max_positions)])
+            for i, pred in zip(idx, got):
+                preds[i] = pred
+            bar.update(len(idx))
+    rows = [{"id": s.id, "target": s.target.strip(), "pred": p,
+             "em": exact_match(p, s.target), "es": edit_similarity(p, s.target)}
+            for s, p in zip(samples, preds)]
     return {"n": len(rows), "em": 100 * mean(r["em"] for r in rows),
             "es": mean(r["es"] for r in rows), "seconds": round(time.time() - t0, 2),
             "cpu_seconds": round(time.process_time() - c0, 2), "samples": rows}
 
 
 @torch.inference_mode()
+def _window_logits(lm: CausalLM, windows: list[list[int]], rows: int):
+    """(ids [1, T], logits [T, V]) per window, ``rows`` windows per forward where
+    ``lm`` runs batches (``logits_rows``: left-padded; equal to one at a time up to
+    float summation order)."""
+    for i in range(0, len(windows), rows):
+        chunk = windows[i:i + rows]
+        got = (lm.logits_rows(chunk) if rows > 1
+               else [lm.logits(torch.tensor(chunk, dtype=torch.long))[0]])
+        yield from zip((torch.tensor([ids], dtype=torch.long) for ids in chunk), got)
+
+
 def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
                      window: int = 256, max_positions: int | None = None,
-                     progress: bool = True) -> dict:
-    """Perplexity and bits per byte over the first n_windows samples' windows."""
+                     progress: bool = True, batch_size: int = 1) -> dict:
+    """Perplexity and bits per byte over the first n_windows samples' windows
+    (``batch_size`` windows per forward where ``lm`` can, as ``score_completion``)."""
     if max_positions:
         window = min(window, max_positions)
     nll, n_tok, n_bytes, t0 = 0.0, 0, 0, time.time()
     window_nll, window_tokens = [], []   # per window: mean NLL (nats / token), tokens
-    for s in tqdm(samples[:n_windows], desc="perplexity", disable=not progress, unit="window"):
-        ids = _encode(tok, s.context + s.target + "\n")[-window:]
-        if len(ids) < 2:
-            continue
-        x = torch.tensor([ids], dtype=torch.long)
-        logits = lm.logits(x)[0, :-1].float()          # [T-1, V]
+    windows = [ids for ids in (_encode(tok, s.context + s.target + "\n")[-window:]
+                               for s in samples[:n_windows]) if len(ids) >= 2]
+    rows = batch_rows(lm, batch_size) if hasattr(lm, "logits_rows") else 1
+    for x, logits in tqdm(_window_logits(lm, windows, rows), total=len(windows),
+                          desc="perplexity", disable=not progress, unit="window"):
+        ids = x[0].tolist()
+        logits = logits[:-1].float()                    # [T-1, V]
         w = F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
         nll += w
         n_tok += len(ids) - 1
@@ -160,18 +234,20 @@ def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
 
 def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
              max_positions: int | None = None, ppl_windows: int = 64,
-             progress: bool = True) -> dict:
-    """Line completion + perplexity for one model -> a JSON-able dict."""
+             progress: bool = True, batch_size: int = 1) -> dict:
+    """Line completion + perplexity for one model -> a JSON-able dict (``batch_size``:
+    samples / windows per forward where the model can, see ``score_completion``)."""
     out = {"model": getattr(lm, "name", "model"), "ctx_tokens": cfg.ctx_tokens,
            "max_new_tokens": cfg.max_new_tokens, "prompt": cfg.prompt,
-           "max_positions": max_positions}
+           "max_positions": max_positions, "batch_size": batch_rows(lm, batch_size)}
     comp = score_completion(lm, tok, samples, cfg, max_positions, progress,
-                            desc=f"{out['model']}: complete")
+                            desc=f"{out['model']}: complete", batch_size=batch_size)
     out.update({k: comp[k] for k in ("n", "em", "es")})
     out["complete_seconds"] = comp["seconds"]
     out["complete_cpu_seconds"] = comp["cpu_seconds"]   # < wall time on a shared machine
     if ppl_windows > 0:
-        p = score_perplexity(lm, tok, samples, ppl_windows, cfg.ctx_tokens, max_positions, progress)
+        p = score_perplexity(lm, tok, samples, ppl_windows, cfg.ctx_tokens, max_positions, progress,
+                             batch_size=batch_size)
         out.update({"ppl": p["ppl"], "bpb": p["bpb"], "ppl_windows": p["windows"],
                     "ppl_tokens": p["tokens"], "ppl_seconds": p["seconds"],
                     "ppl_window_nll": p["window_nll"], "ppl_window_tokens": p["window_tokens"]})

@@ -45,11 +45,13 @@ def artifact_source(path: str | os.PathLike) -> str:
     raise ArtifactError(f"{path}: {ARTIFACT_FILE} does not name its source model")
 
 
-def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
-            ) -> tuple[CausalLM, object, int | None, str]:
+def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None,
+            batch_size: int = 1) -> tuple[CausalLM, object, int | None, str]:
     """A model or artifact -> (CausalLM, tokenizer, max positions, short name for defaults).
     An artifact: ``verify`` as in ``qdsl.load``; ``source``: the model a fake-quant
-    artifact runs on (default: the one it records, if on this machine; never fetched)."""
+    artifact runs on (default: the one it records, if on this machine; never fetched);
+    ``batch_size``: the rows its graph runs per forward (``qdsl.load``; 1 with a
+    warning where it cannot batch). A float model batches any number of rows."""
     if is_artifact(name_or_path):
         try:
             from ..compiler.loading import load_artifact_lm
@@ -62,7 +64,7 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
         if not (own / "config.json").is_file():
             model = source or local_source(recorded, name_or_path)
             own = zoo.resolve_model(model).path
-        lm = load_artifact_lm(name_or_path, model, verify=verify)
+        lm = load_artifact_lm(name_or_path, model, verify=verify, batch_size=batch_size)
         tok = AutoTokenizer.from_pretrained(own, local_files_only=True)
         config = AutoConfig.from_pretrained(own, local_files_only=True)
         return lm, tok, positions_of_config(config), recorded.lower()
@@ -72,6 +74,16 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
 
 
 DEFAULT_CTX_TOKENS = 256
+# samples per forward (qdsl eval --batch-size) for a float model; an artifact: 1
+# (measured on SmolLM2-135M, 2 cores, docs/performance.md: batch 8 is 1.6x the
+# one-sample loop on the float model, no faster on the fake-quant and int8 graphs)
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_ARTIFACT_BATCH_SIZE = 1
+
+
+def default_batch_size(name: str) -> int:
+    """``--batch-size`` left out: DEFAULT_BATCH_SIZE, or 1 for an artifact."""
+    return DEFAULT_ARTIFACT_BATCH_SIZE if is_artifact(name) else DEFAULT_BATCH_SIZE
 
 
 def fit_eval(target: str, baseline: str | None = None, ctx_tokens: int | None = None,
@@ -93,12 +105,16 @@ def fit_eval(target: str, baseline: str | None = None, ctx_tokens: int | None = 
 def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | None = None,
              ctx_tokens: int | None = None, max_new_tokens: int = 48, prompt: str | None = None,
              ppl_windows: int = 64, humaneval: int = 0, unsafe_exec: bool = False,
-             progress: bool = True, verify: bool = True) -> dict:
+             progress: bool = True, verify: bool = True,
+             batch_size: int | None = None) -> dict:
     """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by
     default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}.
     ``ctx_tokens`` None: 256 clipped to what both run (``fit_eval``). With
     ``humaneval``, a missing sandbox is a ``SandboxError`` before any model is loaded
-    unless ``unsafe_exec``."""
+    unless ``unsafe_exec``. ``batch_size``: completions and perplexity windows per
+    forward (``evaluate``; None: ``default_batch_size`` per model); HumanEval decodes
+    one problem at a time, so with it an artifact is loaded with batch 1 (its
+    graph's rows are fixed)."""
     t0 = time.time()
     if humaneval:
         sandbox_kind(unsafe_exec)
@@ -112,14 +128,18 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
             out[role] = None
             continue
         t = time.time()
-        lm, tok, max_pos, short = load_lm(name, verify=verify,
+        rows = default_batch_size(name) if batch_size is None else batch_size
+        if humaneval and rows > 1 and is_artifact(name):
+            log.info("%s: loaded with batch 1: HumanEval decodes one problem at a time", name)
+            rows = 1
+        lm, tok, max_pos, short = load_lm(name, verify=verify, batch_size=rows,
                                           source=source if role == "target" else None)
         max_pos = limit or max_pos   # what both run: an artifact's cache, the positions
         load_s = time.time() - t
         cfg = CompletionConfig(ctx_tokens, max_new_tokens,
                                prompt or PROMPT_BY_MODEL.get(short, DEFAULT_PROMPT))
         res = evaluate(lm, tok, samples, cfg, max_positions=max_pos,
-                       ppl_windows=ppl_windows, progress=progress)
+                       ppl_windows=ppl_windows, progress=progress, batch_size=rows)
         res.update(model=name, load_seconds=round(load_s, 2))
         if humaneval:
             res["humaneval"] = run_humaneval(lm, tok, limit=humaneval,

@@ -10,6 +10,11 @@ Two modes:
   ``(input_ids [1, T], cache_position [T]) -> logits [1, T, V]``, 1 <= T < L.
   The cache lives in buffers of the graph module and is updated in place, so a
   prefill of T tokens followed by 1-token steps reproduces eager logits.
+  ``batch_size`` B > 1 (batched evaluation, ``qdsl.runtime.graphlm``): the cache holds
+  B rows, fixed at capture (the cache buffers' first dimension; export makes it a
+  constant of the graph), and the graph takes left-padded rows:
+  ``(input_ids [B, T], attention_mask [B, L], position_ids [B, T], cache_position [T])``
+  (mask 1 on each row's tokens in the cache's L slots, 0 on its pads).
 
 Module paths in the graph carry the wrapper's prefix (``m.`` or ``model.``);
 ``Captured.prefix`` records it and ``Captured.module_path`` strips it, so names
@@ -22,6 +27,7 @@ try, never a raw torch traceback (the original stays as ``__cause__``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import linecache
 import logging
@@ -65,6 +71,23 @@ class Captured:
         return "" if path + "." == self.prefix else path
 
 
+class _PaddedStaticCache(TorchExportableModuleWithStaticCache):
+    """The static-cache wrapper with a padding mask and positions per row (batch > 1)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        for layer in self.static_cache.layers:   # as the parent: write from cache_position
+            layer.cumulative_length.copy_(cache_position[0])
+        kw = "cache" if "cache" in _forward_params(self.model) else "past_key_values"
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=True,
+                          **{kw: self.static_cache}).logits
+
+
+def _forward_params(model: torch.nn.Module):
+    return inspect.signature(model.forward).parameters
+
+
 class _LogitsOf(torch.nn.Module):
     """Wrap a transformers model so the graph's single output is a tensor."""
 
@@ -79,19 +102,20 @@ class _LogitsOf(torch.nn.Module):
 
 def capture(model: torch.nn.Module, example_inputs: tuple | None = None, *,
             mode: str = "plain", dynamic_shapes=None,
-            max_cache_len: int = CAPTURE_CACHE_LEN) -> Captured:
+            max_cache_len: int = CAPTURE_CACHE_LEN, batch_size: int = 1) -> Captured:
     """Export ``model`` to an fx graph; see the module docstring for the modes.
 
     ``example_inputs``: for a plain ``nn.Module`` the positional inputs (required);
     for a transformers model optional ``(input_ids,)``. ``dynamic_shapes`` is passed
     to ``torch.export.export`` for plain modules (transformers models get dynamic
-    batch and sequence dims automatically).
+    batch and sequence dims automatically). ``batch_size``: the generate graph's rows
+    (its static cache's batch), 1 unless evaluating in batches.
     """
     if mode not in MODES:
         raise CaptureError(f"unknown capture mode {mode!r}", hint=f"use one of {MODES}")
     model = model.eval()
     if mode == "generate":
-        return _capture_generate(model, example_inputs, max_cache_len)
+        return _capture_generate(model, example_inputs, max_cache_len, batch_size)
     if _is_transformers(model):
         return _capture_hf(model, example_inputs)
     if example_inputs is None:
@@ -148,24 +172,33 @@ def _is_encoder(model: torch.nn.Module) -> bool:
 
 
 def _capture_generate(model: torch.nn.Module, example_inputs: tuple | None,
-                      max_cache_len: int) -> Captured:
+                      max_cache_len: int, batch_size: int = 1) -> Captured:
     if not _is_transformers(model) or _is_encoder(model):
         raise CaptureError(f"mode 'generate' needs a causal LM, got {type(model).__name__}",
                            hint="use mode='plain' for encoders and plain modules")
+    if batch_size < 1:
+        raise CaptureError(f"batch_size {batch_size}: a generate graph needs at least 1 row")
     _use_eager_attention(model)
     length = min(max_cache_len, max_positions(model))
     model.generation_config = GenerationConfig(
         use_cache=True, cache_implementation="static", max_length=length,
-        cache_config={"batch_size": 1, "max_cache_len": length, "device": "cpu"})
+        cache_config={"batch_size": batch_size, "max_cache_len": length, "device": "cpu"})
+    cls = TorchExportableModuleWithStaticCache if batch_size == 1 else _PaddedStaticCache
     try:
-        wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=length)
+        wrapper = cls(model, batch_size=batch_size, max_cache_len=length)
     except Exception as exc:  # transformers rejects models it cannot cache statically
         raise CaptureError(f"{type(model).__name__} has no static key/value cache: {exc}",
                            hint="use mode='plain'") from exc
-    ids = example_inputs[0][:1] if example_inputs else _example_ids(model, 1, EXAMPLE_SEQ)
+    rows = 1 if batch_size == 1 else batch_size
+    ids = (example_inputs[0][:1].expand(rows, -1) if example_inputs
+           else _example_ids(model, rows, EXAMPLE_SEQ))
     seq = Dim("seq", min=1, max=length - 1)
     inputs = {"input_ids": ids, "cache_position": torch.arange(ids.shape[1])}
     shapes = {"input_ids": {1: seq}, "cache_position": {0: seq}}
+    if batch_size > 1:   # the batch is the cache's: static; the mask spans the cache
+        inputs["attention_mask"] = torch.ones(rows, length, dtype=torch.long)
+        inputs["position_ids"] = torch.arange(ids.shape[1]).expand(rows, -1).clone()
+        shapes.update(attention_mask=None, position_ids={1: seq})
     program = _export(wrapper, (), kwargs=inputs, dynamic_shapes=shapes, source=model,
                       prefix="model.")
     return Captured(program.module(), program, "generate", model, "model.")

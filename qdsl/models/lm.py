@@ -12,6 +12,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from .batching import BatchGreedyMixin, positions
+
 StopFn = Callable[[list[int]], bool]  # called with the tokens generated so far
 
 
@@ -25,6 +27,10 @@ class CausalLM(Protocol):
     * ``decode(token)``: append one token to the cached sequence -> logits [V].
     * ``greedy(ids, max_new_tokens, stop)``: greedy continuation (token ids,
       without the prompt); each new token costs one ``decode`` step.
+
+    A model may also decode several prompts per forward (``qdsl.models.batching``):
+    ``greedy_batch(prompts, max_new_tokens, stop)`` for up to ``batch_size`` prompts
+    (None: any number); ``qdsl eval`` uses it where present.
     """
 
     name: str
@@ -57,8 +63,9 @@ class GreedyMixin:
             logits = self.decode(tok)
 
 
-class HFCausalLM(GreedyMixin):
-    """A transformers causal LM (float, or with swapped modules) with its own DynamicCache."""
+class HFCausalLM(GreedyMixin, BatchGreedyMixin):
+    """A transformers causal LM (float, or with swapped modules) with its own DynamicCache.
+    Batched decoding takes any number of rows and drops finished ones from the cache."""
 
     def __init__(self, model: torch.nn.Module, name: str = "model"):
         self.model = model.eval()
@@ -89,3 +96,35 @@ class HFCausalLM(GreedyMixin):
         out = self.model(input_ids=ids, use_cache=True, **{self._cache_kw: self._past})
         self._past, self._pos = self._cache_of(out), self._pos + 1
         return out.logits[0, -1].float()
+
+    # batched decoding (qdsl.models.batching): left-padded rows, a mask and positions per row
+    def _logits_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                          use_cache=False).logits
+
+    @torch.inference_mode()
+    def _prefill_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pos = positions(mask)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1)
+        self._past, self._mask, self._next = self._cache_of(out), mask, pos[:, -1] + 1
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def _decode_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self._past is not None, "_decode_rows() before _prefill_rows()"
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(tokens), 1)], 1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self._mask,
+                         position_ids=self._next[:, None], use_cache=True,
+                         **{self._cache_kw: self._past})
+        self._past, self._next = self._cache_of(out), self._next + 1
+        return out.logits[:, -1].float()
+
+    def _drop_rows(self, keep: list[int]) -> bool:
+        select = getattr(self._past, "batch_select_indices", None)
+        if select is None:
+            return False
+        idx = torch.tensor(keep, dtype=torch.long)
+        select(idx)
+        self._mask, self._next = self._mask[idx], self._next[idx]
+        return True

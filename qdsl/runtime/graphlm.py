@@ -1,36 +1,61 @@
 """Run a captured (and possibly quantized) generate-mode graph as a ``CausalLM``.
 
 The generate-mode graph is a ``torch.export`` of the model with a static
-key/value cache of ``max_cache_len`` positions, batch 1, dynamic sequence
-length: ``gm(input_ids=[1, T], cache_position=[T]) -> logits [1, T, V]``.
-Positions past the current one are masked, so a new sequence simply starts
-writing at position 0 again.
+key/value cache of ``max_cache_len`` positions, dynamic sequence length. Batch 1:
+``gm(input_ids=[1, T], cache_position=[T]) -> logits [1, T, V]``. Positions past
+the current one are masked, so a new sequence simply starts writing at position 0
+again.
+
+A graph captured with ``batch_size`` B > 1 (``qdsl.graph.capture``) runs B
+left-padded rows per forward (``greedy_batch``, ``qdsl.models.batching``):
+``gm(input_ids=[B, T], attention_mask=[B, L], position_ids=[B, T], cache_position=[T])``.
+Its rows are fixed: fewer prompts run with filler rows, a finished row keeps
+running (its tokens are ignored). ``logits`` runs B sequences per forward;
+``greedy`` runs one sequence in row 0 (the others repeat it: B times the work of a
+batch-1 graph, so a caller decoding one sequence at a time loads batch 1).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..models.batching import BatchGreedyMixin, positions
 from ..models.lm import GreedyMixin
 
 
-class GraphLM(GreedyMixin):
-    def __init__(self, gm: torch.nn.Module, max_cache_len: int, name: str = "graph"):
+class GraphLM(GreedyMixin, BatchGreedyMixin):
+    def __init__(self, gm: torch.nn.Module, max_cache_len: int, name: str = "graph",
+                 batch_size: int = 1):
         self.gm, self.max_cache_len, self.name = gm, max_cache_len, name
+        self.batch_size = batch_size
         self._pos = 0
+        self._mask = self._next = None
+
+    def _check_room(self, tokens: int) -> None:
+        if tokens > self.max_cache_len - 1:
+            raise ValueError(f"sequence of {tokens} tokens exceeds the graph's cache of "
+                             f"{self.max_cache_len - 1}; truncate the context")
 
     def _run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         # ids: [1, T]; returns logits [1, T, V]
         t = ids.shape[1]
-        if start + t > self.max_cache_len - 1:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the graph's cache of "
-                             f"{self.max_cache_len - 1}; truncate the context")
+        self._check_room(start + t)
         pos = torch.arange(start, start + t, dtype=torch.long)
-        return self.gm(input_ids=ids, cache_position=pos)
+        if self.batch_size == 1:
+            return self.gm(input_ids=ids, cache_position=pos)
+        rows = self.batch_size   # one sequence, repeated in every row: no pads
+        mask = torch.zeros(rows, self.max_cache_len, dtype=torch.long)
+        mask[:, :start + t] = 1
+        return self.gm(input_ids=ids.expand(rows, -1), attention_mask=mask,
+                       position_ids=pos.expand(rows, -1), cache_position=pos)[:1]
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        out = [self._run(row[None], 0) for row in ids]  # the cache is batch 1
+        if self.batch_size == 1:
+            out = [self._run(row[None], 0) for row in ids]  # one sequence per forward
+        else:   # the graph's rows at a time
+            out = [torch.stack(self.logits_rows(ids[i:i + self.batch_size].tolist()))
+                   for i in range(0, len(ids), self.batch_size)]
         self._pos = 0
         return torch.cat(out).float()
 
@@ -45,3 +70,37 @@ class GraphLM(GreedyMixin):
         logits = self._run(torch.tensor([[token]], dtype=torch.long), self._pos)
         self._pos += 1
         return logits[0, -1].float()
+
+    # batched decoding: the graph's B rows, left-padded, one mask column per cache slot
+    def _forward_rows(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        self._check_room(self._pos + t)
+        if self.batch_size == 1:   # a batch-1 graph takes no mask: only unpadded rows
+            assert bool(self._mask.all()), "a batch-1 graph cannot run padded rows"
+            return self.gm(input_ids=ids, cache_position=torch.arange(self._pos, self._pos + t))
+        mask = torch.zeros(ids.shape[0], self.max_cache_len, dtype=torch.long)
+        mask[:, :self._mask.shape[1]] = self._mask
+        return self.gm(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                       cache_position=torch.arange(self._pos, self._pos + t))
+
+    def _logits_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if ids.shape[0] != self.batch_size:   # the graph's rows are fixed
+            raise ValueError(f"{ids.shape[0]} rows for a graph of {self.batch_size}")
+        self._pos, self._mask = 0, mask
+        logits = self._forward_rows(ids, positions(mask))
+        self._pos = ids.shape[1]
+        return logits
+
+    @torch.inference_mode()
+    def _prefill_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self._logits_rows(ids, mask)
+        self._next = positions(mask)[:, -1] + 1
+        return logits[:, -1].float()
+
+    @torch.inference_mode()
+    def _decode_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self._mask is not None, "_decode_rows() before _prefill_rows()"
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(tokens), 1)], 1)
+        logits = self._forward_rows(tokens[:, None], self._next[:, None])
+        self._pos, self._next = self._pos + 1, self._next + 1
+        return logits[:, -1].float()

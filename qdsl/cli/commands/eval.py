@@ -61,6 +61,14 @@ def register(sub) -> None:
                    help="freeze the samples to a .jsonl file")
     p.add_argument("--json", metavar="FILE", type=output_file(".json"),
                    help="write all results (per sample too) as a .json file")
+    p.add_argument("--batch-size", type=int_range(1, MAX_BATCH), default=None, metavar="N",
+                   help="completions (and perplexity windows) decoded together, left-padded "
+                        "with a key/value cache per row (default 8 for a model, 1 for an "
+                        "artifact, whose graph measured no faster batched; 1: one at a "
+                        "time). Completions equal batch 1 up to float summation order; an "
+                        "artifact whose recipe quantizes an activation dynamically per "
+                        "tensor runs batch 1 (with a note), and with --humaneval an "
+                        "artifact runs batch 1")
     p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=0,
                    help="torch CPU threads (0, the default: torch's choice; 1 on a busy "
                         "machine)")
@@ -70,6 +78,9 @@ def register(sub) -> None:
                         "recorded at compile time (damaged or edited); the format checks "
                         "still run")
     p.set_defaults(func=run)
+
+
+MAX_BATCH = 256
 
 
 def _fmt(x, digits=2) -> str:
@@ -104,7 +115,8 @@ def run(args) -> int:
                    ctx_tokens=ctx_tokens, max_new_tokens=args.max_new_tokens,
                    prompt=args.prompt, ppl_windows=args.ppl_windows,
                    humaneval=args.humaneval, unsafe_exec=args.unsafe_exec,
-                   progress=not args.no_progress, verify=not args.no_verify)
+                   progress=not args.no_progress, verify=not args.no_verify,
+                   batch_size=args.batch_size)
     rows = [r for r in (res["target"], res["baseline"]) if r]
     print(f"bench {args.bench}: {res['n']} samples, seed {args.seed}")
     print(f"{'model':<28} {'EM':>6} {'ES':>6} {'ppl':>8} {'bpb':>6} {'pass@1':>7} {'s/sample':>8}")
