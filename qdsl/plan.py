@@ -133,9 +133,66 @@ def _diag(rule: Rule, recipe: Recipe, message: str, severity: str = "error",
 
 
 def _patches(rule: Rule) -> dict[str, TensorPatch]:
+    if rule.selector.port is not None:  # `.input`: only the producer's output activation
+        return {ACTIVATION: _SKIP if rule.skip else rule.activation}
     if rule.skip:
         return {WEIGHT: _SKIP, ACTIVATION: _SKIP}
     return {WEIGHT: rule.weight, ACTIVATION: rule.activation}
+
+
+def _input_producers(rule: Rule, recipe: Recipe, hits: list, named, errors: list[Diagnostic],
+                     warnings: list[Diagnostic]) -> list | None:
+    """A `.input` rule's targets: the producers (named nodes whose outputs the matched
+    linears read, ``named.inputs``), each once, in graph order. None after an error:
+    no linear matched, a linear reads no named node's output, or a tensor that several
+    linears read is selected for only some of them. An optional rule skips the linears
+    whose input has no producer. Warns when a producer's output has other readers."""
+    inputs = getattr(named, "inputs", {})
+    sel = f"`{rule.selector.text()}`"
+    linears = [n for n in hits if n.role == "linear"]
+    if not linears:
+        if not rule.selector.optional:
+            ex = hits[0]
+            errors.append(_diag(rule, recipe, f"{sel} sets the input of linears, and none of the "
+                                f"{len(hits)} node(s) it matches is one (e.g. `{ex.name}`, "
+                                f"{ex.role})", hint="`.input` applies to linears; drop it to "
+                                "quantize these nodes' outputs"))
+        return None
+    lost = [n for n in linears if getattr(inputs.get(n.name), "producer", None) is None]
+    if lost and not rule.selector.optional:
+        via = inputs.get(lost[0].name)
+        errors.append(_diag(
+            rule, recipe, f"{sel}: the input of `{lost[0].name}` is not the output of a named "
+            "node" + (f" (it is fx node {via.via})" if via else "") + ", so no quantizer can "
+            "sit on it" + (f"; nor can the inputs of {len(lost) - 1} more" if len(lost) > 1
+                           else ""),
+            hint="narrow the selector, or mark the rule optional (`?`) to set the inputs "
+                 "that have a producer"))
+        return None
+    chosen = {n.name for n in linears}
+    producers: dict[str, object] = {}
+    for n in linears:
+        li = inputs.get(n.name)
+        if li is None or li.producer is None:
+            continue
+        left_out = [r for r in li.readers if r in inputs and r not in chosen]
+        if left_out:
+            errors.append(_diag(
+                rule, recipe, f"{sel}: the input of `{n.name}` is one tensor (the output of "
+                f"`{li.producer}`) with the input of {', '.join(f'`{r}`' for r in left_out)}, "
+                "which this rule does not select",
+                hint="a `.input` rule quantizes the tensor for every linear reading it: "
+                     "select them all (e.g. `attn.*.input`), or quantize none"))
+            return None
+        others = [r for r in li.readers if r not in inputs]
+        if others and li.producer not in producers:
+            warnings.append(_diag(
+                rule, recipe, f"{sel}: the input of `{n.name}` is the output of "
+                f"`{li.producer}`, which {', '.join(others)} also read(s): they read the "
+                "quantized tensor too", severity="warning",
+                hint="qdsl quantizes a node's output once for all its readers"))
+        producers.setdefault(li.producer, named.by_name[li.producer])
+    return sorted(producers.values(), key=lambda p: named.nodes.index(p))
 
 
 def build_plan(recipe: Recipe, named) -> QuantPlan:
@@ -147,9 +204,17 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
     owner: dict[str, dict[str, dict[str, int]]] = {n.name: {WEIGHT: {}, ACTIVATION: {}}
                                                    for n in nodes}
     matched: list[list] = []
+    port_warnings: list[Diagnostic] = []
     for i, rule in enumerate(recipe.rules):
         hits = select(rule.selector, nodes)
+        if hits and rule.selector.port == "input":
+            hits = _input_producers(rule, recipe, hits, named, errors, port_warnings)
+            if hits is None:
+                matched.append([])
+                continue
         matched.append(hits)
+        if not hits and rule.selector.port and rule.selector.optional:
+            continue
         if not hits:
             if not rule.selector.optional:
                 near = suggestions(rule.selector, nodes)
@@ -188,7 +253,7 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
             weight=resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None,
             activation=resolve(ACTIVATION, acc[n.name][ACTIVATION]),
             decided_by={k: v for k, v in decided.items() if v}))
-    warnings = tuple(_shadowed(recipe, matched, owner)) + tuple(
+    warnings = tuple(port_warnings) + tuple(_shadowed(recipe, matched, owner)) + tuple(
         _ineffective(recipe, matched, {e.name: e for e in entries}))
     return QuantPlan(entries=tuple(entries), graph_hash=named.graph_hash,
                      module_map=dict(named.module_map), recipe_hash=recipe.hash(),

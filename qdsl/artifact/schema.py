@@ -178,7 +178,7 @@ SETTINGS = Obj({"calib_samples": COUNT, "calib_seq_len": COUNT, "calib_seed": Op
 LOC = Str(pattern=r"(?s).*:[0-9]{1,9}:[0-9]{1,9}")
 RECIPE = Obj({"source": NAME, "settings": SETTINGS, "rules": List(Obj({
     "selector": Obj({"kind": Str(enum=("glob", "op", "type", "re", "module")),
-                     "pattern": NAME, "optional": Bool}),
+                     "pattern": NAME, "optional": Bool}, {"port": Str(enum=("input",))}),
     "weight": PATCH, "activation": PATCH, "skip": Bool, "loc": LOC}))})
 ACTIVATION_MODULE = Tagged("type", {"FakeQuant": {"bits": Int(1, 16), "symmetric": Bool},
                                     "DynamicFakeQuant": {"spec": TENSOR_SPEC},

@@ -15,6 +15,8 @@ from typing import Any
 from .spec import TensorPatch
 
 SELECTOR_KINDS = ("glob", "op", "type", "re", "module")
+# Ports a selector may name after its pattern: `.input` = the tensor a linear reads.
+PORTS = ("input",)
 
 
 @dataclass(frozen=True)
@@ -42,31 +44,46 @@ class Selector:
       * ``re``     Python regex over canonical names (full match).
       * ``module`` glob over the original module path: ``module:transformer.h.*.mlp.c_fc``.
     ``optional``: the rule may match nothing without an error (``?`` suffix).
+    ``port``: None = the matched nodes themselves (their weight and output); ``"input"``
+    (``.input`` after the pattern) = the input activation of each matched linear, i.e.
+    the output of the named node it reads (docs/language.md, "Linear inputs").
     """
 
     kind: str
     pattern: str
     optional: bool = False
+    port: str | None = None
 
     def __post_init__(self) -> None:
         assert self.kind in SELECTOR_KINDS, f"unknown selector kind {self.kind!r}"
+        assert self.port is None or self.port in PORTS, f"unknown port {self.port!r}"
 
     def text(self) -> str:
         """The selector as a recipe writes it (``selector_text``)."""
-        return selector_text(self.kind, self.pattern, self.optional)
+        return selector_text(self.kind, self.pattern, self.optional, self.port)
+
+    def to_json(self) -> dict[str, Any]:
+        """``port`` only when set, so recipes without one keep their hashes."""
+        d: dict[str, Any] = {"kind": self.kind, "pattern": self.pattern,
+                             "optional": self.optional}
+        if self.port is not None:
+            d["port"] = self.port
+        return d
 
 
-def selector_text(kind: str, pattern: str, optional: bool = False) -> str:
+def selector_text(kind: str, pattern: str, optional: bool = False,
+                  port: str | None = None) -> str:
     """A selector as recipe text, which parses back to the same selector: a glob bare,
-    ``re:"PATTERN"`` quoted, any other kind ``KIND:PATTERN``; ``?`` if optional. The one
-    renderer: the formatter, the syntax tree and the planner's messages all use it."""
+    ``re:"PATTERN"`` quoted, any other kind ``KIND:PATTERN``; ``.PORT`` if a port is
+    named; ``?`` if optional. The one renderer: the formatter, the syntax tree and the
+    planner's messages all use it."""
     if kind == "glob":
         body = pattern
     elif kind == "re":
         body = f're:"{pattern}"'
     else:
         body = f"{kind}:{pattern}"
-    return body + ("?" if optional else "")
+    return body + (f".{port}" if port else "") + ("?" if optional else "")
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,7 @@ class Rule:
     loc: Loc = field(default=Loc("<string>", 1, 1), compare=False)
 
     def sets_weight(self) -> bool:
-        return self.skip or not self.weight.is_empty()
+        return self.selector.port is None and (self.skip or not self.weight.is_empty())
 
     def sets_activation(self) -> bool:
         return self.skip or not self.activation.is_empty()
@@ -145,8 +162,7 @@ class Recipe:
             "source": self.source,
             "settings": self.settings.to_json(),
             "rules": [{
-                "selector": {"kind": r.selector.kind, "pattern": r.selector.pattern,
-                             "optional": r.selector.optional},
+                "selector": r.selector.to_json(),
                 "weight": r.weight.to_json(), "activation": r.activation.to_json(),
                 "skip": r.skip, "loc": str(r.loc)} for r in self.rules],
         }

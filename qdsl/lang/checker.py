@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Diagnostic
-from ..config.recipe import LOWER_COMPUTE, LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
+from ..config.recipe import LOWER_COMPUTE, LOWER_TARGETS, PORTS, SETTING_KEYS, Loc, Rule, Selector
 from ..config.spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
 from .parser import did_you_mean, clip
@@ -75,6 +75,8 @@ def check_document(doc: Document) -> tuple[list[Rule | SettingItem | IncludeLine
         if isinstance(node, RuleLine):
             sel = check_selector(node.selector, err)
             meaning = interpret_spec(node.options, err)
+            if sel and meaning and sel.port is not None:
+                check_port_spec(node, meaning, err)
             if sel and meaning and not err.diags:
                 meanings[node.line] = meaning
                 items.append(Rule(sel, meaning.weight, meaning.activation, meaning.skip,
@@ -113,7 +115,12 @@ def check_selector(node: SelectorNode, err: _Reporter) -> Selector | None:
             err(node.pattern_col + (e.pos or 0), f"invalid regular expression: {e.msg}")
         except (RecursionError, OverflowError, ValueError, MemoryError):
             err(node.pattern_col, "regular expression is too complex to compile")
-    return Selector(node.kind, node.pattern, node.optional) if len(err.diags) == n else None
+    if node.port is not None and node.port not in PORTS:
+        err(node.port_col, f"unknown port `.{node.port}`",
+            did_you_mean(node.port, PORTS) or "the one port is `.input`: the input of a linear")
+    if len(err.diags) != n:
+        return None
+    return Selector(node.kind, node.pattern, node.optional, node.port)
 
 
 def _check_glob(pattern: str, col: int, err: _Reporter, kind: str) -> None:
@@ -158,6 +165,21 @@ def _check_index_set(body: str, col: int, err: _Reporter) -> None:
         lo, _, hi = part.partition("-")
         if hi and int(lo) > int(hi):
             err(col, f"bad index range `{part}`: {lo} is greater than {hi}")
+
+
+def check_port_spec(node: RuleLine, meaning: SpecMeaning, err: _Reporter) -> None:
+    """A `.input` rule sets one activation (the tensor the linear reads): weight options
+    are an error, at the first one written."""
+    if meaning.skip or meaning.weight.is_empty():
+        return
+    def weighty(o: Option) -> bool:
+        d = OPTIONS.get(o.word)
+        return (o.target == "w" or (o.word.startswith("w") and bool(_BITS.fullmatch(o.word)))
+                or preset_text(o.word) is not None or (d is not None and d.kinds == (WEIGHT,)))
+    col = next((o.col for o in node.options if weighty(o)), node.options[0].col)
+    err(col, f"weight options on `{node.selector.text()}`: a `.{node.selector.port}` rule "
+             "sets the activation the linear reads, which has no weights",
+        "write the weight spec in a rule without `.input`, e.g. `type:Linear -> w8`")
 
 
 # --------------------------------------------------------------------------

@@ -32,6 +32,7 @@ _TERMINALS = {
     "_ARROW": "`->`", "_COMMA": "`,`", "_EQ": "`=`", "_LPAR": "`(`", "_RPAR": "`)`",
     "GLOB": "a selector", "OP_SEL": "a selector", "TYPE_SEL": "a selector",
     "MODULE_SEL": "a selector", "RE_SEL": "a selector", "OPTIONAL": "`?`",
+    "PORT": "`.input`",
     "TARGET": "`w.` or `a.`", "WORD": "a word", "KEY": "a setting name",
     "NUMBER": "a number", "STRING": 'a "string"', "COMMENT": "a comment",
     "INCLUDE": "`include`", "SET": "`set`", "$END": "the end of the line",
@@ -221,17 +222,25 @@ def _line_node(tree: Tree, n: int, col: int) -> Line:
     return RuleLine(n, _selector(selector), tuple(_option(o) for o in spec.children), comment)
 
 
+PORT_SEGMENT = ".input"  # a last segment naming the input port (docs/language.md)
+
+
 def _selector(tree: Tree) -> SelectorNode:
     tok = tree.children[0]
-    optional = len(tree.children) > 1
+    rest = tree.children[1:]
+    optional = any(t.type == "OPTIONAL" for t in rest)
     kind = str(tree.data).removesuffix("_selector")
     text = tok.value
-    if kind == "glob":
-        return SelectorNode("glob", text, optional, tok.column, tok.column)
     if kind == "re":  # re:"..." : the pattern is raw (backslashes kept for the regex)
-        return SelectorNode("re", text[4:-1], optional, tok.column, tok.column + 4)
-    prefix = len(kind) + 1
-    return SelectorNode(kind, text[prefix:], optional, tok.column, tok.column + prefix)
+        port = next((t for t in rest if t.type == "PORT"), None)
+        return SelectorNode("re", text[4:-1], optional, tok.column, tok.column + 4,
+                            port.value[1:] if port else None, port.column if port else 0)
+    prefix = 0 if kind == "glob" else len(kind) + 1
+    pattern, port, port_col = text[prefix:], None, 0
+    if pattern.endswith(PORT_SEGMENT) and len(pattern) > len(PORT_SEGMENT):
+        pattern, port = pattern[:-len(PORT_SEGMENT)], PORT_SEGMENT[1:]
+        port_col = tok.column + prefix + len(pattern)
+    return SelectorNode(kind, pattern, optional, tok.column, tok.column + prefix, port, port_col)
 
 
 def _option(tree: Tree) -> Option:

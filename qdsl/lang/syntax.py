@@ -55,9 +55,11 @@ class SelectorNode:
     optional: bool
     col: int  # where the selector starts
     pattern_col: int  # where the pattern starts (after `op:`, inside `re:"`)
+    port: str | None = None  # `input` when the selector ends in `.input`
+    port_col: int = 0  # where `.PORT` starts
 
     def text(self) -> str:
-        return selector_text(self.kind, self.pattern, self.optional)
+        return selector_text(self.kind, self.pattern, self.optional, self.port)
 
 
 @dataclass(frozen=True)
