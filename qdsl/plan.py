@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import Diagnostic, PlanError
 from .config.recipe import Loc, Recipe, Rule
 from .lang.loader import read_text
+from .graph.inputs import fold_target
 from .graph.select import select, suggestions
 from .config.spec import ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, TensorPatch, TensorSpec, resolve
 
@@ -62,6 +63,29 @@ class PlanEntry:
 
 
 @dataclass(frozen=True)
+class PlannedTransform:
+    """A transform fitted to the graph (passes.transform applies it). ``smooth``: one
+    group of linears reading one tensor: the ``producer`` of that tensor, where the
+    scale folds (``fold_kind`` "norm" | "linear", node ``fold``), the ``consumers``
+    (canonical names, graph order) and ``alpha``. ``rotate``: the other fields empty."""
+
+    kind: str
+    loc: str
+    alpha: float = 0.0
+    producer: str = ""
+    fold: str = ""
+    fold_kind: str = ""
+    consumers: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "consumers": list(self.consumers)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlannedTransform:
+        return cls(**{**d, "consumers": tuple(d["consumers"])})
+
+
+@dataclass(frozen=True)
 class QuantPlan:
     """The portable result of matching: entries in graph order, plus what graph they fit."""
 
@@ -70,6 +94,7 @@ class QuantPlan:
     module_map: dict[str, str]
     recipe_hash: str
     warnings: tuple[Diagnostic, ...] = ()
+    transforms: tuple[PlannedTransform, ...] = ()  # in recipe order
 
     def __getitem__(self, name: str) -> PlanEntry:
         return self._by_name()[name]
@@ -101,14 +126,17 @@ class QuantPlan:
                 f"not {named.graph_hash}: re-run explain/compile against this model")])
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"transforms": [t.to_json() for t in self.transforms]} if self.transforms else {}
         return {"graph_hash": self.graph_hash, "recipe_hash": self.recipe_hash,
-                "module_map": self.module_map, "entries": [e.to_json() for e in self.entries]}
+                "module_map": self.module_map, "entries": [e.to_json() for e in self.entries],
+                **extra}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> QuantPlan:
         return cls(entries=tuple(PlanEntry.from_json(e) for e in d["entries"]),
                    graph_hash=d["graph_hash"], module_map=d["module_map"],
-                   recipe_hash=d["recipe_hash"])
+                   recipe_hash=d["recipe_hash"], transforms=tuple(
+                       PlannedTransform.from_json(t) for t in d.get("transforms", ())))
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
@@ -195,6 +223,52 @@ def _input_producers(rule: Rule, recipe: Recipe, hits: list, named, errors: list
     return sorted(producers.values(), key=lambda p: named.nodes.index(p))
 
 
+def plan_transforms(recipe: Recipe, named, errors: list[Diagnostic]) -> tuple:
+    """Fit each transform statement to the graph. ``smooth SEL``: the linears SEL
+    matches, grouped by the tensor they read; every group must hold all the linears
+    reading that tensor (one scale s for all: q/k/v, gate/up) and have a producer the
+    scale folds into (``graph.inputs.fold_target``) read by nothing else; with `?`,
+    groups that do not fit are left out instead of being errors."""
+    out = []
+    for t in recipe.transforms:
+        if t.kind != "smooth":
+            out.append(PlannedTransform(t.kind, str(t.loc)))
+            continue
+        sel, inputs = t.selector, getattr(named, "inputs", {})
+        hits = [n for n in select(sel, named.nodes) if n.role == "linear"]
+        chosen, groups, bad = {n.name for n in hits}, {}, []
+        for n in hits:
+            li = inputs.get(n.name)
+            why = ("its input is not the output of a named node" if li is None
+                   or li.producer is None else None)
+            if why is None:
+                others = [r for r in li.readers if r not in chosen]
+                fold = fold_target(named, li.producer)
+                why = (f"its input (the output of `{li.producer}`) is also read by "
+                       f"{', '.join(f'`{r}`' for r in others)}, which this statement does not "
+                       "select: one scale is shared by every reader" if others
+                       else fold if isinstance(fold, str) else None)
+            if why is not None:
+                bad.append((n.name, why))
+                continue
+            g = groups.setdefault(li.producer, (fold, []))
+            g[1].append(n.name)
+        if not hits and not sel.optional:
+            bad.append(("", f"no linear matches `{sel.text()}`"))
+        if bad and not sel.optional:
+            name, why = bad[0]
+            errors.append(_diag(t, recipe, f"smooth `{sel.text()}`: cannot smooth "
+                                + (f"`{name}`: {why}" if name else why)
+                                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                                hint="narrow the selector, or mark it optional (`?`) to "
+                                     "smooth only the groups that fit"))
+            continue
+        for producer, ((kind, fold), consumers) in groups.items():
+            out.append(PlannedTransform("smooth", str(t.loc), t.param("alpha"), producer,
+                                        fold, kind, tuple(consumers)))
+    return tuple(out)
+
+
 def build_plan(recipe: Recipe, named) -> QuantPlan:
     """Match ``recipe`` against ``named`` (a NamedGraph). Raises PlanError listing every error."""
     nodes = list(named.nodes)
@@ -240,6 +314,7 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
                     owner[n.name][kind].pop(f, None)
                 for f in patch.set_fields():
                     owner[n.name][kind][f] = i
+    transforms = plan_transforms(recipe, named, errors)
     if errors:
         raise PlanError(errors)
 
@@ -257,7 +332,7 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
         _ineffective(recipe, matched, {e.name: e for e in entries}))
     return QuantPlan(entries=tuple(entries), graph_hash=named.graph_hash,
                      module_map=dict(named.module_map), recipe_hash=recipe.hash(),
-                     warnings=warnings)
+                     warnings=warnings, transforms=transforms)
 
 
 def _overriders(i: int, rule: Rule, hits: list, owner) -> set[int] | None:

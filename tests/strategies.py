@@ -14,7 +14,7 @@ from qdsl.config.spec import (MSE, GroupWise, MinMax, Percentile, PerChannel, Pe
                               PerToken, RunningMinMax, TensorPatch)
 
 _IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,7}", fullmatch=True).filter(
-    lambda s: s not in ("include", "set", "input"))  # a last segment `input` is the port
+    lambda s: s not in ("include", "set", "input", "smooth", "rotate"))  # keywords, the port
 _INDEX = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 5)), min_size=1, max_size=3).map(
     lambda parts: "[" + ",".join(f"{a}-{a + d}" if d else str(a) for a, d in parts) + "]")
 _SEGMENT = st.one_of(_IDENT, st.just("*"), _INDEX, _IDENT.map(lambda s: s + "*"))

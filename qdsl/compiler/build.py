@@ -2,7 +2,7 @@
 
     recipe text --lang--> Recipe
     model --capture--> fx graph --name--> NamedGraph --match(Recipe)--> QuantPlan
-    (compile) --OBSERVE--> --calibrate--> --FREEZE + FAKE | INT8--> quantized graph
+    (compile) [--STATISTICS--> --calibrate-->] --OBSERVE--> --calibrate--> --FREEZE + FAKE | INT8--> quantized graph
     (the pipelines of ``qdsl.passes.pipeline``)
 """
 
@@ -27,7 +27,7 @@ from ..models import zoo
 from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibration_windows
 from ..passes.calibrate import calibrate
 from ..passes.int8_exec import execution
-from ..passes.pipeline import FREEZE, OBSERVE, VALIDATE, PassContext, lowering, run
+from ..passes.pipeline import FREEZE, OBSERVE, STATISTICS, VALIDATE, PassContext, lowering, run
 from ..runtime.graphlm import GraphLM
 from .render import draw_block, render_summary, render_table, rows
 
@@ -209,14 +209,13 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     named = name_graph(captured)
     plan = build_plan(r, named)
     ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute)
-    run(OBSERVE, captured.gm, ctx, check=check)
-    observers = ctx.observers
-    if observers:
+
+    def calibrate_with(what: str) -> None:
         source = calib if calib is not None else st.calib_data
         if source is None:
             raise CalibrationError(
-                f"the recipe quantizes {len(observers)} activations statically: give "
-                "calibration data (--calib DIR, or `set calib.data = \"DIR\"` in the recipe)")
+                f"the recipe {what}: give calibration data (--calib DIR, or "
+                "`set calib.data = \"DIR\"` in the recipe)")
         if isinstance(source, torch.Tensor):
             windows = source
         else:
@@ -233,7 +232,15 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
         calibrate(_calib_runner(captured, mode, max_cache_len), windows,
                   batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                   progress=progress)
+
+    if any(t.kind == "smooth" for t in plan.transforms):  # statistics for SmoothQuant
+        run(STATISTICS, captured.gm, ctx, check=check)
+        calibrate_with(f"smooths {len(ctx.stats)} tensors")
+    run(OBSERVE, captured.gm, ctx, check=check)
+    if ctx.observers:
+        calibrate_with(f"quantizes {len(ctx.observers)} activations statically")
     gm = run(lowered, captured.gm, ctx, check=check)
+    named = ctx.named  # a transform may have untied a weight
     ctx.frozen.codes.clear()  # the lowering used freeze's codes; the graph holds its own
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,

@@ -120,8 +120,10 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
                                     {k: t.to("meta") for k, t in tensors.items()})
         with warnings.catch_warnings():  # fallbacks were reported when compiling
             warnings.simplefilter("ignore")
-            gm = run(INT8, gm, PassContext(named, plan, frozen=on_meta, fallback=info["fallback"],
-                                           lower_compute=meta["settings"].get("lower_compute")))
+            ctx = PassContext(named, plan, frozen=on_meta, fallback=info["fallback"],
+                              lower_compute=meta["settings"].get("lower_compute"))
+            gm = run(INT8, gm, ctx)
+            named = ctx.named  # a transform may have untied a weight
     stored = read_safetensors(d, "model.safetensors")
     for k, v in info["aliases"].items():
         if v not in stored:

@@ -107,6 +107,51 @@ class Rule:
         return self.skip or not self.activation.is_empty()
 
 
+# transform -> its parameters and their defaults (docs/algorithms.md)
+TRANSFORM_PARAMS: dict[str, dict[str, float]] = {
+    "smooth": {"alpha": 0.5},   # SmoothQuant migration strength, 0..1
+    "rotate": {},               # QuaRot-style Hadamard rotation of the residual stream
+}
+
+
+@dataclass(frozen=True)
+class Transform:
+    """``smooth SELECTOR alpha=A`` or ``rotate``: a graph transform that runs before
+    the observers (passes.transform). ``params``: (name, value) pairs, every one of
+    ``TRANSFORM_PARAMS[kind]`` given (the checker fills in the defaults)."""
+
+    kind: str
+    selector: Selector | None = None
+    params: tuple[tuple[str, float], ...] = ()
+    loc: Loc = field(default=Loc("<string>", 1, 1), compare=False)
+
+    def __post_init__(self) -> None:
+        assert self.kind in TRANSFORM_PARAMS, f"unknown transform {self.kind!r}"
+
+    def param(self, name: str) -> float:
+        return dict(self.params).get(name, TRANSFORM_PARAMS[self.kind][name])
+
+    def text(self) -> str:
+        """The statement as a recipe writes it."""
+        parts = [self.kind] + ([self.selector.text()] if self.selector else [])
+        return " ".join(parts + [f"{k}={v!r}" for k, v in self.params])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind,
+                "selector": self.selector.to_json() if self.selector else None,
+                "params": {k: v for k, v in self.params}, "loc": str(self.loc)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Transform:
+        return cls(d["kind"], Selector(**d["selector"]) if d["selector"] else None,
+                   tuple(d["params"].items()), _loc(d["loc"]))
+
+
+def _loc(s: str) -> Loc:
+    file, line, col = s.rsplit(":", 2)
+    return Loc(file, int(line), int(col))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Calibration and lowering settings; None = not set (use the default or the CLI)."""
@@ -156,9 +201,12 @@ class Recipe:
     settings: Settings = field(default_factory=Settings)
     source: str = "<string>"  # the file it was read from
     text: str = ""  # the file's text, as written (kept in artifacts)
+    transforms: tuple[Transform, ...] = ()  # in file order (includes spliced in)
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"transforms": [t.to_json() for t in self.transforms]} if self.transforms else {}
         return {
+            **extra,
             "source": self.source,
             "settings": self.settings.to_json(),
             "rules": [{
@@ -174,16 +222,18 @@ class Recipe:
             file, line, col = s.rsplit(":", 2)
             return Loc(file, int(line), int(col))
 
+        transforms = tuple(Transform.from_json(t) for t in d.get("transforms", ()))
         rules = tuple(Rule(selector=Selector(**r["selector"]),
                            weight=TensorPatch.from_json(r["weight"]),
                            activation=TensorPatch.from_json(r["activation"]),
                            skip=r["skip"], loc=loc(r["loc"])) for r in d["rules"])
-        return cls(rules=rules, settings=Settings(**d["settings"]), source=d["source"], text=text)
+        return cls(rules=rules, settings=Settings(**d["settings"]), source=d["source"], text=text,
+                   transforms=transforms)
 
     def hash(self) -> str:
         """Content hash of the meaning (rules and settings), not of the formatting."""
         payload = self.to_json()
         payload.pop("source")
-        for r in payload["rules"]:
+        for r in payload["rules"] + payload.get("transforms", []):
             r.pop("loc")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

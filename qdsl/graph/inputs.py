@@ -30,6 +30,8 @@ class LinearInput:
     producer: str | None
     via: str
     readers: tuple[str, ...] = ()
+    norm_weight: str | None = None  # the producer is a norm: its scale's get_attr target
+    norm_bias: str | None = None    # ... and its bias's (LayerNorm)
 
 
 def weight_op(gm: fx.GraphModule, node: NamedNode) -> fx.Node | None:
@@ -75,8 +77,22 @@ def linear_inputs(gm: fx.GraphModule, nodes: tuple[NamedNode, ...]) -> dict[str,
         via = f"{x.name} ({aten_name(x) if x.op == 'call_function' else x.op})"
         readers = () if producer is None else tuple(
             r for r in _readers(x, linear_of) if r != name)
-        out[name] = LinearInput(producer, via, readers)
+        out[name] = LinearInput(producer, via, readers, *_norm_params(x))
     return out
+
+
+def _norm_params(x: fx.Node) -> tuple[str | None, str | None]:
+    """(weight, bias) get_attr targets of a norm's output node: ``layer_norm(x, shape,
+    w, b)``, or a decomposed RMSNorm's closing ``mul(w, x)``; (None, None) otherwise."""
+    def attr(a) -> str | None:
+        return a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None
+    name = aten_name(x)
+    if name == "aten.layer_norm.default":
+        return tuple(attr(x.args[i]) if len(x.args) > i else None for i in (2, 3))
+    if name == "aten.mul.Tensor":
+        w = [attr(a) for a in x.args if attr(a)]
+        return (w[0] if len(w) == 1 else None), None
+    return None, None
 
 
 def _readers(x: fx.Node, linear_of: dict[fx.Node, str]) -> list[str]:
@@ -98,3 +114,24 @@ def _readers(x: fx.Node, linear_of: dict[fx.Node, str]) -> list[str]:
             else:
                 out.append("the graph output")
     return sorted(set(out))
+
+
+def fold_target(named, producer: str) -> tuple[str, str] | str:
+    """Where a per-channel scale on ``producer``'s output can be folded (SmoothQuant):
+    ``("norm", name)`` (a norm's weight, and bias), ``("linear", name)`` (a linear's
+    output rows: the producer itself, or the ``up`` linear of a gated MLP's
+    ``act(gate) * up``); else the reason it cannot, as a sentence."""
+    node = named.by_name[producer]
+    li = next((v for v in named.inputs.values() if v.producer == producer), None)
+    if node.role == "norm" and li is not None and li.norm_weight is not None:
+        return ("norm", producer)
+    if node.role == "linear" and node.weight is not None:
+        return ("linear", producer)
+    if node.role == "gated_mul":
+        up = producer.rsplit(".", 1)[0] + ".up"
+        if up in named.by_name and named.by_name[up].weight is not None:
+            return ("linear", up)
+        return f"`{producer}` (gated_mul) has no `up` linear to fold the scale into"
+    return (f"`{producer}` is a {node.role}" + (" without a scale" if node.role == "norm"
+                                                  else "") + ": no per-channel weight to fold "
+            "the scale into (SmoothQuant folds into a norm or a linear)")

@@ -22,7 +22,7 @@ from ..errors import Diagnostic
 from ..resources import data_dir
 from .chars import first_refused
 from .syntax import (Arg, BlankLine, CommentLine, Document, IncludeLine, Line, Option,
-                     RuleLine, SelectorNode, SettingLine)
+                     RuleLine, SelectorNode, SettingLine, TransformLine)
 
 MAX_LINE = 10_000  # characters; longer lines are refused with one error
 SELECTOR_KINDS = ("op", "type", "module", "re")
@@ -35,7 +35,8 @@ _TERMINALS = {
     "PORT": "`.input`",
     "TARGET": "`w.` or `a.`", "WORD": "a word", "KEY": "a setting name",
     "NUMBER": "a number", "STRING": 'a "string"', "COMMENT": "a comment",
-    "INCLUDE": "`include`", "SET": "`set`", "$END": "the end of the line",
+    "INCLUDE": "`include`", "SET": "`set`", "SMOOTH": "`smooth`", "ROTATE": "`rotate`",
+    "$END": "the end of the line",
 }
 SPEC_EXAMPLE = "a spec is options such as `w8 per_channel`, `a16`, `w8a8` or `skip`"
 
@@ -218,6 +219,12 @@ def _line_node(tree: Tree, n: int, col: int) -> Line:
             to_number(vtok.value) if value.data == "number" else vtok.value)
         return SettingLine(n, col, key.value, v, str(value.data), vtok.column, comment,
                            key.column)
+    if stmt.data in ("smooth", "rotate"):
+        sel = [c for c in stmt.children if isinstance(c, Tree) and c.data.endswith("_selector")]
+        params = tuple(_arg(c) for c in stmt.children if isinstance(c, Tree)
+                       and c.data == "kwarg")
+        return TransformLine(n, col, str(stmt.data), _selector(sel[0]) if sel else None,
+                             params, comment)
     selector, spec = stmt.children
     return RuleLine(n, _selector(selector), tuple(_option(o) for o in spec.children), comment)
 

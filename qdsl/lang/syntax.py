@@ -92,6 +92,18 @@ class IncludeLine:
 
 
 @dataclass(frozen=True)
+class TransformLine:
+    """``smooth SELECTOR name=value ...`` or ``rotate name=value ...``."""
+
+    line: int
+    col: int
+    kind: str  # 'smooth' | 'rotate'
+    selector: SelectorNode | None
+    params: tuple[Arg, ...]
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
 class CommentLine:
     line: int
     text: str  # starts with '#'
@@ -102,8 +114,8 @@ class BlankLine:
     line: int
 
 
-Statement = Union[RuleLine, SettingLine, IncludeLine]
-Line = Union[RuleLine, SettingLine, IncludeLine, CommentLine, BlankLine]
+Statement = Union[RuleLine, SettingLine, IncludeLine, TransformLine]
+Line = Union[RuleLine, SettingLine, IncludeLine, TransformLine, CommentLine, BlankLine]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from .insert_observers import insert_observers
 from .lower_fake import lower_fake
 from .lower_int8 import INT8_PREFIX, lower_int8
 from .simplify import drop_noops
+from .transform import collect_stats, smooth
 from .validate import validate_plan
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class PassContext:
     plan-free passes, e.g. ``FLOAT_RUNTIME``). ``observers``: set by
     ``insert_observers``; ``frozen``: set by ``freeze`` or given (an artifact's).
     ``fallback`` / ``lower_compute``: ``lower_int8``'s settings. ``properties``:
-    the names the passes run so far ensured (the runner adds them)."""
+    the names the passes run so far ensured (the runner adds them). ``stats`` /
+    ``smooth``: the transforms' calibration statistics and SmoothQuant scales; a
+    transform pass may replace ``named`` (a weight it untied)."""
 
     named: Any = None
     plan: Any = None
@@ -56,6 +59,8 @@ class PassContext:
     fallback: str = "error"
     lower_compute: str | None = None
     properties: set[str] = field(default_factory=set)
+    stats: dict | None = None    # collect_stats' modules (smooth's statistics)
+    smooth: dict | None = None   # smooth's scales per producer, once computed
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
     "simplified": _ran("simplified"),
     "int8_lowered": _ran("int8_lowered"),
     "attention_fused": _ran("attention_fused"),
+    "stats_collected": lambda gm, ctx: ctx.stats is not None,
+    "smoothed": _ran("smoothed"),
 }
 
 
@@ -100,6 +107,21 @@ def _observe(gm, ctx):
 
 def _freeze(gm, ctx):
     ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers)
+    ctx.frozen.smooth = dict(ctx.smooth or {})
+    return gm
+
+
+def _collect_stats(gm, ctx):
+    ctx.stats = collect_stats(gm, ctx.named, ctx.plan)
+    return gm
+
+
+def _smooth(gm, ctx):
+    """Once per graph: compile runs it in OBSERVE, load in the lowering (stored scales)."""
+    if "smoothed" not in ctx.properties:
+        stored = ctx.frozen.smooth if ctx.frozen is not None else None
+        ctx.named, ctx.smooth = smooth(gm, ctx.named, ctx.plan, ctx.smooth or stored, ctx.stats)
+        ctx.stats = None
     return gm
 
 
@@ -115,6 +137,9 @@ def _fuse(gm, ctx):
 
 
 VALIDATE_PLAN = Pass("validate_plan", _validate, ("planned",), ("validated",))
+COLLECT_STATS = Pass("collect_stats", _collect_stats, ("planned", "validated"),
+                     ("stats_collected",))
+SMOOTH = Pass("smooth", _smooth, ("planned",), ("smoothed",))
 INSERT_OBSERVERS = Pass("insert_observers", _observe, ("planned", "validated"), ("observed",))
 FREEZE_PASS = Pass("freeze", _freeze, ("planned", "observed"), ("frozen",))
 LOWER_FAKE = Pass("lower_fake", lambda gm, ctx: lower_fake(gm, ctx.named, ctx.plan, ctx.frozen),
@@ -127,10 +152,13 @@ FUSE_ATTENTION = Pass("fuse_attention", _fuse, (), ("attention_fused",))
 
 # the named pipelines (compile: OBSERVE, calibrate, FREEZE + lowering(lower);
 # load: lowering(lower) with the artifact's frozen quantizers)
+# transforms (plan.transforms): STATISTICS and a calibration run first when a recipe
+# smooths; the lowerings re-apply stored transforms when an artifact is loaded
 VALIDATE = [VALIDATE_PLAN]
-OBSERVE = [VALIDATE_PLAN, INSERT_OBSERVERS]
+STATISTICS = [VALIDATE_PLAN, COLLECT_STATS]
+OBSERVE = [VALIDATE_PLAN, SMOOTH, INSERT_OBSERVERS]
 FREEZE = [FREEZE_PASS]
-FAKE = [LOWER_FAKE, SIMPLIFY]
+FAKE = [SMOOTH, LOWER_FAKE, SIMPLIFY]
 INT8 = FAKE + [LOWER_INT8, FUSE_ATTENTION]
 FLOAT_RUNTIME = [SIMPLIFY, FUSE_ATTENTION]   # a float graph run as an int8 artifact runs
 LOWERINGS = {"fake": FAKE, "int8": INT8}
