@@ -34,6 +34,7 @@ from .insert_observers import insert_observers
 from .lower_fake import lower_fake
 from .lower_int8 import INT8_PREFIX, lower_int8
 from .simplify import drop_noops
+from .rotate import check_rotate, rotate
 from .transform import collect_stats, smooth
 from .validate import validate_plan
 
@@ -90,6 +91,7 @@ PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
     "attention_fused": _ran("attention_fused"),
     "stats_collected": lambda gm, ctx: ctx.stats is not None,
     "smoothed": _ran("smoothed"),
+    "rotated": _ran("rotated"),
 }
 
 
@@ -97,6 +99,15 @@ PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
 
 def _validate(gm, ctx):
     validate_plan(gm, ctx.named, ctx.plan)
+    if "rotated" not in ctx.properties:
+        check_rotate(gm, ctx.named, ctx.plan)   # explain reports a rotation that cannot fit
+    return gm
+
+
+def _rotate(gm, ctx):
+    """Once per graph, like ``_smooth`` (deterministic: nothing stored)."""
+    if "rotated" not in ctx.properties:
+        ctx.named = rotate(gm, ctx.named, ctx.plan)
     return gm
 
 
@@ -140,6 +151,7 @@ VALIDATE_PLAN = Pass("validate_plan", _validate, ("planned",), ("validated",))
 COLLECT_STATS = Pass("collect_stats", _collect_stats, ("planned", "validated"),
                      ("stats_collected",))
 SMOOTH = Pass("smooth", _smooth, ("planned",), ("smoothed",))
+ROTATE = Pass("rotate", _rotate, ("planned",), ("rotated",))
 INSERT_OBSERVERS = Pass("insert_observers", _observe, ("planned", "validated"), ("observed",))
 FREEZE_PASS = Pass("freeze", _freeze, ("planned", "observed"), ("frozen",))
 LOWER_FAKE = Pass("lower_fake", lambda gm, ctx: lower_fake(gm, ctx.named, ctx.plan, ctx.frozen),
@@ -155,10 +167,10 @@ FUSE_ATTENTION = Pass("fuse_attention", _fuse, (), ("attention_fused",))
 # transforms (plan.transforms): STATISTICS and a calibration run first when a recipe
 # smooths; the lowerings re-apply stored transforms when an artifact is loaded
 VALIDATE = [VALIDATE_PLAN]
-STATISTICS = [VALIDATE_PLAN, COLLECT_STATS]
-OBSERVE = [VALIDATE_PLAN, SMOOTH, INSERT_OBSERVERS]
+STATISTICS = [VALIDATE_PLAN, ROTATE, COLLECT_STATS]
+OBSERVE = [VALIDATE_PLAN, ROTATE, SMOOTH, INSERT_OBSERVERS]
 FREEZE = [FREEZE_PASS]
-FAKE = [SMOOTH, LOWER_FAKE, SIMPLIFY]
+FAKE = [ROTATE, SMOOTH, LOWER_FAKE, SIMPLIFY]
 INT8 = FAKE + [LOWER_INT8, FUSE_ATTENTION]
 FLOAT_RUNTIME = [SIMPLIFY, FUSE_ATTENTION]   # a float graph run as an int8 artifact runs
 LOWERINGS = {"fake": FAKE, "int8": INT8}
