@@ -50,3 +50,53 @@ def test_format_keeps_the_port():
     text = "type:Linear.input -> a8 static per_tensor\nmlp.down.input? -> a16\n"
     assert format_text(text) == ("type:Linear.input -> a8 per_tensor static\n"
                                  "mlp.down.input?   -> a16\n")
+
+
+# --- transform statements --------------------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+from strategies import selectors  # noqa: E402
+
+from qdsl.config.recipe import Transform  # noqa: E402
+
+transforms = st.one_of(
+    st.builds(lambda sel, a: Transform("smooth", sel, (("alpha", a),)), selectors,
+              st.floats(0.0, 1.0).map(lambda x: round(x, 3))),
+    st.just(Transform("rotate")))
+
+
+@given(st.lists(transforms, min_size=1, max_size=4))
+def test_transforms_format_then_parse_identity(ts):
+    text = "".join(t.text() + "\n" for t in ts)
+    back = parse_recipe(text)
+    assert back.transforms == tuple(ts) and not back.rules
+    assert format_text(text) == text
+    assert Recipe.from_json(back.to_json()).transforms == back.transforms
+
+
+def test_transforms_defaults_order_and_hash():
+    r = parse_recipe("* -> w8\nsmooth type:Linear?  # c\nrotate\n")
+    assert r.transforms == (Transform("smooth", Selector("type", "Linear", True), (("alpha", 0.5),)),
+                            Transform("rotate"))
+    assert format_text("smooth type:Linear?  # c\n") == "smooth type:Linear? alpha=0.5  # c\n"
+    assert parse_recipe("* -> w8").hash() != parse_recipe("* -> w8\nrotate").hash()
+    assert "transforms" not in parse_recipe("* -> w8").to_json()
+
+
+@pytest.mark.parametrize("text, col, message, hint", [
+    ("smooth x alpha=1.5", 10, "`alpha` must be a number in [0, 1], got `1.5`", None),
+    ("smooth x alpha=big", 10, "`alpha` must be a number in [0, 1], got `big`", None),
+    ("smooth x beta=1", 10, "unknown parameter `beta` for `smooth`", "`smooth` takes alpha"),
+    ("smooth x alpha=0.1 alpha=0.2", 20, "parameter `alpha` given twice", None),
+    ("rotate alpha=1", 8, "unknown parameter `alpha` for `rotate`",
+     "`rotate` takes no parameters"),
+    ("smooth mlp.down.input", 16, "`smooth` selects the linears whose inputs it transforms: "
+     "drop `.input`", "write `smooth mlp.down`"),
+    ("smooth -> w8", 8, "unexpected `->`; expected a selector", None),
+])
+def test_transform_errors(text, col, message, hint):
+    from qdsl.errors import RecipeError
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text, "t.qrec")
+    (d,) = e.value.diagnostics
+    assert (d.line, d.col, d.message, d.hint) == (1, col, message, hint)
