@@ -82,7 +82,7 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = zoo.load_model(args.model, require_causal=True)
-    samples = stdlib_bench(args.n, seed=args.seed)
+    samples = stdlib_bench(max(args.n, args.ppl_windows), seed=args.seed)
     cfg = CompletionConfig(args.ctx_tokens, 48, PROMPT_BY_MODEL.get(args.model, DEFAULT_PROMPT))
     common = {"model": args.model, "n": args.n, "seed": args.seed, "lower": args.lower,
               "ppl_windows": args.ppl_windows, "cpu": torch.backends.cpu.get_cpu_capability(),
@@ -98,27 +98,27 @@ def run(args) -> None:
             lm, compile_s = HFCausalLM(model, args.model), 0.0
         else:
             r = load_recipe(data_dir("recipes") / recipe)
-            q = qcompile(model, r, calib="stdlib", lower=args.lower,
+            q = qcompile(model, r, calib="stdlib", tokenizer=tok, lower=args.lower,
                          max_cache_len=args.ctx_tokens + 64,
                          settings=Settings(calib_samples=args.calib_samples))
             lm, compile_s = q.lm(name=label), time.time() - t0
-        res = evaluate(lm, tok, samples, cfg, max_positions=args.ctx_tokens + 63,
-                       ppl_windows=0, progress=False)
+        res = evaluate(lm, tok, samples[:args.n], cfg, max_positions=args.ctx_tokens + 63,
+                       ppl_windows=0, progress=False) if args.n else {"es": None, "em": None}
         res["windows"] = window_nll(lm, tok, samples, args.ppl_windows, args.ctx_tokens)
         nll, ntok = (sum(w[k] for w in res["windows"]) for k in ("nll", "tokens"))
         res["ppl"] = math.exp(nll / ntok)
         res.update(common, label=label, recipe=recipe, compile_seconds=round(compile_s, 1),
                    seconds=round(time.time() - t0, 1))
         write_json_atomic(path, res)
-        print(f"{label}: ES {res['es']:.2f} EM {res['em']:.1f} ppl {res.get('ppl', 0):.3f} "
-              f"({res['seconds']} s)")
+        print(f"{label}: ES {res['es']} EM {res['em']} ppl {res['ppl']:.3f} "
+              f"({res['seconds']} s)", flush=True)
 
 
 def report(args) -> None:
     out = Path(args.out)
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
     base = rows["fp32"]
-    es0 = [s["es"] for s in base["samples"]]
+    es0 = [s["es"] for s in base.get("samples", [])]
     print(f"model {base['model']}, n = {base['n']} stdlib samples (seed {base['seed']}), "
           f"{base['ppl_windows']} perplexity windows; cpu {base['cpu']}, "
           f"{base['threads']} threads\n")
@@ -129,8 +129,8 @@ def report(args) -> None:
         if label not in rows:
             continue
         r = rows[label]
-        es = [s["es"] for s in r["samples"]]
-        if label == "fp32":
+        es = [s["es"] for s in r.get("samples", [])]
+        if label == "fp32" or len(es) < 2:
             diff, sd = "-", "-"
         else:
             m, sd_, lo, hi = paired(es, es0)
@@ -142,14 +142,15 @@ def report(args) -> None:
             b = [w["nll"] / w["tokens"] for w in base["windows"]]
             m, _, lo, hi = paired(a, b)
             ratio = f"{r['ppl'] / base['ppl']:.3f} [{math.exp(lo):.3f}, {math.exp(hi):.3f}]"
-        print(f"| {label} | {r['es']:.2f} | {diff} | {sd} | {r['em']:.1f} | "
-              f"{r['ppl']:.3f} | {ratio} |")
+        es_s = "-" if r["es"] is None else f"{r['es']:.2f}"
+        em_s = "-" if r["em"] is None else f"{r['em']:.1f}"
+        print(f"| {label} | {es_s} | {diff} | {sd} | {em_s} | {r['ppl']:.3f} | {ratio} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--n", type=int, default=100, help="completion samples (0: perplexity only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppl-windows", type=int, default=64)
     p.add_argument("--ctx-tokens", type=int, default=256)
