@@ -140,8 +140,23 @@ def render_summary(plan: QuantPlan, gm: torch.nn.Module, named) -> str:
         f"activations {fmt(a)}",
         f"parameter storage: {st.before / mb:.2f} MB fp32 -> {st.after / mb:.2f} MB "
         f"({st.after / st.before:.2%})",
+        *transform_lines(plan),
         f"graph {plan.graph_hash}  recipe {plan.recipe_hash}",
     ])
+
+
+def transform_lines(plan: QuantPlan) -> list[str]:
+    """What the plan's transforms will change: SmoothQuant groups (tensor -> readers,
+    folded where) and the rotation."""
+    out = []
+    for t in plan.transforms:
+        if t.kind == "rotate":
+            out.append(f"transform rotate ({t.loc}): residual stream by a Hadamard matrix, "
+                       "norm scales folded, online Hadamard before each mlp.down")
+        else:
+            out.append(f"transform smooth ({t.loc}, alpha {t.alpha:g}): {t.producer} -> "
+                       f"{', '.join(t.consumers)} (folded into {t.fold_kind} {t.fold})")
+    return out
 
 
 def dataflow(gm: torch.fx.GraphModule, named):

@@ -127,3 +127,12 @@ def test_smoothing_reduces_the_static_w8a8_error_with_outliers():
         _, q = compile_("llama", W8A8 + extra, model=model)
         errs[name] = (q(ids) - ref).pow(2).mean().item()
     assert errs["smooth"] < errs["plain"], errs
+
+
+def test_explain_summary_lists_the_planned_transforms():
+    ex = explain("smooth type:Linear? alpha=0.5\nrotate\n")
+    lines = [ln for ln in ex.summary().splitlines() if ln.startswith("transform ")]
+    assert lines[0] == ("transform smooth (t.qrec:1:1, alpha 0.5): block.0.ln_1 -> "
+                        "block.0.attn.q, block.0.attn.k, block.0.attn.v (folded into norm "
+                        "block.0.ln_1)")
+    assert lines[-1].startswith("transform rotate (t.qrec:2:1): residual stream")
