@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import Diagnostic, PlanError
 from .config.recipe import Loc, Recipe, Rule
 from .lang.loader import read_text
+from .graph.inputs import fold_target
 from .graph.select import select, suggestions
 from .config.spec import ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, TensorPatch, TensorSpec, resolve
 
@@ -62,6 +63,29 @@ class PlanEntry:
 
 
 @dataclass(frozen=True)
+class PlannedTransform:
+    """A transform fitted to the graph (passes.transform applies it). ``smooth``: one
+    group of linears reading one tensor: the ``producer`` of that tensor, where the
+    scale folds (``fold_kind`` "norm" | "linear", node ``fold``), the ``consumers``
+    (canonical names, graph order) and ``alpha``. ``rotate``: the other fields empty."""
+
+    kind: str
+    loc: str
+    alpha: float = 0.0
+    producer: str = ""
+    fold: str = ""
+    fold_kind: str = ""
+    consumers: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "consumers": list(self.consumers)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlannedTransform:
+        return cls(**{**d, "consumers": tuple(d["consumers"])})
+
+
+@dataclass(frozen=True)
 class QuantPlan:
     """The portable result of matching: entries in graph order, plus what graph they fit."""
 
@@ -70,6 +94,7 @@ class QuantPlan:
     module_map: dict[str, str]
     recipe_hash: str
     warnings: tuple[Diagnostic, ...] = ()
+    transforms: tuple[PlannedTransform, ...] = ()  # in recipe order
 
     def __getitem__(self, name: str) -> PlanEntry:
         return self._by_name()[name]
@@ -101,14 +126,17 @@ class QuantPlan:
                 f"not {named.graph_hash}: re-run explain/compile against this model")])
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"transforms": [t.to_json() for t in self.transforms]} if self.transforms else {}
         return {"graph_hash": self.graph_hash, "recipe_hash": self.recipe_hash,
-                "module_map": self.module_map, "entries": [e.to_json() for e in self.entries]}
+                "module_map": self.module_map, "entries": [e.to_json() for e in self.entries],
+                **extra}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> QuantPlan:
         return cls(entries=tuple(PlanEntry.from_json(e) for e in d["entries"]),
                    graph_hash=d["graph_hash"], module_map=d["module_map"],
-                   recipe_hash=d["recipe_hash"])
+                   recipe_hash=d["recipe_hash"], transforms=tuple(
+                       PlannedTransform.from_json(t) for t in d.get("transforms", ())))
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
@@ -133,9 +161,112 @@ def _diag(rule: Rule, recipe: Recipe, message: str, severity: str = "error",
 
 
 def _patches(rule: Rule) -> dict[str, TensorPatch]:
+    if rule.selector.port is not None:  # `.input`: only the producer's output activation
+        return {ACTIVATION: _SKIP if rule.skip else rule.activation}
     if rule.skip:
         return {WEIGHT: _SKIP, ACTIVATION: _SKIP}
     return {WEIGHT: rule.weight, ACTIVATION: rule.activation}
+
+
+def _input_producers(rule: Rule, recipe: Recipe, hits: list, named, errors: list[Diagnostic],
+                     warnings: list[Diagnostic]) -> list | None:
+    """A `.input` rule's targets: the producers (named nodes whose outputs the matched
+    linears read, ``named.inputs``), each once, in graph order. None after an error:
+    no linear matched, a linear reads no named node's output, or a tensor that several
+    linears read is selected for only some of them. An optional rule skips the linears
+    whose input has no producer. Warns when a producer's output has other readers."""
+    inputs = getattr(named, "inputs", {})
+    sel = f"`{rule.selector.text()}`"
+    linears = [n for n in hits if n.role == "linear"]
+    if not linears:
+        if not rule.selector.optional:
+            ex = hits[0]
+            errors.append(_diag(rule, recipe, f"{sel} sets the input of linears, and none of the "
+                                f"{len(hits)} node(s) it matches is one (e.g. `{ex.name}`, "
+                                f"{ex.role})", hint="`.input` applies to linears; drop it to "
+                                "quantize these nodes' outputs"))
+        return None
+    lost = [n for n in linears if getattr(inputs.get(n.name), "producer", None) is None]
+    if lost and not rule.selector.optional:
+        via = inputs.get(lost[0].name)
+        errors.append(_diag(
+            rule, recipe, f"{sel}: the input of `{lost[0].name}` is not the output of a named "
+            "node" + (f" (it is fx node {via.via})" if via else "") + ", so no quantizer can "
+            "sit on it" + (f"; nor can the inputs of {len(lost) - 1} more" if len(lost) > 1
+                           else ""),
+            hint="narrow the selector, or mark the rule optional (`?`) to set the inputs "
+                 "that have a producer"))
+        return None
+    chosen = {n.name for n in linears}
+    producers: dict[str, object] = {}
+    for n in linears:
+        li = inputs.get(n.name)
+        if li is None or li.producer is None:
+            continue
+        left_out = [r for r in li.readers if r in inputs and r not in chosen]
+        if left_out:
+            errors.append(_diag(
+                rule, recipe, f"{sel}: the input of `{n.name}` is one tensor (the output of "
+                f"`{li.producer}`) with the input of {', '.join(f'`{r}`' for r in left_out)}, "
+                "which this rule does not select",
+                hint="a `.input` rule quantizes the tensor for every linear reading it: "
+                     "select them all (e.g. `attn.*.input`), or quantize none"))
+            return None
+        others = [r for r in li.readers if r not in inputs]
+        if others and li.producer not in producers:
+            warnings.append(_diag(
+                rule, recipe, f"{sel}: the input of `{n.name}` is the output of "
+                f"`{li.producer}`, which {', '.join(others)} also read(s): they read the "
+                "quantized tensor too", severity="warning",
+                hint="qdsl quantizes a node's output once for all its readers"))
+        producers.setdefault(li.producer, named.by_name[li.producer])
+    return sorted(producers.values(), key=lambda p: named.nodes.index(p))
+
+
+def plan_transforms(recipe: Recipe, named, errors: list[Diagnostic]) -> tuple:
+    """Fit each transform statement to the graph. ``smooth SEL``: the linears SEL
+    matches, grouped by the tensor they read; every group must hold all the linears
+    reading that tensor (one scale s for all: q/k/v, gate/up) and have a producer the
+    scale folds into (``graph.inputs.fold_target``) read by nothing else; with `?`,
+    groups that do not fit are left out instead of being errors."""
+    out = []
+    for t in recipe.transforms:
+        if t.kind != "smooth":
+            out.append(PlannedTransform(t.kind, str(t.loc)))
+            continue
+        sel, inputs = t.selector, getattr(named, "inputs", {})
+        hits = [n for n in select(sel, named.nodes) if n.role == "linear"]
+        chosen, groups, bad = {n.name for n in hits}, {}, []
+        for n in hits:
+            li = inputs.get(n.name)
+            why = ("its input is not the output of a named node" if li is None
+                   or li.producer is None else None)
+            if why is None:
+                others = [r for r in li.readers if r not in chosen]
+                fold = fold_target(named, li.producer)
+                why = (f"its input (the output of `{li.producer}`) is also read by "
+                       f"{', '.join(f'`{r}`' for r in others)}, which this statement does not "
+                       "select: one scale is shared by every reader" if others
+                       else fold if isinstance(fold, str) else None)
+            if why is not None:
+                bad.append((n.name, why))
+                continue
+            g = groups.setdefault(li.producer, (fold, []))
+            g[1].append(n.name)
+        if not hits and not sel.optional:
+            bad.append(("", f"no linear matches `{sel.text()}`"))
+        if bad and not sel.optional:
+            name, why = bad[0]
+            errors.append(_diag(t, recipe, f"smooth `{sel.text()}`: cannot smooth "
+                                + (f"`{name}`: {why}" if name else why)
+                                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                                hint="narrow the selector, or mark it optional (`?`) to "
+                                     "smooth only the groups that fit"))
+            continue
+        for producer, ((kind, fold), consumers) in groups.items():
+            out.append(PlannedTransform("smooth", str(t.loc), t.param("alpha"), producer,
+                                        fold, kind, tuple(consumers)))
+    return tuple(out)
 
 
 def build_plan(recipe: Recipe, named) -> QuantPlan:
@@ -147,9 +278,17 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
     owner: dict[str, dict[str, dict[str, int]]] = {n.name: {WEIGHT: {}, ACTIVATION: {}}
                                                    for n in nodes}
     matched: list[list] = []
+    port_warnings: list[Diagnostic] = []
     for i, rule in enumerate(recipe.rules):
         hits = select(rule.selector, nodes)
+        if hits and rule.selector.port == "input":
+            hits = _input_producers(rule, recipe, hits, named, errors, port_warnings)
+            if hits is None:
+                matched.append([])
+                continue
         matched.append(hits)
+        if not hits and rule.selector.port and rule.selector.optional:
+            continue
         if not hits:
             if not rule.selector.optional:
                 near = suggestions(rule.selector, nodes)
@@ -175,6 +314,7 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
                     owner[n.name][kind].pop(f, None)
                 for f in patch.set_fields():
                     owner[n.name][kind][f] = i
+    transforms = plan_transforms(recipe, named, errors)
     if errors:
         raise PlanError(errors)
 
@@ -188,11 +328,11 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
             weight=resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None,
             activation=resolve(ACTIVATION, acc[n.name][ACTIVATION]),
             decided_by={k: v for k, v in decided.items() if v}))
-    warnings = tuple(_shadowed(recipe, matched, owner)) + tuple(
+    warnings = tuple(port_warnings) + tuple(_shadowed(recipe, matched, owner)) + tuple(
         _ineffective(recipe, matched, {e.name: e for e in entries}))
     return QuantPlan(entries=tuple(entries), graph_hash=named.graph_hash,
                      module_map=dict(named.module_map), recipe_hash=recipe.hash(),
-                     warnings=warnings)
+                     warnings=warnings, transforms=transforms)
 
 
 def _overriders(i: int, rule: Rule, hits: list, owner) -> set[int] | None:

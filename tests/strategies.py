@@ -14,7 +14,7 @@ from qdsl.config.spec import (MSE, GroupWise, MinMax, Percentile, PerChannel, Pe
                               PerToken, RunningMinMax, TensorPatch)
 
 _IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,7}", fullmatch=True).filter(
-    lambda s: s not in ("include", "set"))
+    lambda s: s not in ("include", "set", "input", "smooth", "rotate"))  # keywords, the port
 _INDEX = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 5)), min_size=1, max_size=3).map(
     lambda parts: "[" + ",".join(f"{a}-{a + d}" if d else str(a) for a, d in parts) + "]")
 _SEGMENT = st.one_of(_IDENT, st.just("*"), _INDEX, _IDENT.map(lambda s: s + "*"))
@@ -52,9 +52,13 @@ def tensor_patches(kind: str) -> st.SearchStrategy[TensorPatch]:
     return st.one_of(quantized, floating).filter(ok)
 
 
+# `.input` selectors: the input activation of the matched linears (activation options only)
+port_selectors = selectors.map(lambda s: replace(s, port="input"))
 rules = st.one_of(
     st.builds(Rule, selectors, tensor_patches("weight"), tensor_patches("activation")),
     st.builds(Rule, selectors, skip=st.just(True)),
+    st.builds(Rule, port_selectors, st.just(TensorPatch()), tensor_patches("activation")),
+    st.builds(Rule, port_selectors, skip=st.just(True)),
 ).filter(lambda r: r.skip or not (r.weight.is_empty() and r.activation.is_empty()))
 
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config.recipe import Recipe, Rule, Settings
+from ..config.recipe import Recipe, Rule, Settings, Transform
 from ..errors import ArtifactError
 from ..lang.checker import check_document
 from ..lang.loader import read_text
@@ -177,10 +177,12 @@ SETTINGS = Obj({"calib_samples": COUNT, "calib_seq_len": COUNT, "calib_seed": Op
                {"lower_compute": Opt(Str(enum=("bf16", "fp32"))),
                 "export": Opt(Str(enum=("gguf", "compressed-tensors")))})
 LOC = Str(pattern=r"(?s).*:[0-9]{1,9}:[0-9]{1,9}")
+SELECTOR = Obj({"kind": Str(enum=("glob", "op", "type", "re", "module")),
+                "pattern": NAME, "optional": Bool}, {"port": Str(enum=("input",))})
 RECIPE = Obj({"source": NAME, "settings": SETTINGS, "rules": List(Obj({
-    "selector": Obj({"kind": Str(enum=("glob", "op", "type", "re", "module")),
-                     "pattern": NAME, "optional": Bool}),
-    "weight": PATCH, "activation": PATCH, "skip": Bool, "loc": LOC}))})
+    "selector": SELECTOR, "weight": PATCH, "activation": PATCH, "skip": Bool, "loc": LOC}))},
+    {"transforms": List(Obj({"kind": Str(enum=("smooth", "rotate")), "selector": Opt(SELECTOR),
+                             "params": Map(Num(0.0, 1.0)), "loc": LOC}))})
 # format 3: each activation quantizer is its type and the TensorSpec it runs
 ACTIVATION_MODULE = Tagged("type", {t: {"spec": TENSOR_SPEC}
                                     for t in ("FakeQuant", "DynamicFakeQuant", "FloatCast")})
@@ -206,7 +208,8 @@ def _marker(versions: tuple[int, int], activation_module: Check) -> Check:
         "mode": Str(enum=("generate", "plain")),
         "max_cache_len": Int(1, 1 << 20),
         "graph_hash": NAME,
-        "quantizers": Obj({"activations": Map(activation_module), "weights": List(NAME)}),
+        "quantizers": Obj({"activations": Map(activation_module), "weights": List(NAME)},
+                          {"smooth": List(NAME)}),
     }, {
         "int8": Obj({"self_contained": Bool, "fallback": Str(enum=("error", "simulate")),
                      "fallbacks": List(Obj({"node": NAME, "reason": Str()})),
@@ -222,7 +225,12 @@ MARKER_V2 = _marker((1, 2), ACTIVATION_MODULE_V2)
 PLAN = Obj({"graph_hash": NAME, "recipe_hash": NAME, "module_map": Map(NAME),
             "entries": List(Obj({"name": NAME, "role": NAME, "module": NAME,
                                  "weight": Opt(TENSOR_SPEC), "activation": TENSOR_SPEC,
-                                 "decided_by": Map(Map(NAME))}))})
+                                 "decided_by": Map(Map(NAME))}))},
+           {"transforms": List(Obj({"kind": Str(enum=("smooth", "rotate")), "loc": LOC,
+                                    "alpha": Num(0.0, 1.0), "producer": Str(), "fold": Str(),
+                                    "fold_kind": Str(enum=("", "norm", "linear")),
+                                    "consumers": List(NAME)}))})
+
 
 def validate(d: Path, rel: str, value: Any, schema: Check) -> None:
     try:
@@ -304,17 +312,21 @@ def check_recipe(d: Path, meta: dict) -> None:
                             f"{e.message[:200]}" + (f" (and {len(errors) - 1} more errors)"
                                                     if len(errors) > 1 else ""))
     own = [i for i in items if isinstance(i, Rule)]
+    own_transforms = [i for i in items if isinstance(i, Transform)]
     if not any(isinstance(i, IncludeLine) for i in items):
         settings = Settings()
         for s in items:
-            if not isinstance(s, Rule):
+            if not isinstance(s, (Rule, Transform)):
                 settings = settings.then(Settings(**{s.field: s.value}))
-        if Recipe(tuple(own), settings).hash() == meta["recipe"]["hash"]:
+        if Recipe(tuple(own), settings,
+                  transforms=tuple(own_transforms)).hash() == meta["recipe"]["hash"]:
             return
     else:
         mine = [r for r in recorded.rules if r.loc.file == recorded.source]
+        mine_t = [t for t in recorded.transforms if t.loc.file == recorded.source]
         if [(r, r.loc.line, r.loc.col) for r in mine] == \
-                [(r, r.loc.line, r.loc.col) for r in own]:
+                [(r, r.loc.line, r.loc.col) for r in own] and \
+                [(t, t.loc.line) for t in mine_t] == [(t, t.loc.line) for t in own_transforms]:
             return
     raise ArtifactError(f"artifact {d}: recipe.qrec does not agree with the recipe recorded "
                         "in qdsl_artifact.json (hash or rules differ)")

@@ -94,6 +94,8 @@ def check_quant_tensors(d: Path, meta: dict, plan: dict, tensors: dict) -> None:
             key = f"weight.{k}.{part}"
             if key not in stored_in_model:
                 need[key] = (specs[k]["bits"], specs[k]["symmetric"])
+    for k in meta["quantizers"].get("smooth", ()):  # SmoothQuant scales: positive floats
+        need[f"smooth.{k}.scale"] = (8, True)     # (the grid is unused for a .scale)
     for key, grid in need.items():
         required = grid is not None
         t = tensors.get(key)

@@ -2,7 +2,7 @@
 
     recipe text --lang--> Recipe
     model --capture--> fx graph --name--> NamedGraph --match(Recipe)--> QuantPlan
-    (compile) --OBSERVE--> --CALIBRATE + FREEZE + FAKE | INT8--> quantized graph
+    (compile) [--STATISTICS (+ its feed)-->] --OBSERVE--> --CALIBRATE + FREEZE + FAKE | INT8--> quantized graph
     (the pipelines of ``qdsl.passes.pipeline``)
 """
 
@@ -26,8 +26,8 @@ from ..lang import load_recipe, parse_recipe
 from ..models import zoo
 from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibration_windows
 from ..passes.int8_exec import execution
-from ..passes.pipeline import (CALIBRATE, FREEZE, OBSERVE, VALIDATE, Feed, PassContext,
-                               lowering, run)
+from ..passes.pipeline import (CALIBRATE, FREEZE, OBSERVE, STATISTICS, VALIDATE, Feed,
+                               PassContext, lowering, run)
 from ..runtime import kernels
 from ..runtime.graphlm import GraphLM
 from .exportcheck import export_diagnostics, export_verdicts, verdict_rows
@@ -244,14 +244,13 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
             raise RecipeError(errors)
     ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute,
                       export=st.export)
-    run(OBSERVE, captured.gm, ctx, check=check)
-    observers = ctx.observers
-    if observers:
+
+    def calib_feed(what: str) -> Feed:
         source = calib if calib is not None else st.calib_data
         if source is None:
             raise CalibrationError(
-                f"the recipe quantizes {len(observers)} activations statically: give "
-                "calibration data (--calib DIR, or `set calib.data = \"DIR\"` in the recipe)")
+                f"the recipe {what}: give calibration data (--calib DIR, or "
+                "`set calib.data = \"DIR\"` in the recipe)")
         if isinstance(source, torch.Tensor):
             windows = source
         else:
@@ -265,10 +264,19 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
             raise CalibrationError(
                 f"calibration windows of {windows.shape[1]} tokens do not fit: {takes.why}; "
                 f"use windows of {takes.tokens} tokens or less (--seq-len {takes.tokens})")
-        ctx.feed = Feed(_calib_runner(captured, mode, max_cache_len), windows,
-                        batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
-                        progress=progress)
+        return Feed(_calib_runner(captured, mode, max_cache_len), windows,
+                    batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
+                    progress=progress)
+
+    smooths = [t for t in plan.transforms if t.kind == "smooth"]
+    if smooths:  # SmoothQuant's statistics: one calibration run before the observers
+        ctx.feed = calib_feed(f"smooths activations ({len(smooths)} smooth statement(s))")
+        run(STATISTICS, captured.gm, ctx, check=check)
+    run(OBSERVE, captured.gm, ctx, check=check)
+    if ctx.observers and ctx.feed is None:
+        ctx.feed = calib_feed(f"quantizes {len(ctx.observers)} activations statically")
     gm = run(CALIBRATE + lowered, captured.gm, ctx, check=check)
+    named = ctx.named  # a transform may have untied a weight
     ctx.frozen.codes.clear()  # the lowering used freeze's codes; the graph holds its own
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,

@@ -72,6 +72,7 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
                           fallback=meta["int8"]["fallback"] if int8 else "error",
                           lower_compute=meta["settings"].get("lower_compute"))
         gm = run(lowering("int8" if int8 else "fake"), captured.gm, ctx)
+        named = ctx.named  # a transform may have untied a weight
     recipe = Recipe.from_json(meta["recipe"]["rules"],
                               text=(Path(path) / "recipe.qrec").read_text(encoding="utf-8"))
     return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,

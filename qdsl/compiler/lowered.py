@@ -122,8 +122,10 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
                                     {k: t.to("meta") for k, t in tensors.items()})
         with warnings.catch_warnings():  # fallbacks were reported when compiling
             warnings.simplefilter("ignore")
-            gm = run(INT8, gm, PassContext(named, plan, frozen=on_meta, fallback=info["fallback"],
-                                           lower_compute=meta["settings"].get("lower_compute")))
+            ctx = PassContext(named, plan, frozen=on_meta, fallback=info["fallback"],
+                              lower_compute=meta["settings"].get("lower_compute"))
+            gm = run(INT8, gm, ctx)
+            named = ctx.named  # a transform may have untied a weight
     # tensors at the file's offsets can be 8-byte aligned; aten._weight_int8pack_mm
     # (Int8WeightOnlyLinear, 2..4 rows) segfaults on an int8 weight not 16-byte aligned
     # with 4 rows: a 4-token prompt or a batch of 4. A copy is 64-byte aligned.

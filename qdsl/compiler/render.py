@@ -85,10 +85,23 @@ def rows(plan: QuantPlan, named, execution=None) -> list[dict[str, Any]]:
                "weight": _cell(e.weight), "activation": _cell(e.activation),
                "rule": _rule_cell(e), "weight_spec": e.weight.to_json() if e.weight else None,
                "activation_spec": e.activation.to_json(), "decided_by": e.decided_by}
+        li = getattr(named, "inputs", {}).get(node.name)
+        if li is not None:  # a linear: what it reads (its producer's output activation)
+            row["input"] = _input_cell(plan, li)
+            row["input_from"] = li.producer
         if execution is not None:
             row["exec"] = execution(e)
         out.append(row)
     return out
+
+
+def _input_cell(plan: QuantPlan, li) -> str:
+    """A linear's input: its producer's activation spec and the producer's name
+    (without ``block.N.``), or where the input comes from if no named node makes it."""
+    if li.producer is None:
+        return f"float (not a named output: {li.via.split(' ')[0]})"
+    short = li.producer.split(".", 2)[2] if li.producer.startswith("block.") else li.producer
+    return f"{plan[li.producer].activation.describe()} <- {short}"
 
 
 def _rule_cell(e: PlanEntry) -> str:
@@ -100,12 +113,15 @@ def _rule_cell(e: PlanEntry) -> str:
 
 def render_table(table_rows: list[dict[str, Any]]) -> str:
     cols = ["name", "role", "module", "weight", "activation", "rule"]
+    if any("input" in r for r in table_rows):  # linears: the activation they read
+        cols.insert(4, "input")
     if table_rows and "exec" in table_rows[0]:
-        cols.insert(5, "exec")
-    widths = {c: max([len(c)] + [len(str(r[c])) for r in table_rows]) for c in cols}
+        cols.insert(cols.index("rule"), "exec")
+    widths = {c: max([len(c)] + [len(str(r.get(c, "-"))) for r in table_rows]) for c in cols}
     line = "  ".join(c.ljust(widths[c]) for c in cols)
     out = [line, "  ".join("-" * widths[c] for c in cols)]
-    out += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip() for r in table_rows]
+    out += ["  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols).rstrip()
+            for r in table_rows]
     return "\n".join(out)
 
 
@@ -124,8 +140,23 @@ def render_summary(plan: QuantPlan, gm: torch.nn.Module, named) -> str:
         f"activations {fmt(a)}",
         f"parameter storage: {st.before / mb:.2f} MB fp32 -> {st.after / mb:.2f} MB "
         f"({st.after / st.before:.2%})",
+        *transform_lines(plan),
         f"graph {plan.graph_hash}  recipe {plan.recipe_hash}",
     ])
+
+
+def transform_lines(plan: QuantPlan) -> list[str]:
+    """What the plan's transforms will change: SmoothQuant groups (tensor -> readers,
+    folded where) and the rotation."""
+    out = []
+    for t in plan.transforms:
+        if t.kind == "rotate":
+            out.append(f"transform rotate ({t.loc}): residual stream by a Hadamard matrix, "
+                       "norm scales folded, online Hadamard before each mlp.down")
+        else:
+            out.append(f"transform smooth ({t.loc}, alpha {t.alpha:g}): {t.producer} -> "
+                       f"{', '.join(t.consumers)} (folded into {t.fold_kind} {t.fold})")
+    return out
 
 
 def dataflow(gm: torch.fx.GraphModule, named):

@@ -15,6 +15,8 @@ from typing import Any
 from .spec import TensorPatch
 
 SELECTOR_KINDS = ("glob", "op", "type", "re", "module")
+# Ports a selector may name after its pattern: `.input` = the tensor a linear reads.
+PORTS = ("input",)
 
 
 @dataclass(frozen=True)
@@ -42,31 +44,46 @@ class Selector:
       * ``re``     Python regex over canonical names (full match).
       * ``module`` glob over the original module path: ``module:transformer.h.*.mlp.c_fc``.
     ``optional``: the rule may match nothing without an error (``?`` suffix).
+    ``port``: None = the matched nodes themselves (their weight and output); ``"input"``
+    (``.input`` after the pattern) = the input activation of each matched linear, i.e.
+    the output of the named node it reads (docs/language.md, "Linear inputs").
     """
 
     kind: str
     pattern: str
     optional: bool = False
+    port: str | None = None
 
     def __post_init__(self) -> None:
         assert self.kind in SELECTOR_KINDS, f"unknown selector kind {self.kind!r}"
+        assert self.port is None or self.port in PORTS, f"unknown port {self.port!r}"
 
     def text(self) -> str:
         """The selector as a recipe writes it (``selector_text``)."""
-        return selector_text(self.kind, self.pattern, self.optional)
+        return selector_text(self.kind, self.pattern, self.optional, self.port)
+
+    def to_json(self) -> dict[str, Any]:
+        """``port`` only when set, so recipes without one keep their hashes."""
+        d: dict[str, Any] = {"kind": self.kind, "pattern": self.pattern,
+                             "optional": self.optional}
+        if self.port is not None:
+            d["port"] = self.port
+        return d
 
 
-def selector_text(kind: str, pattern: str, optional: bool = False) -> str:
+def selector_text(kind: str, pattern: str, optional: bool = False,
+                  port: str | None = None) -> str:
     """A selector as recipe text, which parses back to the same selector: a glob bare,
-    ``re:"PATTERN"`` quoted, any other kind ``KIND:PATTERN``; ``?`` if optional. The one
-    renderer: the formatter, the syntax tree and the planner's messages all use it."""
+    ``re:"PATTERN"`` quoted, any other kind ``KIND:PATTERN``; ``.PORT`` if a port is
+    named; ``?`` if optional. The one renderer: the formatter, the syntax tree and the
+    planner's messages all use it."""
     if kind == "glob":
         body = pattern
     elif kind == "re":
         body = f're:"{pattern}"'
     else:
         body = f"{kind}:{pattern}"
-    return body + ("?" if optional else "")
+    return body + (f".{port}" if port else "") + ("?" if optional else "")
 
 
 @dataclass(frozen=True)
@@ -84,10 +101,55 @@ class Rule:
     loc: Loc = field(default=Loc("<string>", 1, 1), compare=False)
 
     def sets_weight(self) -> bool:
-        return self.skip or not self.weight.is_empty()
+        return self.selector.port is None and (self.skip or not self.weight.is_empty())
 
     def sets_activation(self) -> bool:
         return self.skip or not self.activation.is_empty()
+
+
+# transform -> its parameters and their defaults (docs/algorithms.md)
+TRANSFORM_PARAMS: dict[str, dict[str, float]] = {
+    "smooth": {"alpha": 0.5},   # SmoothQuant migration strength, 0..1
+    "rotate": {},               # QuaRot-style Hadamard rotation of the residual stream
+}
+
+
+@dataclass(frozen=True)
+class Transform:
+    """``smooth SELECTOR alpha=A`` or ``rotate``: a graph transform that runs before
+    the observers (passes.transform). ``params``: (name, value) pairs, every one of
+    ``TRANSFORM_PARAMS[kind]`` given (the checker fills in the defaults)."""
+
+    kind: str
+    selector: Selector | None = None
+    params: tuple[tuple[str, float], ...] = ()
+    loc: Loc = field(default=Loc("<string>", 1, 1), compare=False)
+
+    def __post_init__(self) -> None:
+        assert self.kind in TRANSFORM_PARAMS, f"unknown transform {self.kind!r}"
+
+    def param(self, name: str) -> float:
+        return dict(self.params).get(name, TRANSFORM_PARAMS[self.kind][name])
+
+    def text(self) -> str:
+        """The statement as a recipe writes it."""
+        parts = [self.kind] + ([self.selector.text()] if self.selector else [])
+        return " ".join(parts + [f"{k}={v!r}" for k, v in self.params])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind,
+                "selector": self.selector.to_json() if self.selector else None,
+                "params": {k: v for k, v in self.params}, "loc": str(self.loc)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Transform:
+        return cls(d["kind"], Selector(**d["selector"]) if d["selector"] else None,
+                   tuple(d["params"].items()), _loc(d["loc"]))
+
+
+def _loc(s: str) -> Loc:
+    file, line, col = s.rsplit(":", 2)
+    return Loc(file, int(line), int(col))
 
 
 @dataclass(frozen=True)
@@ -144,14 +206,16 @@ class Recipe:
     settings: Settings = field(default_factory=Settings)
     source: str = "<string>"  # the file it was read from
     text: str = ""  # the file's text, as written (kept in artifacts)
+    transforms: tuple[Transform, ...] = ()  # in file order (includes spliced in)
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"transforms": [t.to_json() for t in self.transforms]} if self.transforms else {}
         return {
+            **extra,
             "source": self.source,
             "settings": self.settings.to_json(),
             "rules": [{
-                "selector": {"kind": r.selector.kind, "pattern": r.selector.pattern,
-                             "optional": r.selector.optional},
+                "selector": r.selector.to_json(),
                 "weight": r.weight.to_json(), "activation": r.activation.to_json(),
                 "skip": r.skip, "loc": str(r.loc)} for r in self.rules],
         }
@@ -163,16 +227,18 @@ class Recipe:
             file, line, col = s.rsplit(":", 2)
             return Loc(file, int(line), int(col))
 
+        transforms = tuple(Transform.from_json(t) for t in d.get("transforms", ()))
         rules = tuple(Rule(selector=Selector(**r["selector"]),
                            weight=TensorPatch.from_json(r["weight"]),
                            activation=TensorPatch.from_json(r["activation"]),
                            skip=r["skip"], loc=loc(r["loc"])) for r in d["rules"])
-        return cls(rules=rules, settings=Settings(**d["settings"]), source=d["source"], text=text)
+        return cls(rules=rules, settings=Settings(**d["settings"]), source=d["source"], text=text,
+                   transforms=transforms)
 
     def hash(self) -> str:
         """Content hash of the meaning (rules and settings), not of the formatting."""
         payload = self.to_json()
         payload.pop("source")
-        for r in payload["rules"]:
+        for r in payload["rules"] + payload.get("transforms", []):
             r.pop("loc")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,7 +6,7 @@ where a pass acts), ``NamedGraph`` (all of a graph's, in graph order) and ``Draf
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch.fx import Node
 
@@ -50,6 +50,9 @@ class NamedGraph:
     graph_hash: str
     module_map: dict[str, str]        # canonical name -> module path
     blocks: int
+    # linear's canonical name -> what it reads (qdsl.graph.inputs.LinearInput); empty for
+    # graphs named without it (tests' synthetic graphs): `.input` rules then find nothing
+    inputs: dict = field(default_factory=dict, compare=False)
 
     def __getitem__(self, name: str) -> NamedNode:
         return self.by_name[name]

@@ -18,6 +18,7 @@ import networkx as nx
 from torch.fx import Node
 
 from qdsl.graph.attrs import param
+from qdsl.graph.inputs import linear_inputs
 from qdsl.graph.named import ROLES, Drafts, NamedGraph, NamedNode  # noqa: F401 (re-exported)
 from qdsl.graph.ops import INDEX_VIEWS, PASSTHROUGH_OPS, opname
 from qdsl.graph.roles import (GraphFacts, Scope, Unit, build_facts, graph_hash, has_nonlinearity,
@@ -38,7 +39,8 @@ def name_graph(captured) -> NamedGraph:
     _name_leftovers(drafts)
     nodes = drafts.finish()
     return NamedGraph(nodes, {n.name: n for n in nodes}, graph_hash(gm),
-                      {n.name: n.module for n in nodes}, len(facts.blocks))
+                      {n.name: n.module for n in nodes}, len(facts.blocks),
+                      linear_inputs(gm, nodes))
 
 
 # -- blocks ------------------------------------------------------------------

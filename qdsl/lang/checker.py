@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Diagnostic
-from ..config.recipe import SETTING_CHOICES, SETTING_KEYS, Loc, Rule, Selector
+from ..config.recipe import SETTING_CHOICES, SETTING_KEYS, Loc, Rule, Selector, Transform
 from ..config.spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
 from .parser import did_you_mean, clip
 from .presets import PRESETS, preset_options, preset_text
-from .syntax import Document, IncludeLine, Option, RuleLine, SelectorNode, SettingLine
+from .linears import check_port_spec, check_transform
+from .selectors import check_selector
+from .syntax import Document, IncludeLine, Option, RuleLine, SelectorNode, SettingLine, TransformLine
 
 _BITS = re.compile(r"([wa])(\d+)")
-_RANGE_SET = re.compile(r"\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*")
-_SEGMENT = re.compile(r"(?:[A-Za-z0-9_*]|\[[^\]]*\])+")
 ALL_WORDS = sorted([*OPTIONS, *PRESETS, "skip", "observer"])
 
 
@@ -62,7 +62,7 @@ class _Reporter:
                                      hint and clip(hint), self.doc.source_line(self.line)))
 
 
-def check_document(doc: Document) -> tuple[list[Rule | SettingItem | IncludeLine],
+def check_document(doc: Document) -> tuple[list[Rule | SettingItem | IncludeLine | Transform],
                                            list[Diagnostic], dict[int, SpecMeaning]]:
     """Check every statement; return the items in order, all diagnostics, and
     each rule's meaning by line number (the formatter prints from it)."""
@@ -75,7 +75,7 @@ def check_document(doc: Document) -> tuple[list[Rule | SettingItem | IncludeLine
         if isinstance(node, RuleLine):
             sel = check_selector(node.selector, err)
             meaning = interpret_spec(node.options, err)
-            if sel and meaning and not err.diags:
+            if sel and meaning and check_port_spec(node, meaning, err) and not err.diags:
                 meanings[node.line] = meaning
                 items.append(Rule(sel, meaning.weight, meaning.activation, meaning.skip,
                                   Loc(doc.file, node.line, node.selector.col)))
@@ -88,76 +88,11 @@ def check_document(doc: Document) -> tuple[list[Rule | SettingItem | IncludeLine
                         severity="warning")
                 seen_keys[item.key] = node.line
                 items.append(item)
-        elif isinstance(node, IncludeLine):
-            items.append(node)
+        elif isinstance(node, (IncludeLine, TransformLine)):  # transforms: lang.linears
+            items.extend([node] if isinstance(node, IncludeLine)
+                         else check_transform(node, doc.file, err, check_selector))
         diags.extend(err.diags)
     return items, diags, meanings
-
-
-# --------------------------------------------------------------------------
-# Selectors.
-
-
-def check_selector(node: SelectorNode, err: _Reporter) -> Selector | None:
-    n = len(err.diags)
-    if node.kind in ("glob", "module"):
-        _check_glob(node.pattern, node.pattern_col, err, node.kind)
-    elif node.kind in ("op", "type"):
-        if not node.pattern:
-            example = "op:softmax" if node.kind == "op" else "type:Linear"
-            err(node.col, f"empty `{node.kind}:` selector", f"e.g. `{example}`")
-    else:
-        try:
-            re.compile(node.pattern)
-        except re.error as e:
-            err(node.pattern_col + (e.pos or 0), f"invalid regular expression: {e.msg}")
-        except (RecursionError, OverflowError, ValueError, MemoryError):
-            err(node.pattern_col, "regular expression is too complex to compile")
-    return Selector(node.kind, node.pattern, node.optional) if len(err.diags) == n else None
-
-
-def _check_glob(pattern: str, col: int, err: _Reporter, kind: str) -> None:
-    if not pattern:
-        err(col, "empty `module:` selector", "e.g. `module:transformer.h.*.mlp.c_fc`")
-        return
-    start = 0
-    for seg in _split_segments(pattern):
-        where = col + start
-        if not seg:
-            err(where, f"empty name segment in selector `{pattern}`",
-                "segments are separated by single dots: `block.*.res_sum`")
-            return
-        if not _SEGMENT.fullmatch(seg):
-            err(where, f"malformed selector segment `{seg}`")
-            return
-        for m in re.finditer(r"\[([^\]]*)\]", seg):
-            _check_index_set(m.group(1), where + m.start(), err)
-        start += len(seg) + 1
-
-
-def _split_segments(pattern: str) -> list[str]:
-    segs, depth, cur = [], 0, []
-    for ch in pattern:
-        if ch == "." and depth == 0:
-            segs.append("".join(cur))
-            cur = []
-            continue
-        depth += ch == "["
-        depth -= ch == "]"
-        cur.append(ch)
-    segs.append("".join(cur))
-    return segs
-
-
-def _check_index_set(body: str, col: int, err: _Reporter) -> None:
-    if not _RANGE_SET.fullmatch(body):
-        err(col, f"bad index set `[{body}]`",
-            "write numbers and ranges, e.g. `[0-5]` or `[0,2,4-6]`")
-        return
-    for part in body.split(","):
-        lo, _, hi = part.partition("-")
-        if hi and int(lo) > int(hi):
-            err(col, f"bad index range `{part}`: {lo} is greater than {hi}")
 
 
 # --------------------------------------------------------------------------

@@ -12,12 +12,12 @@ lines become one, and ``->`` is aligned within a block of consecutive rules.
 from __future__ import annotations
 
 from ..errors import RecipeError
-from ..config.recipe import Rule
+from ..config.recipe import Rule, Transform
 from ..config.spec import ACTIVATION, GRANULARITIES, WEIGHT, TensorPatch, format_option
 from .checker import SpecMeaning, check_document
 from .parser import parse_document, quote
 from .presets import preset_text
-from .syntax import BlankLine, CommentLine, IncludeLine, RuleLine, SettingLine
+from .syntax import BlankLine, CommentLine, IncludeLine, RuleLine, SettingLine, TransformLine
 
 ALIGN_MAX = 40  # selectors longer than this do not widen their block's `->` column
 COMMENT_MAX = 80  # trailing comments align at most at this column
@@ -27,7 +27,8 @@ def format_text(text: str, file: str = "<string>") -> str:
     """Canonical form of recipe text; raises ``RecipeError`` if the text has errors
     (includes are not followed: formatting is per file)."""
     doc, diags = parse_document(text, file)
-    _, check_diags, meanings = check_document(doc)
+    items, check_diags, meanings = check_document(doc)
+    transforms = {t.loc.line: t for t in items if isinstance(t, Transform)}
     errors = [d for d in [*diags, *check_diags] if d.severity == "error"]
     if errors:
         raise RecipeError(errors)
@@ -58,6 +59,8 @@ def format_text(text: str, file: str = "<string>") -> str:
             out.append(_with_comment(f"set {node.key} = {_value(node)}", node.comment))
         elif isinstance(node, IncludeLine):
             out.append(_with_comment(f"include {quote(node.path)}", node.comment))
+        elif isinstance(node, TransformLine):
+            out.append(_with_comment(transforms[node.line].text(), node.comment))
     flush()
     while out and out[-1] == "":
         out.pop()

@@ -28,7 +28,8 @@ def _build() -> type:
                                 String, Text, Whitespace)
 
     class QrecLexer(RegexLexer):
-        """qdsl quantization recipes (.qrec): `SELECTOR -> SPEC` rules, `set`, `include`."""
+        """qdsl quantization recipes (.qrec): `SELECTOR -> SPEC` rules, `set`, `include`,
+        the transforms `smooth SELECTOR alpha=A` and `rotate`."""
 
         name = "qrec"
         aliases = ["qrec", "qdsl"]
@@ -42,6 +43,7 @@ def _build() -> type:
                 (r"(set)([ \t]+)([A-Za-z_][\w.]*)([ \t]*)(=)",
                  bygroups(Keyword, Whitespace, Name.Variable, Whitespace, Operator), "value"),
                 (r"(include)\b", Keyword.Namespace, "value"),
+                (r"(smooth|rotate)\b", Keyword, "transform"),  # a statement word, never a selector
                 (r're:"(?:[^"\\\n]|\\.)*"\??', String.Regex),
                 (r"(op:|type:|module:)([\w.*\[\],-]*)(\??)",
                  bygroups(Name.Builtin, Name.Tag, Operator)),
@@ -55,6 +57,17 @@ def _build() -> type:
                 (r"[A-Za-z_]\w*", Name.Constant),
                 (r"#.*$", Comment.Single),
                 (r"\n", Whitespace, "#pop"),
+            ],
+            "transform": [                                  # smooth SELECTOR alpha=A / rotate
+                (r"[ \t]+", Whitespace),
+                (r"#.*$", Comment.Single),
+                (r"\n", Whitespace, "#pop"),
+                (r"([A-Za-z_]\w*)(=)", bygroups(Name.Attribute, Operator)),
+                (r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?=\s|#|$)", Number),
+                (r're:"(?:[^"\\\n]|\\.)*"\??', String.Regex),
+                (r"(op:|type:|module:)([\w.*\[\],-]*)(\??)",
+                 bygroups(Name.Builtin, Name.Tag, Operator)),
+                (r"[\w.*\[\],-]+\??", Name.Tag),
             ],
             "spec": [
                 (r"[ \t]+", Whitespace),

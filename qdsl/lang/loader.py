@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Diagnostic, RecipeError
-from ..config.recipe import Recipe, Rule, Settings
+from ..config.recipe import Recipe, Rule, Settings, Transform
 from ..resources import data_dir
 from .checker import SettingItem, check_document
 from .exportrules import rule_diagnostics
@@ -43,6 +43,7 @@ RECIPE_SUFFIX = ".qrec"
 @dataclass
 class _Result:
     rules: list[Rule] = field(default_factory=list)
+    transforms: list[Transform] = field(default_factory=list)
     settings: list[SettingItem] = field(default_factory=list)
     diags: list[Diagnostic] = field(default_factory=list)
     files: int = 0  # included files read so far (MAX_INCLUDED_FILES)
@@ -190,7 +191,8 @@ def _finish(out: _Result, file: str, text: str) -> Recipe:
     settings = Settings()
     for s in out.settings:
         settings = settings.then(Settings(**{s.field: s.value}))
-    return Recipe(tuple(out.rules), settings, source=file, text=text)
+    return Recipe(tuple(out.rules), settings, source=file, text=text,
+                  transforms=tuple(out.transforms))
 
 
 def _compile(text: str, file: str, base: Path, stack: tuple[Path, ...], out: _Result) -> None:
@@ -200,6 +202,8 @@ def _compile(text: str, file: str, base: Path, stack: tuple[Path, ...], out: _Re
     for item in items:
         if isinstance(item, Rule):
             out.rules.append(item)
+        elif isinstance(item, Transform):
+            out.transforms.append(item)
         elif isinstance(item, SettingItem):
             out.settings.append(item)
         else:  # the included file's rules and settings land here, in place

@@ -22,7 +22,7 @@ from ..errors import Diagnostic
 from ..resources import data_dir
 from .chars import first_refused
 from .syntax import (Arg, BlankLine, CommentLine, Document, IncludeLine, Line, Option,
-                     RuleLine, SelectorNode, SettingLine)
+                     RuleLine, SelectorNode, SettingLine, TransformLine)
 
 MAX_LINE = 10_000  # characters; longer lines are refused with one error
 SELECTOR_KINDS = ("op", "type", "module", "re")
@@ -32,9 +32,11 @@ _TERMINALS = {
     "_ARROW": "`->`", "_COMMA": "`,`", "_EQ": "`=`", "_LPAR": "`(`", "_RPAR": "`)`",
     "GLOB": "a selector", "OP_SEL": "a selector", "TYPE_SEL": "a selector",
     "MODULE_SEL": "a selector", "RE_SEL": "a selector", "OPTIONAL": "`?`",
+    "PORT": "`.input`",
     "TARGET": "`w.` or `a.`", "WORD": "a word", "KEY": "a setting name",
     "NUMBER": "a number", "STRING": 'a "string"', "COMMENT": "a comment",
-    "INCLUDE": "`include`", "SET": "`set`", "$END": "the end of the line",
+    "INCLUDE": "`include`", "SET": "`set`", "SMOOTH": "`smooth`", "ROTATE": "`rotate`",
+    "$END": "the end of the line",
 }
 SPEC_EXAMPLE = "a spec is options such as `w8 per_channel`, `a16`, `w8a8` or `skip`"
 
@@ -217,21 +219,35 @@ def _line_node(tree: Tree, n: int, col: int) -> Line:
             to_number(vtok.value) if value.data == "number" else vtok.value)
         return SettingLine(n, col, key.value, v, str(value.data), vtok.column, comment,
                            key.column)
+    if stmt.data in ("smooth", "rotate"):
+        sel = [c for c in stmt.children if isinstance(c, Tree) and c.data.endswith("_selector")]
+        params = tuple(_arg(c) for c in stmt.children if isinstance(c, Tree)
+                       and c.data == "kwarg")
+        return TransformLine(n, col, str(stmt.data), _selector(sel[0]) if sel else None,
+                             params, comment)
     selector, spec = stmt.children
     return RuleLine(n, _selector(selector), tuple(_option(o) for o in spec.children), comment)
 
 
+PORT_SEGMENT = ".input"  # a last segment naming the input port (docs/language.md)
+
+
 def _selector(tree: Tree) -> SelectorNode:
     tok = tree.children[0]
-    optional = len(tree.children) > 1
+    rest = tree.children[1:]
+    optional = any(t.type == "OPTIONAL" for t in rest)
     kind = str(tree.data).removesuffix("_selector")
     text = tok.value
-    if kind == "glob":
-        return SelectorNode("glob", text, optional, tok.column, tok.column)
     if kind == "re":  # re:"..." : the pattern is raw (backslashes kept for the regex)
-        return SelectorNode("re", text[4:-1], optional, tok.column, tok.column + 4)
-    prefix = len(kind) + 1
-    return SelectorNode(kind, text[prefix:], optional, tok.column, tok.column + prefix)
+        port = next((t for t in rest if t.type == "PORT"), None)
+        return SelectorNode("re", text[4:-1], optional, tok.column, tok.column + 4,
+                            port.value[1:] if port else None, port.column if port else 0)
+    prefix = 0 if kind == "glob" else len(kind) + 1
+    pattern, port, port_col = text[prefix:], None, 0
+    if pattern.endswith(PORT_SEGMENT) and len(pattern) > len(PORT_SEGMENT):
+        pattern, port = pattern[:-len(PORT_SEGMENT)], PORT_SEGMENT[1:]
+        port_col = tok.column + prefix + len(pattern)
+    return SelectorNode(kind, pattern, optional, tok.column, tok.column + prefix, port, port_col)
 
 
 def _option(tree: Tree) -> Option:

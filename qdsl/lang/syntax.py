@@ -55,9 +55,11 @@ class SelectorNode:
     optional: bool
     col: int  # where the selector starts
     pattern_col: int  # where the pattern starts (after `op:`, inside `re:"`)
+    port: str | None = None  # `input` when the selector ends in `.input`
+    port_col: int = 0  # where `.PORT` starts
 
     def text(self) -> str:
-        return selector_text(self.kind, self.pattern, self.optional)
+        return selector_text(self.kind, self.pattern, self.optional, self.port)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,18 @@ class IncludeLine:
 
 
 @dataclass(frozen=True)
+class TransformLine:
+    """``smooth SELECTOR name=value ...`` or ``rotate name=value ...``."""
+
+    line: int
+    col: int
+    kind: str  # 'smooth' | 'rotate'
+    selector: SelectorNode | None
+    params: tuple[Arg, ...]
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
 class CommentLine:
     line: int
     text: str  # starts with '#'
@@ -100,8 +114,8 @@ class BlankLine:
     line: int
 
 
-Statement = Union[RuleLine, SettingLine, IncludeLine]
-Line = Union[RuleLine, SettingLine, IncludeLine, CommentLine, BlankLine]
+Statement = Union[RuleLine, SettingLine, IncludeLine, TransformLine]
+Line = Union[RuleLine, SettingLine, IncludeLine, TransformLine, CommentLine, BlankLine]
 
 
 @dataclass(frozen=True)

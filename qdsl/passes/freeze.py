@@ -35,6 +35,7 @@ class Frozen:
     activations: dict[str, nn.Module] = field(default_factory=dict)
     weights: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # (scale, zero_point)
     codes: dict[str, Tensor] = field(default_factory=dict)
+    smooth: dict[str, Tensor] = field(default_factory=dict)  # producer -> SmoothQuant scales
 
     def to_state(self) -> tuple[dict, dict[str, Tensor]]:
         """(JSON config, flat tensors for safetensors: ``act.<name>.<buffer>``, ``weight.<name>.scale``)."""
@@ -47,6 +48,9 @@ class Frozen:
         for k, (scale, zero_point) in self.weights.items():
             tensors[f"weight.{k}.scale"] = scale.contiguous()
             tensors[f"weight.{k}.zero_point"] = zero_point.contiguous()
+        if self.smooth:  # only when used: artifacts without transforms keep their form
+            config["smooth"] = sorted(self.smooth)
+            tensors.update({f"smooth.{k}.scale": s.contiguous() for k, s in self.smooth.items()})
         return config, tensors
 
     @classmethod
@@ -68,7 +72,10 @@ class Frozen:
                 raise ValueError(f"weight quantizer {k}: tensor weight.{k}.scale or "
                                  ".zero_point is missing")
             weights[k] = (scale, zero_point)
-        return cls(acts, weights)
+        smooth = {k: tensors.get(f"smooth.{k}.scale") for k in config.get("smooth", ())}
+        if any(s is None for s in smooth.values()):
+            raise ValueError("a smooth scale tensor smooth.<node>.scale is missing")
+        return cls(acts, weights, smooth=smooth)
 
 
 @torch.no_grad()

@@ -36,6 +36,8 @@ from .lower_fake import lower_fake
 from .lower_int8 import INT8_PREFIX, lower_int8
 from .record import insert_recorders
 from .simplify import drop_noops
+from .rotate import check_rotate, rotate
+from .transform import collect_stats, smooth
 from .validate import validate_plan
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,11 @@ class PassContext:
     plan-free passes, e.g. ``FLOAT_RUNTIME``). ``observers``: set by
     ``insert_observers``; ``frozen``: set by ``freeze`` or given (an artifact's).
     ``fallback`` / ``lower_compute``: ``lower_int8``'s settings. ``feed``: the data
-    ``calibrate`` / ``record`` run through the graph; ``record_names``: the nodes
+    ``calibrate`` / ``record`` / ``feed_stats`` run through the graph; ``record_names``: the nodes
     ``insert_recorders`` records, ``recorders`` what it inserted. ``properties``:
-    the names the passes run so far ensured (the runner adds them)."""
+    the names the passes run so far ensured (the runner adds them). ``stats`` /
+    ``smooth``: the transforms' calibration statistics and SmoothQuant scales; a
+    transform pass may replace ``named`` (a weight it untied)."""
 
     named: Any = None
     plan: Any = None
@@ -75,6 +79,8 @@ class PassContext:
     recorders: dict | None = None
     export: str | None = None  # `set export`: freeze rounds weight scales to fp16 for gguf
     properties: set[str] = field(default_factory=set)
+    stats: dict | None = None    # collect_stats' modules (smooth's statistics)
+    smooth: dict | None = None   # smooth's scales per producer, once computed
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,10 @@ PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
     "simplified": _ran("simplified"),
     "int8_lowered": _ran("int8_lowered"),
     "attention_fused": _ran("attention_fused"),
+    "stats_collected": lambda gm, ctx: ctx.stats is not None,
+    "stats_fed": _ran("stats_fed"),
+    "smoothed": _ran("smoothed"),
+    "rotated": _ran("rotated"),
 }
 
 
@@ -113,6 +123,15 @@ PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
 
 def _validate(gm, ctx):
     validate_plan(gm, ctx.named, ctx.plan)
+    if "rotated" not in ctx.properties:
+        check_rotate(gm, ctx.named, ctx.plan)   # explain reports a rotation that cannot fit
+    return gm
+
+
+def _rotate(gm, ctx):
+    """Once per graph, like ``_smooth`` (deterministic: nothing stored)."""
+    if "rotated" not in ctx.properties:
+        ctx.named = rotate(gm, ctx.named, ctx.plan)
     return gm
 
 
@@ -146,6 +165,21 @@ def _record(gm, ctx):
 
 def _freeze(gm, ctx):
     ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers, export=ctx.export)
+    ctx.frozen.smooth = dict(ctx.smooth or {})
+    return gm
+
+
+def _collect_stats(gm, ctx):
+    ctx.stats = collect_stats(gm, ctx.named, ctx.plan)
+    return gm
+
+
+def _smooth(gm, ctx):
+    """Once per graph: compile runs it in OBSERVE, load in the lowering (stored scales)."""
+    if "smoothed" not in ctx.properties:
+        stored = ctx.frozen.smooth if ctx.frozen is not None else None
+        ctx.named, ctx.smooth = smooth(gm, ctx.named, ctx.plan, ctx.smooth or stored, ctx.stats)
+        ctx.stats = None
     return gm
 
 
@@ -161,6 +195,10 @@ def _fuse(gm, ctx):
 
 
 VALIDATE_PLAN = Pass("validate_plan", _validate, ("planned",), ("validated",))
+COLLECT_STATS = Pass("collect_stats", _collect_stats, ("planned", "validated"),
+                     ("stats_collected",))
+SMOOTH = Pass("smooth", _smooth, ("planned",), ("smoothed",))
+ROTATE = Pass("rotate", _rotate, ("planned",), ("rotated",))
 INSERT_OBSERVERS = Pass("insert_observers", _observe, ("planned", "validated"), ("observed",))
 CALIBRATE_PASS = Pass("calibrate", _calibrate, ("observed",), ("calibrated",))
 FREEZE_PASS = Pass("freeze", _freeze, ("planned", "observed"), ("frozen",))
@@ -173,17 +211,20 @@ LOWER_INT8 = Pass("lower_int8", lambda gm, ctx: lower_int8(
 FUSE_ATTENTION = Pass("fuse_attention", _fuse, (), ("attention_fused",))
 INSERT_RECORDERS = Pass("insert_recorders", _record, ("named",), ("recording",))
 RUN_RECORDERS = Pass("record", _feed, ("recording", "fed"), ("recorded",))
+FEED_STATS = Pass("feed_stats", _feed, ("stats_collected", "fed"), ("stats_fed",))
 
-# the named pipelines (compile: OBSERVE, CALIBRATE + FREEZE + lowering(lower);
-# load: lowering(lower) with the artifact's frozen quantizers; the study's layer
-# statistics: RECORD on a float or compiled graph, FEED for more windows)
+# the named pipelines (compile: [STATISTICS when a recipe smooths], OBSERVE,
+# CALIBRATE + FREEZE + lowering(lower); load: lowering(lower) with the artifact's
+# frozen quantizers, re-applying stored transforms; the study's layer statistics:
+# RECORD on a float or compiled graph, FEED for more windows)
 VALIDATE = [VALIDATE_PLAN]
-OBSERVE = [VALIDATE_PLAN, INSERT_OBSERVERS]
+STATISTICS = [VALIDATE_PLAN, ROTATE, COLLECT_STATS, FEED_STATS]
+OBSERVE = [VALIDATE_PLAN, ROTATE, SMOOTH, INSERT_OBSERVERS]
 CALIBRATE = [CALIBRATE_PASS]
 RECORD = [INSERT_RECORDERS, RUN_RECORDERS]
 FEED = [RUN_RECORDERS]
 FREEZE = [FREEZE_PASS]
-FAKE = [LOWER_FAKE, SIMPLIFY]
+FAKE = [ROTATE, SMOOTH, LOWER_FAKE, SIMPLIFY]
 INT8 = FAKE + [LOWER_INT8, FUSE_ATTENTION]
 FLOAT_RUNTIME = [SIMPLIFY, FUSE_ATTENTION]   # a float graph run as an int8 artifact runs
 LOWERINGS = {"fake": FAKE, "int8": INT8}

@@ -72,7 +72,7 @@ def test_textmate_grammar_is_valid_and_knows_every_option():
 def test_textmate_grammar_matches_every_line_of_shipped_recipes(path):
     repo = GRAMMAR["repository"]
     heads = [re.compile(repo[k].get("match") or repo[k]["begin"])
-             for k in ("comment", "setting", "include", "rule")]
+             for k in ("comment", "setting", "include", "transform", "rule")]
     for ln in path.read_text().splitlines():
         if ln.strip():
             assert any(h.match(ln.lstrip()) for h in heads), ln

@@ -119,6 +119,19 @@ CASES = [
      None),
     ('  re:"a)b" -> skip', 8, "invalid regular expression: unbalanced parenthesis", None),
     ("op: -> a8", 1, "empty `op:` selector", "e.g. `op:softmax`"),
+    # the `.input` port (a linear's input activation)
+    ('re:"x".inptu -> a8', 7, "unknown port `.inptu`", "did you mean `input`?"),
+    ('re:"x".output -> a8', 7, "unknown port `.output`",
+     "the one port is `.input`: the input of a linear"),
+    ("type:Linear.input -> w8", 22, "weight options on `type:Linear.input`: a `.input` rule "
+     "sets the activation the linear reads, which has no weights",
+     "write the weight spec in a rule without `.input`, e.g. `type:Linear -> w8`"),
+    ("mlp.down.input -> a8 per_channel", 22, "weight options on `mlp.down.input`: a `.input` "
+     "rule sets the activation the linear reads, which has no weights",
+     "write the weight spec in a rule without `.input`, e.g. `type:Linear -> w8`"),
+    ("*.input -> w8a8", 12, "weight options on `*.input`: a `.input` rule sets the activation "
+     "the linear reads, which has no weights",
+     "write the weight spec in a rule without `.input`, e.g. `type:Linear -> w8`"),
     # settings
     ("set calib.sample = 3", 5, "unknown setting `calib.sample`", "did you mean `calib.samples`?"),
     ('set calib.samples = "x"', 21, '`calib.samples` must be an integer, got `"x"`', None),

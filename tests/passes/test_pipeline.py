@@ -30,7 +30,8 @@ def test_the_runner_logs_each_pass_and_records_what_it_ensures(caplog):
     with caplog.at_level(logging.INFO, logger="qdsl.passes.pipeline"):
         run(OBSERVE, gm, ctx)
     logged = [r.getMessage() for r in caplog.records if r.name == "qdsl.passes.pipeline"]
-    assert [m.split(":")[0] for m in logged] == ["pass validate_plan", "pass insert_observers"]
+    assert [m.split(":")[0] for m in logged] == ["pass validate_plan", "pass rotate",
+                                                 "pass smooth", "pass insert_observers"]
     assert all(m.endswith(" ms") for m in logged)
     assert {"validated", "observed"} <= ctx.properties and set(ctx.observers) == {"fc1", "fc2"}
 
@@ -84,8 +85,9 @@ def test_check_catches_a_planned_node_that_lost_its_quantizer():
 def test_lower_int8_and_fuse_attention_are_separate_steps():
     # lower_fake no longer drops no-ops itself, lower_int8 no longer fuses attention
     names = [p.name for p in INT8]
-    assert names == ["lower_fake", "drop_noops", "lower_int8", "fuse_attention"]
-    assert [p.name for p in FAKE] == names[:2]
+    assert names == ["rotate", "smooth", "lower_fake", "drop_noops", "lower_int8",
+                     "fuse_attention"]
+    assert [p.name for p in FAKE] == names[:4]
 
 
 @pytest.mark.parametrize("lower", ["fake", "int8"])

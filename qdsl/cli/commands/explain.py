@@ -14,8 +14,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "explain", help=COMMANDS["explain"],
         description="Capture MODEL as a graph, name its nodes, match RECIPE against them and "
-                    "print, per node: canonical name, role, module path, weight spec, activation "
-                    "spec and the rule (file:line:col) that decided it; then a summary. "
+                    "print, per node: canonical name, role, module path, weight spec, for a "
+                    "linear its input (the activation it reads and the node making it), "
+                    "activation spec and the rule (file:line:col) that decided it; then a "
+                    "summary. "
                     "No data and no calibration are needed.")
     p.add_argument("recipe", help=".qrec file")
     p.add_argument("--model", required=True,

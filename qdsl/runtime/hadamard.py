@@ -1,0 +1,27 @@
+"""``OnlineHadamard``: x -> x @ H_n at run time (QuaRot's online rotation before the
+down-projection, whose weight holds the matching H_n: docs/algorithms.md).
+
+H_n is the orthonormal Hadamard matrix of ``qdsl.quant.hadamard`` (Sylvester x Paley),
+applied with the fast Walsh-Hadamard butterfly: O(n log n) per token plus an m x m
+product for the Paley factor. No stored tensors: the matrix is rebuilt from n.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..quant.hadamard import apply_hadamard, hadamard_factors
+
+
+class OnlineHadamard(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        if hadamard_factors(n) is None:
+            raise ValueError(f"no Hadamard matrix of order {n}")
+        self.n = n
+
+    def forward(self, x: Tensor) -> Tensor:
+        return apply_hadamard(x.float(), self.n).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"
