@@ -208,14 +208,17 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     captured = capture(m, mode=mode, max_cache_len=max_cache_len)
     named = name_graph(captured)
     plan = build_plan(r, named)
-    ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute)
+    ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute,
+                      progress=progress)
     run(OBSERVE, captured.gm, ctx, check=check)
     observers = ctx.observers
-    if observers:
+    if observers or ctx.input_stats:
         source = calib if calib is not None else st.calib_data
         if source is None:
+            why = (f"quantizes {len(observers)} activations statically" if observers else
+                   f"rounds {len(ctx.input_stats)} weights with GPTQ / AWQ")
             raise CalibrationError(
-                f"the recipe quantizes {len(observers)} activations statically: give "
+                f"the recipe {why}: give "
                 "calibration data (--calib DIR, or `set calib.data = \"DIR\"` in the recipe)")
         if isinstance(source, torch.Tensor):
             windows = source
@@ -234,7 +237,8 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
                   batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                   progress=progress)
     gm = run(lowered, captured.gm, ctx, check=check)
-    ctx.frozen.codes.clear()  # the lowering used freeze's codes; the graph holds its own
+    ctx.frozen.drop_codes()  # the lowering used freeze's codes; the graph holds its own
+    ctx.rounded = None
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,

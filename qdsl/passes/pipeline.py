@@ -33,6 +33,7 @@ from .fuse_attention import fuse_attention
 from .insert_observers import insert_observers
 from .lower_fake import lower_fake
 from .lower_int8 import INT8_PREFIX, lower_int8
+from .round_weights import STATS_PREFIX, insert_input_stats, round_weights
 from .simplify import drop_noops
 from .validate import validate_plan
 
@@ -53,6 +54,9 @@ class PassContext:
     plan: Any = None
     frozen: Frozen | None = None
     observers: dict | None = None
+    input_stats: dict | None = None   # insert_input_stats: GPTQ / AWQ recorders
+    rounded: dict | None = None       # round_weights: GPTQ / AWQ codes for freeze
+    progress: bool = False
     fallback: str = "error"
     lower_compute: str | None = None
     properties: set[str] = field(default_factory=set)
@@ -78,6 +82,8 @@ PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
     "planned": lambda gm, ctx: ctx.named is not None and ctx.plan is not None,
     "validated": _ran("validated"),
     "observed": lambda gm, ctx: ctx.observers is not None,
+    "input_stats": lambda gm, ctx: ctx.input_stats is not None,
+    "weights_rounded": lambda gm, ctx: ctx.rounded is not None,
     "frozen": lambda gm, ctx: ctx.frozen is not None,
     "fake_lowered": _ran("fake_lowered"),
     "simplified": _ran("simplified"),
@@ -98,8 +104,20 @@ def _observe(gm, ctx):
     return gm
 
 
+def _input_stats(gm, ctx):
+    ctx.input_stats = insert_input_stats(gm, ctx.named, ctx.plan)
+    return gm
+
+
+def _round(gm, ctx):
+    ctx.rounded = round_weights(gm, ctx.named, ctx.plan, ctx.input_stats,
+                                progress=ctx.progress)
+    ctx.input_stats = {}  # the recorders are gone from the graph
+    return gm
+
+
 def _freeze(gm, ctx):
-    ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers)
+    ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers, ctx.rounded)
     return gm
 
 
@@ -116,7 +134,10 @@ def _fuse(gm, ctx):
 
 VALIDATE_PLAN = Pass("validate_plan", _validate, ("planned",), ("validated",))
 INSERT_OBSERVERS = Pass("insert_observers", _observe, ("planned", "validated"), ("observed",))
-FREEZE_PASS = Pass("freeze", _freeze, ("planned", "observed"), ("frozen",))
+INPUT_STATS = Pass("insert_input_stats", _input_stats, ("planned", "validated"),
+                   ("input_stats",))
+ROUND_WEIGHTS = Pass("round_weights", _round, ("planned", "input_stats"), ("weights_rounded",))
+FREEZE_PASS = Pass("freeze", _freeze, ("planned", "observed", "weights_rounded"), ("frozen",))
 LOWER_FAKE = Pass("lower_fake", lambda gm, ctx: lower_fake(gm, ctx.named, ctx.plan, ctx.frozen),
                   ("planned", "frozen"), ("fake_lowered",))
 SIMPLIFY = Pass("drop_noops", _simplify, (), ("simplified",))
@@ -128,8 +149,8 @@ FUSE_ATTENTION = Pass("fuse_attention", _fuse, (), ("attention_fused",))
 # the named pipelines (compile: OBSERVE, calibrate, FREEZE + lowering(lower);
 # load: lowering(lower) with the artifact's frozen quantizers)
 VALIDATE = [VALIDATE_PLAN]
-OBSERVE = [VALIDATE_PLAN, INSERT_OBSERVERS]
-FREEZE = [FREEZE_PASS]
+OBSERVE = [VALIDATE_PLAN, INSERT_OBSERVERS, INPUT_STATS]
+FREEZE = [ROUND_WEIGHTS, FREEZE_PASS]
 FAKE = [LOWER_FAKE, SIMPLIFY]
 INT8 = FAKE + [LOWER_INT8, FUSE_ATTENTION]
 FLOAT_RUNTIME = [SIMPLIFY, FUSE_ATTENTION]   # a float graph run as an int8 artifact runs
@@ -198,6 +219,9 @@ def check_graph(gm: fx.GraphModule, ctx: PassContext) -> None:
         for name in ctx.observers:
             if attr_name(name, ACT_PREFIX) not in modules:
                 raise GraphError(f"the observer of {name} is not in the graph", node=name)
+        for name, mod in (ctx.input_stats or {}).items():
+            if not any(gm.get_submodule(t) is mod for t in modules if t.startswith(STATS_PREFIX)):
+                raise GraphError(f"the input recorder of {name} is not in the graph", node=name)
     if ctx.frozen is None or "fake_lowered" not in ctx.properties:
         return
     int8 = "int8_lowered" in ctx.properties
