@@ -22,7 +22,8 @@ from .errors import Diagnostic, PlanError
 from .config.recipe import Loc, Recipe, Rule
 from .lang.loader import read_text
 from .graph.select import select, suggestions
-from .config.spec import ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, TensorPatch, TensorSpec, resolve
+from .config.spec import (ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, SpecError, TensorPatch,
+                          TensorSpec, resolve)
 
 _PATCH_FIELDS = tuple(f.name for f in fields(TensorPatch))
 _SKIP = TensorPatch(bits=FLOAT_BITS)
@@ -183,11 +184,18 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
     for n in nodes:
         decided = {k: {f: locs[i] for f, i in sorted(owner[n.name][k].items(), key=lambda fi: fi[1])}
                    for k in (WEIGHT, ACTIVATION)}  # in rule order: the last one set last
+        try:  # fields set by different rules may not fit (1-bit sign codes with gptq)
+            weight = resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None
+        except SpecError as e:
+            i = owner[n.name][WEIGHT].get("rounding", len(recipe.rules) - 1)
+            errors.append(_diag(recipe.rules[i], recipe, f"{n.name}: {e}"))
+            continue
         entries.append(PlanEntry(
-            name=n.name, role=n.role, module=n.module,
-            weight=resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None,
+            name=n.name, role=n.role, module=n.module, weight=weight,
             activation=resolve(ACTIVATION, acc[n.name][ACTIVATION]),
             decided_by={k: v for k, v in decided.items() if v}))
+    if errors:
+        raise PlanError(errors)
     warnings = tuple(_shadowed(recipe, matched, owner)) + tuple(
         _ineffective(recipe, matched, {e.name: e for e in entries}))
     return QuantPlan(entries=tuple(entries), graph_hash=named.graph_hash,

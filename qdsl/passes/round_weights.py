@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GraphError
 from ..graph.attrs import param
-from ..graph.ops import WEIGHTED_ATEN_OPS
+from ..graph.ops import LINEAR_INPUT_VIEWS, WEIGHTED_ATEN_OPS
 from ..plan import QuantPlan
 from ..quant.awq import awq_codes
 from ..quant.gptq import gptq_codes
@@ -78,6 +78,27 @@ def linear_input(gm: fx.GraphModule, node, rule: str = "") -> tuple[fx.Node, int
                          node=node.name,
                          hint=f"round it to nearest with a later rule: `{node.name} -> rtn`")
     return op, WEIGHTED_ATEN_OPS[target][0]
+
+
+def check_awq_input(gm: fx.GraphModule, named, plan: QuantPlan, node, rule: str = "") -> None:
+    """GraphError when an AWQ linear's input is quantized to 8 bits or less (what the
+    integer kernels take): AWQ multiplies a float input
+    by 1/s (``InputScale``), which would then sit after the input quantizer, so the
+    integer input kernels could not be used and the search ignored that quantizer."""
+    op, i = linear_input(gm, node, rule)
+    by_fx = {n.node: n.name for n in named.nodes}
+    x = op.args[i]
+    while isinstance(x, fx.Node) and x.name not in by_fx and x.op == "call_function" \
+            and str(x.target) in LINEAR_INPUT_VIEWS:
+        x = x.args[0]
+    producer = by_fx.get(x.name) if isinstance(x, fx.Node) else None
+    spec = plan[producer].activation if producer is not None else None
+    if spec is not None and spec.quantized and spec.bits <= 8:
+        raise GraphError(f"awq on {node.name}: its input {producer} is quantized "
+                         f"({spec.describe()}); AWQ scales a float input"
+                         + (f" (rounding asked by the rule at {rule})" if rule else ""),
+                         node=node.name, hint="use gptq with quantized inputs, or keep "
+                         f"{producer}'s activation at more than 8 bits (a16, fp16, float)")
 
 
 def insert_input_stats(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, InputStats]:

@@ -5,7 +5,7 @@ requires: ``gm`` is the graph ``named`` was computed on (fx nodes carry ``meta["
 ensures:  raises GraphError naming the node when group-wise weights do not divide the
           input dimension, or per-embedding-group activations do not divide the
           hidden dimension, or GPTQ / AWQ is asked of a weight no linear reads (an
-          embedding); the graph is unchanged.
+          embedding), or AWQ of a linear whose input is quantized; the graph is unchanged.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from torch import fx
 from ..errors import GraphError
 from ..graph.attrs import param
 from ..plan import QuantPlan
+from ..config.rounding import AWQ
 from ..config.spec import GroupWise, PerGroup
 from .common import fx_node
-from .round_weights import linear_input
+from .round_weights import check_awq_input, linear_input
 
 
 def validate_plan(gm: fx.GraphModule, named, plan: QuantPlan) -> None:
@@ -37,7 +38,10 @@ def validate_plan(gm: fx.GraphModule, named, plan: QuantPlan) -> None:
                     + ", or per_channel")
         if w is not None and w.quantized and w.rounding is not None:
             # GraphError naming the node and the rule if no linear reads the weight
-            linear_input(gm, node, entry.decided_by.get("weight", {}).get("rounding", ""))
+            rule = entry.decided_by.get("weight", {}).get("rounding", "")
+            linear_input(gm, node, rule)
+            if isinstance(w.rounding, AWQ):
+                check_awq_input(gm, named, plan, node, rule)
         if a.quantized and isinstance(a.granularity, PerGroup):
             val = fx_node(gm, node.node).meta.get("val")
             d = val.shape[-1] if val is not None and hasattr(val, "shape") else None
