@@ -36,8 +36,10 @@ from qdsl.models.zoo import load_model
 t0 = time.perf_counter()
 m, tok = load_model(sys.argv[1])
 t1 = time.perf_counter()
+from qdsl.config.recipe import Settings
+samples = int(sys.argv[5]) or None
 q = qdsl.compile(m, qdsl.load_recipe(sys.argv[2]), calib="stdlib", tokenizer=tok,
-                 lower="fake", progress=False)
+                 lower="fake", progress=False, settings=Settings(calib_samples=samples))
 t2 = time.perf_counter()
 q.save(sys.argv[3], force=True)
 print(json.dumps({"load_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
@@ -64,8 +66,9 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {"mean": round(mean, 3), "lo": round(mean - half, 3), "hi": round(mean + half, 3), "n": n}
 
 
-def compile_child(model: str, recipe: str, out: Path, threads: int) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, model, recipe, str(out), str(threads)],
+def compile_child(model: str, recipe: str, out: Path, threads: int, samples: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, model, recipe, str(out), str(threads),
+                        str(samples)],
                        capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if r.returncode:
         raise SystemExit(f"compiling {recipe} failed:\n{r.stderr[-3000:]}")
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=200, help="completion samples")
     ap.add_argument("--ppl-windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=0,
+                    help="calibration windows, overriding the recipes' (0: the recipe's)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     import torch
@@ -94,7 +99,8 @@ def main(argv=None) -> int:
         for rec in a.recipes:
             name = Path(rec).stem
             print(f"compiling {name} ...", file=sys.stderr, flush=True)
-            rows[name] = {"recipe": rec, **compile_child(a.model, rec, Path(tmp) / name, a.threads)}
+            rows[name] = {"recipe": rec, **compile_child(a.model, rec, Path(tmp) / name, a.threads,
+                                                          a.samples)}
         for name, target in [("fp32", a.model)] + [(n, str(Path(tmp) / n)) for n in rows]:
             print(f"scoring {name} ...", file=sys.stderr, flush=True)
             lm, tok, positions, short = load_lm(target)
@@ -115,6 +121,7 @@ def main(argv=None) -> int:
             if n != first:
                 rows[n][f"es_vs_{first}"] = paired(rows[n]["es_samples"], rows[first]["es_samples"])
     meta = {"model": a.model, "n": a.n, "ppl_windows": a.ppl_windows, "threads": a.threads,
+            "calib_samples": a.samples or "recipe",
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average": os.getloadavg(), "torch": torch.__version__}
     write_json_atomic(a.out, {"meta": meta, "rows": rows})

@@ -20,8 +20,7 @@ from typing import Any
 
 from ..errors import Diagnostic
 from ..config.recipe import LOWER_COMPUTE, LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
-from ..config.spec import (ACTIVATION, FLOAT_BITS, FLOAT_DTYPES, MAX_BITS, MIN_BITS, WEIGHT, PerToken,
-                           SpecError, TensorPatch)
+from ..config.spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
 from .parser import did_you_mean, clip
 from .presets import PRESETS, preset_options, preset_text
@@ -345,12 +344,6 @@ class _SpecState:
         have[slot] = (value, text, col)
 
     def finish(self) -> None:
-        w = self.slots[WEIGHT]
-        if "rounding" in w and "precision" in w and \
-                w["precision"][0] in ({"bits": FLOAT_BITS}, *({"float_dtype": f} for f in FLOAT_DTYPES)):
-            _, text, col = w["rounding"]
-            self.err(col, f"`{text}` rounds quantized weights, but `{w['precision'][1]}` "
-                          "keeps them float", "give the weights a bit width (w4, w8)")
         act = self.slots[ACTIVATION]
         if isinstance(act.get("granularity", (None,))[0], PerToken) and \
                 act.get("dynamic", (None,))[0] is False:

@@ -57,8 +57,6 @@ ERRORS = [
     ("* -> w4 awq(1)", 13, "`awq` takes at most 0 positional arguments"),
     ("* -> a8 a.awq", 9, "`awq` applies to weights only"),
     ("* -> w4 gptq awq", 14, "`awq` conflicts with `gptq`: both set the weights' rounding"),
-    ("* -> w32 gptq", 10, "`gptq` rounds quantized weights, but `w32` keeps them float"),
-    ("* -> w.fp16 awq", 13, "`awq` rounds quantized weights, but `w.fp16` keeps them float"),
     ("* -> skip gptq", 11, "`skip` cannot be combined"),
 ]
 

@@ -12,7 +12,7 @@ import torch
 from tiny import tiny, tiny_ids
 
 import qdsl.compiler as C
-from qdsl.errors import GraphError
+from qdsl.errors import GraphError, PlanError
 from qdsl.models.calib import CalibrationError
 from qdsl.passes.lower_fake import INSCALE_PREFIX, lower_fake
 from qdsl.passes.round_weights import STATS_PREFIX
@@ -114,6 +114,21 @@ def test_errors_before_data_name_the_node_and_the_rule():
         C.explain("* -> w4 awq, a8\n" + EMB, m)
     assert e.value.node == "block.0.attn.qkv"
     C.explain("* -> w4 awq, a16\n" + EMB, m)                      # 16-bit inputs are fine
+
+
+@pytest.mark.parametrize("recipe,line", [("* -> w32 gptq", 1), ("* -> fp16\nmlp.* -> awq", 2),
+                                         ("* -> gptq\nlm_head -> w4", 1)])
+def test_rounding_weights_that_stay_float_is_an_error_at_the_rule(recipe, line):
+    with pytest.raises(PlanError) as e:
+        C.explain(recipe, tiny("gpt2"))
+    (d,) = e.value.diagnostics                                     # one per rule, not per node
+    assert d.line == line and "whose weights stay float" in d.message
+
+
+def test_a_later_skip_of_a_rounded_weight_is_fine():
+    q = C.explain("* -> w4 gptq\n" + EMB + "lm_head -> skip", tiny("gpt2"))
+    assert q.plan["lm_head"].weight.quantized is False
+    assert q.plan["block.0.mlp.c_fc"].weight.rounding is not None
 
 
 def test_shared_inputs_share_one_recorder_and_the_hessian_is_the_inputs():
