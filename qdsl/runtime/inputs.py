@@ -16,6 +16,3 @@ class InputScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.inv_scale.to(x.dtype)
-
-    def to_json(self) -> dict:
-        return {"type": "InputScale"}
