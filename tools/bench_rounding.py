@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                                                           a.samples)}
         for name, target in [("fp32", a.model)] + [(n, str(Path(tmp) / n)) for n in rows]:
             print(f"scoring {name} ...", file=sys.stderr, flush=True)
-            lm, tok, positions, short = load_lm(target)
+            lm, tok, positions, short = load_lm(target, source=a.model)
             cfg = CompletionConfig(prompt=PROMPT_BY_MODEL.get(short, DEFAULT_PROMPT))
             t0 = time.perf_counter()
             r = evaluate(lm, tok, samples, cfg, max_positions=positions,
