@@ -233,7 +233,9 @@ def planner_selectors(draw, named) -> Selector:
 
 
 _EMPTY = st.just(TensorPatch())
-_QUANT_PATCHES = st.tuples(tensor_patches("weight") | _EMPTY,
+# no gptq / awq here: whether they fit depends on the whole cascade, which the reference
+# planner below does not model (tests/passes/test_round_weights.py tests those errors)
+_QUANT_PATCHES = st.tuples(tensor_patches("weight").map(lambda p: replace(p, rounding=None)) | _EMPTY,
                            tensor_patches("activation") | _EMPTY).filter(
     lambda wa: not (wa[0].is_empty() and wa[1].is_empty()))
 _PATCHES_OR_SKIP = st.one_of(_QUANT_PATCHES, _QUANT_PATCHES, _QUANT_PATCHES, st.just("skip"))

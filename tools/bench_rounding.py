@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from qdsl.atomic.files import write_json_atomic
     from qdsl.eval.complete import CompletionConfig, evaluate, PROMPT_BY_MODEL, DEFAULT_PROMPT
-    from qdsl.eval.run import load_lm
+    from qdsl.eval.run import fit_eval, load_lm
     from qdsl.eval.samples import stdlib_bench
 
     samples = stdlib_bench(a.n, seed=0)
@@ -101,10 +101,15 @@ def main(argv=None) -> int:
             print(f"compiling {name} ...", file=sys.stderr, flush=True)
             rows[name] = {"recipe": rec, **compile_child(a.model, rec, Path(tmp) / name, a.threads,
                                                           a.samples)}
-        for name, target in [("fp32", a.model)] + [(n, str(Path(tmp) / n)) for n in rows]:
+        targets = [("fp32", a.model)] + [(n, str(Path(tmp) / n)) for n in rows]
+        # one context for all: what the tightest (an artifact's static cache) holds
+        ctx, positions = min(fit_eval(t, a.model) for _, t in targets[1:]) if rows \
+            else fit_eval(a.model)
+        for name, target in targets:
             print(f"scoring {name} ...", file=sys.stderr, flush=True)
-            lm, tok, positions, short = load_lm(target, source=a.model)
-            cfg = CompletionConfig(prompt=PROMPT_BY_MODEL.get(short, DEFAULT_PROMPT))
+            lm, tok, _, short = load_lm(target, source=a.model)
+            cfg = CompletionConfig(ctx_tokens=ctx,
+                                   prompt=PROMPT_BY_MODEL.get(a.model, DEFAULT_PROMPT))
             t0 = time.perf_counter()
             r = evaluate(lm, tok, samples, cfg, max_positions=positions,
                          ppl_windows=a.ppl_windows, progress=False)
