@@ -23,7 +23,9 @@ from .config.recipe import Loc, Recipe, Rule
 from .lang.loader import read_text
 from .graph.inputs import fold_target
 from .graph.select import select, suggestions
-from .config.spec import ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, TensorPatch, TensorSpec, resolve
+from .config.rounding import RTN
+from .config.spec import (ACTIVATION, FLOAT_BITS, PRECISION, WEIGHT, SpecError, TensorPatch,
+                          TensorSpec, format_option, resolve)
 
 _PATCH_FIELDS = tuple(f.name for f in fields(TensorPatch))
 _SKIP = TensorPatch(bits=FLOAT_BITS)
@@ -319,20 +321,45 @@ def build_plan(recipe: Recipe, named) -> QuantPlan:
         raise PlanError(errors)
 
     locs = [str(r.loc) for r in recipe.rules]
-    entries = []
+    entries, asked = [], set()  # asked: rules already reported for rounding float weights
     for n in nodes:
         decided = {k: {f: locs[i] for f, i in sorted(owner[n.name][k].items(), key=lambda fi: fi[1])}
                    for k in (WEIGHT, ACTIVATION)}  # in rule order: the last one set last
+        try:  # fields set by different rules may not fit (1-bit sign codes with gptq)
+            weight = resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None
+        except SpecError as e:
+            i = owner[n.name][WEIGHT].get("rounding", len(recipe.rules) - 1)
+            errors.append(_diag(recipe.rules[i], recipe, f"{n.name}: {e}"))
+            continue
+        bad = _rounding_on_float(n.name, acc[n.name][WEIGHT], weight, owner[n.name][WEIGHT])
+        if bad is not None and bad not in asked:
+            asked.add(bad)
+            what = format_option(acc[n.name][WEIGHT].rounding)
+            errors.append(_diag(recipe.rules[bad], recipe, f"`{what}` on {n.name}, whose "
+                                "weights stay float", hint="give the weights a bit width "
+                                "(w4, w8) in this rule or an earlier one"))
         entries.append(PlanEntry(
-            name=n.name, role=n.role, module=n.module,
-            weight=resolve(WEIGHT, acc[n.name][WEIGHT]) if n.has_weight else None,
+            name=n.name, role=n.role, module=n.module, weight=weight,
             activation=resolve(ACTIVATION, acc[n.name][ACTIVATION]),
             decided_by={k: v for k, v in decided.items() if v}))
+    if errors:
+        raise PlanError(errors)
     warnings = tuple(port_warnings) + tuple(_shadowed(recipe, matched, owner)) + tuple(
         _ineffective(recipe, matched, {e.name: e for e in entries}))
     return QuantPlan(entries=tuple(entries), graph_hash=named.graph_hash,
                      module_map=dict(named.module_map), recipe_hash=recipe.hash(),
                      warnings=warnings, transforms=transforms)
+
+
+def _rounding_on_float(name: str, patch: TensorPatch, spec: TensorSpec | None,
+                       owner: dict[str, int]) -> int | None:
+    """The rule that asked for GPTQ / AWQ on weights that end up float, when it came at
+    or after the rule that made them float (or no rule gave them bits): a later `skip`
+    of a node is fine, `* -> fp16` then `mlp.* -> gptq` is not."""
+    if spec is None or spec.quantized or patch.rounding is None or isinstance(patch.rounding, RTN):
+        return None
+    i = owner["rounding"]
+    return i if i >= owner.get("bits", owner.get("float_dtype", -1)) else None
 
 
 def _overriders(i: int, rule: Rule, hits: list, owner) -> set[int] | None:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st  # noqa: F401
 
 # --- language (recipes, selectors, specs) ----------------------------------
 
+from qdsl.config.rounding import AWQ, GPTQ, RTN  # noqa: E402
 from qdsl.config.recipe import Rule, Selector  # noqa: E402
 from qdsl.config.spec import (MSE, GroupWise, MinMax, Percentile, PerChannel, PerGroup, PerTensor,
                               PerToken, RunningMinMax, TensorPatch)
@@ -34,6 +35,10 @@ observers = st.one_of(st.builds(MinMax), st.builds(RunningMinMax, _momentum),
                       st.builds(Percentile, st.floats(0.01, 100.0).map(lambda x: round(x, 3))
                                 .filter(lambda x: x > 0)))
 _bits = st.one_of(st.integers(1, 16), st.just(32))
+roundings = st.one_of(
+    st.builds(GPTQ, st.floats(1e-4, 1.0).map(lambda x: round(x, 4)).filter(lambda x: x > 0),
+              st.integers(1, 512), st.booleans()),
+    st.builds(AWQ, st.integers(1, 1000), st.booleans()), st.builds(RTN))
 
 
 def tensor_patches(kind: str) -> st.SearchStrategy[TensorPatch]:
@@ -46,9 +51,11 @@ def tensor_patches(kind: str) -> st.SearchStrategy[TensorPatch]:
     quantized = st.builds(
         TensorPatch, bits=st.none() | _bits, symmetric=st.none() | st.booleans(),
         granularity=st.none() | st.one_of(grans), observer=st.none() | observers,
-        dynamic=st.none() | st.booleans() if kind == "activation" else st.none())
+        dynamic=st.none() | st.booleans() if kind == "activation" else st.none(),
+        rounding=st.none() | roundings if kind == "weight" else st.none())
     floating = st.builds(TensorPatch, float_dtype=st.sampled_from(["fp16", "bf16", "fp32"]))
-    ok = lambda p: not (isinstance(p.granularity, PerToken) and p.dynamic is False)  # noqa: E731
+    ok = lambda p: not (isinstance(p.granularity, PerToken) and p.dynamic is False  # noqa: E731
+                        or p.rounding is not None and p.bits == 32)  # float: refused
     return st.one_of(quantized, floating).filter(ok)
 
 
@@ -230,7 +237,9 @@ def planner_selectors(draw, named) -> Selector:
 
 
 _EMPTY = st.just(TensorPatch())
-_QUANT_PATCHES = st.tuples(tensor_patches("weight") | _EMPTY,
+# no gptq / awq here: whether they fit depends on the whole cascade, which the reference
+# planner below does not model (tests/passes/test_round_weights.py tests those errors)
+_QUANT_PATCHES = st.tuples(tensor_patches("weight").map(lambda p: replace(p, rounding=None)) | _EMPTY,
                            tensor_patches("activation") | _EMPTY).filter(
     lambda wa: not (wa[0].is_empty() and wa[1].is_empty()))
 _PATCHES_OR_SKIP = st.one_of(_QUANT_PATCHES, _QUANT_PATCHES, _QUANT_PATCHES, st.just("skip"))

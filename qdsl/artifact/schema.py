@@ -164,12 +164,14 @@ GRANULARITY = Tagged("name", {"per_tensor": {}, "per_channel": {}, "per_token": 
 OBSERVER = Tagged("name", {"minmax": {}, "current_minmax": {},
                            "running_minmax": {"momentum": Num(0.0, 0.999999)},
                            "mse": {"candidates": SIZE}, "percentile": {"p": Num(1e-9, 100.0)}})
+ROUNDING = Tagged("name", {"gptq": {"damp": Num(1e-12, 1.0), "block": SIZE, "act_order": Bool},
+                           "awq": {"grid": Int(1, 1000), "clip": Bool}, "rtn": {}})
 TENSOR_SPEC = Obj({"kind": Str(enum=("weight", "activation")), "bits": Opt(Int(1, 16)),
                    "float_dtype": FLOAT_DTYPE, "symmetric": Bool, "granularity": GRANULARITY,
-                   "observer": OBSERVER, "dynamic": Bool})
+                   "observer": OBSERVER, "dynamic": Bool}, {"rounding": Opt(ROUNDING)})
 PATCH = Obj({"bits": Opt(Int(1, 16, also=(32,))), "float_dtype": Opt(FLOAT_DTYPE),
              "symmetric": Opt(Bool), "granularity": Opt(GRANULARITY),
-             "observer": Opt(OBSERVER), "dynamic": Opt(Bool)})
+             "observer": Opt(OBSERVER), "dynamic": Opt(Bool)}, {"rounding": Opt(ROUNDING)})
 COUNT = Opt(Int(0, MAX_INT))
 SETTINGS = Obj({"calib_samples": COUNT, "calib_seq_len": COUNT, "calib_seed": Opt(Int(-MAX_INT, MAX_INT)),
                 "calib_batch_size": COUNT, "calib_data": Opt(NAME),
@@ -209,7 +211,8 @@ def _marker(versions: tuple[int, int], activation_module: Check) -> Check:
         "max_cache_len": Int(1, 1 << 20),
         "graph_hash": NAME,
         "quantizers": Obj({"activations": Map(activation_module), "weights": List(NAME)},
-                          {"smooth": List(NAME)}),
+                          {"smooth": List(NAME),
+                           "codes": List(NAME), "in_scales": List(NAME)}),  # GPTQ / AWQ
     }, {
         "int8": Obj({"self_contained": Bool, "fallback": Str(enum=("error", "simulate")),
                      "fallbacks": List(Obj({"node": NAME, "reason": Str()})),

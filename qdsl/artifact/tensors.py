@@ -96,6 +96,16 @@ def check_quant_tensors(d: Path, meta: dict, plan: dict, tensors: dict) -> None:
                 need[key] = (specs[k]["bits"], specs[k]["symmetric"])
     for k in meta["quantizers"].get("smooth", ()):  # SmoothQuant scales: positive floats
         need[f"smooth.{k}.scale"] = (8, True)     # (the grid is unused for a .scale)
+    kept = meta["quantizers"].get("codes", []) + meta["quantizers"].get("in_scales", [])
+    if set(kept) - set(meta["quantizers"]["weights"]):
+        raise ArtifactError(f"{where}: codes or input scales of weights without a quantizer: "
+                            f"{sorted(set(kept) - set(meta['quantizers']['weights']))[:3]}")
+    for k in meta["quantizers"].get("codes", []):  # GPTQ / AWQ codes, on the weight's grid
+        if f"weight.{k}.codes" not in stored_in_model:
+            need[f"weight.{k}.codes"] = (specs[k]["bits"], specs[k]["symmetric"])
+    for k in meta["quantizers"].get("in_scales", []):  # AWQ: positive, like a scale
+        if f"weight.{k}.in_scale" not in stored_in_model:
+            need[f"weight.{k}.in_scale"] = (0, True)  # required; no grid
     for key, grid in need.items():
         required = grid is not None
         t = tensors.get(key)
@@ -103,8 +113,16 @@ def check_quant_tensors(d: Path, meta: dict, plan: dict, tensors: dict) -> None:
             if required:
                 raise ArtifactError(f"{where}: tensor {key} is missing")
             continue
-        if key.endswith(".scale") and not (t.is_floating_point() and bool((t > 0).all())):
+        if key.endswith((".scale", ".in_scale")) and not (
+                t.is_floating_point() and bool((t > 0).all()) and bool(t.isfinite().all())):
             raise ArtifactError(f"{where}: tensor {key} must hold positive scales")
+        if key.endswith(".in_scale"):
+            continue
+        if key.endswith(".codes") and t.numel():
+            qmin, qmax = qrange(*grid)
+            if t.is_floating_point() or int(t.min()) < qmin or int(t.max()) > qmax:
+                raise ArtifactError(f"{where}: tensor {key} holds codes outside the "
+                                    f"{grid[0]}-bit grid {qmin}..{qmax}")
         if not key.endswith(".scale"):
             if t.is_floating_point() or t.dtype == torch.bool:
                 raise ArtifactError(f"{where}: tensor {key} must be an integer tensor")

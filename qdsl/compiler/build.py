@@ -243,7 +243,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
         if errors:
             raise RecipeError(errors)
     ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute,
-                      export=st.export)
+                      export=st.export, progress=progress)
 
     def calib_feed(what: str) -> Feed:
         source = calib if calib is not None else st.calib_data
@@ -273,11 +273,14 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
         ctx.feed = calib_feed(f"smooths activations ({len(smooths)} smooth statement(s))")
         run(STATISTICS, captured.gm, ctx, check=check)
     run(OBSERVE, captured.gm, ctx, check=check)
-    if ctx.observers and ctx.feed is None:
-        ctx.feed = calib_feed(f"quantizes {len(ctx.observers)} activations statically")
+    if (ctx.observers or ctx.input_stats) and ctx.feed is None:
+        ctx.feed = calib_feed(f"quantizes {len(ctx.observers)} activations statically"
+                              if ctx.observers else
+                              f"rounds {len(ctx.input_stats)} weights with GPTQ / AWQ")
     gm = run(CALIBRATE + lowered, captured.gm, ctx, check=check)
     named = ctx.named  # a transform may have untied a weight
-    ctx.frozen.codes.clear()  # the lowering used freeze's codes; the graph holds its own
+    ctx.frozen.drop_codes()  # the lowering used freeze's codes; the graph holds its own
+    ctx.rounded = None
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,

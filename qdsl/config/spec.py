@@ -17,19 +17,14 @@ Two levels:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal, Union
+from typing import Any, Union
 
-WEIGHT = "weight"
-ACTIVATION = "activation"
-Kind = Literal["weight", "activation"]
+from .base import ACTIVATION, WEIGHT, Kind, SpecError  # noqa: F401 (re-exported)
+from .rounding import AWQ, GPTQ, ROUNDINGS, RTN, Rounding
 
 MIN_BITS, MAX_BITS = 1, 16
 FLOAT_BITS = 32  # `w32` / `a32`: leave the tensor in float (the seeds' "A32")
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
-
-
-class SpecError(ValueError):
-    """A spec value is out of its domain (raised on construction)."""
 
 
 def check_bits(bits: Any, *, float_ok: bool = False) -> int:
@@ -216,8 +211,12 @@ class TensorPatch:
     granularity: Granularity | None = None
     observer: Observer | None = None
     dynamic: bool | None = None
+    rounding: Rounding | None = None  # gptq / awq (weights); None: not set
 
     def __post_init__(self) -> None:
+        if self.rounding is not None and type(self.rounding) not in ROUNDINGS.values():
+            raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, "
+                            f"got {self.rounding!r}")
         if self.bits is not None:
             check_bits(self.bits, float_ok=True)
         if self.float_dtype is not None and self.float_dtype not in FLOAT_DTYPES:
@@ -248,6 +247,10 @@ class TensorPatch:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["granularity"] = _option_to_json(self.granularity)
         d["observer"] = _option_to_json(self.observer)
+        if self.rounding is None:  # absent when unset: older recipes hash as before
+            del d["rounding"]
+        else:
+            d["rounding"] = _option_to_json(self.rounding)
         return d
 
     @classmethod
@@ -255,6 +258,7 @@ class TensorPatch:
         d = dict(d)
         d["granularity"] = _option_from_json(d.get("granularity"), GRANULARITIES)
         d["observer"] = _option_from_json(d.get("observer"), OBSERVERS)
+        d["rounding"] = _option_from_json(d.get("rounding"), ROUNDINGS)
         return cls(**d)
 
 
@@ -281,6 +285,7 @@ class TensorSpec:
     granularity: Granularity = field(default_factory=PerTensor)
     observer: Observer = field(default_factory=MinMax)
     dynamic: bool = False
+    rounding: Rounding | None = None  # None: round to nearest
 
     def __post_init__(self) -> None:
         if self.kind not in (WEIGHT, ACTIVATION):
@@ -298,6 +303,16 @@ class TensorSpec:
         if type(self.observer) not in OBSERVERS.values():
             raise SpecError(f"observer must be one of {', '.join(OBSERVERS)}, "
                             f"got {self.observer!r}")
+        r, b = self.rounding, self.bits
+        if r is not None:
+            if type(r) not in ROUNDINGS.values() or isinstance(r, RTN):
+                raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {r!r}")
+            if self.kind != WEIGHT or b is None:
+                raise SpecError(f"{r.name} rounds quantized weights only, not "
+                                f"{'float ' if b is None else ''}{self.kind}s")
+            if b == 1 and self.symmetric:
+                raise SpecError(f"{r.name} needs an affine grid: 1-bit symmetric weights are "
+                                "sign codes (write asym, or 2+ bits)")
 
     @property
     def quantized(self) -> bool:
@@ -307,7 +322,8 @@ class TensorSpec:
         return {"kind": self.kind, "bits": self.bits, "float_dtype": self.float_dtype,
                 "symmetric": self.symmetric,
                 "granularity": _option_to_json(self.granularity),
-                "observer": _option_to_json(self.observer), "dynamic": self.dynamic}
+                "observer": _option_to_json(self.observer), "dynamic": self.dynamic,
+                **({"rounding": _option_to_json(self.rounding)} if self.rounding else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
@@ -316,6 +332,7 @@ class TensorSpec:
         d = dict(d)
         d["granularity"] = _option_from_json(d.get("granularity"), GRANULARITIES)
         d["observer"] = _option_from_json(d.get("observer"), OBSERVERS)
+        d["rounding"] = _option_from_json(d.get("rounding"), ROUNDINGS)
         try:
             return cls(**d)
         except TypeError as e:  # an unknown or missing key
@@ -330,6 +347,8 @@ class TensorSpec:
                  format_option(self.granularity), format_option(self.observer)]
         if self.kind == ACTIVATION and not isinstance(self.granularity, PerToken):
             parts.append("dynamic" if self.dynamic else "static")
+        if self.rounding is not None:
+            parts.append(format_option(self.rounding))
         return " ".join(parts)
 
 
@@ -342,11 +361,13 @@ def resolve(kind: str, patch: TensorPatch) -> TensorSpec:
     if patch.bits is None or patch.bits == FLOAT_BITS or patch.float_dtype is not None:
         return TensorSpec(kind=kind, bits=None, float_dtype=patch.float_dtype or "fp32")
     d = dict(DEFAULTS[kind])
-    for name in ("symmetric", "granularity", "observer", "dynamic"):
+    for name in ("symmetric", "granularity", "observer", "dynamic", "rounding"):
         if getattr(patch, name) is not None:
             d[name] = getattr(patch, name)
     if isinstance(d["granularity"], PerToken):
         d["dynamic"] = True
+    if isinstance(d.get("rounding"), RTN):
+        d["rounding"] = None
     return TensorSpec(kind=kind, bits=patch.bits, **d)
 
 
@@ -362,6 +383,11 @@ def format_option(opt: Any) -> str:
         return "mse" if opt.candidates == MSE().candidates else f"mse(candidates={opt.candidates})"
     if isinstance(opt, Percentile):
         return f"percentile({_num(opt.p)})"
+    if isinstance(opt, (GPTQ, AWQ)):  # only the arguments that differ from the defaults
+        args = [f"{k}={_num(v)}" for k, v in asdict(opt).items()
+                if not isinstance(v, bool) and v != getattr(type(opt)(), k)]
+        args += [k for k, v in asdict(opt).items() if v is True]
+        return f"{opt.name}({', '.join(args)})" if args else opt.name
     return opt.name
 
 

@@ -2,7 +2,7 @@
 
 Rules are printed from their checked meaning, so the output re-parses to the
 same ``Recipe``: the weight clause, then ``, ``, then the activation clause,
-each in the order bits, float type, symmetry, granularity, observer, mode
+each in the order bits, float type, symmetry, granularity, observer, mode, rounding
 (``w8 sym per_channel mse, a8 asym per_tensor minmax static``). A preset word
 is kept (``w8a8 dynamic``). Comments are kept (full-line ones with their
 indentation, trailing ones aligned within a block of rules), runs of blank
@@ -147,4 +147,6 @@ def _clause(kind: str, p: TensorPatch, bind: bool) -> list[str]:
         parts.append(pre + format_option(p.observer))
     if p.dynamic is not None:
         parts.append("dynamic" if p.dynamic else "static")
+    if p.rounding is not None:
+        parts.append(format_option(p.rounding))
     return parts

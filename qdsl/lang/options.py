@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..config.rounding import AWQ, GPTQ, RTN
 from ..config.spec import (ACTIVATION, MSE, WEIGHT, CurrentMinMax, GroupWise, MinMax, Percentile,
                            PerChannel, PerGroup, PerTensor, PerToken, RunningMinMax)
 
@@ -18,7 +19,8 @@ BOTH = (WEIGHT, ACTIVATION)
 
 # What a field is called in a conflict message ("both set the weights' observer").
 SLOT_NAMES = {"precision": "precision", "symmetric": "symmetry", "granularity": "granularity",
-              "observer": "observer", "dynamic": "static/dynamic mode"}
+              "observer": "observer", "dynamic": "static/dynamic mode",
+              "rounding": "rounding (gptq / awq)"}
 
 
 def _positive_int(name: str) -> Callable[[Any], str | None]:
@@ -39,6 +41,18 @@ def _percent(v: Any) -> str | None:
     if isinstance(v, (int, float)) and 0.0 < v <= 100.0:
         return None
     return f"percentile must be in (0, 100], got {_fmt(v)}"
+
+
+def _damp(v: Any) -> str | None:
+    if isinstance(v, (int, float)) and 0.0 < v <= 1.0:
+        return None
+    return f"damp must be in (0, 1], got {_fmt(v)}"
+
+
+def _grid(v: Any) -> str | None:
+    if isinstance(v, int) and 1 <= v <= 1000:
+        return None
+    return f"grid must be an integer in 1..1000, got {_fmt(v)}"
 
 
 def _fmt(v: Any) -> str:
@@ -97,6 +111,13 @@ def _defs() -> dict[str, OptionDef]:
                   (ArgDef("candidates", pos_int("candidates")),), 1, "mse(candidates=100)"),
         OptionDef("percentile", "observer", BOTH, lambda p: Percentile(p),
                   (ArgDef("p", _percent, True),), 1, "percentile(99.9)"),
+        OptionDef("gptq", "rounding", GPTQ.kinds,
+                  lambda damp=0.01, block=128, act_order=False: GPTQ(damp, block, act_order),
+                  (ArgDef("damp", _damp), ArgDef("block", pos_int("block")),
+                   ArgDef("act_order")), 0, "gptq(damp=0.01, block=128, act_order)"),
+        OptionDef("awq", "rounding", AWQ.kinds, lambda grid=20, clip=False: AWQ(grid, clip),
+                  (ArgDef("grid", _grid), ArgDef("clip")), 0, "awq(grid=20, clip)"),
+        OptionDef("rtn", "rounding", RTN.kinds, RTN),
         OptionDef("static", "dynamic", (ACTIVATION,), lambda: False),
         OptionDef("dynamic", "dynamic", (ACTIVATION,), lambda: True),
         OptionDef("fp16", "precision", BOTH, lambda: {"float_dtype": "fp16"}),

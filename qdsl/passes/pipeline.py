@@ -35,6 +35,7 @@ from .insert_observers import insert_observers
 from .lower_fake import lower_fake
 from .lower_int8 import INT8_PREFIX, lower_int8
 from .record import insert_recorders
+from .round_weights import STATS_PREFIX, insert_input_stats, round_weights
 from .simplify import drop_noops
 from .rotate import check_rotate, rotate
 from .transform import collect_stats, smooth
@@ -72,6 +73,9 @@ class PassContext:
     plan: Any = None
     frozen: Frozen | None = None
     observers: dict | None = None
+    input_stats: dict | None = None   # insert_input_stats: GPTQ / AWQ recorders
+    rounded: dict | None = None       # round_weights: GPTQ / AWQ codes for freeze
+    progress: bool = False
     fallback: str = "error"
     lower_compute: str | None = None
     feed: Feed | None = None
@@ -107,6 +111,8 @@ PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
     "recording": lambda gm, ctx: ctx.recorders is not None,
     "validated": _ran("validated"),
     "observed": lambda gm, ctx: ctx.observers is not None,
+    "input_stats": lambda gm, ctx: ctx.input_stats is not None,
+    "weights_rounded": lambda gm, ctx: ctx.rounded is not None,
     "frozen": lambda gm, ctx: ctx.frozen is not None,
     "fake_lowered": _ran("fake_lowered"),
     "simplified": _ran("simplified"),
@@ -148,12 +154,13 @@ def _feed(gm, ctx):
 
 
 def _calibrate(gm, ctx):
-    """``_feed`` for the observers; with none (a dynamic-only recipe) it runs nothing
-    and needs no data."""
-    if not ctx.observers:
+    """``_feed`` for the observers and GPTQ / AWQ's input recorders; with neither (a
+    dynamic-only recipe) it runs nothing and needs no data."""
+    if not ctx.observers and not ctx.input_stats:
         return gm
     if ctx.feed is None:
-        raise GraphError(f"pass calibrate: {len(ctx.observers)} static activation observers "
+        raise GraphError(f"pass calibrate: {len(ctx.observers or ())} static activation "
+                         f"observers, {len(ctx.input_stats or ())} GPTQ / AWQ input recorders "
                          "and no calibration data (PassContext.feed)")
     return _feed(gm, ctx)
 
@@ -163,8 +170,21 @@ def _record(gm, ctx):
     return gm
 
 
+def _input_stats(gm, ctx):
+    ctx.input_stats = insert_input_stats(gm, ctx.named, ctx.plan)
+    return gm
+
+
+def _round(gm, ctx):
+    ctx.rounded = round_weights(gm, ctx.named, ctx.plan, ctx.input_stats,
+                                progress=ctx.progress)
+    ctx.input_stats = {}  # the recorders are gone from the graph
+    return gm
+
+
 def _freeze(gm, ctx):
-    ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers, export=ctx.export)
+    ctx.frozen = freeze(gm, ctx.named, ctx.plan, ctx.observers, ctx.rounded,
+                        export=ctx.export)
     ctx.frozen.smooth = dict(ctx.smooth or {})
     return gm
 
@@ -201,7 +221,10 @@ SMOOTH = Pass("smooth", _smooth, ("planned",), ("smoothed",))
 ROTATE = Pass("rotate", _rotate, ("planned",), ("rotated",))
 INSERT_OBSERVERS = Pass("insert_observers", _observe, ("planned", "validated"), ("observed",))
 CALIBRATE_PASS = Pass("calibrate", _calibrate, ("observed",), ("calibrated",))
-FREEZE_PASS = Pass("freeze", _freeze, ("planned", "observed"), ("frozen",))
+INPUT_STATS = Pass("insert_input_stats", _input_stats, ("planned", "validated"),
+                   ("input_stats",))
+ROUND_WEIGHTS = Pass("round_weights", _round, ("planned", "input_stats"), ("weights_rounded",))
+FREEZE_PASS = Pass("freeze", _freeze, ("planned", "observed", "weights_rounded"), ("frozen",))
 LOWER_FAKE = Pass("lower_fake", lambda gm, ctx: lower_fake(gm, ctx.named, ctx.plan, ctx.frozen),
                   ("planned", "frozen"), ("fake_lowered",))
 SIMPLIFY = Pass("drop_noops", _simplify, (), ("simplified",))
@@ -219,11 +242,11 @@ FEED_STATS = Pass("feed_stats", _feed, ("stats_collected", "fed"), ("stats_fed",
 # RECORD on a float or compiled graph, FEED for more windows)
 VALIDATE = [VALIDATE_PLAN]
 STATISTICS = [VALIDATE_PLAN, ROTATE, COLLECT_STATS, FEED_STATS]
-OBSERVE = [VALIDATE_PLAN, ROTATE, SMOOTH, INSERT_OBSERVERS]
+OBSERVE = [VALIDATE_PLAN, ROTATE, SMOOTH, INSERT_OBSERVERS, INPUT_STATS]
 CALIBRATE = [CALIBRATE_PASS]
 RECORD = [INSERT_RECORDERS, RUN_RECORDERS]
 FEED = [RUN_RECORDERS]
-FREEZE = [FREEZE_PASS]
+FREEZE = [ROUND_WEIGHTS, FREEZE_PASS]
 FAKE = [ROTATE, SMOOTH, LOWER_FAKE, SIMPLIFY]
 INT8 = FAKE + [LOWER_INT8, FUSE_ATTENTION]
 FLOAT_RUNTIME = [SIMPLIFY, FUSE_ATTENTION]   # a float graph run as an int8 artifact runs
@@ -292,6 +315,9 @@ def check_graph(gm: fx.GraphModule, ctx: PassContext) -> None:
         for name in ctx.observers:
             if attr_name(name, ACT_PREFIX) not in modules:
                 raise GraphError(f"the observer of {name} is not in the graph", node=name)
+        for name, mod in (ctx.input_stats or {}).items():
+            if not any(gm.get_submodule(t) is mod for t in modules if t.startswith(STATS_PREFIX)):
+                raise GraphError(f"the input recorder of {name} is not in the graph", node=name)
     if ctx.frozen is None or "fake_lowered" not in ctx.properties:
         return
     int8 = "int8_lowered" in ctx.properties

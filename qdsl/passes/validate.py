@@ -4,7 +4,8 @@ any data is read (so `qdsl explain` reports it too).
 requires: ``gm`` is the graph ``named`` was computed on (fx nodes carry ``meta["val"]``).
 ensures:  raises GraphError naming the node when group-wise weights do not divide the
           input dimension, or per-embedding-group activations do not divide the
-          hidden dimension; the graph is unchanged.
+          hidden dimension, or GPTQ / AWQ is asked of a weight no linear reads (an
+          embedding), or AWQ of a linear whose input is quantized; the graph is unchanged.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from torch import fx
 from ..errors import GraphError
 from ..graph.attrs import param
 from ..plan import QuantPlan
+from ..config.rounding import AWQ
 from ..config.spec import GroupWise, PerGroup
 from .common import fx_node
+from .round_weights import check_awq_input, linear_input
 
 
 def validate_plan(gm: fx.GraphModule, named, plan: QuantPlan) -> None:
@@ -33,6 +36,12 @@ def validate_plan(gm: fx.GraphModule, named, plan: QuantPlan) -> None:
                     hint=f"use a group size dividing {cols}"
                     + (f" (e.g. {', '.join(map(str, divisors))})" if divisors else "")
                     + ", or per_channel")
+        if w is not None and w.quantized and w.rounding is not None:
+            # GraphError naming the node and the rule if no linear reads the weight
+            rule = entry.decided_by.get("weight", {}).get("rounding", "")
+            linear_input(gm, node, rule)
+            if isinstance(w.rounding, AWQ):
+                check_awq_input(gm, named, plan, node, rule)
         if a.quantized and isinstance(a.granularity, PerGroup):
             val = fx_node(gm, node.node).meta.get("val")
             d = val.shape[-1] if val is not None and hasattr(val, "shape") else None

@@ -27,6 +27,7 @@ from qdsl.quant.observers import make_observer
 from qdsl.quant.primitives import (choose_qparams, dequantize, fake_quantize, group_unview,
                                    group_view, is_binary, quantize, reduce_mean_abs, reduce_range,
                                    round_scale_up)
+from qdsl.quant.weights import dequantize_codes, rtn_codes
 from qdsl.config.spec import GroupWise, PerGroup, PerToken, TensorSpec
 
 FLOAT_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -168,31 +169,20 @@ def quantize_weight(w: Tensor, spec: TensorSpec, scale_dtype: torch.dtype | None
     ``(q, scale, zero_point)``. ``scale_dtype`` (fp16 under ``set export = gguf``):
     the observer's scales are first rounded up to values that dtype holds exactly.
 
-    q: int32 [out, in] on the spec's grid; scale / zero_point are the observer's (per
-    channel [out, 1], group [out, in/size, 1], ...). ``dequantize_weight(q, spec, scale,
-    zero_point)`` is the fake-quantized weight. Requires ``spec.quantized``.
+    q: int32 [out, in] on the spec's grid, rounded to nearest; scale / zero_point are the
+    observer's (per channel [out, 1], group [out, in/size, 1], ...).
+    ``dequantize_weight(q, spec, scale, zero_point)`` is the fake-quantized weight.
+    Requires ``spec.quantized``. (``qdsl.quant.weights.rtn_codes``.)
     """
-    with torch.no_grad():
-        obs = make_observer(spec)
-        obs(w)
-        scale, zero_point = obs.qparams()
-        if scale_dtype is not None:
-            scale = round_scale_up(scale, scale_dtype)
-        g = spec.granularity
-        wf = w.detach().float()
-        v = group_view(wf, g.size) if isinstance(g, GroupWise) else wf
-        q = quantize(v, scale, zero_point, spec.bits, spec.symmetric)
-    return (group_unview(q) if isinstance(g, GroupWise) else q), scale, zero_point
+    return rtn_codes(w, spec, scale_dtype)
 
 
 def dequantize_weight(q: Tensor, spec: TensorSpec, scale: Tensor,
                       zero_point: Tensor) -> Tensor:
-    """float32 [out, in] weight of codes ``q [out, in]`` (from ``quantize_weight``):
-    the same values as fake-quantizing the float weight with these parameters."""
-    g = spec.granularity
-    if isinstance(g, GroupWise):
-        return group_unview(dequantize(group_view(q, g.size), scale, zero_point))
-    return dequantize(q, scale, zero_point)
+    """float32 [out, in] weight of codes ``q [out, in]`` (from ``quantize_weight``, or GPTQ /
+    AWQ codes on the same grid): for round-to-nearest codes, the same values as
+    fake-quantizing the float weight with these parameters."""
+    return dequantize_codes(q, spec, scale, zero_point)
 
 
 def fake_quantize_weight(w: Tensor, spec: TensorSpec) -> tuple[Tensor, Tensor, Tensor]:

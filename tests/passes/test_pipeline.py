@@ -31,7 +31,8 @@ def test_the_runner_logs_each_pass_and_records_what_it_ensures(caplog):
         run(OBSERVE, gm, ctx)
     logged = [r.getMessage() for r in caplog.records if r.name == "qdsl.passes.pipeline"]
     assert [m.split(":")[0] for m in logged] == ["pass validate_plan", "pass rotate",
-                                                 "pass smooth", "pass insert_observers"]
+                                                 "pass smooth", "pass insert_observers",
+                                                 "pass insert_input_stats"]
     assert all(m.endswith(" ms") for m in logged)
     assert {"validated", "observed"} <= ctx.properties and set(ctx.observers) == {"fc1", "fc2"}
 
@@ -74,7 +75,7 @@ def _unquantize_fc1(gm, ctx):
 def test_check_catches_a_planned_node_that_lost_its_quantizer():
     gm, ctx = _toy("fc1 -> a8 dynamic\nfc2 -> w8")
     run([P.VALIDATE_PLAN], gm, ctx)
-    ctx.observers = {}
+    ctx.observers, ctx.input_stats = {}, {}
     gm = run(P.FREEZE + FAKE, gm, ctx, check=True)          # the real passes pass
     with pytest.raises(GraphError, match=r"pass unquantize broke the graph .*activation "
                                          r"quantizer of fc1") as e:

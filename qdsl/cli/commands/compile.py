@@ -13,8 +13,9 @@ from ..args import int_range, output_dir, positive_int, seed_int
 def register(sub) -> None:
     p = sub.add_parser(
         "compile", help=COMMANDS["compile"],
-        description="Capture MODEL, match RECIPE, calibrate static activation quantizers on "
-                    "DATA, freeze and lower; write an artifact directory (safetensors + JSON) "
+        description="Capture MODEL, match RECIPE, calibrate static activation quantizers "
+                    "(and the input statistics of gptq / awq weights) on DATA, round, freeze "
+                    "and lower; write an artifact directory (safetensors + JSON) "
                     "that `qdsl eval`, `qdsl bench` and qdsl.load() read back without "
                     "calibrating again. Settings given here override the recipe's `set` lines.")
     p.add_argument("recipe", help=".qrec file")
