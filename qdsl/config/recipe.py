@@ -101,6 +101,7 @@ class Settings:
     calib_data: str | None = None
     lower: str | None = None  # "fake" | "int8"
     lower_compute: str | None = None  # weight-only kernels: "bf16" (fast) | "fp32" (exact)
+    student_blocks: str | None = None  # layer reduction (config/student.py): "every_other", "1,3"
 
     def then(self, later: Settings) -> Settings:
         """Later settings (an including file, the command line) override earlier ones."""
@@ -114,7 +115,7 @@ class Settings:
                 if f.name not in _LATER or getattr(self, f.name) is not None}
 
 
-_LATER = ("lower_compute",)
+_LATER = ("lower_compute", "student_blocks")
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -126,6 +127,7 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "calib.data": ("calib_data", str),
     "lower": ("lower", str),
     "lower.compute": ("lower_compute", str),
+    "student.blocks": ("student_blocks", str),
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")

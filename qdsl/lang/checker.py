@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Diagnostic
+from ..config.student import StudentError, parse_blocks
 from ..config.recipe import LOWER_COMPUTE, LOWER_TARGETS, SETTING_KEYS, Loc, Rule, Selector
 from ..config.spec import ACTIVATION, FLOAT_BITS, MAX_BITS, MIN_BITS, WEIGHT, PerToken, SpecError, TensorPatch
 from .options import OPTIONS, SLOT_NAMES, OptionDef, kind_name, kinds_phrase
@@ -388,6 +389,13 @@ def check_setting(node: SettingLine, file: str, err: _Reporter) -> SettingItem |
             err(col, f"`{key}` must be one of {', '.join(allowed)}, got `{_show(node)}`",
                 did_you_mean(str(v), allowed))
             return None
+    elif key == "student.blocks":
+        try:
+            parse_blocks(str(v))
+        except StudentError as e:
+            err(col, str(e))
+            return None
+        v = str(v)
     elif node.value_kind != "string":
         err(col, f"`{key}` must be a quoted string, got `{_show(node)}`",
             f'write set {key} = "{v}"')
