@@ -36,6 +36,7 @@ RANK = {
     "artifact": 6,   # the artifact on disk (read / write)
     "compiler": 7,   # the driver: explain, compile, load
     "eval": 8,       # completion, perplexity, HumanEval, robustness, hosting metrics
+    "train": 8,      # quantization-aware distillation (qdsl train): a client of compiler
     "study": 9,      # the seed-paper reproduction: a client of the library
     "cli": 10,       # argument parsing, one library call per command
 }

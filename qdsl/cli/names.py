@@ -9,5 +9,6 @@ COMMANDS = {
     "compile": "calibrate and quantize a model from a recipe into an artifact",
     "eval": "score a model or artifact on line completion, perplexity, HumanEval",
     "bench": "measure size, memory and latency against fp32 and torch.ao",
+    "train": "quantization-aware distillation of a recipe's student (XTC): an artifact",
     "sweep": "run many recipes (compile + eval + bench) and write result tables",
 }

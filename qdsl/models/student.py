@@ -23,7 +23,7 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     length is the config's block count (``transformer.h``, ``model.layers``)."""
     n = blocks_of_config(getattr(model, "config", None) or {})
     found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+             if type(m) is torch.nn.ModuleList and len(m) == n]  # not parametrization lists
     if n is None or len(found) != 1:
         raise ModelError(f"cannot find the transformer blocks of {type(model).__name__} "
                          f"(config blocks: {n}, matching ModuleLists: "
