@@ -225,6 +225,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     lowered = FREEZE + lowering(lower)  # ValueError on an unknown mode, before any work
     m, tok, model_id = as_model(model)
     tok = tokenizer or tok
+    source_hash = module_hash(m)  # the model given (the teacher): what load checks
     if reduce:
         m, _ = student_of(m, r, st.student_blocks)
     mode = "generate" if is_causal_lm(m) else "plain"
@@ -273,5 +274,5 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,
-                          source_hash=module_hash(m), settings=st, tokenizer=tok,
+                          source_hash=source_hash, settings=st, tokenizer=tok,
                           model_config=getattr(m, "config", None), fallback=fallback)

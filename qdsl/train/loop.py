@@ -93,8 +93,7 @@ class Trainer:
         self.layer_map = tuple(blocks) if blocks is not None else tuple(range(n))
         self.student = student.requires_grad_(True)
         plain = dataclasses.replace(self.recipe, settings=dataclasses.replace(
-            self.recipe.settings, student_blocks=None))
-        self.plain_recipe = plain
+            self.recipe.settings, student_blocks=None))  # self.student is reduced already
         exp = explain(plain, self.student)
         self.quant = attach(self.student, exp.captured.gm, exp.named, exp.plan)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr,
@@ -206,16 +205,20 @@ class Trainer:
         finally:
             bar.close()
 
-    def export(self, out, *, force: bool = False, lower: str | None = None):
-        """The trained student, frozen by the recipe and lowered (default int8): a
-        QuantizedModel, saved to ``out`` when given. Its source model is the teacher's
-        name; an int8 artifact carries the student's own config (self-contained)."""
+    def export(self, out, *, force: bool = False):
+        """The trained student, frozen by the recipe and lowered to int8 (the artifact
+        must carry the trained weights: a self-contained int8 artifact; ops with no
+        integer kernel stay simulated, recorded): a QuantizedModel, saved to ``out``
+        when given. Its source model is the teacher's name, its config the student's."""
+        if self.recipe.settings.lower not in (None, "int8"):
+            raise ModelError(f"{self.recipe.source}: `set lower = "
+                             f"{self.recipe.settings.lower}`: a trained artifact is lowered "
+                             "to int8 (it carries its trained weights)")
         detach(self.student, self.quant)
         self.student.eval().requires_grad_(False)
         calib = batch(self.streams["train"], 0, self.cfg.seed + CALIB_SEED, 32, self.cfg.seq_len)
-        qm = compile(self.student, self.plain_recipe, calib=calib, tokenizer=self.tokenizer,
-                     lower=lower or self.recipe.settings.lower or "int8", reduce=False,
-                     progress=False)
+        qm = compile(self.student, self.recipe, calib=calib, tokenizer=self.tokenizer,
+                     lower="int8", reduce=False, progress=False, fallback="simulate")
         # the artifact names the teacher as its source model: `qdsl eval` compares with it
         qm.source_id = self.model_id
         if out is not None:
@@ -233,12 +236,12 @@ def train(recipe, model, out=None, *, run=None, resume: bool = False,
         if out is None:
             raise ModelError("train: give an output artifact or a run directory")
         run = Path(str(out).rstrip("/") + ".run")
+    if not resume and checkpoint.latest(Path(run)) is not None:
+        raise ModelError(f"{run} holds a checkpoint: continue it with --resume, or "
+                         f"give another --run directory")
     trainer = Trainer(recipe, model, Path(run), config)
     if resume:
         trainer.resume()
-    elif checkpoint.latest(trainer.run) is not None:
-        raise ModelError(f"{trainer.run} holds a checkpoint: continue it with --resume, or "
-                         f"give another --run directory")
     trainer.fit(progress=progress)
     if not trainer.evals or trainer.evals[-1]["step"] != trainer.step:
         trainer.evaluate()

@@ -80,3 +80,19 @@ def test_student_copies_the_kept_blocks(family):
     ids = tiny_ids(student, 1, 6)
     out = student.generate(ids, max_new_tokens=3, do_sample=False)   # the cache works
     assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("lower", ["fake", "int8"])
+def test_compiled_student_reloads(tmp_path, lower):
+    """compile with student.blocks = the post-training baseline (no training); a fake
+    artifact reloads against the teacher, reduced again on load."""
+    import qdsl
+    from qdsl.compiler.build import compile
+    teacher = tiny("gpt2", n_layer=4)
+    recipe = parse_recipe("set student.blocks = every_other\n* -> w4 sym per_channel\n")
+    qm = compile(teacher, recipe, lower=lower, progress=False)
+    qm.save(tmp_path / "a")
+    back = qdsl.load(tmp_path / "a", teacher)
+    ids = tiny_ids(teacher, 1, 8)
+    assert torch.equal(qm(ids), back(ids))
+    assert qm.named.blocks == 2

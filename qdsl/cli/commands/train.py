@@ -19,8 +19,8 @@ def register(sub) -> None:
                     "MSE on hidden states and attention maps), AdamW, linear warm-up and decay. "
                     "Checkpoints (safetensors + JSON) go to RUN every --ckpt-every steps; "
                     "--resume continues exactly; Ctrl-C keeps the last checkpoint. The trained "
-                    "weights are frozen by the recipe and lowered (default int8: packed 1-bit "
-                    "weights) into the artifact OUT that `qdsl eval`, `qdsl bench` and "
+                    "weights are frozen by the recipe and lowered to int8 (packed 1-bit weights; "
+                    "a self-contained artifact) into the artifact OUT that `qdsl eval`, `qdsl bench` and "
                     "qdsl.load() read.")
     p.add_argument("recipe", help=".qrec file")
     p.add_argument("--model", required=True, help="the teacher: short name, checkpoint dir, hub id")
@@ -45,8 +45,6 @@ def register(sub) -> None:
                    help="steps between held-out evaluations (0: at the end only)")
     p.add_argument("--max-tokens", type=positive_int, default=4_000_000,
                    help="training tokens tokenised and sampled from (4,000,000)")
-    p.add_argument("--lower", choices=["fake", "int8"],
-                   help="the artifact's lowering (default: the recipe's, else int8)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is a qdsl artifact")
     p.set_defaults(func=run)
 
