@@ -236,6 +236,8 @@ def train(recipe, model, out=None, *, run=None, resume: bool = False,
         if out is None:
             raise ModelError("train: give an output artifact or a run directory")
         run = Path(str(out).rstrip("/") + ".run")
+    if resume and checkpoint.latest(Path(run)) is None:  # before loading or tokenising
+        raise ModelError(f"--resume: no checkpoint in {run} (expected {Path(run) / 'ckpt'})")
     if not resume and checkpoint.latest(Path(run)) is not None:
         raise ModelError(f"{run} holds a checkpoint: continue it with --resume, or "
                          f"give another --run directory")
