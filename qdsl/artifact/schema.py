@@ -175,7 +175,9 @@ SETTINGS = Obj({"calib_samples": COUNT, "calib_seq_len": COUNT, "calib_seed": Op
                 "calib_batch_size": COUNT, "calib_data": Opt(NAME),
                 "lower": Opt(Str(enum=("fake", "int8")))},
                {"lower_compute": Opt(Str(enum=("bf16", "fp32"))),
-                "student_blocks": Opt(Str(pattern=r"[a-z_]{1,20}|[0-9, ]{1,2000}"))})
+                "student_blocks": Opt(Str(pattern=r"[a-z_]{1,20}|[0-9, ]{1,2000}")),
+                "train_logits": Opt(Num(0, 1e30)), "train_hidden": Opt(Num(0, 1e30)),
+                "train_attn": Opt(Num(0, 1e30))})
 LOC = Str(pattern=r"(?s).*:[0-9]{1,9}:[0-9]{1,9}")
 RECIPE = Obj({"source": NAME, "settings": SETTINGS, "rules": List(Obj({
     "selector": Obj({"kind": Str(enum=("glob", "op", "type", "re", "module")),

@@ -102,6 +102,9 @@ class Settings:
     lower: str | None = None  # "fake" | "int8"
     lower_compute: str | None = None  # weight-only kernels: "bf16" (fast) | "fp32" (exact)
     student_blocks: str | None = None  # layer reduction (config/student.py): "every_other", "1,3"
+    train_logits: float | None = None  # qdsl train: XTC loss weights (default 1 each)
+    train_hidden: float | None = None
+    train_attn: float | None = None
 
     def then(self, later: Settings) -> Settings:
         """Later settings (an including file, the command line) override earlier ones."""
@@ -115,7 +118,7 @@ class Settings:
                 if f.name not in _LATER or getattr(self, f.name) is not None}
 
 
-_LATER = ("lower_compute", "student_blocks")
+_LATER = ("lower_compute", "student_blocks", "train_logits", "train_hidden", "train_attn")
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -128,6 +131,9 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "lower": ("lower", str),
     "lower.compute": ("lower_compute", str),
     "student.blocks": ("student_blocks", str),
+    "train.logits": ("train_logits", float),
+    "train.hidden": ("train_hidden", float),
+    "train.attn": ("train_attn", float),
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")

@@ -389,6 +389,11 @@ def check_setting(node: SettingLine, file: str, err: _Reporter) -> SettingItem |
             err(col, f"`{key}` must be one of {', '.join(allowed)}, got `{_show(node)}`",
                 did_you_mean(str(v), allowed))
             return None
+    elif typ is float:
+        if node.value_kind != "number" or not 0 <= v < float("inf"):
+            err(col, f"`{key}` must be a number >= 0, got `{_show(node)}`")
+            return None
+        v = float(v)
     elif key == "student.blocks":
         try:
             parse_blocks(str(v))

@@ -131,11 +131,17 @@ class Trainer:
         self.evals = state.get("evals", [])
 
     # ------------------------------------------------------------------ steps
+    def loss_weights(self) -> LossWeights:
+        """The config's weights, overridden by the recipe's ``set train.*``."""
+        st, w = self.recipe.settings, self.cfg.loss
+        return LossWeights(*(v if v is not None else d for v, d in (
+            (st.train_logits, w.logits), (st.train_hidden, w.hidden), (st.train_attn, w.attn))))
+
     def micro_loss(self, ids: torch.Tensor):
         with torch.no_grad():
             t = run_model(self.teacher, ids)
         s = run_model(self.student, ids)
-        return distill_loss(s, t, self.layer_map, self.cfg.loss)
+        return distill_loss(s, t, self.layer_map, self.loss_weights())
 
     def train_step(self) -> dict:
         """One optimizer step (``accumulate`` micro-batches); its record."""

@@ -141,3 +141,16 @@ def test_train_refuses_a_run_that_holds_a_checkpoint(tmp_path):
     with pytest.raises(ModelError, match="--resume"):
         train(W1A8, tiny("gpt2"), None, run=run, config=cfg(steps=1))
     shutil.rmtree(run)
+
+
+def test_recipe_loss_weights(tmp_path):
+    """`set train.*` weighs XTC's terms: hidden and attention off leaves the logit KL."""
+    text = "set train.hidden = 0\nset train.attn = 0\nset train.logits = 2.5\n" + W1A8
+    t = Trainer(text, tiny("gpt2"), tmp_path, cfg(steps=1), data_streams=streams())
+    w = t.loss_weights()
+    assert (w.logits, w.hidden, w.attn) == (2.5, 0.0, 0.0)
+    rec = t.train_step()
+    assert rec["hidden"] > 0 and rec["attn"] > 0          # measured, not counted
+    assert rec["loss"] == pytest.approx(2.5 * rec["logits"], rel=1e-6)
+    assert Trainer(W1A8, tiny("gpt2"), tmp_path, cfg(), data_streams=streams()).loss_weights() \
+        == type(w)(1.0, 1.0, 1.0)
