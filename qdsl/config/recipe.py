@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .spec import TensorPatch
+from .student import student_value, weight_value
 
 SELECTOR_KINDS = ("glob", "op", "type", "re", "module")
 
@@ -130,10 +131,10 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "calib.data": ("calib_data", str),
     "lower": ("lower", str),
     "lower.compute": ("lower_compute", str),
-    "student.blocks": ("student_blocks", str),
-    "train.logits": ("train_logits", float),
-    "train.hidden": ("train_hidden", float),
-    "train.attn": ("train_attn", float),
+    "student.blocks": ("student_blocks", student_value),
+    "train.logits": ("train_logits", weight_value),
+    "train.hidden": ("train_hidden", weight_value),
+    "train.attn": ("train_attn", weight_value),
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")

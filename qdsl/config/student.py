@@ -71,6 +71,20 @@ def student_map(value: str, n_blocks: int) -> tuple[int, ...]:
     return blocks
 
 
+def student_value(value, kind: str) -> str:
+    """``set student.blocks = VALUE`` checked (a word, a quoted list or one number):
+    the text kept in the recipe; StudentError (a ValueError) says what is wrong."""
+    parse_blocks(str(value))
+    return str(value)
+
+
+def weight_value(value, kind: str) -> float:
+    """``set train.logits|hidden|attn = NUMBER`` (a loss weight >= 0) checked."""
+    if kind != "number" or not 0 <= value < float("inf"):
+        raise ValueError(f"a loss weight must be a number >= 0, got `{value}`")
+    return float(value)
+
+
 def setting_position(text: str, key: str = "student.blocks") -> tuple[int, int, str]:
     """(line, column of the value, line text) of the last ``set KEY = ...`` in ``text``;
     (1, 1, "") when the setting came from an included file."""
