@@ -37,6 +37,7 @@ RANK = {
     "compiler": 7,   # the driver: explain, compile, load
     "eval": 8,       # completion, perplexity, HumanEval, robustness, hosting metrics
     "export": 8,     # artifacts written as GGUF / compressed-tensors (reads them like eval)
+    "train": 8,      # quantization-aware distillation (qdsl train): a client of compiler
     "study": 9,      # the seed-paper reproduction: a client of the library
     "cli": 10,       # argument parsing, one library call per command
 }

@@ -177,7 +177,10 @@ SETTINGS = Obj({"calib_samples": COUNT, "calib_seq_len": COUNT, "calib_seed": Op
                 "calib_batch_size": COUNT, "calib_data": Opt(NAME),
                 "lower": Opt(Str(enum=("fake", "int8")))},
                {"lower_compute": Opt(Str(enum=("bf16", "fp32"))),
-                "export": Opt(Str(enum=("gguf", "compressed-tensors")))})
+                "export": Opt(Str(enum=("gguf", "compressed-tensors"))),
+                "student_blocks": Opt(Str(pattern=r"[a-z_]{1,20}|[0-9, ]{1,2000}")),
+                "train_logits": Opt(Num(0, 1e30)), "train_hidden": Opt(Num(0, 1e30)),
+                "train_attn": Opt(Num(0, 1e30))})
 LOC = Str(pattern=r"(?s).*:[0-9]{1,9}:[0-9]{1,9}")
 SELECTOR = Obj({"kind": Str(enum=("glob", "op", "type", "re", "module")),
                 "pattern": NAME, "optional": Bool}, {"port": Str(enum=("input",))})

@@ -10,5 +10,6 @@ COMMANDS = {
     "eval": "score a model or artifact on line completion, perplexity, HumanEval",
     "bench": "measure size, memory and latency against fp32 and torch.ao",
     "export": "write an artifact as GGUF (llama.cpp) or compressed-tensors (vLLM)",
+    "train": "quantization-aware distillation of a recipe's student (XTC): an artifact",
     "sweep": "run many recipes (compile + eval + bench) and write result tables",
 }

@@ -19,11 +19,14 @@ from ..models.limits import DEFAULT_MAX_CACHE_LEN, Limit, fit_length
 from ..plan import QuantPlan, build_plan
 from ..artifact.store import lowered_state, module_hash, write_artifact
 from ..config.recipe import Recipe, Settings
+from ..config.student import StudentError, located, student_map
 from ..errors import ModelError, RecipeError
 from ..graph.capture import capture, max_positions
 from ..graph.naming import name_graph
 from ..lang import load_recipe, parse_recipe
 from ..models import zoo
+from ..models.limits import blocks_of_config
+from ..models.student import make_student
 from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibration_windows
 from ..passes.int8_exec import execution
 from ..passes.pipeline import (CALIBRATE, FREEZE, OBSERVE, STATISTICS, VALIDATE, Feed,
@@ -55,6 +58,22 @@ def as_model(model: ModelArg):
     return m, tok, str(model)
 
 
+def student_of(m: torch.nn.Module, r: Recipe, value: str | None = None):
+    """(model, None) or, with ``student.blocks`` set, (the layer-reduced student, the
+    teacher block each student block starts from); a bad index is a located error."""
+    value = value if value is not None else r.settings.student_blocks
+    if not value:
+        return m, None
+    n = blocks_of_config(getattr(m, "config", None) or {})
+    if n is None:
+        raise ModelError(f"`student.blocks`: {type(m).__name__} states no block count")
+    try:
+        blocks = student_map(value, n)
+    except StudentError as e:
+        raise located(e, r.text, r.source) from e
+    return make_student(m, blocks), blocks
+
+
 @dataclass
 class Explanation:
     recipe: Recipe
@@ -63,6 +82,8 @@ class Explanation:
     plan: QuantPlan
     lower: str
     export: dict | None = None  # `set export`: canonical name -> problems (exportcheck)
+    student: tuple[int, ...] | None = None  # teacher block of each student block
+    teacher_blocks: int | None = None
 
     @property
     def export_errors(self) -> list:
@@ -91,7 +112,13 @@ class Explanation:
         return render_table(self.rows())
 
     def summary(self) -> str:
-        return render_summary(self.plan, self.captured.gm, self.named)
+        text = render_summary(self.plan, self.captured.gm, self.named)
+        if self.student is not None:
+            pairs = ", ".join(f"{i} <- {t}" for i, t in enumerate(self.student))
+            text += (f"\nstudent (student.blocks = {self.recipe.settings.student_blocks}): "
+                     f"{len(self.student)} of {self.teacher_blocks} teacher blocks; "
+                     f"student block <- teacher block: {pairs}")
+        return text
 
     def kernel_lines(self) -> list[str]:
         """Under ``--lower int8``: the kernel each runtime operation runs on this CPU
@@ -110,13 +137,16 @@ def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
     """Capture ``model`` (plain graph), name it, and match ``recipe``: no data needed."""
     r = as_recipe(recipe)
     m, _, _ = as_model(model)
+    teacher_blocks = blocks_of_config(getattr(m, "config", None) or {})
+    m, student = student_of(m, r)
     captured = capture(m, example_inputs, mode="plain")
     named = name_graph(captured)
     plan = build_plan(r, named)
     run(VALIDATE, captured.gm, PassContext(named, plan))
     export = (export_verdicts(captured.gm, named, plan, r.settings.export)
               if r.settings.export else None)
-    return Explanation(r, captured, named, plan, lower or r.settings.lower or "fake", export)
+    return Explanation(r, captured, named, plan, lower or r.settings.lower or "fake", export,
+                       student=student, teacher_blocks=teacher_blocks)
 
 
 # --------------------------------------------------------------------------- compile
@@ -201,7 +231,7 @@ def _calib_runner(captured, mode: str, max_cache_len: int):
 def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None,
             settings=None, lower: str | None = None, max_cache_len: int | None = None,
             progress: bool = True, fallback: str = "error",
-            check: bool = False) -> QuantizedModel:
+            check: bool = False, reduce: bool = True) -> QuantizedModel:
     """Compile ``recipe`` for ``model``: capture, name, match, observe, calibrate, freeze, lower.
 
     ``calib``: a directory of code, a saved ``datasets`` dataset, ``"stdlib"``, or a
@@ -214,6 +244,9 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     the graph takes. A given length that does not fit is an ``OptionError``, raised before
     capture. The passes run as the pipelines of ``qdsl.passes.pipeline`` (OBSERVE,
     CALIBRATE + FREEZE + FAKE or INT8); ``check`` checks the graph after every pass (tests).
+    ``student.blocks`` set: the layer-reduced student is compiled (no training: the
+    post-training baseline); ``reduce=False`` takes ``model`` as the student already
+    (``qdsl train`` compiles what it trained).
     """
     r = as_recipe(recipe)
     st = r.settings.then(settings or Settings())
@@ -221,6 +254,9 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     lowered = FREEZE + lowering(lower)  # ValueError on an unknown mode, before any work
     m, tok, model_id = as_model(model)
     tok = tokenizer or tok
+    source_hash = module_hash(m)  # the model given (the teacher): what load checks
+    if reduce:
+        m, _ = student_of(m, r, st.student_blocks)
     mode = "generate" if is_causal_lm(m) else "plain"
     positions = max_positions(m)
     if mode == "generate":  # the cache cannot outgrow the position table
@@ -284,5 +320,5 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
 
     return QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=ctx.frozen, lower=lower,
                           mode=mode, max_cache_len=max_cache_len, source_id=model_id,
-                          source_hash=module_hash(m), settings=st, tokenizer=tok,
+                          source_hash=source_hash, settings=st, tokenizer=tok,
                           model_config=getattr(m, "config", None), fallback=fallback)

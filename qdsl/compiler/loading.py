@@ -20,7 +20,7 @@ from ..graph.naming import name_graph
 from ..passes.freeze import Frozen
 from ..passes.pipeline import PassContext, lowering, run
 from ..plan import QuantPlan
-from .build import ModelArg, QuantizedModel, as_model
+from .build import ModelArg, QuantizedModel, as_model, student_of
 from .lowered import load_int8
 from .source import artifact_errors, check_source, local_source, plan_of
 
@@ -57,6 +57,9 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
     m, tok, model_id = as_model(model if model is not None
                                 else local_source(meta["model"]["id"], path))
     got = check_source(m, meta, path)
+    recipe = Recipe.from_json(meta["recipe"]["rules"],
+                              text=(Path(path) / "recipe.qrec").read_text(encoding="utf-8"))
+    m, _ = student_of(m, recipe, meta["settings"].get("student_blocks"))  # layer reduction
     if meta["mode"] == "generate" and not recache and meta["max_cache_len"] > max_positions(m):
         raise ArtifactError(f"artifact {path}: qdsl_artifact.json: max_cache_len "
                             f"{meta['max_cache_len']} exceeds the model's {max_positions(m)} "
@@ -73,8 +76,6 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
                           lower_compute=meta["settings"].get("lower_compute"))
         gm = run(lowering("int8" if int8 else "fake"), captured.gm, ctx)
         named = ctx.named  # a transform may have untied a weight
-    recipe = Recipe.from_json(meta["recipe"]["rules"],
-                              text=(Path(path) / "recipe.qrec").read_text(encoding="utf-8"))
     return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,
                           lower=meta["lower"], mode=meta["mode"],
                           max_cache_len=meta["max_cache_len"], source_id=model_id,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .spec import TensorPatch
+from .student import student_value, weight_value
 
 SELECTOR_KINDS = ("glob", "op", "type", "re", "module")
 # Ports a selector may name after its pattern: `.input` = the tensor a linear reads.
@@ -164,6 +165,10 @@ class Settings:
     lower: str | None = None  # "fake" | "int8"
     lower_compute: str | None = None  # weight-only kernels: "bf16" (fast) | "fp32" (exact)
     export: str | None = None  # "gguf" | "compressed-tensors": the format the result must fit
+    student_blocks: str | None = None  # layer reduction (config/student.py): "every_other", "1,3"
+    train_logits: float | None = None  # qdsl train: XTC loss weights (default 1 each)
+    train_hidden: float | None = None
+    train_attn: float | None = None
 
     def then(self, later: Settings) -> Settings:
         """Later settings (an including file, the command line) override earlier ones."""
@@ -177,7 +182,8 @@ class Settings:
                 if f.name not in _LATER or getattr(self, f.name) is not None}
 
 
-_LATER = ("lower_compute", "export")
+_LATER = ("lower_compute", "export", "student_blocks", "train_logits", "train_hidden",
+          "train_attn")
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -190,6 +196,10 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "lower": ("lower", str),
     "lower.compute": ("lower_compute", str),
     "export": ("export", str),
+    "student.blocks": ("student_blocks", student_value),
+    "train.logits": ("train_logits", weight_value),
+    "train.hidden": ("train_hidden", weight_value),
+    "train.attn": ("train_attn", weight_value),
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")

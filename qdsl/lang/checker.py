@@ -304,29 +304,29 @@ def _unknown_arg(err: _Reporter, d: OptionDef, name: str, col: int) -> None:
 def check_setting(node: SettingLine, file: str, err: _Reporter) -> SettingItem | None:
     key = node.key
     if key not in SETTING_KEYS:
-        err(node.key_col, f"unknown setting `{key}`",
-            did_you_mean(key, list(SETTING_KEYS)) or f"settings are {', '.join(SETTING_KEYS)}")
-        return None
+        return err(node.key_col, f"unknown setting `{key}`", did_you_mean(key, list(SETTING_KEYS))
+                   or f"settings are {', '.join(SETTING_KEYS)}")
     fname, typ = SETTING_KEYS[key]
     v, col = node.value, node.value_col
     if typ is int:
         if node.value_kind != "number" or not isinstance(v, int):
-            err(col, f"`{key}` must be an integer, got `{_show(node)}`")
-            return None
+            return err(col, f"`{key}` must be an integer, got `{_show(node)}`")
         low = 0 if key == "calib.seed" else 1
         if v < low:
-            err(col, f"`{key}` must be >= {low}, got {v}")
-            return None
+            return err(col, f"`{key}` must be >= {low}, got {v}")
     elif key in SETTING_CHOICES:  # export: the word compressed_tensors (or "compressed-tensors")
         allowed, v = SETTING_CHOICES[key], str(v).replace("_", "-") if key == "export" else v
         if node.value_kind == "number" or v not in allowed:
-            err(col, f"`{key}` must be one of {', '.join(allowed)}, got `{_show(node)}`",
-                did_you_mean(str(v), allowed))
-            return None
+            return err(col, f"`{key}` must be one of {', '.join(allowed)}, got `{_show(node)}`",
+                       did_you_mean(str(v), allowed))
+    elif typ not in (int, str):  # a checking converter (config/student.py), ValueError
+        try:
+            v = typ(v, node.value_kind)
+        except ValueError as e:
+            return err(col, str(e))
     elif node.value_kind != "string":
-        err(col, f"`{key}` must be a quoted string, got `{_show(node)}`",
-            f'write set {key} = "{v}"')
-        return None
+        return err(col, f"`{key}` must be a quoted string, got `{_show(node)}`",
+                   f'write set {key} = "{v}"')
     return SettingItem(key, fname, v, Loc(file, node.line, node.col))
 
 

@@ -76,6 +76,11 @@ def _sites(gm: fx.GraphModule, named, plan: QuantPlan) -> list[Site]:
     return sites
 
 
+def weight_sites(gm: fx.GraphModule, named, plan: QuantPlan) -> list[Site]:
+    """Every quantized weight's op, kind and input spec (``qdsl train`` simulates these)."""
+    return _sites(gm, named, plan)
+
+
 def _weight_op(gm, node, weight_use):
     """The op reading the node's weight: after lower_fake it reads ``qdsl_weight__<name>``."""
     fake = attr_name(node.name, "qdsl_weight__")

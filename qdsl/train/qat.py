@@ -1,0 +1,150 @@
+"""The recipe's quantizers in an eager student, for training (straight-through).
+
+Weights: every node the plan gives a quantized weight spec gets a parametrization
+of its module's ``weight``: the observer's scale / zero point of the current float
+weight (no gradient; 1-bit symmetric: XTC's ``mean|W|`` per row or group), then
+``quant.primitives.fake_quantize``, whose gradient is the identity where the code lies
+on the grid and zero where it was clamped (1-bit: identity everywhere). A tied weight
+(GPT-2's ``lm_head`` / ``wte``) stays one parameter under both parametrizations.
+
+Activations: the input of every quantized linear whose producer's activation spec is
+quantized (``passes.lower_int8.weight_sites``: what ``--lower int8`` turns into integer
+kernels) is fake-quantized by a forward pre-hook: dynamic specs by
+``runtime.fakequant.DynamicFakeQuant`` (range of the tensor itself, per token or per
+tensor), static per-tensor specs by ``EmaFakeQuant`` (XTC's running range, momentum
+0.95). Other activation quantizers (on residual sums, attention probabilities) are not
+simulated while training; ``compile`` applies them to the trained weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..config.spec import GroupWise, PerTensor, TensorSpec
+from ..errors import ModelError
+from ..passes.lower_int8 import weight_sites
+from ..quant.observers import make_observer
+from ..quant.primitives import choose_qparams, fake_quantize, group_unview, group_view
+from ..runtime.fakequant import DynamicFakeQuant
+
+MOMENTUM = 0.95  # XTC's static activation range: range = m * range + (1 - m) * batch
+
+
+def qat_weight(w: Tensor, spec: TensorSpec, in_out: bool = False) -> Tensor:
+    """Fake-quantized ``w`` with a straight-through gradient (``in_out``: Conv1D [in, out])."""
+    wt = w.t() if in_out else w
+    with torch.no_grad():
+        obs = make_observer(spec)
+        obs(wt.detach().float())
+        scale, zero_point = obs.qparams()
+    if isinstance(spec.granularity, GroupWise):
+        out = group_unview(fake_quantize(group_view(wt, spec.granularity.size), scale,
+                                         zero_point, spec.bits, spec.symmetric))
+    else:
+        out = fake_quantize(wt, scale, zero_point, spec.bits, spec.symmetric)
+    return out.t() if in_out else out
+
+
+class WeightQuant(nn.Module):
+    """Parametrization: the module's float weight -> its fake-quantized value."""
+
+    def __init__(self, spec: TensorSpec, in_out: bool) -> None:
+        super().__init__()
+        self.spec, self.in_out = spec, in_out
+
+    def forward(self, w: Tensor) -> Tensor:
+        return qat_weight(w, self.spec, self.in_out)
+
+
+class EmaFakeQuant(nn.Module):
+    """Static per-tensor activation fake-quant with XTC's running range (momentum 0.95):
+    updated from each training batch, frozen in eval mode."""
+
+    def __init__(self, spec: TensorSpec, momentum: float = MOMENTUM) -> None:
+        super().__init__()
+        if not isinstance(spec.granularity, PerTensor):
+            raise ModelError(f"training simulates static activations per tensor only, "
+                             f"got {spec.describe()}")
+        self.spec, self.momentum = spec, momentum
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                lo, hi = x.detach().min().float(), x.detach().max().float()
+                m = self.momentum if int(self.seen) else 0.0
+                self.lo.mul_(m).add_((1 - m) * lo)
+                self.hi.mul_(m).add_((1 - m) * hi)
+                self.seen.add_(1)
+        scale, zp = choose_qparams(self.lo, self.hi, self.spec.bits, self.spec.symmetric)
+        return fake_quantize(x, scale, zp, self.spec.bits, self.spec.symmetric)
+
+
+@dataclass
+class Quantized:
+    """What ``attach`` put into a model, so ``detach`` can take it out again."""
+
+    weights: dict[str, TensorSpec] = field(default_factory=dict)   # module path -> spec
+    inputs: dict[str, nn.Module] = field(default_factory=dict)      # module path -> quantizer
+    hooks: list = field(default_factory=list)
+    order: dict[str, list[str]] = field(default_factory=dict)       # parameter order
+    act_modules: nn.ModuleDict = field(default_factory=nn.ModuleDict)
+
+
+def attach(model: nn.Module, captured_gm, named, plan) -> Quantized:
+    """Put the plan's weight quantizers and linear-input quantizers into ``model`` (the
+    eager module ``captured_gm`` was captured from, module paths as in ``named``)."""
+    q = Quantized()
+    for s in weight_sites(captured_gm, named, plan):
+        node = named[s.name]
+        try:
+            module = model.get_submodule(node.module)
+        except AttributeError as e:
+            raise ModelError(f"{s.name}: module {node.module!r} not found in the model") from e
+        if not isinstance(getattr(module, "weight", None), Tensor):
+            raise ModelError(f"{s.name}: module {node.module!r} has no weight to train")
+        if node.module in q.weights:
+            if q.weights[node.module] != s.weight:
+                raise ModelError(f"{s.name}: module {node.module!r} is read with two "
+                                 f"different weight specs")
+        else:
+            q.order[node.module] = list(module._parameters)
+            parametrize.register_parametrization(
+                module, "weight", WeightQuant(s.weight, node.weight_layout == "in_out"))
+            q.weights[node.module] = s.weight
+        if s.kind == "linear" and s.input is not None and s.input.quantized:
+            if node.module in q.inputs:
+                continue
+            aq = DynamicFakeQuant(s.input) if s.input.dynamic else EmaFakeQuant(s.input)
+            key = node.module.replace(".", "__")
+            q.act_modules[key] = aq
+            q.inputs[node.module] = aq
+            q.hooks.append(module.register_forward_pre_hook(
+                lambda mod, args, aq=aq: (aq(args[0]), *args[1:])))
+    return q
+
+
+def detach(model: nn.Module, q: Quantized) -> None:
+    """Remove the quantizers: the model keeps its trained float weights."""
+    for h in q.hooks:
+        h.remove()
+    for path in q.weights:
+        module = model.get_submodule(path)
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        # removal re-registers `weight` last; the graph (and its hash) follows the
+        # registration order, so put it back where it was
+        params, order = module._parameters, q.order.get(path, [])
+        items = [(k, params[k]) for k in order if k in params]
+        items += [(k, v) for k, v in params.items() if k not in order]
+        params.clear()
+        params.update(items)
+    q.hooks.clear()
+    q.order.clear()
+    q.weights.clear()
+    q.inputs.clear()

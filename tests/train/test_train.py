@@ -1,0 +1,156 @@
+"""qdsl train on tiny models: the distillation loss falls, a resumed run computes the
+same next loss, an interrupted save keeps the last checkpoint, and the trained 1-bit
+artifact reloads bit-identically with its weights packed at 1 bit each."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import qdsl
+from qdsl.errors import ModelError
+from qdsl.runtime.packed import PackedLinear
+from qdsl.train import checkpoint
+from qdsl.train.loop import TrainConfig, Trainer, lr_at, train
+from tiny import tiny
+
+W1A8 = """\
+*                    -> w8 sym per_channel
+block.*.attn.qkv     -> w1 sym per_channel
+block.*.attn.out     -> w1 sym per_channel
+block.*.mlp.c_fc     -> w1 sym per_channel
+block.*.mlp.c_proj   -> w1 sym per_channel
+block.*.ln_1         -> a8 sym per_token dynamic
+block.*.attn.context -> a8 sym per_token dynamic
+block.*.ln_2         -> a8 sym per_token dynamic
+block.*.mlp.act      -> a8 sym per_token dynamic
+"""
+
+
+def streams(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    # a learnable stream: a short repeating pattern with noise
+    base = torch.arange(1, 40).repeat(200)
+    noise = torch.randint(1, 128, base.shape, generator=g)
+    keep = torch.rand(base.shape, generator=g) < 0.8
+    s = torch.where(keep, base, noise).to(torch.int32)
+    return {"train": s[:6000], "valid": s[6000:]}
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(steps=50, batch_size=4, seq_len=16, lr=3e-3, warmup=0.1, ckpt_every=0,
+                eval_windows=4)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    c = cfg(steps=10, warmup=0.2, lr=1.0)
+    assert [round(lr_at(s, c), 3) for s in range(10)] == \
+        [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+
+
+@pytest.mark.slow
+def test_distillation_loss_decreases_over_50_steps(tmp_path):
+    # weights large enough that the teacher's logits say something (init 0.2, not 0.02)
+    teacher = tiny("gpt2", initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0,
+                   attn_pdrop=0.0)
+    t = Trainer("set student.blocks = \"1\"\n" + W1A8, teacher, tmp_path, cfg(),
+                data_streams=streams())
+    assert t.layer_map == (1,)
+    t.fit(progress=False)
+    losses = [h["loss"] for h in t.history]
+    assert len(losses) == 50 and all(map(torch.isfinite, torch.tensor(losses)))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_reproduces_the_next_loss(tmp_path):
+    model = tiny("gpt2")   # dropout 0.1: the student's RNG state is part of the checkpoint
+    a = Trainer(W1A8, model, tmp_path, cfg(steps=4), data_streams=streams())
+    a.train_step()
+    a.train_step()
+    a.save()                                            # the checkpoint at step 2
+    a.train_step()
+    a.train_step()
+    torch.manual_seed(12345)                            # whatever the generator holds now
+    b = Trainer(W1A8, model, tmp_path, cfg(steps=4), data_streams=streams())
+    b.resume()
+    assert b.step == 2 and b.tokens == 2 * 4 * 16
+    assert b.train_step()["loss"] == a.history[2]["loss"]   # exactly the same next loss
+    assert b.train_step()["loss"] == a.history[3]["loss"]
+    for (k, p), (_, q) in zip(a.student.named_parameters(), b.student.named_parameters()):
+        assert torch.equal(p, q), k
+
+
+def test_resume_refuses_another_recipe(tmp_path):
+    model = tiny("gpt2")
+    a = Trainer(W1A8, model, tmp_path, cfg(steps=1, ckpt_every=1), data_streams=streams())
+    a.fit(progress=False)
+    other = W1A8.replace("w8 sym per_channel", "w4 sym per_channel")
+    b = Trainer(other, model, tmp_path, cfg(steps=1), data_streams=streams())
+    with pytest.raises(ModelError, match="another recipe"):
+        b.resume()
+
+
+def test_an_interrupted_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    t = Trainer(W1A8, tiny("gpt2"), tmp_path, cfg(steps=3, ckpt_every=1), data_streams=streams())
+    t.train_step()
+    t.save()
+    saved = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    t.train_step()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.save()
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == saved
+    monkeypatch.undo()
+    fresh = Trainer(W1A8, tiny("gpt2"), tmp_path, cfg(steps=3), data_streams=streams())
+    fresh.resume()
+    assert fresh.step == 1
+
+
+def test_trained_1bit_artifact_reloads_bit_identically(tmp_path):
+    t = Trainer(W1A8, tiny("gpt2"), tmp_path / "run", cfg(steps=3), data_streams=streams())
+    t.fit(progress=False)
+    qm = t.export(tmp_path / "out")
+    loaded = qdsl.load(tmp_path / "out")
+    ids = streams()["valid"][:12].long().unsqueeze(0)
+    assert torch.equal(qm(ids), loaded(ids))
+    packed = [m for m in loaded.gm.modules() if isinstance(m, PackedLinear) and m.bits == 1]
+    assert len(packed) == 8                                 # 4 linears x 2 blocks
+    for m in packed:
+        assert m.weight_packed.dtype == torch.uint8
+        assert m.weight_packed.shape == (m.out_features, (m.in_features + 7) // 8)
+    # the trained weights are what was packed: sign of the student's float weight
+    c_fc = t.student.transformer.h[0].mlp.c_fc.weight.detach().t()     # [out, in]
+    m = loaded.gm.get_submodule(next(n for n, x in loaded.gm.named_modules()
+                                     if x is packed[2]))
+    from qdsl.runtime.packing import unpack_int
+    bits = unpack_int(m.weight_packed, 1, m.in_features)
+    assert torch.equal(bits.bool(), c_fc >= 0)
+
+
+def test_train_refuses_a_run_that_holds_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    t = Trainer(W1A8, tiny("gpt2"), run, cfg(steps=1, ckpt_every=1), data_streams=streams())
+    t.fit(progress=False)
+    with pytest.raises(ModelError, match="--resume"):
+        train(W1A8, tiny("gpt2"), None, run=run, config=cfg(steps=1))
+    shutil.rmtree(run)
+
+
+def test_recipe_loss_weights(tmp_path):
+    """`set train.*` weighs XTC's terms: hidden and attention off leaves the logit KL."""
+    text = "set train.hidden = 0\nset train.attn = 0\nset train.logits = 2.5\n" + W1A8
+    t = Trainer(text, tiny("gpt2"), tmp_path, cfg(steps=1), data_streams=streams())
+    w = t.loss_weights()
+    assert (w.logits, w.hidden, w.attn) == (2.5, 0.0, 0.0)
+    rec = t.train_step()
+    assert rec["hidden"] > 0 and rec["attn"] > 0          # measured, not counted
+    assert rec["loss"] == pytest.approx(2.5 * rec["logits"], rel=1e-6)
+    assert Trainer(W1A8, tiny("gpt2"), tmp_path, cfg(), data_streams=streams()).loss_weights() \
+        == type(w)(1.0, 1.0, 1.0)

@@ -1,0 +1,49 @@
+"""Rows of docs/results-demoor.md from `qdsl eval --json` files: size on disk, ES / EM
+with the paired t 95% CI of the difference against the float model (the eval's
+baseline, same samples), perplexity, and the training record of the run directory.
+
+    python tools/demoor_table.py LABEL=ARTIFACT:EVAL.json[:RUN_DIR] ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qdsl.artifact.store import artifact_size  # noqa: E402
+from qdsl.study.stats import paired_t  # noqa: E402
+
+
+def row(label: str, spec: str) -> str:
+    parts = spec.split(":")
+    art, ev = Path(parts[0]), json.loads(Path(parts[1]).read_text())
+    run = Path(parts[2]) if len(parts) > 2 else None
+    t, b = ev["target"], ev["baseline"]
+    ts = {s["id"]: s for s in t["samples"]}
+    pairs = [(ts[s["id"]], s) for s in b["samples"] if s["id"] in ts]
+    es = paired_t([a["es"] for a, _ in pairs], [c["es"] for _, c in pairs])
+    em = paired_t([100.0 * a["em"] for a, _ in pairs], [100.0 * c["em"] for _, c in pairs])
+    size = artifact_size(art) / 2**20
+    train = "-"
+    if run is not None and (run / "ckpt" / "state.json").is_file():
+        st = json.loads((run / "ckpt" / "state.json").read_text())
+        last = st["evals"][-1] if st.get("evals") else {}
+        train = (f"{st['step']} steps, {st['tokens']:,} tok, {st['seconds'] / 60:.1f} min, "
+                 f"held-out KD loss {last.get('loss', float('nan')):.3f} / CE {last.get('ce', float('nan')):.3f}")
+    return (f"| {label} | {size:.2f} | {t['es']:.2f} | {es.est:+.2f} [{es.lo:+.2f}, {es.hi:+.2f}] "
+            f"| {100 * t['em']:.1f} | {em.est:+.1f} [{em.lo:+.1f}, {em.hi:+.1f}] | {t['ppl']:.1f} "
+            f"| {len(pairs)} | {train} |")
+
+
+def main() -> None:
+    print("| row | MB on disk | ES | ΔES vs fp32 [95% CI] | EM % | ΔEM [95% CI] | ppl | n | training |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for arg in sys.argv[1:]:
+        label, spec = arg.split("=", 1)
+        print(row(label, spec))
+
+
+if __name__ == "__main__":
+    main()
