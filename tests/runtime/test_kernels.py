@@ -226,8 +226,13 @@ def test_forced_avx2_runs_no_reference_path(tmp_path):
         if key.endswith("/8"):
             assert "torch_int8pack_mm" not in names, key
     assert len(list(tmp_path.glob("AVX2-t*.json"))) == 1     # the timed table, cached
-    if EXT:   # at decode an integer kernel beats dequantize + float GEMM
-        assert res["ran"]["dynamic/1"] == ["qdsl_w8a8"], res["ran"]
+    # which eligible kernel wins the timing depends on the machine's load: a benchmark's
+    # question (tools/bench_kernels.py), not a test's. The fixed rules (no timing) put
+    # the integer kernel first at decode where qdsl's C++ kernels build.
+    if EXT:
+        env = {**FORCED_AVX2, "QDSL_KERNEL_AUTOTUNE": "0", "QDSL_KERNEL_CACHE": str(tmp_path)}
+        fixed = json.loads(run_py(SPY, env).strip().splitlines()[-1])
+        assert fixed["ran"]["dynamic/1"] == ["qdsl_w8a8"], fixed["ran"]
 
 
 def test_without_a_compiler_the_runtime_falls_back(tmp_path):
