@@ -131,8 +131,8 @@ def round_weights(gm: fx.GraphModule, named, plan: QuantPlan, stats: dict[str, I
     for node in sites:
         users[id(stats[node.name])] = users.get(id(stats[node.name]), 0) + 1
     out: dict[str, Rounded] = {}
-    for node in tqdm(sites, desc="rounding weights", unit="linear", disable=not progress,
-                     leave=False):
+    for node in tqdm(sites, desc="rounding weights", unit="linear",
+                     disable=not progress or not sites, leave=False):
         spec, mod = plan[node.name].weight, stats[node.name]
         if mod.count == 0:
             raise GraphError(f"{spec.rounding.name} on {node.name}: its linear saw no "

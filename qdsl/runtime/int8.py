@@ -95,7 +95,7 @@ class _Int8Weight(nn.Module):
 
     def _set_int8(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         """Integer codes ``q [out, in]`` with their scale (``[out, 1]``, ``[out]`` or 0-d)."""
-        self.weight = q.to(torch.int8)
+        self.weight = q.to(torch.int8).contiguous()   # GPT-2's Conv1D codes come transposed
         self.weight_scale = scale.float().reshape(-1).expand(self.out_features).contiguous()
         if bias is not None:
             self.bias = bias.detach().float().clone()

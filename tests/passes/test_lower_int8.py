@@ -232,3 +232,12 @@ def test_explain_exec_column():
     ex = {r["name"]: r["exec"] for r in rows}
     assert ex["block.0.mlp.c_fc"] == "simulated (fake-quant)"
     assert ex["block.0.res_sum"] == "simulated (fake-quant)"
+
+
+def test_int8_weights_are_contiguous_for_conv1d_models(gpt2_w8a8):
+    """GPT-2's Conv1D weights are [in, out]: their codes come transposed; the runtime
+    module stores them row-major, as a loaded artifact has them (the C++ kernels would
+    otherwise copy the weight on every call)."""
+    _, q = gpt2_w8a8
+    mods = [m for m in q.gm.modules() if isinstance(m, (Int8DynamicLinear, Int8StaticLinear))]
+    assert mods and all(m.weight.is_contiguous() for m in mods)
