@@ -33,7 +33,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="qdsl",
         description="Declarative quantization recipes for PyTorch code models: "
                     "check and format .qrec files, explain what a recipe selects, "
-                    "compile, evaluate and benchmark quantized models.")
+                    "compile or train, evaluate, benchmark and export quantized models.")
     parser.add_argument("--version", action="version", version=f"qdsl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
