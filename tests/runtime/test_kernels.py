@@ -230,7 +230,9 @@ def test_forced_avx2_runs_no_reference_path(tmp_path):
     # question (tools/bench_kernels.py), not a test's. The fixed rules (no timing) put
     # the integer kernel first at decode where qdsl's C++ kernels build.
     if EXT:
-        env = {**FORCED_AVX2, "QDSL_KERNEL_AUTOTUNE": "0", "QDSL_KERNEL_CACHE": str(tmp_path)}
+        fresh = tmp_path / "fixed"      # not the timed table the first run cached
+        fresh.mkdir()
+        env = {**FORCED_AVX2, "QDSL_KERNEL_AUTOTUNE": "0", "QDSL_KERNEL_CACHE": str(fresh)}
         fixed = json.loads(run_py(SPY, env).strip().splitlines()[-1])
         assert fixed["ran"]["dynamic/1"] == ["qdsl_w8a8"], fixed["ran"]
 
