@@ -84,3 +84,15 @@ def _delete_attr(gm: fx.GraphModule, target: str) -> None:
         module._parameters[name] = None
     elif name in module._buffers:
         module._buffers[name] = None
+
+
+def remove_inserted(gm: fx.GraphModule, prefix: str) -> None:
+    """Take out every call_module whose target starts with ``prefix`` (statistics or
+    recorders a pass inserted on a tensor), rewiring its users to its input."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and str(n.target).startswith(prefix):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            gm.delete_submodule(n.target)
+    gm.graph.lint()
+    gm.recompile()

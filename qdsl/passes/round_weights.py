@@ -37,7 +37,7 @@ from ..quant.gptq import gptq_codes
 from ..quant.hessian import InputStats
 from ..runtime.conv1d import oriented
 from ..config.rounding import AWQ
-from .common import attr_name, weight_use
+from .common import attr_name, remove_inserted, weight_use
 
 log = logging.getLogger(__name__)
 STATS_PREFIX = "qdsl_stats__"
@@ -152,15 +152,5 @@ def round_weights(gm: fx.GraphModule, named, plan: QuantPlan, stats: dict[str, I
         users[id(mod)] -= 1
         if users[id(mod)] == 0:  # the last linear reading this input: free its Hessian
             mod.xtx = torch.empty(0)
-    _remove_recorders(gm)
+    remove_inserted(gm, STATS_PREFIX)
     return out
-
-
-def _remove_recorders(gm: fx.GraphModule) -> None:
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and str(n.target).startswith(STATS_PREFIX):
-            n.replace_all_uses_with(n.args[0])
-            gm.graph.erase_node(n)
-            gm.delete_submodule(n.target)
-    gm.graph.lint()
-    gm.recompile()

@@ -28,7 +28,7 @@ from ..errors import GraphError
 from ..graph.attrs import owner, param
 from ..quant.channelstats import ChannelAbsMax, smooth_scales
 from ..runtime.conv1d import oriented
-from .common import WEIGHT_PREFIX, attr_name, fx_node, replace_weight
+from .common import WEIGHT_PREFIX, attr_name, fx_node, remove_inserted, replace_weight
 
 STAT_PREFIX = "qdsl_stat__"
 
@@ -48,14 +48,6 @@ def collect_stats(gm: fx.GraphModule, named, plan) -> dict[str, ChannelAbsMax]:
         q.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
     gm.recompile()
     return stats
-
-
-def _remove_stats(gm: fx.GraphModule) -> None:
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and str(n.target).startswith(STAT_PREFIX):
-            n.replace_all_uses_with(n.args[0])
-            gm.graph.erase_node(n)
-            delattr(gm, n.target)
 
 
 def set_tensor(gm: fx.GraphModule, target: str, value: Tensor) -> None:
@@ -116,7 +108,7 @@ def smooth(gm: fx.GraphModule, named, plan, scales: dict[str, Tensor] | None,
             w = torch.stack([_weight(gm, named, c).abs().amax(0).float()
                              for c in t.consumers]).amax(0)
             scales[t.producer] = smooth_scales(x, w, t.alpha)
-    _remove_stats(gm)
+    remove_inserted(gm, STAT_PREFIX)
     for t in groups:
         s = scales[t.producer]
         fold = named[t.fold]
