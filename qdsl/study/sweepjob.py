@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import sys
 import time
 import traceback
 from dataclasses import replace
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import qdsl
 
-from ..atomic import finite, write_json_atomic
+from ..atomic import finite
 from ..errors import QdslError
 from ..lang import load_recipe
 from ..models.limits import positions_of_config
@@ -32,6 +33,7 @@ from ..models.zoo import load_model
 from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, LoadedModel, SweepConfig, cache_len,
                    effective_settings, fit, prompt_mode)
 from .layerstats import float_reference, layer_stats, layer_windows
+from .sweepcache import BadEntry, CacheStore
 from .tables import describe_bits, storage
 
 log = logging.getLogger(__name__)
@@ -191,20 +193,66 @@ def _reload(artifact: Path | None, model, graph_cache: int | None = None):
         return None
 
 
+def reset_peak_rss() -> bool:
+    """Start measuring this process's peak RSS afresh (Linux: ``VmHWM`` is reset by
+    writing 5 to ``/proc/self/clear_refs``); False where it cannot be reset, and the
+    peak read next is the process's since it started (an upper bound)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident set size in bytes since the last reset (None if
+    this platform tells neither)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024   # bytes on macOS, KiB on Linux
+
+
 def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads: int,
-            progress: bool = False, artifact: str | None = None) -> tuple[str, dict]:
-    """Run a job and cache it (in a pool process or in the sweep's own)."""
+            progress: bool = False, artifact: str | None = None,
+            store: CacheStore | None = None, raise_errors: bool = False) -> tuple[str, dict]:
+    """Run a job and cache it in ``store`` (default ``out_dir/cache``), in a pool process,
+    a Ray worker or the sweep's own. A job whose entry is already in the cache (another
+    worker finished it) is not run again: that entry is returned. The entry records the
+    job's peak RSS (``peak_rss_bytes``; ``peak_rss_scope`` "job" when it was measured
+    from the job's start, "process" when only the process's peak was available), which
+    ``qdsl.study.executors`` declares as a cluster job's memory. ``raise_errors``: a
+    failure is raised (a Ray task's, so that Ray retries it) instead of returned."""
     import torch
 
+    store = store or CacheStore(Path(out_dir) / "cache")
+    try:
+        cached = store.read(key, job.kind)
+    except BadEntry:   # unusable: the driver warned; run the job again
+        cached = None
+    if cached is not None:
+        return key, cached
     if threads > 0:
         torch.set_num_threads(threads)
+    exact = reset_peak_rss()
     try:
         res = run_job(job, cfg, samples, Path(out_dir), progress=progress,
                       artifact=Path(artifact) if artifact else None)
     except Exception as e:  # a failed job is reported, not cached, and retried next run
+        if raise_errors:
+            raise
         log.debug("job %s failed", job, exc_info=True)
         return key, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                      "recipe": job.recipe, "kind": job.kind}
-    res = finite({**res, "key": key, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-    write_json_atomic(Path(out_dir) / "cache" / f"{key}.json", res)  # as it is read back
+    res = finite({**res, "key": key, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "peak_rss_bytes": peak_rss(), "peak_rss_scope": "job" if exact else "process"})
+    store.write(key, res)  # written whole (temporary, then renamed), as it is read back
     return key, res
