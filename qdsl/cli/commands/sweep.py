@@ -8,6 +8,7 @@ import shlex
 from ...errors import QdslError
 from ...eval.sandbox import sandbox_kind
 from ...models.limits import Limit, fit_length, model_limit
+from ...study.executors import EXECUTORS
 from ...study.report import update_doc
 from ...study.sweep import SweepConfig, run_sweep
 from ...study.tables import TABLES, get_table
@@ -29,10 +30,17 @@ act_error, calib).
   qdsl sweep recipes/card.qrec my.qrec --model stdlib-gpt2 -o runs/mine
   qdsl sweep --table all -o runs/sweep --report   # rewrite reports from the cache
   qdsl sweep --table wei-4 --model qwen2.5-coder-0.5b --humaneval -o runs/qwen
+  qdsl sweep --table storti-2 --executor ray --address auto -o /nfs/runs/s2  # Ray cluster
 
 Tables: storti-1 .. storti-4, wei-4, wei-5, wei-7 (robustness), wei-fig7, int8.
 --humaneval K adds HumanEval pass@1 (first K problems, greedy, sandboxed) to the
-tables whose paper reports it (wei-4, wei-5), reusing each row's compiled model."""
+tables whose paper reports it (wei-4, wei-5), reusing each row's compiled model.
+
+--executor ray (pip install 'qdsl[ray]') runs each job as a Ray task declaring its
+CPUs (--threads) and memory (the largest peak RSS a job of its kind recorded in the
+cache, else 3.5x the fp32 weights + 1 GiB), on the cluster at --address or on a local
+one; a task that fails or whose worker dies is retried once. DIR (or --cache) must be
+on storage every worker sees; see docs/scale.md."""
 
 
 def register(sub) -> None:
@@ -47,7 +55,18 @@ def register(sub) -> None:
                    help="'stdlib', a directory of .py files or a .jsonl (default stdlib)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", type=output_dir)
     p.add_argument("-j", "--jobs", type=int_range(1, 256), default=1,
-                   help="parallel jobs, capped by available memory (default 1)")
+                   help="parallel jobs of the local executor, capped by available memory "
+                        "(default 1)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where jobs run: 'local' (this machine, default) or 'ray' (a Ray "
+                        "task per job; needs pip install 'qdsl[ray]')")
+    p.add_argument("--address", metavar="ADDR",
+                   help="the Ray cluster to join ('auto', HOST:PORT, ray://HOST:10001); "
+                        "default: a local cluster started for the sweep")
+    p.add_argument("--cache", metavar="PATH|URL",
+                   help="where finished jobs are cached: a directory or an fsspec URL "
+                        "(s3://..., gs://..., file:///nfs/...) every worker can reach "
+                        "(default DIR/cache)")
     p.add_argument("--n", type=positive_int, default=d.n, help=f"completion samples ({d.n})")
     p.add_argument("--seed", type=seed_int, default=d.bench_seed,
                    help=f"benchmark sampling seed ({d.bench_seed})")
@@ -109,8 +128,11 @@ def run(args) -> int:
                       layer_windows=args.layer_windows, threads=args.threads,
                       bench_int8=not args.no_bench, humaneval=args.humaneval,
                       humaneval_tokens=args.humaneval_tokens, unsafe_exec=args.unsafe_exec)
+    if args.address is not None and args.executor != "ray":
+        raise QdslError("--address is for --executor ray")
     res = run_sweep(cfg, args.out, tables=tables, recipes=args.recipes, jobs=args.jobs,
-                    progress=not args.no_progress, only_report=args.report)
+                    progress=not args.no_progress, only_report=args.report,
+                    executor=args.executor, address=args.address, cache=args.cache)
     n_runs, n_failed = len(res["runs"]), len(res["failed"])
     print(f"{n_runs} finished job(s), {n_failed} failed; job time so far "
           f"{res['job_seconds_total'] / 60:.1f} min")
