@@ -123,8 +123,12 @@ def _inject_fault(job: Job, key: str, store: CacheStore) -> None:
     if what == "raise":
         raise RuntimeError(f"injected failure in {stem} (attempt {attempts})")
     if what == "crash-once" and attempts == 1:
+        half = b'{"kind": "quality", "recipe'
         if store.fs is None:
-            Path(store.location, f".{key}.json.dead.tmp").write_text('{"kind": "qual')
+            Path(store.location, f".{key}.json.dead.tmp").write_bytes(half)
+        else:
+            fs, root = store.fs
+            fs.pipe_file(f"{root.rstrip('/')}/.{key}.json.dead.tmp", half)
         os._exit(1)
 
 
@@ -218,6 +222,24 @@ class RayExecutor:
         if seen is None:  # a worker's local cache path that the driver cannot see
             store.write(key, res)
         return res
+
+
+# results.json fields that legitimately differ between two runs of the same sweep
+# (executor, machine load, output directory): wall times and timestamps, the
+# machine's description and load, the artifact's path, the measured peak RSS, and
+# qdsl bench's timings (int8 rows). Everything else must be equal.
+VARYING = frozenset({"updated", "machine", "wall_seconds_this_run", "job_seconds_total",
+                     "seconds", "compile_seconds", "eval_seconds", "layer_seconds",
+                     "finished", "artifact", "peak_rss_bytes", "peak_rss_scope", "bench"})
+
+
+def comparable(results):
+    """``results`` (a results.json object) without the ``VARYING`` fields, at any depth."""
+    if isinstance(results, dict):
+        return {k: comparable(v) for k, v in results.items() if k not in VARYING}
+    if isinstance(results, list):
+        return [comparable(v) for v in results]
+    return results
 
 
 def make_executor(name: str, *, workers: int = 1, address: str | None = None,
