@@ -7,10 +7,12 @@ and ``qdsl bench``), ``robust`` (the same model on contexts whose comments and
 docstrings are perturbed, ``qdsl.eval.robust``) or ``humaneval`` (HumanEval pass@1 for
 the tables whose paper reports it, with ``SweepConfig.humaneval`` > 0). Robust and
 HumanEval jobs reload the quality job's saved artifact instead of calibrating again.
-``qdsl.study.sweepjob`` runs one job; this module plans, keys and schedules them
-(``Job`` and ``SweepConfig`` are ``qdsl.study.jobs``'s, importable from here too).
+``qdsl.study.sweepjob`` runs one job; this module plans and keys them and hands them
+to an executor (``qdsl.study.executors``: local, or a Ray task each); ``Job`` and
+``SweepConfig`` are ``qdsl.study.jobs``'s, importable from here too.
 
-Each finished job is written atomically to ``DIR/cache/<key>.json``, key = sha256 of
+Each finished job is written atomically to ``DIR/cache/<key>.json`` (or a ``cache``
+directory / fsspec URL given, ``qdsl.study.sweepcache.CacheStore``), key = sha256 of
 (kind, recipe meaning hash, effective calibration settings, model content hash,
 benchmark content hash, evaluation settings, ``FORMAT``). A re-run skips what is
 cached, so an interrupted sweep resumes where it stopped; an entry that cannot be
@@ -38,7 +40,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..atomic import SWEEP, output_dir
-from ..errors import OptionError, QdslError
+from ..errors import OptionError
 from ..eval.samples import load_bench
 from ..eval.sandbox import sandbox_kind
 from ..lang import load_recipe

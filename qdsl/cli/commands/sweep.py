@@ -19,11 +19,11 @@ from ..args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, outp
 DESCRIPTION = """\
 Compile and evaluate every recipe (line completion EM / ES, perplexity, storage
 estimate, per-layer activation statistics; int8 lowerings also qdsl bench) on one
-model and benchmark. Finished jobs are cached in DIR/cache by (recipe meaning,
-calibration settings, model hash, benchmark hash, eval settings): a re-run skips
-them, so an interrupted sweep resumes. Writes DIR/results.json, DIR/tables.md (each
-paper's layout, with the paper's numbers) and DIR/plots/ (pareto, act_max,
-act_error, calib).
+model and benchmark. Finished jobs are cached in DIR/cache (or --cache) by (recipe
+meaning, calibration settings, model hash, benchmark hash, eval settings): a re-run
+skips them, so an interrupted sweep resumes. Writes DIR/results.json,
+DIR/tables.md (each paper's layout, with the paper's numbers) and DIR/plots/
+(pareto, act_max, act_error, calib).
 
   qdsl sweep --table storti-3 -o runs/sweep
   qdsl sweep --table all -o runs/sweep            # every seed table
