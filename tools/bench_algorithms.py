@@ -37,7 +37,8 @@ RECIPES = (("baseline", "algorithms/w8a8_static_baseline.qrec"),
            ("rotate_pct", "algorithms/rotate_w8a8_static_pct.qrec"),
            ("rotate_down16", "algorithms/rotate_w8a8_static_down16.qrec"),
            ("wei_w4a8", "wei/t5_w4a8.qrec"),
-           ("rotate_gptq_w4a8", "algorithms/rotate_gptq_w4a8.qrec"))
+           ("rotate_gptq_w4a8", "algorithms/rotate_gptq_w4a8.qrec"),
+           ("gptq_g64", "algorithms/gptq_w4a16_g64.qrec"))
 
 
 def t975(df: int) -> float:
@@ -133,7 +134,8 @@ def report(args) -> None:
     print("| recipe | ES | ES - fp32 [95% paired t CI] | sd of diff | EM | ppl | "
           "ppl / fp32 [95% CI, per-window paired t] |")
     print("|---|---|---|---|---|---|---|")
-    for label in ["fp32"] + [r[0] for r in RECIPES]:
+    known = ["fp32"] + [r[0] for r in RECIPES]
+    for label in known + sorted(set(rows) - set(known)):  # extra rows: other tools' models
         if label not in rows:
             continue
         r = rows[label]

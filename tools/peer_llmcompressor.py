@@ -64,7 +64,7 @@ def gptq(args) -> None:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    ids = load_file(str(out / "calib.safetensors"))["input_ids"]
+    ids = load_file(str(out / "calib.safetensors"))["input_ids"][:args.windows or None]
     ds = Dataset.from_dict({"input_ids": ids.tolist(),
                             "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--windows", type=int, default=0,
+                   help="gptq: calibrate on the first N windows only (0: all)")
     args = p.parse_args()
     prepare(args) if args.step == "prepare" else gptq(args)
 
