@@ -31,7 +31,14 @@ from qdsl.atomic import write_json_atomic
 
 RECIPES = (("baseline", "algorithms/w8a8_static_baseline.qrec"),
            ("smooth", "algorithms/smoothquant_w8a8_static.qrec"),
-           ("rotate", "algorithms/rotate_w8a8_static.qrec"))
+           ("rotate", "algorithms/rotate_w8a8_static.qrec"),
+           ("smooth_rotate", "algorithms/smooth_rotate_w8a8_static.qrec"),
+           ("rotate_mse", "algorithms/rotate_w8a8_static_mse.qrec"),
+           ("rotate_pct", "algorithms/rotate_w8a8_static_pct.qrec"),
+           ("rotate_down16", "algorithms/rotate_w8a8_static_down16.qrec"),
+           ("wei_w4a8", "wei/t5_w4a8.qrec"),
+           ("rotate_gptq_w4a8", "algorithms/rotate_gptq_w4a8.qrec"),
+           ("gptq_g64", "algorithms/gptq_w4a16_g64.qrec"))
 
 
 def t975(df: int) -> float:
@@ -103,7 +110,9 @@ def run(args) -> None:
                          settings=Settings(calib_samples=args.calib_samples))
             lm, compile_s = q.lm(name=label), time.time() - t0
         res = evaluate(lm, tok, samples[:args.n], cfg, max_positions=args.ctx_tokens + 63,
-                       ppl_windows=0, progress=False) if args.n else {"es": None, "em": None}
+                       ppl_windows=0, progress=False,
+                       batch_size=args.batch_size if recipe is None else 1,
+                       ) if args.n else {"es": None, "em": None}
         res["windows"] = window_nll(lm, tok, samples, args.ppl_windows, args.ctx_tokens)
         nll, ntok = (sum(w[k] for w in res["windows"]) for k in ("nll", "tokens"))
         res["ppl"] = math.exp(nll / ntok)
@@ -125,7 +134,8 @@ def report(args) -> None:
     print("| recipe | ES | ES - fp32 [95% paired t CI] | sd of diff | EM | ppl | "
           "ppl / fp32 [95% CI, per-window paired t] |")
     print("|---|---|---|---|---|---|---|")
-    for label in ["fp32"] + [r[0] for r in RECIPES]:
+    known = ["fp32"] + [r[0] for r in RECIPES]
+    for label in known + sorted(set(rows) - set(known)):  # extra rows: other tools' models
         if label not in rows:
             continue
         r = rows[label]
@@ -156,6 +166,8 @@ def main() -> None:
     p.add_argument("--ctx-tokens", type=int, default=256)
     p.add_argument("--lower", default="fake", choices=("fake", "int8"))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="fp32 completions decoded "
+                   "together (compiled graphs: batch 1, as qdsl eval runs artifacts)")
     p.add_argument("--calib-samples", type=int, default=None,
                    help="override the recipes' calib.samples (a busy machine)")
     p.add_argument("--only", nargs="*", help="labels to run: fp32 and recipe labels "

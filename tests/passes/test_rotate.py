@@ -99,3 +99,23 @@ def test_int8_lowering_takes_the_rotated_input_quantizers_and_artifacts_replay(t
     assert torch.equal(C.load(tmp_path / "fake", model)(ids), fake(ids))
     b = fake(ids)
     assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+def test_a_16_bit_down_input_in_a_rotated_w8a8_recipe_lowers_to_weight_only_int8():
+    """rotate_w8a8_static_down16.qrec's shape: one block's down input at fp16 (after the
+    online Hadamard), the others int8; --lower int8 agrees with fake-quant."""
+    model = tiny("llama")
+    recipe = W8A8 + "rotate\nblock.[1].mlp.down.input -> a.fp16\n"
+    calib = tiny_ids(model, 4, 16)
+    q = C.compile(model, recipe, calib=calib, lower="int8", max_cache_len=32, progress=False)
+    downs = {n.meta.get("qdsl"): n for n in q.gm.graph.nodes
+             if n.op == "call_module" and str(n.meta.get("qdsl", "")).endswith("mlp.down")}
+    kinds = {k: type(q.gm.get_submodule(n.target)).__name__ for k, n in downs.items()}
+    assert kinds == {"block.0.mlp.down": "Int8StaticLinear",
+                     "block.1.mlp.down": "Int8WeightOnlyLinear"}
+    cast = downs["block.1.mlp.down"].args[0]          # the fp16 cast, after the Hadamard
+    assert "hadamard" in str(cast.args[0].target)
+    fake = C.compile(model, recipe, calib=calib, lower="fake", max_cache_len=32, progress=False)
+    ids = tiny_ids(model, 2, 12, seed=7)
+    a, b = q(ids), fake(ids)
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
