@@ -329,3 +329,34 @@ def test_cli_report_writes_the_document(tiny_dir, tmp_path):
     text = doc.read_text()
     assert "<!-- qdsl:findings -->" in text and "## Discussion" in text
     assert f"--n 4 --ppl-windows 0 -o {out} --doc {doc}" in text and "--report" not in text
+
+
+def test_batch_size_reaches_every_eval_job_and_keys_only_compiled_rows(tiny_dir, tmp_path):
+    """--batch-size B: the float, compiled and robust jobs decode B rows per forward (the
+    compiled ones from the saved artifact re-captured with B rows); B enters the key of
+    compiled rows only (their completions can change with it; the float model's do not)."""
+    from dataclasses import replace
+
+    from qdsl.study.sweep import Job, job_key
+
+    table = Table("t", "robust smoke", "robust", (Row("FP", None), Row("W8A8", RECIPES[0])))
+    one, two = _cfg(tiny_dir), replace(_cfg(tiny_dir), batch_size=2)
+    a = run_sweep(one, tmp_path / "one", tables=[table], progress=False)
+    b = run_sweep(two, tmp_path / "two", tables=[table], progress=False)
+    assert not a["failed"] and not b["failed"], (a["failed"], b["failed"])
+    runs_a = {(r["kind"], r["recipe"]): r for r in a["runs"].values()}
+    runs_b = {(r["kind"], r["recipe"]): r for r in b["runs"].values()}
+    assert len(runs_b) == 4
+    assert {k: r["batch_size"] for k, r in runs_b.items()} == {k: 2 for k in runs_b}
+    assert runs_a[("quality", None)]["batch_size"] == 8   # qdsl eval's float default
+    assert runs_a[("quality", RECIPES[0])]["batch_size"] == 1   # and an artifact's
+    # the float model's completions do not depend on the batch
+    cache = lambda d, r: json.loads((d / "cache" / f"{r['key']}.json").read_text())  # noqa: E731
+    fa = cache(tmp_path / "one", runs_a[("quality", None)])
+    fb = cache(tmp_path / "two", runs_b[("quality", None)])
+    assert [s["pred"] for s in fa["samples"]] == [s["pred"] for s in fb["samples"]]
+    assert fa["ppl_window_nll"] == pytest.approx(fb["ppl_window_nll"], rel=1e-4)
+    fp, w8 = Job(None), Job(RECIPES[0])
+    assert job_key(fp, one, "m", "b") == job_key(fp, two, "m", "b")
+    assert job_key(w8, one, "m", "b") != job_key(w8, two, "m", "b")
+    assert job_key(w8, replace(one, batch_size=1), "m", "b") == job_key(w8, one, "m", "b")

@@ -121,18 +121,20 @@ def pct_drop(clean: float | None, perturbed: float | None) -> float | None:
 
 
 def robust_scores(lm, tok, samples, ccfg, *, max_positions: int | None = None,
-                  prob: float = DEFAULT_PROB, seed: int = 0, progress: bool = False) -> dict:
+                  prob: float = DEFAULT_PROB, seed: int = 0, progress: bool = False,
+                  batch_size: int = 1) -> dict:
     """Clean vs perturbed EM / ES of one model (``qdsl.models.lm.CausalLM``). A sample whose
     prompt tokens the perturbation leaves unchanged (it touched only text before the
-    prompt window) has the same prediction by construction and is decoded once."""
+    prompt window) has the same prediction by construction and is decoded once.
+    ``batch_size``: samples per forward, as ``score_completion``."""
     pert = perturb_samples(samples, seed, prob)
     changed = [i for i, (a, b) in enumerate(zip(samples, pert))
                if not prompt_ids(tok, a, ccfg, max_positions).equal(
                    prompt_ids(tok, b, ccfg, max_positions))]
     clean = score_completion(lm, tok, samples, ccfg, max_positions, progress,
-                             desc="clean")["samples"]
+                             desc="clean", batch_size=batch_size)["samples"]
     moved = score_completion(lm, tok, [pert[i] for i in changed], ccfg, max_positions,
-                             progress, desc="perturbed")["samples"]
+                             progress, desc="perturbed", batch_size=batch_size)["samples"]
     perturbed = list(clean)
     for i, r in zip(changed, moved):
         perturbed[i] = r

@@ -47,6 +47,7 @@ class SweepConfig:
     humaneval: int = 0           # HumanEval problems for pass@1 tables (0: no HumanEval jobs)
     humaneval_tokens: int = 300  # new tokens per HumanEval completion
     unsafe_exec: bool = False    # no bubblewrap: run HumanEval's code with rlimits only
+    batch_size: int | None = None  # samples / windows per forward (None: eval_batch's default)
 
 
 def recipe_path(recipe: str) -> str:
@@ -76,6 +77,22 @@ def prompt_mode(cfg: SweepConfig) -> str:
     from ..eval.complete import DEFAULT_PROMPT, PROMPT_BY_MODEL
 
     return cfg.prompt or PROMPT_BY_MODEL.get(str(cfg.model).lower(), DEFAULT_PROMPT)
+
+
+def eval_batch(cfg: SweepConfig, job: Job) -> int:
+    """Completions and perplexity windows per forward for ``job``: ``cfg.batch_size``, or
+    ``qdsl eval``'s default (``qdsl.eval.run.default_batch_size``: 8 for the float model,
+    1 for a compiled row); HumanEval decodes one problem at a time (1). A compiled row
+    whose plan cannot batch (``qdsl.compiler.loading.batch_mixing``) runs 1 whatever
+    this says, with a warning."""
+    if job.kind == HUMANEVAL:
+        return 1
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    # here, not at the top: qdsl.eval.run imports torch (see prompt_mode)
+    from ..eval.run import DEFAULT_ARTIFACT_BATCH_SIZE, DEFAULT_BATCH_SIZE
+
+    return DEFAULT_BATCH_SIZE if job.recipe is None else DEFAULT_ARTIFACT_BATCH_SIZE
 
 
 def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None,

@@ -46,7 +46,8 @@ from ..eval.sandbox import sandbox_kind
 from ..lang import load_recipe
 from ..models.zoo import resolve_model
 from .executors import estimate_memory, make_executor
-from .jobs import HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings, prompt_mode
+from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings, eval_batch,
+                   prompt_mode)
 from .sweepcache import CacheStore, load_cache
 from .tables import TABLES, adhoc_table, write_all
 
@@ -91,6 +92,11 @@ def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
         payload["perturb"] = [cfg.perturb_prob, cfg.perturb_seed]
     if job.kind == HUMANEVAL:
         payload["humaneval"] = [cfg.humaneval, cfg.humaneval_tokens]
+    if job.recipe is not None and eval_batch(cfg, job) > 1:
+        # a compiled row's completions change with the batch (float summation order flips
+        # near-tied greedy choices: docs/performance.md); the float model's do not, and
+        # batch 1 keeps the keys older caches were written under
+        payload["batch"] = eval_batch(cfg, job)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

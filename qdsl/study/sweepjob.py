@@ -31,7 +31,7 @@ from ..lang import load_recipe
 from ..models.limits import positions_of_config
 from ..models.zoo import load_model
 from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, LoadedModel, SweepConfig, cache_len,
-                   effective_settings, fit, prompt_mode)
+                   effective_settings, eval_batch, fit, prompt_mode)
 from .layerstats import float_reference, layer_stats, layer_windows
 from .sweepcache import BadEntry, CacheStore
 from .tables import describe_bits, storage
@@ -104,21 +104,27 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     max_pos = (he_cache or cache_len(cfg, loaded.max_pos)) - 1  # what graphs run; float too
     ccfg = CompletionConfig(cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg))
     out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
-    qm = None
+    qm = batched = None
+    rows = eval_batch(cfg, job)
     if job.recipe is None:
         lm = HFCausalLM(model, cfg.model)
         out.update(bits="fp32", lower="float")
     else:
         recipe = load_recipe(job.recipe)
         out["recipe_hash"] = recipe.hash()
-        qm = _reload(artifact, model, he_cache) if job.kind != QUALITY else None
+        qm = _reload(artifact, model, he_cache, rows) if job.kind != QUALITY else None
         if qm is None:  # HumanEval compiles with its longer cache (slower calibration)
             qm = _compile(recipe, cfg, job, out, progress, he_cache)
             if artifact is not None and job.kind != HUMANEVAL:
                 qm.save(artifact, force=True)
                 out["artifact"] = str(artifact)
-        lm = qm.lm(name=Path(job.recipe).stem)
+            # batched: the saved artifact again, its graph captured with `rows` rows (qm,
+            # one row, still measures the layers); 1 where it cannot batch (a warning)
+            batched = _reload(artifact, model, batch_size=rows) if rows > 1 else None
+        lm = (batched or qm).lm(name=Path(job.recipe).stem)
+        rows = lm.batch_size
         out["bits"] = describe_bits(qm.plan)
+    out["batch_size"] = rows
     if job.kind == HUMANEVAL:
         from ..eval.humaneval import run_humaneval
 
@@ -130,11 +136,11 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
 
         out["robust"] = robust_scores(lm, tok, samples, ccfg, max_positions=max_pos,
                                       prob=cfg.perturb_prob, seed=cfg.perturb_seed,
-                                      progress=progress)
+                                      progress=progress, batch_size=rows)
     else:
         t = time.time()
         res = evaluate(lm, tok, samples, ccfg, max_positions=max_pos,
-                       ppl_windows=cfg.ppl_windows, progress=progress)
+                       ppl_windows=cfg.ppl_windows, progress=progress, batch_size=rows)
         out.update({k: res.get(k) for k in ("n", "em", "es", "ppl", "bpb", "ppl_windows",
                                              "ppl_window_nll", "ppl_window_tokens")})
         out["eval_seconds"] = round(time.time() - t, 2)
@@ -150,7 +156,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
                 out["layers"] = layer_stats(qm, cfg, windows, loaded)
             out["layer_seconds"] = round(time.time() - t, 2)
     out["seconds"] = round(time.time() - t0, 2)
-    del qm, lm
+    del qm, batched, lm
     gc.collect()
     return out
 
@@ -181,13 +187,15 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
                 out["bench"] = {"skipped": f"{type(e).__name__}: {e}"}
 
 
-def _reload(artifact: Path | None, model, graph_cache: int | None = None):
+def _reload(artifact: Path | None, model, graph_cache: int | None = None,
+            batch_size: int = 1):
     """A quality job's compiled model, without calibrating again (None if unusable);
-    ``graph_cache``: re-captured with this static cache."""
+    ``graph_cache``: re-captured with this static cache; ``batch_size``: with this many
+    rows per forward (``qdsl.load``)."""
     if artifact is None or not (Path(artifact) / "qdsl_artifact.json").exists():
         return None
     try:
-        return qdsl.load(artifact, model, max_cache_len=graph_cache)
+        return qdsl.load(artifact, model, max_cache_len=graph_cache, batch_size=batch_size)
     except QdslError as e:
         log.warning("cannot reload %s (%s); compiling again", artifact, e)
         return None

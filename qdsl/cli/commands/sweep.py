@@ -90,6 +90,10 @@ def register(sub) -> None:
                         "0 skips them)")
     p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=1,
                    help="torch threads per job (default 1; 0 = cores / jobs)")
+    p.add_argument("--batch-size", type=int_range(1, 256), default=None, metavar="B",
+                   help="completions and perplexity windows per forward, as qdsl eval's "
+                        "(default: its default, 8 for the float row and 1 for compiled rows; "
+                        "B > 1 enters a compiled row's cache key: its completions can differ)")
     p.add_argument("--no-bench", action="store_true", help="skip qdsl bench for int8 recipes")
     p.add_argument("--humaneval", type=int_range(0, HUMANEVAL_PROBLEMS), nargs="?",
                    const=HUMANEVAL_PROBLEMS, default=0, metavar="K",
@@ -127,7 +131,8 @@ def run(args) -> int:
                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                       layer_windows=args.layer_windows, threads=args.threads,
                       bench_int8=not args.no_bench, humaneval=args.humaneval,
-                      humaneval_tokens=args.humaneval_tokens, unsafe_exec=args.unsafe_exec)
+                      humaneval_tokens=args.humaneval_tokens, unsafe_exec=args.unsafe_exec,
+                      batch_size=args.batch_size)
     if args.address is not None and args.executor != "ray":
         raise QdslError("--address is for --executor ray")
     res = run_sweep(cfg, args.out, tables=tables, recipes=args.recipes, jobs=args.jobs,
@@ -166,7 +171,7 @@ _FLAGS = {"model": "--model", "bench": "--bench", "n": "--n", "bench_seed": "--s
           "calib_default": "--calib-default", "calib_samples": "--calib-samples",
           "calib_seq_len": "--calib-seq-len", "layer_windows": "--layer-windows",
           "threads": "--threads", "humaneval": "--humaneval",
-          "humaneval_tokens": "--humaneval-tokens"}
+          "humaneval_tokens": "--humaneval-tokens", "batch_size": "--batch-size"}
 
 
 def _command(args, cfg) -> str:
