@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ModelError
 from ..models import zoo
@@ -72,7 +73,6 @@ class Checkpoint:
 def open_checkpoint(name_or_path: str) -> Checkpoint:
     """Resolve a model (short name, directory, hub id) and build its skeleton; ModelError
     for a checkpoint that is not safetensors or a model that cannot be built."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     try:
         from accelerate import init_empty_weights
     except ImportError:

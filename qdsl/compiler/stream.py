@@ -29,6 +29,7 @@ import torch
 
 from ..config.recipe import Recipe, Settings
 from ..errors import Diagnostic, ModelError, RecipeError
+from ..graph.attrs import param
 from ..graph.capture import capture
 from ..graph.naming import name_graph
 from ..passes.freeze import Frozen, freeze
@@ -168,7 +169,6 @@ def _to_meta(gm, strip, ck: Checkpoint) -> dict[str, str]:
 
 
 def _meta_like(gm, target: str) -> torch.Tensor:
-    from ..graph.attrs import param
     t = param(gm, target)
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
