@@ -10,7 +10,7 @@ parameters against the CPU key/value cache, so each parameter is then given
 uninitialised CPU memory that nothing writes or reads (the pages are never resident;
 ``qdsl.compiler.lowered`` does the same); the streaming driver swaps them for meta
 tensors right after capture. ``Checkpoint.tensor`` reads one parameter from the
-checkpoint (``safe_open``: the file is mapped only while one tensor is copied out),
+checkpoint with plain chunked file reads (``read_tensor``: the file is never mapped),
 cast to float32 as ``load_model`` (``dtype=torch.float32``) casts it.
 """
 
@@ -47,9 +47,7 @@ class Checkpoint:
         if state_name not in self.keys:   # a buffer: the skeleton computed it
             return _get(self.model, state_name).detach()
         key = self.keys[state_name]
-        with safe_open(str(self.files[key]), framework="pt") as f:
-            t = f.get_tensor(key)
-        return t.to(torch.float32) if t.is_floating_point() else t
+        return read_tensor(self.files[key], key)
 
     def source_hash(self) -> str:
         """``qdsl.artifact.store.module_hash`` of the loaded model, one tensor at a time."""
@@ -105,6 +103,42 @@ def _empty_params(model: torch.nn.Module) -> None:
                 memo[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
                                                  requires_grad=False)
             mod._parameters[k] = memo[id(p)]
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+CHUNK = 16 << 20   # bytes read at a time
+
+
+def read_tensor(file: Path, key: str) -> torch.Tensor:
+    """Tensor ``key`` of a safetensors file, floating point cast to float32, read with
+    plain file reads in chunks of ``CHUNK`` bytes into the result: no mapping of the
+    file (whose touched pages would count as resident) and no whole copy in the file's
+    dtype beside the float32 one."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        info = header.get(key)
+        if info is None or info.get("dtype") not in _DTYPES:
+            raise ModelError(f"{file}: no readable tensor {key!r} in its header")
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        start, end = info["data_offsets"]
+        out_dtype = torch.float32 if dtype.is_floating_point else dtype
+        out = torch.empty(shape, dtype=out_dtype)
+        flat = out.view(-1)
+        size = torch.empty((), dtype=dtype).element_size()
+        if (end - start) != flat.numel() * size:
+            raise ModelError(f"{file}: tensor {key!r} has {end - start} bytes for shape {shape}")
+        f.seek(8 + n + start)
+        step = max(1, CHUNK // size)
+        for i in range(0, flat.numel(), step):
+            count = min(step, flat.numel() - i)
+            buf = bytearray(count * size)
+            if f.readinto(buf) != len(buf):
+                raise ModelError(f"{file}: tensor {key!r} is truncated")
+            flat[i:i + count] = torch.frombuffer(buf, dtype=dtype)
+        return out
 
 
 def _checkpoint_files(path: Path) -> dict[str, Path]:
