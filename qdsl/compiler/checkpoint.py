@@ -59,7 +59,8 @@ class Checkpoint:
                 raise ModelError(f"{self.path}: checkpoint tensor {self.keys.get(name, name)} "
                                  f"has shape {tuple(value.shape)}, the model's {name} "
                                  f"{tuple(t.shape)}")
-            h.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            # the array itself (a buffer): .tobytes() would copy the whole tensor again
+            h.update(value.contiguous().view(-1).view(torch.uint8).numpy())
             del value
         return h.hexdigest()[:20]
 
