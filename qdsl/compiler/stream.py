@@ -121,8 +121,7 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
         materialise([n.weight for n in nodes if n.weight])
         part = freeze(gm, SimpleNamespace(nodes=tuple(nodes)), plan,
                       {n.name: observers[n.name] for n in nodes if n.name in observers},
-                      export=st.export)
-        part.drop_codes()   # the fake artifact stores scales, not codes
+                      export=st.export, codes=False)   # the fake artifact stores scales
         parts.append(part)
         for t in loaded:    # free the stage's parameters before the next loads
             set_tensor(gm, t, _meta_like(gm, t))
