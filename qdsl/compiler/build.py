@@ -228,6 +228,50 @@ def _calib_runner(captured, mode: str, max_cache_len: int):
     return captured.gm
 
 
+SEQ_OPTION = "calib.seq_len (--seq-len)"
+
+
+def fit_lengths(m: torch.nn.Module, mode: str, st: Settings, max_cache_len: int | None):
+    """(the cache length, the ``Limit`` on a calibration window's tokens) for ``mode``;
+    a given window length that does not fit is an OptionError, raised before capture."""
+    positions = max_positions(m)
+    if mode == "generate":  # the cache cannot outgrow the position table
+        max_cache_len = fit_length("--max-cache-len", max_cache_len, DEFAULT_MAX_CACHE_LEN,
+                                   Limit(positions, f"the model has {positions} positions"))
+        takes = Limit(max_cache_len - 1, f"the graph's cache of {max_cache_len} slots "
+                                         f"runs {max_cache_len - 1} tokens")
+    else:  # the captured graph's dynamic length stops one below the position table
+        max_cache_len = max_cache_len or DEFAULT_MAX_CACHE_LEN
+        takes = Limit(positions - 1, f"the captured graph takes {positions - 1} tokens")
+    if st.calib_seq_len is not None:  # a given length is checked before capture
+        fit_length(SEQ_OPTION, st.calib_seq_len, DEFAULT_SEQ_LEN, takes)
+    return max_cache_len, takes
+
+
+def calibration_data(calib, st: Settings, tok, takes: Limit, what: str) -> torch.Tensor:
+    """The calibration windows [N, T]: ``calib`` (or the recipe's ``calib.data``) read
+    with ``st``'s samples / length / seed; CalibrationError saying what is missing."""
+    source = calib if calib is not None else st.calib_data
+    if source is None:
+        raise CalibrationError(
+            f"the recipe {what}: give calibration data (--calib DIR, or "
+            "`set calib.data = \"DIR\"` in the recipe)")
+    if isinstance(source, torch.Tensor):
+        windows = source
+    else:
+        if tok is None:
+            raise CalibrationError("calibration from text needs the model's tokenizer")
+        windows = calibration_windows(CalibSpec(
+            str(source), samples=st.calib_samples or 128,
+            seq_len=fit_length(SEQ_OPTION, st.calib_seq_len, DEFAULT_SEQ_LEN, takes),
+            seed=st.calib_seed if st.calib_seed is not None else 0), tok)
+    if windows.shape[1] > takes.tokens:
+        raise CalibrationError(
+            f"calibration windows of {windows.shape[1]} tokens do not fit: {takes.why}; "
+            f"use windows of {takes.tokens} tokens or less (--seq-len {takes.tokens})")
+    return windows
+
+
 def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None,
             settings=None, lower: str | None = None, max_cache_len: int | None = None,
             progress: bool = True, fallback: str = "error",
@@ -258,18 +302,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     if reduce:
         m, _ = student_of(m, r, st.student_blocks)
     mode = "generate" if is_causal_lm(m) else "plain"
-    positions = max_positions(m)
-    if mode == "generate":  # the cache cannot outgrow the position table
-        max_cache_len = fit_length("--max-cache-len", max_cache_len, DEFAULT_MAX_CACHE_LEN,
-                                   Limit(positions, f"the model has {positions} positions"))
-        takes = Limit(max_cache_len - 1, f"the graph's cache of {max_cache_len} slots "
-                                         f"runs {max_cache_len - 1} tokens")
-    else:  # the captured graph's dynamic length stops one below the position table
-        max_cache_len = max_cache_len or DEFAULT_MAX_CACHE_LEN
-        takes = Limit(positions - 1, f"the captured graph takes {positions - 1} tokens")
-    seq_option = "calib.seq_len (--seq-len)"
-    if st.calib_seq_len is not None:  # a given length is checked before capture
-        fit_length(seq_option, st.calib_seq_len, DEFAULT_SEQ_LEN, takes)
+    max_cache_len, takes = fit_lengths(m, mode, st, max_cache_len)
     captured = capture(m, mode=mode, max_cache_len=max_cache_len)
     named = name_graph(captured)
     plan = build_plan(r, named)
@@ -282,24 +315,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
                       export=st.export, progress=progress)
 
     def calib_feed(what: str) -> Feed:
-        source = calib if calib is not None else st.calib_data
-        if source is None:
-            raise CalibrationError(
-                f"the recipe {what}: give calibration data (--calib DIR, or "
-                "`set calib.data = \"DIR\"` in the recipe)")
-        if isinstance(source, torch.Tensor):
-            windows = source
-        else:
-            if tok is None:
-                raise CalibrationError("calibration from text needs the model's tokenizer")
-            windows = calibration_windows(CalibSpec(
-                str(source), samples=st.calib_samples or 128,
-                seq_len=fit_length(seq_option, st.calib_seq_len, DEFAULT_SEQ_LEN, takes),
-                seed=st.calib_seed if st.calib_seed is not None else 0), tok)
-        if windows.shape[1] > takes.tokens:
-            raise CalibrationError(
-                f"calibration windows of {windows.shape[1]} tokens do not fit: {takes.why}; "
-                f"use windows of {takes.tokens} tokens or less (--seq-len {takes.tokens})")
+        windows = calibration_data(calib, st, tok, takes, what)
         return Feed(_calib_runner(captured, mode, max_cache_len), windows,
                     batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
                     progress=progress)

@@ -21,6 +21,8 @@ from ..runtime.conv1d import oriented
 from ..runtime.fakequant import activation_module, quantize_weight
 from ..runtime.registry import module_from_json
 from ..quant.observers import Observer
+from ..quant.primitives import round_scale_up
+from ..quant.weights import weight_params
 from ..plan import QuantPlan
 
 
@@ -111,11 +113,13 @@ class Frozen:
 @torch.no_grad()
 def freeze(gm: fx.GraphModule, named, plan: QuantPlan,
            observers: dict[str, Observer], rounded: dict | None = None, *,
-           export: str | None = None) -> Frozen:
+           export: str | None = None, codes: bool = True) -> Frozen:
     """``rounded``: ``round_weights``' GPTQ / AWQ results, stored instead of rounding
     those weights to nearest. ``export == "gguf"`` (``set export = gguf``): weight
     scales rounded up to fp16, so that GGUF's fp16 block scales carry them exactly
-    (docs/export.md; GPTQ / AWQ scales are not rounded: the export reports them)."""
+    (docs/export.md; GPTQ / AWQ scales are not rounded: the export reports them).
+    ``codes=False`` (the streamed compile of a fake artifact, which stores scales):
+    weights get their (scale, zero_point) only, not a codes tensor as large again."""
     scale_dtype = torch.float16 if export == "gguf" else None
     frozen, rounded = Frozen(), rounded or {}
     for node in named.nodes:
@@ -132,6 +136,12 @@ def freeze(gm: fx.GraphModule, named, plan: QuantPlan,
                 frozen.in_scales[node.name] = r.in_scale
         elif entry.weight is not None and entry.weight.quantized:
             w = oriented(param(gm, node.weight), node.weight_layout)
+            if not codes:   # the same (scale, zero_point) as quantize_weight's, no codes
+                scale, zero_point = weight_params(w.detach().float(), entry.weight)
+                if scale_dtype is not None:
+                    scale = round_scale_up(scale, scale_dtype)
+                frozen.weights[node.name] = (scale, zero_point)
+                continue
             q, scale, zero_point = quantize_weight(w, entry.weight, scale_dtype)
             frozen.weights[node.name] = (scale, zero_point)
             frozen.codes[node.name] = q

@@ -41,6 +41,12 @@ def register(sub) -> None:
                    help="key/value cache slots of the generate graph, which runs N - 1 tokens "
                         "(context + new tokens; default 1024, clipped with a note to the "
                         "model's positions; a larger value is an error)")
+    p.add_argument("--stream", action="store_true",
+                   help="read the float weights block by block from the model's safetensors "
+                        "checkpoint, calibrate and freeze one block at a time: peak memory "
+                        "about one block plus the embedding and the calibration activations, "
+                        "the same artifact (--lower fake; no rotate / smooth / gptq / awq / "
+                        "student.blocks; docs/scale.md)")
     p.add_argument("-o", "--out", required=True, type=output_dir,
                    help="artifact directory to write")
     p.add_argument("--force", action="store_true",
@@ -58,6 +64,8 @@ def run(args) -> int:
     # claim OUT before any work: a busy, foreign or existing OUT is refused now, not
     # after calibrating; the claim (lock) is held until the artifact is in place
     with claim_output(args.out, ARTIFACT, force=args.force):
+        if args.stream:
+            return _run_stream(args, overrides)
         qm = compile(args.model, args.recipe, calib=args.calib, settings=overrides,
                      max_cache_len=args.max_cache_len, fallback=args.fallback)
         for w in qm.plan.warnings:
@@ -69,4 +77,19 @@ def run(args) -> int:
     print(f"wrote {out} ({artifact_size(out) / 2**20:.2f} MB, lower={qm.lower}, "
           f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized"
           + (f", {len(qm.fallbacks)} simulated" if qm.fallbacks else "") + ")")
+    return 0
+
+
+def _run_stream(args, overrides) -> int:
+    """``--stream``: the artifact is written by the streaming compile itself."""
+    from ...artifact.store import artifact_size
+    from ...compiler.stream import compile_stream
+
+    qm = compile_stream(args.model, args.recipe, args.out, calib=args.calib,
+                        settings=overrides, max_cache_len=args.max_cache_len,
+                        force=args.force)
+    for w in qm.plan.warnings:
+        print(w.format(), file=sys.stderr)
+    print(f"wrote {args.out} ({artifact_size(args.out) / 2**20:.2f} MB, lower={qm.lower}, "
+          f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized, streamed)")
     return 0
