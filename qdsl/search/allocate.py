@@ -43,8 +43,8 @@ def allocate(space: Space, scores: list[list[float]], max_bytes: float,
     if least > max_bytes + 1e-6:
         raise BudgetError(
             f"the {what} budget cannot be met: the candidates' smallest allocation needs "
-            f"{least / 1e6:.3f} MB ({space.bits_per_weight(_smallest(space)):.3f} bits per "
-            f"searched weight), the budget allows {max_bytes / 1e6:.3f} MB; raise the budget "
+            f"{least / 1e6:.6g} MB ({space.bits_per_weight(_smallest(space)):.3f} bits per "
+            f"searched weight), the budget allows {max_bytes / 1e6:.6g} MB; raise the budget "
             "or add a smaller candidate")
     cols = [(ui, ci) for ui, u in enumerate(space.units) for ci in range(len(u.choices))]
     n, m = len(cols), len(space.units)
