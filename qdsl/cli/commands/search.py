@@ -23,8 +23,8 @@ def register(sub) -> None:
     b.add_argument("--budget", type=positive_float, metavar="BITS",
                    help="bits per searched weight, scales and zero points included")
     b.add_argument("--size", type=positive_float, metavar="MB",
-                   help="the model's parameter storage in MB (10^6 bytes), as `qdsl explain` "
-                        "counts it (float tensors at fp32)")
+                   help="the model's parameter storage in MB (10^6 bytes), counted as `qdsl "
+                        "explain` counts it (float tensors at fp32; explain prints MiB)")
     b.add_argument("--decode-ms", type=positive_float, metavar="MS",
                    help="decode time per token under a bandwidth bound: bytes read per token "
                         "/ this machine's measured read bandwidth")
