@@ -13,10 +13,11 @@ import torch
 from ..atomic.files import write_json_atomic, write_text_atomic
 from ..errors import OptionError
 from ..eval.hosting_hw import read_bandwidth_gbs
-from ..graph.capture import capture
+from ..graph.capture import capture, max_positions
 from ..graph.naming import name_graph
 from ..models import zoo
 from ..models.calib import CalibSpec, calibration_windows
+from ..models.limits import Limit, fit_length
 from .allocate import Allocation, BudgetError, allocate
 from .candidates import parse_candidates
 from .sensitivity import Prober, Sensitivity
@@ -98,6 +99,9 @@ def search(cfg: SearchConfig) -> SearchResult:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     model, tok = zoo.load_model(cfg.model, require_causal=True)
+    positions = max_positions(model)   # the plain graph takes one token less
+    fit_length("--seq-len", cfg.seq_len, cfg.seq_len,
+               Limit(positions - 1, f"the captured graph takes {positions - 1} tokens"))
     captured = capture(model, mode="plain")
     named = name_graph(captured)
     space = build_space(captured.gm, named, cands, cfg.activations)

@@ -199,3 +199,12 @@ def test_cli_infeasible_budget_says_the_minimum(capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert code != 0 and "budget cannot be met" in err and "needs" in err
     assert "Traceback" not in err and not (tmp_path / "f.qrec").exists()
+
+
+def test_cli_windows_longer_than_the_graph_takes_is_an_option_error(capsys, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(zoo, "load_model", lambda name, **kw: (tiny("llama"), None))
+    code = cli.main(["search", "--model", "tiny", "--budget", "8", "--candidates", "w8a8",
+                     "--seq-len", "64", "-o", str(tmp_path / "f.qrec")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--seq-len" in err and "63 tokens" in err and "Traceback" not in err
