@@ -195,7 +195,7 @@ def test_cli_bad_candidate_is_one_located_error(capsys, tmp_path):
 def test_cli_infeasible_budget_says_the_minimum(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "load_model", lambda name, **kw: (tiny("llama"), None))
     code = cli.main(["search", "--model", "tiny", "--budget", "2", "--candidates",
-                     "w8a8; w4a8 group(16)", "-o", str(tmp_path / "f.qrec")])
+                     "w8a8; w4a8 group(16)", "--seq-len", "32", "-o", str(tmp_path / "f.qrec")])
     err = capsys.readouterr().err
     assert code != 0 and "budget cannot be met" in err and "needs" in err
     assert "Traceback" not in err and not (tmp_path / "f.qrec").exists()
