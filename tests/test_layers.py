@@ -39,6 +39,7 @@ RANK = {
     "export": 8,     # artifacts written as GGUF / compressed-tensors (reads them like eval)
     "train": 8,      # quantization-aware distillation (qdsl train): a client of compiler
     "study": 9,      # the seed-paper reproduction: a client of the library
+    "search": 9,     # qdsl search: mixed-precision allocation written as a recipe
     "cli": 10,       # argument parsing, one library call per command
 }
 # Edges the ranks allow that are still wrong.

@@ -12,4 +12,5 @@ COMMANDS = {
     "export": "write an artifact as GGUF (llama.cpp) or compressed-tensors (vLLM)",
     "train": "quantization-aware distillation of a recipe's student (XTC): an artifact",
     "sweep": "run many recipes (compile + eval + bench) and write result tables",
+    "search": "find the mixed-precision recipe for a size or speed budget (.qrec)",
 }

@@ -19,6 +19,7 @@ from ..errors import OptionError
 from ..graph.attrs import param
 from ..models.limits import check_block
 from ..plan import PlanEntry, QuantPlan
+from ..runtime.conv1d import oriented
 from ..config.spec import GroupWise, PerChannel, PerTensor, TensorSpec
 
 _FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -63,7 +64,8 @@ def storage_of(named, plan: QuantPlan, weight_of, tensors) -> Storage:
     for node in named.nodes:
         w = weight_of(node.weight) if node.weight else None
         if w is not None:
-            c = weight_bytes(plan[node.name].weight, tuple(w.shape))
+            # per output channel: a Conv1D's [in, out] weight counted as [out, in]
+            c = weight_bytes(plan[node.name].weight, tuple(oriented(w, node.weight_layout).shape))
             cost[id(w)] = max(cost.get(id(w), 0.0), c)
     before = after = 0.0
     for t in {id(t): t for t in tensors if t.is_floating_point()}.values():

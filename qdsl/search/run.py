@@ -1,0 +1,176 @@
+"""``qdsl search``: candidates -> units -> sensitivity -> allocation -> recipe file."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..atomic.files import write_json_atomic, write_text_atomic
+from ..errors import OptionError
+from ..eval.hosting_hw import read_bandwidth_gbs
+from ..graph.capture import capture, max_positions
+from ..graph.naming import name_graph
+from ..models import zoo
+from ..models.calib import CalibSpec, calibration_windows
+from ..models.limits import Limit, fit_length
+from .allocate import Allocation, BudgetError, allocate
+from .candidates import parse_candidates
+from .sensitivity import Prober, Sensitivity
+from .units import Space, build_space
+from .write import recipe_text
+
+log = logging.getLogger(__name__)
+KINDS = ("budget", "size", "decode_ms")
+
+
+@dataclass
+class SearchConfig:
+    model: str
+    candidates: str
+    kind: str                       # "budget" (bits per weight) | "size" (MB) | "decode_ms"
+    value: float
+    out: str
+    act_bits: float | None = None
+    activations: str = "inputs"     # "inputs" | "all"
+    calib: str = "stdlib"
+    samples: int = 32
+    seq_len: int = 256
+    batch: int = 4
+    check: int = 12
+    check_windows: int = 8
+    seed: int = 0
+    threads: int | None = None
+    report: str | None = None
+    progress: bool = True
+    command: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    space: Space
+    sensitivity: Sensitivity
+    allocation: Allocation
+    max_bytes: float
+    text: str
+    seconds: dict[str, float]
+    bandwidth_gbs: float | None = None
+
+
+def least_bytes(space: Space) -> float:
+    return space.fixed_bytes + sum(min(c.bytes for c in u.choices) for u in space.units)
+
+
+def budget_bytes(space: Space, kind: str, value: float, threads: int) -> tuple[float, float | None]:
+    """(the most bytes the budget allows, the read bandwidth for decode_ms).
+    decode_ms: a decode step reads every weight but gather-only embedding rows once,
+    at the read bandwidth this machine measures (``eval.hosting_hw``): a bandwidth
+    bound, not a measured latency."""
+    if kind == "budget":
+        return space.fixed_bytes + value / 8 * space.searched_numel, None
+    if kind == "size":
+        return value * 1e6, None
+    if kind == "decode_ms":
+        bw = read_bandwidth_gbs(threads)
+        return value / 1e3 * bw * 1e9 + space.gather_bytes, bw
+    raise OptionError(f"unknown budget kind {kind!r}")
+
+
+def _describe_budget(cfg: SearchConfig, max_bytes: float, bw: float | None) -> str:
+    if cfg.kind == "budget":
+        return f"--budget {cfg.value:g} bits per searched weight ({max_bytes / 1e6:.3f} MB)"
+    if cfg.kind == "size":
+        return f"--size {cfg.value:g} MB"
+    return (f"--decode-ms {cfg.value:g}: bandwidth bound, {bw:.2f} GB/s read bandwidth "
+            f"measured -> {max_bytes / 1e6:.3f} MB")
+
+
+def search(cfg: SearchConfig) -> SearchResult:
+    """Run the search and write ``cfg.out`` (and ``cfg.report``) atomically at the end:
+    an interruption leaves no partial file."""
+    cands = parse_candidates(cfg.candidates)          # located errors before any model work
+    if cfg.kind not in KINDS or not cfg.value > 0:
+        raise OptionError(f"the budget must be positive, got {cfg.value!r}")
+    threads = cfg.threads or torch.get_num_threads()
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, tok = zoo.load_model(cfg.model, require_causal=True)
+    positions = max_positions(model)   # the plain graph takes one token less
+    fit_length("--seq-len", cfg.seq_len, cfg.seq_len,
+               Limit(positions - 1, f"the captured graph takes {positions - 1} tokens"))
+    captured = capture(model, mode="plain")
+    named = name_graph(captured)
+    space = build_space(captured.gm, named, cands, cfg.activations)
+    max_bytes, bw = budget_bytes(space, cfg.kind, cfg.value, threads)
+    least = least_bytes(space)
+    if least > max_bytes + 1e-6:  # before the expensive part
+        allocate(space, [[0.0] * len(u.choices) for u in space.units], max_bytes,
+                 cfg.act_bits, what=cfg.kind.replace("_", "-"))
+    times["load_capture"] = time.perf_counter() - t0
+    windows = calibration_windows(CalibSpec(cfg.calib, cfg.samples, cfg.seq_len, cfg.seed), tok)
+    prober = Prober(captured.gm, named, space)
+    t = time.perf_counter()
+    prober.observe(windows, cfg.batch, cfg.progress)
+    times["observe"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sens = prober.score(windows, cfg.batch, cfg.progress)
+    times["score"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prober.check(sens, windows[:cfg.check_windows], cfg.batch, cfg.check, cfg.seed, cfg.progress)
+    times["check"] = time.perf_counter() - t
+    alloc = allocate(space, sens.scores, max_bytes, cfg.act_bits, what=cfg.kind.replace("_", "-"))
+    times["total"] = time.perf_counter() - t0
+    header = _header(cfg, space, sens, alloc, max_bytes, bw, len(windows), times)
+    text = recipe_text(space, alloc.picks, named.blocks, header)
+    result = SearchResult(space, sens, alloc, max_bytes, text, times, bw)
+    if cfg.report:
+        write_json_atomic(cfg.report, report_json(cfg, result))
+    write_text_atomic(cfg.out, text)
+    return result
+
+
+def _header(cfg, space, sens, alloc, max_bytes, bw, n_windows, times) -> list[str]:
+    used = {space.units[u].choices[i].candidate for u, i in enumerate(alloc.picks)}
+    counts = [f"{sum(space.units[u].choices[i].candidate == c for u, i in enumerate(alloc.picks))}"
+              f" x `{space.candidates[c].text}`" for c in sorted(used)]
+    act = "" if alloc.act_bits is None else f", mean activation bits {alloc.act_bits:.2f}" + (
+        f" (limit {cfg.act_bits:g})" if cfg.act_bits is not None else "")
+    check = ("no direct check" if sens.spearman is None else
+             f"score vs direct loss change of {len(sens.checks)} (unit, candidate) pairs "
+             f"quantized alone on {min(cfg.check_windows, n_windows)} windows: Spearman "
+             f"rho = {sens.spearman:.2f}")
+    cmd = cfg.command or ["qdsl", "search", "--model", cfg.model]
+    return [
+        f"Found by `qdsl search` (docs/search.md) for {cfg.model}.",
+        f"Budget: {_describe_budget(cfg, max_bytes, bw)}. Found: {alloc.bytes / 1e6:.3f} MB "
+        f"parameter storage ({space.bits_per_weight(alloc.picks):.3f} bits per searched "
+        f"weight, scales included){act}.",
+        f"Units: {len(space.units)} ({', '.join(counts)}); the rest of the model stays float.",
+        f"Predicted loss: {sens.base_loss:.4f} (float) + {alloc.score:.4f} (Fisher score) = "
+        f"{sens.base_loss + alloc.score:.4f} nats/token on the {n_windows} calibration windows "
+        f"({cfg.calib}, {cfg.seq_len} tokens, seed {cfg.seed}).",
+        f"Check: {check}.",
+        f"Search: {times['total'] / 60:.1f} min on {torch.get_num_threads()} threads.",
+        "Command: " + " ".join(shlex.quote(c) for c in cmd),
+    ]
+
+
+def report_json(cfg: SearchConfig, r: SearchResult) -> dict:
+    sp = r.space
+    return {"model": cfg.model, "candidates": [c.text for c in sp.candidates],
+            "budget": {"kind": cfg.kind, "value": cfg.value, "max_bytes": r.max_bytes,
+                       "bandwidth_gbs": r.bandwidth_gbs, "act_bits": cfg.act_bits},
+            "found": {"bytes": r.allocation.bytes, "score": r.allocation.score,
+                      "bits_per_weight": sp.bits_per_weight(r.allocation.picks),
+                      "act_bits": r.allocation.act_bits,
+                      "picks": {u.key: sp.candidates[u.choices[i].candidate].text
+                                for u, i in zip(sp.units, r.allocation.picks)}},
+            "sensitivity": r.sensitivity.to_json(sp), "seconds": r.seconds,
+            "threads": torch.get_num_threads(), "calib": {
+                "data": cfg.calib, "samples": cfg.samples, "seq_len": cfg.seq_len,
+                "seed": cfg.seed, "batch": cfg.batch},
+            "recipe": str(Path(cfg.out))}
