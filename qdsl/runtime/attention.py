@@ -3,6 +3,7 @@ one ``scaled_dot_product_attention`` over the filled part of the key/value cache
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,7 +18,9 @@ class FusedAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
                 cache_position: Tensor | None = None) -> Tensor:
-        if cache_position is not None:
+        # compiled (static shapes): attend over the whole cache, the mask hides the rest
+        if cache_position is not None and not (mask is not None
+                                               and torch.compiler.is_compiling()):
             n = int(cache_position[-1]) + 1
             k, v = k[:, :, :n], v[:, :, :n]
             if mask is not None:

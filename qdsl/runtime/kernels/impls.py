@@ -42,7 +42,9 @@ def derived(owner, slot: str, sources: tuple[Tensor, ...], build):
     return hit[1]
 
 
+@torch.compiler.assume_constant_result
 def _isa() -> int:
+    # a constant to torch.compile (the capability is fixed for the process)
     return capability().isa
 
 
