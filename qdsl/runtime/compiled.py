@@ -7,9 +7,9 @@ than the GEMVs' weight reads. ``torch.compile`` (inductor, C++ on CPU) fuses the
 a few loops, as gpt-fast does:
 
 * **static shapes** (``dynamic=False``): one token, the cache of ``max_cache_len``
-  slots updated in place (the graph's ``index_copy_``); ``FusedAttention`` attends
-  over the whole cache under its mask instead of slicing to the filled part (a
-  slice by ``cache_position`` would be data-dependent);
+  slots updated in place (the graph's ``index_copy_``); ``FusedAttention`` becomes
+  one opaque op (``qdsl::cached_attention``) that slices the filled part of the cache
+  at run time, so the compiled graph has no data-dependent shape;
 * qdsl's C++ kernels stay **opaque ops** (``torch.ops.qdsl_kernels.*``, fake
   impls in ``kernels/cext.py``); the kernel table's choice is a constant to the
   tracer (``kernels.choose``, ``impls._isa``);
