@@ -33,6 +33,7 @@ import os
 import time
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ..models import zoo
 
@@ -51,7 +52,10 @@ def wanted(default: bool = False) -> bool:
 
 
 def _cache_dir() -> None:
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    """Inductor's cache under the qdsl cache dir, unless the user chose one (importing
+    torch already sets the variable to torch's default, /tmp/torchinductor_USER)."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(zoo.cache_dir() / "inductor")
 
 

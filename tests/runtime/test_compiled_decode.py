@@ -4,6 +4,7 @@ running qdsl's C++ kernels as opaque ops), in-place cache updates across steps, 
 the eager fallback when compiling fails."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -95,3 +96,14 @@ def test_env_switch(monkeypatch):
     _, gm = _float_graph("llama")
     assert GraphLM(gm, CACHE).step is not None
     assert GraphLM(gm, CACHE, compile_decode=False).step is None
+
+
+def test_inductor_cache_goes_under_the_qdsl_cache(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv("QDSL_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())   # what torch sets
+    compiled._cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's: kept
+    compiled._cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
