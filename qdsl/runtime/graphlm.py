@@ -94,7 +94,7 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
         mask = torch.zeros(ids.shape[0], self.max_cache_len, dtype=torch.long)
         mask[:, :self._mask.shape[1]] = self._mask
         return gm(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                       cache_position=torch.arange(self._pos, self._pos + t))
+                  cache_position=torch.arange(self._pos, self._pos + t))
 
     def _logits_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if ids.shape[0] != self.batch_size:   # the graph's rows are fixed
