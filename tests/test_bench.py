@@ -140,3 +140,31 @@ def test_artifact_with_a_short_cache_is_benched_at_the_bench_context(tiny_dir, t
                           cfg=bench.BenchConfig(context=16, decode_tokens=2, repeats=1, rounds=1))
     rows = {r["kind"]: r for r in res["rows"]}
     assert rows["artifact"]["decode_ms"] > 0 and rows["fp32-graph"]["prefill_ms"] > 0
+
+
+@pytest.mark.slow
+def test_compile_decode_rows(tiny_dir, tmp_path, monkeypatch):
+    """--compile-decode adds the fp32 graph and the artifact again with the decode step
+    compiled; each child records the first step's time (aot_eager here: the tracing
+    plumbing without inductor's C++ build, which tests/runtime/test_compiled_decode.py
+    covers)."""
+    import qdsl
+    from tiny import tiny_ids
+
+    monkeypatch.setenv("QDSL_COMPILE_BACKEND", "aot_eager")
+    model = tiny("gpt2")
+    qm = qdsl.compile(model, "* -> w8 a.dynamic per_token\n", calib=tiny_ids(model, 2, 8),
+                      lower="int8", max_cache_len=24, progress=False)
+    art = qm.save(tmp_path / "art")
+    res = bench.run_bench(str(tiny_dir), artifact=str(art), compile_decode=True,
+                          cfg=bench.BenchConfig(context=8, decode_tokens=2, repeats=1, rounds=1))
+    rows = {r["name"]: r for r in res["rows"]}
+    names = [n for n in rows if n.endswith(", compiled decode")]
+    assert len(names) == 2 and any(n.startswith("fp32 graph") for n in names)
+    for n in names:
+        run = rows[n]["extra"]["runs"][0]
+        assert run["compile_failed"] is None and run["compile_s"] > 0
+        assert rows[n]["decode_ms"] > 0
+    assert all("compile_s" not in r["extra"]["runs"][0] for n, r in rows.items()
+               if n not in names)
+    assert "first decode step (trace + compile or cache load)" in bench.markdown(res)

@@ -39,6 +39,7 @@ from qdsl.models.lm import HFCausalLM
 from qdsl.passes.pipeline import FLOAT_RUNTIME, PassContext, run
 from qdsl.runtime.conv1d import conv1d_to_linear, is_conv1d
 from qdsl.runtime import kernels
+from qdsl.runtime.compiled import CompiledStep
 from qdsl.runtime.graphlm import GraphLM
 from qdsl.runtime.swap import load_lowered, save_lowered, swap_linears
 
@@ -124,6 +125,12 @@ def _quantize_dynamic(model):
                                                       inplace=True)
 
 
+def _compiled(lm: GraphLM, spec: dict) -> GraphLM:
+    """The graph's decode step compiled (``qdsl.runtime.compiled``) where the row asks."""
+    lm.step = CompiledStep(lm.gm, spec["name"]) if spec.get("compile_decode") else None
+    return lm
+
+
 def _load_child_model(spec: dict):
     """The model a child measures -> (CausalLM, vocab size)."""
     kind, path = spec["kind"], spec["path"]
@@ -135,14 +142,14 @@ def _load_child_model(spec: dict):
                                 "use --lower-all to measure the runtime modules") from e
         lm = load_artifact_lm(path, max_cache_len=spec.get("cache_len"),
                               verify=spec.get("verify", True))
-        return lm, spec["vocab"]
+        return _compiled(lm, spec), spec["vocab"]
     model = load_lowered(path)                               # fp32 or swapped, meta + assign
     if kind == "fp32-graph":          # the runtime an int8 artifact runs, float weights
 
         cache = spec.get("cache_len", GRAPH_CACHE_LEN)
         gm = run(FLOAT_RUNTIME, capture(model, mode="generate", max_cache_len=cache).gm,
                  PassContext())  # what INT8 runs after lowering, on float weights
-        return GraphLM(gm, cache, name=spec["name"]), model.config.vocab_size
+        return _compiled(GraphLM(gm, cache, name=spec["name"]), spec), model.config.vocab_size
     if kind == "torch-ao":
         model = _quantize_dynamic(model)
     elif kind == "torch-ao-linear":
@@ -214,6 +221,9 @@ def child_main(spec: dict) -> dict:
         hosting_hw.weight_bytes_per_token(module)
     out["bandwidth_gbs"] = hosting_hw.read_bandwidth_gbs(cfg.threads)   # same process, threads
     out["kernels"] = {k: v["kernel"] for k, v in kernels.report(measure=False)["kernels"].items()}
+    step = getattr(lm, "step", None)
+    if step is not None:   # first decode step = trace + compile (or cache load) + one step
+        out["compile_s"], out["compile_failed"] = step.compile_s, step.failed
     return out
 
 
@@ -275,10 +285,12 @@ def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
 def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | None = None,
               cfg: BenchConfig = BenchConfig(), work_dir: str | None = None,
               verify: bool = True, llamacpp: str | None = None,
-              gguf: tuple[str, ...] = ()) -> dict:
+              gguf: tuple[str, ...] = (), compile_decode: bool = False) -> dict:
     """Measure fp32, quantize_dynamic, and the artifact / lowered model -> result dict.
     ``verify``: the artifact's child checks its files' recorded sha256 (``qdsl.load``).
-    ``llamacpp`` (a ``llama-bench`` binary) with ``gguf`` files adds llama.cpp's rows."""
+    ``llamacpp`` (a ``llama-bench`` binary) with ``gguf`` files adds llama.cpp's rows.
+    ``compile_decode``: each graph row (fp32 graph, artifact) also runs with its decode
+    step compiled (``qdsl.runtime.compiled``), as a row of its own."""
     if artifact and not (Path(artifact) / "qdsl_artifact.json").exists():
         raise ArtifactError(f"{artifact}: not a qdsl artifact (no qdsl_artifact.json)")
     hosting_hw.check_llamacpp(llamacpp, list(gguf))
@@ -296,6 +308,9 @@ def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | 
                               path=str(artifact), size_mb=dir_size_mb(artifact), vocab=vocab,
                               cache_len=cache, verify=verify))
             specs[1]["cache_len"] = cache
+        if compile_decode:
+            specs += [{**s, "name": s["name"] + ", compiled decode", "compile_decode": True}
+                      for s in specs if s["kind"] in ("fp32-graph", "artifact")]
         runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
         for k in range(cfg.rounds):                          # interleave: load drifts
             order = range(len(specs)) if k % 2 == 0 else reversed(range(len(specs)))

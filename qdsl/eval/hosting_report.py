@@ -98,6 +98,15 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
                                   "on this CPU)" if name == "float_gemm" else "")
                  for k, name in sorted(chosen.items())]
         out.append(f"Kernels of {r['name']}: " + "; ".join(parts) + ".")
+    for r in rows:
+        runs = r["extra"].get("runs") or [{}]
+        if "compile_s" not in runs[0]:
+            continue
+        failed = [x["compile_failed"] for x in runs if x.get("compile_failed")]
+        secs = ", ".join(f"{x['compile_s']:.1f}" for x in runs if x.get("compile_s") is not None)
+        out.append(f"{r['name']}: " + (f"compiling failed, decoded eager ({failed[0]})"
+                                        if failed else f"first decode step (trace + compile "
+                                        f"or cache load) {secs} s per process"))
     return out
 
 

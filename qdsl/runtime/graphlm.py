@@ -13,6 +13,10 @@ Its rows are fixed: fewer prompts run with filler rows, a finished row keeps
 running (its tokens are ignored). ``logits`` runs B sequences per forward;
 ``greedy`` runs one sequence in row 0 (the others repeat it: B times the work of a
 batch-1 graph, so a caller decoding one sequence at a time loads batch 1).
+
+``compile_decode`` (default: ``$QDSL_COMPILE_DECODE``, else off): one-token forwards
+run through ``qdsl.runtime.compiled.CompiledStep`` (inductor, static shapes, eager
+fallback); prefill stays eager.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import torch
 
 from ..models.batching import BatchGreedyMixin, positions
 from ..models.lm import GreedyMixin
+from . import compiled
 
 
 class GraphLM(GreedyMixin, BatchGreedyMixin):
     def __init__(self, gm: torch.nn.Module, max_cache_len: int, name: str = "graph",
-                 batch_size: int = 1):
+                 batch_size: int = 1, compile_decode: bool | None = None):
         self.gm, self.max_cache_len, self.name = gm, max_cache_len, name
         self.batch_size = batch_size
+        on = compiled.wanted(False) if compile_decode is None else compile_decode
+        self.step = compiled.CompiledStep(gm, name) if on else None
         self._pos = 0
         self._mask = self._next = None
 
@@ -41,13 +48,18 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
         t = ids.shape[1]
         self._check_room(start + t)
         pos = torch.arange(start, start + t, dtype=torch.long)
+        gm = self._graph(t)
         if self.batch_size == 1:
-            return self.gm(input_ids=ids, cache_position=pos)
+            return gm(input_ids=ids, cache_position=pos)
         rows = self.batch_size   # one sequence, repeated in every row: no pads
         mask = torch.zeros(rows, self.max_cache_len, dtype=torch.long)
         mask[:, :start + t] = 1
-        return self.gm(input_ids=ids.expand(rows, -1), attention_mask=mask,
-                       position_ids=pos.expand(rows, -1), cache_position=pos)[:1]
+        return gm(input_ids=ids.expand(rows, -1), attention_mask=mask,
+                  position_ids=pos.expand(rows, -1), cache_position=pos)[:1]
+
+    def _graph(self, tokens: int):
+        """The callable a forward of ``tokens`` positions runs: the compiled step for one."""
+        return self.step if self.step is not None and tokens == 1 else self.gm
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -75,13 +87,14 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
     def _forward_rows(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
         self._check_room(self._pos + t)
+        gm = self._graph(t)
         if self.batch_size == 1:   # a batch-1 graph takes no mask: only unpadded rows
             assert bool(self._mask.all()), "a batch-1 graph cannot run padded rows"
-            return self.gm(input_ids=ids, cache_position=torch.arange(self._pos, self._pos + t))
+            return gm(input_ids=ids, cache_position=torch.arange(self._pos, self._pos + t))
         mask = torch.zeros(ids.shape[0], self.max_cache_len, dtype=torch.long)
         mask[:, :self._mask.shape[1]] = self._mask
-        return self.gm(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                       cache_position=torch.arange(self._pos, self._pos + t))
+        return gm(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                  cache_position=torch.arange(self._pos, self._pos + t))
 
     def _logits_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if ids.shape[0] != self.batch_size:   # the graph's rows are fixed

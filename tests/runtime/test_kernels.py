@@ -97,7 +97,7 @@ def test_w8a8_candidates_match_the_integer_maths(shape, asym, bias, seed):
     ref = _w8a8_ref(xq, xs, zp, w, ws, b)
     tol = 2e-6 * ref.abs().max().item() + 1e-6              # only the float epilogue rounds
     for name, f in impls.IMPLS["w8a8"].items():
-        if name == "qdsl_w8a8" and not EXT:
+        if name.startswith("qdsl_") and not EXT:
             continue
         y = f(xq, xs, zp, w, ws, rowsum, b)
         assert (y.double() - ref).abs().max() <= tol, name
@@ -105,6 +105,29 @@ def test_w8a8_candidates_match_the_integer_maths(shape, asym, bias, seed):
         acc = torch.ops.qdsl_kernels.w8a8_linear(xq, torch.ones(m), None, w, torch.ones(n),
                                                  None, None, isa)
         assert torch.equal(acc.long(), xq.long() @ w.long().t()), isa    # exact int32
+        packed = torch.ops.qdsl_kernels.w8a8_pack(w)          # the prefill GEMM: exact too
+        acc = torch.ops.qdsl_kernels.w8a8_gemm(xq, torch.ones(m), None, packed, n, torch.ones(n),
+                                               None, None, isa)
+        assert torch.equal(acc.long(), xq.long() @ w.long().t()), ("gemm", isa)
+
+
+@pytest.mark.skipif(not EXT, reason="qdsl's C++ kernels did not build here")
+def test_packed_gemm_is_exact_across_cache_blocks():
+    """More rows than one cache block (96) and a partial 6-row tile, odd K, a partial
+    16-column panel, on every instruction-set path, 2 threads."""
+    g = torch.Generator().manual_seed(7)
+    xq = torch.randint(-128, 128, (200, 577), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (50, 577), dtype=torch.int8, generator=g)
+    packed = torch.ops.qdsl_kernels.w8a8_pack(w)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for isa in ISAS:
+            acc = torch.ops.qdsl_kernels.w8a8_gemm(xq, torch.ones(200), None, packed, 50,
+                                                   torch.ones(50), None, None, isa)
+            assert torch.equal(acc.long(), xq.long() @ w.long().t()), isa
+    finally:
+        torch.set_num_threads(old)
 
 
 @settings(max_examples=40, deadline=None)

@@ -56,6 +56,11 @@ def register(sub) -> None:
                         "(tools/build_llamacpp.py builds one)")
     p.add_argument("--gguf", metavar="FILE", action="append", default=[],
                    help="a GGUF file for --llamacpp (repeat for several, e.g. F32, Q8_0, Q4_0)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="also measure the fp32 graph and the artifact with their decode step "
+                        "compiled (torch.compile / inductor, static shapes; the first step "
+                        "compiles, cached under the qdsl cache dir; eager if it fails), as "
+                        "extra rows")
     p.set_defaults(func=run)
 
 
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         model = args.baseline
     result = bench.run_bench(model, artifact=artifact, lower_all=args.lower_all, cfg=cfg,
                              verify=not args.no_verify, llamacpp=args.llamacpp,
-                             gguf=tuple(args.gguf))
+                             gguf=tuple(args.gguf), compile_decode=args.compile_decode)
     print(bench.markdown(result))
     if args.json:
         write_json_atomic(args.json, result)

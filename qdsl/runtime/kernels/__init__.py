@@ -31,9 +31,11 @@ __all__ = ["linear_w8a8", "linear_w8", "linear_w4", "embedding_int8", "W4", "der
            "reference_paths", "shape_class", "IMPLS", "OPS", "CLASSES", "FLOAT"]
 
 
+@torch.compiler.assume_constant_result
 def choose(op: str, m: int, exact: bool = False) -> str:
     """The kernel ``op`` runs for ``m`` activation rows on this machine; ``exact``:
-    ``float_gemm``, the fake-quant maths bit for bit (``set lower.compute = fp32``)."""
+    ``float_gemm``, the fake-quant maths bit for bit (``set lower.compute = fp32``).
+    A constant to torch.compile (shapes are static there: the table's choice is fixed)."""
     return FLOAT if exact else table().choose(op, m)
 
 

@@ -23,7 +23,8 @@ from torch.utils import cpp_extension
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qdsl_kernels.cpp")
-NAME = "qdsl_kernels_v1"          # bump with an incompatible change of the op schemas
+SOURCES = (SOURCE, Path(__file__).with_name("qdsl_gemm.cpp"))   # one extension
+NAME = "qdsl_kernels_v2"          # bump with an incompatible change of the op schemas
 DISABLE_ENV = "QDSL_NO_CEXT"      # set to 1: never build (tests of the fallback)
 
 # the reason the extension is unavailable, once known (None: loaded or not tried)
@@ -70,9 +71,10 @@ def _precheck() -> str | None:
 
 
 def _build() -> None:
-    if hasattr(torch.ops, "qdsl_kernels") and hasattr(torch.ops.qdsl_kernels, "w8_linear"):
+    if hasattr(torch.ops, "qdsl_kernels") and hasattr(torch.ops.qdsl_kernels, "w8a8_gemm"):
         return                                        # already registered in this process
-    cpp_extension.load_inline(NAME, cpp_sources=[SOURCE.read_text()], is_python_module=False,
+    cpp_extension.load_inline(NAME, cpp_sources=[p.read_text() for p in SOURCES],
+                is_python_module=False,
                 extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"],
                 verbose=False)
     _register_fakes()
@@ -89,6 +91,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "w8a8_linear")
     def _(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias, isa):
         return x_scale.new_empty(xq.shape[0], w.shape[0])
+
+    @torch.library.register_fake(lib + "w8a8_gemm")
+    def _(xq, x_scale, x_zp, packed, n, w_scale, w_rowsum, bias, isa):
+        return x_scale.new_empty(xq.shape[0], n)
+
+    @torch.library.register_fake(lib + "w8a8_pack")
+    def _(w):
+        return w.new_empty((w.shape[0] + 15) // 16, (w.shape[1] + 1) // 2, 16, 2)
 
     @torch.library.register_fake(lib + "w4_linear")
     def _(x, packed, scale, gs, bias, isa):

@@ -42,7 +42,9 @@ def derived(owner, slot: str, sources: tuple[Tensor, ...], build):
     return hit[1]
 
 
+@torch.compiler.assume_constant_result
 def _isa() -> int:
+    # a constant to torch.compile (the capability is fixed for the process)
     return capability().isa
 
 
@@ -67,6 +69,16 @@ def w8a8_qdsl(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
     return torch.ops.qdsl_kernels.w8a8_linear(xq, x_scale, x_zp, _c(w), _c(w_scale),
                                               _c(w_rowsum) if x_zp is not None else None,
                                               _c(bias), _isa())
+
+
+def w8a8_qdsl_gemm(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
+    """qdsl's packed GEMM (prefill); the packed weight is built once per weight storage
+    and kept on the weight tensor (not a buffer: never saved)."""
+    packed = derived(w, "_qdsl_gemm_packed", (w,),
+                     lambda: torch.ops.qdsl_kernels.w8a8_pack(w))
+    return torch.ops.qdsl_kernels.w8a8_gemm(xq, x_scale, x_zp, packed, w.shape[0], _c(w_scale),
+                                            _c(w_rowsum) if x_zp is not None else None,
+                                            _c(bias), _isa())
 
 
 def w8a8_int_mm(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
@@ -168,7 +180,8 @@ def embedding_gather(ids, w, w_scale):
 
 
 IMPLS: dict[str, dict[str, Callable]] = {
-    "w8a8": {"qdsl_w8a8": w8a8_qdsl, "torch_int_mm": w8a8_int_mm, "float_gemm": w8a8_float},
+    "w8a8": {"qdsl_w8a8": w8a8_qdsl, "qdsl_w8a8_gemm": w8a8_qdsl_gemm,
+             "torch_int_mm": w8a8_int_mm, "float_gemm": w8a8_float},
     "w8": {"qdsl_w8": w8_qdsl, "torch_int8pack_mm": w8_int8pack, "torch_bf16_gemm": w8_bf16,
            "float_gemm": w8_float},
     "w4": {"qdsl_w4": w4_qdsl, "torch_int4pack_mm": w4_int4pack, "float_gemm": w4_float},

@@ -57,7 +57,7 @@ TUNE_M = {"decode": 1, "prefill": 128}
 # operation -> candidates in rule order (preferred first); `eligible` filters them
 RULES: dict[str, dict[str, tuple[str, ...]]] = {
     "w8a8": {"decode": ("qdsl_w8a8", "torch_int_mm", FLOAT),
-             "prefill": ("torch_int_mm", FLOAT, "qdsl_w8a8")},
+             "prefill": ("torch_int_mm", "qdsl_w8a8_gemm", FLOAT, "qdsl_w8a8")},
     "w8": {"decode": ("qdsl_w8", "torch_int8pack_mm", FLOAT),
            "prefill": ("torch_bf16_gemm", FLOAT, "qdsl_w8")},
     "w4": {"decode": ("qdsl_w4", "torch_int4pack_mm", FLOAT),
@@ -68,6 +68,8 @@ OPS = tuple(RULES)
 # what each candidate is, in words (qdsl bench, explain)
 DESCRIPTIONS = {
     "qdsl_w8a8": "qdsl C++ int8 x int8 -> int32 (exact), weights read once per 4 rows",
+    "qdsl_w8a8_gemm": "qdsl C++ packed int8 GEMM, 6 x 16 int32 register tile (AVX2 vpmaddwd, "
+                      "exact)",
     "qdsl_w8": "qdsl C++ fused dequant GEMV (fp32 FMA on int8 weights)",
     "qdsl_w4": "qdsl C++ fused int4 unpack + dequant GEMV (fp32 FMA)",
     "torch_int_mm": "torch._int_mm (oneDNN int8, VNNI)",
@@ -110,7 +112,7 @@ def machine_key(cap: Capability, threads: int | None = None) -> str:
     """torch version + capability + CPU model + threads (+ the kernel source), as a file
     name: ``AVX2-t1-<hash>``."""
     threads = torch.get_num_threads() if threads is None else threads
-    src = hashlib.sha256(cext.SOURCE.read_bytes()).hexdigest()[:8]
+    src = hashlib.sha256(b"".join(p.read_bytes() for p in cext.SOURCES)).hexdigest()[:8]
     raw = f"{torch.__version__}|{cap.name}|{cap.model}|{threads}|{src}"
     return f"{cap.name}-t{threads}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 

@@ -1,0 +1,96 @@
+"""The decode step of a captured graph compiled with inductor (issue 15, "decode at the
+bandwidth limit"): ``GraphLM`` runs its one-token forwards through ``CompiledStep``.
+
+A decode step is ~1,900 small graph ops (norms, rotary slices, per-token activation
+quantization, cache bookkeeping) around ~200 GEMVs; eager, their dispatch costs more
+than the GEMVs' weight reads. ``torch.compile`` (inductor, C++ on CPU) fuses them into
+a few loops, as gpt-fast does:
+
+* **static shapes** (``dynamic=False``): one token, the cache of ``max_cache_len``
+  slots updated in place (the graph's ``index_copy_``); ``FusedAttention`` becomes
+  one opaque op (``qdsl::cached_attention``) that slices the filled part of the cache
+  at run time, so the compiled graph has no data-dependent shape;
+* qdsl's C++ kernels stay **opaque ops** (``torch.ops.qdsl_kernels.*``, fake
+  impls in ``kernels/cext.py``); the kernel table's choice is a constant to the
+  tracer (``kernels.choose``, ``impls._isa``);
+* **cached**: inductor's compiled code goes to ``<qdsl cache>/inductor``
+  (``TORCHINDUCTOR_CACHE_DIR`` where set), so a second process skips the C++ build
+  (it still traces the graph);
+* **eager fallback**: where compiling fails the step runs eager, said once (a
+  warning naming the error); ``QDSL_COMPILE_DECODE=0`` never compiles.
+
+``QDSL_COMPILE_BACKEND`` picks another torch.compile backend (``aot_eager``: traced
+through the fake impls without generating code; tests of the plumbing use it).
+
+Prefill (T > 1) stays eager: its GEMMs dominate and each prompt length would be a
+new static shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from ..models import zoo
+
+log = logging.getLogger(__name__)
+
+ENV = "QDSL_COMPILE_DECODE"     # 1: compile the decode step, 0: never; unset: the caller's choice
+BACKEND_ENV = "QDSL_COMPILE_BACKEND"   # default inductor
+
+
+def wanted(default: bool = False) -> bool:
+    """Whether to compile the decode step: ``$QDSL_COMPILE_DECODE`` if set, else ``default``."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return default
+    return value not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> None:
+    """Inductor's cache under the qdsl cache dir, unless the user chose one (importing
+    torch already sets the variable to torch's default, /tmp/torchinductor_USER)."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(zoo.cache_dir() / "inductor")
+
+
+class CompiledStep:
+    """``gm(**inputs)`` for one fixed input shape, compiled on the first call.
+
+    ``compile_s``: seconds the first call took (tracing + compiling + one step), None
+    before it; ``failed``: why compiling failed (the step then runs eager), else None.
+    """
+
+    def __init__(self, gm: torch.nn.Module, name: str = "graph") -> None:
+        self.gm, self.name = gm, name
+        self.compile_s: float | None = None
+        self.failed: str | None = None
+        self._fn = None
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        if self.failed is not None:
+            return self.gm(**inputs)
+        if self._fn is not None:
+            return self._fn(**inputs)
+        _cache_dir()
+        backend = os.environ.get(BACKEND_ENV) or "inductor"
+        fn = torch.compile(self.gm, backend=backend, dynamic=False, fullgraph=True)
+        t0 = time.perf_counter()
+        try:
+            out = fn(**inputs)
+        except Exception as e:  # noqa: BLE001 - any compile failure means "run eager"
+            text = str(e).strip().splitlines()
+            self.failed = f"{type(e).__name__}: {text[0][:300] if text else ''}"
+            log.warning("compiling the decode step of %s failed (%s); decoding eager",
+                        self.name, self.failed)
+            # the cache writes of this position are idempotent: the eager step rewrites them
+            return self.gm(**inputs)
+        self.compile_s = time.perf_counter() - t0
+        self._fn = fn
+        log.info("compiled the decode step of %s in %.1f s", self.name, self.compile_s)
+        return out
