@@ -8,6 +8,11 @@ weight (element k of a row in byte k/8 at bit k%8; bit 1 = +scale, bit 0 = -scal
 float32 ``scale [N, K/group_size]`` (XTC's mean|W| per row or group): in memory it is
 K/8 bytes a row plus the scales, 1/32 of float32's 4K.
 
+``w1a8`` (XTC's 1W8A, the lowering of a 1-bit linear whose input is 8-bit dynamic)
+quantizes x in the kernel exactly as qdsl's fake-quant does (per token or per tensor,
+symmetric or not) and sums the integer codes exactly in int32, so one op replaces
+the activation quantizer's dozen and the GEMV.
+
 The kernel computes ``y = scale * (2 * sum_{bit 1} x - sum x)`` per group with masked
 adds (AVX-512 masks are the weight bits themselves; AVX2 widens 8 bits to a lane mask)
 and OpenMP over output rows; its sums differ from the fake-quant maths
@@ -26,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import cpp_extension
 
+from qdsl.config.spec import ACTIVATION, PerTensor, PerToken
+from qdsl.quant.primitives import choose_qparams, fake_quantize, reduce_range
 from qdsl.runtime.kernels import cext
 from qdsl.runtime.kernels.cpu import capability
 
@@ -71,6 +78,10 @@ def _register_fake() -> None:
     def _(x, packed, scale, gs, bias, isa):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake("qdsl_binary::w1a8_linear")
+    def _(x, packed, scale, gs, bias, per_token, symmetric, isa):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
 
 @dataclass
 class W1:
@@ -104,6 +115,26 @@ def w1_qdsl(x: Tensor, w1: W1) -> Tensor:
 def w1_float(x: Tensor, w1: W1) -> Tensor:
     """Unpack + dequantize + float32 GEMM (no compiler; the fake-quant maths bit for bit)."""
     return nn.functional.linear(x, w1.dequant(), w1.bias)
+
+
+def w1a8_qdsl(x: Tensor, w1: W1, per_token: bool, symmetric: bool) -> Tensor:
+    """x quantized to 8 bits (per token or per tensor, as the fake-quant) inside the
+    kernel, then exact int32 sign-select sums."""
+    return torch.ops.qdsl_binary.w1a8_linear(x, _c(w1.packed), _c(w1.scale), w1.group_size,
+                                             _c(w1.bias), per_token, symmetric,
+                                             capability().isa)
+
+
+def fake_quant_a8(x: Tensor, per_token: bool, symmetric: bool) -> Tensor:
+    """x through qdsl's 8-bit dynamic fake-quant (what ``w1a8_linear`` quantizes to)."""
+    g = PerToken() if per_token else PerTensor()
+    scale, zp = choose_qparams(*reduce_range(x, g, ACTIVATION), 8, symmetric)
+    return fake_quantize(x, scale, zp, 8, symmetric)
+
+
+def w1a8_float(x: Tensor, w1: W1, per_token: bool, symmetric: bool) -> Tensor:
+    """The fake-quant maths: quantize-dequantize x, unpack the weight, float32 GEMM."""
+    return w1_float(fake_quant_a8(x, per_token, symmetric), w1)
 
 
 def random_w1(k: int, n: int, group_size: int, g: torch.Generator | None = None) -> W1:
