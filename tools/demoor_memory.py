@@ -75,6 +75,7 @@ def _tensor_bytes(module, state_names: set[str]) -> tuple[int, int]:
 def child(kind: str, path: str, cache_len: int) -> dict:
     import torch
     torch.set_num_threads(1)
+    from qdsl.artifact.store import _state_targets
     from qdsl.compiler.loading import load_artifact_lm
     from qdsl.eval.hosting import load_float
     from qdsl.graph.capture import capture
@@ -97,8 +98,7 @@ def child(kind: str, path: str, cache_len: int) -> dict:
                      PassContext())
             del model
             lm, module = GraphLM(gm, cache_len, name=path), gm
-            state = {n.target for n in gm.graph.nodes if n.op == "get_attr"
-                     and "lifted_tensor" in str(n.target)}
+            state = _state_targets(gm)    # the key/value cache (in-place-updated)
         else:
             lm, module, state = None, model, set()
     with torch.inference_mode():
