@@ -25,7 +25,7 @@ def row(label: str, spec: str) -> str:
     pairs = [(ts[s["id"]], s) for s in b["samples"] if s["id"] in ts]
     es = paired_t([a["es"] for a, _ in pairs], [c["es"] for _, c in pairs])
     em = paired_t([100.0 * a["em"] for a, _ in pairs], [100.0 * c["em"] for _, c in pairs])
-    size = artifact_size(art) / 2**20
+    size = artifact_size(art) / 2**20   # t["em"] is a percentage already, a sample's em a bool
     train = "-"
     if run is not None and (run / "ckpt" / "state.json").is_file():
         st = json.loads((run / "ckpt" / "state.json").read_text())
@@ -33,7 +33,7 @@ def row(label: str, spec: str) -> str:
         train = (f"{st['step']} steps, {st['tokens']:,} tok, {st['seconds'] / 60:.1f} min, "
                  f"held-out KD loss {last.get('loss', float('nan')):.3f} / CE {last.get('ce', float('nan')):.3f}")
     return (f"| {label} | {size:.2f} | {t['es']:.2f} | {es.est:+.2f} [{es.lo:+.2f}, {es.hi:+.2f}] "
-            f"| {100 * t['em']:.1f} | {em.est:+.1f} [{em.lo:+.1f}, {em.hi:+.1f}] | {t['ppl']:.1f} "
+            f"| {t['em']:.1f} | {em.est:+.1f} [{em.lo:+.1f}, {em.hi:+.1f}] | {t['ppl']:.1f} "
             f"| {len(pairs)} | {train} |")
 
 

@@ -23,6 +23,7 @@ from ..graph.ops import WEIGHTED_ATEN_OPS as OPS
 from ..quant.primitives import group_unview, group_view, quantize
 from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                        Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
+from ..runtime.binary import BinaryDynamicLinear
 from ..runtime.packed import PACKED_WEIGHT_BITS
 from .freeze import Frozen
 
@@ -175,6 +176,14 @@ def _packed_linear(gm, s, frozen):
     return PackedLinear.from_spec(s.weight, *_codes(gm, s, frozen), _bias(gm, s))
 
 
+# linear(Qdynamic8(x), W1, b) -> BinaryDynamicLinear(x): XTC's 1W8A, x quantized in the
+# 1-bit kernel (looked up before the "packed" row for 1-bit weights: see decide)
+@handler("linear", "w1", ("a8 dynamic",), "1-bit sign-select (a8 dynamic)", feed_float=True)
+def _binary_dynamic(gm, s, frozen):
+    return BinaryDynamicLinear.from_spec(s.weight, *_codes(gm, s, frozen), _bias(gm, s),
+                                         act_spec=s.input)
+
+
 SIMULATED, FLOAT, FUSED = "simulated (fake-quant)", "float", "float (fused attention)"
 
 
@@ -199,7 +208,13 @@ def why_not(s: Site) -> str:
 def decide(s: Site) -> Handler | None:
     """The registered handler of ``s``'s (op kind, weight kind, input kind), or None."""
     w = weight_kind(s.weight)
-    return None if w is None else HANDLERS.get((s.kind, w, input_kind(s)))
+    if w is None:
+        return None
+    if w == "packed" and s.weight.bits == 1:   # a 1-bit row first, then the packed one
+        hit = HANDLERS.get((s.kind, "w1", input_kind(s)))
+        if hit is not None:
+            return hit
+    return HANDLERS.get((s.kind, w, input_kind(s)))
 
 
 def _label(row: Handler, s: Site) -> str:

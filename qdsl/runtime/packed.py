@@ -9,12 +9,14 @@ module holds its weight ``TensorSpec`` (``from_spec``: codes on its grid; ``to_j
 ``from_json`` as the int8 modules); bits and group size are taken from it once
 (``packed_layout``).
 
-``PackedLinear`` runs w4 through the kernel table's ``w4`` entry
+``PackedLinear`` runs w1 through the kernel table's ``w1`` entry (qdsl's 1-bit
+sign-select C++ GEMV, ``kernels/binary.py``, or unpack + float32 GEMM where it cannot
+be built; ``compute_dtype="fp32"``: always the latter) and w4 through its ``w4`` entry
 (``qdsl.runtime.kernels``: qdsl's fused C++ GEMV reading the packed bytes, torch's
 bf16 int4 GEMM ``aten._weight_int4pack_mm_for_cpu`` with group sizes 32..256, or
 unpack + float32 GEMM, chosen per CPU and shape class). Other widths, and
 ``compute_dtype="fp32"``, unpack and dequantize the weight per call (vectorised bit
-ops) and run a float32 GEMM: the fake-quant maths bit for bit, slow.
+ops) and run a float32 GEMM: the fake-quant maths bit for bit, slow (w2).
 """
 
 from __future__ import annotations
@@ -146,7 +148,18 @@ class PackedLinear(_PackedWeight):
         return kernels.W4(self.weight_packed, self.weight_scale, self.in_features,
                           self.group_size or self.in_features, self.bias, dequant, owner=self)
 
+    def _w1(self) -> kernels.W1:
+        dequant = lambda: dequantize_packed(self.weight_packed, self.weight_scale,  # noqa: E731
+                                            self.bits, self.in_features)
+        return kernels.W1(self.weight_packed, self.weight_scale, self.in_features,
+                          self.group_size or self.in_features, self.bias, dequant, owner=self)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.bits == 1 and not self.weight_packed.is_meta \
+                and self.weight_packed.device.type == "cpu":
+            y = kernels.linear_w1(x.reshape(-1, self.in_features), self._w1(),
+                                  exact=self.compute_dtype == "fp32")
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if not self.uses_int4_kernel():
             w = dequantize_packed(self.weight_packed, self.weight_scale, self.bits,
                                   self.in_features)

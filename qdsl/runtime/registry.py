@@ -15,11 +15,12 @@ from torch import Tensor, nn
 from qdsl.runtime.fakequant import MODULE_TYPES as FAKE_TYPES
 from qdsl.runtime.int8 import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                                Int8WeightOnlyLinear)
+from qdsl.runtime.binary import BinaryDynamicLinear
 from qdsl.runtime.packed import PackedEmbedding, PackedLinear
 
 INTEGER_TYPES: dict[str, type] = {c.__name__: c for c in (
     Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, Int8Embedding, PackedLinear,
-    PackedEmbedding)}
+    PackedEmbedding, BinaryDynamicLinear)}
 RUNTIME_TYPES: dict[str, type] = {**FAKE_TYPES, **INTEGER_TYPES}
 
 

@@ -27,6 +27,7 @@ from ..errors import ModelError
 from ..models.student import find_blocks
 from . import checkpoint
 from .data import batch, held_out, token_streams
+from .init import load_init
 from .loss import LossWeights, distill_loss, run_model
 from .qat import attach, detach
 
@@ -82,7 +83,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 class Trainer:
     """The teacher, the quantized student, its optimizer and data: one training run."""
 
-    def __init__(self, recipe, model, run: Path, cfg: TrainConfig, *, data_streams=None):
+    def __init__(self, recipe, model, run: Path, cfg: TrainConfig, *, data_streams=None,
+                 init=None):
         self.recipe, self.cfg, self.run = as_recipe(recipe), cfg, Path(run)
         teacher, self.tokenizer, self.model_id = as_model(model)
         self.teacher = teacher.eval().requires_grad_(False)
@@ -92,6 +94,10 @@ class Trainer:
         n = len(find_blocks(self.teacher)[1])
         self.layer_map = tuple(blocks) if blocks is not None else tuple(range(n))
         self.student = student.requires_grad_(True)
+        self.init = None  # XTC step 2: the trained step-1 student's weights (init.py)
+        if init is not None:
+            self.init = load_init(self.student, init, model_id=self.model_id,
+                                  student_blocks=self.recipe.settings.student_blocks)
         plain = dataclasses.replace(self.recipe, settings=dataclasses.replace(
             self.recipe.settings, student_blocks=None))  # self.student is reduced already
         exp = explain(plain, self.student)
@@ -111,7 +117,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def identity(self) -> dict:
         return {"recipe_hash": self.recipe.hash(), "model": self.model_id,
-                "layer_map": list(self.layer_map), "config": self.cfg.to_json()}
+                "layer_map": list(self.layer_map), "config": self.cfg.to_json(),
+                "init": self.init}
 
     def save(self) -> None:
         checkpoint.save(self.run, self.student, self.quant.act_modules, self.opt, {
@@ -121,6 +128,11 @@ class Trainer:
     def resume(self) -> None:
         state = checkpoint.load(self.run, self.student, self.quant.act_modules, self.opt)
         mine, theirs = self.identity(), state.get("run", {})
+        same_init = ((theirs.get("init") or {}).get("sha256")
+                     == (mine["init"] or {}).get("sha256"))
+        if not same_init:
+            raise ModelError(f"--resume: the checkpoint in {self.run} was started from "
+                             f"another --init ({theirs.get('init')} vs {mine['init']})")
         for key in ("recipe_hash", "model", "layer_map"):
             if theirs.get(key) != mine[key]:
                 raise ModelError(f"--resume: the checkpoint in {self.run} was written for "
@@ -234,10 +246,11 @@ class Trainer:
 
 def train(recipe, model, out=None, *, run=None, resume: bool = False,
           config: TrainConfig = TrainConfig(), progress: bool = True,
-          force: bool = False) -> TrainResult:
+          force: bool = False, init=None) -> TrainResult:
     """Train the student ``recipe`` describes against ``model`` and write the artifact
     ``out`` (None: train and checkpoint only). ``run``: the checkpoint directory
-    (default ``OUT.run``)."""
+    (default ``OUT.run``). ``init``: an artifact whose float student weights the
+    student starts from (XTC's step 2 on a trained step-1 student; ``init.py``)."""
     if run is None:
         if out is None:
             raise ModelError("train: give an output artifact or a run directory")
@@ -247,7 +260,7 @@ def train(recipe, model, out=None, *, run=None, resume: bool = False,
     if not resume and checkpoint.latest(Path(run)) is not None:
         raise ModelError(f"{run} holds a checkpoint: continue it with --resume, or "
                          f"give another --run directory")
-    trainer = Trainer(recipe, model, Path(run), config)
+    trainer = Trainer(recipe, model, Path(run), config, init=init)
     if resume:
         trainer.resume()
     trainer.fit(progress=progress)

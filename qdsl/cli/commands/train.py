@@ -30,6 +30,10 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True, type=output_dir, help="artifact directory to write")
     p.add_argument("--run", metavar="DIR", help="checkpoint directory (default OUT.run)")
     p.add_argument("--resume", action="store_true", help="continue from RUN's last checkpoint")
+    p.add_argument("--init", metavar="ARTIFACT",
+                   help="start the student from this trained float student's weights (XTC's "
+                        "two steps: train recipes/demoor/2l.qrec first, then 1w8a2l.qrec "
+                        "--init that artifact; same teacher and student.blocks)")
     p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per micro-batch (8)")
     p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (128)")
@@ -63,7 +67,8 @@ def run(args) -> int:
     with claim_output(args.out, ARTIFACT, force=args.force):  # refused now, not after training
         try:
             result = train(args.recipe, args.model, args.out, run=args.run,
-                                  resume=args.resume, config=cfg, force=args.force)
+                                  resume=args.resume, config=cfg, force=args.force,
+                           init=args.init)
         except KeyboardInterrupt:
             print("training interrupted: the last checkpoint is kept; continue with the same "
                   "command and --resume", file=sys.stderr)

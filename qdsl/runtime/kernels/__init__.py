@@ -7,6 +7,9 @@ Entries (2-D inputs; the runtime modules reshape around them):
   after the activation was quantized (dynamic and static modules);
 * ``linear_w8(x, w, w_scale, bias)``: int8 weight-only;
 * ``linear_w4(x, W4)``: packed 4-bit weight-only;
+* ``linear_w1(x, W1)``: packed 1-bit weight-only (XTC's binary weights, ``binary.py``);
+* ``linear_w1a8(x, W1, per_token, symmetric)``: the same after 8-bit dynamic
+  quantization of x, in one kernel;
 * ``embedding_int8(ids, w, w_scale)``: int8 rows.
 
 ``report()`` says what runs here (``qdsl bench``, ``qdsl explain --lower int8``):
@@ -22,11 +25,13 @@ from torch import Tensor
 
 from qdsl.runtime.kernels import cext, impls
 from qdsl.runtime.kernels.cpu import Capability, capability
-from qdsl.runtime.kernels.impls import IMPLS, W4, derived
+from qdsl.runtime.kernels.impls import IMPLS, W1, W4, derived
 from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Table, eligible,
                                         reference_paths, shape_class, table)
 
-__all__ = ["linear_w8a8", "linear_w8", "linear_w4", "embedding_int8", "W4", "derived",
+__all__ = ["linear_w8a8", "linear_w8", "linear_w4", "linear_w1", "linear_w1a8",
+           "embedding_int8", "W4",
+           "W1", "derived",
            "choose", "report", "table", "Table", "Capability", "capability", "eligible",
            "reference_paths", "shape_class", "IMPLS", "OPS", "CLASSES", "FLOAT"]
 
@@ -69,6 +74,24 @@ def linear_w4(x: Tensor, w4: W4, exact: bool = False) -> Tensor:
     if not w4.supports(name):
         name = FLOAT
     return IMPLS["w4"][name](x.float().contiguous(), w4)
+
+
+def linear_w1(x: Tensor, w1: W1, exact: bool = False) -> Tensor:
+    """x float32 [M, K] times a packed 1-bit weight (``W1``, ``binary.py``)."""
+    name = choose("w1", x.shape[0], exact)
+    if not w1.supports(name):
+        name = FLOAT
+    return IMPLS["w1"][name](x.float().contiguous(), w1)
+
+
+def linear_w1a8(x: Tensor, w1: W1, per_token: bool, symmetric: bool,
+                exact: bool = False) -> Tensor:
+    """x float32 [M, K], quantized to 8 bits dynamically (per token or per tensor), times
+    a packed 1-bit weight: one kernel (``binary.py``)."""
+    name = choose("w1a8", x.shape[0], exact)
+    if not w1.supports("qdsl_w1" if name != FLOAT else FLOAT):
+        name = FLOAT
+    return IMPLS["w1a8"][name](x.float().contiguous(), w1, per_token, symmetric)
 
 
 def embedding_int8(ids: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:

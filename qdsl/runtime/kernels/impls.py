@@ -6,6 +6,9 @@ operation's signature (the entry points in ``kernels/__init__.py`` call them):
   ``(xq - x_zp) @ w^T * x_scale * w_scale + bias``;
 * ``w8``: ``f(x f32 [M, K], w, w_scale, bias)``, ``x @ (w * w_scale)^T + bias``;
 * ``w4``: ``f(x f32 [M, K], W4)``, W4 the packed weight and its derived forms;
+* ``w1``: ``f(x f32 [M, K], W1)``, a packed 1-bit weight (``binary.py``);
+* ``w1a8``: ``f(x f32 [M, K], W1, per_token, symmetric)``, x 8-bit dynamic (quantized
+  by the kernel);
 * ``embedding_int8``: ``f(ids, w, w_scale)``.
 
 Accuracy against the fake-quant maths (tests/runtime/test_kernels.py): the integer
@@ -25,6 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from qdsl.runtime.kernels.binary import W1, random_w1, w1_float, w1_qdsl, w1a8_float, w1a8_qdsl
 from qdsl.runtime.kernels.cpu import capability
 
 INT4_GROUPS = (32, 64, 128, 256)   # what aten._weight_int4pack_mm_for_cpu takes
@@ -185,6 +189,8 @@ IMPLS: dict[str, dict[str, Callable]] = {
     "w8": {"qdsl_w8": w8_qdsl, "torch_int8pack_mm": w8_int8pack, "torch_bf16_gemm": w8_bf16,
            "float_gemm": w8_float},
     "w4": {"qdsl_w4": w4_qdsl, "torch_int4pack_mm": w4_int4pack, "float_gemm": w4_float},
+    "w1": {"qdsl_w1": w1_qdsl, "float_gemm": w1_float},   # binary.py (XTC's 1-bit weights)
+    "w1a8": {"qdsl_w1a8": w1a8_qdsl, "float_gemm": w1a8_float},
     "embedding_int8": {"torch_gather": embedding_gather},
 }
 
@@ -214,5 +220,11 @@ def bench_case(op: str, name: str, m: int, k: int, n: int) -> Callable[[], Tenso
     if op == "w4":
         w4 = random_w4(k, n, 64, g)
         return lambda: f(x, w4)
+    if op == "w1":
+        w1: W1 = random_w1(k, n, k, g)
+        return lambda: f(x, w1)
+    if op == "w1a8":
+        w1a8 = random_w1(k, n, k, g)
+        return lambda: f(x, w1a8, True, True)
     ids = torch.randint(0, n, (1, m), generator=g)
     return lambda: f(ids, w, ws)

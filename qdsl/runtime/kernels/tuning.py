@@ -38,7 +38,7 @@ import torch
 
 from qdsl.atomic.files import write_json_atomic
 from qdsl.models import zoo
-from qdsl.runtime.kernels import cext, impls
+from qdsl.runtime.kernels import binary, cext, impls
 from qdsl.runtime.kernels.cpu import Capability, capability
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ RULES: dict[str, dict[str, tuple[str, ...]]] = {
            "prefill": ("torch_bf16_gemm", FLOAT, "qdsl_w8")},
     "w4": {"decode": ("qdsl_w4", "torch_int4pack_mm", FLOAT),
            "prefill": (FLOAT, "torch_int4pack_mm", "qdsl_w4")},
+    "w1": {"decode": ("qdsl_w1", FLOAT), "prefill": ("qdsl_w1", FLOAT)},
+    "w1a8": {"decode": ("qdsl_w1a8", FLOAT), "prefill": ("qdsl_w1a8", FLOAT)},
     "embedding_int8": {"decode": ("torch_gather",), "prefill": ("torch_gather",)},
 }
 OPS = tuple(RULES)
@@ -72,6 +74,8 @@ DESCRIPTIONS = {
                       "exact)",
     "qdsl_w8": "qdsl C++ fused dequant GEMV (fp32 FMA on int8 weights)",
     "qdsl_w4": "qdsl C++ fused int4 unpack + dequant GEMV (fp32 FMA)",
+    "qdsl_w1": "qdsl C++ 1-bit sign-select GEMV (masked adds on the packed bits)",
+    "qdsl_w1a8": "qdsl C++ 8-bit quantize + 1-bit sign-select GEMV (exact int32 sums)",
     "torch_int_mm": "torch._int_mm (oneDNN int8, VNNI)",
     "torch_int8pack_mm": "aten._weight_int8pack_mm (bf16)",
     "torch_bf16_gemm": "int8 -> bf16 weight, bf16 GEMM (AVX512-BF16)",
@@ -88,6 +92,8 @@ def shape_class(m: int) -> str:
 def eligible(op: str, cls: str, cap: Capability, ext: bool) -> list[str]:
     """The candidates of ``op`` at ``cls`` that are not a reference path on ``cap``."""
     def ok(name: str) -> bool:
+        if name in ("qdsl_w1", "qdsl_w1a8"):   # their own extension (binary.py)
+            return binary.available()
         if name.startswith("qdsl_"):
             return ext
         if name == "torch_int_mm":
@@ -112,7 +118,8 @@ def machine_key(cap: Capability, threads: int | None = None) -> str:
     """torch version + capability + CPU model + threads (+ the kernel source), as a file
     name: ``AVX2-t1-<hash>``."""
     threads = torch.get_num_threads() if threads is None else threads
-    src = hashlib.sha256(b"".join(p.read_bytes() for p in cext.SOURCES)).hexdigest()[:8]
+    sources = (*cext.SOURCES, binary.SOURCE)
+    src = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:8]
     raw = f"{torch.__version__}|{cap.name}|{cap.model}|{threads}|{src}"
     return f"{cap.name}-t{threads}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 

@@ -1,0 +1,364 @@
+// qdsl's 1-bit weight kernel (qdsl/runtime/kernels/binary.py builds this with
+// torch.utils.cpp_extension.load_inline on first use and registers it as
+// torch.ops.qdsl_binary). A separate extension from qdsl_kernels.cpp.
+//
+//   w1_linear(x float32 [M, K], packed uint8 [N, ceil(K/8)], scale float32 [N, K/gs], gs,
+//             bias?, isa) -> float32 [M, N]
+//
+// Weights are XTC's binary codes, one bit each, 8 to a byte, element k of a row in
+// byte k/8 at bit k%8 (runtime/packing.py): bit 1 is +scale, bit 0 is -scale. Per
+// group g of gs columns (gs = K: per output row),
+//   y[m, n] = sum_g scale[n, g] * (sum_{k in g, bit 1} x[m, k] - sum_{k in g, bit 0} x[m, k])
+//           = sum_g scale[n, g] * (2 * S1[m, n, g] - Sx[m, g]) + bias[n],
+// so the inner loop is one masked add per element (the mask is the weight bits
+// themselves: AVX-512 reads 16 bits as a __mmask16; AVX2 widens 8 bits to a lane mask),
+// Sx (the group sums of x) is computed once per call, and the weight is read once per
+// block of up to 4 activation rows. Output rows are spread over threads
+// (at::parallel_for, OpenMP). isa: 0 generic C++, 1 AVX2, >= 2 AVX-512 (as
+// qdsl_kernels.cpp; each path compiled for its target with __attribute__((target))).
+// The vector paths need gs % 16 == 0 (others run the generic loop).
+//
+//   w1a8_linear(x, packed, scale, gs, bias?, per_token, symmetric, isa): the same with x
+//             quantized to 8 bits in the kernel (XTC's 1W8A; see the section below).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t MB = 4;   // activation rows per weight pass
+
+inline int bit_at(const uint8_t* row, int64_t k) { return (row[k >> 3] >> (k & 7)) & 1; }
+
+void w1_rows_generic(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
+                     const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
+                     float* y, int64_t N) {
+  const int64_t G = K / gs;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * KB;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float out = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        float s1 = 0.f;
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
+          if (bit_at(wr, k)) s1 += xr[k];
+        out += scale[n * G + g] * (2.f * s1 - xs[m * G + g]);
+      }
+      y[m * N + n] = out;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma")))
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 weight bits -> 8 lanes of all-ones / zeros
+__attribute__((target("avx2,fma")))
+static inline __m256 lane_mask(uint8_t b, __m256i bitsel) {
+  __m256i v = _mm256_and_si256(_mm256_set1_epi32(b), bitsel);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, bitsel));
+}
+
+__attribute__((target("avx2,fma")))
+void w1_rows_avx2(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
+                  const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
+                  float* y, int64_t N) {
+  const int64_t G = K / gs;
+  const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int64_t mb = 0; mb < M; mb += MB) {
+    const int64_t mm = std::min(MB, M - mb);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = w + n * KB;
+      float out[MB] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 a[MB][2];
+        for (int64_t m = 0; m < MB; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+          const __m256 lo = lane_mask(wr[k >> 3], bitsel);
+          const __m256 hi = lane_mask(wr[(k >> 3) + 1], bitsel);
+          for (int64_t m = 0; m < mm; ++m) {
+            const float* xr = x + (mb + m) * K + k;
+            a[m][0] = _mm256_add_ps(a[m][0], _mm256_and_ps(lo, _mm256_loadu_ps(xr)));
+            a[m][1] = _mm256_add_ps(a[m][1], _mm256_and_ps(hi, _mm256_loadu_ps(xr + 8)));
+          }
+        }
+        const float sc = scale[n * G + g];
+        for (int64_t m = 0; m < mm; ++m) {
+          const float s1 = hsum256(_mm256_add_ps(a[m][0], a[m][1]));
+          out[m] += sc * (2.f * s1 - xs[(mb + m) * G + g]);
+        }
+      }
+      for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + n] = out[m];
+    }
+  }
+}
+
+// NR output rows at a time (independent accumulators: the masked adds do not wait on
+// each other), 16 weights per step
+constexpr int64_t NR = 4;
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void w1_rows_avx512(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
+                    const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
+                    float* y, int64_t N) {
+  const int64_t G = K / gs;
+  for (int64_t mb = 0; mb < M; mb += MB) {
+    const int64_t mm = std::min(MB, M - mb);
+    for (int64_t nb = n0; nb < n1; nb += NR) {
+      const int64_t nn = std::min(NR, n1 - nb);
+      float out[NR][MB] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 a[NR][MB];
+        for (int64_t r = 0; r < NR; ++r)
+          for (int64_t m = 0; m < MB; ++m) a[r][m] = _mm512_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+          __m512 xv[MB];
+          for (int64_t m = 0; m < mm; ++m) xv[m] = _mm512_loadu_ps(x + (mb + m) * K + k);
+          for (int64_t r = 0; r < nn; ++r) {
+            uint16_t bits;
+            std::memcpy(&bits, w + (nb + r) * KB + (k >> 3), 2);
+            for (int64_t m = 0; m < mm; ++m)
+              a[r][m] = _mm512_mask_add_ps(a[r][m], (__mmask16)bits, a[r][m], xv[m]);
+          }
+        }
+        for (int64_t r = 0; r < nn; ++r) {
+          const float sc = scale[(nb + r) * G + g];
+          for (int64_t m = 0; m < mm; ++m)
+            out[r][m] += sc * (2.f * _mm512_reduce_add_ps(a[r][m]) - xs[(mb + m) * G + g]);
+        }
+      }
+      for (int64_t r = 0; r < nn; ++r)
+        for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + nb + r] = out[r][m];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- w1a8: 8-bit activations
+// x is quantized here, exactly as qdsl's fake-quant (quant/primitives.py choose_qparams +
+// quantize, torch's fused fake-quant): per row (per token) or over the whole tensor,
+//   symmetric:  s = max(max|x| / 127, 1e-8), zp = 0, grid [-127, 127]
+//   asymmetric: lo = min(min x, 0), hi = max(max x, 0), s = max((hi - lo) / 255, 1e-8),
+//               zp = clamp(0 - nearbyint(lo / s), 0, 255), grid [0, 255]
+//   v = clamp(nearbyint(x * (1 / s)) + zp, qmin, qmax) - zp   (x_hat = v * s)
+// and the sums over the weight bits are exact int32: y = s * scale * (2 * V1 - V) + bias.
+
+void quantize_rows(const float* x, int64_t M, int64_t K, bool per_token, bool sym,
+                   int32_t* v, float* xscale) {
+  const int64_t R = per_token ? M : 1, L = per_token ? K : M * K;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * L;
+    float lo = xr[0], hi = xr[0];
+    for (int64_t k = 1; k < L; ++k) { lo = std::min(lo, xr[k]); hi = std::max(hi, xr[k]); }
+    float s; float zp = 0.f; float qmin, qmax;
+    if (sym) {
+      s = std::max(std::max(std::fabs(lo), std::fabs(hi)) / 127.f, 1e-8f);
+      qmin = -127.f; qmax = 127.f;
+    } else {
+      lo = std::min(lo, 0.f); hi = std::max(hi, 0.f);
+      s = std::max((hi - lo) / 255.f, 1e-8f);
+      zp = std::min(std::max(0.f - std::nearbyint(lo / s), 0.f), 255.f);
+      qmin = 0.f; qmax = 255.f;
+    }
+    const float inv = 1.f / s;
+    for (int64_t k = 0; k < L; ++k) {
+      const float q = std::min(std::max(std::nearbyint(xr[k] * inv) + zp, qmin), qmax);
+      v[r * L + k] = int32_t(q - zp);
+    }
+    if (per_token) xscale[r] = s;
+    else for (int64_t m = 0; m < M; ++m) xscale[m] = s;
+  }
+}
+
+void w1a8_rows_generic(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
+                       const float* scale, const int32_t* vs, const float* xscale, int64_t K,
+                       int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t G = K / gs;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * KB;
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t* vr = v + m * K;
+      float out = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t s1 = 0;
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
+          if (bit_at(wr, k)) s1 += vr[k];
+        out += scale[n * G + g] * float(2 * s1 - vs[m * G + g]);
+      }
+      y[m * N + n] = out * xscale[m];
+    }
+  }
+}
+
+__attribute__((target("avx2,fma")))
+static inline int32_t hsum256i(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((target("avx2,fma")))
+void w1a8_rows_avx2(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
+                    const float* scale, const int32_t* vs, const float* xscale, int64_t K,
+                    int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t G = K / gs;
+  const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int64_t mb = 0; mb < M; mb += MB) {
+    const int64_t mm = std::min(MB, M - mb);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = w + n * KB;
+      float out[MB] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t g = 0; g < G; ++g) {
+        __m256i a[MB];
+        for (int64_t m = 0; m < MB; ++m) a[m] = _mm256_setzero_si256();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+          const __m256i lm = _mm256_cmpeq_epi32(
+              _mm256_and_si256(_mm256_set1_epi32(wr[k >> 3]), bitsel), bitsel);
+          for (int64_t m = 0; m < mm; ++m) {
+            const __m256i xv = _mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(v + (mb + m) * K + k));
+            a[m] = _mm256_add_epi32(a[m], _mm256_and_si256(lm, xv));
+          }
+        }
+        const float sc = scale[n * G + g];
+        for (int64_t m = 0; m < mm; ++m)
+          out[m] += sc * float(2 * hsum256i(a[m]) - vs[(mb + m) * G + g]);
+      }
+      for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + n] = out[m] * xscale[mb + m];
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void w1a8_rows_avx512(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
+                      const float* scale, const int32_t* vs, const float* xscale, int64_t K,
+                      int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t G = K / gs;
+  for (int64_t mb = 0; mb < M; mb += MB) {
+    const int64_t mm = std::min(MB, M - mb);
+    for (int64_t nb = n0; nb < n1; nb += NR) {
+      const int64_t nn = std::min(NR, n1 - nb);
+      float out[NR][MB] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        __m512i a[NR][MB];
+        for (int64_t r = 0; r < NR; ++r)
+          for (int64_t m = 0; m < MB; ++m) a[r][m] = _mm512_setzero_si512();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+          __m512i xv[MB];
+          for (int64_t m = 0; m < mm; ++m) xv[m] = _mm512_loadu_si512(v + (mb + m) * K + k);
+          for (int64_t r = 0; r < nn; ++r) {
+            uint16_t bits;
+            std::memcpy(&bits, w + (nb + r) * KB + (k >> 3), 2);
+            for (int64_t m = 0; m < mm; ++m)
+              a[r][m] = _mm512_mask_add_epi32(a[r][m], (__mmask16)bits, a[r][m], xv[m]);
+          }
+        }
+        for (int64_t r = 0; r < nn; ++r) {
+          const float sc = scale[(nb + r) * G + g];
+          for (int64_t m = 0; m < mm; ++m)
+            out[r][m] += sc * float(2 * _mm512_reduce_add_epi32(a[r][m]) - vs[(mb + m) * G + g]);
+        }
+      }
+      for (int64_t r = 0; r < nn; ++r)
+        for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + nb + r] = out[r][m] * xscale[mb + m];
+    }
+  }
+}
+
+void check(const at::Tensor& t, at::ScalarType dt, int64_t dim, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == dim && t.is_contiguous(),
+              "qdsl_binary.w1_linear: ", what, " must be a contiguous CPU ", dim, "-d ",
+              c10::toString(dt), " tensor");
+}
+
+at::Tensor w1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                     int64_t gs, const c10::optional<at::Tensor>& bias, int64_t isa) {
+  check(x, at::kFloat, 2, "x"); check(packed, at::kByte, 2, "packed"); check(scale, at::kFloat, 2, "scale");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), KB = packed.size(1);
+  TORCH_CHECK(gs > 0 && K % gs == 0 && KB == (K + 7) / 8 && scale.size(0) == N &&
+              scale.size(1) == K / gs, "qdsl_binary.w1_linear: shape mismatch");
+  const int64_t G = K / gs;
+  // the group sums of x, once per call (shared by every output row)
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  std::vector<float> xs_buf(M * G);
+  for (int64_t i = 0; i < M * G; ++i) {
+    float s = 0.f;
+    for (int64_t k = i * gs; k < (i + 1) * gs; ++k) s += xp[k];  // x is [M, G, gs] row-major
+    xs_buf[i] = s;
+  }
+  const float* xsp = xs_buf.data();
+  float* yp = y.data_ptr<float>();
+  const bool vec = gs % 16 == 0;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KB));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (vec && isa >= 2) w1_rows_avx512(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
+    else if (vec && isa == 1) w1_rows_avx2(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
+    else w1_rows_generic(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
+  });
+  if (bias.has_value() && bias->defined()) {
+    check(*bias, at::kFloat, 1, "bias");
+    TORCH_CHECK(bias->size(0) == N, "qdsl_binary.w1_linear: bias shape mismatch");
+    y.add_(*bias);
+  }
+  return y;
+}
+
+at::Tensor w1a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       int64_t gs, const c10::optional<at::Tensor>& bias, bool per_token,
+                       bool symmetric, int64_t isa) {
+  check(x, at::kFloat, 2, "x"); check(packed, at::kByte, 2, "packed"); check(scale, at::kFloat, 2, "scale");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), KB = packed.size(1);
+  TORCH_CHECK(gs > 0 && K % gs == 0 && KB == (K + 7) / 8 && scale.size(0) == N &&
+              scale.size(1) == K / gs && M > 0, "qdsl_binary.w1a8_linear: shape mismatch");
+  const int64_t G = K / gs;
+  std::vector<int32_t> v(M * K), vs(M * G, 0);
+  std::vector<float> xscale(M);
+  quantize_rows(x.data_ptr<float>(), M, K, per_token, symmetric, v.data(), xscale.data());
+  for (int64_t i = 0; i < M * G; ++i)
+    for (int64_t k = i * gs; k < (i + 1) * gs; ++k) vs[i] += v[k];
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>(); const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool vec = gs % 16 == 0;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KB));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (vec && isa >= 2)
+      w1a8_rows_avx512(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
+    else if (vec && isa == 1)
+      w1a8_rows_avx2(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
+    else
+      w1a8_rows_generic(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
+  });
+  if (bias.has_value() && bias->defined()) {
+    check(*bias, at::kFloat, 1, "bias");
+    TORCH_CHECK(bias->size(0) == N, "qdsl_binary.w1a8_linear: bias shape mismatch");
+    y.add_(*bias);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qdsl_binary, m) {
+  m.def("w1_linear(Tensor x, Tensor packed, Tensor scale, int gs, Tensor? bias, int isa) -> Tensor");
+  m.def("w1a8_linear(Tensor x, Tensor packed, Tensor scale, int gs, Tensor? bias, bool per_token, "
+        "bool symmetric, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qdsl_binary, CPU, m) {
+  m.impl("w1_linear", &w1_linear);
+  m.impl("w1a8_linear", &w1a8_linear);
+}
