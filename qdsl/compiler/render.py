@@ -134,14 +134,14 @@ def render_summary(plan: QuantPlan, gm: torch.nn.Module, named) -> str:
     w = Counter(bits(e.weight) for e in plan.entries if e.weight is not None)
     a = Counter(bits(e.activation) for e in plan.entries)
     st = storage(gm, named, plan)
-    mb = 1024 * 1024
+    mib, mb = 1024 * 1024, 1e6
     fmt = lambda c: ", ".join(f"{k}: {v}" for k, v in sorted(c.items()))  # noqa: E731
     return "\n".join([
         f"nodes: {len(plan.entries)} ({len(plan.quantized())} quantized)",
         f"weights     {fmt(w)}",
         f"activations {fmt(a)}",
-        f"parameter storage: {st.before / mb:.2f} MB fp32 -> {st.after / mb:.2f} MB "
-        f"({st.after / st.before:.2%})",
+        f"parameter storage: {st.before / mib:.2f} MiB fp32 -> {st.after / mib:.2f} MiB "
+        f"({st.after / st.before:.2%}; {st.after / mb:.3f} MB, as `qdsl search --size` counts)",
         *transform_lines(plan),
         f"graph {plan.graph_hash}  recipe {plan.recipe_hash}",
     ])
