@@ -106,9 +106,11 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
              ctx_tokens: int | None = None, max_new_tokens: int = 48, prompt: str | None = None,
              ppl_windows: int = 64, humaneval: int = 0, unsafe_exec: bool = False,
              progress: bool = True, verify: bool = True,
-             batch_size: int | None = None) -> dict:
+             batch_size: int | None = None, compare: bool = True) -> dict:
     """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by
     default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}.
+    ``compare`` False: the baseline is not evaluated (``"baseline"`` None), though the
+    prompt budget is still fitted to it, so rows of several runs pair.
     ``ctx_tokens`` None: 256 clipped to what both run (``fit_eval``). With
     ``humaneval``, a missing sandbox is a ``SandboxError`` before any model is loaded
     unless ``unsafe_exec``. ``batch_size``: completions and perplexity windows per
@@ -122,6 +124,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
     if baseline is None and is_artifact(target):
         baseline = local_source(artifact_source(target), target)
     ctx_tokens, limit = fit_eval(target, baseline, ctx_tokens, max_new_tokens)
+    if not compare:
+        baseline = None
     out: dict = {"bench": bench, "n": len(samples)}
     for role, name in (("target", target), ("baseline", baseline)):
         if name is None:

@@ -66,3 +66,11 @@ def test_compile_and_eval_stdlib_gpt2_with_default_lengths(tmp_path, caplog):
     for role in ("target", "baseline"):
         assert res[role]["ctx_tokens"] == 255 and res[role]["max_positions"] == 255
         assert res[role]["ppl"] > 1
+    # --no-baseline: the target alone, fitted to the same lengths, so its rows pair
+    alone = run_eval(str(art), samples, bench="stdlib", max_new_tokens=8, ppl_windows=2,
+                     progress=False, compare=False)
+    assert alone["baseline"] is None and "delta" not in alone
+    assert alone["target"]["ctx_tokens"] == 255
+    assert alone["target"]["ppl_window_nll"] == res["target"]["ppl_window_nll"]
+    assert [s["es"] for s in alone["target"]["samples"]] == \
+        [s["es"] for s in res["target"]["samples"]]

@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--baseline", metavar="MODEL", help="float model to compare with "
                    "(default for an artifact: its source model)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="evaluate the target only (the prompt budget is still fitted to the "
+                        "baseline, so the rows of several runs on the same samples pair)")
     p.add_argument("--ctx-tokens", type=positive_int, default=None,
                    help="prompt budget and perplexity window in tokens (default 256, clipped "
                         "with a note to what the model holds: its positions, for an artifact "
@@ -116,7 +119,7 @@ def run(args) -> int:
                    prompt=args.prompt, ppl_windows=args.ppl_windows,
                    humaneval=args.humaneval, unsafe_exec=args.unsafe_exec,
                    progress=not args.no_progress, verify=not args.no_verify,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, compare=not args.no_baseline)
     rows = [r for r in (res["target"], res["baseline"]) if r]
     print(f"bench {args.bench}: {res['n']} samples, seed {args.seed}")
     print(f"{'model':<28} {'EM':>6} {'ES':>6} {'ppl':>8} {'bpb':>6} {'pass@1':>7} {'s/sample':>8}")
