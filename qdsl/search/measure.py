@@ -63,13 +63,20 @@ class Measured:
                 f"calibration windows, fake lowering).")
 
 
+def held_out(bench: str = "stdlib", n: int = 16, seed: int = 0) -> list:
+    """The samples ``qdsl eval --bench bench --n n --seed seed`` draws (a bad bench is a
+    ``BenchError``: the search asks for them before any model work)."""
+    return load_bench(bench, n, seed)
+
+
 def measure(model: torch.nn.Module, tok, recipe_text: str, windows: torch.Tensor, *,
-            bench: str = "stdlib", n: int = 16, seed: int = 0,
+            bench: str = "stdlib", n: int = 16, seed: int = 0, samples: list | None = None,
             progress: bool = True) -> Measured:
     """Compile ``recipe_text`` for ``model`` on the calibration ``windows`` and score it
-    and the float model on the first ``n`` samples of ``bench`` (drawn with ``seed``)."""
+    and the float model on the first ``n`` samples of ``bench`` (drawn with ``seed``;
+    ``samples``: those, already drawn by ``held_out``)."""
     t0 = time.perf_counter()
-    samples = load_bench(bench, n, seed)
+    samples = held_out(bench, n, seed) if samples is None else samples
     positions = positions_of_config(getattr(model, "config", None) or {}) or max_positions(model)
     cache = min(DEFAULT_MAX_CACHE_LEN, positions)   # what `qdsl compile` picks
     limit = Limit(min(cache - 1, positions), f"the compiled graph caches {cache - 1} tokens")

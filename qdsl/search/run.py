@@ -22,7 +22,7 @@ from ..models.calib import CalibSpec, calibration_windows
 from ..models.limits import Limit, fit_length
 from .allocate import Allocation, BudgetError, allocate
 from .candidates import parse_candidates
-from .measure import Measured, measure
+from .measure import Measured, held_out, measure
 from .sensitivity import Prober, Sensitivity
 from .state import SearchState, scorer_version, windows_hash
 from .units import Space, build_space
@@ -107,6 +107,8 @@ def search(cfg: SearchConfig) -> SearchResult:
     if cfg.kind not in KINDS or not cfg.value > 0:
         raise OptionError(f"the budget must be positive, got {cfg.value!r}")
     threads = cfg.threads or torch.get_num_threads()
+    held = (held_out(cfg.measure_bench, cfg.measure_windows, cfg.seed)  # a bad bench: now
+            if cfg.measure else None)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     model, tok = zoo.load_model(cfg.model, require_causal=True)
@@ -142,7 +144,8 @@ def search(cfg: SearchConfig) -> SearchResult:
         t = time.perf_counter()
         rules_only = recipe_text(space, alloc.picks, named.blocks, [])
         measured = measure(model, tok, rules_only, windows, bench=cfg.measure_bench,
-                           n=cfg.measure_windows, seed=cfg.seed, progress=cfg.progress)
+                           n=cfg.measure_windows, seed=cfg.seed, samples=held,
+                           progress=cfg.progress)
         times["measure"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     header = _header(cfg, space, sens, alloc, max_bytes, bw, len(windows), times, measured, note)

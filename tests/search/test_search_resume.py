@@ -137,3 +137,12 @@ def test_measured_loss_is_what_qdsl_eval_reports_for_the_compiled_recipe(tiny_di
     assert got["baseline"]["ppl"] == pytest.approx(math.exp(m["float_loss"]), rel=1e-4)
     header = reference.read_text()
     assert f"# Measured: {m['loss']:.4f} nats/token (float {m['float_loss']:.4f}" in header
+
+
+def test_a_bad_measure_bench_is_refused_before_any_model_work(tmp_path, capsys):
+    code = cli.main(["search", "--model", "no-such-model", "--budget", "6", "--candidates",
+                     "w8a8", "--measure-bench", str(tmp_path / "nope"),
+                     "-o", str(tmp_path / "f.qrec")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope: not 'stdlib', a directory of .py files" in err
+    assert "Traceback" not in err and "no-such-model" not in err
