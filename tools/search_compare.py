@@ -6,6 +6,8 @@
 Each EVAL.json is `qdsl eval ... --json` of one artifact (the same --n, --seed and
 --ppl-windows for all, so samples and windows pair). SIZE_MB is the storage `qdsl search`
 / `qdsl explain` count. Prints a markdown table; the plot is size against perplexity.
+The Pareto plot in docs/search.md (perplexity ratio to fp32 with CIs, sizes counted from
+the recipes) is tools/search_pareto.py's.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@
   and the direct loss change of a sample of them;
 * ``allocate``: the exact allocation (multiple-choice knapsack as an integer linear
   program, scipy's HiGHS);
-* ``write``: the allocation as a readable recipe; ``run``: the whole search.
+* ``write``: the allocation as a readable recipe;
+* ``measure``: the found recipe compiled and its loss measured as ``qdsl eval`` does;
+* ``state``: the progress saved after every scored batch and check pair, for resuming;
+* ``run``: the whole search.
 
 Rank: the same as ``study`` (a client of the compiler and eval; neither imports the other).
 """

@@ -7,9 +7,11 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ..artifact.store import module_hash
 from ..atomic.files import write_json_atomic, write_text_atomic
 from ..errors import OptionError
 from ..eval.hosting_hw import read_bandwidth_gbs
@@ -20,7 +22,9 @@ from ..models.calib import CalibSpec, calibration_windows
 from ..models.limits import Limit, fit_length
 from .allocate import Allocation, BudgetError, allocate
 from .candidates import parse_candidates
+from .measure import Measured, held_out, measure
 from .sensitivity import Prober, Sensitivity
+from .state import SearchState, scorer_version, windows_hash
 from .units import Space, build_space
 from .write import recipe_text
 
@@ -48,6 +52,11 @@ class SearchConfig:
     report: str | None = None
     progress: bool = True
     command: list[str] = field(default_factory=list)
+    measure: bool = True            # compile the found recipe and measure its loss
+    measure_bench: str = "stdlib"   # held-out windows: `qdsl eval --bench`'s samples
+    measure_windows: int = 16
+    resume: bool = True             # reuse a saved state made with the same arguments
+    notify: Callable[[str], None] | None = None   # one-line notices (resumed, ignored)
 
 
 @dataclass
@@ -59,6 +68,8 @@ class SearchResult:
     text: str
     seconds: dict[str, float]
     bandwidth_gbs: float | None = None
+    measured: Measured | None = None
+    resumed: str | None = None
 
 
 def least_bytes(space: Space) -> float:
@@ -96,6 +107,8 @@ def search(cfg: SearchConfig) -> SearchResult:
     if cfg.kind not in KINDS or not cfg.value > 0:
         raise OptionError(f"the budget must be positive, got {cfg.value!r}")
     threads = cfg.threads or torch.get_num_threads()
+    held = (held_out(cfg.measure_bench, cfg.measure_windows, cfg.seed)  # a bad bench: now
+            if cfg.measure else None)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     model, tok = zoo.load_model(cfg.model, require_causal=True)
@@ -112,28 +125,75 @@ def search(cfg: SearchConfig) -> SearchResult:
                  cfg.act_bits, what=cfg.kind.replace("_", "-"))
     times["load_capture"] = time.perf_counter() - t0
     windows = calibration_windows(CalibSpec(cfg.calib, cfg.samples, cfg.seq_len, cfg.seed), tok)
+    state, note = _open_state(cfg, model, windows)
     prober = Prober(captured.gm, named, space)
     t = time.perf_counter()
     prober.observe(windows, cfg.batch, cfg.progress)
     times["observe"] = time.perf_counter() - t
     t = time.perf_counter()
-    sens = prober.score(windows, cfg.batch, cfg.progress)
+    sens = _score(cfg, prober, state, windows)
     times["score"] = time.perf_counter() - t
     t = time.perf_counter()
-    prober.check(sens, windows[:cfg.check_windows], cfg.batch, cfg.check, cfg.seed, cfg.progress)
+    prober.check(sens, windows[:cfg.check_windows], cfg.batch, cfg.check, cfg.seed, cfg.progress,
+                 on_pair=lambda s: state.save_scored(s.scores, s.base_loss, s.windows,
+                                                     s.check_base, s.checks))
     times["check"] = time.perf_counter() - t
     alloc = allocate(space, sens.scores, max_bytes, cfg.act_bits, what=cfg.kind.replace("_", "-"))
+    measured = None
+    if cfg.measure:
+        t = time.perf_counter()
+        rules_only = recipe_text(space, alloc.picks, named.blocks, [])
+        measured = measure(model, tok, rules_only, windows, bench=cfg.measure_bench,
+                           n=cfg.measure_windows, seed=cfg.seed, samples=held,
+                           progress=cfg.progress)
+        times["measure"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
-    header = _header(cfg, space, sens, alloc, max_bytes, bw, len(windows), times)
+    header = _header(cfg, space, sens, alloc, max_bytes, bw, len(windows), times, measured, note)
     text = recipe_text(space, alloc.picks, named.blocks, header)
-    result = SearchResult(space, sens, alloc, max_bytes, text, times, bw)
+    result = SearchResult(space, sens, alloc, max_bytes, text, times, bw, measured, note)
     if cfg.report:
         write_json_atomic(cfg.report, report_json(cfg, result))
     write_text_atomic(cfg.out, text)
+    state.remove()
     return result
 
 
-def _header(cfg, space, sens, alloc, max_bytes, bw, n_windows, times) -> list[str]:
+def state_key(cfg: SearchConfig, model, windows) -> dict:
+    """What the scores depend on (``qdsl.search.state``)."""
+    return {"model": cfg.model, "model_hash": module_hash(model), "candidates": cfg.candidates,
+            "activations": cfg.activations, "calib": cfg.calib, "samples": cfg.samples,
+            "seq_len": cfg.seq_len, "seed": cfg.seed, "windows": windows_hash(windows),
+            "batch": cfg.batch, "check": cfg.check, "check_windows": cfg.check_windows,
+            "scorer": scorer_version()}
+
+
+def _open_state(cfg: SearchConfig, model, windows) -> tuple[SearchState, str | None]:
+    key = state_key(cfg, model, windows)
+    if cfg.resume:
+        state, note = SearchState.open(cfg.out, key)
+    else:
+        state, note = SearchState(Path(cfg.out), key), None
+    if note:
+        (cfg.notify or log.warning)(note)
+    return state, (note if state.stage != "new" else None)
+
+
+def _score(cfg: SearchConfig, prober: Prober, state: SearchState, windows) -> Sensitivity:
+    """The scores: reused whole from a state past scoring, else scored from where a
+    saved state stopped, the state saved after every batch."""
+    if state.stage == "scored":
+        return Sensitivity(state.scores, state.base_loss, state.windows,
+                           checks=list(state.checks), check_base=state.check_base)
+    if state.stage == "score":
+        prober.restore_score(state.act_scores, state.fisher)
+    sens = prober.score(windows, cfg.batch, cfg.progress, losses=state.losses,
+                        on_batch=lambda losses: state.save_score(losses, *prober.score_state()))
+    state.save_scored(sens.scores, sens.base_loss, sens.windows, None, [])
+    return sens
+
+
+def _header(cfg, space, sens, alloc, max_bytes, bw, n_windows, times, measured=None,
+            resumed=None) -> list[str]:
     used = {space.units[u].choices[i].candidate for u, i in enumerate(alloc.picks)}
     counts = [f"{sum(space.units[u].choices[i].candidate == c for u, i in enumerate(alloc.picks))}"
               f" x `{space.candidates[c].text}`" for c in sorted(used)]
@@ -153,8 +213,10 @@ def _header(cfg, space, sens, alloc, max_bytes, bw, n_windows, times) -> list[st
         f"Predicted loss: {sens.base_loss:.4f} (float) + {alloc.score:.4f} (Fisher score) = "
         f"{sens.base_loss + alloc.score:.4f} nats/token on the {n_windows} calibration windows "
         f"({cfg.calib}, {cfg.seq_len} tokens, seed {cfg.seed}).",
+        measured.line() if measured is not None else "Measured: not measured (--no-measure).",
         f"Check: {check}.",
-        f"Search: {times['total'] / 60:.1f} min on {torch.get_num_threads()} threads.",
+        f"Search: {times['total'] / 60:.1f} min on {torch.get_num_threads()} threads"
+        + (" (this run; it resumed a saved state)." if resumed else "."),
         "Command: " + " ".join(shlex.quote(c) for c in cmd),
     ]
 
@@ -173,4 +235,5 @@ def report_json(cfg: SearchConfig, r: SearchResult) -> dict:
             "threads": torch.get_num_threads(), "calib": {
                 "data": cfg.calib, "samples": cfg.samples, "seq_len": cfg.seq_len,
                 "seed": cfg.seed, "batch": cfg.batch},
-            "recipe": str(Path(cfg.out))}
+            "measured": None if r.measured is None else r.measured.to_json(),
+            "resumed": r.resumed, "recipe": str(Path(cfg.out))}

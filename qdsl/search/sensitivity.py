@@ -201,25 +201,52 @@ class Prober:
             p.freeze()
         self._modes("off")
 
-    def score(self, windows: Tensor, batch: int, progress: bool = True) -> Sensitivity:
+    def score_state(self) -> tuple[dict[str, list[float]], dict[str, Tensor]]:
+        """What the score pass accumulated so far: per probed activation, its scores per
+        spec; per searched linear, its weight Fisher (``qdsl.search.state`` saves them)."""
+        return ({k: list(p.scores) for k, p in self.acts.items()},
+                {k: p.fisher for k, p in self.weights.items() if p.fisher is not None})
+
+    def restore_score(self, acts: dict[str, list[float]], fisher: dict[str, Tensor]) -> None:
+        """Put back what ``score_state`` returned (a resumed search)."""
+        if set(acts) != set(self.acts) or not set(fisher) <= set(self.weights):
+            raise ValueError("the saved scores are of other nodes")
+        for k, v in acts.items():
+            if len(v) != len(self.acts[k].scores):
+                raise ValueError(f"the saved scores of {k} are of other specs")
+            self.acts[k].scores = list(v)
+        for k, f in fisher.items():
+            self.weights[k].fisher = f
+
+    def score(self, windows: Tensor, batch: int, progress: bool = True,
+              losses: list[float] | None = None, on_batch=None) -> Sensitivity:
+        """The Fisher scores. ``losses``: the losses of batches already scored (a resumed
+        search: their accumulated scores put back with ``restore_score``), skipped here;
+        ``on_batch(losses)`` after each batch (the search saves its state there)."""
         flags = [p.requires_grad for p in self.grad_params]
         for p in self.grad_params:   # activations before the first linear get gradients too
             p.requires_grad_(True)
-        losses, nb = [], 0
+        losses = list(losses or [])
+        chunks = list(windows.split(batch))
         try:
-            for ids in self._batches(windows, batch, "search: scoring", progress):
+            for ids in tqdm(chunks[len(losses):], desc="search: scoring", unit="batch",
+                            disable=not progress, leave=False, initial=len(losses),
+                            total=len(chunks)):
                 self._modes("score", ids.shape[0] * (ids.shape[1] - 1))
                 with torch.enable_grad():
                     loss = _loss(self.gm, ids)
                     loss.backward()
                 losses.append(float(loss.detach()))
-                nb += 1
                 for p in self.grad_params:
                     p.grad = None
+                self._modes("off")
+                if on_batch is not None:
+                    on_batch(losses)
         finally:
             for p, f in zip(self.grad_params, flags):
                 p.requires_grad_(f)
             self._modes("off")
+        nb = len(losses)
         scores = []
         by = self.named.by_name
         for u, idx in zip(self.space.units, self.act_index):
@@ -264,8 +291,10 @@ class Prober:
                 oriented(w, node.weight_layout), c.weight)[0], node.weight_layout)
 
     def check(self, sens: Sensitivity, windows: Tensor, batch: int, n: int, seed: int = 0,
-              progress: bool = True) -> None:
-        """Measure the loss change of ``n`` (unit, choice) pairs spread over the scores."""
+              progress: bool = True, on_pair=None) -> None:
+        """Measure the loss change of ``n`` (unit, choice) pairs spread over the scores.
+        Pairs already in ``sens.checks`` (with ``sens.check_base``: a resumed search) are
+        not measured again; ``on_pair(sens)`` after the float loss and after each pair."""
         pairs = [(s, ui, ci) for ui, row in enumerate(sens.scores) for ci, s in enumerate(row)
                  if s > 0]
         pairs.sort()
@@ -276,9 +305,13 @@ class Prober:
         pick = sorted({min(int(i * step + rng.random() * step), len(pairs) - 1)
                        for i in range(n)})
         self._modes("off")
-        sens.check_base = self.loss(windows, batch)
-        for j in tqdm(pick, desc="search: checking", unit="node", disable=not progress,
-                      leave=False):
+        if sens.check_base is None:
+            sens.check_base = self.loss(windows, batch)
+            if on_pair is not None:
+                on_pair(sens)
+        done = len(sens.checks)
+        for j in tqdm(pick[done:], desc="search: checking", unit="node", disable=not progress,
+                      leave=False, initial=done, total=len(pick)):
             s, ui, ci = pairs[j]
             self.quantize_only(ui, ci)
             try:
@@ -286,6 +319,8 @@ class Prober:
             finally:
                 self._modes("off")
             sens.checks.append((self.space.units[ui].key, ci, s, d))
+            if on_pair is not None:
+                on_pair(sens)
         sens.spearman = spearman([c[2] for c in sens.checks], [c[3] for c in sens.checks])
 
 
