@@ -16,6 +16,9 @@
 
 The Hessians come from the float model's inputs in one calibration pass (no
 re-run of later layers on earlier layers' quantized outputs); docs/algorithms-weights.md.
+``round_sites`` is the per-site step both compiles share: ``round_weights`` runs it on
+every site at once, the streamed compile (``compiler.stream``) on one stage's sites
+after that stage's windows, with the same statistics (float inputs), so the same codes.
 """
 
 from __future__ import annotations
