@@ -31,7 +31,8 @@ def _kept(art) -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.parametrize("family,recipe", [
-    ("llama", GPTQ), ("llama", AWQ), ("gpt2", GPTQ), ("gpt2", AWQ), ("llama", GPTQ_STATIC)])
+    ("llama", GPTQ), ("llama", AWQ), ("gpt2", GPTQ), ("gpt2", AWQ), ("llama", GPTQ_STATIC)],
+    ids=["llama-gptq", "llama-awq", "gpt2-gptq", "gpt2-awq", "llama-gptq-a8static"])
 def test_stream_rounding_is_byte_identical(tmp_path, family, recipe):
     d, ids = _checkpoint(tmp_path, family)
     compile(d, recipe, calib=ids, progress=False).save(tmp_path / "mem")
