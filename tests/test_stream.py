@@ -95,9 +95,6 @@ def test_stream_refuses_whole_model_transforms(tmp_path):
         compile_stream(d, text, tmp_path / "o", calib=ids, progress=False)
     assert "`smooth` is not supported with --stream" in str(e.value)
     assert e.value.diagnostics[0].line == 1
-    gptq = "* -> w4 sym group(size=16) gptq\n"
-    with pytest.raises(RecipeError, match="GPTQ rounding .* not supported with --stream"):
-        compile_stream(d, gptq, tmp_path / "o", calib=ids, progress=False)
     with pytest.raises(ModelError, match="--lower int8 is not supported with --stream"):
         compile_stream(d, STATIC, tmp_path / "o", calib=ids, lower="int8", progress=False)
     assert not (tmp_path / "o").exists()

@@ -5,16 +5,20 @@ never whole in memory (the sequential pipeline of llm-compressor and GPTQ).
     calibration windows --stage by stage (compiler.stages)-->
         for the embedding, block 0 ... N-1, the head:
             read its parameters from the checkpoint (compiler.checkpoint)
-            run every window through it (its observers see them)
+            run every window through it (its observers and GPTQ / AWQ recorders see them)
+            round its GPTQ / AWQ weights (passes.round_weights.round_sites), free
+            their statistics
             freeze its nodes (passes.freeze) and free its parameters
     the frozen quantizers --QuantizedModel.save--> OUT (what the in-memory compile writes)
 
 The graph, names and plan are those of the in-memory ``compile`` (the same capture of
 the same architecture); each block's inputs are its float inputs, as in the in-memory
 calibration (observers return their input unchanged), computed by the same aten ops
-on the same values; so the artifact is byte-identical (``tests/test_stream.py``;
-docs/scale.md). Needs what the whole graph would not: nothing rotates or smooths
-(they move weights across blocks), no GPTQ / AWQ rounding, ``--lower fake``, no
+on the same values; so the artifact is byte-identical (``tests/test_stream.py``,
+``tests/test_stream_rounding.py``; docs/scale.md). GPTQ / AWQ statistics are the float
+inputs too, as in memory (not re-run on earlier blocks' rounded weights); only one
+stage's statistics are alive at a time. Needs what the whole graph would not: nothing
+rotates or smooths (they move weights across blocks), ``--lower fake``, no
 ``student.blocks``; each is refused, naming the rule, before any data is read.
 """
 
@@ -32,9 +36,11 @@ from ..errors import Diagnostic, ModelError, RecipeError
 from ..graph.attrs import param
 from ..graph.capture import capture
 from ..graph.naming import name_graph
-from ..passes.freeze import Frozen, freeze
+from ..passes.common import remove_inserted
+from ..passes.freeze import Frozen, freeze, stored_codes
 from ..passes.pipeline import OBSERVE, PassContext, run
-from ..passes.round_weights import rounding_sites
+from ..passes.round_weights import (STATS_PREFIX, linear_input, recorder_users, round_sites,
+                                    rounding_sites)
 from ..plan import build_plan
 from .build import (QuantizedModel, as_recipe, calibration_data, fit_lengths, is_causal_lm)
 from .checkpoint import Checkpoint, open_checkpoint
@@ -66,7 +72,7 @@ def compile_stream(model: str | os.PathLike, recipe: Recipe | str, out: str | os
     del captured
     named = name_graph(SimpleNamespace(gm=gm, module_path=strip))
     plan = build_plan(r, named)
-    _refuse_plan(r, named, plan)
+    _refuse_plan(r, plan)
     if st.export:
         errors = export_diagnostics(export_verdicts(gm, named, plan, st.export), plan,
                                     st.export, r.text or "", r.source)
@@ -94,10 +100,17 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
     for node in named.nodes:
         by_stage.setdefault(stages.stage[fx_nodes[node.node]], []).append(node)
     observers = ctx.observers or {}
+    stats = ctx.input_stats or {}
+    sites: dict[int, list] = {}   # GPTQ / AWQ sites by the stage of the linear reading them
+    for node in rounding_sites(named, plan):
+        sites.setdefault(stages.stage[linear_input(gm, node)[0]], []).append(node)
+    users = recorder_users([n for s in sites.values() for n in s], stats)
     batches = []
-    if observers:
+    if observers or stats:
         windows = calibration_data(calib, st, ck.tokenizer, takes,
-                                   f"quantizes {len(observers)} activations statically")
+                                   f"quantizes {len(observers)} activations statically"
+                                   if observers else
+                                   f"rounds {len(stats)} weights with GPTQ / AWQ")
         if mode == "generate":   # GraphLM.logits: one window per forward, from position 0
             batches = [{"input_ids": w[None], "cache_position": torch.arange(w.shape[0])}
                        for w in windows]
@@ -118,11 +131,16 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
 
     def after(stage: int) -> None:
         nodes = by_stage.get(stage, [])
-        materialise([n.weight for n in nodes if n.weight])
+        materialise([n.weight for n in nodes if n.weight]
+                    + [n.weight for n in sites.get(stage, ())])
+        # this stage's recorders are complete: round its weights, free their statistics
+        rounded = round_sites(gm, sites.get(stage, []), plan, stats, users, progress=False)
         part = freeze(gm, SimpleNamespace(nodes=tuple(nodes)), plan,
                       {n.name: observers[n.name] for n in nodes if n.name in observers},
-                      export=st.export, codes=False)   # the fake artifact stores scales
-        parts.append(part)
+                      rounded, export=st.export, codes=False)  # the fake artifact stores scales
+        part.codes = {k: stored_codes(q) for k, q in part.codes.items()}  # GPTQ's / AWQ's,
+        parts.append(part)          # as the artifact stores them (int8 for <= 8 bits)
+        del rounded
         for t in loaded:    # free the stage's parameters before the next loads
             set_tensor(gm, t, _meta_like(gm, t))
         loaded.clear()
@@ -135,18 +153,28 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
     else:   # nothing to calibrate: freeze the weights stage by stage
         for stage in stages.order:
             after(stage)
+    if stats:   # as round_weights leaves the in-memory graph: each op reads its input
+        remove_inserted(gm, STATS_PREFIX)
+        ctx.input_stats = {}
     return _merge(parts, named)
 
 
 def _merge(parts: list[Frozen], named) -> Frozen:
     """One Frozen, its entries in graph order (as ``freeze`` orders them in memory)."""
-    acts, weights = {}, {}
+    acts, weights, codes, in_scales, kept = {}, {}, {}, {}, set()
     for p in parts:
         acts.update(p.activations)
         weights.update(p.weights)
+        codes.update(p.codes)
+        in_scales.update(p.in_scales)
+        kept |= p.kept
     order = [n.name for n in named.nodes]
-    return Frozen({k: acts[k] for k in order if k in acts},
-                  {k: weights[k] for k in order if k in weights})
+
+    def ordered(d: dict) -> dict:
+        return {k: d[k] for k in order if k in d}
+
+    return Frozen(ordered(acts), ordered(weights), ordered(codes), kept=kept,
+                  in_scales=ordered(in_scales))
 
 
 def _to_meta(gm, strip, ck: Checkpoint) -> dict[str, str]:
@@ -192,16 +220,11 @@ def _refuse_settings(r: Recipe, st: Settings, lower: str) -> None:
                          "built from the whole teacher (compile without --stream)")
 
 
-def _refuse_plan(r: Recipe, named, plan) -> None:
-    """Transforms and GPTQ / AWQ: a located RecipeError naming the rule."""
+def _refuse_plan(r: Recipe, plan) -> None:
+    """Transforms (smooth, rotate): a located RecipeError naming the rule. GPTQ / AWQ
+    are per linear and run per stage (``_calibrate_and_freeze``)."""
     diags = [_diag(t.loc, f"`{t.kind}` is not supported with --stream: it moves weights "
                           "across blocks of the whole model",
                    hint="compile without --stream") for t in plan.transforms]
-    for node in rounding_sites(named, plan):
-        entry = plan[node.name]
-        loc = entry.decided_by.get("weight", {}).get("rounding", "<recipe>:1:1")
-        diags.append(_diag(loc, f"{entry.weight.rounding.__class__.__name__} rounding "
-                                f"(weight of {node.name}) is not supported with --stream",
-                           hint="compile without --stream, or round to nearest"))
     if diags:
         raise RecipeError(diags)

@@ -64,9 +64,7 @@ class Frozen:
             tensors[f"weight.{k}.scale"] = scale.contiguous()
             tensors[f"weight.{k}.zero_point"] = zero_point.contiguous()
         for k in self.kept:
-            q = self.codes[k]
-            small = q.numel() == 0 or (int(q.min()) >= -128 and int(q.max()) <= 127)
-            tensors[f"weight.{k}.codes"] = q.to(torch.int8 if small else torch.int16).contiguous()
+            tensors[f"weight.{k}.codes"] = stored_codes(self.codes[k])
         for k, s in self.in_scales.items():
             tensors[f"weight.{k}.in_scale"] = s.float().contiguous()
         if self.smooth:  # only when used: artifacts without transforms keep their form
@@ -108,6 +106,12 @@ class Frozen:
                 raise ValueError(f"weight quantizer {k}: tensor weight.{k}.in_scale is missing")
             in_scales[k] = t
         return cls(acts, weights, codes, smooth=smooth, kept=set(codes), in_scales=in_scales)
+
+
+def stored_codes(q: Tensor) -> Tensor:
+    """Kept codes as an artifact stores them: int8 when they fit, else int16."""
+    small = q.numel() == 0 or (int(q.min()) >= -128 and int(q.max()) <= 127)
+    return q.to(torch.int8 if small else torch.int16).contiguous()
 
 
 @torch.no_grad()

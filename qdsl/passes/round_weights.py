@@ -16,6 +16,9 @@
 
 The Hessians come from the float model's inputs in one calibration pass (no
 re-run of later layers on earlier layers' quantized outputs); docs/algorithms-weights.md.
+``round_sites`` is the per-site step both compiles share: ``round_weights`` runs it on
+every site at once, the streamed compile (``compiler.stream``) on one stage's sites
+after that stage's windows, with the same statistics (float inputs), so the same codes.
 """
 
 from __future__ import annotations
@@ -126,10 +129,31 @@ def insert_input_stats(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, 
 @torch.no_grad()
 def round_weights(gm: fx.GraphModule, named, plan: QuantPlan, stats: dict[str, InputStats],
                   *, progress: bool = True) -> dict[str, Rounded]:
+    """Every rounding site at once (the in-memory compile, after the one calibration
+    pass); then the recorders leave the graph."""
     sites = rounding_sites(named, plan)
+    out = round_sites(gm, sites, plan, stats, recorder_users(sites, stats), progress=progress)
+    remove_inserted(gm, STATS_PREFIX)
+    return out
+
+
+def recorder_users(sites: list, stats: dict[str, InputStats]) -> dict[int, int]:
+    """{id of a recorder: how many rounding sites read it} (q / k / v share one), what
+    ``round_sites`` counts down to free a recorder after its last linear."""
     users: dict[int, int] = {}
     for node in sites:
         users[id(stats[node.name])] = users.get(id(stats[node.name]), 0) + 1
+    return users
+
+
+@torch.no_grad()
+def round_sites(gm: fx.GraphModule, sites: list, plan: QuantPlan,
+                stats: dict[str, InputStats], users: dict[int, int], *,
+                progress: bool = True) -> dict[str, Rounded]:
+    """GPTQ / AWQ codes of ``sites`` (some of ``rounding_sites``: all of them in memory,
+    one stage's in the streamed compile) from their recorders' statistics; a recorder's
+    statistics are freed once ``users`` (``recorder_users``, updated here) says its last
+    site is rounded. The recorders stay in the graph."""
     out: dict[str, Rounded] = {}
     for node in tqdm(sites, desc="rounding weights", unit="linear",
                      disable=not progress or not sites, leave=False):
@@ -150,7 +174,6 @@ def round_weights(gm: fx.GraphModule, named, plan: QuantPlan, stats: dict[str, I
         log.info("%s %s: output error %.4g (RTN %.4g), %s, %.2f s", spec.rounding.name,
                  node.name, st.error, st.rtn_error, what, time.perf_counter() - t0)
         users[id(mod)] -= 1
-        if users[id(mod)] == 0:  # the last linear reading this input: free its Hessian
-            mod.xtx = torch.empty(0)
-    remove_inserted(gm, STATS_PREFIX)
+        if users[id(mod)] == 0:  # the last linear reading this input: free its statistics
+            mod.xtx, mod.abs_sum = torch.empty(0), torch.empty(0)
     return out

@@ -45,8 +45,8 @@ def register(sub) -> None:
                    help="read the float weights block by block from the model's safetensors "
                         "checkpoint, calibrate and freeze one block at a time: peak memory "
                         "about one block plus the embedding and the calibration activations, "
-                        "the same artifact (--lower fake; no rotate / smooth / gptq / awq / "
-                        "student.blocks; docs/scale.md)")
+                        "the same artifact (gptq / awq rounded block by block; --lower fake; "
+                        "no rotate / smooth / student.blocks; docs/scale.md)")
     p.add_argument("-o", "--out", required=True, type=output_dir,
                    help="artifact directory to write")
     p.add_argument("--force", action="store_true",
