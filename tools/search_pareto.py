@@ -37,18 +37,25 @@ class RowError(ValueError):
     """A row the tool cannot use, and why (printed as one line)."""
 
 
-def _eval(path: Path) -> dict:
+def _eval(path: Path, need_baseline: bool = True) -> dict:
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RowError(f"{path}: unreadable eval JSON: {e}") from e
-    for role in ("target", "baseline"):
+    for role in ("target", "baseline") if need_baseline else ("target",):
         r = d.get(role)
         if not isinstance(r, dict) or not r.get("ppl_window_nll"):
             raise RowError(f"{path}: no per-window perplexity for the {role} (run `qdsl eval "
                            "ART --ppl-windows N --json` with N > 1 on an artifact, whose "
-                           "baseline is its fp32 source)")
+                           "baseline is its fp32 source, or give --fp32)")
     return d
+
+
+def fp32_row(path: Path) -> dict:
+    """The fp32 rows of ``path``: its baseline, or its target where it has no baseline
+    (`qdsl eval MODEL --json` of the float model itself)."""
+    d = _eval(path, need_baseline=False)
+    return d["baseline"] if isinstance(d.get("baseline"), dict) else d["target"]
 
 
 _MODELS: dict[str, object] = {}
@@ -77,7 +84,10 @@ def size_of(spec: str | None, d: dict, model: str | None, where: str,
             pass
         if not Path(spec).is_file():
             raise RowError(f"{where}: @{spec} is neither a size in MB nor a recipe file")
-        return recipe_mb(spec, model or d["baseline"]["model"]), spec
+        base = d["baseline"] if isinstance(d.get("baseline"), dict) else None
+        if not (model or base):
+            raise RowError(f"{where}: give --model to count @{spec} (the eval has no baseline)")
+        return recipe_mb(spec, model or base["model"]), spec
     art = Path(str(d["target"].get("model", "")))
     if not art.is_absolute() and not art.exists():   # relative to where eval ran
         art = base / art
@@ -89,7 +99,10 @@ def size_of(spec: str | None, d: dict, model: str | None, where: str,
     return recipe_mb(art / "recipe.qrec", src), str(art / "recipe.qrec")
 
 
-def rows_of(found: list[str], uniform: list[str], model: str | None) -> list[dict]:
+def rows_of(found: list[str], uniform: list[str], model: str | None,
+            fp32: dict | None = None) -> list[dict]:
+    """``fp32``: the float rows for evals run with `--no-baseline` (``fp32_row``); an
+    eval's own baseline is used where it has one."""
     rows, windows = [], None
     for kind, specs in (("found", found), ("uniform", uniform)):
         for spec in specs:
@@ -97,8 +110,9 @@ def rows_of(found: list[str], uniform: list[str], model: str | None) -> list[dic
                 raise RowError(f"--{kind} {spec!r}: expected NAME=EVAL.json[@MB|@RECIPE]")
             name, rest = spec.split("=", 1)
             path, _, size = rest.partition("@")
-            d = _eval(Path(path))
-            t, b = d["target"], d["baseline"]
+            d = _eval(Path(path), need_baseline=fp32 is None)
+            t = d["target"]
+            b = d["baseline"] if isinstance(d.get("baseline"), dict) else fp32
             if len(t["ppl_window_nll"]) != len(b["ppl_window_nll"]):
                 raise RowError(f"{path}: target and baseline have different windows")
             key = (len(b["ppl_window_nll"]), tuple(b.get("ppl_window_tokens") or ()))
@@ -175,12 +189,17 @@ def main(argv=None) -> int:
                     metavar="NAME=EVAL.json[@MB|@RECIPE]")
     ap.add_argument("--model", help="the model a recipe's size is counted on (default: the "
                                     "eval's baseline)")
+    ap.add_argument("--fp32", metavar="EVAL.json",
+                    help="fp32 per-window losses for rows evaluated with `qdsl eval "
+                         "--no-baseline` (this file's baseline, or its target if it has none); "
+                         "same --n, --seed, --ppl-windows")
     ap.add_argument("--title", default="", help="e.g. the model's name")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ap.add_argument("-o", "--out", required=True, help="the plot (.png / .svg)")
     args = ap.parse_args(argv)
     try:
-        rows = rows_of(args.found, args.uniform, args.model)
+        fp32 = fp32_row(Path(args.fp32)) if args.fp32 else None
+        rows = rows_of(args.found, args.uniform, args.model, fp32)
     except RowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -79,3 +79,23 @@ def test_bad_rows_are_one_line_errors(tmp_path, capsys):
     assert tool.main(["--found", f"a={a}@nope.qrec", "-o", out]) == 2
     assert "neither a size in MB nor a recipe file" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_rows_without_a_baseline_take_the_fp32_file(tmp_path):
+    """Evals run with `qdsl eval --no-baseline` pair with --fp32's losses; without
+    --fp32 they are refused."""
+    tool = _tool()
+    alone = tmp_path / "a.json"
+    nll = [x + 0.05 for x in FP32]
+    alone.write_text(json.dumps({"target": {"model": "art", "n": 5, "es": 40.0, "ppl": 9.0,
+                                            "ppl_window_nll": nll,
+                                            "ppl_window_tokens": [100] * 5},
+                                 "baseline": None}))
+    fp32 = _eval(tmp_path / "w.json", [x + 1 for x in FP32])   # its baseline is FP32
+    out = tmp_path / "p.png"
+    assert tool.main(["--found", f"f={alone}@1.0", "-o", str(out)]) == 2
+    assert tool.main(["--found", f"f={alone}@1.0", "--fp32", str(fp32), "-o", str(out),
+                      "--json", str(tmp_path / "rows.json")]) == 0
+    row = json.loads((tmp_path / "rows.json").read_text())[0]
+    want = ppl_ratio(nll, FP32)
+    assert (row["ratio"], row["lo"], row["hi"]) == (want.est, want.lo, want.hi)
