@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +33,7 @@ from qdsl.config.spec import ACTIVATION, PerTensor, PerToken
 from qdsl.quant.primitives import choose_qparams, fake_quantize, reduce_range
 from qdsl.runtime.kernels import cext
 from qdsl.runtime.kernels.cpu import capability
+from qdsl.runtime.kernels.weights import PackedWeight, contiguous as _c
 
 log = logging.getLogger(__name__)
 
@@ -83,28 +82,15 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], packed.shape[0])
 
 
-@dataclass
-class W1:
-    """A packed 1-bit weight (module docstring): ``packed``, ``scale``, ``in_features``,
-    ``group_size`` (K for per channel), the bias, ``dequant()`` -> float32 ``[N, K]``
-    (the fallback's weight, built per call), and ``owner`` (kept for symmetry with W4)."""
+class W1(PackedWeight):
+    """A packed 1-bit weight (module docstring; the fields: ``weights.PackedWeight``)."""
 
-    packed: Tensor
-    scale: Tensor
-    in_features: int
-    group_size: int
-    bias: Tensor | None
-    dequant: Callable[[], Tensor]
-    owner: object = field(default=None, repr=False)
+    BITS = 1
 
     def supports(self, name: str) -> bool:
         if name == "qdsl_w1":
             return self.in_features % self.group_size == 0 and self.packed.device.type == "cpu"
         return True
-
-
-def _c(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
 
 
 def w1_qdsl(x: Tensor, w1: W1) -> Tensor:
