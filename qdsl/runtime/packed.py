@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_mean_abs, reduce_range
 from qdsl.errors import GraphError
 from qdsl.runtime import kernels
-from qdsl.runtime.int8 import check_spec
+from qdsl.runtime.int8 import EmbeddingJson, check_spec
 from qdsl.runtime.packing import pack_int, packed_len, unpack_int
 from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
 
@@ -188,7 +188,7 @@ class PackedLinear(_PackedWeight):
                    compute_dtype=config["compute_dtype"], device="meta")
 
 
-class PackedEmbedding(_PackedWeight):
+class PackedEmbedding(EmbeddingJson, _PackedWeight):
     """Packed embedding rows; only the looked-up rows are unpacked."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, weight_spec: TensorSpec,
@@ -213,14 +213,3 @@ class PackedEmbedding(_PackedWeight):
         rows = dequantize_packed(self.weight_packed[flat], self.weight_scale[flat],
                                  self.bits, self.embedding_dim)
         return rows.reshape(*ids.shape, self.embedding_dim)
-
-    def to_json(self) -> dict:
-        return {"type": type(self).__name__, "num_embeddings": self.num_embeddings,
-                "embedding_dim": self.embedding_dim, "weight": self.weight_spec.to_json()}
-
-    config = to_json
-
-    @classmethod
-    def from_json(cls, config: dict):
-        return cls(config["num_embeddings"], config["embedding_dim"],
-                   TensorSpec.from_json(config["weight"]), device="meta")
