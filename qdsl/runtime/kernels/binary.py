@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils import cpp_extension
 
 from qdsl.config.spec import ACTIVATION, PerTensor, PerToken
 from qdsl.quant.primitives import choose_qparams, fake_quantize, reduce_range
@@ -58,10 +57,7 @@ def available() -> bool:
         try:
             if not (hasattr(torch.ops, "qdsl_binary")
                     and hasattr(torch.ops.qdsl_binary, "w1_linear")):
-                cpp_extension.load_inline(NAME, cpp_sources=[SOURCE.read_text()],
-                                          is_python_module=False,
-                                          extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"],
-                                          extra_ldflags=["-fopenmp"], verbose=False)
+                cext.build(NAME, (SOURCE,))
                 _register_fake()
             return True
         except Exception as e:  # noqa: BLE001 - any build failure means "unpack + GEMM"

@@ -14,24 +14,19 @@
 // themselves: AVX-512 reads 16 bits as a __mmask16; AVX2 widens 8 bits to a lane mask),
 // Sx (the group sums of x) is computed once per call, and the weight is read once per
 // block of up to 4 activation rows. Output rows are spread over threads
-// (at::parallel_for, OpenMP). isa: 0 generic C++, 1 AVX2, >= 2 AVX-512 (as
-// qdsl_kernels.cpp; each path compiled for its target with __attribute__((target))).
+// (at::parallel_for, OpenMP). isa: 0 generic C++, 1 AVX2, >= 2 AVX-512 (qdsl_common.h;
+// each path compiled for its target with __attribute__((target))).
 // The vector paths need gs % 16 == 0 (others run the generic loop).
 //
 //   w1a8_linear(x, packed, scale, gs, bias?, per_token, symmetric, isa): the same with x
 //             quantized to 8 bits in the kernel (XTC's 1W8A; see the section below).
-#include <torch/extension.h>
+#include "qdsl_common.h"
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cstdint>
 #include <cmath>
 #include <cstring>
-#include <algorithm>
 #include <vector>
 
 namespace {
-
-constexpr int64_t MB = 4;   // activation rows per weight pass
 
 inline int bit_at(const uint8_t* row, int64_t k) { return (row[k >> 3] >> (k & 7)) & 1; }
 
@@ -53,14 +48,6 @@ void w1_rows_generic(const float* x, int64_t M, const uint8_t* w, int64_t KB, co
       y[m * N + n] = out;
     }
   }
-}
-
-__attribute__((target("avx2,fma")))
-static inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // 8 weight bits -> 8 lanes of all-ones / zeros
@@ -201,14 +188,6 @@ void w1a8_rows_generic(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB
 }
 
 __attribute__((target("avx2,fma")))
-static inline int32_t hsum256i(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-__attribute__((target("avx2,fma")))
 void w1a8_rows_avx2(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
                     const float* scale, const int32_t* vs, const float* xscale, int64_t K,
                     int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
@@ -276,18 +255,32 @@ void w1a8_rows_avx512(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
   }
 }
 
-void check(const at::Tensor& t, at::ScalarType dt, int64_t dim, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == dim && t.is_contiguous(),
-              "qdsl_binary.w1_linear: ", what, " must be a contiguous CPU ", dim, "-d ",
-              c10::toString(dt), " tensor");
+// The arguments both ops take: x, the packed weight and its scales, checked as one;
+// the bias, checked and added.
+void check_w1(const char* op, const at::Tensor& x, const at::Tensor& packed,
+              const at::Tensor& scale, int64_t gs) {
+  check_tensor(x, at::kFloat, 2, op, "x"); check_tensor(packed, at::kByte, 2, op, "packed");
+  check_tensor(scale, at::kFloat, 2, op, "scale");
+  const int64_t K = x.size(1), N = packed.size(0), KB = packed.size(1);
+  TORCH_CHECK(gs > 0 && K % gs == 0 && KB == (K + 7) / 8 && scale.size(0) == N &&
+              scale.size(1) == K / gs, op, ": shape mismatch");
 }
+
+void add_bias(const char* op, at::Tensor& y, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, at::kFloat, 1, op, "bias");
+    TORCH_CHECK(bias->size(0) == y.size(1), op, ": bias shape mismatch");
+    y.add_(*bias);
+  }
+}
+
+// grain of the parallel loop over output rows (KB packed bytes a row)
+int64_t grain(int64_t KB) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KB)); }
 
 at::Tensor w1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                      int64_t gs, const c10::optional<at::Tensor>& bias, int64_t isa) {
-  check(x, at::kFloat, 2, "x"); check(packed, at::kByte, 2, "packed"); check(scale, at::kFloat, 2, "scale");
+  check_w1("qdsl_binary.w1_linear", x, packed, scale, gs);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), KB = packed.size(1);
-  TORCH_CHECK(gs > 0 && K % gs == 0 && KB == (K + 7) / 8 && scale.size(0) == N &&
-              scale.size(1) == K / gs, "qdsl_binary.w1_linear: shape mismatch");
   const int64_t G = K / gs;
   // the group sums of x, once per call (shared by every output row)
   at::Tensor y = at::empty({M, N}, x.options());
@@ -301,28 +294,23 @@ at::Tensor w1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   }
   const float* xsp = xs_buf.data();
   float* yp = y.data_ptr<float>();
-  const bool vec = gs % 16 == 0;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KB));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (vec && isa >= 2) w1_rows_avx512(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
-    else if (vec && isa == 1) w1_rows_avx2(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
-    else w1_rows_generic(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
+  // the vector paths step 16 weights at a time
+  const auto rows = pick_isa(gs % 16 == 0 ? isa : ISA_GENERIC, w1_rows_generic, w1_rows_avx2,
+                             w1_rows_avx512);
+  at::parallel_for(0, N, grain(KB), [&](int64_t n0, int64_t n1) {
+    rows(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
   });
-  if (bias.has_value() && bias->defined()) {
-    check(*bias, at::kFloat, 1, "bias");
-    TORCH_CHECK(bias->size(0) == N, "qdsl_binary.w1_linear: bias shape mismatch");
-    y.add_(*bias);
-  }
+  add_bias("qdsl_binary.w1_linear", y, bias);
   return y;
 }
 
 at::Tensor w1a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                        int64_t gs, const c10::optional<at::Tensor>& bias, bool per_token,
                        bool symmetric, int64_t isa) {
-  check(x, at::kFloat, 2, "x"); check(packed, at::kByte, 2, "packed"); check(scale, at::kFloat, 2, "scale");
+  check_w1("qdsl_binary.w1a8_linear", x, packed, scale, gs);
+  // quantize_rows reads x[0]
+  TORCH_CHECK(x.size(0) > 0, "qdsl_binary.w1a8_linear: shape mismatch");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), KB = packed.size(1);
-  TORCH_CHECK(gs > 0 && K % gs == 0 && KB == (K + 7) / 8 && scale.size(0) == N &&
-              scale.size(1) == K / gs && M > 0, "qdsl_binary.w1a8_linear: shape mismatch");
   const int64_t G = K / gs;
   std::vector<int32_t> v(M * K), vs(M * G, 0);
   std::vector<float> xscale(M);
@@ -332,21 +320,12 @@ at::Tensor w1a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>(); const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const bool vec = gs % 16 == 0;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KB));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (vec && isa >= 2)
-      w1a8_rows_avx512(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
-    else if (vec && isa == 1)
-      w1a8_rows_avx2(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
-    else
-      w1a8_rows_generic(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
+  const auto rows = pick_isa(gs % 16 == 0 ? isa : ISA_GENERIC, w1a8_rows_generic, w1a8_rows_avx2,
+                             w1a8_rows_avx512);
+  at::parallel_for(0, N, grain(KB), [&](int64_t n0, int64_t n1) {
+    rows(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
   });
-  if (bias.has_value() && bias->defined()) {
-    check(*bias, at::kFloat, 1, "bias");
-    TORCH_CHECK(bias->size(0) == N, "qdsl_binary.w1a8_linear: bias shape mismatch");
-    y.add_(*bias);
-  }
+  add_bias("qdsl_binary.w1a8_linear", y, bias);
   return y;
 }
 
