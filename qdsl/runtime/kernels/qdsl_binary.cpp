@@ -30,22 +30,27 @@ namespace {
 
 inline int bit_at(const uint8_t* row, int64_t k) { return (row[k >> 3] >> (k & 7)) & 1; }
 
-void w1_rows_generic(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
-                     const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
-                     float* y, int64_t N) {
+// The row kernels' element type T: float (w1: x itself; xs its group sums) or int32_t
+// (w1a8: x's 8-bit codes v and their group sums vs, exact). Both compute per group
+// scale * (2 * S1 - xs), S1 the sum under the weight's 1 bits, then times xscale[m]
+// where there is one (w1a8: x's quantization scale; w1 passes null).
+template <typename T>
+void sign_rows_generic(const T* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
+                       const T* xs, const float* xscale, int64_t K, int64_t gs, int64_t n0,
+                       int64_t n1, float* y, int64_t N) {
   const int64_t G = K / gs;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * KB;
     for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
+      const T* xr = x + m * K;
       float out = 0.f;
       for (int64_t g = 0; g < G; ++g) {
-        float s1 = 0.f;
+        T s1 = 0;
         for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
           if (bit_at(wr, k)) s1 += xr[k];
-        out += scale[n * G + g] * (2.f * s1 - xs[m * G + g]);
+        out += scale[n * G + g] * float(T(2) * s1 - xs[m * G + g]);
       }
-      y[m * N + n] = out;
+      y[m * N + n] = xscale ? out * xscale[m] : out;
     }
   }
 }
@@ -57,10 +62,11 @@ static inline __m256 lane_mask(uint8_t b, __m256i bitsel) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, bitsel));
 }
 
+// (the row kernels' signature; w1 has no xscale: null)
 __attribute__((target("avx2,fma")))
 void w1_rows_avx2(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
-                  const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
-                  float* y, int64_t N) {
+                  const float* xs, const float* /*xscale*/, int64_t K, int64_t gs, int64_t n0,
+                  int64_t n1, float* y, int64_t N) {
   const int64_t G = K / gs;
   const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int64_t mb = 0; mb < M; mb += MB) {
@@ -91,14 +97,40 @@ void w1_rows_avx2(const float* x, int64_t M, const uint8_t* w, int64_t KB, const
   }
 }
 
+// 16 lanes of T, and the masked add the AVX-512 path is made of (the mask: 16 weight bits)
+template <typename T> struct Lanes512;
+
+#define QDSL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+template <> struct Lanes512<float> {
+  using V = __m512;
+  QDSL_AVX512 static inline V zero() { return _mm512_setzero_ps(); }
+  QDSL_AVX512 static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  QDSL_AVX512 static inline V mask_add(V a, __mmask16 k, V x) {
+    return _mm512_mask_add_ps(a, k, a, x);
+  }
+  QDSL_AVX512 static inline float sum(V a) { return _mm512_reduce_add_ps(a); }
+};
+
+template <> struct Lanes512<int32_t> {
+  using V = __m512i;
+  QDSL_AVX512 static inline V zero() { return _mm512_setzero_si512(); }
+  QDSL_AVX512 static inline V load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  QDSL_AVX512 static inline V mask_add(V a, __mmask16 k, V x) {
+    return _mm512_mask_add_epi32(a, k, a, x);
+  }
+  QDSL_AVX512 static inline int32_t sum(V a) { return _mm512_reduce_add_epi32(a); }
+};
+
 // NR output rows at a time (independent accumulators: the masked adds do not wait on
 // each other), 16 weights per step
 constexpr int64_t NR = 4;
 
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void w1_rows_avx512(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
-                    const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
-                    float* y, int64_t N) {
+template <typename T>
+QDSL_AVX512 void sign_rows_avx512(const T* x, int64_t M, const uint8_t* w, int64_t KB,
+                                  const float* scale, const T* xs, const float* xscale,
+                                  int64_t K, int64_t gs, int64_t n0, int64_t n1, float* y,
+                                  int64_t N) {
+  using L = Lanes512<T>;
   const int64_t G = K / gs;
   for (int64_t mb = 0; mb < M; mb += MB) {
     const int64_t mm = std::min(MB, M - mb);
@@ -106,30 +138,32 @@ void w1_rows_avx512(const float* x, int64_t M, const uint8_t* w, int64_t KB, con
       const int64_t nn = std::min(NR, n1 - nb);
       float out[NR][MB] = {};
       for (int64_t g = 0; g < G; ++g) {
-        __m512 a[NR][MB];
+        typename L::V a[NR][MB];
         for (int64_t r = 0; r < NR; ++r)
-          for (int64_t m = 0; m < MB; ++m) a[r][m] = _mm512_setzero_ps();
+          for (int64_t m = 0; m < MB; ++m) a[r][m] = L::zero();
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-          __m512 xv[MB];
-          for (int64_t m = 0; m < mm; ++m) xv[m] = _mm512_loadu_ps(x + (mb + m) * K + k);
+          typename L::V xv[MB];
+          for (int64_t m = 0; m < mm; ++m) xv[m] = L::load(x + (mb + m) * K + k);
           for (int64_t r = 0; r < nn; ++r) {
             uint16_t bits;
             std::memcpy(&bits, w + (nb + r) * KB + (k >> 3), 2);
             for (int64_t m = 0; m < mm; ++m)
-              a[r][m] = _mm512_mask_add_ps(a[r][m], (__mmask16)bits, a[r][m], xv[m]);
+              a[r][m] = L::mask_add(a[r][m], (__mmask16)bits, xv[m]);
           }
         }
         for (int64_t r = 0; r < nn; ++r) {
           const float sc = scale[(nb + r) * G + g];
           for (int64_t m = 0; m < mm; ++m)
-            out[r][m] += sc * (2.f * _mm512_reduce_add_ps(a[r][m]) - xs[(mb + m) * G + g]);
+            out[r][m] += sc * float(T(2) * L::sum(a[r][m]) - xs[(mb + m) * G + g]);
         }
       }
       for (int64_t r = 0; r < nn; ++r)
-        for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + nb + r] = out[r][m];
+        for (int64_t m = 0; m < mm; ++m)
+          y[(mb + m) * N + nb + r] = xscale ? out[r][m] * xscale[mb + m] : out[r][m];
     }
   }
 }
+#undef QDSL_AVX512
 
 // ---------------------------------------------------------------- w1a8: 8-bit activations
 // x is quantized here, exactly as qdsl's fake-quant (quant/primitives.py choose_qparams +
@@ -167,26 +201,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool per_token, bool sy
   }
 }
 
-void w1a8_rows_generic(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
-                       const float* scale, const int32_t* vs, const float* xscale, int64_t K,
-                       int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t G = K / gs;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * KB;
-    for (int64_t m = 0; m < M; ++m) {
-      const int32_t* vr = v + m * K;
-      float out = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        int32_t s1 = 0;
-        for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
-          if (bit_at(wr, k)) s1 += vr[k];
-        out += scale[n * G + g] * float(2 * s1 - vs[m * G + g]);
-      }
-      y[m * N + n] = out * xscale[m];
-    }
-  }
-}
-
 __attribute__((target("avx2,fma")))
 void w1a8_rows_avx2(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
                     const float* scale, const int32_t* vs, const float* xscale, int64_t K,
@@ -215,42 +229,6 @@ void w1a8_rows_avx2(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
           out[m] += sc * float(2 * hsum256i(a[m]) - vs[(mb + m) * G + g]);
       }
       for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + n] = out[m] * xscale[mb + m];
-    }
-  }
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void w1a8_rows_avx512(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
-                      const float* scale, const int32_t* vs, const float* xscale, int64_t K,
-                      int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t G = K / gs;
-  for (int64_t mb = 0; mb < M; mb += MB) {
-    const int64_t mm = std::min(MB, M - mb);
-    for (int64_t nb = n0; nb < n1; nb += NR) {
-      const int64_t nn = std::min(NR, n1 - nb);
-      float out[NR][MB] = {};
-      for (int64_t g = 0; g < G; ++g) {
-        __m512i a[NR][MB];
-        for (int64_t r = 0; r < NR; ++r)
-          for (int64_t m = 0; m < MB; ++m) a[r][m] = _mm512_setzero_si512();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-          __m512i xv[MB];
-          for (int64_t m = 0; m < mm; ++m) xv[m] = _mm512_loadu_si512(v + (mb + m) * K + k);
-          for (int64_t r = 0; r < nn; ++r) {
-            uint16_t bits;
-            std::memcpy(&bits, w + (nb + r) * KB + (k >> 3), 2);
-            for (int64_t m = 0; m < mm; ++m)
-              a[r][m] = _mm512_mask_add_epi32(a[r][m], (__mmask16)bits, a[r][m], xv[m]);
-          }
-        }
-        for (int64_t r = 0; r < nn; ++r) {
-          const float sc = scale[(nb + r) * G + g];
-          for (int64_t m = 0; m < mm; ++m)
-            out[r][m] += sc * float(2 * _mm512_reduce_add_epi32(a[r][m]) - vs[(mb + m) * G + g]);
-        }
-      }
-      for (int64_t r = 0; r < nn; ++r)
-        for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + nb + r] = out[r][m] * xscale[mb + m];
     }
   }
 }
@@ -295,10 +273,10 @@ at::Tensor w1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const float* xsp = xs_buf.data();
   float* yp = y.data_ptr<float>();
   // the vector paths step 16 weights at a time
-  const auto rows = pick_isa(gs % 16 == 0 ? isa : ISA_GENERIC, w1_rows_generic, w1_rows_avx2,
-                             w1_rows_avx512);
+  const auto rows = pick_isa(gs % 16 == 0 ? isa : ISA_GENERIC, sign_rows_generic<float>,
+                             w1_rows_avx2, sign_rows_avx512<float>);
   at::parallel_for(0, N, grain(KB), [&](int64_t n0, int64_t n1) {
-    rows(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
+    rows(xp, M, pp, KB, sp, xsp, nullptr, K, gs, n0, n1, yp, N);
   });
   add_bias("qdsl_binary.w1_linear", y, bias);
   return y;
@@ -320,8 +298,8 @@ at::Tensor w1a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>(); const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const auto rows = pick_isa(gs % 16 == 0 ? isa : ISA_GENERIC, w1a8_rows_generic, w1a8_rows_avx2,
-                             w1a8_rows_avx512);
+  const auto rows = pick_isa(gs % 16 == 0 ? isa : ISA_GENERIC, sign_rows_generic<int32_t>,
+                             w1a8_rows_avx2, sign_rows_avx512<int32_t>);
   at::parallel_for(0, N, grain(KB), [&](int64_t n0, int64_t n1) {
     rows(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
   });
