@@ -150,9 +150,14 @@ def test_cache_at_a_url_is_written_whole(tmp_path, monkeypatch):
         store.write("k2", entry)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["k1.json"]
     assert load_cache(store, {"k1": "quality", "k2": "quality"}) == {"k1": store.read("k1")}
-    # a store travels to workers as its location
-    import pickle
-    assert pickle.loads(pickle.dumps(store)).location == store.location
+    # a store travels to workers as its location alone (Ray pickles it by __reduce__):
+    # the constructor and that one argument rebuild a store reading the same entries,
+    # with no fsspec filesystem carried along (it is opened again where it is used)
+    make, args = store.__reduce__()
+    assert make is CacheStore and args == (store.location,)
+    again = make(*args)
+    assert again._fs is None and repr(again) == repr(store)
+    assert again.read("k1", "quality") == store.read("k1", "quality")
 
 
 def test_comparable_drops_only_the_varying_fields():

@@ -96,6 +96,22 @@ def output_dir(text: str) -> str:
     return text
 
 
+def add_recipe_model(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The positional RECIPE and the required ``--model`` of the commands that run a
+    recipe on a model (compile, train, explain)."""
+    p.add_argument("recipe", help=".qrec file")
+    p.add_argument("--model", required=True, help=model_help)
+
+
+def add_artifact_out(p: argparse.ArgumentParser,
+                     force_help: str = "replace OUT if it is a qdsl artifact") -> None:
+    """``-o/--out``, the artifact directory to write (``output_dir``), and ``--force``
+    (the commands that write an artifact: compile, train)."""
+    p.add_argument("-o", "--out", required=True, type=output_dir,
+                   help="artifact directory to write")
+    p.add_argument("--force", action="store_true", help=force_help)
+
+
 def _check_parent(text: str, path: Path) -> None:
     """The nearest existing ancestor of ``path`` must be a writable directory."""
     parent = path.absolute().parent

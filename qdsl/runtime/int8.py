@@ -269,7 +269,26 @@ class Int8WeightOnlyLinear(_Int8Weight):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-class Int8Embedding(nn.Module):
+class EmbeddingJson:
+    """``to_json`` / ``from_json`` of the embedding modules (``Int8Embedding``, the packed
+    ``PackedEmbedding``): the table's shapes and the weight spec, nothing else; their
+    constructors take ``(num_embeddings, embedding_dim)`` and the keywords ``weight_spec``,
+    ``device``."""
+
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "weight": self.weight_spec.to_json()}
+
+    config = to_json
+
+    @classmethod
+    def from_json(cls, config: dict):
+        """The empty module (meta device) of a ``to_json()``."""
+        return cls(config["num_embeddings"], config["embedding_dim"],
+                   weight_spec=TensorSpec.from_json(config["weight"]), device="meta")
+
+
+class Int8Embedding(EmbeddingJson, nn.Module):
     """int8 rows ``weight [num, dim]`` with one scale per row; only looked-up rows dequantized."""
 
     WEIGHT_BUFFERS = ("weight", "weight_scale")
@@ -298,14 +317,3 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return kernels.embedding_int8(ids, self.weight, self.weight_scale)
-
-    def to_json(self) -> dict:
-        return {"type": type(self).__name__, "num_embeddings": self.num_embeddings,
-                "embedding_dim": self.embedding_dim, "weight": self.weight_spec.to_json()}
-
-    config = to_json
-
-    @classmethod
-    def from_json(cls, config: dict):
-        return cls(config["num_embeddings"], config["embedding_dim"],
-                   weight_spec=TensorSpec.from_json(config["weight"]), device="meta")

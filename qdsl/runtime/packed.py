@@ -21,13 +21,15 @@ ops) and run a float32 GEMM: the fake-quant maths bit for bit, slow (w2).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor, nn
 
 from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_mean_abs, reduce_range
 from qdsl.errors import GraphError
 from qdsl.runtime import kernels
-from qdsl.runtime.int8 import check_spec
+from qdsl.runtime.int8 import EmbeddingJson, check_spec
 from qdsl.runtime.packing import pack_int, packed_len, unpack_int
 from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
 
@@ -77,6 +79,7 @@ def packed_layout(spec: TensorSpec) -> tuple[int, int | None]:
 
 
 PACKED_WEIGHT_BITS = (1, 2, 4)
+W = TypeVar("W", bound=kernels.PackedWeight)
 
 
 class _PackedWeight(nn.Module):
@@ -142,17 +145,20 @@ class PackedLinear(_PackedWeight):
                 and (self.group_size or self.in_features) % 32 == 0   # what both take
                 and not self.weight_packed.is_meta and self.weight_packed.device.type == "cpu")
 
-    def _w4(self) -> kernels.W4:
+    def _kernel_weight(self, cls: type[W]) -> W:
+        """This module's packed weight as the kernel table takes it (``kernels.W4`` /
+        ``kernels.W1``), the fallback's dequantization per call."""
+        assert cls.BITS == self.bits, (cls, self.bits)
         dequant = lambda: dequantize_packed(self.weight_packed, self.weight_scale,  # noqa: E731
                                             self.bits, self.in_features)
-        return kernels.W4(self.weight_packed, self.weight_scale, self.in_features,
-                          self.group_size or self.in_features, self.bias, dequant, owner=self)
+        return cls(self.weight_packed, self.weight_scale, self.in_features,
+                   self.group_size or self.in_features, self.bias, dequant, owner=self)
+
+    def _w4(self) -> kernels.W4:
+        return self._kernel_weight(kernels.W4)
 
     def _w1(self) -> kernels.W1:
-        dequant = lambda: dequantize_packed(self.weight_packed, self.weight_scale,  # noqa: E731
-                                            self.bits, self.in_features)
-        return kernels.W1(self.weight_packed, self.weight_scale, self.in_features,
-                          self.group_size or self.in_features, self.bias, dequant, owner=self)
+        return self._kernel_weight(kernels.W1)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bits == 1 and not self.weight_packed.is_meta \
@@ -182,7 +188,7 @@ class PackedLinear(_PackedWeight):
                    compute_dtype=config["compute_dtype"], device="meta")
 
 
-class PackedEmbedding(_PackedWeight):
+class PackedEmbedding(EmbeddingJson, _PackedWeight):
     """Packed embedding rows; only the looked-up rows are unpacked."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, weight_spec: TensorSpec,
@@ -207,14 +213,3 @@ class PackedEmbedding(_PackedWeight):
         rows = dequantize_packed(self.weight_packed[flat], self.weight_scale[flat],
                                  self.bits, self.embedding_dim)
         return rows.reshape(*ids.shape, self.embedding_dim)
-
-    def to_json(self) -> dict:
-        return {"type": type(self).__name__, "num_embeddings": self.num_embeddings,
-                "embedding_dim": self.embedding_dim, "weight": self.weight_spec.to_json()}
-
-    config = to_json
-
-    @classmethod
-    def from_json(cls, config: dict):
-        return cls(config["num_embeddings"], config["embedding_dim"],
-                   TensorSpec.from_json(config["weight"]), device="meta")

@@ -3,6 +3,7 @@
 CI runs these as root with bubblewrap installed by ``scripts/setup``; every program
 is short and every run has a small timeout."""
 
+import json
 import os
 import resource
 import shutil
@@ -107,7 +108,7 @@ def test_host_secrets_are_not_readable(monkeypatch):
             "        except OSError: pass\n"
             "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n")
     assert b"hunter2" not in o.stdout and o.returncode == 0
-    pids = eval(o.stdout.decode().splitlines()[-1])
+    pids = json.loads(o.stdout.decode().splitlines()[-1])   # data, never eval'ed
     assert os.getpid() not in pids and max(pids) < 10   # only the sandbox's own pids
 
 

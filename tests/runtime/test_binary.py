@@ -126,3 +126,23 @@ def test_bad_specs_are_refused():
         BinaryDynamicLinear(16, 4, weight_spec(1), act_spec=static)
     with pytest.raises(GraphError, match="per_channel|cannot run"):
         BinaryDynamicLinear(16, 4, weight_spec(1), act_spec=TensorSpec(ACTIVATION, 4, symmetric=True, granularity=PerToken(), dynamic=True))
+
+
+@needs_ext
+def test_the_ops_reject_bad_inputs_by_name():
+    """Each op names itself and the argument (qdsl_common.h's check_tensor)."""
+    w = binary.random_w1(16, 3, 16)
+    ops = {"w1_linear": lambda x, p, b: torch.ops.qdsl_binary.w1_linear(x, p, w.scale, 16, b, 0),
+           "w1a8_linear": lambda x, p, b: torch.ops.qdsl_binary.w1a8_linear(
+               x, p, w.scale, 16, b, True, True, 0)}
+    for name, op in ops.items():
+        with pytest.raises(RuntimeError, match=f"qdsl_binary.{name}: x must be a contiguous"):
+            op(torch.randn(2, 16).double(), w.packed, None)
+        with pytest.raises(RuntimeError, match=f"qdsl_binary.{name}: shape mismatch"):
+            op(torch.randn(2, 24), w.packed, None)
+        with pytest.raises(RuntimeError, match=f"qdsl_binary.{name}: bias shape mismatch"):
+            op(torch.randn(2, 16), w.packed, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="qdsl_binary.w1a8_linear: shape mismatch"):
+        ops["w1a8_linear"](torch.randn(0, 16), w.packed, None)      # no row to quantize
+    assert torch.ops.qdsl_binary.w1_linear(torch.randn(0, 16), w.packed, w.scale, 16, None,
+                                           0).shape == (0, 3)

@@ -325,3 +325,18 @@ def test_machine_key_names_torch_capability_and_cpu():
     assert table_mod.machine_key(a, 1).startswith("AVX2-t1-")
     assert table_mod.machine_key(a, 1) != table_mod.machine_key(b, 1)
     assert table_mod.machine_key(a, 1) != table_mod.machine_key(a, 2)
+
+
+def test_both_extensions_include_the_shared_header_and_the_key_hashes_it(tmp_path, monkeypatch):
+    """qdsl_common.h (the ISA levels, pick_isa, the checks) is #included by the sources of
+    both extensions; editing it changes the table's key (the table is timed again)."""
+    from qdsl.runtime.kernels import binary
+
+    assert [h.name for h in cext.HEADERS] == ["qdsl_common.h"]
+    for src in (*cext.SOURCES, binary.SOURCE):
+        assert '#include "qdsl_common.h"' in src.read_text(), src.name
+    key = table_mod.machine_key(_cap(), 1)
+    edited = tmp_path / "qdsl_common.h"
+    edited.write_bytes(cext.HEADERS[0].read_bytes() + b"// edited\n")
+    monkeypatch.setattr(cext, "HEADERS", (edited,))
+    assert table_mod.machine_key(_cap(), 1) != key

@@ -7,7 +7,7 @@ import sys
 from ...atomic import ARTIFACT, output_dir as claim_output
 from ...config.recipe import Settings
 from ..names import COMMANDS
-from ..args import int_range, output_dir, positive_int, seed_int
+from ..args import add_artifact_out, add_recipe_model, int_range, positive_int, seed_int
 
 
 def register(sub) -> None:
@@ -18,8 +18,7 @@ def register(sub) -> None:
                     "and lower; write an artifact directory (safetensors + JSON) "
                     "that `qdsl eval`, `qdsl bench` and qdsl.load() read back without "
                     "calibrating again. Settings given here override the recipe's `set` lines.")
-    p.add_argument("recipe", help=".qrec file")
-    p.add_argument("--model", required=True, help="short name, local checkpoint dir, or hub id")
+    add_recipe_model(p, "short name, local checkpoint dir, or hub id")
     p.add_argument("--calib", metavar="DATA",
                    help="calibration data: a directory of source files, a dataset saved with "
                         "datasets' save_to_disk, or 'stdlib' (default: the recipe's calib.data)")
@@ -47,10 +46,7 @@ def register(sub) -> None:
                         "about one block plus the embedding and the calibration activations, "
                         "the same artifact (gptq / awq rounded block by block; --lower fake; "
                         "no rotate / smooth / student.blocks; docs/scale.md)")
-    p.add_argument("-o", "--out", required=True, type=output_dir,
-                   help="artifact directory to write")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUT if it is a qdsl artifact (one holding anything else, "
+    add_artifact_out(p, "replace OUT if it is a qdsl artifact (one holding anything else, "
                         "or any other file or directory, is refused)")
     p.set_defaults(func=run)
 

@@ -7,7 +7,7 @@ import sys
 
 from ...models.limits import check_block, model_blocks
 from ..names import COMMANDS
-from ..args import nonneg_int, output_file
+from ..args import add_recipe_model, nonneg_int, output_file
 
 
 def register(sub) -> None:
@@ -19,9 +19,7 @@ def register(sub) -> None:
                     "activation spec and the rule (file:line:col) that decided it; then a "
                     "summary. "
                     "No data and no calibration are needed.")
-    p.add_argument("recipe", help=".qrec file")
-    p.add_argument("--model", required=True,
-                   help="short name (smollm2-135m, stdlib-gpt2, qwen2.5-coder-0.5b), "
+    add_recipe_model(p, "short name (smollm2-135m, stdlib-gpt2, qwen2.5-coder-0.5b), "
                         "a local transformers checkpoint directory, or a hub id")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--lower", choices=["fake", "int8"], default=None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from ...atomic import ARTIFACT, output_dir as claim_output
-from ..args import nonneg_float, nonneg_int, output_dir, positive_float, positive_int, seed_int
+from ..args import (add_artifact_out, add_recipe_model, nonneg_float, nonneg_int, positive_float,
+                    positive_int, seed_int)
 from ..names import COMMANDS
 
 
@@ -22,12 +23,10 @@ def register(sub) -> None:
                     "weights are frozen by the recipe and lowered to int8 (packed 1-bit weights; "
                     "a self-contained artifact) into the artifact OUT that `qdsl eval`, `qdsl bench` and "
                     "qdsl.load() read.")
-    p.add_argument("recipe", help=".qrec file")
-    p.add_argument("--model", required=True, help="the teacher: short name, checkpoint dir, hub id")
+    add_recipe_model(p, "the teacher: short name, checkpoint dir, hub id")
     p.add_argument("--data", default="stdlib",
                    help="training code: a directory of .py files (5%% held out by path hash) "
                         "or 'stdlib' (the reference model's train / valid split; default)")
-    p.add_argument("-o", "--out", required=True, type=output_dir, help="artifact directory to write")
     p.add_argument("--run", metavar="DIR", help="checkpoint directory (default OUT.run)")
     p.add_argument("--resume", action="store_true", help="continue from RUN's last checkpoint")
     p.add_argument("--init", metavar="ARTIFACT",
@@ -49,7 +48,7 @@ def register(sub) -> None:
                    help="steps between held-out evaluations (0: at the end only)")
     p.add_argument("--max-tokens", type=positive_int, default=4_000_000,
                    help="training tokens tokenised and sampled from (4,000,000)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it is a qdsl artifact")
+    add_artifact_out(p)
     p.set_defaults(func=run)
 
 

@@ -28,10 +28,11 @@ from qdsl.runtime.kernels.cpu import Capability, capability
 from qdsl.runtime.kernels.impls import IMPLS, W1, W4, derived
 from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Table, eligible,
                                         reference_paths, shape_class, table)
+from qdsl.runtime.kernels.weights import PackedWeight
 
 __all__ = ["linear_w8a8", "linear_w8", "linear_w4", "linear_w1", "linear_w1a8",
            "embedding_int8", "W4",
-           "W1", "derived",
+           "W1", "PackedWeight", "derived",
            "choose", "report", "table", "Table", "Capability", "capability", "eligible",
            "reference_paths", "shape_class", "IMPLS", "OPS", "CLASSES", "FLOAT"]
 

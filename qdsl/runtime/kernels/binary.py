@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils import cpp_extension
 
 from qdsl.config.spec import ACTIVATION, PerTensor, PerToken
 from qdsl.quant.primitives import choose_qparams, fake_quantize, reduce_range
 from qdsl.runtime.kernels import cext
 from qdsl.runtime.kernels.cpu import capability
+from qdsl.runtime.kernels.weights import PackedWeight, contiguous as _c
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +57,7 @@ def available() -> bool:
         try:
             if not (hasattr(torch.ops, "qdsl_binary")
                     and hasattr(torch.ops.qdsl_binary, "w1_linear")):
-                cpp_extension.load_inline(NAME, cpp_sources=[SOURCE.read_text()],
-                                          is_python_module=False,
-                                          extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"],
-                                          extra_ldflags=["-fopenmp"], verbose=False)
+                cext.build(NAME, (SOURCE,))
                 _register_fake()
             return True
         except Exception as e:  # noqa: BLE001 - any build failure means "unpack + GEMM"
@@ -83,28 +78,15 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], packed.shape[0])
 
 
-@dataclass
-class W1:
-    """A packed 1-bit weight (module docstring): ``packed``, ``scale``, ``in_features``,
-    ``group_size`` (K for per channel), the bias, ``dequant()`` -> float32 ``[N, K]``
-    (the fallback's weight, built per call), and ``owner`` (kept for symmetry with W4)."""
+class W1(PackedWeight):
+    """A packed 1-bit weight (module docstring; the fields: ``weights.PackedWeight``)."""
 
-    packed: Tensor
-    scale: Tensor
-    in_features: int
-    group_size: int
-    bias: Tensor | None
-    dequant: Callable[[], Tensor]
-    owner: object = field(default=None, repr=False)
+    BITS = 1
 
     def supports(self, name: str) -> bool:
         if name == "qdsl_w1":
             return self.in_features % self.group_size == 0 and self.packed.device.type == "cpu"
         return True
-
-
-def _c(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
 
 
 def w1_qdsl(x: Tensor, w1: W1) -> Tensor:

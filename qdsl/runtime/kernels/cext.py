@@ -2,7 +2,8 @@
 ``torch.utils.cpp_extension.load_inline`` and registered as ``torch.ops.qdsl_kernels``.
 
 The build needs a C++ compiler (and ninja) at run time; torch caches it under its
-extensions directory (``TORCH_EXTENSIONS_DIR``), keyed by the source, so it is built
+extensions directory (``TORCH_EXTENSIONS_DIR``), keyed by the source (ninja also tracks
+the header the sources include, ``qdsl_common.h``: editing it rebuilds), so it is built
 once per machine (~1 minute) and loaded in well under a second afterwards. Where the
 build fails (no compiler, a non-x86 CPU) ``load()`` returns False, logs why once, and
 the kernel table falls back to torch's own kernels (never a crash).
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qdsl_kernels.cpp")
 SOURCES = (SOURCE, Path(__file__).with_name("qdsl_gemm.cpp"))   # one extension
+# included by the sources of both extensions (this one and binary.py's): the compiler
+# finds it in this folder and torch's build (ninja) tracks it, so editing it rebuilds
+HEADERS = (Path(__file__).with_name("qdsl_common.h"),)
 NAME = "qdsl_kernels_v2"          # bump with an incompatible change of the op schemas
 DISABLE_ENV = "QDSL_NO_CEXT"      # set to 1: never build (tests of the fallback)
 
@@ -70,13 +74,20 @@ def _precheck() -> str | None:
     return None
 
 
+def build(name: str, sources: tuple[Path, ...]) -> None:
+    """Compile ``sources`` (concatenated, one translation unit) as the op library ``name``
+    (a no-op once torch has it cached) and load it; they include ``HEADERS``."""
+    cpp_extension.load_inline(name, cpp_sources=[p.read_text() for p in sources],
+                              is_python_module=False,
+                              extra_include_paths=sorted({str(h.parent) for h in HEADERS}),
+                              extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
 def _build() -> None:
     if hasattr(torch.ops, "qdsl_kernels") and hasattr(torch.ops.qdsl_kernels, "w8a8_gemm"):
         return                                        # already registered in this process
-    cpp_extension.load_inline(NAME, cpp_sources=[p.read_text() for p in SOURCES],
-                is_python_module=False,
-                extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"],
-                verbose=False)
+    build(NAME, SOURCES)
     _register_fakes()
 
 

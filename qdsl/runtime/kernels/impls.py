@@ -22,7 +22,6 @@ activations, scales and outputs to bf16 (~4e-3 relative).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from qdsl.runtime.kernels.binary import W1, random_w1, w1_float, w1_qdsl, w1a8_float, w1a8_qdsl
 from qdsl.runtime.kernels.cpu import capability
+from qdsl.runtime.kernels.weights import PackedWeight, contiguous as _c
 
 INT4_GROUPS = (32, 64, 128, 256)   # what aten._weight_int4pack_mm_for_cpu takes
 BF16 = frozenset({"torch_int8pack_mm", "torch_bf16_gemm", "torch_int4pack_mm"})  # round to bf16
@@ -62,12 +62,6 @@ def _epilogue(acc: Tensor, x_scale: Tensor, x_zp: Tensor | None, w_scale: Tensor
 
 
 # ---------------------------------------------------------------- w8a8
-
-def _c(t: Tensor | None) -> Tensor | None:
-    """Contiguous (the C++ kernels' layout; a no-op for the runtime modules' buffers, a
-    copy for a weight stored transposed, e.g. GPT-2's Conv1D turned around)."""
-    return None if t is None else t.contiguous()
-
 
 def w8a8_qdsl(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
     return torch.ops.qdsl_kernels.w8a8_linear(xq, x_scale, x_zp, _c(w), _c(w_scale),
@@ -127,19 +121,11 @@ def w8_float(x, w, w_scale, bias):
 
 # ---------------------------------------------------------------- w4 packed
 
-@dataclass
-class W4:
-    """A packed 4-bit weight: uint8 ``packed [N, K/2]`` (codes u = q + 8, low nibble
-    first), float32 ``scale [N, G]``, ``group_size`` (K for per channel), the bias,
-    ``dequant()`` -> float32 ``[N, K]``, and ``owner``, where derived forms are kept."""
+class W4(PackedWeight):
+    """A packed 4-bit weight: ``packed [N, K/2]`` holds codes u = q + 8, low nibble
+    first (the fields: ``weights.PackedWeight``)."""
 
-    packed: Tensor
-    scale: Tensor
-    in_features: int
-    group_size: int
-    bias: Tensor | None
-    dequant: Callable[[], Tensor]
-    owner: object = field(default=None, repr=False)
+    BITS = 4
 
     def supports(self, name: str) -> bool:
         if name == "qdsl_w4":

@@ -14,53 +14,45 @@
 // themselves: AVX-512 reads 16 bits as a __mmask16; AVX2 widens 8 bits to a lane mask),
 // Sx (the group sums of x) is computed once per call, and the weight is read once per
 // block of up to 4 activation rows. Output rows are spread over threads
-// (at::parallel_for, OpenMP). isa: 0 generic C++, 1 AVX2, >= 2 AVX-512 (as
-// qdsl_kernels.cpp; each path compiled for its target with __attribute__((target))).
+// (at::parallel_for, OpenMP). isa: 0 generic C++, 1 AVX2, >= 2 AVX-512 (qdsl_common.h;
+// each path compiled for its target with __attribute__((target))).
 // The vector paths need gs % 16 == 0 (others run the generic loop).
 //
 //   w1a8_linear(x, packed, scale, gs, bias?, per_token, symmetric, isa): the same with x
 //             quantized to 8 bits in the kernel (XTC's 1W8A; see the section below).
-#include <torch/extension.h>
+#include "qdsl_common.h"
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cstdint>
 #include <cmath>
 #include <cstring>
-#include <algorithm>
 #include <vector>
 
 namespace {
 
-constexpr int64_t MB = 4;   // activation rows per weight pass
-
 inline int bit_at(const uint8_t* row, int64_t k) { return (row[k >> 3] >> (k & 7)) & 1; }
 
-void w1_rows_generic(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
-                     const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
-                     float* y, int64_t N) {
+// The row kernels' element type T: float (w1: x itself; xs its group sums) or int32_t
+// (w1a8: x's 8-bit codes v and their group sums vs, exact). Both compute per group
+// scale * (2 * S1 - xs), S1 the sum under the weight's 1 bits, then times xscale[m]
+// where there is one (w1a8: x's quantization scale; w1 passes null).
+template <typename T>
+void sign_rows_generic(const T* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
+                       const T* xs, const float* xscale, int64_t K, int64_t gs, int64_t n0,
+                       int64_t n1, float* y, int64_t N) {
   const int64_t G = K / gs;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * KB;
     for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
+      const T* xr = x + m * K;
       float out = 0.f;
       for (int64_t g = 0; g < G; ++g) {
-        float s1 = 0.f;
+        T s1 = 0;
         for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
           if (bit_at(wr, k)) s1 += xr[k];
-        out += scale[n * G + g] * (2.f * s1 - xs[m * G + g]);
+        out += scale[n * G + g] * float(T(2) * s1 - xs[m * G + g]);
       }
-      y[m * N + n] = out;
+      y[m * N + n] = xscale ? out * xscale[m] : out;
     }
   }
-}
-
-__attribute__((target("avx2,fma")))
-static inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // 8 weight bits -> 8 lanes of all-ones / zeros
@@ -70,10 +62,11 @@ static inline __m256 lane_mask(uint8_t b, __m256i bitsel) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, bitsel));
 }
 
+// (the row kernels' signature; w1 has no xscale: null)
 __attribute__((target("avx2,fma")))
 void w1_rows_avx2(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
-                  const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
-                  float* y, int64_t N) {
+                  const float* xs, const float* /*xscale*/, int64_t K, int64_t gs, int64_t n0,
+                  int64_t n1, float* y, int64_t N) {
   const int64_t G = K / gs;
   const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int64_t mb = 0; mb < M; mb += MB) {
@@ -104,14 +97,40 @@ void w1_rows_avx2(const float* x, int64_t M, const uint8_t* w, int64_t KB, const
   }
 }
 
+// 16 lanes of T, and the masked add the AVX-512 path is made of (the mask: 16 weight bits)
+template <typename T> struct Lanes512;
+
+#define QDSL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+template <> struct Lanes512<float> {
+  using V = __m512;
+  QDSL_AVX512 static inline V zero() { return _mm512_setzero_ps(); }
+  QDSL_AVX512 static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  QDSL_AVX512 static inline V mask_add(V a, __mmask16 k, V x) {
+    return _mm512_mask_add_ps(a, k, a, x);
+  }
+  QDSL_AVX512 static inline float sum(V a) { return _mm512_reduce_add_ps(a); }
+};
+
+template <> struct Lanes512<int32_t> {
+  using V = __m512i;
+  QDSL_AVX512 static inline V zero() { return _mm512_setzero_si512(); }
+  QDSL_AVX512 static inline V load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  QDSL_AVX512 static inline V mask_add(V a, __mmask16 k, V x) {
+    return _mm512_mask_add_epi32(a, k, a, x);
+  }
+  QDSL_AVX512 static inline int32_t sum(V a) { return _mm512_reduce_add_epi32(a); }
+};
+
 // NR output rows at a time (independent accumulators: the masked adds do not wait on
 // each other), 16 weights per step
 constexpr int64_t NR = 4;
 
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void w1_rows_avx512(const float* x, int64_t M, const uint8_t* w, int64_t KB, const float* scale,
-                    const float* xs, int64_t K, int64_t gs, int64_t n0, int64_t n1,
-                    float* y, int64_t N) {
+template <typename T>
+QDSL_AVX512 void sign_rows_avx512(const T* x, int64_t M, const uint8_t* w, int64_t KB,
+                                  const float* scale, const T* xs, const float* xscale,
+                                  int64_t K, int64_t gs, int64_t n0, int64_t n1, float* y,
+                                  int64_t N) {
+  using L = Lanes512<T>;
   const int64_t G = K / gs;
   for (int64_t mb = 0; mb < M; mb += MB) {
     const int64_t mm = std::min(MB, M - mb);
@@ -119,30 +138,32 @@ void w1_rows_avx512(const float* x, int64_t M, const uint8_t* w, int64_t KB, con
       const int64_t nn = std::min(NR, n1 - nb);
       float out[NR][MB] = {};
       for (int64_t g = 0; g < G; ++g) {
-        __m512 a[NR][MB];
+        typename L::V a[NR][MB];
         for (int64_t r = 0; r < NR; ++r)
-          for (int64_t m = 0; m < MB; ++m) a[r][m] = _mm512_setzero_ps();
+          for (int64_t m = 0; m < MB; ++m) a[r][m] = L::zero();
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-          __m512 xv[MB];
-          for (int64_t m = 0; m < mm; ++m) xv[m] = _mm512_loadu_ps(x + (mb + m) * K + k);
+          typename L::V xv[MB];
+          for (int64_t m = 0; m < mm; ++m) xv[m] = L::load(x + (mb + m) * K + k);
           for (int64_t r = 0; r < nn; ++r) {
             uint16_t bits;
             std::memcpy(&bits, w + (nb + r) * KB + (k >> 3), 2);
             for (int64_t m = 0; m < mm; ++m)
-              a[r][m] = _mm512_mask_add_ps(a[r][m], (__mmask16)bits, a[r][m], xv[m]);
+              a[r][m] = L::mask_add(a[r][m], (__mmask16)bits, xv[m]);
           }
         }
         for (int64_t r = 0; r < nn; ++r) {
           const float sc = scale[(nb + r) * G + g];
           for (int64_t m = 0; m < mm; ++m)
-            out[r][m] += sc * (2.f * _mm512_reduce_add_ps(a[r][m]) - xs[(mb + m) * G + g]);
+            out[r][m] += sc * float(T(2) * L::sum(a[r][m]) - xs[(mb + m) * G + g]);
         }
       }
       for (int64_t r = 0; r < nn; ++r)
-        for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + nb + r] = out[r][m];
+        for (int64_t m = 0; m < mm; ++m)
+          y[(mb + m) * N + nb + r] = xscale ? out[r][m] * xscale[mb + m] : out[r][m];
     }
   }
 }
+#undef QDSL_AVX512
 
 // ---------------------------------------------------------------- w1a8: 8-bit activations
 // x is quantized here, exactly as qdsl's fake-quant (quant/primitives.py choose_qparams +
@@ -180,34 +201,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool per_token, bool sy
   }
 }
 
-void w1a8_rows_generic(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
-                       const float* scale, const int32_t* vs, const float* xscale, int64_t K,
-                       int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t G = K / gs;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * KB;
-    for (int64_t m = 0; m < M; ++m) {
-      const int32_t* vr = v + m * K;
-      float out = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        int32_t s1 = 0;
-        for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
-          if (bit_at(wr, k)) s1 += vr[k];
-        out += scale[n * G + g] * float(2 * s1 - vs[m * G + g]);
-      }
-      y[m * N + n] = out * xscale[m];
-    }
-  }
-}
-
-__attribute__((target("avx2,fma")))
-static inline int32_t hsum256i(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
 __attribute__((target("avx2,fma")))
 void w1a8_rows_avx2(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
                     const float* scale, const int32_t* vs, const float* xscale, int64_t K,
@@ -240,54 +233,32 @@ void w1a8_rows_avx2(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void w1a8_rows_avx512(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,
-                      const float* scale, const int32_t* vs, const float* xscale, int64_t K,
-                      int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t G = K / gs;
-  for (int64_t mb = 0; mb < M; mb += MB) {
-    const int64_t mm = std::min(MB, M - mb);
-    for (int64_t nb = n0; nb < n1; nb += NR) {
-      const int64_t nn = std::min(NR, n1 - nb);
-      float out[NR][MB] = {};
-      for (int64_t g = 0; g < G; ++g) {
-        __m512i a[NR][MB];
-        for (int64_t r = 0; r < NR; ++r)
-          for (int64_t m = 0; m < MB; ++m) a[r][m] = _mm512_setzero_si512();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-          __m512i xv[MB];
-          for (int64_t m = 0; m < mm; ++m) xv[m] = _mm512_loadu_si512(v + (mb + m) * K + k);
-          for (int64_t r = 0; r < nn; ++r) {
-            uint16_t bits;
-            std::memcpy(&bits, w + (nb + r) * KB + (k >> 3), 2);
-            for (int64_t m = 0; m < mm; ++m)
-              a[r][m] = _mm512_mask_add_epi32(a[r][m], (__mmask16)bits, a[r][m], xv[m]);
-          }
-        }
-        for (int64_t r = 0; r < nn; ++r) {
-          const float sc = scale[(nb + r) * G + g];
-          for (int64_t m = 0; m < mm; ++m)
-            out[r][m] += sc * float(2 * _mm512_reduce_add_epi32(a[r][m]) - vs[(mb + m) * G + g]);
-        }
-      }
-      for (int64_t r = 0; r < nn; ++r)
-        for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + nb + r] = out[r][m] * xscale[mb + m];
-    }
+// The arguments both ops take: x, the packed weight and its scales, checked as one;
+// the bias, checked and added.
+void check_w1(const char* op, const at::Tensor& x, const at::Tensor& packed,
+              const at::Tensor& scale, int64_t gs) {
+  check_tensor(x, at::kFloat, 2, op, "x"); check_tensor(packed, at::kByte, 2, op, "packed");
+  check_tensor(scale, at::kFloat, 2, op, "scale");
+  const int64_t K = x.size(1), N = packed.size(0), KB = packed.size(1);
+  TORCH_CHECK(gs > 0 && K % gs == 0 && KB == (K + 7) / 8 && scale.size(0) == N &&
+              scale.size(1) == K / gs, op, ": shape mismatch");
+}
+
+void add_bias(const char* op, at::Tensor& y, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, at::kFloat, 1, op, "bias");
+    TORCH_CHECK(bias->size(0) == y.size(1), op, ": bias shape mismatch");
+    y.add_(*bias);
   }
 }
 
-void check(const at::Tensor& t, at::ScalarType dt, int64_t dim, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == dim && t.is_contiguous(),
-              "qdsl_binary.w1_linear: ", what, " must be a contiguous CPU ", dim, "-d ",
-              c10::toString(dt), " tensor");
-}
+// grain of the parallel loop over output rows (KB packed bytes a row)
+int64_t grain(int64_t KB) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KB)); }
 
 at::Tensor w1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                      int64_t gs, const c10::optional<at::Tensor>& bias, int64_t isa) {
-  check(x, at::kFloat, 2, "x"); check(packed, at::kByte, 2, "packed"); check(scale, at::kFloat, 2, "scale");
+  check_w1("qdsl_binary.w1_linear", x, packed, scale, gs);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), KB = packed.size(1);
-  TORCH_CHECK(gs > 0 && K % gs == 0 && KB == (K + 7) / 8 && scale.size(0) == N &&
-              scale.size(1) == K / gs, "qdsl_binary.w1_linear: shape mismatch");
   const int64_t G = K / gs;
   // the group sums of x, once per call (shared by every output row)
   at::Tensor y = at::empty({M, N}, x.options());
@@ -301,28 +272,23 @@ at::Tensor w1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   }
   const float* xsp = xs_buf.data();
   float* yp = y.data_ptr<float>();
-  const bool vec = gs % 16 == 0;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KB));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (vec && isa >= 2) w1_rows_avx512(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
-    else if (vec && isa == 1) w1_rows_avx2(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
-    else w1_rows_generic(xp, M, pp, KB, sp, xsp, K, gs, n0, n1, yp, N);
+  // the vector paths step 16 weights at a time
+  const auto rows = pick_isa(gs % 16 == 0 ? isa : ISA_GENERIC, sign_rows_generic<float>,
+                             w1_rows_avx2, sign_rows_avx512<float>);
+  at::parallel_for(0, N, grain(KB), [&](int64_t n0, int64_t n1) {
+    rows(xp, M, pp, KB, sp, xsp, nullptr, K, gs, n0, n1, yp, N);
   });
-  if (bias.has_value() && bias->defined()) {
-    check(*bias, at::kFloat, 1, "bias");
-    TORCH_CHECK(bias->size(0) == N, "qdsl_binary.w1_linear: bias shape mismatch");
-    y.add_(*bias);
-  }
+  add_bias("qdsl_binary.w1_linear", y, bias);
   return y;
 }
 
 at::Tensor w1a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                        int64_t gs, const c10::optional<at::Tensor>& bias, bool per_token,
                        bool symmetric, int64_t isa) {
-  check(x, at::kFloat, 2, "x"); check(packed, at::kByte, 2, "packed"); check(scale, at::kFloat, 2, "scale");
+  check_w1("qdsl_binary.w1a8_linear", x, packed, scale, gs);
+  // quantize_rows reads x[0]
+  TORCH_CHECK(x.size(0) > 0, "qdsl_binary.w1a8_linear: shape mismatch");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), KB = packed.size(1);
-  TORCH_CHECK(gs > 0 && K % gs == 0 && KB == (K + 7) / 8 && scale.size(0) == N &&
-              scale.size(1) == K / gs && M > 0, "qdsl_binary.w1a8_linear: shape mismatch");
   const int64_t G = K / gs;
   std::vector<int32_t> v(M * K), vs(M * G, 0);
   std::vector<float> xscale(M);
@@ -332,21 +298,12 @@ at::Tensor w1a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>(); const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const bool vec = gs % 16 == 0;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KB));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (vec && isa >= 2)
-      w1a8_rows_avx512(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
-    else if (vec && isa == 1)
-      w1a8_rows_avx2(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
-    else
-      w1a8_rows_generic(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
+  const auto rows = pick_isa(gs % 16 == 0 ? isa : ISA_GENERIC, sign_rows_generic<int32_t>,
+                             w1a8_rows_avx2, sign_rows_avx512<int32_t>);
+  at::parallel_for(0, N, grain(KB), [&](int64_t n0, int64_t n1) {
+    rows(v.data(), M, pp, KB, sp, vs.data(), xscale.data(), K, gs, n0, n1, yp, N);
   });
-  if (bias.has_value() && bias->defined()) {
-    check(*bias, at::kFloat, 1, "bias");
-    TORCH_CHECK(bias->size(0) == N, "qdsl_binary.w1a8_linear: bias shape mismatch");
-    y.add_(*bias);
-  }
+  add_bias("qdsl_binary.w1a8_linear", y, bias);
   return y;
 }
 

@@ -15,11 +15,8 @@
 //   w8a8_gemm(xq int8 [M, K], x_scale[M], x_zp int32[M]?, packed, N, w_scale[N],
 //             w_rowsum int32[N]?, bias?, isa)   the same result as w8a8_linear;
 //             isa 0: generic C++ tile, >= 1: AVX2
-#include <torch/extension.h>
+#include "qdsl_common.h"
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <algorithm>
-#include <cstdint>
 
 namespace {
 
@@ -94,7 +91,7 @@ at::Tensor w8a8_gemm(const at::Tensor& xq, const at::Tensor& x_scale,
   at::Tensor acc = at::empty({M, N}, xq.options().dtype(at::kInt));
   const int16_t* xp = x16.data_ptr<int16_t>(); const int8_t* pp = packed.data_ptr<int8_t>();
   int32_t* ap = acc.data_ptr<int32_t>();
-  auto tile = isa >= 1 ? tile_avx2 : tile_generic;
+  const auto tile = pick_isa(isa, tile_generic, tile_avx2);
   at::parallel_for(0, NT, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t mb = 0; mb < M; mb += GMC) {
       const int64_t me = std::min(M, mb + GMC);

@@ -6,11 +6,8 @@
 // rows (decode is a GEMV: this is what makes it memory-bound, not op-bound), spreads
 // the output rows over threads (at::parallel_for, OpenMP), and fuses the scales,
 // zero-point correction and bias into the epilogue. The instruction set is an
-// argument (`isa`), chosen in Python from the CPU and torch's capability (so
-// ATEN_CPU_CAPABILITY=avx2 also forces these kernels to AVX2):
-//   0 generic C++, 1 AVX2 + FMA, 2 AVX-512 (F, BW), 3 AVX-512 with VNNI.
-// Each path is compiled for its target with __attribute__((target)), so one build
-// runs on every x86-64 CPU; a path is only called where the CPU has it.
+// argument (`isa`, chosen in Python; qdsl_common.h): 0 generic C++, 1 AVX2 + FMA,
+// 2 AVX-512 (F, BW), 3 AVX-512 with VNNI, each path compiled for its target.
 //
 // Ops (x float32 [M, K] contiguous, w int8 [N, K], scales float32):
 //   w8_linear(x, w, w_scale[N], bias?, isa)                 y = (x @ w^T) * w_scale + bias
@@ -19,14 +16,10 @@
 //               the integer product accumulated exactly in int32
 //   w4_linear(x, packed uint8 [N, K/2], scale[N, K/gs], gs, bias?, isa)
 //               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale
-#include <torch/extension.h>
+#include "qdsl_common.h"
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cstdint>
 
 namespace {
-
-constexpr int64_t MB = 4;   // activation rows per weight pass
 
 // ---------------------------------------------------------------- w8 weight-only
 
@@ -41,14 +34,6 @@ void w8_rows_generic(const float* x, int64_t M, const int8_t* w, int64_t K,
       acc[m * N + n] = s;
     }
   }
-}
-
-__attribute__((target("avx2,fma")))
-static inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 __attribute__((target("avx2,fma")))
@@ -115,14 +100,6 @@ void w8a8_rows_generic(const int16_t* x, int64_t M, const int8_t* w, int64_t K,
       for (int64_t k = 0; k < K; ++k) s += int32_t(x[m * K + k]) * int32_t(w[n * K + k]);
       acc[m * N + n] = s;
     }
-}
-
-__attribute__((target("avx2")))
-static inline int32_t hsum256i(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
 }
 
 __attribute__((target("avx2")))
@@ -287,9 +264,7 @@ void w4_rows_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc
 int64_t grain(int64_t K) { return std::max<int64_t>(8, 65536 / std::max<int64_t>(K, 1)); }
 
 void check(const at::Tensor& t, at::ScalarType dt, int64_t dim, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == dim && t.is_contiguous(),
-              "qdsl_kernels: ", what, " must be a contiguous CPU ", c10::toString(dt), " tensor of ",
-              dim, " dims, got ", t.scalar_type(), " ", t.sizes());
+  check_tensor(t, dt, dim, "qdsl_kernels", what);
 }
 
 void epilogue_bias(at::Tensor& y, const c10::optional<at::Tensor>& bias) {
@@ -304,10 +279,9 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
+  const auto rows = pick_isa(isa, w8_rows_generic, w8_rows_avx2, w8_rows_avx512);
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    if (isa >= 2) w8_rows_avx512(xp, M, wp, K, n0, n1, yp, N);
-    else if (isa == 1) w8_rows_avx2(xp, M, wp, K, n0, n1, yp, N);
-    else w8_rows_generic(xp, M, wp, K, n0, n1, yp, N);
+    rows(xp, M, wp, K, n0, n1, yp, N);
   });
   y.mul_(w_scale);
   epilogue_bias(y, bias);
@@ -327,11 +301,10 @@ at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
   at::Tensor acc = at::empty({M, N}, xq.options().dtype(at::kInt));
   const int16_t* xp = x16.data_ptr<int16_t>(); const int8_t* wp = w.data_ptr<int8_t>();
   int32_t* ap = acc.data_ptr<int32_t>();
+  const auto rows = pick_isa(isa, w8a8_rows_generic, w8a8_rows_avx2, w8a8_rows_avx512,
+                             w8a8_rows_vnni);
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    if (isa >= 3) w8a8_rows_vnni(xp, M, wp, K, n0, n1, ap, N);
-    else if (isa == 2) w8a8_rows_avx512(xp, M, wp, K, n0, n1, ap, N);
-    else if (isa == 1) w8a8_rows_avx2(xp, M, wp, K, n0, n1, ap, N);
-    else w8a8_rows_generic(xp, M, wp, K, n0, n1, ap, N);
+    rows(xp, M, wp, K, n0, n1, ap, N);
   });
   if (x_zp.has_value() && x_zp->defined()) {
     TORCH_CHECK(w_rowsum.has_value() && w_rowsum->defined(), "x_zp needs w_rowsum");
@@ -352,10 +325,9 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  const auto rows = pick_isa(isa, w4_rows_generic, w4_rows_avx2, w4_rows_avx512);
   at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
-    if (isa >= 2) w4_rows_avx512(xp, M, pp, sp, K, gs, n0, n1, yp, N);
-    else if (isa == 1) w4_rows_avx2(xp, M, pp, sp, K, gs, n0, n1, yp, N);
-    else w4_rows_generic(xp, M, pp, sp, K, gs, n0, n1, yp, N);
+    rows(xp, M, pp, sp, K, gs, n0, n1, yp, N);
   });
   epilogue_bias(y, bias);
   return y;

@@ -115,10 +115,10 @@ def reference_paths(op: str, cls: str, cap: Capability) -> list[str]:
 
 
 def machine_key(cap: Capability, threads: int | None = None) -> str:
-    """torch version + capability + CPU model + threads (+ the kernel source), as a file
-    name: ``AVX2-t1-<hash>``."""
+    """torch version + capability + CPU model + threads (+ the kernel sources and their
+    shared header), as a file name: ``AVX2-t1-<hash>``."""
     threads = torch.get_num_threads() if threads is None else threads
-    sources = (*cext.SOURCES, binary.SOURCE)
+    sources = (*cext.SOURCES, binary.SOURCE, *cext.HEADERS)
     src = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:8]
     raw = f"{torch.__version__}|{cap.name}|{cap.model}|{threads}|{src}"
     return f"{cap.name}-t{threads}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
