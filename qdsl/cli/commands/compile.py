@@ -47,6 +47,10 @@ def register(sub) -> None:
                         "about one block plus the embedding and the calibration activations, "
                         "the same artifact (--lower fake; no rotate / smooth / gptq / awq / "
                         "student.blocks; docs/scale.md)")
+    p.add_argument("--trace-memory", metavar="FILE",
+                   help="debug: write the resident memory (now, and the peak since the "
+                        "previous step) at each step of the compile to FILE, one JSON "
+                        "line a step (per stage with --stream; docs/scale.md)")
     p.add_argument("-o", "--out", required=True, type=output_dir,
                    help="artifact directory to write")
     p.add_argument("--force", action="store_true",
@@ -87,7 +91,7 @@ def _run_stream(args, overrides) -> int:
 
     qm = compile_stream(args.model, args.recipe, args.out, calib=args.calib,
                         settings=overrides, max_cache_len=args.max_cache_len,
-                        force=args.force)
+                        force=args.force, trace_memory=args.trace_memory)
     for w in qm.plan.warnings:
         print(w.format(), file=sys.stderr)
     print(f"wrote {args.out} ({artifact_size(args.out) / 2**20:.2f} MB, lower={qm.lower}, "
