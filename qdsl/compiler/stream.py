@@ -39,7 +39,7 @@ from ..plan import build_plan
 from .build import (QuantizedModel, as_recipe, calibration_data, fit_lengths, is_causal_lm)
 from .checkpoint import Checkpoint, open_checkpoint
 from .exportcheck import export_diagnostics, export_verdicts
-from .memtrace import MemTrace
+from .memtrace import MemTrace, trim_heap
 from .stages import Stages, set_tensor
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
         loaded.clear()
         for n in nodes:     # an observer's statistics are no longer needed
             observers.pop(n.name, None)
+        trim_heap()   # the freed stage's pages back to the kernel (docs/scale.md)
         tr.mark(f"{label(stage)} free")
         log.info("stream: stage %s frozen (%d nodes)", stage, len(nodes))
 
