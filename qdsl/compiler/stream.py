@@ -159,8 +159,8 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
         for t in loaded:    # free the stage's parameters before the next loads
             set_tensor(gm, t, _meta_like(gm, t))
         loaded.clear()
-        for n in nodes:     # an observer's statistics are no longer needed
-            observers.pop(n.name, None)
+        for n in nodes:     # an observer's statistics are no longer needed; the graph
+            _release(observers.pop(n.name, None))   # still holds it: empty its buffers
         trim_heap()   # the freed stage's pages back to the kernel (docs/scale.md)
         tr.mark(f"{label(stage)} free")
         log.info("stream: stage %s frozen (%d nodes)", stage, len(nodes))
@@ -171,6 +171,15 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
         for stage in stages.order:
             after(stage)
     return _merge(parts, named)
+
+
+def _release(observer) -> None:
+    """Empty a frozen observer's buffers (an MSE observer's sample and keys: 2 MiB
+    each, four a Qwen block); the frozen module holds its own (scale, zero_point)."""
+    if observer is not None:
+        for k, b in observer._buffers.items():
+            if b is not None:
+                observer._buffers[k] = b.new_empty(0)
 
 
 def _merge(parts: list[Frozen], named) -> Frozen:
