@@ -80,3 +80,36 @@ def test_cli_trace_memory(tmp_path, capsys):
     assert rc == 0
     steps = [json.loads(x)["step"] for x in trace.read_text().splitlines()]
     assert "head free" in steps and steps[-1] == "save"
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+def test_read_tensor_matches_safetensors(tmp_path, monkeypatch, chunk):
+    """Every dtype reads back as safetensors loads it (floats cast to float32), whether
+    read in place (float32, ints) or through the reused buffer (bf16, fp16), in one
+    chunk or many."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qdsl.compiler import checkpoint
+    from qdsl.errors import ModelError
+
+    monkeypatch.setattr(checkpoint, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(37, 19, generator=g),
+               "bf16": torch.randn(5, 101, generator=g).to(torch.bfloat16),
+               "f16": torch.randn(333, generator=g).to(torch.float16),
+               "i64": torch.randint(-9, 9, (7, 3), generator=g),
+               "empty": torch.empty(0, 4), "scalar": torch.tensor(2.5)}
+    f = tmp_path / "m.safetensors"
+    save_file(tensors, str(f))
+    ref = load_file(str(f))
+    for k, v in ref.items():
+        got = checkpoint.read_tensor(f, k)
+        want = v.float() if v.is_floating_point() else v
+        assert got.dtype == want.dtype and got.shape == want.shape, k
+        assert torch.equal(got, want), k
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(f.read_bytes()[:-40])
+    with pytest.raises(ModelError):
+        for k in ref:
+            checkpoint.read_tensor(cut, k)

@@ -90,6 +90,7 @@ def _compile_stream(model, recipe, out, calib, settings, lower, max_cache_len, p
             raise RecipeError(errors)
     tr.mark("plan")
     source_hash = ck.source_hash()
+    trim_heap()
     tr.mark("source hash")
     ctx = PassContext(named, plan, export=st.export, progress=progress)
     run(OBSERVE, gm, ctx)
