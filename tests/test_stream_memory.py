@@ -113,3 +113,103 @@ def test_read_tensor_matches_safetensors(tmp_path, monkeypatch, chunk):
     with pytest.raises(ModelError):
         for k in ref:
             checkpoint.read_tensor(cut, k)
+
+
+# ------------------------------------------------------------------ automatic streaming
+
+GIB = 1 << 30
+
+
+def test_decide_flags_win():
+    from qdsl.compiler.autostream import decide
+    assert decide(True, None, None, "x").stream is True
+    assert decide(False, 10 * GIB, 1, None).stream is False
+    assert decide(False, 10 * GIB, 1, None).message is None
+
+
+def test_decide_automatic():
+    from qdsl.compiler.autostream import decide, in_memory_estimate
+    w = 2 * GIB                               # 2 GiB of fp32 weights: needs 8 GiB in memory
+    assert in_memory_estimate(w) == 8 * GIB
+    fits = decide(None, w, 8 * GIB, None)
+    assert not fits.stream and fits.message is None
+    big = decide(None, w, 8 * GIB - 1, None)
+    assert big.stream and not big.warning
+    assert "streaming" in big.message and "8.0 GiB" in big.message and "--no-stream" in big.message
+    assert "\n" not in big.message
+    no = decide(None, w, 4 * GIB, "GPTQ rounding")
+    assert not no.stream and no.warning
+    assert "GPTQ rounding" in no.message and "may not fit" in no.message
+    for unknown in ((None, 1), (w, None)):
+        d = decide(None, *unknown, None)
+        assert not d.stream and d.message is None
+
+
+def test_recipe_refusal():
+    from qdsl.compiler.autostream import recipe_refusal
+    from qdsl.config.recipe import Settings
+    from qdsl.lang import parse_recipe
+    plain = parse_recipe("* -> w8 sym per_channel\n")
+    assert recipe_refusal(plain, plain.settings, "fake") is None
+    assert recipe_refusal(plain, plain.settings, "int8") == "--lower int8"
+    assert "student.blocks" in recipe_refusal(plain, Settings(student_blocks="every_other"),
+                                              "fake")
+    smooth = parse_recipe("smooth type:Linear? alpha=0.5\n* -> w8 sym per_channel\n")
+    assert "smooth" in recipe_refusal(smooth, smooth.settings, "fake")
+    gptq = parse_recipe("* -> w4 sym group(size=16) gptq\n")
+    assert "GPTQ" in recipe_refusal(gptq, gptq.settings, "fake")
+    rtn = parse_recipe("* -> w4 sym group(size=16) rtn\n")
+    assert recipe_refusal(rtn, rtn.settings, "fake") is None
+
+
+def test_checkpoint_float_bytes(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from qdsl.compiler.autostream import checkpoint_float_bytes
+    save_file({"a": torch.zeros(10, 3, dtype=torch.bfloat16), "b": torch.zeros(4),
+               "ids": torch.zeros(5, dtype=torch.int64)}, str(tmp_path / "model.safetensors"))
+    assert checkpoint_float_bytes(tmp_path) == (30 + 4) * 4   # floats as float32, ints not
+    assert checkpoint_float_bytes(tmp_path / "nothing") is None
+
+
+def test_memory_probes_read_this_machine():
+    from qdsl.compiler import autostream
+    avail = autostream.memory_available()
+    if Path("/proc/meminfo").is_file():
+        assert avail is not None and 0 < avail <= autostream._mem_available()
+
+
+def test_cli_streams_by_itself_when_memory_is_short(tmp_path, capsys, monkeypatch):
+    from qdsl.compiler import autostream
+    d, _ = _checkpoint(tmp_path, "gpt2")
+    recipe = str(ROOT / "recipes" / "int8" / "w8_weight_only.qrec")
+    monkeypatch.setattr(autostream, "memory_available", lambda: 1 << 20)   # 1 MiB left
+    assert main(["compile", recipe, "--model", str(d), "-o", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr()
+    assert "streaming block by block" in out.err and "streamed" in out.out
+    assert main(["compile", recipe, "--model", str(d), "--no-stream",
+                 "-o", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr()
+    assert "streaming" not in out.err and "streamed" not in out.out
+    # not streamable (--lower int8): a warning, compiled in memory
+    assert main(["compile", recipe, "--model", str(d), "--lower", "int8",
+                 "-o", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr()
+    assert "may not fit" in out.err and "--lower int8" in out.err and "streamed" not in out.out
+    # plenty of memory: in memory, nothing said
+    monkeypatch.setattr(autostream, "memory_available", lambda: 1 << 50)
+    assert main(["compile", recipe, "--model", str(d), "-o", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr()
+    assert "streamed" not in out.out and "stream" not in out.err
+    for x in ("a", "b"):
+        assert (tmp_path / x / "quant_params.safetensors").read_bytes() == \
+            (tmp_path / "e" / "quant_params.safetensors").read_bytes()
+
+
+def test_cli_stream_flags_exclusive(tmp_path, capsys):
+    d, _ = _checkpoint(tmp_path, "gpt2")
+    with pytest.raises(SystemExit):
+        main(["compile", str(STATIC), "--model", str(d), "--stream", "--no-stream",
+              "-o", str(tmp_path / "x")])
+    assert "not allowed with" in capsys.readouterr().err
