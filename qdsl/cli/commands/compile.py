@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from ...atomic import ARTIFACT, output_dir as claim_output
+from ...compiler import autostream
 from ...config.recipe import Settings
+from ...models.zoo import resolve_model
 from ..names import COMMANDS
 from ..args import int_range, output_dir, positive_int, seed_int
 
@@ -95,9 +97,7 @@ def _should_stream(args, overrides: Settings) -> bool:
     said in one line on stderr when it streams or warns."""
     if args.stream is not None:
         return args.stream
-    from ...compiler import autostream
     from ...compiler.build import as_recipe
-    from ...models.zoo import resolve_model
 
     r = as_recipe(args.recipe)
     st = r.settings.then(overrides)
