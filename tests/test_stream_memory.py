@@ -213,3 +213,36 @@ def test_cli_stream_flags_exclusive(tmp_path, capsys):
         main(["compile", str(STATIC), "--model", str(d), "--stream", "--no-stream",
               "-o", str(tmp_path / "x")])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_stages_skip_what_nothing_needs():
+    """Without an observer on its output the lm_head is not run (no [window, vocab]
+    logits) and its weight is not among the head stage's parameters; the values of a
+    stage are dropped after their last use, so running leaves only what crosses."""
+    import torch
+
+    from qdsl.compiler.stages import Stages
+    from qdsl.graph.capture import capture
+
+    m = tiny("llama")
+    c = capture(m, mode="generate", max_cache_len=32)
+    st = Stages(c.gm, c.module_path)
+    head = st.blocks
+    linears = [n for n in st.nodes(head) if "linear" in str(n.target)]
+    assert linears == []                                   # lm_head skipped
+    assert not any("lm_head" in t for t in st.params(head))
+    assert any("embed_tokens" in t for t in st.params(-1))
+    ids = tiny_ids(m, 2, 6)
+    batches = [{"input_ids": w[None], "cache_position": torch.arange(6)} for w in ids]
+    seen = []
+    orig = st._node
+
+    def spy(n, env, batch):
+        seen.append(len(env))
+        return orig(n, env, batch)
+
+    st._node = spy
+    st.run(batches)
+    per_stage = max(len(st.nodes(s)) for s in st.order)
+    # values dropped inside a stage, not kept to its end (14 of 76 here)
+    assert max(seen) < per_stage // 3
