@@ -246,3 +246,13 @@ def test_stages_skip_what_nothing_needs():
     per_stage = max(len(st.nodes(s)) for s in st.order)
     # values dropped inside a stage, not kept to its end (14 of 76 here)
     assert max(seen) < per_stage // 3
+
+
+def test_cli_trace_memory_in_memory(tmp_path):
+    d, _ = _checkpoint(tmp_path, "gpt2")
+    trace = tmp_path / "t.jsonl"
+    rc = main(["compile", str(ROOT / "recipes" / "int8" / "w8_weight_only.qrec"), "--model",
+               str(d), "--no-stream", "--trace-memory", str(trace), "-o", str(tmp_path / "a")])
+    assert rc == 0
+    assert [json.loads(x)["step"] for x in trace.read_text().splitlines()] == \
+        ["start", "compile", "save"]

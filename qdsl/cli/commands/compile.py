@@ -6,6 +6,7 @@ import sys
 
 from ...atomic import ARTIFACT, output_dir as claim_output
 from ...compiler import autostream
+from ...compiler.memtrace import MemTrace
 from ...config.recipe import Settings
 from ...models.zoo import resolve_model
 from ..names import COMMANDS
@@ -58,7 +59,8 @@ def register(sub) -> None:
     p.add_argument("--trace-memory", metavar="FILE",
                    help="debug: write the resident memory (now, and the peak since the "
                         "previous step) at each step of the compile to FILE, one JSON "
-                        "line a step (per stage with --stream; docs/scale.md)")
+                        "line a step (per stage when streamed, else compile and save; "
+                        "docs/scale.md)")
     p.add_argument("-o", "--out", required=True, type=output_dir,
                    help="artifact directory to write")
     p.add_argument("--force", action="store_true",
@@ -78,14 +80,19 @@ def run(args) -> int:
     with claim_output(args.out, ARTIFACT, force=args.force):
         if _should_stream(args, overrides):
             return _run_stream(args, overrides)
+        tr = MemTrace(args.trace_memory)   # in memory: two steps, the compile and the save
+        tr.mark("start")
         qm = compile(args.model, args.recipe, calib=args.calib, settings=overrides,
                      max_cache_len=args.max_cache_len, fallback=args.fallback)
+        tr.mark("compile")
         for w in qm.plan.warnings:
             print(w.format(), file=sys.stderr)
         for f in qm.fallbacks:
             print(f"simulated (no integer kernel): {f['node']}: {f['reason']}",
                   file=sys.stderr)
         out = qm.save(args.out, force=args.force)
+        tr.mark("save")
+        tr.close()
     print(f"wrote {out} ({artifact_size(out) / 2**20:.2f} MB, lower={qm.lower}, "
           f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized"
           + (f", {len(qm.fallbacks)} simulated" if qm.fallbacks else "") + ")")
