@@ -132,14 +132,23 @@ class MemTrace:
 
     def summary(self) -> str:
         """One line: the process peak and the step whose interval reached the highest."""
-        if not self.records:
-            return "memory trace: no steps"
-        top = max(self.records, key=lambda r: r["peak_mib"] or r["rss_mib"] or 0)
-        return (f"memory trace: process peak {self.peak:.0f} MiB; "
-                f"highest step {top['step']!r} at {top['peak_mib'] or top['rss_mib']:.0f} MiB"
-                f" -> {self.path}")
+        return _summary(self.records, self.path)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def summary(path: str | os.PathLike) -> str:
+    """``MemTrace.summary`` of a trace file written by another call (or process)."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return _summary(records, path)
+
+
+def _summary(records: list[dict], path) -> str:
+    if not records:
+        return f"memory trace: no steps -> {path}"
+    top = max(records, key=lambda r: r["peak_mib"] or r["rss_mib"] or 0)
+    return (f"memory trace: process peak {records[-1]['process_peak_mib']:.0f} MiB; highest "
+            f"step {top['step']!r} at {top['peak_mib'] or top['rss_mib']:.0f} MiB -> {path}")

@@ -104,8 +104,6 @@ def _compile_stream(model, recipe, out, calib, settings, lower, max_cache_len, p
                         model_config=getattr(m, "config", None), fallback="error")
     qm.save(out, force=force)
     tr.mark("save")
-    if tr.enabled:
-        log.warning("%s", tr.summary())
     return qm
 
 
@@ -175,8 +173,9 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
 
 
 def _release(observer) -> None:
-    """Empty a frozen observer's buffers (an MSE observer's sample and keys: 2 MiB
-    each, four a Qwen block); the frozen module holds its own (scale, zero_point)."""
+    """Empty a frozen observer's buffers (an MSE observer's sample and keys: 1 MiB
+    each, four observers a Qwen block); the frozen module holds its own (scale,
+    zero_point)."""
     if observer is not None:
         for k, b in observer._buffers.items():
             if b is not None:

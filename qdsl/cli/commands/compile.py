@@ -6,7 +6,7 @@ import sys
 
 from ...atomic import ARTIFACT, output_dir as claim_output
 from ...compiler import autostream
-from ...compiler.memtrace import MemTrace
+from ...compiler.memtrace import MemTrace, summary
 from ...config.recipe import Settings
 from ...models.zoo import resolve_model
 from ..names import COMMANDS
@@ -93,6 +93,8 @@ def run(args) -> int:
         out = qm.save(args.out, force=args.force)
         tr.mark("save")
         tr.close()
+        if tr.enabled:
+            print(tr.summary(), file=sys.stderr)
     print(f"wrote {out} ({artifact_size(out) / 2**20:.2f} MB, lower={qm.lower}, "
           f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized"
           + (f", {len(qm.fallbacks)} simulated" if qm.fallbacks else "") + ")")
@@ -126,6 +128,8 @@ def _run_stream(args, overrides) -> int:
                         force=args.force, trace_memory=args.trace_memory)
     for w in qm.plan.warnings:
         print(w.format(), file=sys.stderr)
+    if args.trace_memory:
+        print(summary(args.trace_memory), file=sys.stderr)
     print(f"wrote {args.out} ({artifact_size(args.out) / 2**20:.2f} MB, lower={qm.lower}, "
           f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized, streamed)")
     return 0
