@@ -256,3 +256,17 @@ def test_cli_trace_memory_in_memory(tmp_path):
     assert rc == 0
     assert [json.loads(x)["step"] for x in trace.read_text().splitlines()] == \
         ["start", "compile", "save"]
+
+
+def test_cgroup_room(tmp_path):
+    from qdsl.compiler.autostream import _room
+    lim, use = tmp_path / "limit", tmp_path / "usage"
+    lim.write_text("2147483648\n"), use.write_text("536870912\n")
+    assert _room(lim, use) == 1536 << 20
+    lim.write_text("max\n")                       # v2 without a limit
+    assert _room(lim, use) is None
+    lim.write_text("9223372036854771712\n")       # v1 without a limit
+    assert _room(lim, use) is None
+    lim.write_text("100\n")                       # over the limit: no room, not negative
+    assert _room(lim, use) == 0
+    assert _room(tmp_path / "missing", use) is None
