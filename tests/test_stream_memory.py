@@ -270,3 +270,10 @@ def test_cgroup_room(tmp_path):
     lim.write_text("100\n")                       # over the limit: no room, not negative
     assert _room(lim, use) == 0
     assert _room(tmp_path / "missing", use) is None
+
+
+def test_trim_heap_on_glibc():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert memtrace.trim_heap() is True

@@ -28,7 +28,6 @@ C heap back to the kernel; the streamed compile calls it after freeing each stag
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import os
 import resource
@@ -83,9 +82,9 @@ def trim_heap() -> bool:
     where there is no such call). Blocks freed between live allocations stay mapped
     otherwise, and the resident set grows stage by stage (docs/scale.md)."""
     global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if _LIBC is None:   # the running program's own libc: ctypes.util.find_library
+        try:            # would fork ldconfig from a process of a GiB or more
+            _LIBC = ctypes.CDLL(None)
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
         except (OSError, AttributeError):
             _LIBC = False
