@@ -114,9 +114,10 @@ CHUNK = 16 << 20   # bytes read at a time
 
 def read_tensor(file: Path, key: str) -> torch.Tensor:
     """Tensor ``key`` of a safetensors file, floating point cast to float32, read with
-    plain file reads in chunks of ``CHUNK`` bytes into the result: no mapping of the
-    file (whose touched pages would count as resident) and no whole copy in the file's
-    dtype beside the float32 one."""
+    plain file reads into the result: no mapping of the file (whose touched pages
+    would count as resident) and no whole copy in the file's dtype beside the float32
+    one. A tensor stored in its result's dtype (a float32 checkpoint) is read straight
+    into the result; one to cast goes through one ``CHUNK``-byte buffer, reused."""
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -132,13 +133,21 @@ def read_tensor(file: Path, key: str) -> torch.Tensor:
         if (end - start) != flat.numel() * size:
             raise ModelError(f"{file}: tensor {key!r} has {end - start} bytes for shape {shape}")
         f.seek(8 + n + start)
+        if dtype == out_dtype:   # the bytes are the result's: read them in place
+            raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+            for i in range(0, len(raw), CHUNK):
+                part = raw[i:i + CHUNK]
+                if f.readinto(part) != len(part):
+                    raise ModelError(f"{file}: tensor {key!r} is truncated")
+            return out
         step = max(1, CHUNK // size)
+        buf = bytearray(min(step, flat.numel()) * size)
         for i in range(0, flat.numel(), step):
             count = min(step, flat.numel() - i)
-            buf = bytearray(count * size)
-            if f.readinto(buf) != len(buf):
+            part = memoryview(buf)[:count * size]
+            if f.readinto(part) != len(part):
                 raise ModelError(f"{file}: tensor {key!r} is truncated")
-            flat[i:i + count] = torch.frombuffer(buf, dtype=dtype)
+            flat[i:i + count] = torch.frombuffer(buf, dtype=dtype, count=count)
         return out
 
 

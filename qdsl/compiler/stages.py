@@ -10,7 +10,12 @@ nodes have no stage: a tensor is read when a node uses it, so a parameter needs 
 real only while the stages using it run (``Stages.params``).
 
 The values crossing a stage boundary (the residual stream, positions, the mask) are
-kept per batch between stages and dropped after their last use. Run-time state
+kept per batch between stages; every value is dropped right after its last use (as
+the GraphModule's generated code drops it), inside a stage too. A node nothing needs
+is not run: one whose value reaches no observer (a call_module), no in-place update
+of the state and no other side effect (``Node.is_impure``), such as the logits of a
+language model whose lm_head output is not quantized: the head stage then holds the
+lm_head weight, not also a [window, vocab] float tensor. Run-time state
 (cache counters: the small non-parameter tensors) is saved per batch after a stage
 and put back before its next, so each batch sees the state a whole-graph run gives
 it; a block's key/value cache is used by its stage only, where the batches run in
@@ -50,6 +55,7 @@ class Stages:
                     return keys[s.key]
             return None
 
+        self.live = _needed(nodes)
         own = {n: block_of(n) for n in nodes}
         last_block_node = max((i for i, n in enumerate(nodes) if own[n] is not None),
                               default=-1)
@@ -70,14 +76,32 @@ class Stages:
             self.stage[n] = s
         self.order = [PRE, *range(self.blocks), self.blocks]
         self.placeholders = [n for n in nodes if n.op == "placeholder"]
-        self.last_use = {n: max((self.stage.get(u, self.blocks) for u in n.users),
+        self._nodes: dict[int, list[fx.Node]] = {s: [] for s in self.order}
+        for n in nodes:
+            if n in self.live:
+                self._nodes[self.stage[n]].append(n)
+        self.last_use = {n: max((self.stage[u] for u in n.users if u in self.live),
                                 default=self.stage[n]) for n in nodes}
+        self._free = self._free_points()
         self.state = self._shared_state()
 
     # ------------------------------------------------------------------ what a stage reads
 
     def nodes(self, stage: int) -> list[fx.Node]:
-        return [n for n in self.stage if self.stage[n] == stage]
+        """The nodes ``stage`` runs, graph order (those nothing needs left out)."""
+        return self._nodes[stage]
+
+    def _free_points(self) -> dict[int, dict[int, list[fx.Node]]]:
+        """stage -> position in ``nodes(stage)`` -> the values to drop after that node
+        runs: each value after its last user, in the stage of its last use."""
+        pos = {n: i for s in self.order for i, n in enumerate(self._nodes[s])}
+        out: dict[int, dict[int, list[fx.Node]]] = {s: {} for s in self.order}
+        for n in pos:
+            last = self.last_use[n]
+            users = [pos[u] for u in n.users if u in pos and self.stage[u] == last]
+            at = max(users) if users else (pos[n] if self.stage[n] == last else -1)
+            out[last].setdefault(at, []).append(n)
+        return out
 
     def params(self, stage: int) -> list[str]:
         """get_attr targets the nodes of ``stage`` read, graph order, once each."""
@@ -116,14 +140,18 @@ class Stages:
         for stage in self.order:
             if before is not None:
                 before(stage)
-            nodes = self.nodes(stage)
+            nodes, free = self.nodes(stage), self._free[stage]
             desc = ("embedding" if stage == PRE else "head" if stage == self.blocks
                     else f"block {stage}/{self.blocks}")
             for i, batch in enumerate(_bar(batches, desc, progress)):
                 self._restore(saved[i])
                 env = envs[i]
-                for n in nodes:
+                for n in free.get(-1, ()):
+                    env.pop(n, None)
+                for j, n in enumerate(nodes):
                     env[n] = self._node(n, env, batch)
+                    for d in free.get(j, ()):
+                        del env[d]
                 for t in self.state:
                     saved[i][t] = param(self.gm, t).clone()
                 for n in [n for n in env if self.last_use[n] <= stage]:
@@ -153,6 +181,18 @@ class Stages:
         if n.op == "call_method":
             return getattr(args[0], n.target)(*args[1:], **kwargs)
         raise GraphError(f"cannot run node {n.name} ({n.op}) stage by stage", node=n.name)
+
+
+def _needed(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes whose running matters: placeholders, call_module (observers), impure
+    nodes (in-place updates of the cache and counters, asserts), and every node one
+    of them reads."""
+    live: set[fx.Node] = set()
+    for n in reversed(nodes):   # every user of n is decided before n
+        if n in live or n.op in ("placeholder", "call_module") or n.is_impure():
+            live.add(n)
+            live.update(n.all_input_nodes)
+    return live
 
 
 def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:

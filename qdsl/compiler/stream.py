@@ -45,6 +45,7 @@ from ..plan import build_plan
 from .build import (QuantizedModel, as_recipe, calibration_data, fit_lengths, is_causal_lm)
 from .checkpoint import Checkpoint, open_checkpoint
 from .exportcheck import export_diagnostics, export_verdicts
+from .memtrace import MemTrace, trim_heap
 from .stages import Stages, set_tensor
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,30 @@ log = logging.getLogger(__name__)
 def compile_stream(model: str | os.PathLike, recipe: Recipe | str, out: str | os.PathLike,
                    calib=None, *, settings: Settings | None = None, lower: str | None = None,
                    max_cache_len: int | None = None, progress: bool = True,
-                   force: bool = False) -> QuantizedModel:
+                   force: bool = False, trace_memory: str | os.PathLike | None = None
+                   ) -> QuantizedModel:
     """``compile(model, recipe, calib, ...).save(out)``, streamed: ``model`` is a
     checkpoint (short name, directory or hub id) read one block at a time. Returns the
     saved model's description (a ``QuantizedModel`` whose graph holds meta tensors:
-    its plan, frozen quantizers and settings; run it with ``qdsl.load(out)``)."""
+    its plan, frozen quantizers and settings; run it with ``qdsl.load(out)``).
+    ``trace_memory``: a file for the resident memory at each step (``compiler.memtrace``)."""
+    tr = MemTrace(trace_memory)
+    try:
+        return _compile_stream(model, recipe, out, calib, settings, lower, max_cache_len,
+                               progress, force, tr)
+    finally:
+        tr.close()
+
+
+def _compile_stream(model, recipe, out, calib, settings, lower, max_cache_len, progress,
+                    force, tr: MemTrace) -> QuantizedModel:
+    tr.mark("start")
     r = as_recipe(recipe)
     st = r.settings.then(settings or Settings())
     lower = lower or st.lower or "fake"
     _refuse_settings(r, st, lower)
     ck = open_checkpoint(str(model))
+    tr.mark("skeleton")
     m = ck.model
     mode = "generate" if is_causal_lm(m) else "plain"
     max_cache_len, takes = fit_lengths(m, mode, st, max_cache_len)
@@ -70,6 +85,7 @@ def compile_stream(model: str | os.PathLike, recipe: Recipe | str, out: str | os
     gm, strip = captured.gm, captured.module_path
     lazy = _to_meta(gm, strip, ck)   # the never-touched CPU parameters go
     del captured
+    tr.mark("capture")
     named = name_graph(SimpleNamespace(gm=gm, module_path=strip))
     plan = build_plan(r, named)
     _refuse_plan(r, plan)
@@ -78,22 +94,29 @@ def compile_stream(model: str | os.PathLike, recipe: Recipe | str, out: str | os
                                     st.export, r.text or "", r.source)
         if errors:
             raise RecipeError(errors)
+    tr.mark("plan")
     source_hash = ck.source_hash()
+    trim_heap()
+    tr.mark("source hash")
     ctx = PassContext(named, plan, export=st.export, progress=progress)
     run(OBSERVE, gm, ctx)
+    tr.mark("observe passes")
     frozen = _calibrate_and_freeze(gm, strip, ck, lazy, named, plan, ctx, r, st, mode,
-                                   takes, calib, progress)
+                                   takes, calib, progress, trace=tr)
+    tr.mark("merge")
     qm = QuantizedModel(gm, named=named, plan=plan, recipe=r, frozen=frozen, lower=lower,
                         mode=mode, max_cache_len=max_cache_len, source_id=str(model),
                         source_hash=source_hash, settings=st, tokenizer=ck.tokenizer,
                         model_config=getattr(m, "config", None), fallback="error")
     qm.save(out, force=force)
+    tr.mark("save")
     return qm
 
 
 def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named, plan,
                           ctx: PassContext, r: Recipe, st: Settings, mode: str, takes, calib,
-                          progress: bool) -> Frozen:
+                          progress: bool, trace: MemTrace | None = None) -> Frozen:
+    tr = trace or MemTrace(None)
     stages = Stages(gm, strip)
     fx_nodes = {n.name: n for n in gm.graph.nodes}
     by_stage: dict[int, list] = {}
@@ -116,6 +139,7 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
                        for w in windows]
         else:
             batches = [{"input_ids": b} for b in windows.split(st.calib_batch_size or 8)]
+        tr.mark("calibration data")
     parts: list[Frozen] = []
     loaded: list[str] = []
 
@@ -125,11 +149,18 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
                 set_tensor(gm, t, ck.tensor(lazy[t]))
                 loaded.append(t)
 
+    def label(stage: int) -> str:
+        return ("embedding" if stage < 0 else "head" if stage == stages.blocks
+                else f"block {stage}")
+
     def before(stage: int) -> None:
         if batches:
             materialise(stages.params(stage))
+            tr.mark(f"{label(stage)} load")
 
     def after(stage: int) -> None:
+        if batches:
+            tr.mark(f"{label(stage)} run")
         nodes = by_stage.get(stage, [])
         materialise([n.weight for n in nodes if n.weight]
                     + [n.weight for n in sites.get(stage, ())])
@@ -141,11 +172,14 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
         part.codes = {k: stored_codes(q) for k, q in part.codes.items()}  # GPTQ's / AWQ's,
         parts.append(part)          # as the artifact stores them (int8 for <= 8 bits)
         del rounded
+        tr.mark(f"{label(stage)} freeze")
         for t in loaded:    # free the stage's parameters before the next loads
             set_tensor(gm, t, _meta_like(gm, t))
         loaded.clear()
-        for n in nodes:     # an observer's statistics are no longer needed
-            observers.pop(n.name, None)
+        for n in nodes:     # an observer's statistics are no longer needed; the graph
+            _release(observers.pop(n.name, None))   # still holds it: empty its buffers
+        trim_heap()   # the freed stage's pages back to the kernel (docs/scale.md)
+        tr.mark(f"{label(stage)} free")
         log.info("stream: stage %s frozen (%d nodes)", stage, len(nodes))
 
     if batches:
@@ -157,6 +191,16 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
         remove_inserted(gm, STATS_PREFIX)
         ctx.input_stats = {}
     return _merge(parts, named)
+
+
+def _release(observer) -> None:
+    """Empty a frozen observer's buffers (an MSE observer's sample and keys: 1 MiB
+    each, four observers a Qwen block); the frozen module holds its own (scale,
+    zero_point)."""
+    if observer is not None:
+        for k, b in observer._buffers.items():
+            if b is not None:
+                observer._buffers[k] = b.new_empty(0)
 
 
 def _merge(parts: list[Frozen], named) -> Frozen:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 
 from ...atomic import ARTIFACT, output_dir as claim_output
+from ...compiler import autostream
+from ...compiler.memtrace import MemTrace, summary
 from ...config.recipe import Settings
+from ...models.zoo import resolve_model
 from ..names import COMMANDS
 from ..args import add_artifact_out, add_recipe_model, int_range, positive_int, seed_int
 
@@ -40,12 +43,24 @@ def register(sub) -> None:
                    help="key/value cache slots of the generate graph, which runs N - 1 tokens "
                         "(context + new tokens; default 1024, clipped with a note to the "
                         "model's positions; a larger value is an error)")
-    p.add_argument("--stream", action="store_true",
-                   help="read the float weights block by block from the model's safetensors "
-                        "checkpoint, calibrate and freeze one block at a time: peak memory "
-                        "about one block plus the embedding and the calibration activations, "
-                        "the same artifact (gptq / awq rounded block by block; --lower fake; "
-                        "no rotate / smooth / student.blocks; docs/scale.md)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--stream", action="store_true", default=None,
+                      help="read the float weights block by block from the model's safetensors "
+                           "checkpoint, calibrate and freeze one block at a time: peak memory "
+                           "about one block plus the embedding and the calibration activations, "
+                           "the same artifact (gptq / awq rounded block by block; --lower fake; "
+                           "no rotate / smooth / student.blocks; docs/scale.md). Without "
+                           "--stream or --no-stream the compile streams by itself, saying so, "
+                           "when the in-memory compile (about 3.5x the float32 weights + 1 GiB) "
+                           "would not fit in the memory available (MemAvailable, the memory "
+                           "cgroup's limit)")
+    mode.add_argument("--no-stream", dest="stream", action="store_false", default=None,
+                      help="compile in memory, however large the model")
+    p.add_argument("--trace-memory", metavar="FILE",
+                   help="debug: write the resident memory (now, and the peak since the "
+                        "previous step) at each step of the compile to FILE, one JSON "
+                        "line a step (per stage when streamed, else compile and save; "
+                        "docs/scale.md)")
     add_artifact_out(p, "replace OUT if it is a qdsl artifact (one holding anything else, "
                         "or any other file or directory, is refused)")
     p.set_defaults(func=run)
@@ -60,20 +75,44 @@ def run(args) -> int:
     # claim OUT before any work: a busy, foreign or existing OUT is refused now, not
     # after calibrating; the claim (lock) is held until the artifact is in place
     with claim_output(args.out, ARTIFACT, force=args.force):
-        if args.stream:
+        if _should_stream(args, overrides):
             return _run_stream(args, overrides)
+        tr = MemTrace(args.trace_memory)   # in memory: two steps, the compile and the save
+        tr.mark("start")
         qm = compile(args.model, args.recipe, calib=args.calib, settings=overrides,
                      max_cache_len=args.max_cache_len, fallback=args.fallback)
+        tr.mark("compile")
         for w in qm.plan.warnings:
             print(w.format(), file=sys.stderr)
         for f in qm.fallbacks:
             print(f"simulated (no integer kernel): {f['node']}: {f['reason']}",
                   file=sys.stderr)
         out = qm.save(args.out, force=args.force)
+        tr.mark("save")
+        tr.close()
+        if tr.enabled:
+            print(tr.summary(), file=sys.stderr)
     print(f"wrote {out} ({artifact_size(out) / 2**20:.2f} MB, lower={qm.lower}, "
           f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized"
           + (f", {len(qm.fallbacks)} simulated" if qm.fallbacks else "") + ")")
     return 0
+
+
+def _should_stream(args, overrides: Settings) -> bool:
+    """``--stream`` / ``--no-stream``, or the automatic choice (compiler.autostream),
+    said in one line on stderr when it streams or warns."""
+    if args.stream is not None:
+        return args.stream
+    from ...compiler.build import as_recipe
+
+    r = as_recipe(args.recipe)
+    st = r.settings.then(overrides)
+    d = autostream.decide(None, autostream.checkpoint_float_bytes(resolve_model(args.model).path),
+                          autostream.memory_available(),
+                          autostream.stream_refusal(r, st, st.lower or "fake"))
+    if d.message:
+        print(d.message, file=sys.stderr)
+    return d.stream
 
 
 def _run_stream(args, overrides) -> int:
@@ -83,9 +122,11 @@ def _run_stream(args, overrides) -> int:
 
     qm = compile_stream(args.model, args.recipe, args.out, calib=args.calib,
                         settings=overrides, max_cache_len=args.max_cache_len,
-                        force=args.force)
+                        force=args.force, trace_memory=args.trace_memory)
     for w in qm.plan.warnings:
         print(w.format(), file=sys.stderr)
+    if args.trace_memory:
+        print(summary(args.trace_memory), file=sys.stderr)
     print(f"wrote {args.out} ({artifact_size(args.out) / 2**20:.2f} MB, lower={qm.lower}, "
           f"{len(qm.plan.quantized())} of {len(qm.plan.entries)} nodes quantized, streamed)")
     return 0
