@@ -43,7 +43,7 @@ from .files import file_records, model_dir_files, read_json, regular_file, verif
 from .schema import PLAN, check_plan, check_recipe, validate, validate_marker
 from .tensors import check_quant_tensors, read_safetensors
 from ..errors import ArtifactError
-from ..graph.attrs import owner, param
+from ..graph.attrs import param, set_tensor
 
 MARKER = "qdsl_artifact.json"
 # 2: qdsl_artifact.json records each file's sha256 and size ("files");
@@ -190,15 +190,8 @@ def assign_tensors(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -
     keys = set(gm.state_dict(keep_vars=True))
     gm.load_state_dict({k: t for k, t in tensors.items() if k in keys}, strict=False, assign=True)
     for k, t in tensors.items():
-        if k in keys:
-            continue
-        module, name = owner(gm, k)
-        if name in module._parameters:
-            module._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
-        elif name in module._buffers:
-            module._buffers[name] = t
-        else:
-            setattr(module, name, t)
+        if k not in keys:
+            set_tensor(gm, k, t)
 
 
 def artifact_size(path: str | os.PathLike) -> int:

@@ -34,7 +34,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from ..errors import GraphError
-from ..graph.attrs import owner, param
+from ..graph.attrs import param
 from ..graph.roles import build_facts
 
 PRE = -1  # the stage before the blocks
@@ -193,17 +193,6 @@ def _needed(nodes: list[fx.Node]) -> set[fx.Node]:
             live.add(n)
             live.update(n.all_input_nodes)
     return live
-
-
-def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    """Replace the parameter / buffer / constant behind ``target`` with ``value``."""
-    module, name = owner(gm, target)
-    if name in module._parameters:
-        module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    elif name in module._buffers:
-        module._buffers[name] = value
-    else:
-        setattr(module, name, value)
 
 
 def _bar(items: list, desc: str, progress: bool) -> Iterator:

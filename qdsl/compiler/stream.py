@@ -33,7 +33,7 @@ import torch
 
 from ..config.recipe import Recipe, Settings
 from ..errors import Diagnostic, ModelError, RecipeError
-from ..graph.attrs import param
+from ..graph.attrs import param, set_tensor
 from ..graph.capture import capture
 from ..graph.naming import name_graph
 from ..passes.common import remove_inserted
@@ -46,7 +46,7 @@ from .build import (QuantizedModel, as_recipe, calibration_data, fit_lengths, is
 from .checkpoint import Checkpoint, open_checkpoint
 from .exportcheck import export_diagnostics, export_verdicts
 from .memtrace import MemTrace, trim_heap
-from .stages import Stages, set_tensor
+from .stages import Stages
 
 log = logging.getLogger(__name__)
 

@@ -22,3 +22,15 @@ def owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
     ``"w"``); a top-level name is owned by ``gm``. The owner must exist."""
     path, _, name = target.rpartition(".")
     return (gm.get_submodule(path) if path else gm), name
+
+
+def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Put ``value`` behind ``target`` (a parameter, frozen; a buffer; or a plain tensor
+    attribute), replacing the old object rather than writing into it."""
+    module, name = owner(gm, target)
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, value)

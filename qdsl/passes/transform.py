@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import GraphError
-from ..graph.attrs import owner, param
+from ..graph.attrs import param, set_tensor as _set_tensor
 from ..quant.channelstats import ChannelAbsMax, smooth_scales
 from ..runtime.conv1d import oriented
 from .common import WEIGHT_PREFIX, attr_name, fx_node, remove_inserted, replace_weight
@@ -53,13 +53,7 @@ def collect_stats(gm: fx.GraphModule, named, plan) -> dict[str, ChannelAbsMax]:
 def set_tensor(gm: fx.GraphModule, target: str, value: Tensor) -> None:
     """Give get_attr ``target`` a new tensor (never writing into the old one, which the
     source model may share)."""
-    module, name = owner(gm, target)
-    if name in module._parameters:
-        module._parameters[name] = nn.Parameter(value.contiguous(), requires_grad=False)
-    elif name in module._buffers:
-        module._buffers[name] = value.contiguous()
-    else:
-        setattr(module, name, value.contiguous())
+    _set_tensor(gm, target, value.contiguous())
 
 
 def set_weight(gm: fx.GraphModule, named, name: str, value: Tensor):
