@@ -23,7 +23,7 @@ WEIGHT_ONLY = ROOT / "recipes" / "int8" / "w8_weight_only.qrec"
 FILES = ("quant_params.safetensors", "plan.json", "recipe.qrec")
 
 
-def _checkpoint(tmp_path: Path, family: str) -> tuple[Path, torch.Tensor]:
+def _checkpoint(tmp_path: Path, family: str = "llama") -> tuple[Path, torch.Tensor]:
     """A tiny model saved as a safetensors checkpoint (with a tokenizer, which load_model
     reads; the windows are given as ids) and its calibration windows."""
     m = tiny(family)

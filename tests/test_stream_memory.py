@@ -4,7 +4,6 @@ streams by itself (compiler.autostream)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,11 @@ from qdsl.cli.app import main
 from qdsl.compiler import memtrace
 from qdsl.compiler.stream import compile_stream
 
+from test_stream import _checkpoint
 from tiny import tiny, tiny_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "recipes" / "wei" / "t4_static_per_column.qrec"
-
-
-def _checkpoint(tmp_path: Path, family: str = "llama"):
-    m = tiny(family)
-    d = tmp_path / family
-    m.save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ROOT / "models" / "stdlib-gpt2" / f, d)
-    return d, tiny_ids(m, 3, 12)
 
 
 def test_trace_names_every_stage_step(tmp_path):
