@@ -42,7 +42,7 @@ def allocate(space: Space, scores: list[list[float]], max_bytes: float,
     least = space.fixed_bytes + sum(min(c.bytes for c in u.choices) for u in space.units)
     if least > max_bytes + 1e-6:
         raise BudgetError(
-            f"the {what} budget cannot be met: the candidates' smallest allocation needs "
+            f"the {'' if what == 'budget' else what + ' '}budget cannot be met: the candidates' smallest allocation needs "
             f"{least / 1e6:.6g} MB ({space.bits_per_weight(_smallest(space)):.3f} bits per "
             f"searched weight), the budget allows {max_bytes / 1e6:.6g} MB; raise the budget "
             "or add a smaller candidate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .candidates import parse_candidates
 from .measure import Measured, held_out, measure
 from .sensitivity import Prober, Sensitivity
 from .state import SearchState, scorer_version, windows_hash
+from .transforms import TransformOption, parse_transforms
+from .transforms import apply as apply_transforms
 from .units import Space, build_space
 from .write import recipe_text
 
@@ -56,6 +59,7 @@ class SearchConfig:
     measure_bench: str = "stdlib"   # held-out windows: `qdsl eval --bench`'s samples
     measure_windows: int = 16
     resume: bool = True             # reuse a saved state made with the same arguments
+    transforms: str = "none"        # `;`-separated transform prefixes searched (transforms.py)
     notify: Callable[[str], None] | None = None   # one-line notices (resumed, ignored)
 
 
@@ -70,6 +74,8 @@ class SearchResult:
     bandwidth_gbs: float | None = None
     measured: Measured | None = None
     resumed: str | None = None
+    transform: str = "none"         # the chosen --transforms option
+    options: list = field(default_factory=list)   # OptionRun per option searched
 
 
 def least_bytes(space: Space) -> float:
@@ -102,31 +108,80 @@ def _describe_budget(cfg: SearchConfig, max_bytes: float, bw: float | None) -> s
 
 def search(cfg: SearchConfig) -> SearchResult:
     """Run the search and write ``cfg.out`` (and ``cfg.report``) atomically at the end:
-    an interruption leaves no partial file."""
+    an interruption leaves no partial file. With several ``--transforms`` options each
+    is searched on its own transformed graph and the lowest measured (else predicted)
+    loss wins."""
     cands = parse_candidates(cfg.candidates)          # located errors before any model work
+    options = parse_transforms(cfg.transforms)
     if cfg.kind not in KINDS or not cfg.value > 0:
         raise OptionError(f"the budget must be positive, got {cfg.value!r}")
     threads = cfg.threads or torch.get_num_threads()
     held = (held_out(cfg.measure_bench, cfg.measure_windows, cfg.seed)  # a bad bench: now
             if cfg.measure else None)
-    times: dict[str, float] = {}
     t0 = time.perf_counter()
     model, tok = zoo.load_model(cfg.model, require_causal=True)
     positions = max_positions(model)   # the plain graph takes one token less
     fit_length("--seq-len", cfg.seq_len, cfg.seq_len,
                Limit(positions - 1, f"the captured graph takes {positions - 1} tokens"))
-    captured = capture(model, mode="plain")
-    named = name_graph(captured)
-    space = build_space(captured.gm, named, cands, cfg.activations)
+    graphs = []
+    for opt in options:   # every option's structure checked before the expensive part
+        captured = capture(model, mode="plain")
+        graphs.append((captured.gm, apply_transforms(opt, captured.gm, name_graph(captured))))
+    space = build_space(*graphs[0], cands, cfg.activations)  # sizes: the same for every option
     max_bytes, bw = budget_bytes(space, cfg.kind, cfg.value, threads)
-    least = least_bytes(space)
-    if least > max_bytes + 1e-6:  # before the expensive part
+    if least_bytes(space) > max_bytes + 1e-6:
         allocate(space, [[0.0] * len(u.choices) for u in space.units], max_bytes,
                  cfg.act_bits, what=cfg.kind.replace("_", "-"))
-    times["load_capture"] = time.perf_counter() - t0
+    load_s = time.perf_counter() - t0
     windows = calibration_windows(CalibSpec(cfg.calib, cfg.samples, cfg.seq_len, cfg.seed), tok)
-    state, note = _open_state(cfg, model, windows)
-    prober = Prober(captured.gm, named, space)
+    runs = []
+    for opt, (gm, named) in zip(options, graphs):
+        runs.append(_search_option(cfg, opt, len(options) > 1, model, tok, gm, named, cands,
+                                   windows, held, max_bytes))
+    best = min(runs, key=lambda r: r.loss)
+    times = {"load_capture": load_s, **best.times, "total": time.perf_counter() - t0}
+    header = _header(cfg, best.space, best.sens, best.alloc, max_bytes, bw, len(windows), times,
+                     best.measured, best.note, runs if len(runs) > 1 else None)
+    text = recipe_text(best.space, best.alloc.picks, best.blocks, header, best.option.statements)
+    result = SearchResult(best.space, best.sens, best.alloc, max_bytes, text, times, bw,
+                          best.measured, best.note, best.option.label, runs)
+    if cfg.report:
+        write_json_atomic(cfg.report, report_json(cfg, result))
+    write_text_atomic(cfg.out, text)
+    for r in runs:
+        r.state.remove()
+    return result
+
+
+@dataclass
+class OptionRun:
+    """One ``--transforms`` option searched: its allocation and losses."""
+
+    option: TransformOption
+    space: Space
+    sens: Sensitivity
+    alloc: Allocation
+    measured: Measured | None
+    blocks: int
+    times: dict[str, float]
+    state: SearchState
+    note: str | None
+
+    @property
+    def predicted(self) -> float:
+        return self.sens.base_loss + self.alloc.score
+
+    @property
+    def loss(self) -> float:
+        return self.measured.loss if self.measured is not None else self.predicted
+
+
+def _search_option(cfg, opt, multi, model, tok, gm, named, cands, windows, held,
+                   max_bytes) -> OptionRun:
+    times: dict[str, float] = {}
+    space = build_space(gm, named, cands, cfg.activations)
+    state, note = _open_state(cfg, model, windows, opt if multi else None)
+    prober = Prober(gm, named, space)
     t = time.perf_counter()
     prober.observe(windows, cfg.batch, cfg.progress)
     times["observe"] = time.perf_counter() - t
@@ -142,37 +197,37 @@ def search(cfg: SearchConfig) -> SearchResult:
     measured = None
     if cfg.measure:
         t = time.perf_counter()
-        rules_only = recipe_text(space, alloc.picks, named.blocks, [])
+        rules_only = recipe_text(space, alloc.picks, named.blocks, [], opt.statements)
         measured = measure(model, tok, rules_only, windows, bench=cfg.measure_bench,
                            n=cfg.measure_windows, seed=cfg.seed, samples=held,
                            progress=cfg.progress)
         times["measure"] = time.perf_counter() - t
-    times["total"] = time.perf_counter() - t0
-    header = _header(cfg, space, sens, alloc, max_bytes, bw, len(windows), times, measured, note)
-    text = recipe_text(space, alloc.picks, named.blocks, header)
-    result = SearchResult(space, sens, alloc, max_bytes, text, times, bw, measured, note)
-    if cfg.report:
-        write_json_atomic(cfg.report, report_json(cfg, result))
-    write_text_atomic(cfg.out, text)
-    state.remove()
-    return result
+    return OptionRun(opt, space, sens, alloc, measured, named.blocks, times, state, note)
 
 
-def state_key(cfg: SearchConfig, model, windows) -> dict:
-    """What the scores depend on (``qdsl.search.state``)."""
-    return {"model": cfg.model, "model_hash": module_hash(model), "candidates": cfg.candidates,
-            "activations": cfg.activations, "calib": cfg.calib, "samples": cfg.samples,
-            "seq_len": cfg.seq_len, "seed": cfg.seed, "windows": windows_hash(windows),
-            "batch": cfg.batch, "check": cfg.check, "check_windows": cfg.check_windows,
-            "scorer": scorer_version()}
+def state_key(cfg: SearchConfig, model, windows, option: TransformOption | None = None) -> dict:
+    """What the scores depend on (``qdsl.search.state``); with several ``--transforms``
+    options, each has its own state and key."""
+    key = {"model": cfg.model, "model_hash": module_hash(model), "candidates": cfg.candidates,
+           "activations": cfg.activations, "calib": cfg.calib, "samples": cfg.samples,
+           "seq_len": cfg.seq_len, "seed": cfg.seed, "windows": windows_hash(windows),
+           "batch": cfg.batch, "check": cfg.check, "check_windows": cfg.check_windows,
+           "scorer": scorer_version()}
+    if option is not None:
+        key["transforms"] = option.label
+    return key
 
 
-def _open_state(cfg: SearchConfig, model, windows) -> tuple[SearchState, str | None]:
-    key = state_key(cfg, model, windows)
+def _open_state(cfg: SearchConfig, model, windows,
+                option: TransformOption | None = None) -> tuple[SearchState, str | None]:
+    key = state_key(cfg, model, windows, option)
+    out = Path(cfg.out)
+    if option is not None:   # found.qrec.rotate.partial.json beside found.qrec
+        out = out.with_name(f"{out.name}.{re.sub(r'[^A-Za-z0-9]+', '_', option.label)}")
     if cfg.resume:
-        state, note = SearchState.open(cfg.out, key)
+        state, note = SearchState.open(out, key)
     else:
-        state, note = SearchState(Path(cfg.out), key), None
+        state, note = SearchState(out, key), None
     if note:
         (cfg.notify or log.warning)(note)
     return state, (note if state.stage != "new" else None)
@@ -193,7 +248,7 @@ def _score(cfg: SearchConfig, prober: Prober, state: SearchState, windows) -> Se
 
 
 def _header(cfg, space, sens, alloc, max_bytes, bw, n_windows, times, measured=None,
-            resumed=None) -> list[str]:
+            resumed=None, runs=None) -> list[str]:
     used = {space.units[u].choices[i].candidate for u, i in enumerate(alloc.picks)}
     counts = [f"{sum(space.units[u].choices[i].candidate == c for u, i in enumerate(alloc.picks))}"
               f" x `{space.candidates[c].text}`" for c in sorted(used)]
@@ -204,7 +259,7 @@ def _header(cfg, space, sens, alloc, max_bytes, bw, n_windows, times, measured=N
              f"quantized alone on {min(cfg.check_windows, n_windows)} windows: Spearman "
              f"rho = {sens.spearman:.2f}")
     cmd = cfg.command or ["qdsl", "search", "--model", cfg.model]
-    return [
+    head = [
         f"Found by `qdsl search` (docs/search.md) for {cfg.model}.",
         f"Budget: {_describe_budget(cfg, max_bytes, bw)}. Found: {alloc.bytes / 1e6:.3f} MB "
         f"parameter storage ({space.bits_per_weight(alloc.picks):.3f} bits per searched "
@@ -215,10 +270,21 @@ def _header(cfg, space, sens, alloc, max_bytes, bw, n_windows, times, measured=N
         f"({cfg.calib}, {cfg.seq_len} tokens, seed {cfg.seed}).",
         measured.line() if measured is not None else "Measured: not measured (--no-measure).",
         f"Check: {check}.",
+        *([_transforms_line(runs)] if runs else []),
         f"Search: {times['total'] / 60:.1f} min on {torch.get_num_threads()} threads"
         + (" (this run; it resumed a saved state)." if resumed else "."),
         "Command: " + " ".join(shlex.quote(c) for c in cmd),
     ]
+    return head
+
+
+def _transforms_line(runs) -> str:
+    by = "measured" if all(r.measured is not None for r in runs) else "predicted"
+    best = min(runs, key=lambda r: r.loss)
+    parts = [f"`{r.option.label}` predicted {r.predicted:.4f}" + (
+        f", measured {r.measured.loss:.4f}" if r.measured is not None else "") for r in runs]
+    return (f"Transforms searched: {'; '.join(parts)} nats/token; chosen `{best.option.label}` "
+            f"(lowest {by} loss).")
 
 
 def report_json(cfg: SearchConfig, r: SearchResult) -> dict:
@@ -236,4 +302,9 @@ def report_json(cfg: SearchConfig, r: SearchResult) -> dict:
                 "data": cfg.calib, "samples": cfg.samples, "seq_len": cfg.seq_len,
                 "seed": cfg.seed, "batch": cfg.batch},
             "measured": None if r.measured is None else r.measured.to_json(),
-            "resumed": r.resumed, "recipe": str(Path(cfg.out))}
+            "resumed": r.resumed, "recipe": str(Path(cfg.out)),
+            **({"transforms": {"chosen": r.transform, "options": [
+                {"option": o.option.label, "statements": list(o.option.statements),
+                 "predicted": o.predicted, "measured": None if o.measured is None
+                 else o.measured.loss, "bytes": o.alloc.bytes, "seconds": o.times}
+                for o in r.options]}} if len(r.options) > 1 else {})}

@@ -68,13 +68,15 @@ def rules(space: Space, picks, n_blocks: int) -> list[str]:
     return out
 
 
-def recipe_text(space: Space, picks, n_blocks: int, header: list[str]) -> str:
-    """The found recipe: header comments, then the rules, canonically formatted."""
+def recipe_text(space: Space, picks, n_blocks: int, header: list[str],
+                statements: tuple[str, ...] = ()) -> str:
+    """The found recipe: header comments, the transform statements (``rotate``) the
+    search chose, then the rules, canonically formatted."""
     head = []
     for line in header:  # the command stays on one line: it is copied as a whole
         parts = [line] if line.startswith("Command:") else \
             textwrap.wrap(line, 88, break_on_hyphens=False)
         for part in parts or [""]:
             head.append(f"# {part}".rstrip())
-    body = rules(space, picks, n_blocks)
+    body = [*statements, *rules(space, picks, n_blocks)]
     return format_text("\n".join(head + [""] + body) + "\n", "<search>")

@@ -36,6 +36,13 @@ def register(sub) -> None:
     p.add_argument("--candidates", required=True, metavar="SPECS",
                    help="recipe specs separated by `;` (or `,` before a spec starting with a "
                         "width, preset or skip): \"w8a8; w4a16 group(128); skip\"")
+    p.add_argument("--transforms", default="none", metavar="OPTIONS",
+                   help="transform prefixes to choose among, separated by `;`: `none` (the "
+                        "model as it is) or statements as a recipe writes them (`rotate`). "
+                        "Each is searched on its own transformed graph (the cost times the "
+                        "number of options) and the one whose found recipe has the lowest "
+                        "measured loss (predicted with --no-measure) is written, its "
+                        "statements first: \"none; rotate\" (default: none)")
     p.add_argument("-o", "--output", required=True, type=output_file(".qrec"),
                    help="the found recipe (.qrec), written when the search ends; until then "
                         "OUT.partial.json (+ .safetensors) keeps the progress")
@@ -83,7 +90,7 @@ def run(args) -> int:
                        batch=args.batch, check=args.check, check_windows=args.check_windows,
                        seed=args.seed, report=args.report, measure=not args.no_measure,
                        measure_bench=args.measure_bench, measure_windows=args.measure_windows,
-                       resume=not args.no_resume, notify=lambda m: print(m, file=sys.stderr),
+                       resume=not args.no_resume, transforms=args.transforms, notify=lambda m: print(m, file=sys.stderr),
                        progress=True, command=["qdsl", *sys.argv[1:]])
     r = search(cfg)
     a = r.allocation
@@ -93,5 +100,6 @@ def run(args) -> int:
               "" if r.measured is None else
               f", measured {r.measured.loss:.4f} nats/token (float {r.measured.float_loss:.4f})"
               f" on {r.measured.windows} windows") +
-          f", search {r.seconds['total'] / 60:.1f} min", file=sys.stderr)
+          (f", transforms `{r.transform}`" if len(r.options) > 1 or r.transform != "none"
+           else "") + f", search {r.seconds['total'] / 60:.1f} min", file=sys.stderr)
     return 0
