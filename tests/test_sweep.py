@@ -360,3 +360,61 @@ def test_batch_size_reaches_every_eval_job_and_keys_only_compiled_rows(tiny_dir,
     assert job_key(fp, one, "m", "b") == job_key(fp, two, "m", "b")
     assert job_key(w8, one, "m", "b") != job_key(w8, two, "m", "b")
     assert job_key(w8, replace(one, batch_size=1), "m", "b") == job_key(w8, one, "m", "b")
+
+
+_POOL_SCRIPT = '''
+import os, sys, time
+from pathlib import Path
+from qdsl.cli import app
+from qdsl.study import executors
+
+def sleeper(job, cfg, samples, out, key, threads, progress, art, store):
+    Path(out, f"{os.getpid()}.pid").write_text(key)
+    time.sleep(600)
+    return key, {}
+
+if __name__ == "__main__":
+    executors._worker = sleeper
+    app._terminate_as_interrupt()
+    subs = [("job", f"k{i}", None) for i in range(4)]
+    try:
+        executors.LocalExecutor(workers=2, progress=False).run(
+            subs, None, None, Path(sys.argv[1]), None, 1, {}, lambda key, r: None)
+    except KeyboardInterrupt:
+        sys.exit(143)
+'''
+
+
+def test_sigterm_stops_the_workers_of_a_parallel_sweep(tmp_path):
+    """SIGTERM to ``sweep -j 2`` (the CLI turns it into KeyboardInterrupt) terminates
+    the running workers and cancels the queued jobs, instead of waiting for them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("*.pid"))) < 2:   # both workers are in a job
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert time.monotonic() - t0 < 30               # not the 600 s the jobs would take
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    while any(alive(p) for p in pids) and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)
+    assert len(list(tmp_path.glob("*.pid"))) == 2  # the queued jobs never started

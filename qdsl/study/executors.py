@@ -40,6 +40,7 @@ ESTIMATE_FACTOR = 3.5      # x the fp32 weights (safetensors bytes) ...
 ESTIMATE_BASE = 1 << 30    # ... + 1 GiB (Python, torch, tokenizer, evaluation)
 MARGIN = 1.25              # over the largest measured peak of a job of the same kind
 RETRIES = 1                # a failed Ray task runs once more, then is reported failed
+STOP_GRACE = 10.0          # seconds a terminated -j worker has before SIGKILL
 FAULTS_ENV = "QDSL_SWEEP_FAULTS"  # tests only: a JSON file of faults to inject in Ray tasks
 
 Finish = Callable[[str, dict], None]   # (key, result or {"error": ...}) -> None
@@ -89,11 +90,35 @@ class LocalExecutor:
                                 store))
             return
         # a robust job running beside its quality job compiles for itself
-        with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        try:
             futs = [pool.submit(_worker, j, cfg, samples, str(out), key, threads, False, art,
                                 store) for j, key, art in subs]
             for f in as_completed(futs):
                 finish(*f.result())
+        except BaseException:  # Ctrl-C, SIGTERM (the CLI's KeyboardInterrupt), a failure
+            stop_pool(pool)
+            raise
+        pool.shutdown()
+
+
+def stop_pool(pool: ProcessPoolExecutor, grace: float = STOP_GRACE) -> None:
+    """Stop a pool now: queued jobs are cancelled and running workers terminated
+    (SIGTERM, then SIGKILL after ``grace`` seconds). ``shutdown`` alone would wait for
+    every running job to finish, so a SIGTERM to the sweep left its workers computing.
+    A killed job leaves no cache entry: entries are written whole (temporary file, then
+    rename), and the sweep runs the job again next time."""
+    # the pool's processes are private; Python 3.14 has terminate_workers() for this
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(grace)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _import_ray():
