@@ -43,7 +43,7 @@ from .files import file_records, model_dir_files, read_json, regular_file, verif
 from .schema import PLAN, check_plan, check_recipe, validate, validate_marker
 from .tensors import check_quant_tensors, read_safetensors
 from ..errors import ArtifactError
-from ..graph.attrs import param, set_tensor
+from ..graph.attrs import graph_tensors, param, set_tensor
 
 MARKER = "qdsl_artifact.json"
 # 2: qdsl_artifact.json records each file's sha256 and size ("files");
@@ -151,20 +151,6 @@ def _state_targets(gm: torch.fx.GraphModule) -> set[str]:
             a = n.args[0]
             if isinstance(a, torch.fx.Node) and a.op == "get_attr":
                 out.add(a.target)
-    return out
-
-
-def graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Every tensor the graph reads: get_attr targets and the called modules' tensors."""
-    out: dict[str, torch.Tensor] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            t = param(gm, n.target)
-            out[n.target] = t
-        elif n.op == "call_module":
-            mod = gm.get_submodule(n.target)
-            for k, t in list(mod.named_parameters()) + list(mod.named_buffers()):
-                out[f"{n.target}.{k}"] = t
     return out
 
 

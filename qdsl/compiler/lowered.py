@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from ..artifact.store import assign_tensors, graph_tensors
+from ..artifact.store import assign_tensors
+from ..graph.attrs import graph_tensors
 from ..artifact.tensors import check_config, read_safetensors
 from ..config.recipe import Recipe, Settings
 from ..errors import ArtifactError

@@ -1,5 +1,5 @@
-"""A graph module's attributes: the tensor behind a ``get_attr`` target, and the
-module that owns a dotted target (to replace or delete it)."""
+"""A graph module's attributes: the tensor behind a ``get_attr`` target, the module
+that owns a dotted target (to replace or delete it), and every tensor a graph reads."""
 
 from __future__ import annotations
 
@@ -34,3 +34,17 @@ def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
     else:
         setattr(module, name, value)
+
+
+def graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the graph reads: get_attr targets and the called modules' tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            t = param(gm, n.target)
+            out[n.target] = t
+        elif n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            for k, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+                out[f"{n.target}.{k}"] = t
+    return out

@@ -126,6 +126,13 @@ def rotate(gm: fx.GraphModule, named, plan):
                                                                "nn_module_stack")}
         nodes = tuple(replace(n, node=h.name) if n.name == mul else n for n in named.nodes)
         named = replace(named, nodes=nodes, by_name={n.name: n for n in nodes})
+    # A tied model's export reads the shared table through one name and leaves a get_attr
+    # of the other, unread. The rotated copies went behind the names the nodes read, so
+    # that one still holds the unrotated table: erased, lest the artifact store it and
+    # the search price it (113 MB on SmolLM2).
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
     gm.graph.lint()
     gm.recompile()
     return named

@@ -124,26 +124,35 @@ def search(cfg: SearchConfig) -> SearchResult:
     fit_length("--seq-len", cfg.seq_len, cfg.seq_len,
                Limit(positions - 1, f"the captured graph takes {positions - 1} tokens"))
     graphs = []
-    for opt in options:   # every option's structure checked before the expensive part
+    for opt in options:   # every option's structure, then its budget, before any data
         captured = capture(model, mode="plain")
         graphs.append((captured.gm, apply_transforms(opt, captured.gm, name_graph(captured))))
-    space = build_space(*graphs[0], cands, cfg.activations)  # sizes: the same for every option
-    max_bytes, bw = budget_bytes(space, cfg.kind, cfg.value, threads)
-    if least_bytes(space) > max_bytes + 1e-6:
-        allocate(space, [[0.0] * len(u.choices) for u in space.units], max_bytes,
-                 cfg.act_bits, what=cfg.kind.replace("_", "-"))
+    for i, (opt, (gm, named)) in enumerate(zip(options, graphs)):
+        # sizes can differ between options: rotate unties a tied lm_head (its own copy)
+        space = build_space(gm, named, cands, cfg.activations)
+        max_bytes, bw = budget_bytes(space, cfg.kind, cfg.value, threads)
+        if least_bytes(space) > max_bytes + 1e-6:
+            try:
+                allocate(space, [[0.0] * len(u.choices) for u in space.units], max_bytes,
+                         cfg.act_bits, what=cfg.kind.replace("_", "-"))
+            except BudgetError as e:
+                if len(options) == 1:
+                    raise
+                raise BudgetError(f"--transforms option `{opt.label}`: {e}") from None
+        graphs[i] = (gm, named, max_bytes, bw)
     load_s = time.perf_counter() - t0
     windows = calibration_windows(CalibSpec(cfg.calib, cfg.samples, cfg.seq_len, cfg.seed), tok)
     runs = []
-    for opt, (gm, named) in zip(options, graphs):
+    for opt, (gm, named, max_bytes, bw) in zip(options, graphs):
         runs.append(_search_option(cfg, opt, len(options) > 1, model, tok, gm, named, cands,
-                                   windows, held, max_bytes))
+                                   windows, held, max_bytes, bw))
     best = min(runs, key=lambda r: r.loss)
     times = {"load_capture": load_s, **best.times, "total": time.perf_counter() - t0}
-    header = _header(cfg, best.space, best.sens, best.alloc, max_bytes, bw, len(windows), times,
-                     best.measured, best.note, runs if len(runs) > 1 else None)
+    header = _header(cfg, best.space, best.sens, best.alloc, best.max_bytes, best.bw,
+                     len(windows), times, best.measured, best.note,
+                     runs if len(runs) > 1 else None)
     text = recipe_text(best.space, best.alloc.picks, best.blocks, header, best.option.statements)
-    result = SearchResult(best.space, best.sens, best.alloc, max_bytes, text, times, bw,
+    result = SearchResult(best.space, best.sens, best.alloc, best.max_bytes, text, times, best.bw,
                           best.measured, best.note, best.option.label, runs)
     if cfg.report:
         write_json_atomic(cfg.report, report_json(cfg, result))
@@ -166,6 +175,8 @@ class OptionRun:
     times: dict[str, float]
     state: SearchState
     note: str | None
+    max_bytes: float            # the budget in bytes for this option's space
+    bw: float | None            # the read bandwidth (decode_ms budgets)
 
     @property
     def predicted(self) -> float:
@@ -177,7 +188,7 @@ class OptionRun:
 
 
 def _search_option(cfg, opt, multi, model, tok, gm, named, cands, windows, held,
-                   max_bytes) -> OptionRun:
+                   max_bytes, bw) -> OptionRun:
     times: dict[str, float] = {}
     space = build_space(gm, named, cands, cfg.activations)
     state, note = _open_state(cfg, model, windows, opt if multi else None)
@@ -202,7 +213,8 @@ def _search_option(cfg, opt, multi, model, tok, gm, named, cands, windows, held,
                            n=cfg.measure_windows, seed=cfg.seed, samples=held,
                            progress=cfg.progress)
         times["measure"] = time.perf_counter() - t
-    return OptionRun(opt, space, sens, alloc, measured, named.blocks, times, state, note)
+    return OptionRun(opt, space, sens, alloc, measured, named.blocks, times, state, note,
+                     max_bytes, bw)
 
 
 def state_key(cfg: SearchConfig, model, windows, option: TransformOption | None = None) -> dict:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..compiler.render import weight_bytes
 from ..config.spec import TensorSpec
-from ..graph.attrs import param
+from ..graph.attrs import graph_tensors, param
 from ..graph.inputs import linear_inputs
 from ..runtime.conv1d import oriented
 from .candidates import Candidate
@@ -120,7 +120,9 @@ def build_space(gm, named, candidates: list[Candidate], activations: str = "inpu
             units.append(Unit(n.name, (), n.name, n.block, tuple(choices)))
     order = {n.name: i for i, n in enumerate(named.nodes)}
     units.sort(key=lambda u: order[u.linears[0] if u.linears else u.key])
-    tensors = {id(t): t for t in list(gm.parameters()) + list(gm.buffers()) if t.is_floating_point()}
+    # the tensors the graph reads, each storage once: a transform that replaced a tied
+    # weight (rotate unties lm_head) leaves the old one on the module, read by nothing
+    tensors = {id(t): t for t in graph_tensors(gm).values() if t.is_floating_point()}
     decided = {id(param(gm, by[m].weight)) for m in searched - free}
     fixed = sum(t.numel() * 4 for k, t in tensors.items() if k not in decided)
     numel = sum(tensors[k].numel() for k in decided)
