@@ -55,6 +55,22 @@ def test_summary_reports_storage_shrink():
     assert 0.25 < st.after / st.before < 0.3  # 8-bit + per-channel scales; norms stay fp32
 
 
+def test_a_tied_table_is_counted_once_per_stored_copy():
+    """A float embedding and an 8-bit lm_head sharing one tensor are two stored copies
+    (the int8 artifact holds the float table and lm_head's codes); both at the same spec
+    share one int8 table."""
+    from qdsl.compiler.render import storage
+
+    model = tiny("llama", tie_word_embeddings=True)
+    after = {}
+    for key, text in {"float_embed": "* -> w8 sym per_channel\nembed -> w32\n",
+                      "both_int8": "* -> w8 sym per_channel\n"}.items():
+        ex = explain(text, model)
+        after[key] = storage(ex.captured.gm, ex.named, ex.plan).after
+    vocab, hidden = model.lm_head.weight.shape
+    assert after["float_embed"] - after["both_int8"] == vocab * hidden * 4
+
+
 def test_graph_picture(tmp_path):
     ex = explain(CARD, tiny("llama"))
     out = tmp_path / "block.png"

@@ -7,6 +7,7 @@ node coloured by its precision.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +59,31 @@ def storage(gm: torch.nn.Module, named, plan: QuantPlan) -> Storage:
 
 def storage_of(named, plan: QuantPlan, weight_of, tensors) -> Storage:
     """Storage of ``tensors`` (each counted once) with each named node's weight
-    (``weight_of(node.weight)``, None where it is not among them) priced by the plan; a
-    tensor shared by two nodes keeps its most precise copy."""
-    cost: dict[int, float] = {}
+    (``weight_of(node.weight)``, None where it is not among them) priced by the plan. A
+    tensor shared by two nodes (a tied embedding and lm_head) is stored once per distinct
+    spec, as the lowering stores it: one int8 table when both are ``w8 per_channel``, but
+    the float table *and* lm_head's codes when the embedding stays float."""
+    cost: dict[int, dict[str, float]] = {}
     for node in named.nodes:
         w = weight_of(node.weight) if node.weight else None
         if w is not None:
+            spec = plan[node.name].weight
             # per output channel: a Conv1D's [in, out] weight counted as [out, in]
-            c = weight_bytes(plan[node.name].weight, tuple(oriented(w, node.weight_layout).shape))
-            cost[id(w)] = max(cost.get(id(w), 0.0), c)
+            c = weight_bytes(spec, tuple(oriented(w, node.weight_layout).shape))
+            cost.setdefault(id(w), {})[copy_key(spec)] = c
     before = after = 0.0
     for t in {id(t): t for t in tensors if t.is_floating_point()}.values():
         before += t.numel() * 4
-        after += cost.get(id(t), t.numel() * 4)
+        after += sum(cost[id(t)].values()) if id(t) in cost else t.numel() * 4
     return Storage(before, after)
+
+
+def copy_key(spec: TensorSpec | None) -> str:
+    """Which stored copy of a weight ``spec`` needs: two nodes sharing a tensor share a
+    copy only when their keys are equal (float: its dtype; quantized: the whole spec)."""
+    if spec is None or not spec.quantized:
+        return "float:" + (spec.float_dtype if spec else "fp32")
+    return json.dumps(spec.to_json(), sort_keys=True)
 
 
 def _cell(spec: TensorSpec | None) -> str:

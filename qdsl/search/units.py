@@ -10,14 +10,15 @@ activation unit takes the distinct activation clauses.
 
 Storage is priced as ``qdsl explain`` prices it (``compiler.render.weight_bytes``:
 codes, plus fp32 scales and int32 zero points); a weight tied to a node the search
-does not touch (SmolLM2's ``lm_head`` shares the float embedding) costs nothing more.
+does not touch (SmolLM2's ``lm_head`` shares the float embedding) costs nothing more
+when it stays fp32, and its own copy when it is quantized (the float table stays).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..compiler.render import weight_bytes
+from ..compiler.render import copy_key, weight_bytes
 from ..config.spec import TensorSpec
 from ..graph.attrs import graph_tensors, param
 from ..graph.inputs import linear_inputs
@@ -84,8 +85,11 @@ def build_space(gm, named, candidates: list[Candidate], activations: str = "inpu
     inputs = linear_inputs(gm, named.nodes)
     linears = [n for n in named.nodes if n.op == "linear" and n.weight]
     searched = {n.name for n in linears}
-    # a linear's weight tied to a node outside the search keeps that node's float copy
+    # a linear's weight tied to a node outside the search (SmolLM2's lm_head and the float
+    # embedding): kept fp32 it reads that node's copy for nothing; otherwise it is a copy
+    # of its own, stored beside the float table (compiler.render.storage_of)
     free = {n.name for n in linears if n.tied and n.tied not in searched}
+    shared = copy_key(None)
     groups: dict[tuple[str, str], list[str]] = {}  # (producer, "") or ("", the linear)
     for n in linears:
         li = inputs.get(n.name)
@@ -102,7 +106,8 @@ def build_space(gm, named, candidates: list[Candidate], activations: str = "inpu
             if sig in seen:
                 continue
             seen.add(sig)
-            b = sum(weight_bytes(c.weight, _shape(gm, by[m])) for m in names if m not in free)
+            b = sum(weight_bytes(c.weight, _shape(gm, by[m])) for m in names
+                    if m not in free or copy_key(c.weight) != shared)
             choices.append(Choice(i, c.weight, a, b))
         blocks = {by[m].block for m in names}
         units.append(Unit(key, tuple(names), producer,

@@ -78,11 +78,17 @@ def test_units_tie_the_linears_reading_one_tensor():
     assert len(next(u for u in sp_all.units if u.key == "block.0.res_sum").choices) == 3
 
 
-def test_a_weight_tied_to_the_float_embedding_costs_nothing():
-    _, cap, named = _graph("gpt2")   # lm_head shares wte
+def test_a_weight_tied_to_the_float_embedding_costs_its_codes_only_when_quantized():
+    """lm_head shares wte, which stays float: kept fp32 it reads wte's table for nothing;
+    quantized it is a copy of its own beside the float table (as the int8 lowering
+    stores it), priced like any other weight."""
+    model, cap, named = _graph("gpt2")
     sp = build_space(cap.gm, named, parse_candidates(CANDS))
     head = next(u for u in sp.units if "lm_head" in u.linears)
-    assert {c.bytes for c in head.choices} == {0.0}
+    vocab, hidden = model.lm_head.weight.shape
+    by = {sp.candidates[c.candidate].text: c.bytes for c in head.choices}
+    assert by["skip"] == 0.0
+    assert all(b >= vocab * hidden * 4 / 8 for t, b in by.items() if t != "skip"), by
 
 
 # ----------------------------------------------------------------------- allocator
