@@ -60,7 +60,7 @@ def test_near_lossless_needs_perplexity_inside_its_margin_where_recorded():
     base["ppl_window_nll"] = [2.0, 2.1, 1.9, 2.3]
     q["ppl_window_nll"] = [x + math.log(1.3) for x in base["ppl_window_nll"]]
     f = _verdict(t, "8-bit weights with float")
-    assert f["verdict"] == CONTRADICTED and "ppl ratio x1.30 [1.30, 1.30]" in f["evidence"]
+    assert f["verdict"] == CONTRADICTED and "ppl ratio x1.300 [1.300, 1.300]" in f["evidence"]
     q["ppl_window_nll"] = [x + math.log(1.01) for x in base["ppl_window_nll"]]
     assert _verdict(t, "8-bit weights with float")["verdict"] == REPRODUCED
 

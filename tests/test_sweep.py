@@ -188,7 +188,7 @@ def test_render_prints_paired_differences_with_cis():
     cells = line.split(" | ")
     # d = [-1, -3, -2, -2]: mean -2, sd 0.816, t_{.975,3} = 3.182: half-width 1.30
     assert cells[2] == "38.0 (-2.0 [-3.3, -0.7])"
-    assert cells[3].startswith("25 (-25 [") and cells[4] == "3.30 (x1.10 [1.10, 1.10])"
+    assert cells[3].startswith("25 (-25 [") and cells[4] == "3.30 (x1.100 [1.100, 1.100])"
     assert next(ln for ln in md.splitlines() if ln.startswith("| Baseline |")).split(" | ")[2] \
         == "40.0"
 

@@ -112,7 +112,7 @@ def _ppl_text(ra: dict, rb: dict) -> str:
     if ra.get("ppl") is None or rb.get("ppl") is None:
         return ""
     p = ppl_test(ra, rb)
-    return f"; ppl ratio {fmt(p, 2, ratio=True)}" if p else f"; ppl ratio: {OLD_CACHE}"
+    return f"; ppl ratio {fmt(p, 3, ratio=True)}" if p else f"; ppl ratio: {OLD_CACHE}"
 
 
 def _side(iv: Interval, boundary: float) -> str:

@@ -106,12 +106,12 @@ def _with_diff(value: str, res: dict, base: dict | None, metric: str) -> str:
 
 
 def _ppl_cell(res: dict, base: dict | None) -> str:
-    """'11.69 (x1.17 [1.10, 1.24])'; 'no CI (old cache)' without per-window losses."""
+    """'11.69 (x1.170 [1.100, 1.240])'; 'no CI (old cache)' without per-window losses."""
     ppl = _f(res.get("ppl"), 2)
     if base is None or res is base or res.get("ppl") is None or base.get("ppl") is None:
         return ppl
     p = ppl_test(res, base)
-    return f"{ppl} ({fmt(p, 2, ratio=True)})" if p is not None else f"{ppl}, {OLD_CACHE}"
+    return f"{ppl} ({fmt(p, 3, ratio=True)})" if p is not None else f"{ppl}, {OLD_CACHE}"
 
 
 def _pass1(res: dict | None, base: dict | None = None) -> str:
