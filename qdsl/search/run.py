@@ -127,7 +127,8 @@ def search(cfg: SearchConfig) -> SearchResult:
     for opt in options:   # every option's structure, then its budget, before any data
         captured = capture(model, mode="plain")
         graphs.append((captured.gm, apply_transforms(opt, captured.gm, name_graph(captured))))
-    for i, (opt, (gm, named)) in enumerate(zip(options, graphs)):
+    prepared = []
+    for opt, (gm, named) in zip(options, graphs):
         # sizes can differ between options: rotate unties a tied lm_head (its own copy)
         space = build_space(gm, named, cands, cfg.activations)
         max_bytes, bw = budget_bytes(space, cfg.kind, cfg.value, threads)
@@ -139,12 +140,12 @@ def search(cfg: SearchConfig) -> SearchResult:
                 if len(options) == 1:
                     raise
                 raise BudgetError(f"--transforms option `{opt.label}`: {e}") from None
-        graphs[i] = (gm, named, max_bytes, bw)
+        prepared.append((gm, named, space, max_bytes, bw))
     load_s = time.perf_counter() - t0
     windows = calibration_windows(CalibSpec(cfg.calib, cfg.samples, cfg.seq_len, cfg.seed), tok)
     runs = []
-    for opt, (gm, named, max_bytes, bw) in zip(options, graphs):
-        runs.append(_search_option(cfg, opt, len(options) > 1, model, tok, gm, named, cands,
+    for opt, (gm, named, space, max_bytes, bw) in zip(options, prepared):
+        runs.append(_search_option(cfg, opt, len(options) > 1, model, tok, gm, named, space,
                                    windows, held, max_bytes, bw))
     best = min(runs, key=lambda r: r.loss)
     times = {"load_capture": load_s, **best.times, "total": time.perf_counter() - t0}
@@ -187,10 +188,9 @@ class OptionRun:
         return self.measured.loss if self.measured is not None else self.predicted
 
 
-def _search_option(cfg, opt, multi, model, tok, gm, named, cands, windows, held,
+def _search_option(cfg, opt, multi, model, tok, gm, named, space, windows, held,
                    max_bytes, bw) -> OptionRun:
     times: dict[str, float] = {}
-    space = build_space(gm, named, cands, cfg.activations)
     state, note = _open_state(cfg, model, windows, opt if multi else None)
     prober = Prober(gm, named, space)
     t = time.perf_counter()
