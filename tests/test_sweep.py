@@ -6,7 +6,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import tokenize
 
 import pytest
@@ -388,12 +393,6 @@ if __name__ == "__main__":
 def test_sigterm_stops_the_workers_of_a_parallel_sweep(tmp_path):
     """SIGTERM to ``sweep -j 2`` (the CLI turns it into KeyboardInterrupt) terminates
     the running workers and cancels the queued jobs, instead of waiting for them."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     script = tmp_path / "pool.py"
     script.write_text(_POOL_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
