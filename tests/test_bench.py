@@ -142,6 +142,29 @@ def test_artifact_with_a_short_cache_is_benched_at_the_bench_context(tiny_dir, t
     assert rows["artifact"]["decode_ms"] > 0 and rows["fp32-graph"]["prefill_ms"] > 0
 
 
+def test_also_measures_further_artifacts_in_the_same_run(tiny_dir, tmp_path):
+    """``also``: a second artifact is a row of the same run, at the same cache length as
+    the first (so the two compare on the run's load); rows sharing a directory name are
+    told apart by their paths."""
+    import qdsl
+    from tiny import tiny_ids
+
+    model = tiny("gpt2")
+    arts = []
+    for sub, recipe in (("a", "* -> w8 a.dynamic per_token\n"), ("b", "* -> w8\n")):
+        qm = qdsl.compile(model, recipe, calib=tiny_ids(model, 2, 8), lower="int8",
+                          max_cache_len=10, progress=False)
+        arts.append(str(qm.save(tmp_path / sub / "art")))
+    res = bench.run_bench(str(tiny_dir), artifact=arts[0], also=(arts[1],),
+                          cfg=bench.BenchConfig(context=8, decode_tokens=2, repeats=1, rounds=1))
+    rows = [r for r in res["rows"] if r["kind"] == "artifact"]
+    assert [r["name"] for r in rows] == [f"qdsl artifact {a}" for a in arts]
+    assert all(r["decode_ms"] > 0 for r in rows)
+    with pytest.raises(ArtifactError, match="qdsl_artifact.json"):
+        bench.run_bench(str(tiny_dir), artifact=arts[0], also=(str(tmp_path),),
+                        cfg=bench.BenchConfig(context=4, decode_tokens=1, repeats=1, rounds=1))
+
+
 @pytest.mark.slow
 def test_compile_decode_rows(tiny_dir, tmp_path, monkeypatch):
     """--compile-decode adds the fp32 graph and the artifact again with the decode step
@@ -168,3 +191,12 @@ def test_compile_decode_rows(tiny_dir, tmp_path, monkeypatch):
     assert all("compile_s" not in r["extra"]["runs"][0] for n, r in rows.items()
                if n not in names)
     assert "first decode step (trace + compile or cache load)" in bench.markdown(res)
+
+
+def test_also_cli_errors(tiny_dir, tmp_path, capsys):
+    """--also without an artifact first, or with a directory that is not one: one line
+    naming the option, exit 2, no traceback."""
+    rc = main(["bench", str(tiny_dir), "--also", str(tiny_dir)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--also" in err and "Traceback" not in err

@@ -187,8 +187,8 @@ def measure(lm, vocab: int, cfg: BenchConfig) -> dict:
     """Prefill ms (median), decode ms per token (median of per-run medians)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, cfg.context), generator=g)
-    lm.prefill(ids[:, :8])                                   # warm-up
-    for _ in range(3):
+    lm.prefill(ids[:, :min(8, cfg.context)])                 # warm-up, inside the cache
+    for _ in range(min(3, cfg.decode_tokens)):                 # the timed runs need
         lm.decode(1)
     prefill, decode = [], []
     for _ in range(cfg.repeats):
@@ -285,28 +285,37 @@ def prepare(model_name: str, lower_all: str | None, work: Path) -> list[dict]:
 def run_bench(model_name: str, *, artifact: str | None = None, lower_all: str | None = None,
               cfg: BenchConfig = BenchConfig(), work_dir: str | None = None,
               verify: bool = True, llamacpp: str | None = None,
-              gguf: tuple[str, ...] = (), compile_decode: bool = False) -> dict:
+              gguf: tuple[str, ...] = (), compile_decode: bool = False,
+              also: tuple[str, ...] = ()) -> dict:
     """Measure fp32, quantize_dynamic, and the artifact / lowered model -> result dict.
+    ``also``: further artifacts of the same float model, measured in the same run
+    (interleaved with the others, so their ratios share the run's load).
     ``verify``: the artifact's child checks its files' recorded sha256 (``qdsl.load``).
     ``llamacpp`` (a ``llama-bench`` binary) with ``gguf`` files adds llama.cpp's rows.
     ``compile_decode``: each graph row (fp32 graph, artifact) also runs with its decode
     step compiled (``qdsl.runtime.compiled``), as a row of its own."""
-    if artifact and not (Path(artifact) / "qdsl_artifact.json").exists():
-        raise ArtifactError(f"{artifact}: not a qdsl artifact (no qdsl_artifact.json)")
+    artifacts = ([artifact] if artifact else []) + list(also)
+    for a in artifacts:
+        if not (Path(a) / "qdsl_artifact.json").exists():
+            raise ArtifactError(f"{a}: not a qdsl artifact (no qdsl_artifact.json)")
+    names = [Path(a).resolve().name for a in artifacts]
+    if len(set(names)) < len(names):     # rows are named after the directory
+        names = [str(a) for a in artifacts]
     hosting_hw.check_llamacpp(llamacpp, list(gguf))
     cfg = fit_config(model_name, cfg)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         specs = prepare(model_name, lower_all, Path(tmp))
-        if artifact:
+        if artifacts:
             vocab = AutoConfig.from_pretrained(specs[0]["path"]).vocab_size
-            meta = json.loads((Path(artifact) / "qdsl_artifact.json").read_text())
-            # the artifact's own cache, or room for the prompt and the decoded tokens (a
-            # sweep compiles with 305 slots); the fp32 graph row runs the same length
-            cache = max(meta.get("max_cache_len", GRAPH_CACHE_LEN),
-                        cfg.context + cfg.decode_tokens + 1)
-            specs.append(dict(name=f"qdsl artifact {Path(artifact).name}", kind="artifact",
-                              path=str(artifact), size_mb=dir_size_mb(artifact), vocab=vocab,
-                              cache_len=cache, verify=verify))
+            # the artifacts' own cache, or room for the prompt and the decoded tokens (a
+            # sweep compiles with 305 slots); every graph row runs the same length
+            cache = max([cfg.context + cfg.decode_tokens + 1] + [
+                json.loads((Path(a) / "qdsl_artifact.json").read_text())
+                .get("max_cache_len", GRAPH_CACHE_LEN) for a in artifacts])
+            for a, name in zip(artifacts, names):
+                specs.append(dict(name=f"qdsl artifact {name}", kind="artifact", path=str(a),
+                                  size_mb=dir_size_mb(a), vocab=vocab, cache_len=cache,
+                                  verify=verify))
             specs[1]["cache_len"] = cache
         if compile_decode:
             specs += [{**s, "name": s["name"] + ", compiled decode", "compile_decode": True}

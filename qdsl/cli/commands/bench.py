@@ -6,6 +6,7 @@ import argparse
 
 from qdsl.atomic import write_json_atomic
 from qdsl.cli.names import COMMANDS
+from qdsl.errors import OptionError
 
 from ..args import MAX_THREADS, int_range, nonneg_float, output_file, positive_float, positive_int
 
@@ -56,6 +57,10 @@ def register(sub) -> None:
                         "(tools/build_llamacpp.py builds one)")
     p.add_argument("--gguf", metavar="FILE", action="append", default=[],
                    help="a GGUF file for --llamacpp (repeat for several, e.g. F32, Q8_0, Q4_0)")
+    p.add_argument("--also", metavar="ARTIFACT", action="append", default=[],
+                   help="another artifact of the same float model, measured in the same run "
+                        "(interleaved with the other rows, so their ratios share the run's "
+                        "load; repeat for several), e.g. a recipe with and without `rotate`")
     p.add_argument("--compile-decode", action="store_true",
                    help="also measure the fp32 graph and the artifact with their decode step "
                         "compiled (torch.compile / inductor, static shapes; the first step "
@@ -81,9 +86,20 @@ def run(args: argparse.Namespace) -> int:
         model = args.baseline or local_source(meta["model"]["id"], artifact)
     elif args.baseline:
         model = args.baseline
+    for other in args.also:
+        if not is_artifact(other):
+            raise OptionError(f"--also {other}: not a qdsl artifact (no qdsl_artifact.json)")
+        if artifact is None:
+            raise OptionError("--also: give the first artifact as MODEL_OR_ARTIFACT")
+        other_meta, _, _ = read_artifact(other, verify=not args.no_verify)
+        if not args.baseline and other_meta["model"]["id"] != meta["model"]["id"]:
+            raise OptionError(f"--also {other}: compiled from {other_meta['model']['id']}, not "
+                            f"{meta['model']['id']} (the first artifact's model); pass "
+                            "--baseline MODEL to compare them anyway")
     result = bench.run_bench(model, artifact=artifact, lower_all=args.lower_all, cfg=cfg,
                              verify=not args.no_verify, llamacpp=args.llamacpp,
-                             gguf=tuple(args.gguf), compile_decode=args.compile_decode)
+                             gguf=tuple(args.gguf), compile_decode=args.compile_decode,
+                             also=tuple(args.also))
     print(bench.markdown(result))
     if args.json:
         write_json_atomic(args.json, result)
