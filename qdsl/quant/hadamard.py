@@ -6,8 +6,8 @@ Sylvester's construction for powers of two, and for n = m * 2^k with m a Paley o
 the Kronecker product H_m (x) H_{2^k}. That covers the sizes of the models qdsl runs:
 576 = 36 * 16 (SmolLM2 hidden), 1536 = 12 * 128 (its MLP), 896 = 28 * 32 and
 4864 = 76 * 64 (Qwen2.5-0.5B). ``hadamard_factors`` says which (or None).
-``apply_hadamard`` multiplies by it with a fast Walsh-Hadamard transform on the 2^k
-factor (n log n) and a small m x m product.
+``apply_hadamard`` multiplies by it with small dense products: the 2^k factor split into
+Sylvester factors of order <= 128, then the m x m factor.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ def _paley(m: int) -> Tensor | None:
     return None
 
 
+@lru_cache(maxsize=64)
 def hadamard_factors(n: int) -> tuple[int, int] | None:
     """(m, 2^k) with n = m * 2^k and a Hadamard matrix of order m known (1, 2 or Paley),
-    the largest power of two first; None when there is none."""
+    the largest power of two first; None when there is none. Cached: deciding builds
+    Paley matrices, which an online rotation must not do per call."""
     p = n & -n if n > 0 else 0
     while p >= 1:
         m = n // p
@@ -78,19 +80,44 @@ def hadamard(n: int) -> Tensor:
     return torch.kron(_small(m), syl / math.sqrt(p))
 
 
+# The 2^k factor is applied as dense products with Sylvester matrices of order <= this
+# (H_{ab} = H_a (x) H_b): a handful of small GEMMs instead of k butterfly stages, each
+# several tensor ops. Measured, 1 thread, [1, 1536]: 56 us against the butterfly's 200;
+# [512, 1536]: 5.5 ms against 17 (docs/algorithms.md, the online Hadamard's cost).
+_DENSE = 128
+
+
+@lru_cache(maxsize=32)
+def _factor(n: int, dtype: torch.dtype) -> Tensor:
+    """The orthonormal Sylvester (n a power of two) or Paley-based matrix of order n. A
+    normal tensor even when first asked for under ``torch.inference_mode`` (a cached
+    inference tensor could not be saved for backward by a later autograd pass)."""
+    with torch.inference_mode(False):
+        return (_small(n) if n <= 2 or n & (n - 1) else hadamard(n)).to(dtype).clone()
+
+
+def _split(p: int) -> tuple[int, ...]:
+    """2^k as factors of at most _DENSE, the largest first."""
+    parts = []
+    while p > 1:
+        parts.append(min(p, _DENSE))
+        p //= parts[-1]
+    return tuple(parts)
+
+
 def apply_hadamard(x: Tensor, n: int) -> Tensor:
     """``x @ hadamard(n)`` over the last dimension, fast: for H = H_m (x) H_p, x viewed
-    as [.., m, p] becomes H_m^T X H_p; H_p by the Walsh-Hadamard butterfly."""
+    as [.., m, p] becomes H_m^T X H_p; H_p = H_p1 (x) H_p2 (x) .. with each factor of
+    order <= 128 applied as a dense product on its own axis (O(n * sum(p_i)))."""
     m, p = hadamard_factors(n)
     shape = x.shape
-    y = x.reshape(-1, m, p)
-    h = 1
-    while h < p:   # butterfly on the last dim: pairs (i, i + h) in blocks of 2h
-        y = y.reshape(-1, m, p // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    y = y.reshape(-1, m, p) * (1.0 / math.sqrt(p))
+    parts = _split(p)
+    y = x.reshape(-1, m, *parts)
+    last = y.dim() - 1
+    for axis, b in enumerate(parts, start=2):     # every Sylvester factor is symmetric
+        h = _factor(b, x.dtype)
+        y = y @ h if axis == last else (y.movedim(axis, last) @ h).movedim(last, axis)
+    y = y.reshape(-1, m, p)
     if m > 1:
-        y = torch.einsum("am,bap->bmp", _small(m).to(y.dtype), y)
+        y = _factor(m, x.dtype).t() @ y
     return y.reshape(shape)

@@ -2,12 +2,14 @@
 down-projection, whose weight holds the matching H_n: docs/algorithms.md).
 
 H_n is the orthonormal Hadamard matrix of ``qdsl.quant.hadamard`` (Sylvester x Paley),
-applied with the fast Walsh-Hadamard butterfly: O(n log n) per token plus an m x m
-product for the Paley factor. No stored tensors: the matrix is rebuilt from n.
+applied as a few small dense products (``apply_hadamard``): the 2^k factor split into
+Sylvester factors of order <= 128, then the m x m Paley factor. No stored tensors: the
+factors are rebuilt from n and cached per process.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..quant.hadamard import apply_hadamard, hadamard_factors
@@ -21,6 +23,8 @@ class OnlineHadamard(nn.Module):
         self.n = n
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return apply_hadamard(x, self.n)
         return apply_hadamard(x.float(), self.n).to(x.dtype)
 
     def extra_repr(self) -> str:

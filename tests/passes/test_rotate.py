@@ -34,12 +34,25 @@ def test_hadamard_orders_of_the_models_sizes(n, factors):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from([1, 2, 8, 12, 20, 28, 36, 48, 96, 576]), st.integers(1, 5),
+@given(st.sampled_from([1, 2, 8, 12, 20, 28, 36, 48, 96, 576, 1536, 12 * 2 ** 9, 2 ** 12]),
+       st.integers(1, 5),
        st.integers(0, 2 ** 16))
 def test_fast_transform_equals_the_dense_product(n, rows, seed):
     x = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     assert torch.allclose(apply_hadamard(x, n), x @ hadamard(n), atol=1e-10)
     assert torch.allclose(OnlineHadamard(n)(x.float()), (x @ hadamard(n)).float(), atol=1e-5)
+
+
+def test_online_hadamard_factors_cached_under_inference_mode_serve_autograd():
+    """The factors are cached per process; the first call may come from an evaluation
+    under inference_mode, a later one from a pass that takes gradients (the search's
+    Fisher scores): the cached factor must not be an inference tensor."""
+    n = 3 * 2 ** 8 + 2 ** 8          # 1024: one Sylvester factor of 128 and one of 8
+    with torch.inference_mode():
+        OnlineHadamard(n)(torch.randn(2, n))
+    x = torch.randn(2, n, requires_grad=True)
+    OnlineHadamard(n)(x).square().sum().backward()
+    assert torch.allclose(x.grad, 2 * x.detach(), atol=1e-5)     # H orthonormal
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True},
