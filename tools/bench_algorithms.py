@@ -31,6 +31,7 @@ from qdsl.atomic import write_json_atomic
 
 RECIPES = (("baseline", "algorithms/w8a8_static_baseline.qrec"),
            ("smooth", "algorithms/smoothquant_w8a8_static.qrec"),
+           ("smooth_norms", "algorithms/smoothquant_norms_w8a8_static.qrec"),
            ("rotate", "algorithms/rotate_w8a8_static.qrec"),
            ("smooth_rotate", "algorithms/smooth_rotate_w8a8_static.qrec"),
            ("rotate_mse", "algorithms/rotate_w8a8_static_mse.qrec"),

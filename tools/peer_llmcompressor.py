@@ -17,6 +17,9 @@ Three steps, each its own process:
     # 2. (llm-compressor venv) GPTQ W4A16, saved dense (decompressed) for qdsl eval
     /work/venv-llmc/bin/python tools/peer_llmcompressor.py gptq --out DIR --group 64
     # 3. (project venv) qdsl eval DIR/llmc-gptq --baseline DIR/hf ...
+    # or, SmoothQuant alone (float output, quantized by qdsl's own recipe afterwards):
+    /work/venv-llmc/bin/python tools/peer_llmcompressor.py smooth --out DIR --alpha 0.5
+    .venv/bin/python tools/bench_algorithms.py --model DIR/llmc-smooth --only baseline ...
 
 ``prepare`` writes ``DIR/hf`` (config, safetensors weights, tokenizer) and
 ``DIR/calib.safetensors`` (the ``[N, T]`` token windows qdsl calibrates on:
@@ -89,19 +92,59 @@ def gptq(args) -> None:
     print(json.dumps(info))
 
 
+def smooth(args) -> None:
+    """llm-compressor's SmoothQuantModifier alone (no quantization), saved as a float
+    checkpoint: qdsl then quantizes it with the same recipe as its own smoothed model."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ids = load_file(str(out / "calib.safetensors"))["input_ids"][:args.windows or None]
+    ds = Dataset.from_dict({"input_ids": ids.tolist(),
+                            "attention_mask": torch.ones_like(ids).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mod = SmoothQuantModifier(smoothing_strength=args.alpha)
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=[mod], max_seq_length=ids.shape[1],
+            num_calibration_samples=ids.shape[0])
+    wall = time.perf_counter() - t0
+    changed = sorted(k for k, v in model.state_dict().items()
+                     if not torch.equal(v, before[k]))
+    dest = out / "llmc-smooth"
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    info = {"tool": "llmcompressor", "modifier": "SmoothQuantModifier", "alpha": args.alpha,
+            "mappings": [[list(m.balance_layers), m.smooth_layers] for m in mod.mappings]
+            if mod.mappings else "default", "changed_tensors": len(changed),
+            "changed_examples": changed[:6],
+            "calib_windows": list(ids.shape), "threads": torch.get_num_threads(),
+            "cpu": torch.backends.cpu.get_cpu_capability(), "wall_s": round(wall, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    (out / "llmc-smooth.json").write_text(json.dumps(info, indent=1, default=str))
+    print(json.dumps(info, default=str))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("prepare", "gptq"))
+    p.add_argument("step", choices=("prepare", "gptq", "smooth"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", required=True)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--alpha", type=float, default=0.5, help="smooth: smoothing strength")
     p.add_argument("--windows", type=int, default=0,
                    help="gptq: calibrate on the first N windows only (0: all)")
     args = p.parse_args()
-    prepare(args) if args.step == "prepare" else gptq(args)
+    {"prepare": prepare, "gptq": gptq, "smooth": smooth}[args.step](args)
 
 
 if __name__ == "__main__":
