@@ -307,6 +307,20 @@ def test_table_is_measured_once_and_cached(tmp_path, monkeypatch):
         == "float_gemm" and len(calls) == 2                  # one candidate: nothing to time
 
 
+def test_a_cached_table_counts_as_used_only_what_was_dispatched(tmp_path, monkeypatch):
+    """``qdsl bench``'s fp32 rows read the kernel table from disk too; they must not
+    report its choices as kernels they ran (they ran none). ``full()`` is a report."""
+    monkeypatch.setattr(table_mod, "measure", lambda op, cls, cands, repeats=5:
+                        {c: float(i) for i, c in enumerate(cands)})
+    path = tmp_path / "t.json"
+    table_mod.Table(_cap(), ext=True, autotune=True, path=path).full()
+    t = table_mod.Table(_cap(), ext=True, autotune=True, path=path)
+    assert t.choices and t.used == set()
+    t.choose("w8", 1)
+    t.full()
+    assert t.used == {"w8/decode"}
+
+
 def test_table_ignores_a_damaged_or_foreign_file(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(table_mod, "measure", lambda op, cls, cands, repeats=5:
                         {c: float(i) for i, c in enumerate(cands)})

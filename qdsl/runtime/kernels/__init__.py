@@ -102,9 +102,10 @@ def embedding_int8(ids: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
 def report(measure: bool = True) -> dict:
     """What runs on this machine: capability, extension, and per ``op/class`` the chosen
     kernel with its description, ``integer`` (False: dequantize + float GEMM) and the
-    reference paths refused. ``measure=False`` reports only what is chosen so far."""
+    reference paths refused. ``measure=False`` reports only what this process has
+    dispatched (not the choices a cached table holds for operations it never ran)."""
     t = table()
-    choices = t.full() if measure else dict(t.choices)
+    choices = t.full() if measure else {k: t.choices[k] for k in t.used if k in t.choices}
     rows = {}
     for key, name in sorted(choices.items()):
         op, _, cls = key.partition("/")

@@ -135,6 +135,7 @@ class Table:
     def __init__(self, cap: Capability, ext: bool, autotune: bool, path: Path | None) -> None:
         self.cap, self.ext, self.autotune, self.path = cap, ext, autotune, path
         self.choices: dict[str, str] = {}
+        self.used: set[str] = set()       # the keys this process has dispatched
         self.timings: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
         if path is not None and path.is_file():
@@ -156,6 +157,7 @@ class Table:
     def choose(self, op: str, m: int) -> str:
         cls = shape_class(m)
         key = f"{op}/{cls}"
+        self.used.add(key)
         hit = self.choices.get(key)
         if hit is not None:
             return hit
@@ -189,9 +191,11 @@ class Table:
 
     def full(self) -> dict[str, str]:
         """Every (operation, class) chosen (measuring what is not yet)."""
+        used = set(self.used)
         for op in OPS:
             for cls in CLASSES:
                 self.choose(op, 1 if cls == "decode" else DECODE_MAX_M + 1)
+        self.used = used                  # a report is not a dispatch
         return dict(self.choices)
 
 
