@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
 
@@ -53,7 +54,7 @@ def main() -> None:
     ids = torch.randint(0, 1000, (1, args.context), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
-        for lm, _ in {id(v[0]): v for v in variants.values()}.values():
+        for lm in (base, rot):
             lm.prefill(ids)
         order = list(variants.items())
         for step in range(args.steps):
@@ -77,7 +78,7 @@ def main() -> None:
     out = {"base": args.base, "rotated": args.rotated, "context": args.context,
            "steps": args.steps * args.repeats, "threads": torch.get_num_threads(),
            "cpu": torch.backends.cpu.get_cpu_capability(),
-           "load_avg": list(__import__("os").getloadavg()), "rows": rows}
+           "load_avg": list(os.getloadavg()), "rows": rows}
     print("| variant | decode ms/token (median) | per-step ratio to unrotated: median [IQR] |")
     print("|---|---:|---:|")
     for name, r in rows.items():

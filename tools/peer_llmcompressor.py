@@ -57,11 +57,15 @@ def prepare(args) -> None:
     print(f"{out / 'hf'}; calibration windows {list(w.shape)}")
 
 
-def gptq(args) -> None:
+def _oneshot(args, modifier, name: str, *, compressed: bool | None = None,
+             track_changes: bool = False) -> dict:
+    """Run llm-compressor's ``oneshot`` with one modifier on the first ``--windows`` of
+    DIR/calib.safetensors and save the model to DIR/NAME (``compressed``: passed on as
+    ``save_compressed``); return what was measured (wall time, peak RSS; with
+    ``track_changes`` the tensors it changed, at the cost of a copy of the weights)."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,63 +76,52 @@ def gptq(args) -> None:
                             "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(out / "hf")
+    before = {k: v.clone() for k, v in model.state_dict().items()} if track_changes else {}
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=[modifier], max_seq_length=ids.shape[1],
+            num_calibration_samples=ids.shape[0])
+    wall = time.perf_counter() - t0
+    model.save_pretrained(out / name, **({} if compressed is None
+                                         else {"save_compressed": compressed}))
+    tok.save_pretrained(out / name)
+    info = {"tool": "llmcompressor", "modifier": type(modifier).__name__,
+            "calib_windows": list(ids.shape), "threads": torch.get_num_threads(),
+            "cpu": torch.backends.cpu.get_cpu_capability(), "wall_s": round(wall, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if track_changes:
+        changed = sorted(k for k, v in model.state_dict().items()
+                         if k not in before or not torch.equal(v, before[k]))
+        info.update(changed_tensors=len(changed), changed_examples=changed[:6])
+    return info
+
+
+def _report(args, name: str, info: dict) -> None:
+    (Path(args.out) / f"{name}.json").write_text(json.dumps(info, indent=1, default=str))
+    print(json.dumps(info, default=str))
+
+
+def gptq(args) -> None:
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
     scheme = {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
         "group_size": args.group, "observer": "minmax"}}}
     mod = GPTQModifier(config_groups=scheme, ignore=["lm_head"], block_size=128,
                        dampening_frac=0.01, actorder=None)
-    t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=[mod], max_seq_length=ids.shape[1],
-            num_calibration_samples=ids.shape[0])
-    wall = time.perf_counter() - t0
-    dest = out / "llmc-gptq"
-    model.save_pretrained(dest, save_compressed=False)
-    tok.save_pretrained(dest)
-    info = {"tool": "llmcompressor", "modifier": "GPTQModifier", "group": args.group,
-            "calib_windows": list(ids.shape), "threads": torch.get_num_threads(),
-            "cpu": torch.backends.cpu.get_cpu_capability(), "wall_s": round(wall, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-    (out / "llmc-gptq.json").write_text(json.dumps(info, indent=1))
-    print(json.dumps(info))
+    info = _oneshot(args, mod, "llmc-gptq", compressed=False)
+    _report(args, "llmc-gptq", {**info, "group": args.group})
 
 
 def smooth(args) -> None:
     """llm-compressor's SmoothQuantModifier alone (no quantization), saved as a float
     checkpoint: qdsl then quantizes it with the same recipe as its own smoothed model."""
-    import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    ids = load_file(str(out / "calib.safetensors"))["input_ids"][:args.windows or None]
-    ds = Dataset.from_dict({"input_ids": ids.tolist(),
-                            "attention_mask": torch.ones_like(ids).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(out / "hf")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     mod = SmoothQuantModifier(smoothing_strength=args.alpha)
-    t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=[mod], max_seq_length=ids.shape[1],
-            num_calibration_samples=ids.shape[0])
-    wall = time.perf_counter() - t0
-    changed = sorted(k for k, v in model.state_dict().items()
-                     if not torch.equal(v, before[k]))
-    dest = out / "llmc-smooth"
-    model.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    info = {"tool": "llmcompressor", "modifier": "SmoothQuantModifier", "alpha": args.alpha,
-            "mappings": [[list(m.balance_layers), m.smooth_layers] for m in mod.mappings]
-            if mod.mappings else "default", "changed_tensors": len(changed),
-            "changed_examples": changed[:6],
-            "calib_windows": list(ids.shape), "threads": torch.get_num_threads(),
-            "cpu": torch.backends.cpu.get_cpu_capability(), "wall_s": round(wall, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-    (out / "llmc-smooth.json").write_text(json.dumps(info, indent=1, default=str))
-    print(json.dumps(info, default=str))
+    info = _oneshot(args, mod, "llmc-smooth", track_changes=True)
+    mappings = ([[list(m.balance_layers), m.smooth_layers] for m in mod.mappings]
+                if mod.mappings else "default")       # resolved by oneshot for the model
+    _report(args, "llmc-smooth", {**info, "alpha": args.alpha, "mappings": mappings})
 
 
 def main() -> None:
@@ -142,7 +135,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--alpha", type=float, default=0.5, help="smooth: smoothing strength")
     p.add_argument("--windows", type=int, default=0,
-                   help="gptq: calibrate on the first N windows only (0: all)")
+                   help="gptq / smooth: calibrate on the first N windows only (0: all)")
     args = p.parse_args()
     {"prepare": prepare, "gptq": gptq, "smooth": smooth}[args.step](args)
 

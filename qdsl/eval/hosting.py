@@ -187,8 +187,9 @@ def measure(lm, vocab: int, cfg: BenchConfig) -> dict:
     """Prefill ms (median), decode ms per token (median of per-run medians)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, cfg.context), generator=g)
-    lm.prefill(ids[:, :min(8, cfg.context)])                 # warm-up, inside the cache
-    for _ in range(min(3, cfg.decode_tokens)):                 # the timed runs need
+    # warm-up, using no more cache slots than the timed runs (context + decode tokens)
+    lm.prefill(ids[:, :min(8, cfg.context)])
+    for _ in range(min(3, cfg.decode_tokens)):
         lm.decode(1)
     prefill, decode = [], []
     for _ in range(cfg.repeats):

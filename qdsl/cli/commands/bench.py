@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
         model = args.baseline or local_source(meta["model"]["id"], artifact)
     elif args.baseline:
         model = args.baseline
+    if args.also and artifact is None:
+        raise OptionError("--also: give the first artifact as MODEL_OR_ARTIFACT")
     for other in args.also:
         if not is_artifact(other):
             raise OptionError(f"--also {other}: not a qdsl artifact (no qdsl_artifact.json)")
-        if artifact is None:
-            raise OptionError("--also: give the first artifact as MODEL_OR_ARTIFACT")
         other_meta, _, _ = read_artifact(other, verify=not args.no_verify)
         if not args.baseline and other_meta["model"]["id"] != meta["model"]["id"]:
             raise OptionError(f"--also {other}: compiled from {other_meta['model']['id']}, not "

@@ -158,6 +158,9 @@ class Table:
         cls = shape_class(m)
         key = f"{op}/{cls}"
         self.used.add(key)
+        return self._pick(op, cls, key)
+
+    def _pick(self, op: str, cls: str, key: str) -> str:
         hit = self.choices.get(key)
         if hit is not None:
             return hit
@@ -191,11 +194,9 @@ class Table:
 
     def full(self) -> dict[str, str]:
         """Every (operation, class) chosen (measuring what is not yet)."""
-        used = set(self.used)
-        for op in OPS:
+        for op in OPS:                    # a report, not a dispatch: not in ``used``
             for cls in CLASSES:
-                self.choose(op, 1 if cls == "decode" else DECODE_MAX_M + 1)
-        self.used = used                  # a report is not a dispatch
+                self._pick(op, cls, f"{op}/{cls}")
         return dict(self.choices)
 
 
