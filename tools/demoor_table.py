@@ -2,7 +2,11 @@
 with the paired t 95% CI of the difference against the float model (the eval's
 baseline, same samples), perplexity, and the training record of the run directory.
 
-    python tools/demoor_table.py LABEL=ARTIFACT:EVAL.json[:RUN_DIR] ...
+Size is given two ways, each against the float model's same files (``--float``): the
+weight files (``*.safetensors``: what de Moor's sizes count) and every file of the
+directory (tokenizer, plan and metadata included, 0.6 MB for stdlib-gpt2).
+
+    python tools/demoor_table.py [--float models/stdlib-gpt2] LABEL=ARTIFACT:EVAL.json[:RUN_DIR] ...
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from qdsl.artifact.store import artifact_size  # noqa: E402
 from qdsl.study.stats import paired_t  # noqa: E402
 
 
-def row(label: str, spec: str) -> str:
+def weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
+def row(label: str, spec: str, ref: Path) -> str:
     parts = spec.split(":")
     art, ev = Path(parts[0]), json.loads(Path(parts[1]).read_text())
     run = Path(parts[2]) if len(parts) > 2 else None
@@ -25,24 +33,31 @@ def row(label: str, spec: str) -> str:
     pairs = [(ts[s["id"]], s) for s in b["samples"] if s["id"] in ts]
     es = paired_t([a["es"] for a, _ in pairs], [c["es"] for _, c in pairs])
     em = paired_t([100.0 * a["em"] for a, _ in pairs], [100.0 * c["em"] for _, c in pairs])
-    size = artifact_size(art) / 2**20   # t["em"] is a percentage already, a sample's em a bool
+    # t["em"] is a percentage already, a sample's em a bool
+    w, d = weight_bytes(art), artifact_size(art)
+    w_ref, d_ref = weight_bytes(ref), artifact_size(ref)
     train = "-"
     if run is not None and (run / "ckpt" / "state.json").is_file():
         st = json.loads((run / "ckpt" / "state.json").read_text())
         last = st["evals"][-1] if st.get("evals") else {}
         train = (f"{st['step']} steps, {st['tokens']:,} tok, {st['seconds'] / 60:.1f} min, "
                  f"held-out KD loss {last.get('loss', float('nan')):.3f} / CE {last.get('ce', float('nan')):.3f}")
-    return (f"| {label} | {size:.2f} | {t['es']:.2f} | {es.est:+.2f} [{es.lo:+.2f}, {es.hi:+.2f}] "
+    return (f"| {label} | {w / 1e6:.2f} ({w_ref / w:.1f}x) | {d / 1e6:.2f} ({d_ref / d:.1f}x) "
+            f"| {t['es']:.2f} | {es.est:+.2f} [{es.lo:+.2f}, {es.hi:+.2f}] "
             f"| {t['em']:.1f} | {em.est:+.1f} [{em.lo:+.1f}, {em.hi:+.1f}] | {t['ppl']:.1f} "
             f"| {len(pairs)} | {train} |")
 
 
 def main() -> None:
-    print("| row | MB on disk | ES | ΔES vs fp32 [95% CI] | EM % | ΔEM [95% CI] | ppl | n | training |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for arg in sys.argv[1:]:
+    args, ref = sys.argv[1:], Path("models/stdlib-gpt2")
+    if args[:1] == ["--float"]:
+        ref, args = Path(args[1]), args[2:]
+    print(f"float: weights {weight_bytes(ref) / 1e6:.2f} MB, all files {artifact_size(ref) / 1e6:.2f} MB ({ref})")
+    print("| row | weights MB (x smaller) | all files MB (x smaller) | ES | ΔES vs fp32 [95% CI] | EM % | ΔEM [95% CI] | ppl | n | training |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for arg in args:
         label, spec = arg.split("=", 1)
-        print(row(label, spec))
+        print(row(label, spec, ref))
 
 
 if __name__ == "__main__":
