@@ -44,7 +44,11 @@ def row(label: str, spec: str, ref: Path) -> str:
         last = st["evals"][-1] if st.get("evals") else {}
         train = (f"{st['step']} steps, {st['tokens']:,} tok, {st['seconds'] / 60:.1f} min, "
                  f"held-out KD loss {last.get('loss', float('nan')):.3f} / CE {last.get('ce', float('nan')):.3f}")
-    return (f"| {label} | {w / 1e6:.2f} ({w_ref / w:.1f}x) | {d / 1e6:.2f} ({d_ref / d:.1f}x) "
+    if (art / "model.safetensors").is_file():
+        size = f"{w / 1e6:.2f} ({w_ref / w:.1f}x) | {d / 1e6:.2f} ({d_ref / d:.1f}x)"
+    else:   # a simulation artifact: its weights are the source model's, not in the directory
+        size = "source model's | source model's"
+    return (f"| {label} | {size} "
             f"| {t['es']:.2f} | {es.est:+.2f} [{es.lo:+.2f}, {es.hi:+.2f}] "
             f"| {t['em']:.1f} | {em.est:+.1f} [{em.lo:+.1f}, {em.hi:+.1f}] "
             f"| {t['ppl']:.1f} ({pr.est:.3f} [{pr.lo:.3f}, {pr.hi:.3f}]) "
