@@ -169,6 +169,7 @@ class Settings:
     train_logits: float | None = None  # qdsl train: XTC loss weights (default 1 each)
     train_hidden: float | None = None
     train_attn: float | None = None
+    train_dampen: float | None = None  # qdsl train: oscillation dampening weight (default 0)
 
     def then(self, later: Settings) -> Settings:
         """Later settings (an including file, the command line) override earlier ones."""
@@ -183,7 +184,7 @@ class Settings:
 
 
 _LATER = ("lower_compute", "export", "student_blocks", "train_logits", "train_hidden",
-          "train_attn")
+          "train_attn", "train_dampen")
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -200,6 +201,7 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "train.logits": ("train_logits", weight_value),
     "train.hidden": ("train_hidden", weight_value),
     "train.attn": ("train_attn", weight_value),
+    "train.dampen": ("train_dampen", weight_value),
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")

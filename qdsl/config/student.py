@@ -79,7 +79,7 @@ def student_value(value, kind: str) -> str:
 
 
 def weight_value(value, kind: str) -> float:
-    """``set train.logits|hidden|attn = NUMBER`` (a loss weight >= 0) checked."""
+    """``set train.logits|hidden|attn|dampen = NUMBER`` (a loss weight >= 0) checked."""
     if kind != "number" or not 0 <= value < float("inf"):
         raise ValueError(f"a loss weight must be a number >= 0, got `{value}`")
     return float(value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from . import checkpoint
 from .data import batch, held_out, token_streams
 from .init import load_init
 from .loss import LossWeights, distill_loss, run_model
-from .qat import attach, detach
+from .qat import attach, binary_signs, dampening, detach, flip_fraction
 
 
 CALIB_SEED = 1_000_003  # calibration windows (static activations) for the export
@@ -70,6 +71,13 @@ class TrainResult:
     history: list[dict]
     evals: list[dict]
     layer_map: tuple[int, ...]
+
+
+def dampen_at(step: int, steps: int, weight: float) -> float:
+    """The oscillation dampening weight at ``step``: rises from 0 to ``weight`` over the
+    run with a half cosine (Nagel et al. 2022 anneal it likewise: early steps move freely,
+    late ones are held to their grid points)."""
+    return weight * (1 - math.cos(math.pi * min(step, steps) / max(1, steps))) / 2
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -149,6 +157,10 @@ class Trainer:
         return LossWeights(*(v if v is not None else d for v, d in (
             (st.train_logits, w.logits), (st.train_hidden, w.hidden), (st.train_attn, w.attn))))
 
+    def dampen_weight(self) -> float:
+        """``set train.dampen`` (default 0: off)."""
+        return self.recipe.settings.train_dampen or 0.0
+
     def micro_loss(self, ids: torch.Tensor):
         with torch.no_grad():
             t = run_model(self.teacher, ids)
@@ -171,9 +183,18 @@ class Trainer:
             for name, v in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + v / cfg.accumulate
             self.tokens += ids.numel()
+        lam = dampen_at(self.step, cfg.steps, self.dampen_weight())
+        if lam:  # once per optimizer step: it does not depend on the batch
+            damp = dampening(self.student, self.quant)
+            (lam * damp).backward()
+            parts_sum["dampen"] = float(damp.detach())
+        signs = binary_signs(self.student, self.quant)
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        flips = flip_fraction(signs, binary_signs(self.student, self.quant))
+        if flips is not None:
+            parts_sum["flips"] = flips
         rec = {"step": self.step, "loss": total, "lr": lr_at(self.step, cfg), **parts_sum}
         self.step += 1
         self.history.append(rec)

@@ -28,7 +28,8 @@ from ..config.spec import GroupWise, PerTensor, TensorSpec
 from ..errors import ModelError
 from ..passes.lower_int8 import weight_sites
 from ..quant.observers import make_observer
-from ..quant.primitives import choose_qparams, fake_quantize, group_unview, group_view
+from ..quant.primitives import (choose_qparams, fake_quantize, group_unview, group_view,
+                               is_binary, qrange)
 from ..runtime.fakequant import DynamicFakeQuant
 
 MOMENTUM = 0.95  # XTC's static activation range: range = m * range + (1 - m) * batch
@@ -47,6 +48,28 @@ def qat_weight(w: Tensor, spec: TensorSpec, in_out: bool = False) -> Tensor:
     else:
         out = fake_quantize(wt, scale, zero_point, spec.bits, spec.symmetric)
     return out.t() if in_out else out
+
+
+def code_distance(w: Tensor, spec: TensorSpec, in_out: bool = False) -> tuple[Tensor, int]:
+    """(sum of squared distances, element count) between ``w`` (clipped to the grid's
+    range) and its quantized value, in units of the scale: Nagel et al. 2022's
+    oscillation dampening term, scale-independent. The gradient reaches ``w`` only
+    (scale and target held), pulling each latent weight towards the grid point it
+    rounds to (1-bit: ``|w|`` towards ``mean|w|``, away from the sign boundary)."""
+    wt = w.t() if in_out else w
+    with torch.no_grad():
+        obs = make_observer(spec)
+        obs(wt.detach().float())
+        scale, zero_point = obs.qparams()
+    if isinstance(spec.granularity, GroupWise):
+        wt = group_view(wt, spec.granularity.size)
+    target = fake_quantize(wt.detach(), scale, zero_point, spec.bits, spec.symmetric)
+    if not is_binary(spec.bits, spec.symmetric):
+        qmin, qmax = qrange(spec.bits, spec.symmetric)
+        wt = torch.maximum(torch.minimum(wt, (qmax - zero_point) * scale),
+                           (qmin - zero_point) * scale)
+    d = (wt - target) / scale
+    return d.pow(2).sum(), d.numel()
 
 
 class WeightQuant(nn.Module):
@@ -128,6 +151,43 @@ def attach(model: nn.Module, captured_gm, named, plan) -> Quantized:
             q.hooks.append(module.register_forward_pre_hook(
                 lambda mod, args, aq=aq: (aq(args[0]), *args[1:])))
     return q
+
+
+def latent_weights(model: nn.Module, q: Quantized):
+    """(module path, latent float weight, spec, in_out) of every quantized weight; a tied
+    weight once per distinct spec (as the artifact stores it)."""
+    seen = set()
+    for path, spec in q.weights.items():
+        wq = model.get_submodule(path).parametrizations["weight"]
+        key = (id(wq.original), spec.describe(), wq[0].in_out)
+        if key not in seen:
+            seen.add(key)
+            yield path, wq.original, spec, wq[0].in_out
+
+
+def dampening(model: nn.Module, q: Quantized) -> Tensor:
+    """Mean squared code distance over every quantized weight element (``code_distance``)."""
+    total, count = None, 0
+    for _, w, spec, in_out in latent_weights(model, q):
+        d, n = code_distance(w, spec, in_out)
+        total, count = (d if total is None else total + d), count + n
+    if total is None:
+        return torch.zeros(())
+    return total / count
+
+
+def binary_signs(model: nn.Module, q: Quantized) -> list[Tensor]:
+    """The sign bits of every 1-bit weight (to count flips across an optimizer step)."""
+    return [w.detach() >= 0 for _, w, spec, _ in latent_weights(model, q)
+            if is_binary(spec.bits, spec.symmetric)]
+
+
+def flip_fraction(before: list[Tensor], after: list[Tensor]) -> float | None:
+    """The fraction of 1-bit weights whose sign changed (None: no 1-bit weights)."""
+    n = sum(b.numel() for b in before)
+    if not n:
+        return None
+    return sum(int((b != a).sum()) for b, a in zip(before, after)) / n
 
 
 def detach(model: nn.Module, q: Quantized) -> None:

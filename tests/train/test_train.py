@@ -13,7 +13,9 @@ import qdsl
 from qdsl.errors import ModelError
 from qdsl.runtime.packed import PackedLinear
 from qdsl.train import checkpoint
-from qdsl.train.loop import TrainConfig, Trainer, lr_at, train
+from qdsl.config.spec import WEIGHT, PerChannel, TensorSpec
+from qdsl.train.loop import TrainConfig, Trainer, dampen_at, lr_at, train
+from qdsl.train.qat import code_distance
 from tiny import tiny
 
 W1A8 = """\
@@ -154,3 +156,46 @@ def test_recipe_loss_weights(tmp_path):
     assert rec["loss"] == pytest.approx(2.5 * rec["logits"], rel=1e-6)
     assert Trainer(W1A8, tiny("gpt2"), tmp_path, cfg(), data_streams=streams()).loss_weights() \
         == type(w)(1.0, 1.0, 1.0)
+
+
+def test_dampen_schedule_rises_from_zero_to_the_weight():
+    assert dampen_at(0, 10, 0.5) == 0.0
+    assert dampen_at(5, 10, 0.5) == pytest.approx(0.25)
+    assert dampen_at(10, 10, 0.5) == pytest.approx(0.5)
+    ws = [dampen_at(s, 100, 1.0) for s in range(101)]
+    assert ws == sorted(ws)
+
+
+def test_code_distance_pulls_latent_weights_to_their_grid_points():
+    """1-bit: |w| towards mean|w|, sign kept; 4-bit: the distance to the rounded value
+    in units of the scale."""
+    w = torch.tensor([[0.1, -0.3, 0.2, -0.4]], requires_grad=True)
+    d, n = code_distance(w, TensorSpec(WEIGHT, 1, granularity=PerChannel()))
+    alpha = 0.25  # mean|w|
+    assert n == 4
+    assert float(d.detach()) == pytest.approx(sum((v / alpha - 1) ** 2 for v in (0.1, 0.3, 0.2, 0.4)),
+                                     rel=1e-5)
+    d.backward()
+    step = w.detach() - 0.01 * w.grad   # gradient descent on the term
+    assert torch.all(torch.sign(step) == torch.sign(w.detach()))
+    assert torch.all((step.abs() - alpha).abs() < (w.detach().abs() - alpha).abs())
+    x = torch.tensor([[0.7, -0.04, 0.33, 0.0]])
+    d4, _ = code_distance(x, TensorSpec(WEIGHT, 4))   # scale 0.7 / 7 = 0.1
+    assert float(d4) == pytest.approx(0.4 ** 2 + 0.3 ** 2, rel=1e-4)
+
+
+def test_dampening_is_recorded_and_holds_the_1bit_signs(tmp_path):
+    """`set train.dampen`: the step records the code distance and the fraction of 1-bit
+    weights whose sign flipped; a strong dampening flips fewer signs than none, on the
+    same batches at the same learning rate."""
+    flips = {}
+    for lam in (0.0, 50.0):
+        text = (f"set train.dampen = {lam}\n" if lam else "") + W1A8
+        t = Trainer(text, tiny("gpt2"), tmp_path / str(lam), cfg(steps=20, lr=3e-2, warmup=0.0),
+                    data_streams=streams())
+        assert t.dampen_weight() == lam
+        recs = [t.train_step() for _ in range(20)]
+        assert all(0.0 <= r["flips"] <= 1.0 for r in recs)
+        assert ("dampen" in recs[-1]) == bool(lam)
+        flips[lam] = sum(r["flips"] for r in recs[10:])
+    assert flips[50.0] < flips[0.0], flips
