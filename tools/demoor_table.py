@@ -1,6 +1,6 @@
-"""Rows of docs/results-demoor.md from `qdsl eval --json` files: size on disk, ES / EM
-with the paired t 95% CI of the difference against the float model (the eval's
-baseline, same samples), perplexity with the CI of its ratio to the float model's (paired
+"""Rows of docs/results-demoor.md from `qdsl eval --json` files: size on disk, ES with
+the paired t 95% CI of the difference against the float model (the eval's baseline,
+same samples), EM with Newcombe's paired interval (McNemar, the study's standard), perplexity with the CI of its ratio to the float model's (paired
 per-window log-loss, ``study.stats.ppl_ratio``), and the training record of the run directory.
 
 Size is given two ways, each against the float model's same files (``--float``): the
@@ -18,8 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qdsl.artifact.store import artifact_size  # noqa: E402
-from qdsl.study.paired import aligned, es_diff, ppl_test  # noqa: E402
-from qdsl.study.stats import paired_t  # noqa: E402
+from qdsl.study.paired import es_diff, metric_diff, ppl_test  # noqa: E402
 
 
 def weight_bytes(path: Path) -> int:
@@ -33,7 +32,7 @@ def row(label: str, spec: str, ref: tuple[int, int]) -> str:
     run = Path(parts[2]) if len(parts) > 2 else None
     t, b = ev["target"], ev["baseline"]        # the eval scores both on the same samples
     es = es_diff(t, b)
-    em = paired_t(*aligned([t, b], "em"))      # a sample's em as 0 / 100 points
+    em = metric_diff(t, b, "em")               # Newcombe's paired interval, points
     pr = ppl_test(t, b)                        # same windows, paired log-loss
     train = "-"
     if run is not None and (run / "ckpt" / "state.json").is_file():
@@ -59,7 +58,7 @@ def main() -> None:
         ref, args = Path(args[1]), args[2:]
     sizes = weight_bytes(ref), artifact_size(ref)
     print(f"float: weights {sizes[0] / 1e6:.2f} MB, all files {sizes[1] / 1e6:.2f} MB ({ref})")
-    print("| row | weights MB (x smaller) | all files MB (x smaller) | ES | ΔES vs fp32 [95% CI] | EM % | ΔEM [95% CI] | ppl (ratio to fp32 [95% CI]) | n | training |")
+    print("| row | weights MB (x smaller) | all files MB (x smaller) | ES | ΔES vs fp32 [95% CI] | EM % | ΔEM [95% CI, Newcombe] | ppl (ratio to fp32 [95% CI]) | n | training |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for arg in args:
         label, spec = arg.split("=", 1)
