@@ -26,11 +26,11 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from qdsl.quant.primitives import choose_qparams, dequantize, quantize, reduce_mean_abs, reduce_range
+from qdsl.quant.primitives import choose_qparams, quantize, reduce_mean_abs, reduce_range
 from qdsl.errors import GraphError
 from qdsl.runtime import kernels
 from qdsl.runtime.int8 import EmbeddingJson, check_spec
-from qdsl.runtime.packing import pack_int, packed_len, unpack_int
+from qdsl.runtime.packing import dequantize_packed, pack_int, packed_len  # noqa: F401 (re-exported)
 from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
 
 
@@ -59,15 +59,6 @@ def pack_codes(q: Tensor, bits: int) -> Tensor:
     """Signed codes on the symmetric grid ``[rows, n]`` -> uint8 packed (stored unsigned)."""
     u = (q + 1) // 2 if bits == 1 else q + 2 ** (bits - 1)
     return pack_int(u, bits)
-
-
-def dequantize_packed(packed: Tensor, scale: Tensor, bits: int, n: int) -> Tensor:
-    """uint8 ``[rows, bytes]`` + scale ``[rows, G]`` -> float32 ``[rows, n]``."""
-    u = unpack_int(packed, bits, n).to(torch.int32)                  # [rows, n]
-    q = u * 2 - 1 if bits == 1 else u - 2 ** (bits - 1)
-    rows, groups = scale.shape
-    w = dequantize(q.reshape(rows, groups, n // groups), scale.unsqueeze(-1), 0)
-    return w.reshape(rows, n)
 
 
 def packed_layout(spec: TensorSpec) -> tuple[int, int | None]:

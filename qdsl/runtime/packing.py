@@ -38,9 +38,42 @@ def pack_int(q: Tensor, bits: int) -> Tensor:
     return (u << shifts).sum(-1, dtype=torch.uint8)          # disjoint bits: sum == or
 
 
+_SIGNED: dict[int, Tensor] = {}
+
+
+def signed_table(bits: int) -> Tensor:
+    """float32 ``[256, 8 // bits]``: the signed codes a byte holds, in order (1 bit:
+    -1 / +1; otherwise ``u - 2^(bits-1)``). One lookup per byte unpacks a row in one pass
+    (``unpack_signed``), where shifting and masking takes five."""
+    t = _SIGNED.get(bits)
+    if t is None:
+        shifts = torch.arange(0, 8, bits, dtype=torch.int64)
+        u = ((torch.arange(256)[:, None] >> shifts) & (2**bits - 1)).float()
+        t = _SIGNED[bits] = (u * 2 - 1 if bits == 1 else u - 2 ** (bits - 1)).contiguous()
+    return t
+
+
+def unpack_signed(packed: Tensor, bits: int, n: int) -> Tensor:
+    """uint8 ``[rows, bytes]`` -> the signed codes as float32 ``[rows, n]``."""
+    _per_byte(bits)
+    table = signed_table(bits).to(packed.device)
+    w = torch.nn.functional.embedding(packed.reshape(-1).to(torch.int32), table)
+    w = w.reshape(*packed.shape[:-1], -1)
+    return w if w.shape[-1] == n else w[..., :n]
+
+
 def unpack_int(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of ``pack_int``: uint8 ``[..., bytes]`` -> uint8 ``[..., n]``."""
     per = _per_byte(bits)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     u = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)     # [..., bytes, per]
     return u.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def dequantize_packed(packed: Tensor, scale: Tensor, bits: int, n: int) -> Tensor:
+    """uint8 ``[rows, bytes]`` + scale ``[rows, G]`` -> float32 ``[rows, n]``."""
+    q = unpack_signed(packed, bits, n)                               # [rows, n] float32
+    rows, groups = scale.shape
+    w = q.reshape(rows, groups, n // groups)
+    w.mul_(scale.unsqueeze(-1))   # the codes are exact in float32: dequantize's product
+    return w.reshape(rows, n)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qdsl.runtime.kernels import cext, cpu, impls, tuning as table_mod
+from qdsl.runtime.kernels import binary, cext, cpu, impls, tuning as table_mod
 from qdsl.runtime import kernels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +151,21 @@ def test_w8_candidates_match_dequantized_weights(shape, bias, seed):
     for isa in ISAS:
         y = torch.ops.qdsl_kernels.w8_linear(x, w, ws, b, isa).double()
         assert ((y - ref).abs() <= 1e-6 * bound + 1e-6).all(), isa
+
+
+def test_random_packed_weights_dequantize_to_their_codes():
+    """The benchmark weights unpack per call (what float_gemm costs on a loaded weight)
+    to the codes their bytes hold, read here with shifts independently of the runtime."""
+    g = torch.Generator().manual_seed(0)
+    w4 = impls.random_w4(64, 3, 32, g)
+    p = w4.packed.int()
+    u = torch.stack([p & 15, p >> 4], -1).reshape(3, 64)
+    want = ((u - 8).float().reshape(3, 2, 32) * w4.scale[:, :, None]).reshape(3, 64)
+    assert torch.equal(w4.dequant(), want)
+    w1 = binary.random_w1(20, 3, 10, g)
+    b = ((w1.packed.int()[..., None] >> torch.arange(8)) & 1).reshape(3, -1)[:, :20]
+    want = ((b * 2 - 1).float().reshape(3, 2, 10) * w1.scale[:, :, None]).reshape(3, 20)
+    assert torch.equal(w1.dequant(), want)
 
 
 @settings(max_examples=30, deadline=None)

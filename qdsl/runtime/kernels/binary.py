@@ -33,6 +33,7 @@ from qdsl.quant.primitives import choose_qparams, fake_quantize, reduce_range
 from qdsl.runtime.kernels import cext
 from qdsl.runtime.kernels.cpu import capability
 from qdsl.runtime.kernels.weights import PackedWeight, contiguous as _c
+from qdsl.runtime.packing import dequantize_packed
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +121,14 @@ def w1a8_float(x: Tensor, w1: W1, per_token: bool, symmetric: bool) -> Tensor:
 
 
 def random_w1(k: int, n: int, group_size: int, g: torch.Generator | None = None) -> W1:
-    """A random packed 1-bit weight (benchmarks, tests) with its float32 dequantization."""
+    """A random packed 1-bit weight (benchmarks, tests); its float32
+    dequantization unpacks per call, as a loaded weight's does."""
     bits = torch.randint(0, 2, (n, k), dtype=torch.uint8, generator=g)
     shifts = torch.arange(8, dtype=torch.uint8)
     pad = (-k) % 8
     packed = (nn.functional.pad(bits, (0, pad)).reshape(n, -1, 8) << shifts).sum(
-        -1, dtype=torch.uint8)
+        -1, dtype=torch.uint8).contiguous()
     scale = torch.rand(n, k // group_size, generator=g) * 0.01 + 1e-3
-    w = ((bits.float() * 2 - 1).reshape(n, -1, group_size) * scale[:, :, None]).reshape(n, k)
-    return W1(packed.contiguous(), scale, k, group_size, None, lambda: w)
+    # the per-call unpacking a real weight pays (the kernel table times float_gemm with it)
+    return W1(packed, scale, k, group_size, None,
+              lambda: dequantize_packed(packed, scale, 1, k))

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from qdsl.runtime.kernels.binary import W1, random_w1, w1_float, w1_qdsl, w1a8_float, w1a8_qdsl
 from qdsl.runtime.kernels.cpu import capability
 from qdsl.runtime.kernels.weights import PackedWeight, contiguous as _c
+from qdsl.runtime.packing import dequantize_packed
 
 INT4_GROUPS = (32, 64, 128, 256)   # what aten._weight_int4pack_mm_for_cpu takes
 BF16 = frozenset({"torch_int8pack_mm", "torch_bf16_gemm", "torch_int4pack_mm"})  # round to bf16
@@ -182,12 +183,14 @@ IMPLS: dict[str, dict[str, Callable]] = {
 
 
 def random_w4(k: int, n: int, group_size: int, g: torch.Generator | None = None) -> W4:
-    """A random packed w4 weight (benchmarks, tests), with its float32 dequantization."""
+    """A random packed w4 weight (benchmarks, tests); its float32
+    dequantization unpacks per call, as a loaded weight's does."""
     u = torch.randint(1, 16, (n, k), dtype=torch.uint8, generator=g)
     packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
     scale = torch.rand(n, k // group_size, generator=g) * 0.01 + 1e-3
-    w = ((u.float() - 8).reshape(n, -1, group_size) * scale[:, :, None]).reshape(n, k)
-    return W4(packed, scale, k, group_size, None, lambda: w)
+    # the per-call unpacking a real weight pays (the kernel table times float_gemm with it)
+    return W4(packed, scale, k, group_size, None,
+              lambda: dequantize_packed(packed, scale, 4, k))
 
 
 def bench_case(op: str, name: str, m: int, k: int, n: int) -> Callable[[], Tensor]:
