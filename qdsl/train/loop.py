@@ -233,8 +233,11 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.seconds += dt
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}",
-                                tok_s=f"{cfg.batch_size * cfg.seq_len * cfg.accumulate / dt:.0f}")
+                post = {"loss": f"{rec['loss']:.4f}",
+                        "tok_s": f"{cfg.batch_size * cfg.seq_len * cfg.accumulate / dt:.0f}"}
+                if "flips" in rec:
+                    post["flips"] = f"{rec['flips']:.1e}"
+                bar.set_postfix(post)
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     ev = self.evaluate()
                     bar.write(f"step {self.step}: held-out loss {ev['loss']:.4f}, "
