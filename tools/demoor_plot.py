@@ -1,7 +1,8 @@
 """de Moor et al. Figure 1 from `qdsl train` runs: the training loss (XTC's total
 distillation loss, a running mean over --window steps, thin: every step) and the
 held-out loss (the `--eval-every` evaluations) against the step, one colour per row,
-plus the learning rate. Reads each run directory's `ckpt/state.json` (safetensors +
+plus the learning rate, and, for runs that recorded it, the fraction of 1-bit weights
+whose sign each step flipped (running mean). Reads each run directory's `ckpt/state.json` (safetensors +
 JSON checkpoints; nothing else is needed), writes a PNG (matplotlib: an optional
 dependency, imported here only).
 
@@ -56,11 +57,12 @@ def main() -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("the plot needs matplotlib (pip install matplotlib)")
-    fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
-                                    gridspec_kw={"height_ratios": [3, 1]})
-    for i, spec in enumerate(a.runs):
-        label, run = spec.split("=", 1)
-        st = history(Path(run))
+    runs = [(spec.split("=", 1)[0], history(Path(spec.split("=", 1)[1]))) for spec in a.runs]
+    flips = any("flips" in h for _, st in runs for h in st["history"])
+    fig, axes = plt.subplots(3 if flips else 2, 1, figsize=(8, 8.5 if flips else 6.5),
+                             sharex=True, gridspec_kw={"height_ratios": [3, 1, 1.3][:3 if flips else 2]})
+    ax, lr_ax = axes[0], axes[1]
+    for i, (label, st) in enumerate(runs):
         steps = [h["step"] for h in st["history"]]
         loss = [h["loss"] for h in st["history"]]
         c = f"C{i}"
@@ -72,6 +74,9 @@ def main() -> None:
             ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o--", color=c, ms=3,
                     lw=1, label=f"{label}: held-out")
         lr_ax.plot(steps, [h["lr"] for h in st["history"]], color=c, lw=1.2, label=label)
+        if flips and all("flips" in h for h in st["history"]):
+            axes[2].plot(steps, running_mean([h["flips"] for h in st["history"]], a.window),
+                         color=c, lw=1.2, label=label)
         print(f"{label}: training loss by tenths of {len(loss)} steps: "
               + ", ".join(f"{v:.3f}" for v in tenths(loss)))
         if ev:
@@ -83,8 +88,13 @@ def main() -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     lr_ax.set_ylabel("learning rate")
-    lr_ax.set_xlabel("optimizer step (8 x 128 tokens)")
     lr_ax.grid(alpha=0.3)
+    if flips:
+        axes[2].set_ylabel("1-bit sign flips\nper step (fraction)")
+        axes[2].set_yscale("log")
+        axes[2].legend(fontsize=7)
+        axes[2].grid(alpha=0.3, which="both")
+    axes[-1].set_xlabel("optimizer step (8 x 128 tokens)")
     fig.tight_layout()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out).with_name(Path(a.out).stem + ".tmp" + Path(a.out).suffix)
