@@ -35,18 +35,25 @@ from ..runtime.fakequant import DynamicFakeQuant
 MOMENTUM = 0.95  # XTC's static activation range: range = m * range + (1 - m) * batch
 
 
-def qat_weight(w: Tensor, spec: TensorSpec, in_out: bool = False) -> Tensor:
-    """Fake-quantized ``w`` with a straight-through gradient (``in_out``: Conv1D [in, out])."""
+def _on_grid(w: Tensor, spec: TensorSpec, in_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``w`` as its quantizer sees it ([out, in], grouped for group-wise specs) and the
+    observer's scale / zero point of it (no gradient; 1-bit symmetric: ``mean|W|``)."""
     wt = w.t() if in_out else w
     with torch.no_grad():
         obs = make_observer(spec)
         obs(wt.detach().float())
         scale, zero_point = obs.qparams()
     if isinstance(spec.granularity, GroupWise):
-        out = group_unview(fake_quantize(group_view(wt, spec.granularity.size), scale,
-                                         zero_point, spec.bits, spec.symmetric))
-    else:
-        out = fake_quantize(wt, scale, zero_point, spec.bits, spec.symmetric)
+        wt = group_view(wt, spec.granularity.size)
+    return wt, scale, zero_point
+
+
+def qat_weight(w: Tensor, spec: TensorSpec, in_out: bool = False) -> Tensor:
+    """Fake-quantized ``w`` with a straight-through gradient (``in_out``: Conv1D [in, out])."""
+    wt, scale, zero_point = _on_grid(w, spec, in_out)
+    out = fake_quantize(wt, scale, zero_point, spec.bits, spec.symmetric)
+    if isinstance(spec.granularity, GroupWise):
+        out = group_unview(out)
     return out.t() if in_out else out
 
 
@@ -56,13 +63,7 @@ def code_distance(w: Tensor, spec: TensorSpec, in_out: bool = False) -> tuple[Te
     oscillation dampening term, scale-independent. The gradient reaches ``w`` only
     (scale and target held), pulling each latent weight towards the grid point it
     rounds to (1-bit: ``|w|`` towards ``mean|w|``, away from the sign boundary)."""
-    wt = w.t() if in_out else w
-    with torch.no_grad():
-        obs = make_observer(spec)
-        obs(wt.detach().float())
-        scale, zero_point = obs.qparams()
-    if isinstance(spec.granularity, GroupWise):
-        wt = group_view(wt, spec.granularity.size)
+    wt, scale, zero_point = _on_grid(w, spec, in_out)
     target = fake_quantize(wt.detach(), scale, zero_point, spec.bits, spec.symmetric)
     if not is_binary(spec.bits, spec.symmetric):
         qmin, qmax = qrange(spec.bits, spec.symmetric)
@@ -154,21 +155,21 @@ def attach(model: nn.Module, captured_gm, named, plan) -> Quantized:
 
 
 def latent_weights(model: nn.Module, q: Quantized):
-    """(module path, latent float weight, spec, in_out) of every quantized weight; a tied
-    weight once per distinct spec (as the artifact stores it)."""
+    """(latent float weight, spec, in_out) of every quantized weight; a tied weight once
+    per distinct spec (as the artifact stores it)."""
     seen = set()
     for path, spec in q.weights.items():
         wq = model.get_submodule(path).parametrizations["weight"]
         key = (id(wq.original), spec.describe(), wq[0].in_out)
         if key not in seen:
             seen.add(key)
-            yield path, wq.original, spec, wq[0].in_out
+            yield wq.original, spec, wq[0].in_out
 
 
 def dampening(model: nn.Module, q: Quantized) -> Tensor:
     """Mean squared code distance over every quantized weight element (``code_distance``)."""
     total, count = None, 0
-    for _, w, spec, in_out in latent_weights(model, q):
+    for w, spec, in_out in latent_weights(model, q):
         d, n = code_distance(w, spec, in_out)
         total, count = (d if total is None else total + d), count + n
     if total is None:
@@ -178,7 +179,7 @@ def dampening(model: nn.Module, q: Quantized) -> Tensor:
 
 def binary_signs(model: nn.Module, q: Quantized) -> list[Tensor]:
     """The sign bits of every 1-bit weight (to count flips across an optimizer step)."""
-    return [w.detach() >= 0 for _, w, spec, _ in latent_weights(model, q)
+    return [w.detach() >= 0 for w, spec, _ in latent_weights(model, q)
             if is_binary(spec.bits, spec.symmetric)]
 
 
