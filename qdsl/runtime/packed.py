@@ -30,7 +30,7 @@ from qdsl.quant.primitives import choose_qparams, quantize, reduce_mean_abs, red
 from qdsl.errors import GraphError
 from qdsl.runtime import kernels
 from qdsl.runtime.int8 import EmbeddingJson, check_spec
-from qdsl.runtime.packing import dequantize_packed, pack_int, packed_len  # noqa: F401 (re-exported)
+from qdsl.runtime.packing import dequantize_packed, pack_int, packed_len
 from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
 
 
