@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .spec import TensorPatch
-from .student import student_value, weight_value
+from .student import fraction_value, lr_value, student_value, weight_value
 
 SELECTOR_KINDS = ("glob", "op", "type", "re", "module")
 # Ports a selector may name after its pattern: `.input` = the tensor a linear reads.
@@ -170,6 +170,9 @@ class Settings:
     train_hidden: float | None = None
     train_attn: float | None = None
     train_dampen: float | None = None  # qdsl train: oscillation dampening weight (default 0)
+    train_lr: float | None = None      # qdsl train: peak learning rate (default 5e-4; --lr wins)
+    train_warmup: float | None = None  # qdsl train: warm-up fraction (default 0.2; --warmup wins)
+    train_freeze: float | None = None  # qdsl train: freezing threshold on the flip frequency
 
     def then(self, later: Settings) -> Settings:
         """Later settings (an including file, the command line) override earlier ones."""
@@ -184,7 +187,7 @@ class Settings:
 
 
 _LATER = ("lower_compute", "export", "student_blocks", "train_logits", "train_hidden",
-          "train_attn", "train_dampen")
+          "train_attn", "train_dampen", "train_lr", "train_warmup", "train_freeze")
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -202,6 +205,9 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "train.hidden": ("train_hidden", weight_value),
     "train.attn": ("train_attn", weight_value),
     "train.dampen": ("train_dampen", weight_value),
+    "train.lr": ("train_lr", lr_value),
+    "train.warmup": ("train_warmup", fraction_value),
+    "train.freeze": ("train_freeze", fraction_value),
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")

@@ -85,6 +85,20 @@ def weight_value(value, kind: str) -> float:
     return float(value)
 
 
+def lr_value(value, kind: str) -> float:
+    """``set train.lr = NUMBER`` (the peak learning rate, > 0) checked."""
+    if kind != "number" or not 0 < value < float("inf"):
+        raise ValueError(f"a learning rate must be a number > 0, got `{value}`")
+    return float(value)
+
+
+def fraction_value(value, kind: str) -> float:
+    """``set train.warmup|freeze = NUMBER`` (a fraction, 0 to 1) checked."""
+    if kind != "number" or not 0 <= value <= 1:
+        raise ValueError(f"expected a fraction from 0 to 1, got `{value}`")
+    return float(value)
+
+
 def setting_position(text: str, key: str = "student.blocks") -> tuple[int, int, str]:
     """(line, column of the value, line text) of the last ``set KEY = ...`` in ``text``;
     (1, 1, "") when the setting came from an included file."""

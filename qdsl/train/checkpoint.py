@@ -1,7 +1,8 @@
 """Resumable training state: ``RUN/ckpt/`` = ``model.safetensors`` (the student's
 trainable float parameters and the activation quantizers' running ranges),
 ``optim.safetensors`` (AdamW's moments and step counts, one entry per parameter,
-keyed by parameter name), ``rng.safetensors`` (torch's CPU generator state) and
+keyed by parameter name), ``extra.safetensors`` (other training state, e.g. the
+oscillation freezer's averages; when there is any), ``rng.safetensors`` (torch's CPU generator state) and
 ``state.json`` (step, tokens seen, elapsed time, the loss history, the run's
 settings). No pickle.
 
@@ -29,7 +30,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def save(run: Path, model, acts: torch.nn.Module, opt: torch.optim.Optimizer,
-         state: dict) -> None:
+         state: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
     tmp, cur, old = run / "ckpt.tmp", run / "ckpt", run / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -44,6 +45,9 @@ def save(run: Path, model, acts: torch.nn.Module, opt: torch.optim.Optimizer,
                                      else torch.tensor(v)).contiguous()
     save_file(optim or {"empty": torch.zeros(0)}, str(tmp / "optim.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    if extra:
+        save_file({k: v.detach().contiguous().clone() for k, v in extra.items()},
+                  str(tmp / "extra.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     for f in tmp.iterdir():  # on disk before the swap
         with open(f, "rb") as fh:
@@ -63,8 +67,10 @@ def latest(run: Path) -> Path | None:
     return None
 
 
-def load(run: Path, model, acts: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """Restore everything ``save`` wrote; the saved state dict (step, history ...)."""
+def load(run: Path, model, acts: torch.nn.Module, opt: torch.optim.Optimizer,
+         extra: dict | None = None) -> dict:
+    """Restore everything ``save`` wrote; the saved state dict (step, history ...).
+    ``extra`` (a dict) receives the tensors saved as ``extra`` (empty when none were)."""
     d = latest(run)
     if d is None:
         raise ModelError(f"--resume: no checkpoint in {run} (expected {run / 'ckpt'})")
@@ -73,6 +79,8 @@ def load(run: Path, model, acts: torch.nn.Module, opt: torch.optim.Optimizer) ->
         optim = load_file(str(d / "optim.safetensors"))
         rng = load_file(str(d / "rng.safetensors"))["torch"]
         state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+        more = (load_file(str(d / "extra.safetensors"))
+                if (d / "extra.safetensors").is_file() else {})
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"--resume: unreadable checkpoint {d}: {e}") from e
     params = _params(model)
@@ -90,4 +98,6 @@ def load(run: Path, model, acts: torch.nn.Module, opt: torch.optim.Optimizer) ->
         if st:
             opt.state[p] = st
     torch.set_rng_state(rng)
+    if extra is not None:
+        extra.update(more)
     return state

@@ -30,10 +30,11 @@ from . import checkpoint
 from .data import batch, held_out, token_streams
 from .init import load_init
 from .loss import LossWeights, distill_loss, run_model
-from .qat import attach, binary_signs, dampening, detach, flip_fraction
+from .qat import Freezer, attach, binary_signs, binary_weights, dampening, detach, flip_fraction
 
 
 CALIB_SEED = 1_000_003  # calibration windows (static activations) for the export
+LR, WARMUP = 5e-4, 0.2  # de Moor's peak learning rate and warm-up fraction (the defaults)
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 128
     accumulate: int = 1          # micro-batches per optimizer step
-    lr: float = 5e-4
-    warmup: float = 0.2          # fraction of the steps
+    lr: float | None = None      # peak; None: the recipe's `set train.lr`, else LR
+    warmup: float | None = None  # fraction of the steps; None: `set train.warmup`, else WARMUP
     weight_decay: float = 0.01
     clip: float = 1.0            # gradient norm
     seed: int = 0
@@ -59,6 +60,16 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def resolved(self, settings) -> TrainConfig:
+        """Unset ``lr`` / ``warmup`` from the recipe's ``set train.lr|warmup``, else the
+        defaults (an explicit value, e.g. the command line's, wins over the recipe)."""
+        return dataclasses.replace(self, lr=_first(self.lr, settings.train_lr, LR),
+                                   warmup=_first(self.warmup, settings.train_warmup, WARMUP))
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
 
 
 @dataclass
@@ -93,7 +104,8 @@ class Trainer:
 
     def __init__(self, recipe, model, run: Path, cfg: TrainConfig, *, data_streams=None,
                  init=None):
-        self.recipe, self.cfg, self.run = as_recipe(recipe), cfg, Path(run)
+        self.recipe, self.run = as_recipe(recipe), Path(run)
+        self.cfg = cfg = cfg.resolved(self.recipe.settings)
         teacher, self.tokenizer, self.model_id = as_model(model)
         self.teacher = teacher.eval().requires_grad_(False)
         student, blocks = student_of(self.teacher, self.recipe)
@@ -110,6 +122,14 @@ class Trainer:
             self.recipe.settings, student_blocks=None))  # self.student is reduced already
         exp = explain(plain, self.student)
         self.quant = attach(self.student, exp.captured.gm, exp.named, exp.plan)
+        threshold = self.recipe.settings.train_freeze
+        self.freezer = None  # `set train.freeze`: iterative freezing of oscillating 1-bit weights
+        if threshold:
+            weights = binary_weights(self.student, self.quant)
+            if not weights:
+                raise ModelError(f"{self.recipe.source}: `set train.freeze` freezes "
+                                 "oscillating 1-bit weights, and this recipe has none")
+            self.freezer = Freezer(weights, threshold)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
         if data_streams is None:
@@ -131,10 +151,12 @@ class Trainer:
     def save(self) -> None:
         checkpoint.save(self.run, self.student, self.quant.act_modules, self.opt, {
             "step": self.step, "tokens": self.tokens, "seconds": self.seconds,
-            "history": self.history, "evals": self.evals, "run": self.identity()})
+            "history": self.history, "evals": self.evals, "run": self.identity()},
+            extra=self.freezer.state_dict() if self.freezer else None)
 
     def resume(self) -> None:
-        state = checkpoint.load(self.run, self.student, self.quant.act_modules, self.opt)
+        extra: dict = {}
+        state = checkpoint.load(self.run, self.student, self.quant.act_modules, self.opt, extra)
         mine, theirs = self.identity(), state.get("run", {})
         same_init = ((theirs.get("init") or {}).get("sha256")
                      == (mine["init"] or {}).get("sha256"))
@@ -146,6 +168,8 @@ class Trainer:
                 raise ModelError(f"--resume: the checkpoint in {self.run} was written for "
                                  f"another {key.replace('_', ' ')} ({theirs.get(key)} vs "
                                  f"{mine[key]})")
+        if self.freezer is not None:
+            self.freezer.load_state_dict(extra)
         self.step, self.tokens = state["step"], state["tokens"]
         self.seconds, self.history = state["seconds"], state["history"]
         self.evals = state.get("evals", [])
@@ -192,6 +216,8 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.freezer is not None:  # before counting: a frozen weight's bit stays
+            parts_sum["frozen"] = self.freezer.step(signs)
         flips = flip_fraction(signs, binary_signs(self.student, self.quant))
         if flips is not None:
             parts_sum["flips"] = flips
@@ -237,6 +263,8 @@ class Trainer:
                         "tok_s": f"{cfg.batch_size * cfg.seq_len * cfg.accumulate / dt:.0f}"}
                 if "flips" in rec:
                     post["flips"] = f"{rec['flips']:.1e}"
+                if "frozen" in rec:
+                    post["frozen"] = f"{rec['frozen']:.1e}"
                 bar.set_postfix(post)
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     ev = self.evaluate()

@@ -33,6 +33,7 @@ from ..quant.primitives import (choose_qparams, fake_quantize, group_unview, gro
 from ..runtime.fakequant import DynamicFakeQuant
 
 MOMENTUM = 0.95  # XTC's static activation range: range = m * range + (1 - m) * batch
+FREEZE_MOMENTUM = 0.01  # Nagel et al. 2022's oscillation frequency EMA: f = m * o + (1 - m) * f
 
 
 def _on_grid(w: Tensor, spec: TensorSpec, in_out: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -177,10 +178,77 @@ def dampening(model: nn.Module, q: Quantized) -> Tensor:
     return total / count
 
 
+def binary_weights(model: nn.Module, q: Quantized) -> list[Tensor]:
+    """The latent float weight of every 1-bit weight (a tied one once per spec)."""
+    return [w for w, spec, _ in latent_weights(model, q) if is_binary(spec.bits, spec.symmetric)]
+
+
 def binary_signs(model: nn.Module, q: Quantized) -> list[Tensor]:
     """The sign bits of every 1-bit weight (to count flips across an optimizer step)."""
-    return [w.detach() >= 0 for w, spec, _ in latent_weights(model, q)
-            if is_binary(spec.bits, spec.symmetric)]
+    return [w.detach() >= 0 for w in binary_weights(model, q)]
+
+
+class Freezer:
+    """Iterative freezing of oscillating 1-bit weights (Nagel et al. 2022, section 4.2).
+
+    Per latent 1-bit weight, an exponential moving average of its sign flips (momentum
+    ``FREEZE_MOMENTUM``: ``f = 0.01 * flipped + 0.99 * f``; at 1 bit every flip after
+    the first reverses the previous one, so a flip is an oscillation) and of its sign
+    (+-1). After each optimizer step (``step``), a weight whose frequency exceeds
+    ``threshold`` is frozen: its latent value is set to the sign its average favours
+    times its current magnitude and held there at every later step (the optimizer's
+    move, weight decay included, is undone), so its bit stops changing and the rest of
+    the model trains around it. ``state_dict`` / ``load_state_dict`` carry the
+    averages and the frozen values through checkpoints."""
+
+    def __init__(self, weights: list[Tensor], threshold: float,
+                 momentum: float = FREEZE_MOMENTUM) -> None:
+        if not 0 < threshold <= 1:
+            raise ModelError(f"train.freeze: the threshold is a flip frequency in (0, 1], "
+                             f"got {threshold}")
+        self.weights, self.threshold, self.momentum = weights, threshold, momentum
+        self.freq = [torch.zeros(w.shape) for w in weights]
+        self.sign = [torch.zeros(w.shape) for w in weights]
+        self.frozen = [torch.zeros(w.shape, dtype=torch.bool) for w in weights]
+        self.value = [torch.zeros(w.shape) for w in weights]
+
+    @torch.no_grad()
+    def step(self, before: list[Tensor]) -> float:
+        """After an optimizer step: undo it on the frozen weights, update the averages
+        from the signs ``before`` it (``binary_signs``), freeze the weights now past the
+        threshold; the fraction of 1-bit weights frozen."""
+        m, frozen, total = self.momentum, 0, 0
+        for w, b, f, sg, fr, val in zip(self.weights, before, self.freq, self.sign,
+                                        self.frozen, self.value):
+            w.data.copy_(torch.where(fr, val.to(w.dtype), w.data))
+            now = w.data >= 0
+            f.mul_(1 - m).add_((now != b).float(), alpha=m)
+            sg.mul_(1 - m).add_(now.float() * 2 - 1, alpha=m)
+            new = (f > self.threshold) & ~fr
+            if bool(new.any()):
+                keep = torch.where(sg >= 0, 1.0, -1.0) * w.data.float().abs().clamp_min(1e-12)
+                val.copy_(torch.where(new, keep, val))
+                fr |= new
+                w.data.copy_(torch.where(new, val.to(w.dtype), w.data))
+            frozen += int(fr.sum())
+            total += fr.numel()
+        return frozen / total if total else 0.0
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {}
+        for i, (f, sg, fr, val) in enumerate(zip(self.freq, self.sign, self.frozen, self.value)):
+            out.update({f"{i}.freq": f, f"{i}.sign": sg, f"{i}.frozen": fr, f"{i}.value": val})
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for i in range(len(self.weights)):
+            for name, dst in (("freq", self.freq), ("sign", self.sign), ("frozen", self.frozen),
+                              ("value", self.value)):
+                t = state.get(f"{i}.{name}")
+                if t is None or t.shape != dst[i].shape:
+                    raise ModelError("--resume: the checkpoint's freezing state does not "
+                                     "match this student's 1-bit weights")
+                dst[i] = t.clone().to(dst[i].dtype)
 
 
 def flip_fraction(before: list[Tensor], after: list[Tensor]) -> float | None:

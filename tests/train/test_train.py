@@ -15,7 +15,7 @@ from qdsl.runtime.packed import PackedLinear
 from qdsl.train import checkpoint
 from qdsl.config.spec import WEIGHT, PerChannel, TensorSpec
 from qdsl.train.loop import TrainConfig, Trainer, dampen_at, lr_at, train
-from qdsl.train.qat import code_distance
+from qdsl.train.qat import Freezer, code_distance
 from tiny import tiny
 
 W1A8 = """\
@@ -199,3 +199,71 @@ def test_dampening_is_recorded_and_holds_the_1bit_signs(tmp_path):
         assert ("dampen" in recs[-1]) == bool(lam)
         flips[lam] = sum(r["flips"] for r in recs[10:])
     assert flips[50.0] < flips[0.0], flips
+
+
+def test_recipe_learning_rate_and_warmup_defaults_and_overrides(tmp_path):
+    """`set train.lr|warmup` set the schedule; an explicit config (the command line's
+    --lr / --warmup) wins; neither: de Moor's 5e-4 and 0.2."""
+    text = "set train.lr = 5e-5\nset train.warmup = 0.05\n" + W1A8
+    plain = cfg(lr=None, warmup=None)
+    t = Trainer(text, tiny("gpt2"), tmp_path / "a", plain, data_streams=streams())
+    assert (t.cfg.lr, t.cfg.warmup) == (5e-5, 0.05)
+    assert t.opt.param_groups[0]["lr"] == 5e-5
+    assert t.identity()["config"]["lr"] == 5e-5          # the run records what it used
+    t = Trainer(text, tiny("gpt2"), tmp_path / "b", cfg(lr=1e-3, warmup=None),
+                data_streams=streams())
+    assert (t.cfg.lr, t.cfg.warmup) == (1e-3, 0.05)
+    t = Trainer(W1A8, tiny("gpt2"), tmp_path / "c", plain, data_streams=streams())
+    assert (t.cfg.lr, t.cfg.warmup) == (5e-4, 0.2)
+
+
+def test_freezer_freezes_an_oscillating_weight_at_its_majority_sign():
+    """A weight pushed across zero at every step is frozen once its flip frequency passes
+    the threshold, at the sign it held most, and stays there; a weight that never flips
+    is left alone."""
+    w = torch.nn.Parameter(torch.tensor([[0.01, 0.5]]))
+    fr = Freezer([w], threshold=0.03)
+    frozen_at = None
+    for step in range(40):
+        before = [w.detach() >= 0]
+        with torch.no_grad():   # "the optimizer": weight 0 alternates, mostly positive
+            w[0, 0] = -0.01 if step % 3 == 1 else 0.01
+            w[0, 1] += 0.001
+        frac = fr.step(before)
+        if frac and frozen_at is None:
+            frozen_at = step
+            assert frac == 0.5 and float(w.detach()[0, 0]) > 0       # the majority sign
+    assert frozen_at is not None and 2 <= frozen_at <= 10, frozen_at
+    assert bool(fr.frozen[0][0, 0]) and not bool(fr.frozen[0][0, 1])
+    assert float(w[0, 0]) == float(fr.value[0][0, 0]) > 0    # held, whatever the steps did
+    assert float(w[0, 1]) == pytest.approx(0.54)             # the other weight trains on
+
+
+def test_freezing_stops_flips_and_resumes_exactly(tmp_path):
+    """`set train.freeze`: at a rate that makes 1-bit weights oscillate, frozen weights
+    accumulate and the flips fall below the unfrozen run's on the same batches; the
+    freezer's state goes through the checkpoint (the next loss is the same)."""
+    flips, model = {}, tiny("gpt2")
+    for name, text in (("free", W1A8), ("freeze", "set train.freeze = 0.01\n" + W1A8)):
+        t = Trainer(text, model, tmp_path / name, cfg(steps=40, lr=3e-2, warmup=0.0),
+                    data_streams=streams())
+        recs = [t.train_step() for _ in range(30)]
+        flips[name] = sum(r["flips"] for r in recs[15:])
+        if name == "freeze":
+            frozen = [r["frozen"] for r in recs]
+            assert frozen == sorted(frozen) and frozen[-1] > 0.1, frozen[-1]
+            t.save()
+            a = [t.train_step() for _ in range(2)]
+            b = Trainer(text, model, tmp_path / name, cfg(steps=40, lr=3e-2, warmup=0.0),
+                        data_streams=streams())
+            b.resume()
+            assert [b.train_step()["loss"] for _ in range(2)] == [r["loss"] for r in a]
+            for x, y in zip(t.freezer.frozen, b.freezer.frozen):
+                assert torch.equal(x, y)
+    assert flips["freeze"] < 0.5 * flips["free"], flips
+
+
+def test_freeze_needs_1bit_weights(tmp_path):
+    with pytest.raises(ModelError, match="train.freeze"):
+        Trainer("set train.freeze = 0.02\n* -> w8 sym per_channel\n", tiny("gpt2"), tmp_path,
+                cfg(), data_streams=streams())

@@ -18,8 +18,9 @@ def register(sub) -> None:
                     "activation quantizers under a straight-through estimator) is trained "
                     "against the float TEACHER with XTC's loss (soft cross-entropy on logits + "
                     "MSE on hidden states and attention maps; weights by `set train.logits|hidden|attn`; "
-                    "`set train.dampen = W` adds oscillation dampening), AdamW, linear warm-up "
-                    "and decay; each step records its loss parts and, for 1-bit weights, the "
+                    "`set train.dampen = W` adds oscillation dampening, `set train.freeze = F` "
+                    "freezes 1-bit weights that flip more often than F per step), AdamW, linear "
+                    "warm-up and decay (`set train.lr|warmup` or --lr / --warmup); each step records its loss parts and, for 1-bit weights, the "
                     "fraction whose sign flipped. "
                     "Checkpoints (safetensors + JSON) go to RUN every --ckpt-every steps; "
                     "--resume continues exactly; Ctrl-C keeps the last checkpoint. The trained "
@@ -41,10 +42,12 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (128)")
     p.add_argument("--accumulate", type=positive_int, default=1,
                    help="micro-batches per optimizer step (gradient accumulation; 1)")
-    p.add_argument("--lr", type=positive_float, default=5e-4,
-                   help="peak learning rate (5e-4, de Moor's; XTC used 5e-5)")
-    p.add_argument("--warmup", type=nonneg_float, default=0.2,
-                   help="warm-up fraction of the steps (0.2, de Moor's)")
+    p.add_argument("--lr", type=positive_float,
+                   help="peak learning rate (overrides the recipe's `set train.lr`; default "
+                        "5e-4, de Moor's; XTC used 5e-5)")
+    p.add_argument("--warmup", type=nonneg_float,
+                   help="warm-up fraction of the steps (overrides `set train.warmup`; "
+                        "default 0.2, de Moor's)")
     p.add_argument("--seed", type=seed_int, default=0, help="data order seed (0)")
     p.add_argument("--ckpt-every", type=nonneg_int, default=50, help="steps between checkpoints (50)")
     p.add_argument("--eval-every", type=nonneg_int, default=0,
@@ -59,7 +62,7 @@ def run(args) -> int:
     from ...artifact.store import artifact_size
     from ...train.loop import TrainConfig, train
 
-    if args.warmup > 1:
+    if args.warmup is not None and args.warmup > 1:
         print("error: --warmup is a fraction of the steps, 0 to 1", file=sys.stderr)
         return 2
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
