@@ -65,6 +65,53 @@ def test_w1a8_kernel_equals_the_fake_quant_maths(shape, seed, per_token, symmetr
         assert (y.double() - ref).abs().max() <= tol, (isa, per_token, symmetric)
 
 
+AVX2_ISAS = [i for i in ISAS if i >= 1]
+gemm_shapes = st.tuples(st.integers(1, 20), st.sampled_from([32, 64, 96, 256]),
+                        st.integers(1, 37), st.sampled_from([None, 32, 64]))
+
+
+@needs_ext
+@pytest.mark.skipif(not AVX2_ISAS, reason="w1a8_gemm is an AVX2 kernel; this CPU has none")
+@settings(max_examples=40, deadline=None)
+@given(gemm_shapes, st.integers(0, 2**16), st.booleans(), st.booleans())
+def test_w1a8_gemm_is_the_row_kernel_bit_for_bit(shape, seed, per_token, bias):
+    """The prefill GEMM (bits expanded to +-1 int8) sums the same int8 codes exactly and
+    shares the float epilogue: equal to w1a8_linear, not merely close."""
+    w, x = _case(*shape, seed)
+    b = torch.randn(w.packed.shape[0]) if bias else None
+    for isa in AVX2_ISAS:
+        ref = torch.ops.qdsl_binary.w1a8_linear(x, w.packed, w.scale, w.group_size, b,
+                                                per_token, True, isa)
+        y = torch.ops.qdsl_binary.w1a8_gemm(x, w.packed, w.scale, w.group_size, b, per_token,
+                                            isa)
+        assert torch.equal(y, ref), isa
+
+
+@needs_ext
+@pytest.mark.skipif(not AVX2_ISAS, reason="w1a8_gemm is an AVX2 kernel; this CPU has none")
+def test_w1a8_gemm_widens_its_int16_sums_in_time():
+    """Every code at +127 under +1 weights over 4,128 inputs (64 int16 steps and then some):
+    the sum is 127 * K exactly, where an int16 accumulator kept too long would wrap."""
+    k, n = 4128, 3
+    w = binary.random_w1(k, n, k)
+    w.packed.fill_(255)                                   # every bit 1: +scale
+    x = torch.full((2, k), 5.0)                           # per token: every code 127
+    y = torch.ops.qdsl_binary.w1a8_gemm(x, w.packed, w.scale, k, None, True, AVX2_ISAS[-1])
+    expect = (5.0 / 127) * w.scale[:, 0] * float(127 * k)
+    assert torch.allclose(y, expect.expand(2, n), rtol=1e-6)
+
+
+@needs_ext
+def test_w1a8_gemm_candidate_runs_the_row_kernel_where_it_does_not_apply():
+    """Asymmetric codes (they do not fit int8) and groups of 16: the row kernel's output."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=g)
+    for gs, symmetric in ((64, False), (16, True)):
+        w = binary.random_w1(64, 7, gs, g)
+        assert torch.equal(binary.w1a8_qdsl_gemm(x, w, True, symmetric),
+                           binary.w1a8_qdsl(x, w, True, symmetric))
+
+
 def _module(k=64, n=24, gs=None, per_token=True, symmetric=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)

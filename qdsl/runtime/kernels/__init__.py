@@ -90,7 +90,7 @@ def linear_w1a8(x: Tensor, w1: W1, per_token: bool, symmetric: bool,
     """x float32 [M, K], quantized to 8 bits dynamically (per token or per tensor), times
     a packed 1-bit weight: one kernel (``binary.py``)."""
     name = choose("w1a8", x.shape[0], exact)
-    if not w1.supports("qdsl_w1" if name != FLOAT else FLOAT):
+    if not w1.supports(name):
         name = FLOAT
     return IMPLS["w1a8"][name](x.float().contiguous(), w1, per_token, symmetric)
 

@@ -17,6 +17,13 @@ The kernel computes ``y = scale * (2 * sum_{bit 1} x - sum x)`` per group with m
 adds (AVX-512 masks are the weight bits themselves; AVX2 widens 8 bits to a lane mask)
 and OpenMP over output rows; its sums differ from the fake-quant maths
 (``dequantize + matmul``) by float32 summation order only.
+
+``w1a8_gemm`` (candidate ``qdsl_w1a8_gemm``; the kernel table's first choice at decode
+and prefill, timed against the row kernel) computes the same sums with AVX2 int8
+instructions: the bits of 8 output rows expanded once to +-1 bytes and reused by every
+activation row, 32 products per ``vpsignb`` + ``vpmaddubsw``, the 8 sums reduced and
+scaled as one vector; symmetric codes only (they fit int8) and groups of a multiple of
+32; its output is ``w1a8_linear``'s bit for bit, which it runs where it does not apply.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from qdsl.runtime.packing import dequantize_packed
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qdsl_binary.cpp")
-NAME = "qdsl_binary_v1"           # bump with an incompatible change of the op schema
+NAME = "qdsl_binary_v2"           # bump with an incompatible change of the op schema
 VECTOR_GROUP = 16                 # the vector paths' group-size multiple
+GEMM_GROUP = 32                   # w1a8_gemm's group-size multiple
 
 _why_not: list[str] = []
 
@@ -78,6 +86,10 @@ def _register_fake() -> None:
     def _(x, packed, scale, gs, bias, per_token, symmetric, isa):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake("qdsl_binary::w1a8_gemm")
+    def _(x, packed, scale, gs, bias, per_token, isa):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
 
 class W1(PackedWeight):
     """A packed 1-bit weight (module docstring; the fields: ``weights.PackedWeight``)."""
@@ -85,7 +97,7 @@ class W1(PackedWeight):
     BITS = 1
 
     def supports(self, name: str) -> bool:
-        if name == "qdsl_w1":
+        if name in ("qdsl_w1", "qdsl_w1a8", "qdsl_w1a8_gemm"):
             return self.in_features % self.group_size == 0 and self.packed.device.type == "cpu"
         return True
 
@@ -106,6 +118,16 @@ def w1a8_qdsl(x: Tensor, w1: W1, per_token: bool, symmetric: bool) -> Tensor:
     return torch.ops.qdsl_binary.w1a8_linear(x, _c(w1.packed), _c(w1.scale), w1.group_size,
                                              _c(w1.bias), per_token, symmetric,
                                              capability().isa)
+
+
+def w1a8_qdsl_gemm(x: Tensor, w1: W1, per_token: bool, symmetric: bool) -> Tensor:
+    """``w1a8_qdsl`` by the int8 GEMM for many rows; the row kernel where the GEMM does
+    not apply (asymmetric codes, groups not of 32, below AVX2): the same result."""
+    isa = capability().isa
+    if not symmetric or w1.group_size % GEMM_GROUP or isa < 1:
+        return w1a8_qdsl(x, w1, per_token, symmetric)
+    return torch.ops.qdsl_binary.w1a8_gemm(x, _c(w1.packed), _c(w1.scale), w1.group_size,
+                                           _c(w1.bias), per_token, isa)
 
 
 def fake_quant_a8(x: Tensor, per_token: bool, symmetric: bool) -> Tensor:

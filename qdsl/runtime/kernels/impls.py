@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from qdsl.runtime.kernels.binary import W1, random_w1, w1_float, w1_qdsl, w1a8_float, w1a8_qdsl
+from qdsl.runtime.kernels.binary import (W1, random_w1, w1_float, w1_qdsl, w1a8_float, w1a8_qdsl,
+                                         w1a8_qdsl_gemm)
 from qdsl.runtime.kernels.cpu import capability
 from qdsl.runtime.kernels.weights import PackedWeight, contiguous as _c
 from qdsl.runtime.packing import dequantize_packed
@@ -177,7 +178,8 @@ IMPLS: dict[str, dict[str, Callable]] = {
            "float_gemm": w8_float},
     "w4": {"qdsl_w4": w4_qdsl, "torch_int4pack_mm": w4_int4pack, "float_gemm": w4_float},
     "w1": {"qdsl_w1": w1_qdsl, "float_gemm": w1_float},   # binary.py (XTC's 1-bit weights)
-    "w1a8": {"qdsl_w1a8": w1a8_qdsl, "float_gemm": w1a8_float},
+    "w1a8": {"qdsl_w1a8": w1a8_qdsl, "qdsl_w1a8_gemm": w1a8_qdsl_gemm,
+             "float_gemm": w1a8_float},
     "embedding_int8": {"torch_gather": embedding_gather},
 }
 

@@ -68,7 +68,8 @@ RULES: dict[str, dict[str, tuple[str, ...]]] = {
     "w4": {"decode": ("qdsl_w4", "torch_int4pack_mm", FLOAT),
            "prefill": (FLOAT, "torch_int4pack_mm", "qdsl_w4")},
     "w1": {"decode": ("qdsl_w1", FLOAT), "prefill": ("qdsl_w1", FLOAT)},
-    "w1a8": {"decode": ("qdsl_w1a8", FLOAT), "prefill": ("qdsl_w1a8", FLOAT)},
+    "w1a8": {"decode": ("qdsl_w1a8_gemm", "qdsl_w1a8", FLOAT),
+             "prefill": ("qdsl_w1a8_gemm", "qdsl_w1a8", FLOAT)},
     "embedding_int8": {"decode": ("torch_gather",), "prefill": ("torch_gather",)},
 }
 OPS = tuple(RULES)
@@ -81,6 +82,8 @@ DESCRIPTIONS = {
     "qdsl_w4": "qdsl C++ fused int4 unpack + dequant GEMV (fp32 FMA)",
     "qdsl_w1": "qdsl C++ 1-bit sign-select GEMV (masked adds on the packed bits)",
     "qdsl_w1a8": "qdsl C++ 8-bit quantize + 1-bit sign-select GEMV (exact int32 sums)",
+    "qdsl_w1a8_gemm": "qdsl C++ 8-bit quantize + 1-bit GEMM: 8 rows' bits expanded to +-1 "
+                      "int8, 32 products per vpsignb + vpmaddubsw (AVX2, exact)",
     "torch_int_mm": "torch._int_mm (oneDNN int8, VNNI)",
     "torch_int8pack_mm": "aten._weight_int8pack_mm (bf16)",
     "torch_bf16_gemm": "int8 -> bf16 weight, bf16 GEMM (AVX512-BF16)",
@@ -97,7 +100,7 @@ def shape_class(m: int) -> str:
 def eligible(op: str, cls: str, cap: Capability, ext: bool) -> list[str]:
     """The candidates of ``op`` at ``cls`` that are not a reference path on ``cap``."""
     def ok(name: str) -> bool:
-        if name in ("qdsl_w1", "qdsl_w1a8"):   # their own extension (binary.py)
+        if name in ("qdsl_w1", "qdsl_w1a8", "qdsl_w1a8_gemm"):  # their own extension (binary.py)
             return binary.available()
         if name.startswith("qdsl_"):
             return ext
