@@ -1,6 +1,7 @@
 """Microbenchmarks of every candidate kernel of qdsl's kernel table
 (``qdsl/runtime/kernels``), as ratios to float32 ``F.linear`` measured in the same
-run (interleaved, medians), on SmolLM2-135M's shapes.
+run (interleaved, medians), on SmolLM2-135M's shapes (``--shapes stdlib-gpt2``: the 1W8A
+artifacts' shapes).
 
     .venv/bin/python tools/bench_kernels.py [--threads 1] [--repeats 20] [--compile]
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python tools/bench_kernels.py
@@ -27,7 +28,9 @@ import torch
 from qdsl.runtime import kernels
 from qdsl.runtime.kernels import impls
 
-SHAPES = ((576, 1536), (1536, 576), (576, 49152))
+SHAPES = {"smollm2-135m": ((576, 1536), (1536, 576), (576, 49152)),
+          # stdlib-gpt2 (d 256, MLP 1024, vocabulary 8192): the 1W8A artifacts' shapes
+          "stdlib-gpt2": ((256, 768), (256, 1024), (1024, 256), (256, 8192))}
 
 
 def comparison_rows(m: int, k: int, n: int, compile_: bool) -> dict:
@@ -58,10 +61,10 @@ def comparison_rows(m: int, k: int, n: int, compile_: bool) -> dict:
 def candidate_rows(m: int, k: int, n: int, cap) -> dict:
     cls = kernels.shape_class(m)
     out = {}
-    for op in ("w8a8", "w8", "w4"):
+    for op in ("w8a8", "w8", "w4", "w1", "w1a8"):
         ok = kernels.eligible(op, cls, cap, kernels.table().ext)
         for name in impls.IMPLS[op]:
-            if name.startswith("qdsl_") and not kernels.table().ext:
+            if name.startswith("qdsl_") and name not in ok:   # its extension did not build
                 continue
             tag = "" if name in ok else " [refused: reference path]"
             out[f"{op} {name}{tag}"] = impls.bench_case(op, name, m, k, n)
@@ -86,6 +89,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--prefill-m", type=int, default=512)
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2-135m",
+                    help="the model whose linear shapes are timed (smollm2-135m)")
     ap.add_argument("--compile", action="store_true", help="add a torch.compile row (slow to build)")
     ap.add_argument("--table", action="store_true", help="print the runtime's kernel table")
     args = ap.parse_args()
@@ -95,7 +100,7 @@ def main() -> None:
           f"medians of {args.repeats}; C++ kernels: "
           f"{'yes' if kernels.table().ext else 'no (' + str(kernels.cext.why_not()) + ')'}\n")
     print("| M x K -> N | kernel | ms | vs fp32 |\n|---|---|---|---|")
-    for k, n in SHAPES:
+    for k, n in SHAPES[args.shapes]:
         for m in (1, args.prefill_m):
             if m > 1 and n > 10000:
                 continue
