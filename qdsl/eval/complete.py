@@ -25,7 +25,9 @@ model without them (or a graph loaded with batch 1) runs one sample at a time. T
 predictions equal batch size 1 up to float summation order (a different matrix shape
 may sum in another order and, rarely, flip a near-tied greedy choice).
 
-Perplexity: for the first ``ppl_windows`` samples, the window is the last
+Perplexity: for the first ``ppl_windows`` samples (of ``ppl_samples`` where given: the
+same seeded bench drawn to at least ``ppl_windows`` samples, so the window count does
+not depend on how many completions are scored), the window is the last
 ``min(ctx_tokens, max_positions)`` tokens of context + target + "\\n"; reported as
 per-token perplexity (tokenizer dependent) and bits per byte (comparable across
 tokenizers), with each window's mean NLL (nats per token) and token count, so that two
@@ -234,9 +236,11 @@ def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
 
 def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
              max_positions: int | None = None, ppl_windows: int = 64,
-             progress: bool = True, batch_size: int = 1) -> dict:
+             progress: bool = True, batch_size: int = 1,
+             ppl_samples: list[Sample] | None = None) -> dict:
     """Line completion + perplexity for one model -> a JSON-able dict (``batch_size``:
-    samples / windows per forward where the model can, see ``score_completion``)."""
+    samples / windows per forward where the model can, see ``score_completion``;
+    ``ppl_samples``: the samples whose windows perplexity scores, default ``samples``)."""
     out = {"model": getattr(lm, "name", "model"), "ctx_tokens": cfg.ctx_tokens,
            "max_new_tokens": cfg.max_new_tokens, "prompt": cfg.prompt,
            "max_positions": max_positions, "batch_size": batch_rows(lm, batch_size)}
@@ -246,7 +250,8 @@ def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
     out["complete_seconds"] = comp["seconds"]
     out["complete_cpu_seconds"] = comp["cpu_seconds"]   # < wall time on a shared machine
     if ppl_windows > 0:
-        p = score_perplexity(lm, tok, samples, ppl_windows, cfg.ctx_tokens, max_positions, progress,
+        p = score_perplexity(lm, tok, samples if ppl_samples is None else ppl_samples,
+                             ppl_windows, cfg.ctx_tokens, max_positions, progress,
                              batch_size=batch_size)
         out.update({"ppl": p["ppl"], "bpb": p["bpb"], "ppl_windows": p["windows"],
                     "ppl_tokens": p["tokens"], "ppl_seconds": p["seconds"],

@@ -106,7 +106,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
              ctx_tokens: int | None = None, max_new_tokens: int = 48, prompt: str | None = None,
              ppl_windows: int = 64, humaneval: int = 0, unsafe_exec: bool = False,
              progress: bool = True, verify: bool = True,
-             batch_size: int | None = None, compare: bool = True) -> dict:
+             batch_size: int | None = None, compare: bool = True,
+             ppl_samples: list[Sample] | None = None) -> dict:
     """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by
     default) -> {"target": {...}, "baseline": {...} | None, "delta": {...}}.
     ``compare`` False: the baseline is not evaluated (``"baseline"`` None), though the
@@ -116,7 +117,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
     unless ``unsafe_exec``. ``batch_size``: completions and perplexity windows per
     forward (``evaluate``; None: ``default_batch_size`` per model); HumanEval decodes
     one problem at a time, so with it an artifact is loaded with batch 1 (its
-    graph's rows are fixed)."""
+    graph's rows are fixed). ``ppl_samples``: the samples perplexity's windows come
+    from (``evaluate``; default ``samples``)."""
     t0 = time.time()
     if humaneval:
         sandbox_kind(unsafe_exec)
@@ -143,7 +145,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
         cfg = CompletionConfig(ctx_tokens, max_new_tokens,
                                prompt or PROMPT_BY_MODEL.get(short, DEFAULT_PROMPT))
         res = evaluate(lm, tok, samples, cfg, max_positions=max_pos,
-                       ppl_windows=ppl_windows, progress=progress, batch_size=rows)
+                       ppl_windows=ppl_windows, progress=progress, batch_size=rows,
+                       ppl_samples=ppl_samples)
         res.update(model=name, load_seconds=round(load_s, 2))
         if humaneval:
             res["humaneval"] = run_humaneval(lm, tok, limit=humaneval,

@@ -170,7 +170,10 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: b
     store = CacheStore(cache if cache is not None else out / "cache")
     store.prepare()
     t0 = time.time()
-    samples = load_bench(cfg.bench, cfg.n, cfg.bench_seed)
+    # drawn to at least --ppl-windows samples: run_job completes the first n and scores
+    # perplexity on the first ppl_windows (the draw is prefix-stable, so this is the n
+    # samples' bench whenever ppl_windows <= n, and its hash the same)
+    samples = load_bench(cfg.bench, max(cfg.n, cfg.ppl_windows), cfg.bench_seed)
     model_hash = resolve_model(cfg.model).content_hash[:16]
     bhash = bench_hash(samples)
     tables = ([adhoc_table(list(recipes))] if recipes else []) + list(tables)  # run in order
@@ -189,7 +192,7 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: b
             seen.add(keys[j])
             pending.append(j)
     meta = {"config": asdict(cfg), "model_hash": model_hash, "bench_hash": bhash,
-            "n_samples": len(samples)}
+            "n_samples": min(len(samples), cfg.n)}
     failed: dict = {}
 
     def write():

@@ -97,6 +97,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     from ..models.lm import HFCausalLM
 
     t0 = time.time()
+    pool, samples = samples, samples[:cfg.n]   # the sweep draws max(n, ppl_windows)
     loaded = _model(cfg.model)
     model, tok = loaded.model, loaded.tok
     he_cache = (_humaneval_cache_len(cfg, tok, loaded.max_pos) if job.kind == HUMANEVAL
@@ -140,7 +141,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     else:
         t = time.time()
         res = evaluate(lm, tok, samples, ccfg, max_positions=max_pos,
-                       ppl_windows=cfg.ppl_windows, progress=progress, batch_size=rows)
+                       ppl_windows=cfg.ppl_windows, progress=progress, batch_size=rows,
+                       ppl_samples=pool)
         out.update({k: res.get(k) for k in ("n", "em", "es", "ppl", "bpb", "ppl_windows",
                                              "ppl_window_nll", "ppl_window_tokens")})
         out["eval_seconds"] = round(time.time() - t, 2)

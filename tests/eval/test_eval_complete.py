@@ -95,6 +95,24 @@ def test_perplexity_records_each_windows_mean_loss():
     assert len(res["ppl_window_nll"]) == 2 == len(res["ppl_window_tokens"])
 
 
+def test_perplexity_windows_need_not_be_completion_samples():
+    """`ppl_samples`: more windows than completions (SmolLM2 at n = 100 with 256 windows):
+    completion scores the samples, perplexity the first ppl_windows of the pool."""
+    short = Sample("g.py:1", "g.py", 1, "x\n", "y")
+    res = evaluate(ScriptLM("\n    return y\n"), CharTok(), [S], CompletionConfig(prompt="heal"),
+                   ppl_windows=3, progress=False, ppl_samples=[S, short, short, S])
+    assert res["n"] == 1 and len(res["samples"]) == 1
+    assert res["ppl_windows"] == 3 and len(res["ppl_window_tokens"]) == 3
+    assert res["ppl_window_tokens"][1] == len("x\ny\n") - 1
+
+
+def test_eval_cli_draws_the_bench_to_the_window_count():
+    """The stdlib bench is prefix-stable by seed, so the first --n of a longer draw are
+    the --n samples themselves."""
+    from qdsl.eval.samples import load_bench
+    assert load_bench("stdlib", 30, 0) == load_bench("stdlib", 70, 0)[:30]
+
+
 def _tiny_gpt2():
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)

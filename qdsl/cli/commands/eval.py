@@ -51,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", choices=("newline", "indent", "heal"),
                    help="how the prompt ends (default: the best measured for the model)")
     p.add_argument("--ppl-windows", type=nonneg_int, default=64, metavar="N",
-                   help="perplexity windows (0: skip; default 64)")
+                   help="perplexity windows, one per bench sample from the first (the bench is "
+                        "drawn further when N exceeds --n; 0: skip; default 64)")
     p.add_argument("--humaneval", type=int_range(0, HUMANEVAL_PROBLEMS), nargs="?",
                    const=HUMANEVAL_PROBLEMS, default=0, metavar="K",
                    help="also run HumanEval pass@1 on the first K problems (all 164 if no K; "
@@ -111,7 +112,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     # lengths against the models' configs before the benchmark or a model is loaded
     ctx_tokens, _ = fit_eval(args.model, args.baseline, args.ctx_tokens, args.max_new_tokens)
-    samples = load_bench(args.bench, args.n, args.seed)
+    # drawn to at least --ppl-windows: the first --n are completed, the first
+    # --ppl-windows give perplexity's windows (the draw is prefix-stable)
+    pool = load_bench(args.bench, None if args.n is None else max(args.n, args.ppl_windows),
+                      args.seed)
+    samples = pool if args.n is None else pool[:args.n]
     if args.save_bench:
         save_jsonl(samples, args.save_bench)
     res = run_eval(args.model, samples, bench=args.bench, baseline=args.baseline,
@@ -119,7 +124,8 @@ def run(args) -> int:
                    prompt=args.prompt, ppl_windows=args.ppl_windows,
                    humaneval=args.humaneval, unsafe_exec=args.unsafe_exec,
                    progress=not args.no_progress, verify=not args.no_verify,
-                   batch_size=args.batch_size, compare=not args.no_baseline)
+                   batch_size=args.batch_size, compare=not args.no_baseline,
+                   ppl_samples=pool)
     rows = [r for r in (res["target"], res["baseline"]) if r]
     print(f"bench {args.bench}: {res['n']} samples, seed {args.seed}")
     print(f"{'model':<28} {'EM':>6} {'ES':>6} {'ppl':>8} {'bpb':>6} {'pass@1':>7} {'s/sample':>8}")
