@@ -77,6 +77,9 @@ def main() -> None:
         if flips and all("flips" in h for h in st["history"]):
             axes[2].plot(steps, running_mean([h["flips"] for h in st["history"]], a.window),
                          color=c, lw=1.2, label=label)
+        if flips and any("frozen" in h for h in st["history"]):   # `set train.freeze`
+            axes[2].plot(steps, [h.get("frozen", 0.0) for h in st["history"]], ":", color=c,
+                         lw=1.2, label=f"{label}: fraction frozen")
         print(f"{label}: training loss by tenths of {len(loss)} steps: "
               + ", ".join(f"{v:.3f}" for v in tenths(loss)))
         if ev:

@@ -182,7 +182,8 @@ SETTINGS = Obj({"calib_samples": COUNT, "calib_seq_len": COUNT, "calib_seed": Op
                 "train_logits": Opt(Num(0, 1e30)), "train_hidden": Opt(Num(0, 1e30)),
                 "train_attn": Opt(Num(0, 1e30)), "train_dampen": Opt(Num(0, 1e30)),
                 "train_lr": Opt(Num(0, 1e30)), "train_warmup": Opt(Num(0, 1)),
-                "train_freeze": Opt(Num(0, 1))})
+                "train_freeze": Opt(Num(0, 1)),
+                "train_scales": Opt(Str(enum=("mean", "learned")))})
 LOC = Str(pattern=r"(?s).*:[0-9]{1,9}:[0-9]{1,9}")
 SELECTOR = Obj({"kind": Str(enum=("glob", "op", "type", "re", "module")),
                 "pattern": NAME, "optional": Bool}, {"port": Str(enum=("input",))})

@@ -173,6 +173,7 @@ class Settings:
     train_lr: float | None = None      # qdsl train: peak learning rate (default 5e-4; --lr wins)
     train_warmup: float | None = None  # qdsl train: warm-up fraction (default 0.2; --warmup wins)
     train_freeze: float | None = None  # qdsl train: freezing threshold on the flip frequency
+    train_scales: str | None = None    # qdsl train: 1-bit scales "mean" (XTC) | "learned"
 
     def then(self, later: Settings) -> Settings:
         """Later settings (an including file, the command line) override earlier ones."""
@@ -187,7 +188,8 @@ class Settings:
 
 
 _LATER = ("lower_compute", "export", "student_blocks", "train_logits", "train_hidden",
-          "train_attn", "train_dampen", "train_lr", "train_warmup", "train_freeze")
+          "train_attn", "train_dampen", "train_lr", "train_warmup", "train_freeze",
+          "train_scales")
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -208,12 +210,15 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "train.lr": ("train_lr", lr_value),
     "train.warmup": ("train_warmup", fraction_value),
     "train.freeze": ("train_freeze", fraction_value),
+    "train.scales": ("train_scales", str),
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")
+TRAIN_SCALES = ("mean", "learned")
 # `set export = gguf | compressed_tensors` (the word; "compressed-tensors" quoted also)
 EXPORT_TARGETS = ("gguf", "compressed-tensors")
-SETTING_CHOICES = {"lower": LOWER_TARGETS, "lower.compute": LOWER_COMPUTE, "export": EXPORT_TARGETS}
+SETTING_CHOICES = {"lower": LOWER_TARGETS, "lower.compute": LOWER_COMPUTE, "export": EXPORT_TARGETS,
+                   "train.scales": TRAIN_SCALES}
 
 
 @dataclass(frozen=True)

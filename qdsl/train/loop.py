@@ -121,7 +121,8 @@ class Trainer:
         plain = dataclasses.replace(self.recipe, settings=dataclasses.replace(
             self.recipe.settings, student_blocks=None))  # self.student is reduced already
         exp = explain(plain, self.student)
-        self.quant = attach(self.student, exp.captured.gm, exp.named, exp.plan)
+        self.quant = attach(self.student, exp.captured.gm, exp.named, exp.plan,
+                            learned_scales=self.recipe.settings.train_scales == "learned")
         threshold = self.recipe.settings.train_freeze
         self.freezer = None  # `set train.freeze`: iterative freezing of oscillating 1-bit weights
         if threshold:
@@ -130,8 +131,12 @@ class Trainer:
                 raise ModelError(f"{self.recipe.source}: `set train.freeze` freezes "
                                  "oscillating 1-bit weights, and this recipe has none")
             self.freezer = Freezer(weights, threshold)
-        self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay)
+        # learned 1-bit scales (``log_scale``) without weight decay: it would pull them to 1
+        params = list(self.student.named_parameters())
+        self.opt = torch.optim.AdamW(
+            [{"params": [p for n, p in params if not n.endswith("log_scale")]},
+             {"params": [p for n, p in params if n.endswith("log_scale")], "weight_decay": 0.0}],
+            lr=cfg.lr, weight_decay=cfg.weight_decay)
         if data_streams is None:
             if self.tokenizer is None:
                 raise ModelError("training from text needs the model's tokenizer")

@@ -85,6 +85,52 @@ class WeightQuant(nn.Module):
         return qat_weight(w, self.spec, self.in_out)
 
 
+class LearnedScaleQuant(nn.Module):
+    """Parametrization of a 1-bit weight with a learned scale (``set train.scales =
+    learned``): the value is ``sign(W) * s``, one ``s`` per row or group, initialised
+    to XTC's ``mean|W|`` and trained with the weights as ``log s`` (positive by
+    construction; an optimizer step changes it by a fraction, whatever its size; no
+    weight decay, ``Trainer``); ``W``'s gradient is straight-through as ``WeightQuant``'s. ``bake`` writes ``s`` into the latent weight
+    (each row or group rescaled so its ``mean|W|`` is ``s``), so the artifact, whose
+    observer measures ``mean|W|``, carries the learned scales with no format change."""
+
+    def __init__(self, spec: TensorSpec, in_out: bool, w: Tensor) -> None:
+        super().__init__()
+        if not is_binary(spec.bits, spec.symmetric):
+            raise ModelError(f"learned scales are for 1-bit weights, got {spec.describe()}")
+        self.spec, self.in_out = spec, in_out
+        _, scale, _ = _on_grid(w, spec, in_out)
+        self.log_scale = nn.Parameter(scale.detach().float().clamp_min(1e-8).log())
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
+
+    def _view(self, w: Tensor) -> Tensor:
+        wt = w.t() if self.in_out else w
+        if isinstance(self.spec.granularity, GroupWise):
+            wt = group_view(wt, self.spec.granularity.size)
+        return wt
+
+    def _unview(self, wt: Tensor) -> Tensor:
+        if isinstance(self.spec.granularity, GroupWise):
+            wt = group_unview(wt)
+        return wt.t() if self.in_out else wt
+
+    def forward(self, w: Tensor) -> Tensor:
+        wt = self._view(w)
+        sign = torch.where(wt.detach() >= 0, 1.0, -1.0).to(wt.dtype)
+        out = sign * self.scale.to(wt.dtype) + (wt - wt.detach())
+        return self._unview(out)
+
+    @torch.no_grad()
+    def bake(self, w: Tensor) -> None:
+        """Rescale the latent ``w`` in place: ``mean|W|`` of each row / group = ``s``."""
+        wt, observed, _ = _on_grid(w, self.spec, self.in_out)
+        factor = self.scale / observed.clamp_min(1e-12)
+        w.copy_(self._unview(wt * factor.to(wt.dtype)))
+
+
 class EmaFakeQuant(nn.Module):
     """Static per-tensor activation fake-quant with XTC's running range (momentum 0.95):
     updated from each training batch, frozen in eval mode."""
@@ -122,10 +168,12 @@ class Quantized:
     act_modules: nn.ModuleDict = field(default_factory=nn.ModuleDict)
 
 
-def attach(model: nn.Module, captured_gm, named, plan) -> Quantized:
+def attach(model: nn.Module, captured_gm, named, plan, learned_scales: bool = False) -> Quantized:
     """Put the plan's weight quantizers and linear-input quantizers into ``model`` (the
-    eager module ``captured_gm`` was captured from, module paths as in ``named``)."""
+    eager module ``captured_gm`` was captured from, module paths as in ``named``);
+    ``learned_scales``: 1-bit weights get ``LearnedScaleQuant``."""
     q = Quantized()
+    learned: set[int] = set()  # the latent weights given a learned scale
     for s in weight_sites(captured_gm, named, plan):
         node = named[s.name]
         try:
@@ -140,8 +188,17 @@ def attach(model: nn.Module, captured_gm, named, plan) -> Quantized:
                                  f"different weight specs")
         else:
             q.order[node.module] = list(module._parameters)
+            in_out = node.weight_layout == "in_out"
+            learn = learned_scales and is_binary(s.weight.bits, s.weight.symmetric)
+            if learn:
+                if id(module.weight) in learned:
+                    raise ModelError(f"{s.name}: a tied 1-bit weight cannot learn two scales "
+                                     "(`set train.scales = learned`); quantize one of its "
+                                     "uses at another width")
+                learned.add(id(module.weight))
             parametrize.register_parametrization(
-                module, "weight", WeightQuant(s.weight, node.weight_layout == "in_out"))
+                module, "weight", LearnedScaleQuant(s.weight, in_out, module.weight) if learn
+                else WeightQuant(s.weight, in_out))
             q.weights[node.module] = s.weight
         if s.kind == "linear" and s.input is not None and s.input.quantized:
             if node.module in q.inputs:
@@ -260,11 +317,15 @@ def flip_fraction(before: list[Tensor], after: list[Tensor]) -> float | None:
 
 
 def detach(model: nn.Module, q: Quantized) -> None:
-    """Remove the quantizers: the model keeps its trained float weights."""
+    """Remove the quantizers: the model keeps its trained float weights (learned 1-bit
+    scales baked into them, ``LearnedScaleQuant.bake``)."""
     for h in q.hooks:
         h.remove()
     for path in q.weights:
         module = model.get_submodule(path)
+        wq = module.parametrizations["weight"]
+        if isinstance(wq[0], LearnedScaleQuant):
+            wq[0].bake(wq.original)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         # removal re-registers `weight` last; the graph (and its hash) follows the
         # registration order, so put it back where it was

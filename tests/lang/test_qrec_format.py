@@ -92,14 +92,18 @@ def test_file_round_trip_and_idempotence(rs, extra):
 
 
 @given(lr=st.floats(1e-9, 10.0), warmup=st.floats(0.0, 1.0), freeze=st.floats(0.0, 1.0),
-       dampen=st.floats(0.0, 1e6), blocks=st.sampled_from(["every_other", '"1,3"', "top_half"]))
-def test_train_settings_format_then_parse_is_the_identity(lr, warmup, freeze, dampen, blocks):
+       dampen=st.floats(0.0, 1e6), blocks=st.sampled_from(["every_other", '"1,3"', "top_half"]),
+       scales=st.sampled_from(["mean", "learned"]))
+def test_train_settings_format_then_parse_is_the_identity(lr, warmup, freeze, dampen, blocks,
+                                                          scales):
     """`set train.*` / `student.blocks` lines keep their values exactly through fmt."""
     text = (f"set train.lr = {lr!r}\nset train.warmup = {warmup!r}\n"
             f"set train.freeze = {freeze!r}\nset train.dampen = {dampen!r}\n"
-            f"set student.blocks = {blocks}\n* -> w1 sym per_channel\n")
+            f"set student.blocks = {blocks}\nset train.scales = {scales}\n"
+            "* -> w1 sym per_channel\n")
     a = parse_recipe(text)
     assert (a.settings.train_lr, a.settings.train_warmup, a.settings.train_freeze,
-            a.settings.train_dampen) == (lr, warmup, freeze, dampen)
+            a.settings.train_dampen, a.settings.train_scales) == (lr, warmup, freeze, dampen,
+                                                                   scales)
     b = parse_recipe(format_text(text))
     assert (a.rules, a.settings) == (b.rules, b.settings)

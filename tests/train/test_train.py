@@ -267,3 +267,44 @@ def test_freeze_needs_1bit_weights(tmp_path):
     with pytest.raises(ModelError, match="train.freeze"):
         Trainer("set train.freeze = 0.02\n* -> w8 sym per_channel\n", tiny("gpt2"), tmp_path,
                 cfg(), data_streams=streams())
+
+
+def test_learned_scales_train_and_reach_the_artifact(tmp_path):
+    """`set train.scales = learned`: each 1-bit row's scale starts at mean|W|, receives a
+    gradient and moves; the exported artifact's 1-bit scales are the learned ones and its
+    signs the latent weights' (the scales are baked into the latent weight on export)."""
+    text = "set train.scales = learned\n" + W1A8
+    t = Trainer(text, tiny("gpt2"), tmp_path / "run", cfg(steps=5, lr=3e-2, warmup=0.0),
+                data_streams=streams())
+    c_fc = t.student.transformer.h[0].mlp.c_fc
+    quant = c_fc.parametrizations.weight[0]
+    scale = quant.scale
+    w0 = c_fc.parametrizations.weight.original.detach().t()       # Conv1D: [in, out] -> [out, in]
+    assert torch.allclose(scale.detach().flatten(), w0.abs().mean(1), rtol=1e-6)
+    assert any(n.endswith("weight.0.log_scale") for n, _ in t.student.named_parameters())
+    assert t.opt.param_groups[1]["weight_decay"] == 0.0 and t.opt.param_groups[1]["params"]
+    start = scale.detach().clone()
+    t.fit(progress=False)
+    learned = quant.scale.detach().flatten().clone()
+    assert not torch.allclose(learned, start.flatten())             # trained
+    t.save()                                                        # and checkpointed
+    b = Trainer(text, tiny("gpt2"), tmp_path / "run", cfg(steps=5, lr=3e-2, warmup=0.0),
+                data_streams=streams())
+    b.resume()
+    assert torch.equal(b.student.transformer.h[0].mlp.c_fc.parametrizations.weight[0].log_scale,
+                       quant.log_scale)
+    signs = c_fc.parametrizations.weight.original.detach().t() >= 0
+    t.export(tmp_path / "out")
+    loaded = qdsl.load(tmp_path / "out")
+    packed = [m for m in loaded.gm.modules() if isinstance(m, PackedLinear) and m.bits == 1]
+    m = packed[2]                                                   # block 0's c_fc, as above
+    assert torch.allclose(m.weight_scale.flatten(), learned, rtol=1e-5)
+    from qdsl.runtime.packing import unpack_int
+    assert torch.equal(unpack_int(m.weight_packed, 1, m.in_features).bool(), signs)
+
+
+def test_learned_scales_are_a_recipe_choice(tmp_path):
+    from qdsl.lang import parse_recipe
+    assert parse_recipe("set train.scales = learned\n" + W1A8).settings.train_scales == "learned"
+    with pytest.raises(Exception, match="train.scales"):
+        parse_recipe("set train.scales = median\n" + W1A8)
