@@ -11,6 +11,8 @@ lines become one, and ``->`` is aligned within a block of consecutive rules.
 
 from __future__ import annotations
 
+import re
+
 from ..errors import RecipeError
 from ..config.recipe import Rule, Transform
 from ..config.spec import ACTIVATION, GRANULARITIES, WEIGHT, TensorPatch, format_option
@@ -93,7 +95,9 @@ def _with_comment(code: str, comment: str | None) -> str:
 def _value(node: SettingLine) -> str:
     if node.value_kind == "string":
         return quote(str(node.value))
-    return repr(node.value) if isinstance(node.value, float) else str(node.value)
+    if isinstance(node.value, float):  # the shortest exact form, exponent unpadded: 5e-5
+        return re.sub(r"e([+-])0+(\d)", r"e\1\2", repr(node.value))
+    return str(node.value)
 
 
 # --------------------------------------------------------------------------

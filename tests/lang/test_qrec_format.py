@@ -107,3 +107,9 @@ def test_train_settings_format_then_parse_is_the_identity(lr, warmup, freeze, da
                                                                    scales)
     b = parse_recipe(format_text(text))
     assert (a.rules, a.settings) == (b.rules, b.settings)
+
+
+def test_numbers_format_in_their_shortest_exact_form():
+    text = "set train.lr = 5e-05\nset train.warmup = 0.10\nset train.hidden = 1E-4\n* -> w8\n"
+    assert format_text(text).splitlines()[:3] == [
+        "set train.lr = 5e-5", "set train.warmup = 0.1", "set train.hidden = 0.0001"]
