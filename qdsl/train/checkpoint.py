@@ -2,8 +2,8 @@
 trainable float parameters and the activation quantizers' running ranges),
 ``optim.safetensors`` (AdamW's moments and step counts, one entry per parameter,
 keyed by parameter name), ``extra.safetensors`` (other training state, e.g. the
-oscillation freezer's averages; when there is any), ``rng.safetensors`` (torch's CPU generator state) and
-``state.json`` (step, tokens seen, elapsed time, the loss history, the run's
+oscillation freezer's averages; when there is any), ``rng.safetensors`` (torch's CPU
+generator state) and ``state.json`` (step, tokens seen, elapsed time, the loss history, the run's
 settings). No pickle.
 
 The directory is written whole under a temporary name and swapped in by renames

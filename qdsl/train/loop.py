@@ -121,8 +121,12 @@ class Trainer:
         plain = dataclasses.replace(self.recipe, settings=dataclasses.replace(
             self.recipe.settings, student_blocks=None))  # self.student is reduced already
         exp = explain(plain, self.student)
+        learned = self.recipe.settings.train_scales == "learned"
         self.quant = attach(self.student, exp.captured.gm, exp.named, exp.plan,
-                            learned_scales=self.recipe.settings.train_scales == "learned")
+                            learned_scales=learned)
+        if learned and not any(n.endswith("log_scale") for n, _ in self.student.named_parameters()):
+            raise ModelError(f"{self.recipe.source}: `set train.scales = learned` learns the "
+                             "scales of 1-bit weights, and this recipe has none")
         threshold = self.recipe.settings.train_freeze
         self.freezer = None  # `set train.freeze`: iterative freezing of oscillating 1-bit weights
         if threshold:

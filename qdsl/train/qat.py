@@ -90,7 +90,8 @@ class LearnedScaleQuant(nn.Module):
     learned``): the value is ``sign(W) * s``, one ``s`` per row or group, initialised
     to XTC's ``mean|W|`` and trained with the weights as ``log s`` (positive by
     construction; an optimizer step changes it by a fraction, whatever its size; no
-    weight decay, ``Trainer``); ``W``'s gradient is straight-through as ``WeightQuant``'s. ``bake`` writes ``s`` into the latent weight
+    weight decay, ``Trainer``); ``W``'s gradient is straight-through as ``WeightQuant``'s.
+    ``bake`` writes ``s`` into the latent weight
     (each row or group rescaled so its ``mean|W|`` is ``s``), so the artifact, whose
     observer measures ``mean|W|``, carries the learned scales with no format change."""
 

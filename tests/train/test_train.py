@@ -263,10 +263,11 @@ def test_freezing_stops_flips_and_resumes_exactly(tmp_path):
     assert flips["freeze"] < 0.5 * flips["free"], flips
 
 
-def test_freeze_needs_1bit_weights(tmp_path):
-    with pytest.raises(ModelError, match="train.freeze"):
-        Trainer("set train.freeze = 0.02\n* -> w8 sym per_channel\n", tiny("gpt2"), tmp_path,
-                cfg(), data_streams=streams())
+def test_freeze_and_learned_scales_need_1bit_weights(tmp_path):
+    for setting in ("train.freeze = 0.02", "train.scales = learned"):
+        with pytest.raises(ModelError, match=setting.split(" =")[0]):
+            Trainer(f"set {setting}\n* -> w8 sym per_channel\n", tiny("gpt2"), tmp_path,
+                    cfg(), data_streams=streams())
 
 
 def test_learned_scales_train_and_reach_the_artifact(tmp_path):
