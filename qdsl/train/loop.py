@@ -124,7 +124,9 @@ class Trainer:
         learned = self.recipe.settings.train_scales == "learned"
         self.quant = attach(self.student, exp.captured.gm, exp.named, exp.plan,
                             learned_scales=learned)
-        if learned and not any(n.endswith("log_scale") for n, _ in self.student.named_parameters()):
+        params = list(self.student.named_parameters())
+        scales = [p for n, p in params if n.endswith("log_scale")]  # LearnedScaleQuant's
+        if learned and not scales:
             raise ModelError(f"{self.recipe.source}: `set train.scales = learned` learns the "
                              "scales of 1-bit weights, and this recipe has none")
         threshold = self.recipe.settings.train_freeze
@@ -135,11 +137,10 @@ class Trainer:
                 raise ModelError(f"{self.recipe.source}: `set train.freeze` freezes "
                                  "oscillating 1-bit weights, and this recipe has none")
             self.freezer = Freezer(weights, threshold)
-        # learned 1-bit scales (``log_scale``) without weight decay: it would pull them to 1
-        params = list(self.student.named_parameters())
+        # learned 1-bit scales without weight decay: it would pull them to 1
         self.opt = torch.optim.AdamW(
             [{"params": [p for n, p in params if not n.endswith("log_scale")]},
-             {"params": [p for n, p in params if n.endswith("log_scale")], "weight_decay": 0.0}],
+             {"params": scales, "weight_decay": 0.0}],
             lr=cfg.lr, weight_decay=cfg.weight_decay)
         if data_streams is None:
             if self.tokenizer is None:

@@ -36,26 +36,34 @@ MOMENTUM = 0.95  # XTC's static activation range: range = m * range + (1 - m) * 
 FREEZE_MOMENTUM = 0.01  # Nagel et al. 2022's oscillation frequency EMA: f = m * o + (1 - m) * f
 
 
-def _on_grid(w: Tensor, spec: TensorSpec, in_out: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``w`` as its quantizer sees it ([out, in], grouped for group-wise specs) and the
-    observer's scale / zero point of it (no gradient; 1-bit symmetric: ``mean|W|``)."""
+def _grid_view(w: Tensor, spec: TensorSpec, in_out: bool) -> Tensor:
+    """``w`` as its quantizer sees it: [out, in] (``in_out``: Conv1D's [in, out]
+    transposed), grouped for group-wise specs; ``_grid_unview`` inverts it."""
     wt = w.t() if in_out else w
+    return group_view(wt, spec.granularity.size) if isinstance(spec.granularity, GroupWise) else wt
+
+
+def _grid_unview(wt: Tensor, spec: TensorSpec, in_out: bool) -> Tensor:
+    if isinstance(spec.granularity, GroupWise):
+        wt = group_unview(wt)
+    return wt.t() if in_out else wt
+
+
+def _on_grid(w: Tensor, spec: TensorSpec, in_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``_grid_view(w)`` and the observer's scale / zero point of ``w`` (no gradient;
+    1-bit symmetric: ``mean|W|``)."""
     with torch.no_grad():
         obs = make_observer(spec)
-        obs(wt.detach().float())
+        obs((w.t() if in_out else w).detach().float())
         scale, zero_point = obs.qparams()
-    if isinstance(spec.granularity, GroupWise):
-        wt = group_view(wt, spec.granularity.size)
-    return wt, scale, zero_point
+    return _grid_view(w, spec, in_out), scale, zero_point
 
 
 def qat_weight(w: Tensor, spec: TensorSpec, in_out: bool = False) -> Tensor:
     """Fake-quantized ``w`` with a straight-through gradient (``in_out``: Conv1D [in, out])."""
     wt, scale, zero_point = _on_grid(w, spec, in_out)
-    out = fake_quantize(wt, scale, zero_point, spec.bits, spec.symmetric)
-    if isinstance(spec.granularity, GroupWise):
-        out = group_unview(out)
-    return out.t() if in_out else out
+    return _grid_unview(fake_quantize(wt, scale, zero_point, spec.bits, spec.symmetric),
+                        spec, in_out)
 
 
 def code_distance(w: Tensor, spec: TensorSpec, in_out: bool = False) -> tuple[Tensor, int]:
@@ -91,9 +99,9 @@ class LearnedScaleQuant(nn.Module):
     to XTC's ``mean|W|`` and trained with the weights as ``log s`` (positive by
     construction; an optimizer step changes it by a fraction, whatever its size; no
     weight decay, ``Trainer``); ``W``'s gradient is straight-through as ``WeightQuant``'s.
-    ``bake`` writes ``s`` into the latent weight
-    (each row or group rescaled so its ``mean|W|`` is ``s``), so the artifact, whose
-    observer measures ``mean|W|``, carries the learned scales with no format change."""
+    ``bake`` writes ``s`` into the latent weight (each row or group rescaled so its
+    ``mean|W|`` is ``s``), so the artifact, whose observer measures ``mean|W|``, carries
+    the learned scales with no format change."""
 
     def __init__(self, spec: TensorSpec, in_out: bool, w: Tensor) -> None:
         super().__init__()
@@ -107,29 +115,18 @@ class LearnedScaleQuant(nn.Module):
     def scale(self) -> Tensor:
         return self.log_scale.exp()
 
-    def _view(self, w: Tensor) -> Tensor:
-        wt = w.t() if self.in_out else w
-        if isinstance(self.spec.granularity, GroupWise):
-            wt = group_view(wt, self.spec.granularity.size)
-        return wt
-
-    def _unview(self, wt: Tensor) -> Tensor:
-        if isinstance(self.spec.granularity, GroupWise):
-            wt = group_unview(wt)
-        return wt.t() if self.in_out else wt
-
     def forward(self, w: Tensor) -> Tensor:
-        wt = self._view(w)
+        wt = _grid_view(w, self.spec, self.in_out)
         sign = torch.where(wt.detach() >= 0, 1.0, -1.0).to(wt.dtype)
         out = sign * self.scale.to(wt.dtype) + (wt - wt.detach())
-        return self._unview(out)
+        return _grid_unview(out, self.spec, self.in_out)
 
     @torch.no_grad()
     def bake(self, w: Tensor) -> None:
         """Rescale the latent ``w`` in place: ``mean|W|`` of each row / group = ``s``."""
         wt, observed, _ = _on_grid(w, self.spec, self.in_out)
         factor = self.scale / observed.clamp_min(1e-12)
-        w.copy_(self._unview(wt * factor.to(wt.dtype)))
+        w.copy_(_grid_unview(wt * factor.to(wt.dtype), self.spec, self.in_out))
 
 
 class EmaFakeQuant(nn.Module):
@@ -278,16 +275,17 @@ class Freezer:
         m, frozen, total = self.momentum, 0, 0
         for w, b, f, sg, fr, val in zip(self.weights, before, self.freq, self.sign,
                                         self.frozen, self.value):
-            w.data.copy_(torch.where(fr, val.to(w.dtype), w.data))
+            w.data[fr] = val[fr].to(w.dtype)      # undo the step on the frozen weights
             now = w.data >= 0
             f.mul_(1 - m).add_((now != b).float(), alpha=m)
             sg.mul_(1 - m).add_(now.float() * 2 - 1, alpha=m)
             new = (f > self.threshold) & ~fr
             if bool(new.any()):
-                keep = torch.where(sg >= 0, 1.0, -1.0) * w.data.float().abs().clamp_min(1e-12)
-                val.copy_(torch.where(new, keep, val))
+                mag = w.data[new].float().abs().clamp_min(1e-12)
+                keep = torch.where(sg[new] >= 0, 1.0, -1.0) * mag
+                val[new] = keep
                 fr |= new
-                w.data.copy_(torch.where(new, val.to(w.dtype), w.data))
+                w.data[new] = keep.to(w.dtype)
             frozen += int(fr.sum())
             total += fr.numel()
         return frozen / total if total else 0.0

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from qdsl.config.spec import ACTIVATION, PerTensor, PerToken
 from qdsl.quant.primitives import choose_qparams, fake_quantize, reduce_range
 from qdsl.runtime.kernels import cext
-from qdsl.runtime.kernels.cpu import capability
+from qdsl.runtime.kernels.cpu import ISA_AVX2, capability
 from qdsl.runtime.kernels.weights import PackedWeight, contiguous as _c
 from qdsl.runtime.packing import dequantize_packed
 
@@ -124,7 +124,7 @@ def w1a8_qdsl_gemm(x: Tensor, w1: W1, per_token: bool, symmetric: bool) -> Tenso
     """``w1a8_qdsl`` by the int8 GEMM for many rows; the row kernel where the GEMM does
     not apply (asymmetric codes, groups not of 32, below AVX2): the same result."""
     isa = capability().isa
-    if not symmetric or w1.group_size % GEMM_GROUP or isa < 1:
+    if not symmetric or w1.group_size % GEMM_GROUP or isa < ISA_AVX2:
         return w1a8_qdsl(x, w1, per_token, symmetric)
     return torch.ops.qdsl_binary.w1a8_gemm(x, _c(w1.packed), _c(w1.scale), w1.group_size,
                                            _c(w1.bias), per_token, isa)
