@@ -8,6 +8,7 @@ COMMANDS = {
     "explain": "show what a recipe selects in a model, before any data",
     "compile": "calibrate and quantize a model from a recipe into an artifact",
     "eval": "score a model or artifact on line completion, perplexity, HumanEval",
+    "compare": "two evaluated rows, paired: differences, confidence intervals, verdicts",
     "bench": "measure size, memory and latency against fp32 and torch.ao",
     "export": "write an artifact as GGUF (llama.cpp) or compressed-tensors (vLLM)",
     "train": "quantization-aware distillation of a recipe's student (XTC): an artifact",

@@ -39,6 +39,12 @@ def test_eval_writes_json_with_baseline_deltas(tiny, capsys):
     assert res["delta"]["em"] == 0 and res["delta"]["es"] == 0      # same model twice
     assert len(res["target"]["samples"]) == 3
     assert "EM" in capsys.readouterr().out
+    # the same model twice: every paired difference is 0 and within its margin
+    paired = {m["metric"]: m for m in res["paired"]["metrics"]}
+    assert paired["es"]["diff"]["est"] == 0 and paired["es"]["margin_verdict"] == "within"
+    assert paired["ppl"]["ratio"]["est"] == pytest.approx(1.0)
+    assert main(["compare", str(out)]) == 0
+    assert "not distinguishable" in capsys.readouterr().out
     rc = main(["eval", str(tiny / "model"), "--bench", str(tiny / "b.jsonl"), "--ppl-windows", "0",
                "--max-new-tokens", "4", "--json", str(tiny / "res2.json"), "--no-progress"])
     again = json.loads((tiny / "res2.json").read_text())

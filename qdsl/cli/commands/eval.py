@@ -10,6 +10,7 @@ from pathlib import Path
 from ...atomic import write_json_atomic
 from ...eval.samples import load_bench, save_jsonl
 from ...eval.sandbox import sandbox_kind
+from ...study.compare import CompareError, Row, compare, render
 from ..names import COMMANDS
 from ..args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_file,
                     positive_int, seed_int)
@@ -134,9 +135,13 @@ def run(args) -> int:
         print(f"{r['model'][:28]:<28} {_fmt(r['em']):>6} {_fmt(r['es']):>6} "
               f"{_fmt(r.get('ppl')):>8} {_fmt(r.get('bpb'), 3):>6} {_fmt(he, 3):>7} "
               f"{_fmt(r['complete_seconds'] / max(1, r['n'])):>8}")
-    if res.get("delta"):
-        d = res["delta"]
-        print("delta vs baseline: " + ", ".join(f"{k} {v:+.2f}" for k, v in d.items()))
+    if res.get("target") and res.get("baseline"):
+        # the target against the float model on the same samples: paired, with intervals
+        try:
+            res["paired"] = compare(Row("target", res["target"]), Row("baseline", res["baseline"]))
+            print(render(res["paired"]))
+        except CompareError as e:   # e.g. a run with no completion samples
+            print(f"(no paired comparison: {e})")
     if args.json:
         write_json_atomic(args.json, res)
         print(f"wrote {args.json}")

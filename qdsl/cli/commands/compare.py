@@ -1,0 +1,76 @@
+"""``qdsl compare A [B]``: two rows of ``qdsl eval --json`` files, paired, with 95%
+intervals and verdicts against the study's margins (``qdsl.study.compare``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...atomic import write_json_atomic
+from ...study.compare import CompareError, compare, load_row, parse_spec, render, shared
+from ..args import output_file
+from ..names import COMMANDS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help=COMMANDS["compare"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare two evaluated rows paired on the samples both scored: ES, EM, "
+                    "pass@1 (differences A - B, in points) and perplexity (ratio A / B), each "
+                    "with its 95%% interval (t on the paired differences and a percentile "
+                    "bootstrap for ES; McNemar's exact test with Newcombe's interval for EM "
+                    "and pass@1; t on the paired per-window log-losses for perplexity), "
+                    "whether the rows differ, and whether A loses at most a margin against B "
+                    "(within / beyond / inconclusive, with the samples that would decide an "
+                    "inconclusive one at the same estimate). Rows that did not score the "
+                    "same samples are an error.",
+        epilog="A row is FILE (its target), FILE:target or FILE:baseline, FILE written by "
+               "`qdsl eval ... --json FILE`. With one argument, the file's target is "
+               "compared with its own baseline (the float model scored in the same run).\n\n"
+               "examples:\n"
+               "  qdsl compare int8.json                 # the artifact vs fp32, same run\n"
+               "  qdsl compare learned.json plain.json   # two artifacts, same --n/--seed\n"
+               "  qdsl compare a.json b.json --margin-es 1 --json a_vs_b.json")
+    p.add_argument("a", metavar="A", help="the row compared (FILE[:target|:baseline])")
+    p.add_argument("b", metavar="B", nargs="?",
+                   help="the row it is compared with (default: A's file's baseline)")
+    p.add_argument("--margin-es", type=float, metavar="POINTS",
+                   help="ES points A may lose and still be 'within' (default: the study's, 2)")
+    p.add_argument("--margin-em", type=float, metavar="POINTS",
+                   help="exact-match points (default 2)")
+    p.add_argument("--margin-pass1", type=float, metavar="POINTS",
+                   help="HumanEval pass@1 points (default 5)")
+    p.add_argument("--margin-ppl", type=float, metavar="PCT",
+                   help="perplexity ratio above 1, in percent (default 5: x1.05)")
+    p.add_argument("--shared", action="store_true",
+                   help="compare on the samples both rows scored (rows evaluated at different "
+                        "--n with the same --seed: the smaller one's samples are the larger's "
+                        "first); perplexity only where the windows are the same")
+    p.add_argument("--json", metavar="FILE", type=output_file(".json"),
+                   help="also write the comparison as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    given = {"es": args.margin_es, "em": args.margin_em, "pass1": args.margin_pass1,
+             "ppl_pct": args.margin_ppl}
+    for key, v in given.items():
+        if v is not None and not v > 0:
+            raise CompareError(f"--margin-{key.replace('_pct', '')} must be a positive "
+                               f"number (got {v:g})")
+    a = load_row(args.a)
+    if args.b is None:
+        if parse_spec(args.a)[1] == "baseline":
+            raise CompareError(f"{args.a}: a baseline row needs a row B to compare with")
+        b = load_row(parse_spec(args.a)[0], default_side="baseline")
+    else:
+        b = load_row(args.b)
+    if args.shared:
+        a, b, n = shared(a, b)
+        print(f"on the {n:,} completion samples both rows scored")
+    result = compare(a, b, {k: v for k, v in given.items() if v is not None})
+    print(render(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+        print(f"wrote {args.json}")
+    return 0

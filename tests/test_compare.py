@@ -1,0 +1,152 @@
+"""``qdsl compare`` / ``qdsl.study.compare``: two eval rows, paired, with verdicts."""
+
+import json
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qdsl.cli import main
+from qdsl.study.compare import CompareError, Row, compare, load_row, parse_spec, shared
+from qdsl.study.stats import n_for_halfwidth, paired_t, ppl_ratio, t_quantile
+
+
+def _row(es, em=None, nll=None, ids=None, model="m", humaneval=None):
+    ids = ids or [f"s{i}" for i in range(len(es))]
+    em = em or [False] * len(es)
+    r = {"model": model, "es": sum(es) / len(es),
+         "samples": [{"id": i, "es": e, "em": m} for i, e, m in zip(ids, es, em)]}
+    if nll is not None:
+        r["ppl_window_nll"] = list(nll)
+        r["ppl_window_tokens"] = [100] * len(nll)
+        r["ppl"] = math.exp(sum(nll) / len(nll))
+    if humaneval is not None:
+        r["humaneval"] = {"results": [{"task_id": t, "passed": p} for t, p in humaneval]}
+    return r
+
+
+def _metrics(result):
+    return {m["metric"]: m for m in result["metrics"]}
+
+
+def test_es_matches_paired_t_and_the_verdicts_follow_the_interval():
+    rng = random.Random(1)
+    b = [rng.uniform(0, 100) for _ in range(400)]
+    for shift, verdict in ((-0.2, "within"), (-6.0, "beyond"), (-1.9, "inconclusive")):
+        a = [x + shift + rng.gauss(0, 5) for x in b]
+        m = _metrics(compare(Row("a", _row(a)), Row("b", _row(b))))["es"]
+        iv = paired_t(a, b)
+        assert (m["diff"]["est"], m["diff"]["lo"], m["diff"]["hi"]) == (iv.est, iv.lo, iv.hi)
+        assert m["margin_verdict"] == verdict, (shift, m["diff"])
+        assert m["difference"] == ("A lower" if iv.hi < 0 else "A higher" if iv.lo > 0
+                                   else "not distinguishable")
+        if verdict == "inconclusive":
+            n = m["n_to_decide"]
+            # at that n an interval of the same SD around the same estimate clears -2
+            assert iv.est - t_quantile(0.975, n - 1) * iv.sd / math.sqrt(n) >= -2.0
+            assert n == n_for_halfwidth(iv.sd, iv.est + 2.0)
+
+
+def test_an_estimate_past_the_margin_has_no_deciding_n():
+    b = [50.0 + (i % 7) for i in range(10)]
+    a = [x - 2.5 + (3 if i % 2 else -3) for i, x in enumerate(b)]   # -2.5, wide
+    m = _metrics(compare(Row("a", _row(a)), Row("b", _row(b))))["es"]
+    assert m["margin_verdict"] == "inconclusive" and m["n_to_decide"] is None
+
+
+def test_em_is_mcnemar_and_ppl_the_paired_log_loss_ratio():
+    b_es = [50.0] * 100
+    em_a = [i < 30 for i in range(100)]
+    em_b = [i < 20 for i in range(100)]
+    nll_b = [2.0 + 0.01 * i for i in range(64)]
+    nll_a = [x + 0.2 for x in nll_b]                # x e^0.2 = 1.22: beyond 5%
+    r = compare(Row("a", _row(b_es, em_a, nll_a)), Row("b", _row(b_es, em_b, nll_b)))
+    m = _metrics(r)
+    assert m["em"]["mcnemar"]["b"] == 10 and m["em"]["mcnemar"]["c"] == 0
+    assert m["em"]["diff"]["est"] == pytest.approx(10.0) and m["em"]["difference"] == "A higher"
+    assert m["ppl"]["ratio"]["est"] == pytest.approx(math.exp(0.2))
+    assert m["ppl"]["ratio"]["est"] == pytest.approx(ppl_ratio(nll_a, nll_b).est)
+    assert m["ppl"]["margin_verdict"] == "beyond" and m["ppl"]["difference"] == "A higher"
+    # a margin given overrides the study's
+    m = _metrics(compare(Row("a", _row(b_es, em_a, nll_a)), Row("b", _row(b_es, em_b, nll_b)),
+                         {"ppl_pct": 30.0}))
+    assert m["ppl"]["margin_verdict"] == "within"
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0, 100), st.floats(0.5, 5),
+                          st.floats(0.5, 5)), min_size=3, max_size=40))
+def test_swapping_the_rows_negates_es_and_inverts_perplexity(data):
+    a_es, b_es, a_nll, b_nll = (list(x) for x in zip(*data))
+    ab = _metrics(compare(Row("a", _row(a_es, nll=a_nll)), Row("b", _row(b_es, nll=b_nll))))
+    ba = _metrics(compare(Row("b", _row(b_es, nll=b_nll)), Row("a", _row(a_es, nll=a_nll))))
+    assert ab["es"]["diff"]["est"] == pytest.approx(-ba["es"]["diff"]["est"], abs=1e-9)
+    assert ab["es"]["diff"]["lo"] == pytest.approx(-ba["es"]["diff"]["hi"], abs=1e-9)
+    assert ab["ppl"]["ratio"]["est"] * ba["ppl"]["ratio"]["est"] == pytest.approx(1.0)
+    for m in ab.values():   # every interval holds its estimate
+        iv = m.get("diff") or m["ratio"]
+        assert iv["lo"] <= iv["est"] <= iv["hi"]
+
+
+def test_rows_that_do_not_pair_are_errors_that_say_why():
+    a = _row([1.0, 2.0, 3.0])
+    with pytest.raises(CompareError, match="different completion samples .3 and 2, 2 shared"):
+        compare(Row("a", a), Row("b", _row([1.0, 2.0])))
+    with pytest.raises(CompareError, match="different perplexity windows .3 and 2 windows"):
+        compare(Row("a", _row([1.0, 2.0], nll=[1, 2, 3])), Row("b", _row([1.0, 2.0], nll=[1, 2])))
+    with pytest.raises(CompareError, match="different HumanEval problems"):
+        compare(Row("a", _row([1.0, 2.0], humaneval=[("t0", True)])),
+                Row("b", _row([1.0, 2.0], humaneval=[("t1", True)])))
+
+
+def test_shared_compares_on_the_samples_both_rows_scored():
+    big = _row([10.0 * i for i in range(10)], nll=[1.0] * 8)
+    small = _row([10.0 * i - 1 for i in range(4)], nll=[1.0] * 4)
+    a, b, n = shared(Row("a", big), Row("b", small))
+    assert n == 4 and [s["id"] for s in a.data["samples"]] == ["s0", "s1", "s2", "s3"]
+    m = _metrics(compare(a, b))
+    assert m["es"]["diff"]["est"] == pytest.approx(1.0) and "ppl" not in m   # windows differ
+    with pytest.raises(CompareError, match="share no completion sample"):
+        shared(Row("a", big), Row("b", _row([1.0], ids=["other"])))
+
+
+def test_specs_and_files(tmp_path):
+    assert parse_spec("x.json") == ("x.json", None)
+    assert parse_spec("x.json:baseline") == ("x.json", "baseline")
+    assert parse_spec("c:/x.json") == ("c:/x.json", None)
+    f = tmp_path / "e.json"
+    f.write_text(json.dumps({"target": _row([1.0, 2.0]), "baseline": None}))
+    assert load_row(str(f)).label == f"{f}:target"
+    with pytest.raises(CompareError, match="has no baseline row .the eval ran with --no-baseline"):
+        load_row(f"{f}:baseline")
+    (tmp_path / "x.json").write_text("[1]")
+    with pytest.raises(CompareError, match="not a `qdsl eval --json` file"):
+        load_row(str(tmp_path / "x.json"))
+
+
+def test_cli(tmp_path, capsys):
+    rng = random.Random(0)
+    b = [rng.uniform(0, 100) for _ in range(200)]
+    nll = [rng.uniform(1, 3) for _ in range(32)]
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"target": _row([x - 0.1 for x in b], nll=[x + 0.001 for x in nll]),
+                               "baseline": _row(b, nll=nll)}))
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"target": _row([x - 8 for x in b], nll=nll), "baseline": _row(b)}))
+    out = tmp_path / "c.json"
+    assert main(["compare", str(one), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "within the 2-point margin" in text and "within the x1.05 margin" in text
+    assert json.loads(out.read_text())["b"]["row"] == f"{one}:baseline"
+    assert main(["compare", str(two), str(one), "--margin-es", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "A-B -7.90" in text and "A lower; within the 10-point margin" in text
+    # errors: one line, no traceback, exit 2
+    for argv, msg in ((["compare", str(tmp_path / "none.json")], "no such file"),
+                      (["compare", f"{one}:baseline"], "needs a row B"),
+                      (["compare", str(one), "--margin-ppl", "-1"], "positive")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
