@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QdslError
-from .paired import aligned, fmt
+from .paired import aligned, es_diff, fmt, metric_diff, proportion_test
 from .seeds import margins
-from .stats import Interval, mcnemar, n_for_halfwidth, paired_bootstrap, paired_t, ppl_ratio
+from .stats import Interval, n_for_halfwidth, ppl_ratio
 
 SIDES = ("target", "baseline")
 
@@ -152,8 +152,7 @@ def _difference(iv: Interval, null: float) -> str:
 
 
 def _es(a: Row, b: Row, margin: float) -> dict:
-    va, vb = aligned([a.data, b.data], "es")
-    iv, boot = paired_t(va, vb), paired_bootstrap(va, vb)
+    iv, boot = es_diff(a.data, b.data), es_diff(a.data, b.data, bootstrap=True)
     out = {"metric": "es", "a": a.data.get("es"), "b": b.data.get("es"), "diff": iv.to_json(),
            "bootstrap": boot.to_json(), "margin": margin, "difference": _difference(iv, 0.0),
            "margin_verdict": _margin_verdict(iv, margin)}
@@ -171,9 +170,7 @@ def _proportion(a: Row, b: Row, metric: str, margin: float) -> dict | None:
             raise CompareError(f"{a.label} and {b.label} ran different HumanEval problems: "
                                f"evaluate both with the same --humaneval N")
         return None
-    t = mcnemar([x > 0 for x in v[0]], [x > 0 for x in v[1]])
-    d = t.diff
-    iv = Interval(100 * d.est, 100 * d.lo, 100 * d.hi, d.n, d.method)
+    t, iv = proportion_test(a.data, b.data, metric), metric_diff(a.data, b.data, metric)
     va = 100 * sum(x > 0 for x in v[0]) / len(v[0])
     vb = 100 * sum(x > 0 for x in v[1]) / len(v[1])
     return {"metric": metric, "a": va, "b": vb, "diff": iv.to_json(),
