@@ -120,12 +120,13 @@ def shared(a: Row, b: Row) -> tuple[Row, Row, int]:
         raise CompareError(f"{a.label} and {b.label} share no completion sample (another "
                            f"--bench or --seed?)")
     ks = set(keep)
+    he = [(r.data.get("humaneval") or {}).get("results") for r in (a, b)]
+    tasks = ({x["task_id"] for x in he[0]} & {x["task_id"] for x in he[1]}
+             if all(he) else None)
     out = []
     for r in (a, b):
         d = {**r.data, "samples": [s for s in r.data["samples"] if s["id"] in ks]}
-        he = [r2.data.get("humaneval") or {} for r2 in (a, b)]
-        if all(h.get("results") for h in he):
-            tasks = {x["task_id"] for x in he[0]["results"]} & {x["task_id"] for x in he[1]["results"]}
+        if tasks is not None:
             d["humaneval"] = {**d["humaneval"], "results": [
                 x for x in d["humaneval"]["results"] if x["task_id"] in tasks]}
         out.append(d)

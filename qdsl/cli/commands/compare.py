@@ -66,8 +66,11 @@ def run(args) -> int:
     else:
         b = load_row(args.b)
     if args.shared:
+        had_windows = all(r.data.get("ppl_window_nll") for r in (a, b))
         a, b, n = shared(a, b)
-        print(f"on the {n:,} completion samples both rows scored")
+        print(f"on the {n:,} completion samples both rows scored"
+              + ("; perplexity not compared (the rows scored different windows)"
+                 if had_windows and not a.data.get("ppl_window_nll") else ""))
     result = compare(a, b, {k: v for k, v in given.items() if v is not None})
     print(render(result))
     if args.json:
