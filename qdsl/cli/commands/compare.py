@@ -15,22 +15,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare", help=COMMANDS["compare"],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compare two evaluated rows paired on the samples both scored: ES, EM, "
-                    "pass@1 (differences A - B, in points) and perplexity (ratio A / B), each "
-                    "with its 95%% interval (t on the paired differences and a percentile "
-                    "bootstrap for ES; McNemar's exact test with Newcombe's interval for EM "
-                    "and pass@1; t on the paired per-window log-losses for perplexity), "
-                    "whether the rows differ, and whether A loses at most a margin against B "
-                    "(within / beyond / inconclusive, with the samples that would decide an "
-                    "inconclusive one at the same estimate). Rows that did not score the "
-                    "same samples are an error.",
-        epilog="A row is FILE (its target), FILE:target or FILE:baseline, FILE written by "
-               "`qdsl eval ... --json FILE`. With one argument, the file's target is "
-               "compared with its own baseline (the float model scored in the same run).\n\n"
-               "examples:\n"
-               "  qdsl compare int8.json                 # the artifact vs fp32, same run\n"
-               "  qdsl compare learned.json plain.json   # two artifacts, same --n/--seed\n"
-               "  qdsl compare a.json b.json --margin-es 1 --json a_vs_b.json")
+        description=(
+            "Compare two evaluated rows, paired on the samples both scored: ES, EM and\n"
+            "pass@1 as differences A - B (points), perplexity as the ratio A / B, each with\n"
+            "its 95% interval (ES: t on the paired differences, a percentile bootstrap\n"
+            "beside it; EM and pass@1: McNemar's exact test with Newcombe's interval;\n"
+            "perplexity: t on the paired per-window log-losses). For each: whether the rows\n"
+            "differ, and whether A loses at most a margin against B (within / beyond /\n"
+            "inconclusive, with the samples that would decide an inconclusive one at the\n"
+            "same estimate). Rows that did not score the same samples are an error."),
+        epilog=(
+            "A row is FILE (its target), FILE:target or FILE:baseline, where FILE was\n"
+            "written by `qdsl eval ... --json FILE`. With one argument, the file's target\n"
+            "is compared with its own baseline (the float model scored in the same run).\n\n"
+            "examples:\n"
+            "  qdsl compare int8.json                 # the artifact vs fp32, same run\n"
+            "  qdsl compare learned.json plain.json   # two artifacts, same --n/--seed\n"
+            "  qdsl compare a.json b.json --margin-es 1 --json a_vs_b.json"))
     p.add_argument("a", metavar="A", help="the row compared (FILE[:target|:baseline])")
     p.add_argument("b", metavar="B", nargs="?",
                    help="the row it is compared with (default: A's file's baseline)")
