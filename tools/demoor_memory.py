@@ -134,7 +134,7 @@ def main() -> None:
             if p.returncode != 0:
                 sys.exit(f"{label}: {p.stderr[-1500:]}")
             rows.setdefault(label, []).append(json.loads(p.stdout.strip().splitlines()[-1]))
-    print("| model | RSS delta at load MB (runs) | tensors: weights MB | KV cache MB |")
+    print("| model | RSS delta at load MiB (runs) | tensors: weights MiB | KV cache MiB |")
     print("|---|---|---|---|")
     for label, rs in rows.items():
         deltas = ", ".join(f"{r['rss_delta_mb']:.1f}" for r in rs)
