@@ -101,6 +101,11 @@ def test_rows_that_do_not_pair_are_errors_that_say_why():
                 Row("b", _row([1.0, 2.0], humaneval=[("t1", True)])))
 
 
+def test_a_row_without_samples_is_an_error():
+    with pytest.raises(CompareError, match="a: no per-sample completion scores"):
+        compare(Row("a", {"model": "m", "samples": []}), Row("b", _row([1.0])))
+
+
 def test_shared_compares_on_the_samples_both_rows_scored():
     big = _row([10.0 * i for i in range(10)], nll=[1.0] * 8)
     small = _row([10.0 * i - 1 for i in range(4)], nll=[1.0] * 4)

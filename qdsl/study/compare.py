@@ -205,6 +205,9 @@ def compare(a: Row, b: Row, margin: dict[str, float] | None = None) -> dict:
     """Every metric both rows have, A against B (module docstring); ``margin`` overrides
     the study's margins by key (``es``, ``em``, ``pass1``, ``ppl_pct``)."""
     m = {**margins(), **(margin or {})}
+    for r in (a, b):
+        if not r.data.get("samples"):
+            raise CompareError(f"{r.label}: no per-sample completion scores to pair")
     _pairing(a, b)
     metrics = [_es(a, b, m["es"])]
     for key in ("em", "pass@1"):
