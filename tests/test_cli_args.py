@@ -21,6 +21,7 @@ BASE = {
     "eval": ["eval", "m"],
     "bench": ["bench", "m"],
     "sweep": ["sweep", "r.qrec", "-o", "{tmp}/out"],
+    "compare": ["compare", "a.json"],
 }
 POSITIVE = ["-3", "0", "x", "1.5", "99999999999"]
 NONNEG = ["-3", "x", "1e400", "99999999999"]
@@ -65,6 +66,10 @@ CASES = [
     ("sweep", "--threads", ["-1", "5000", "x"]),
     ("sweep", "--humaneval", ["-1", "165", "x"]),
     ("sweep", "--humaneval-tokens", POSITIVE),
+    ("compare", "--margin-es", FLOAT_POS),
+    ("compare", "--margin-em", FLOAT_POS),
+    ("compare", "--margin-pass1", FLOAT_POS),
+    ("compare", "--margin-ppl", FLOAT_POS),
 ]
 PATHS = [  # (command, option, bad path; {tmp} and {file}: an existing file)
     ("explain", "--graph", "{tmp}/g.txt"),
@@ -81,6 +86,7 @@ PATHS = [  # (command, option, bad path; {tmp} and {file}: an existing file)
     ("bench", "--plot", "{tmp}/b.jpg"),
     ("sweep", "-o", "{file}"),
     ("sweep", "--doc", "{tmp}/d.txt"),
+    ("compare", "--json", "{tmp}/c.txt"),
 ]
 
 

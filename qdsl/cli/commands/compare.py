@@ -7,7 +7,7 @@ import argparse
 
 from ...atomic import write_json_atomic
 from ...study.compare import CompareError, compare, load_row, parse_spec, render, shared
-from ..args import output_file
+from ..args import output_file, positive_float
 from ..names import COMMANDS
 
 
@@ -35,13 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("a", metavar="A", help="the row compared (FILE[:target|:baseline])")
     p.add_argument("b", metavar="B", nargs="?",
                    help="the row it is compared with (default: A's file's baseline)")
-    p.add_argument("--margin-es", type=float, metavar="POINTS",
+    p.add_argument("--margin-es", type=positive_float, metavar="POINTS",
                    help="ES points A may lose and still be 'within' (default: the study's, 2)")
-    p.add_argument("--margin-em", type=float, metavar="POINTS",
+    p.add_argument("--margin-em", type=positive_float, metavar="POINTS",
                    help="exact-match points (default 2)")
-    p.add_argument("--margin-pass1", type=float, metavar="POINTS",
+    p.add_argument("--margin-pass1", type=positive_float, metavar="POINTS",
                    help="HumanEval pass@1 points (default 5)")
-    p.add_argument("--margin-ppl", type=float, metavar="PCT",
+    p.add_argument("--margin-ppl", type=positive_float, metavar="PCT",
                    help="perplexity ratio above 1, in percent (default 5: x1.05)")
     p.add_argument("--shared", action="store_true",
                    help="compare on the samples both rows scored (rows evaluated at different "
@@ -55,10 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     given = {"es": args.margin_es, "em": args.margin_em, "pass1": args.margin_pass1,
              "ppl_pct": args.margin_ppl}
-    for key, v in given.items():
-        if v is not None and not v > 0:
-            raise CompareError(f"--margin-{key.replace('_pct', '')} must be a positive "
-                               f"number (got {v:g})")
     a = load_row(args.a)
     if args.b is None:
         if parse_spec(args.a)[1] == "baseline":
