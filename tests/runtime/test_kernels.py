@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,58 @@ def test_both_extensions_include_the_shared_header_and_the_key_hashes_it(tmp_pat
     edited.write_bytes(cext.HEADERS[0].read_bytes() + b"// edited\n")
     monkeypatch.setattr(cext, "HEADERS", (edited,))
     assert table_mod.machine_key(_cap(), 1) != key
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path, monkeypatch):
+    """torch's lock file, left by a process killed mid-build, would make every later
+    build wait forever: build_lock (no live holder of qdsl's flock) removes it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = cext.build_dir("qdsl_test_ext") / "lock"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.touch()
+    with cext.build_lock("qdsl_test_ext"):
+        assert not stale.exists()
+
+
+def test_a_live_builder_is_waited_for_and_its_lock_kept(tmp_path):
+    """Another process holding the build lock (building right now) is waited for; its
+    torch lock file is not touched while it lives."""
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from qdsl.runtime.kernels import cext\n"
+         "with cext.build_lock('qdsl_test_ext'):\n"
+         "    (cext.build_dir('qdsl_test_ext') / 'lock').touch()\n"
+         "    print('holding', flush=True); sys.stdin.readline()\n"
+         "    (cext.build_dir('qdsl_test_ext') / 'lock').unlink()\n"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        waiter = subprocess.Popen(
+            [sys.executable, "-c",
+             "from qdsl.runtime.kernels import cext\n"
+             "with cext.build_lock('qdsl_test_ext'):\n"
+             "    print('got it', (cext.build_dir('qdsl_test_ext') / 'lock').exists())\n"],
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        # the waiter says it waits (on stderr) and cannot get the lock while it is held
+        # (a hung waiter is killed after 2 minutes, so the test fails rather than hangs)
+        guard = threading.Timer(120, waiter.kill)
+        guard.start()
+        try:
+            for line in iter(waiter.stderr.readline, ""):
+                if "another process is building" in line:
+                    break
+            else:
+                raise AssertionError("the waiter never said it was waiting")
+        finally:
+            guard.cancel()
+        assert waiter.poll() is None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        out, _ = waiter.communicate(timeout=60)
+        assert out.strip() == "got it False"   # the holder removed its own lock file
+    finally:
+        holder.kill()
+        holder.wait()

@@ -7,10 +7,17 @@ the header the sources include, ``qdsl_common.h``: editing it rebuilds), so it i
 once per machine (~1 minute) and loaded in well under a second afterwards. Where the
 build fails (no compiler, a non-x86 CPU) ``load()`` returns False, logs why once, and
 the kernel table falls back to torch's own kernels (never a crash).
+
+torch guards a build with a lock *file* in the build folder, which a process killed
+while building (Ctrl-C, a timeout) leaves behind: every later process would then wait
+on it forever, silently. ``build`` holds an OS lock (``flock``, released when its holder
+dies, however it dies) around torch's build, so a torch lock file found while holding it
+belongs to no live qdsl process and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -77,6 +84,49 @@ def _precheck() -> str | None:
 def build(name: str, sources: tuple[Path, ...]) -> None:
     """Compile ``sources`` (concatenated, one translation unit) as the op library ``name``
     (a no-op once torch has it cached) and load it; they include ``HEADERS``."""
+    with build_lock(name):
+        _load_inline(name, sources)
+
+
+def build_dir(name: str) -> Path:
+    """The folder torch builds the extension ``name`` in (``TORCH_EXTENSIONS_DIR``, else
+    its per-user cache)."""
+    try:
+        return Path(cpp_extension._get_build_directory(name, verbose=False))
+    except AttributeError:       # a private helper: a torch without it
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        return Path(root) / name
+
+
+@contextlib.contextmanager
+def build_lock(name: str):
+    """Hold ``name``'s build lock (another process building it: wait, saying so), and
+    remove torch's lock file where a process killed mid-build left it (see the module)."""
+    try:
+        import fcntl
+    except ImportError:          # not POSIX: torch's own lock file only
+        yield
+        return
+    folder = build_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{name}.qdsl-lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another process is building qdsl's C++ kernels (%s); waiting for it",
+                        name)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a build that was interrupted", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_inline(name: str, sources: tuple[Path, ...]) -> None:
     cpp_extension.load_inline(name, cpp_sources=[p.read_text() for p in sources],
                               is_python_module=False,
                               extra_include_paths=sorted({str(h.parent) for h in HEADERS}),
