@@ -107,3 +107,34 @@ def test_inductor_cache_goes_under_the_qdsl_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's: kept
     compiled._cache_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["torch_int4pack_mm", "qdsl_w4"])
+def test_compiled_w4_artifact_matches_eager(tmp_path, monkeypatch, kernel):
+    """4-bit weights: aten's int4 kernel reads a layout derived from the stored codes
+    once (``kernels.derived``), which must not break the compiled graph (it did: a data
+    pointer comparison, so `qdsl bench --compile-decode` fell back to eager)."""
+    from qdsl.runtime import kernels
+    from qdsl.runtime.kernels import tuning
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    real = tuning.Table.choose
+    monkeypatch.setattr(tuning.Table, "choose",
+                        lambda self, op, m: kernel if op == "w4" else real(self, op, m))
+    if kernel == "qdsl_w4" and not kernels.table().ext:
+        pytest.skip("qdsl's C++ kernels unavailable here")
+    m = tiny("llama")
+    q = C.compile(m, "* -> w4 sym group(size=32)", calib=tiny_ids(m, 2, 16), lower="int8",
+                  max_cache_len=CACHE, progress=False)
+    ids = tiny_ids(m, 1, 16, seed=4)
+    eager = GraphLM(q.gm, CACHE, compile_decode=False)
+    lm = GraphLM(q.gm, CACHE, compile_decode=True)
+    ref, got = _steps(eager, ids), _steps(lm, ids)
+    assert lm.step.failed is None
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    called = [0]
+    impl = kernels.IMPLS["w4"][kernel]
+    monkeypatch.setitem(kernels.IMPLS["w4"], kernel,
+                        lambda *a: (called.__setitem__(0, called[0] + 1), impl(*a))[1])
+    eager.decode(int(ids[0, 12]))
+    assert called[0] > 0            # the kernel under test is the one that ran

@@ -40,7 +40,14 @@ BF16 = frozenset({"torch_int8pack_mm", "torch_bf16_gemm", "torch_int4pack_mm"}) 
 def derived(owner, slot: str, sources: tuple[Tensor, ...], build):
     """``build()``, computed once per storage of ``sources`` and kept on ``owner`` under
     ``slot`` (not a buffer, so never saved): a kernel's prepacked weight. Loading new
-    buffers or moving the module changes their storage, which rebuilds it."""
+    buffers or moving the module changes their storage, which rebuilds it.
+
+    Under torch.compile (the compiled decode step) a data pointer cannot be read: the
+    copy an eager step built (the prefill runs eager) is used as it is, or else built
+    inside the compiled graph."""
+    if torch.compiler.is_compiling():
+        hit = owner.__dict__.get(slot)
+        return hit[1] if hit is not None else build()
     key = tuple(t.data_ptr() for t in sources)
     hit = owner.__dict__.get(slot)
     if hit is None or hit[0] != key:
