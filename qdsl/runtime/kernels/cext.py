@@ -28,6 +28,11 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+try:
+    import fcntl                 # POSIX: the build lock (build_lock)
+except ImportError:              # elsewhere: torch's own lock file only
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qdsl_kernels.cpp")
@@ -102,9 +107,7 @@ def build_dir(name: str) -> Path:
 def build_lock(name: str):
     """Hold ``name``'s build lock (another process building it: wait, saying so), and
     remove torch's lock file where a process killed mid-build left it (see the module)."""
-    try:
-        import fcntl
-    except ImportError:          # not POSIX: torch's own lock file only
+    if fcntl is None:            # not POSIX: torch's own lock file only
         yield
         return
     folder = build_dir(name)
