@@ -28,6 +28,18 @@ def _steps(lm, ids, n=6):
     return torch.stack(out)
 
 
+def _int8_compiled_and_eager(recipe: str, seed: int):
+    """A tiny llama compiled ``--lower int8`` with ``recipe``, run eager and compiled on
+    the same ids: (eager LM, compiled LM, ids, eager logits, compiled logits)."""
+    m = tiny("llama")
+    q = C.compile(m, recipe, calib=tiny_ids(m, 2, 16), lower="int8", max_cache_len=CACHE,
+                  progress=False)
+    ids = tiny_ids(m, 1, 16, seed=seed)
+    eager = GraphLM(q.gm, CACHE, compile_decode=False)
+    lm = GraphLM(q.gm, CACHE, compile_decode=True)
+    return eager, lm, ids, _steps(eager, ids), _steps(lm, ids)
+
+
 def _float_graph(family):
     m = tiny(family)
     gm = capture(m, mode="generate", max_cache_len=CACHE).gm
@@ -52,13 +64,7 @@ def test_compiled_float_graph_matches_eager(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_compiled_int8_artifact_matches_eager(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    m = tiny("llama")
-    q = C.compile(m, W8A8, calib=tiny_ids(m, 2, 16), lower="int8", max_cache_len=CACHE,
-                  progress=False)
-    ids = tiny_ids(m, 1, 16, seed=3)
-    eager = GraphLM(q.gm, CACHE, compile_decode=False)
-    lm = GraphLM(q.gm, CACHE, compile_decode=True)
-    ref, got = _steps(eager, ids), _steps(lm, ids)
+    eager, lm, ids, ref, got = _int8_compiled_and_eager(W8A8, seed=3)
     assert lm.step.failed is None
     # the compiled graph calls the same C++ / torch GEMM kernels; per-token scales come
     # from fused loops, so codes may differ by one step at a rounding tie: logits close
@@ -123,18 +129,16 @@ def test_compiled_w4_artifact_matches_eager(tmp_path, monkeypatch, kernel):
                         lambda self, op, m: kernel if op == "w4" else real(self, op, m))
     if kernel == "qdsl_w4" and not kernels.table().ext:
         pytest.skip("qdsl's C++ kernels unavailable here")
-    m = tiny("llama")
-    q = C.compile(m, "* -> w4 sym group(size=32)", calib=tiny_ids(m, 2, 16), lower="int8",
-                  max_cache_len=CACHE, progress=False)
-    ids = tiny_ids(m, 1, 16, seed=4)
-    eager = GraphLM(q.gm, CACHE, compile_decode=False)
-    lm = GraphLM(q.gm, CACHE, compile_decode=True)
-    ref, got = _steps(eager, ids), _steps(lm, ids)
+    eager, lm, ids, ref, got = _int8_compiled_and_eager("* -> w4 sym group(size=32)", seed=4)
     assert lm.step.failed is None
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
     called = [0]
     impl = kernels.IMPLS["w4"][kernel]
-    monkeypatch.setitem(kernels.IMPLS["w4"], kernel,
-                        lambda *a: (called.__setitem__(0, called[0] + 1), impl(*a))[1])
+
+    def counted(*args):
+        called[0] += 1
+        return impl(*args)
+
+    monkeypatch.setitem(kernels.IMPLS["w4"], kernel, counted)
     eager.decode(int(ids[0, 12]))
     assert called[0] > 0            # the kernel under test is the one that ran
