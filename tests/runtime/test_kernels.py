@@ -113,6 +113,36 @@ def test_w8a8_candidates_match_the_integer_maths(shape, asym, bias, seed):
 
 
 @pytest.mark.skipif(not EXT, reason="qdsl's C++ kernels did not build here")
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+def test_w8a8_gemv_is_exact_on_every_path_and_thread_split(m):
+    """The GEMV's four-row blocks, the N % 4 rows after them, K tails (577 = 9 * 64 + 1),
+    thread chunks that do not start at a multiple of 4 (2 threads, N = 203), every
+    activation-row block size, with zero points, row sums and bias through the fused
+    epilogue, on every instruction-set path; the VNNI path without a row sum sums it."""
+    g = torch.Generator().manual_seed(m)
+    k, n = 577, 203
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    xs, ws = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) * 0.01
+    zp = torch.randint(-128, 128, (m,), dtype=torch.int32, generator=g)
+    b = torch.randn(n, generator=g)
+    rowsum = w.sum(1, dtype=torch.int32)
+    ref = _w8a8_ref(xq, xs, zp, w, ws, b)
+    tol = 2e-6 * ref.abs().max().item() + 1e-6
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for isa in ISAS:
+            acc = torch.ops.qdsl_kernels.w8a8_linear(xq, torch.ones(m), None, w, torch.ones(n),
+                                                     None, None, isa)
+            assert torch.equal(acc.long(), xq.long() @ w.long().t()), isa
+            y = torch.ops.qdsl_kernels.w8a8_linear(xq, xs, zp, w, ws, rowsum, b, isa)
+            assert (y.double() - ref).abs().max() <= tol, isa
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not EXT, reason="qdsl's C++ kernels did not build here")
 def test_packed_gemm_is_exact_across_cache_blocks():
     """More rows than one cache block (96) and a partial 6-row tile, odd K, a partial
     16-column panel, on every instruction-set path, 2 threads."""

@@ -13,7 +13,9 @@
 //   w8_linear(x, w, w_scale[N], bias?, isa)                 y = (x @ w^T) * w_scale + bias
 //   w8a8_linear(xq int8 [M,K], x_scale[M], x_zp int32[M]?, w, w_scale[N], w_rowsum int32[N]?,
 //               bias?, isa)  y = (xq @ w^T - x_zp * rowsum) * x_scale * w_scale + bias,
-//               the integer product accumulated exactly in int32
+//               the integer product accumulated exactly in int32, the epilogue fused;
+//               rowsum = w.sum(1): needed with x_zp, and used by the VNNI path (x + 128
+//               as u8, vpdpbusd), which sums it itself when it is not given
 //   w4_linear(x, packed uint8 [N, K/2], scale[N, K/gs], gs, bias?, isa)
 //               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale
 #include "qdsl_common.h"
@@ -102,71 +104,196 @@ void w8a8_rows_generic(const int16_t* x, int64_t M, const int8_t* w, int64_t K,
     }
 }
 
+// The SIMD paths share one shape: four weight rows per pass, each read in address order
+// into its own accumulators (4 * mm independent chains the core overlaps; one chain per
+// row plus a horizontal sum per row left the GEMV latency-bound), the four sums reduced
+// together (reduce4), the last N % 4 rows one at a time. `rows_by_mm` instantiates a
+// block kernel for mm = 1..4 activation rows, so its accumulators stay in registers.
+#define QDSL_ROWS_BY_MM(NAME, BLOCK, XT)                                                 \
+  void NAME(const XT* x, int64_t M, const int8_t* w, int64_t K, int64_t n0, int64_t n1,  \
+            int32_t* acc, int64_t N) {                                                   \
+    for (int64_t mb = 0; mb < M; mb += MB) {                                             \
+      const XT* xb = x + mb * K;                                                         \
+      int32_t* ab = acc + mb * N;                                                        \
+      switch (std::min(MB, M - mb)) {                                                    \
+        case 1: BLOCK<1>(xb, w, K, n0, n1, ab, N); break;                                \
+        case 2: BLOCK<2>(xb, w, K, n0, n1, ab, N); break;                                \
+        case 3: BLOCK<3>(xb, w, K, n0, n1, ab, N); break;                                \
+        default: BLOCK<4>(xb, w, K, n0, n1, ab, N); break;                               \
+      }                                                                                  \
+    }                                                                                    \
+  }
+
+// x[m, k] * w[n, k] for k in [k0, K): the scalar K tail of the int16 paths
+inline int32_t dot_tail(const int16_t* x, const int8_t* w, int64_t k0, int64_t K) {
+  int32_t s = 0;
+  for (int64_t k = k0; k < K; ++k) s += int32_t(x[k]) * int32_t(w[k]);
+  return s;
+}
+
 __attribute__((target("avx2")))
-void w8a8_rows_avx2(const int16_t* x, int64_t M, const int8_t* w, int64_t K,
-                    int64_t n0, int64_t n1, int32_t* acc, int64_t N) {
+static inline __m128i reduce4_epi32_256(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+// AVX2: int16 x, the weight widened to int16 (vpmaddwd: int16 products summed in pairs
+// into int32, exact)
+template <int MM>
+__attribute__((target("avx2")))
+void w8a8_avx2_block(const int16_t* x, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
+                     int32_t* acc, int64_t N) {
   const int64_t K16 = K & ~int64_t(15);
-  for (int64_t mb = 0; mb < M; mb += MB) {
-    const int64_t mm = std::min(MB, M - mb);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* wr = w + n * K;
-      __m256i a[MB] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                       _mm256_setzero_si256()};
+  auto wvec = [](const int8_t* p) __attribute__((target("avx2"))) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  };
+  auto xvec = [](const int16_t* p) __attribute__((target("avx2"))) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* wr = w + n * K;
+    __m256i a[MM][4];
+    for (int m = 0; m < MM; ++m)
+      for (int j = 0; j < 4; ++j) a[m][j] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j)
       for (int64_t k = 0; k < K16; k += 16) {
-        __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
-        for (int64_t m = 0; m < mm; ++m) {
-          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + (mb + m) * K + k));
-          a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(xv, wv));
-        }
+        const __m256i wv = wvec(wr + j * K + k);
+        for (int m = 0; m < MM; ++m)
+          a[m][j] = _mm256_add_epi32(a[m][j], _mm256_madd_epi16(xvec(x + m * K + k), wv));
       }
-      for (int64_t m = 0; m < mm; ++m) {
-        int32_t s = hsum256i(a[m]);
-        for (int64_t k = K16; k < K; ++k) s += int32_t(x[(mb + m) * K + k]) * int32_t(wr[k]);
-        acc[(mb + m) * N + n] = s;
-      }
+    for (int m = 0; m < MM; ++m) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + m * N + n),
+                       reduce4_epi32_256(a[m][0], a[m][1], a[m][2], a[m][3]));
+      if (K16 < K)
+        for (int j = 0; j < 4; ++j) acc[m * N + n + j] += dot_tail(x + m * K, wr + j * K, K16, K);
     }
   }
-}
-
-// one body, two targets: with VNNI the compiler may (and we do) fuse madd + add into
-// vpdpwssd, so the plain AVX-512 path must be compiled without it
-#define QDSL_W8A8_AVX512_BODY(ACC)                                                          \
-  const int64_t K32 = K & ~int64_t(31);                                                     \
-  for (int64_t mb = 0; mb < M; mb += MB) {                                                  \
-    const int64_t mm = std::min(MB, M - mb);                                                \
-    for (int64_t n = n0; n < n1; ++n) {                                                     \
-      const int8_t* wr = w + n * K;                                                         \
-      __m512i a[MB] = {_mm512_setzero_si512(), _mm512_setzero_si512(),                      \
-                       _mm512_setzero_si512(), _mm512_setzero_si512()};                     \
-      for (int64_t k = 0; k < K32; k += 32) {                                               \
-        __m512i wv = _mm512_cvtepi8_epi16(                                                  \
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k)));                  \
-        for (int64_t m = 0; m < mm; ++m) {                                                  \
-          __m512i xv = _mm512_loadu_si512(x + (mb + m) * K + k);                            \
-          a[m] = ACC(a[m], xv, wv);                                                         \
-        }                                                                                   \
-      }                                                                                     \
-      for (int64_t m = 0; m < mm; ++m) {                                                    \
-        int32_t s = _mm512_reduce_add_epi32(a[m]);                                          \
-        for (int64_t k = K32; k < K; ++k) s += int32_t(x[(mb + m) * K + k]) * int32_t(wr[k]); \
-        acc[(mb + m) * N + n] = s;                                                          \
-      }                                                                                     \
-    }                                                                                       \
+  for (; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __m256i a[MM];
+    for (int m = 0; m < MM; ++m) a[m] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K16; k += 16) {
+      const __m256i wv = wvec(wr + k);
+      for (int m = 0; m < MM; ++m)
+        a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(xvec(x + m * K + k), wv));
+    }
+    for (int m = 0; m < MM; ++m) acc[m * N + n] = hsum256i(a[m]) + dot_tail(x + m * K, wr, K16, K);
   }
-
-#define QDSL_MADD_ADD(a, x, w) _mm512_add_epi32(a, _mm512_madd_epi16(x, w))
+}
+QDSL_ROWS_BY_MM(w8a8_rows_avx2, w8a8_avx2_block, int16_t)
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void w8a8_rows_avx512(const int16_t* x, int64_t M, const int8_t* w, int64_t K,
-                      int64_t n0, int64_t n1, int32_t* acc, int64_t N) {
-  QDSL_W8A8_AVX512_BODY(QDSL_MADD_ADD)
+static inline __m256i half_sum(__m512i v) {
+  return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-void w8a8_rows_vnni(const int16_t* x, int64_t M, const int8_t* w, int64_t K,
-                    int64_t n0, int64_t n1, int32_t* acc, int64_t N) {
-  QDSL_W8A8_AVX512_BODY(_mm512_dpwssd_epi32)
+// four horizontal sums at once: [sum(a0), sum(a1), sum(a2), sum(a3)]
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m128i reduce4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+  __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(half_sum(a0), half_sum(a1)),
+                                _mm256_hadd_epi32(half_sum(a2), half_sum(a3)));
+  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
+
+// AVX-512 without VNNI: as AVX2, 32 K positions per step; the K tail a masked load
+template <int MM>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void w8a8_avx512_block(const int16_t* x, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
+                       int32_t* acc, int64_t N) {
+  const int64_t K32 = K & ~int64_t(31);
+  const __mmask32 tail = K == K32 ? 0 : (~__mmask32(0)) >> (32 - (K - K32));
+  auto dot = [&](__m512i a, const int16_t* xr, const int8_t* wr, int64_t k, __mmask32 mk)
+      __attribute__((target("avx512f,avx512bw,avx512vl"))) {
+    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, wr + k));
+    return _mm512_add_epi32(a, _mm512_madd_epi16(_mm512_maskz_loadu_epi16(mk, xr + k), wv));
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* wr = w + n * K;
+    __m512i a[MM][4];
+    for (int m = 0; m < MM; ++m)
+      for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+      for (int64_t k = 0; k < K32; k += 32) {
+        const __m512i wv = _mm512_cvtepi8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + j * K + k)));
+        for (int m = 0; m < MM; ++m)
+          a[m][j] = _mm512_add_epi32(a[m][j],
+                                     _mm512_madd_epi16(_mm512_loadu_si512(x + m * K + k), wv));
+      }
+      if (tail)
+        for (int m = 0; m < MM; ++m) a[m][j] = dot(a[m][j], x + m * K, wr + j * K, K32, tail);
+    }
+    for (int m = 0; m < MM; ++m)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + m * N + n),
+                       reduce4_epi32(a[m][0], a[m][1], a[m][2], a[m][3]));
+  }
+  for (; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __m512i a[MM];
+    for (int m = 0; m < MM; ++m) a[m] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 32)
+      for (int m = 0; m < MM; ++m)
+        a[m] = dot(a[m], x + m * K, wr, k, k < K32 ? ~__mmask32(0) : tail);
+    for (int m = 0; m < MM; ++m) acc[m * N + n] = _mm512_reduce_add_epi32(a[m]);
+  }
+}
+QDSL_ROWS_BY_MM(w8a8_rows_avx512, w8a8_avx512_block, int16_t)
+
+// VNNI: vpdpbusd multiplies 64 unsigned by 64 signed bytes and adds them in fours into
+// int32 lanes, with no int16 step to saturate: x is shifted to u8 (x + 128, done once per
+// call by the driver) and the driver subtracts 128 * rowsum(w) in the epilogue. No
+// widening of the weight, so a weight row costs one load and one vpdpbusd per 64 bytes.
+// Four weight rows per pass keep 4 * mm accumulator chains in flight (one chain is a
+// latency-bound loop: it left the GEMV at ~10 GB/s on an L2-resident weight), and the
+// K tail is a masked load (zeros add nothing), so every K is exact.
+template <int MM>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void w8a8_vnni_block(const uint8_t* x, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
+                     int32_t* acc, int64_t N) {
+  const int64_t K64 = K & ~int64_t(63);
+  const __mmask64 tail = K == K64 ? 0 : (~__mmask64(0)) >> (64 - (K - K64));
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* wr = w + n * K;
+    __m512i a[MM][4];
+    for (int m = 0; m < MM; ++m)
+      for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {        // row by row: the weight is read in address order
+      const int8_t* wj = wr + j * K;
+      for (int64_t k = 0; k < K64; k += 64) {
+        const __m512i wv = _mm512_loadu_si512(wj + k);
+        for (int m = 0; m < MM; ++m)
+          a[m][j] = _mm512_dpbusd_epi32(a[m][j], _mm512_loadu_si512(x + m * K + k), wv);
+      }
+      if (tail) {
+        const __m512i wv = _mm512_maskz_loadu_epi8(tail, wj + K64);
+        for (int m = 0; m < MM; ++m)
+          a[m][j] = _mm512_dpbusd_epi32(a[m][j], _mm512_maskz_loadu_epi8(tail, x + m * K + K64),
+                                        wv);
+      }
+    }
+    for (int m = 0; m < MM; ++m)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + m * N + n),
+                       reduce4_epi32(a[m][0], a[m][1], a[m][2], a[m][3]));
+  }
+  for (; n < n1; ++n) {                                  // the last N % 4 rows, one by one
+    const int8_t* wr = w + n * K;
+    __m512i a[MM];
+    for (int m = 0; m < MM; ++m) a[m] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 mk = k < K64 ? ~__mmask64(0) : tail;
+      const __m512i wv = _mm512_maskz_loadu_epi8(mk, wr + k);
+      for (int m = 0; m < MM; ++m)
+        a[m] = _mm512_dpbusd_epi32(a[m], _mm512_maskz_loadu_epi8(mk, x + m * K + k), wv);
+    }
+    for (int m = 0; m < MM; ++m) acc[m * N + n] = _mm512_reduce_add_epi32(a[m]);
+  }
+}
+
+// x: u8 [M, K] (xq + 128); acc[m, n] = sum_k x[m, k] * w[n, k], for n in [n0, n1)
+QDSL_ROWS_BY_MM(w8a8_rows_vnni, w8a8_vnni_block, uint8_t)
 
 // ---------------------------------------------------------------- w4 packed
 
@@ -288,6 +415,23 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
+// y[m, n0:n1] = (acc - (shift + zp[m]) * rowsum) * x_scale[m] * w_scale + bias, in the
+// thread's own columns right after its dot products (cache-hot; no int32 -> float pass).
+void w8a8_epilogue(const int32_t* acc, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                   const float* xs, const int32_t* zp, int32_t shift, const int32_t* rowsum,
+                   const float* ws, const float* b, float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int32_t c = shift + (zp ? zp[m] : 0);
+    const int32_t* am = acc + m * N;
+    float* ym = y + m * N;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t v = rowsum ? am[n] - c * rowsum[n] : am[n];
+      const float t = float(v) * xs[m] * ws[n];
+      ym[n] = b ? t + b[n] : t;
+    }
+  }
+}
+
 at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
                        const c10::optional<at::Tensor>& x_zp, const at::Tensor& w,
                        const at::Tensor& w_scale, const c10::optional<at::Tensor>& w_rowsum,
@@ -297,22 +441,54 @@ at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
   const int64_t M = xq.size(0), K = xq.size(1), N = w.size(0);
   TORCH_CHECK(w.size(1) == K && w_scale.size(0) == N && x_scale.size(0) == M,
               "qdsl_kernels.w8a8_linear: shape mismatch");
-  at::Tensor x16 = xq.to(at::kShort);
-  at::Tensor acc = at::empty({M, N}, xq.options().dtype(at::kInt));
-  const int16_t* xp = x16.data_ptr<int16_t>(); const int8_t* wp = w.data_ptr<int8_t>();
-  int32_t* ap = acc.data_ptr<int32_t>();
-  const auto rows = pick_isa(isa, w8a8_rows_generic, w8a8_rows_avx2, w8a8_rows_avx512,
-                             w8a8_rows_vnni);
-  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    rows(xp, M, wp, K, n0, n1, ap, N);
-  });
-  if (x_zp.has_value() && x_zp->defined()) {
-    TORCH_CHECK(w_rowsum.has_value() && w_rowsum->defined(), "x_zp needs w_rowsum");
-    check(*x_zp, at::kInt, 1, "x_zp"); check(*w_rowsum, at::kInt, 1, "w_rowsum");
-    acc.sub_(x_zp->unsqueeze(1) * w_rowsum->unsqueeze(0));
+  const bool has_zp = x_zp.has_value() && x_zp->defined();
+  const bool has_rs = w_rowsum.has_value() && w_rowsum->defined();
+  const bool vnni = isa >= ISA_VNNI;
+  TORCH_CHECK(!has_zp || has_rs, "qdsl_kernels.w8a8_linear: x_zp needs w_rowsum");
+  if (has_zp) check(*x_zp, at::kInt, 1, "x_zp");
+  if (has_rs) {
+    check(*w_rowsum, at::kInt, 1, "w_rowsum");
+    TORCH_CHECK(w_rowsum->size(0) == N, "qdsl_kernels.w8a8_linear: w_rowsum shape mismatch");
   }
-  at::Tensor y = acc.to(at::kFloat).mul_(x_scale.unsqueeze(1)).mul_(w_scale);
-  epilogue_bias(y, bias);
+  if (has_zp) TORCH_CHECK(x_zp->size(0) == M, "qdsl_kernels.w8a8_linear: x_zp shape mismatch");
+  const bool has_b = bias.has_value() && bias->defined();
+  if (has_b) {
+    check(*bias, at::kFloat, 1, "bias");
+    TORCH_CHECK(bias->size(0) == N, "qdsl_kernels.w8a8_linear: bias shape mismatch");
+  }
+  // the VNNI path's shift by 128 needs rowsum(w): callers pass it (kernels/impls.py keeps
+  // one per weight); without it, it is summed here, a second pass over the weight
+  at::Tensor rowsum = has_rs ? *w_rowsum
+                             : (vnni ? w.sum({1}, false, at::kInt) : at::Tensor());
+  at::Tensor xop;
+  if (vnni) {                                  // x + 128 as u8: flip the sign bit
+    xop = at::empty({M, K}, xq.options().dtype(at::kByte));
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(xq.data_ptr<int8_t>());
+    uint8_t* dst = xop.data_ptr<uint8_t>();
+    for (int64_t i = 0; i < M * K; ++i) dst[i] = src[i] ^ 0x80;
+  } else {
+    xop = xq.to(at::kShort);
+  }
+  at::Tensor acc = at::empty({M, N}, xq.options().dtype(at::kInt));
+  at::Tensor y = at::empty({M, N}, x_scale.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* ap = acc.data_ptr<int32_t>();
+  const float* xs = x_scale.data_ptr<float>(); const float* ws = w_scale.data_ptr<float>();
+  const int32_t* zp = has_zp ? x_zp->data_ptr<int32_t>() : nullptr;
+  const int32_t* rs = (has_zp || vnni) ? rowsum.data_ptr<int32_t>() : nullptr;
+  const float* bp = has_b ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int32_t shift = vnni ? 128 : 0;
+  const auto rows16 = pick_isa(isa, w8a8_rows_generic, w8a8_rows_avx2, w8a8_rows_avx512);
+  const void* xv = vnni ? static_cast<const void*>(xop.data_ptr<uint8_t>())
+                        : static_cast<const void*>(xop.data_ptr<int16_t>());
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    if (vnni)
+      w8a8_rows_vnni(static_cast<const uint8_t*>(xv), M, wp, K, n0, n1, ap, N);
+    else
+      rows16(static_cast<const int16_t*>(xv), M, wp, K, n0, n1, ap, N);
+    w8a8_epilogue(ap, M, N, n0, n1, xs, zp, shift, rs, ws, bp, yp);
+  });
   return y;
 }
 
