@@ -38,61 +38,131 @@ void w8_rows_generic(const float* x, int64_t M, const int8_t* w, int64_t K,
   }
 }
 
-__attribute__((target("avx2,fma")))
-void w8_rows_avx2(const float* x, int64_t M, const int8_t* w, int64_t K,
-                  int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t K8 = K & ~int64_t(7);
-  for (int64_t mb = 0; mb < M; mb += MB) {
-    const int64_t mm = std::min(MB, M - mb);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* wr = w + n * K;
-      __m256 a[MB] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps()};
-      for (int64_t k = 0; k < K8; k += 8) {
-        __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k));
-        __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-        for (int64_t m = 0; m < mm; ++m)
-          a[m] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + (mb + m) * K + k), a[m]);
-      }
-      for (int64_t m = 0; m < mm; ++m) {
-        float s = hsum256(a[m]);
-        const float* xr = x + (mb + m) * K;
-        for (int64_t k = K8; k < K; ++k) s += xr[k] * float(wr[k]);
-        y[(mb + m) * N + n] = s;
-      }
-    }
-  }
+// Four weight rows per pass, each read in address order into its own accumulators, the
+// four sums reduced together (see the w8a8 paths below, which share this shape); `rows`
+// dispatches mm = 1..4 activation rows to a block instantiated for it.
+__attribute__((target("avx2")))
+static inline __m128 reduce4_ps_256(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void w8_rows_avx512(const float* x, int64_t M, const int8_t* w, int64_t K,
-                    int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t K16 = K & ~int64_t(15);
-  for (int64_t mb = 0; mb < M; mb += MB) {
-    const int64_t mm = std::min(MB, M - mb);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* wr = w + n * K;
-      __m512 a[MB] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                      _mm512_setzero_ps()};
-      for (int64_t k = 0; k < K16; k += 16) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k));
-        __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-        for (int64_t m = 0; m < mm; ++m)
-          a[m] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + (mb + m) * K + k), a[m]);
+static inline __m128 reduce4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  auto half = [](__m512 v) __attribute__((target("avx512f,avx512bw,avx512vl"))) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  };
+  return reduce4_ps_256(half(a0), half(a1), half(a2), half(a3));
+}
+
+template <int MM>
+__attribute__((target("avx2,fma")))
+void w8_avx2_block(const float* x, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
+                   float* y, int64_t N) {
+  const int64_t K8 = K & ~int64_t(7);
+  auto wvec = [](const int8_t* p) __attribute__((target("avx2,fma"))) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  };
+  auto tail = [&](const float* xr, const int8_t* wr) {
+    float s = 0.f;
+    for (int64_t k = K8; k < K; ++k) s += xr[k] * float(wr[k]);
+    return s;
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* wr = w + n * K;
+    __m256 a[MM][4];
+    for (int m = 0; m < MM; ++m)
+      for (int j = 0; j < 4; ++j) a[m][j] = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j)
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 wf = wvec(wr + j * K + k);
+        for (int m = 0; m < MM; ++m)
+          a[m][j] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k), a[m][j]);
       }
-      for (int64_t m = 0; m < mm; ++m) {
-        float s = _mm512_reduce_add_ps(a[m]);
-        const float* xr = x + (mb + m) * K;
-        for (int64_t k = K16; k < K; ++k) s += xr[k] * float(wr[k]);
-        y[(mb + m) * N + n] = s;
-      }
+    for (int m = 0; m < MM; ++m) {
+      _mm_storeu_ps(y + m * N + n, reduce4_ps_256(a[m][0], a[m][1], a[m][2], a[m][3]));
+      if (K8 < K)
+        for (int j = 0; j < 4; ++j) y[m * N + n + j] += tail(x + m * K, wr + j * K);
     }
+  }
+  for (; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __m256 a[MM];
+    for (int m = 0; m < MM; ++m) a[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256 wf = wvec(wr + k);
+      for (int m = 0; m < MM; ++m) a[m] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k), a[m]);
+    }
+    for (int m = 0; m < MM; ++m) y[m * N + n] = hsum256(a[m]) + tail(x + m * K, wr);
   }
 }
 
+template <int MM>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void w8_avx512_block(const float* x, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
+                     float* y, int64_t N) {
+  const int64_t K16 = K & ~int64_t(15);
+  const __mmask16 tail = K == K16 ? 0 : __mmask16((1u << (K - K16)) - 1);
+  auto fma = [](__m512 a, const float* xr, const int8_t* wr, __mmask16 mk)
+      __attribute__((target("avx512f,avx512bw,avx512vl"))) {
+    const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, wr)));
+    return _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(mk, xr), a);
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* wr = w + n * K;
+    __m512 a[MM][4];
+    for (int m = 0; m < MM; ++m)
+      for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      for (int64_t k = 0; k < K16; k += 16) {
+        const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + j * K + k))));
+        for (int m = 0; m < MM; ++m)
+          a[m][j] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + m * K + k), a[m][j]);
+      }
+      if (tail)
+        for (int m = 0; m < MM; ++m) a[m][j] = fma(a[m][j], x + m * K + K16, wr + j * K + K16, tail);
+    }
+    for (int m = 0; m < MM; ++m)
+      _mm_storeu_ps(y + m * N + n, reduce4_ps(a[m][0], a[m][1], a[m][2], a[m][3]));
+  }
+  for (; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __m512 a[MM];
+    for (int m = 0; m < MM; ++m) a[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16)
+      for (int m = 0; m < MM; ++m)
+        a[m] = fma(a[m], x + m * K + k, wr + k, k < K16 ? __mmask16(0xffff) : tail);
+    for (int m = 0; m < MM; ++m) y[m * N + n] = _mm512_reduce_add_ps(a[m]);
+  }
+}
+
+#define QDSL_ROWS_BY_MM(NAME, BLOCK, XT, YT)                                             \
+  void NAME(const XT* x, int64_t M, const int8_t* w, int64_t K, int64_t n0, int64_t n1,  \
+            YT* out, int64_t N) {                                                        \
+    for (int64_t mb = 0; mb < M; mb += MB) {                                             \
+      const XT* xb = x + mb * K;                                                         \
+      YT* ob = out + mb * N;                                                             \
+      switch (std::min(MB, M - mb)) {                                                    \
+        case 1: BLOCK<1>(xb, w, K, n0, n1, ob, N); break;                                \
+        case 2: BLOCK<2>(xb, w, K, n0, n1, ob, N); break;                                \
+        case 3: BLOCK<3>(xb, w, K, n0, n1, ob, N); break;                                \
+        default: BLOCK<4>(xb, w, K, n0, n1, ob, N); break;                               \
+      }                                                                                  \
+    }                                                                                    \
+  }
+
+QDSL_ROWS_BY_MM(w8_rows_avx2, w8_avx2_block, float, float)
+QDSL_ROWS_BY_MM(w8_rows_avx512, w8_avx512_block, float, float)
+
 // ---------------------------------------------------------------- w8a8 (exact int32)
-// x is widened to int16 once ([M, K]); each int8 weight chunk is widened and
-// multiplied in int16 pairs accumulated in int32 (madd / VNNI dpwssd): exact.
+// Generic, AVX2 and AVX-512: x widened to int16 once ([M, K]), each int8 weight chunk
+// widened and multiplied in int16 pairs accumulated in int32 (vpmaddwd): exact. VNNI: x
+// shifted to u8 once, vpdpbusd on the int8 weight as it is (below).
 
 void w8a8_rows_generic(const int16_t* x, int64_t M, const int8_t* w, int64_t K,
                        int64_t n0, int64_t n1, int32_t* acc, int64_t N) {
@@ -104,26 +174,10 @@ void w8a8_rows_generic(const int16_t* x, int64_t M, const int8_t* w, int64_t K,
     }
 }
 
-// The SIMD paths share one shape: four weight rows per pass, each read in address order
-// into its own accumulators (4 * mm independent chains the core overlaps; one chain per
-// row plus a horizontal sum per row left the GEMV latency-bound), the four sums reduced
-// together (reduce4), the last N % 4 rows one at a time. `rows_by_mm` instantiates a
-// block kernel for mm = 1..4 activation rows, so its accumulators stay in registers.
-#define QDSL_ROWS_BY_MM(NAME, BLOCK, XT)                                                 \
-  void NAME(const XT* x, int64_t M, const int8_t* w, int64_t K, int64_t n0, int64_t n1,  \
-            int32_t* acc, int64_t N) {                                                   \
-    for (int64_t mb = 0; mb < M; mb += MB) {                                             \
-      const XT* xb = x + mb * K;                                                         \
-      int32_t* ab = acc + mb * N;                                                        \
-      switch (std::min(MB, M - mb)) {                                                    \
-        case 1: BLOCK<1>(xb, w, K, n0, n1, ab, N); break;                                \
-        case 2: BLOCK<2>(xb, w, K, n0, n1, ab, N); break;                                \
-        case 3: BLOCK<3>(xb, w, K, n0, n1, ab, N); break;                                \
-        default: BLOCK<4>(xb, w, K, n0, n1, ab, N); break;                               \
-      }                                                                                  \
-    }                                                                                    \
-  }
-
+// The SIMD paths have the w8 paths' shape: four weight rows per pass, each read in address
+// order into its own accumulators (4 * mm independent chains the core overlaps; one chain
+// per row plus a horizontal sum per row left the GEMV latency-bound, ~10 GB/s on an
+// L2-resident weight), the four sums reduced together, the last N % 4 rows one at a time.
 // x[m, k] * w[n, k] for k in [k0, K): the scalar K tail of the int16 paths
 inline int32_t dot_tail(const int16_t* x, const int8_t* w, int64_t k0, int64_t K) {
   int32_t s = 0;
@@ -181,7 +235,7 @@ void w8a8_avx2_block(const int16_t* x, const int8_t* w, int64_t K, int64_t n0, i
     for (int m = 0; m < MM; ++m) acc[m * N + n] = hsum256i(a[m]) + dot_tail(x + m * K, wr, K16, K);
   }
 }
-QDSL_ROWS_BY_MM(w8a8_rows_avx2, w8a8_avx2_block, int16_t)
+QDSL_ROWS_BY_MM(w8a8_rows_avx2, w8a8_avx2_block, int16_t, int32_t)
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static inline __m256i half_sum(__m512i v) {
@@ -239,7 +293,7 @@ void w8a8_avx512_block(const int16_t* x, const int8_t* w, int64_t K, int64_t n0,
     for (int m = 0; m < MM; ++m) acc[m * N + n] = _mm512_reduce_add_epi32(a[m]);
   }
 }
-QDSL_ROWS_BY_MM(w8a8_rows_avx512, w8a8_avx512_block, int16_t)
+QDSL_ROWS_BY_MM(w8a8_rows_avx512, w8a8_avx512_block, int16_t, int32_t)
 
 // VNNI: vpdpbusd multiplies 64 unsigned by 64 signed bytes and adds them in fours into
 // int32 lanes, with no int16 step to saturate: x is shifted to u8 (x + 128, done once per
@@ -293,7 +347,7 @@ void w8a8_vnni_block(const uint8_t* x, const int8_t* w, int64_t K, int64_t n0, i
 }
 
 // x: u8 [M, K] (xq + 128); acc[m, n] = sum_k x[m, k] * w[n, k], for n in [n0, n1)
-QDSL_ROWS_BY_MM(w8a8_rows_vnni, w8a8_vnni_block, uint8_t)
+QDSL_ROWS_BY_MM(w8a8_rows_vnni, w8a8_vnni_block, uint8_t, int32_t)
 
 // ---------------------------------------------------------------- w4 packed
 
@@ -316,75 +370,126 @@ void w4_rows_generic(const float* x, int64_t M, const uint8_t* p, const float* s
     }
 }
 
+// AVX2 and AVX-512: the w8 paths' shape (four weight rows per pass, each in address order
+// into its own accumulators, reduced together); per group, two accumulator chains (even
+// and odd 16 / 32 codes) then one FMA by the group's scale.
+#define QDSL_W4_ROWS_BY_MM(NAME, BLOCK)                                                    \
+  void NAME(const float* x, int64_t M, const uint8_t* p, const float* sc, int64_t K,       \
+            int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {                     \
+    for (int64_t mb = 0; mb < M; mb += MB) {                                               \
+      const float* xb = x + mb * K;                                                        \
+      float* yb = y + mb * N;                                                              \
+      switch (std::min(MB, M - mb)) {                                                      \
+        case 1: BLOCK<1>(xb, p, sc, K, gs, n0, n1, yb, N); break;                          \
+        case 2: BLOCK<2>(xb, p, sc, K, gs, n0, n1, yb, N); break;                          \
+        case 3: BLOCK<3>(xb, p, sc, K, gs, n0, n1, yb, N); break;                          \
+        default: BLOCK<4>(xb, p, sc, K, gs, n0, n1, yb, N); break;                         \
+      }                                                                                    \
+    }                                                                                      \
+  }
+
+// one packed row against MM activation rows, accumulated into t[0..MM) (AVX2: 16 codes
+// from 8 bytes per step; gs % 16 == 0, checked by the caller)
+template <int MM>
 __attribute__((target("avx2,fma")))
-void w4_rows_avx2(const float* x, int64_t M, const uint8_t* p, const float* sc, int64_t K,
-                  int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t G = K / gs, KB = K / 2;   // gs % 16 == 0 (checked by the caller)
+static inline void w4_row_avx2(const float* x, const uint8_t* pr, const float* scr, int64_t K,
+                               int64_t gs, __m256* t) {
   const __m128i lo4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-  for (int64_t mb = 0; mb < M; mb += MB) {
-    const int64_t mm = std::min(MB, M - mb);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* pr = p + n * KB;
-      __m256 t[MB] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps()};
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 a[MB] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                        _mm256_setzero_ps()};
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-          __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pr + k / 2));
-          __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, lo4),
-                                        _mm_and_si128(_mm_srli_epi16(b, 4), lo4));
-          v = _mm_sub_epi8(v, eight);                               // 16 codes, in order
-          __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-          __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
-          for (int64_t m = 0; m < mm; ++m) {
-            const float* xr = x + (mb + m) * K + k;
-            a[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a[m]);
-            a[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a[m]);
-          }
-        }
-        __m256 s = _mm256_set1_ps(sc[n * G + g]);
-        for (int64_t m = 0; m < mm; ++m) t[m] = _mm256_fmadd_ps(a[m], s, t[m]);
+  for (int64_t g = 0, G = K / gs; g < G; ++g) {
+    __m256 a0[MM], a1[MM];
+    for (int m = 0; m < MM; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pr + k / 2));
+      const __m128i v = _mm_sub_epi8(_mm_unpacklo_epi8(_mm_and_si128(b, lo4),
+                                                       _mm_and_si128(_mm_srli_epi16(b, 4), lo4)),
+                                     eight);                        // 16 codes, in order
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+      for (int m = 0; m < MM; ++m) {
+        const float* xr = x + m * K + k;
+        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[m]);
       }
-      for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + n] = hsum256(t[m]);
     }
+    const __m256 s = _mm256_set1_ps(scr[g]);
+    for (int m = 0; m < MM; ++m) t[m] = _mm256_fmadd_ps(_mm256_add_ps(a0[m], a1[m]), s, t[m]);
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void w4_rows_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc, int64_t K,
-                    int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t G = K / gs, KB = K / 2;   // gs % 32 == 0 (checked by the caller)
-  const __m128i lo4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-  for (int64_t mb = 0; mb < M; mb += MB) {
-    const int64_t mm = std::min(MB, M - mb);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* pr = p + n * KB;
-      __m512 t[MB] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                      _mm512_setzero_ps()};
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 a[MB] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                        _mm512_setzero_ps()};
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-          __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pr + k / 2));
-          __m128i l = _mm_and_si128(b, lo4), h = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
-          __m128i v0 = _mm_sub_epi8(_mm_unpacklo_epi8(l, h), eight);
-          __m128i v1 = _mm_sub_epi8(_mm_unpackhi_epi8(l, h), eight);
-          __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0));
-          __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1));
-          for (int64_t m = 0; m < mm; ++m) {
-            const float* xr = x + (mb + m) * K + k;
-            a[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[m]);
-            a[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a[m]);
-          }
-        }
-        __m512 s = _mm512_set1_ps(sc[n * G + g]);
-        for (int64_t m = 0; m < mm; ++m) t[m] = _mm512_fmadd_ps(a[m], s, t[m]);
-      }
-      for (int64_t m = 0; m < mm; ++m) y[(mb + m) * N + n] = _mm512_reduce_add_ps(t[m]);
+template <int MM>
+__attribute__((target("avx2,fma")))
+void w4_avx2_block(const float* x, const uint8_t* p, const float* sc, int64_t K, int64_t gs,
+                   int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t G = K / gs, KB = K / 2;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    __m256 t[4][MM];
+    for (int j = 0; j < 4; ++j) {
+      for (int m = 0; m < MM; ++m) t[j][m] = _mm256_setzero_ps();
+      w4_row_avx2<MM>(x, p + (n + j) * KB, sc + (n + j) * G, K, gs, t[j]);
     }
+    for (int m = 0; m < MM; ++m)
+      _mm_storeu_ps(y + m * N + n, reduce4_ps_256(t[0][m], t[1][m], t[2][m], t[3][m]));
+  }
+  for (; n < n1; ++n) {
+    __m256 t[MM];
+    for (int m = 0; m < MM; ++m) t[m] = _mm256_setzero_ps();
+    w4_row_avx2<MM>(x, p + n * KB, sc + n * G, K, gs, t);
+    for (int m = 0; m < MM; ++m) y[m * N + n] = hsum256(t[m]);
   }
 }
+QDSL_W4_ROWS_BY_MM(w4_rows_avx2, w4_avx2_block)
+
+// AVX-512: 32 codes from 16 bytes per step; gs % 32 == 0 (checked by the caller)
+template <int MM>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline void w4_row_avx512(const float* x, const uint8_t* pr, const float* scr, int64_t K,
+                                 int64_t gs, __m512* t) {
+  const __m128i lo4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+  for (int64_t g = 0, G = K / gs; g < G; ++g) {
+    __m512 a0[MM], a1[MM];
+    for (int m = 0; m < MM; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pr + k / 2));
+      const __m128i l = _mm_and_si128(b, lo4), h = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_sub_epi8(_mm_unpacklo_epi8(l, h), eight)));
+      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_sub_epi8(_mm_unpackhi_epi8(l, h), eight)));
+      for (int m = 0; m < MM; ++m) {
+        const float* xr = x + m * K + k;
+        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a0[m]);
+        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a1[m]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(scr[g]);
+    for (int m = 0; m < MM; ++m) t[m] = _mm512_fmadd_ps(_mm512_add_ps(a0[m], a1[m]), s, t[m]);
+  }
+}
+
+template <int MM>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void w4_avx512_block(const float* x, const uint8_t* p, const float* sc, int64_t K, int64_t gs,
+                     int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t G = K / gs, KB = K / 2;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    __m512 t[4][MM];
+    for (int j = 0; j < 4; ++j) {
+      for (int m = 0; m < MM; ++m) t[j][m] = _mm512_setzero_ps();
+      w4_row_avx512<MM>(x, p + (n + j) * KB, sc + (n + j) * G, K, gs, t[j]);
+    }
+    for (int m = 0; m < MM; ++m)
+      _mm_storeu_ps(y + m * N + n, reduce4_ps(t[0][m], t[1][m], t[2][m], t[3][m]));
+  }
+  for (; n < n1; ++n) {
+    __m512 t[MM];
+    for (int m = 0; m < MM; ++m) t[m] = _mm512_setzero_ps();
+    w4_row_avx512<MM>(x, p + n * KB, sc + n * G, K, gs, t);
+    for (int m = 0; m < MM; ++m) y[m * N + n] = _mm512_reduce_add_ps(t[m]);
+  }
+}
+QDSL_W4_ROWS_BY_MM(w4_rows_avx512, w4_avx512_block)
 
 // ---------------------------------------------------------------- drivers
 
