@@ -142,3 +142,27 @@ def test_compiled_w4_artifact_matches_eager(tmp_path, monkeypatch, kernel):
     monkeypatch.setitem(kernels.IMPLS["w4"], kernel, counted)
     eager.decode(int(ids[0, 12]))
     assert called[0] > 0            # the kernel under test is the one that ran
+
+
+def test_compiled_int4_kernel_stays_an_opaque_op():
+    """Inductor lowers aten's int4 kernel to an extern call that corrupted the heap on
+    SmolLM2's w4 artifact with a 1,024-slot cache (torch 2.13; eager ran clean): a
+    compiled graph must call it through ``qdsl::int4pack_mm``, and get eager's numbers."""
+    from qdsl.runtime.kernels import impls
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no _weight_int4pack_mm_for_cpu")
+    w4 = impls.random_w4(64, 16, 32, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 64)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    ref = impls.w4_int4pack(x, w4)          # eager first, as prefill: builds the layout
+    fn = torch.compile(lambda x: impls.w4_int4pack(x, w4), backend=backend, fullgraph=True)
+    got = fn(x)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "qdsl.int4pack_mm.default" in targets, targets
+    assert not any("_weight_int4pack_mm_for_cpu" in t for t in targets), targets
+    torch.testing.assert_close(got, ref)

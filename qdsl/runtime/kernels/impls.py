@@ -164,9 +164,25 @@ def _int4_layout(w4: W4) -> tuple[Tensor, Tensor]:
     return derived(owner, "_int4_packed", (w4.packed, w4.scale), build)
 
 
+@torch.library.custom_op("qdsl::int4pack_mm", mutates_args=())
+def int4pack_mm(x: Tensor, packed: Tensor, group_size: int, scale_zeros: Tensor) -> Tensor:
+    """aten's int4 kernel behind an opaque op, for compiled graphs: inductor lowers
+    ``_weight_int4pack_mm_for_cpu`` to an extern call that corrupted the heap on
+    SmolLM2's w4 artifact with a 1,024-slot cache (torch 2.13: "free(): invalid
+    pointer"; eager and this op run clean; tests/runtime/test_compiled_decode.py)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)
+
+
+@int4pack_mm.register_fake
+def _(x, packed, group_size, scale_zeros):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
 def w4_int4pack(x, w4: W4):
     packed, sz = _int4_layout(w4)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, w4.group_size, sz)
+    mm = int4pack_mm if torch.compiler.is_compiling() else \
+        torch.ops.aten._weight_int4pack_mm_for_cpu
+    y = mm(x.bfloat16(), packed, w4.group_size, sz)
     y = y.float()
     return y if w4.bias is None else y.add_(w4.bias)
 
