@@ -73,12 +73,9 @@ def _epilogue(acc: Tensor, x_scale: Tensor, x_zp: Tensor | None, w_scale: Tensor
 # ---------------------------------------------------------------- w8a8
 
 def w8a8_qdsl(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
-    """qdsl's GEMV; its VNNI path shifts x to u8 and subtracts 128 * rowsum(w), so the
-    row sums go in even for symmetric x (the module's, or one kept on the weight)."""
-    if w_rowsum is None:
-        w_rowsum = derived(w, "_qdsl_rowsum", (w,), lambda: w.sum(1, dtype=torch.int32))
     return torch.ops.qdsl_kernels.w8a8_linear(xq, x_scale, x_zp, _c(w), _c(w_scale),
-                                              _c(w_rowsum), _c(bias), _isa())
+                                              _c(w_rowsum) if x_zp is not None else None,
+                                              _c(bias), _isa())
 
 
 def w8a8_qdsl_gemm(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):

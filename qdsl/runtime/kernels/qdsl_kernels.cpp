@@ -14,8 +14,8 @@
 //   w8a8_linear(xq int8 [M,K], x_scale[M], x_zp int32[M]?, w, w_scale[N], w_rowsum int32[N]?,
 //               bias?, isa)  y = (xq @ w^T - x_zp * rowsum) * x_scale * w_scale + bias,
 //               the integer product accumulated exactly in int32, the epilogue fused;
-//               rowsum = w.sum(1): needed with x_zp, and used by the VNNI path (x + 128
-//               as u8, vpdpbusd), which sums it itself when it is not given
+//               rowsum = w.sum(1), needed with x_zp (the VNNI path, x + 128 as u8 into
+//               vpdpbusd, sums the rows itself in the same pass and ignores it)
 //   w4_linear(x, packed uint8 [N, K/2], scale[N, K/gs], gs, bias?, isa)
 //               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale
 #include "qdsl_common.h"
@@ -296,58 +296,79 @@ void w8a8_avx512_block(const int16_t* x, const int8_t* w, int64_t K, int64_t n0,
 QDSL_ROWS_BY_MM(w8a8_rows_avx512, w8a8_avx512_block, int16_t, int32_t)
 
 // VNNI: vpdpbusd multiplies 64 unsigned by 64 signed bytes and adds them in fours into
-// int32 lanes, with no int16 step to saturate: x is shifted to u8 (x + 128, done once per
-// call by the driver) and the driver subtracts 128 * rowsum(w) in the epilogue. No
-// widening of the weight, so a weight row costs one load and one vpdpbusd per 64 bytes.
-// Four weight rows per pass keep 4 * mm accumulator chains in flight (one chain is a
-// latency-bound loop: it left the GEMV at ~10 GB/s on an L2-resident weight), and the
-// K tail is a masked load (zeros add nothing), so every K is exact.
+// int32 lanes, with no int16 step to saturate: x is shifted to u8 (x + 128, once per call
+// by the driver) and the epilogue subtracts 128 * rowsum(w). The row sums come from the
+// same pass (one more vpdpbusd of ones against each weight vector, shared by the mm
+// activation rows), so callers need not keep them and a compiled graph has nothing to
+// look up. No widening of the weight: a weight row costs one load and 1 + 1/mm vpdpbusd
+// per 64 bytes. The K tail is a masked load (zeros add nothing), so every K is exact.
 template <int MM>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void w8a8_vnni_block(const uint8_t* x, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
-                     int32_t* acc, int64_t N) {
+                     int32_t* acc, int64_t N, int32_t* rowsum) {
   const int64_t K64 = K & ~int64_t(63);
   const __mmask64 tail = K == K64 ? 0 : (~__mmask64(0)) >> (64 - (K - K64));
+  const __m512i ones = _mm512_set1_epi8(1);
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const int8_t* wr = w + n * K;
-    __m512i a[MM][4];
-    for (int m = 0; m < MM; ++m)
-      for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_si512();
+    __m512i a[MM][4], r[4];
+    for (int j = 0; j < 4; ++j) {
+      r[j] = _mm512_setzero_si512();
+      for (int m = 0; m < MM; ++m) a[m][j] = _mm512_setzero_si512();
+    }
     for (int j = 0; j < 4; ++j) {        // row by row: the weight is read in address order
       const int8_t* wj = wr + j * K;
       for (int64_t k = 0; k < K64; k += 64) {
         const __m512i wv = _mm512_loadu_si512(wj + k);
+        r[j] = _mm512_dpbusd_epi32(r[j], ones, wv);
         for (int m = 0; m < MM; ++m)
           a[m][j] = _mm512_dpbusd_epi32(a[m][j], _mm512_loadu_si512(x + m * K + k), wv);
       }
       if (tail) {
         const __m512i wv = _mm512_maskz_loadu_epi8(tail, wj + K64);
+        r[j] = _mm512_dpbusd_epi32(r[j], ones, wv);
         for (int m = 0; m < MM; ++m)
           a[m][j] = _mm512_dpbusd_epi32(a[m][j], _mm512_maskz_loadu_epi8(tail, x + m * K + K64),
                                         wv);
       }
     }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(rowsum + n), reduce4_epi32(r[0], r[1], r[2], r[3]));
     for (int m = 0; m < MM; ++m)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + m * N + n),
                        reduce4_epi32(a[m][0], a[m][1], a[m][2], a[m][3]));
   }
   for (; n < n1; ++n) {                                  // the last N % 4 rows, one by one
     const int8_t* wr = w + n * K;
-    __m512i a[MM];
+    __m512i a[MM], r = _mm512_setzero_si512();
     for (int m = 0; m < MM; ++m) a[m] = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 64) {
       const __mmask64 mk = k < K64 ? ~__mmask64(0) : tail;
       const __m512i wv = _mm512_maskz_loadu_epi8(mk, wr + k);
+      r = _mm512_dpbusd_epi32(r, ones, wv);
       for (int m = 0; m < MM; ++m)
         a[m] = _mm512_dpbusd_epi32(a[m], _mm512_maskz_loadu_epi8(mk, x + m * K + k), wv);
     }
+    rowsum[n] = _mm512_reduce_add_epi32(r);
     for (int m = 0; m < MM; ++m) acc[m * N + n] = _mm512_reduce_add_epi32(a[m]);
   }
 }
 
-// x: u8 [M, K] (xq + 128); acc[m, n] = sum_k x[m, k] * w[n, k], for n in [n0, n1)
-QDSL_ROWS_BY_MM(w8a8_rows_vnni, w8a8_vnni_block, uint8_t, int32_t)
+// x: u8 [M, K] (xq + 128); acc[m, n] = sum_k x[m, k] * w[n, k] and rowsum[n] = sum_k w[n, k],
+// for n in [n0, n1) (each block of activation rows writes the same row sums)
+void w8a8_rows_vnni(const uint8_t* x, int64_t M, const int8_t* w, int64_t K, int64_t n0,
+                    int64_t n1, int32_t* acc, int64_t N, int32_t* rowsum) {
+  for (int64_t mb = 0; mb < M; mb += MB) {
+    const uint8_t* xb = x + mb * K;
+    int32_t* ab = acc + mb * N;
+    switch (std::min(MB, M - mb)) {
+      case 1: w8a8_vnni_block<1>(xb, w, K, n0, n1, ab, N, rowsum); break;
+      case 2: w8a8_vnni_block<2>(xb, w, K, n0, n1, ab, N, rowsum); break;
+      case 3: w8a8_vnni_block<3>(xb, w, K, n0, n1, ab, N, rowsum); break;
+      default: w8a8_vnni_block<4>(xb, w, K, n0, n1, ab, N, rowsum); break;
+    }
+  }
+}
 
 // ---------------------------------------------------------------- w4 packed
 
@@ -561,10 +582,10 @@ at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
     check(*bias, at::kFloat, 1, "bias");
     TORCH_CHECK(bias->size(0) == N, "qdsl_kernels.w8a8_linear: bias shape mismatch");
   }
-  // the VNNI path's shift by 128 needs rowsum(w): callers pass it (kernels/impls.py keeps
-  // one per weight); without it, it is summed here, a second pass over the weight
-  at::Tensor rowsum = has_rs ? *w_rowsum
-                             : (vnni ? w.sum({1}, false, at::kInt) : at::Tensor());
+  // the VNNI path sums the weight rows itself (its shift by 128 needs them); the others
+  // take the caller's, needed only with a zero point
+  at::Tensor rowsum = vnni ? at::empty({N}, xq.options().dtype(at::kInt))
+                           : (has_rs ? *w_rowsum : at::Tensor());
   at::Tensor xop;
   if (vnni) {                                  // x + 128 as u8: flip the sign bit
     xop = at::empty({M, K}, xq.options().dtype(at::kByte));
@@ -580,7 +601,7 @@ at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
   int32_t* ap = acc.data_ptr<int32_t>();
   const float* xs = x_scale.data_ptr<float>(); const float* ws = w_scale.data_ptr<float>();
   const int32_t* zp = has_zp ? x_zp->data_ptr<int32_t>() : nullptr;
-  const int32_t* rs = (has_zp || vnni) ? rowsum.data_ptr<int32_t>() : nullptr;
+  int32_t* rs = (has_zp || vnni) ? rowsum.data_ptr<int32_t>() : nullptr;
   const float* bp = has_b ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int32_t shift = vnni ? 128 : 0;
@@ -589,7 +610,7 @@ at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
                         : static_cast<const void*>(xop.data_ptr<int16_t>());
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
     if (vnni)
-      w8a8_rows_vnni(static_cast<const uint8_t*>(xv), M, wp, K, n0, n1, ap, N);
+      w8a8_rows_vnni(static_cast<const uint8_t*>(xv), M, wp, K, n0, n1, ap, N, rs);
     else
       rows16(static_cast<const int16_t*>(xv), M, wp, K, n0, n1, ap, N);
     w8a8_epilogue(ap, M, N, n0, n1, xs, zp, shift, rs, ws, bp, yp);
