@@ -80,3 +80,40 @@ def test_quantized_probs_keep_the_eager_chain():
     assert ex["block.0.attn.probs"] == "simulated (fake-quant)"
     assert ex["block.0.attn.scores"] == "float"
     assert ex["block.1.attn.probs"] == ex["block.1.attn.scores"] == "float (fused attention)"
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 16), (8, 1, 32), (6, 2, 12)])
+@pytest.mark.parametrize("mask", [None, "float", "per_head", "bool", "neg_inf"])
+def test_one_token_attention_matches_sdpa(heads, kv_heads, d, mask):
+    """A decode step's attention (qdsl's C++ kernel where it applies: float masks, head
+    size a multiple of 8; SDPA otherwise) is SDPA's over the filled part of the cache,
+    GQA heads grouped, for batch 2 and every mask form."""
+    from qdsl.runtime.attention import _attend
+    g = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + d)
+    q = torch.randn(2, heads, 1, d, generator=g)
+    k, v = (torch.randn(2, kv_heads, 40, d, generator=g) for _ in range(2))
+    neg = torch.zeros(2, 1, 1, 40)
+    neg[0, ..., 3:9] = float("-inf")                  # left padding of row 0
+    m = {None: None, "float": torch.randn(2, 1, 1, 40, generator=g),
+         "per_head": torch.randn(2, heads, 1, 40, generator=g),
+         "bool": torch.rand(2, 1, 1, 40, generator=g) > 0.3, "neg_inf": neg}[mask]
+    pos = torch.tensor([30])          # the cache holds 31 positions of 40
+    got = _attend(q, k, v, m, pos, 0.25, kv_heads != heads)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :31], v[:, :, :31], attn_mask=None if m is None else m[..., :31], scale=0.25,
+        enable_gqa=kv_heads != heads)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_attention_runs_the_kernel_where_it_applies(monkeypatch):
+    """The C++ kernel takes float32 decode steps with a float mask (the decode graph's);
+    a bool mask or an odd head size goes to SDPA."""
+    from qdsl.runtime import attention
+    if not attention._kernel_built():
+        pytest.skip("qdsl's C++ kernels unavailable here (SDPA runs every step)")
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 10, 16)
+    assert attention._one_token_kernel(q, k, k, None)
+    assert attention._one_token_kernel(q, k, k, torch.zeros(1, 1, 1, 10))
+    assert not attention._one_token_kernel(q, k, k, torch.ones(1, 1, 1, 10, dtype=torch.bool))
+    assert not attention._one_token_kernel(torch.randn(1, 4, 2, 16), k, k, None)   # prefill
+    assert not attention._one_token_kernel(q[..., :12], k[..., :12], k[..., :12], None)

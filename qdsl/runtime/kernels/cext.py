@@ -164,6 +164,10 @@ def _register_fakes() -> None:
     def _(w):
         return w.new_empty((w.shape[0] + 15) // 16, (w.shape[1] + 1) // 2, 16, 2)
 
+    @torch.library.register_fake(lib + "decode_attention")
+    def _(q, k, v, mask, n, scale):
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake(lib + "w4_linear")
     def _(x, packed, scale, gs, bias, isa):
         return x.new_empty(x.shape[0], packed.shape[0])

@@ -18,8 +18,12 @@
 //               vpdpbusd, sums the rows itself in the same pass and ignores it)
 //   w4_linear(x, packed uint8 [N, K/2], scale[N, K/gs], gs, bias?, isa)
 //               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale
+//   decode_attention(q [B,H,1,D], k, v [B,Hk,L,D], mask?, n, scale)  one query token's
+//               softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA)
 #include "qdsl_common.h"
 #include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
 
 namespace {
 
@@ -635,6 +639,142 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
+// ---------------------------------------------------------------- decode attention
+
+// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
+// in r, times 2^n; ~1 ulp over the range softmax uses, exp(-inf) = 0)
+__attribute__((target("avx2,fma")))
+static inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  const __m256 zero_below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(zero_below, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// One query token against n cached keys for one key/value head and the g query heads
+// sharing it (GQA): scores four keys at a time (one reduction per four dot products),
+// a softmax (max-subtracted, vectorized exp), then v read once, eight keys per update of
+// each output row. D % 8 == 0 (checked by the caller).
+__attribute__((target("avx2,fma")))
+void attend_one_avx2(const float* q, const float* k, const float* v, const float* mask,
+                     int64_t mask_h_stride, int64_t n, int64_t g, int64_t D, float scale,
+                     float* s /*[g, n + 8] scratch*/, float* out /*[g, D]*/) {
+  const int64_t ld = n + 8;
+  for (int64_t i = 0; i < g; ++i) {
+    const float* qi = q + i * D;
+    float* si = s + i * ld;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float* kj = k + j * D;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qi + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + D + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 2 * D + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 3 * D + d), a3);
+      }
+      _mm_storeu_ps(si + j, reduce4_ps_256(a0, a1, a2, a3));
+    }
+    for (; j < n; ++j) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(k + j * D + d), a);
+      si[j] = hsum256(a);
+    }
+    // softmax over si[0, n): scale, mask, max, exp, normalize; padded to a multiple of 8
+    const float* mi = mask ? mask + i * mask_h_stride : nullptr;
+    float mx = -INFINITY;
+    for (j = 0; j < n; ++j) {
+      si[j] = si[j] * scale + (mi ? mi[j] : 0.f);
+      mx = std::max(mx, si[j]);
+    }
+    const int64_t n8 = (n + 7) & ~int64_t(7);
+    for (j = n; j < n8; ++j) si[j] = -INFINITY;
+    const __m256 mv = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (j = 0; j < n8; j += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(si + j), mv));
+      _mm256_storeu_ps(si + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / hsum256(acc));
+    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(si + j, _mm256_mul_ps(_mm256_loadu_ps(si + j), inv));
+  }
+  // out[i] = sum_j s[i, j] v[j]: eight keys per load / store of an output chunk
+  for (int64_t i = 0; i < g; ++i) std::fill(out + i * D, out + (i + 1) * D, 0.f);
+  const int64_t n8 = (n + 7) & ~int64_t(7);
+  for (int64_t j0 = 0; j0 < n8; j0 += 8) {
+    const int64_t jn = std::min<int64_t>(8, n - j0);
+    for (int64_t i = 0; i < g; ++i) {
+      const float* si = s + i * ld + j0;
+      float* oi = out + i * D;
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 o = _mm256_loadu_ps(oi + d);
+        for (int64_t t = 0; t < jn; ++t)
+          o = _mm256_fmadd_ps(_mm256_set1_ps(si[t]), _mm256_loadu_ps(v + (j0 + t) * D + d), o);
+        _mm256_storeu_ps(oi + d, o);
+      }
+    }
+  }
+}
+
+// q [B, H, 1, D]; k, v [B, Hk, >= n, D] (a cache: any strides on B and Hk, rows of D
+// contiguous); mask: additive float [1 or B, 1 or H, 1, >= n], or none. -> [B, H, 1, D]
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask, int64_t n, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1 &&
+              q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat, "qdsl_kernels.decode_attention: float32 4-d q "
+              "[B, H, 1, D], k / v [B, Hk, L, D]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hk = k.size(1);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && k.size(3) == D &&
+              v.size(3) == D && D % 8 == 0 && H % Hk == 0 && n >= 1 && n <= k.size(2) &&
+              n <= v.size(2) && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D &&
+              v.stride(2) == D, "qdsl_kernels.decode_attention: shape mismatch");
+  const at::Tensor qc = q.contiguous();
+  at::Tensor mc;
+  const float* mp = nullptr;
+  int64_t mb = 0, mh = 0;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->dim() == 4 && mask->size(2) == 1 &&
+                mask->size(3) >= n && (mask->size(1) == 1 || mask->size(1) == H) &&
+                (mask->size(0) == 1 || mask->size(0) == B),
+                "qdsl_kernels.decode_attention: mask must be float [B, 1 or H, 1, >= n]");
+    mc = mask->contiguous();
+    mp = mc.data_ptr<float>();
+    mb = mask->size(0) == 1 ? 0 : mc.stride(0);
+    mh = mask->size(1) == 1 ? 0 : mc.stride(1);
+  }
+  const int64_t g = H / Hk;
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  const float* qp = qc.data_ptr<float>(); const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>(); float* op = out.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  at::parallel_for(0, B * Hk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(g * (n + 8));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hk, hk = t % Hk;
+      attend_one_avx2(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1, vp + b * vs0 + hk * vs1,
+                      mp ? mp + b * mb + hk * g * mh : nullptr, mh, n, g, D, float(scale),
+                      scratch.data(), op + (b * H + hk * g) * D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qdsl_kernels, m) {
@@ -642,10 +782,12 @@ TORCH_LIBRARY(qdsl_kernels, m) {
   m.def("w8a8_linear(Tensor xq, Tensor x_scale, Tensor? x_zp, Tensor w, Tensor w_scale, "
         "Tensor? w_rowsum, Tensor? bias, int isa) -> Tensor");
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, int gs, Tensor? bias, int isa) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int n, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qdsl_kernels, CPU, m) {
   m.impl("w8_linear", &w8_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("w4_linear", &w4_linear);
+  m.impl("decode_attention", &decode_attention);
 }
