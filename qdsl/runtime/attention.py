@@ -37,6 +37,9 @@ def _one_token_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> b
     if not q.dtype == k.dtype == v.dtype == torch.float32:
         return False
     d = q.shape[-1]
+    if (k.shape[0] != q.shape[0] or v.shape[:2] != k.shape[:2] or q.shape[1] % k.shape[1]
+            or k.shape[-1] != d or v.shape[-1] != d):
+        return False
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride(-2) != d or v.stride(-2) != d:
         return False
     if mask is not None and (mask.dtype != torch.float32 or mask.dim() != 4
