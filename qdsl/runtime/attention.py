@@ -17,8 +17,12 @@ from qdsl.runtime.kernels.cpu import ISA_AVX2
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
             cache_position: Tensor | None, scale: float, gqa: bool) -> Tensor:
+    kernel = _one_token_kernel(q, k, v, mask)     # reads the first n keys itself
+    if kernel and _positions_ok(cache_position):   # n from cache_position, in C++
+        return torch.ops.qdsl_kernels.cached_decode_attention(q, k, v, mask,
+                                                              cache_position, scale)
     n = k.shape[2] if cache_position is None else int(cache_position[-1]) + 1
-    if _one_token_kernel(q, k, v, mask):          # reads the first n keys itself
+    if kernel:
         return torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, scale)
     if cache_position is not None:
         k, v = k[:, :, :n], v[:, :, :n]
@@ -49,10 +53,22 @@ def _one_token_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> b
     return _kernel_built()
 
 
-@functools.cache
+@torch.compiler.assume_constant_result     # a compiled step asks once, while tracing
 def _kernel_built() -> bool:
+    return _kernel_ready()
+
+
+@functools.cache
+def _kernel_ready() -> bool:
     t = kernels.table()
     return bool(t.ext) and t.cap.isa >= ISA_AVX2
+
+
+def _positions_ok(cache_position: Tensor | None) -> bool:
+    """Whether the C++ op can read the key count from ``cache_position`` itself."""
+    return (cache_position is not None and cache_position.dtype == torch.long
+            and cache_position.dim() == 1 and cache_position.numel() >= 1
+            and cache_position.device.type == "cpu")
 
 
 @torch.library.custom_op("qdsl::cached_attention", mutates_args=())
@@ -79,6 +95,10 @@ class FusedAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
                 cache_position: Tensor | None = None) -> Tensor:
         if cache_position is not None and torch.compiler.is_compiling():
+            if _one_token_kernel(q, k, v, mask) and _positions_ok(cache_position):
+                # decided while tracing (static shapes): the C++ op itself, no Python op
+                return torch.ops.qdsl_kernels.cached_decode_attention(
+                    q, k, v, mask, cache_position, self.scale)
             return torch.ops.qdsl.cached_attention(q, k, v, mask, cache_position,
                                                    self.scale, self.gqa)
         return _attend(q, k, v, mask, cache_position, self.scale, self.gqa)

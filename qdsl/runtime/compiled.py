@@ -8,8 +8,11 @@ a few loops, as gpt-fast does:
 
 * **static shapes** (``dynamic=False``): one token, the cache of ``max_cache_len``
   slots updated in place (the graph's ``index_copy_``); ``FusedAttention`` becomes
-  one opaque op (``qdsl::cached_attention``) that slices the filled part of the cache
-  at run time, so the compiled graph has no data-dependent shape;
+  one opaque op that reads only the filled part of the cache at run time, so the
+  compiled graph has no data-dependent shape: qdsl's C++
+  ``qdsl_kernels::cached_decode_attention`` (the key count read from
+  ``cache_position`` in C++) where it applies, decided while tracing, else the Python
+  op ``qdsl::cached_attention`` (SDPA over a slice);
 * qdsl's C++ kernels stay **opaque ops** (``torch.ops.qdsl_kernels.*``, fake
   impls in ``kernels/cext.py``); the kernel table's choice is a constant to the
   tracer (``kernels.choose``, ``impls._isa``);

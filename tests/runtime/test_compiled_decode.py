@@ -175,3 +175,31 @@ def test_compiled_int4_kernel_stays_an_opaque_op():
     assert "qdsl.int4pack_mm.default" in targets, targets
     assert not any("_weight_int4pack_mm_for_cpu" in t for t in targets), targets
     torch.testing.assert_close(got, ref)
+
+
+def test_compiled_decode_attention_is_the_cpp_op_itself():
+    """Where the C++ decode attention applies, a compiled step calls it directly (the
+    key count read from cache_position in C++), not through the Python op around it;
+    the logits are eager's."""
+    from qdsl.runtime import attention
+    if not attention._kernel_built():
+        pytest.skip("qdsl's C++ kernels unavailable here (SDPA runs every step)")
+    m, gm = _float_graph("llama")
+    ids = tiny_ids(m, 1, 8)
+    lm = GraphLM(gm, CACHE, compile_decode=False)
+    lm.prefill(ids[:, :5])
+    ref = lm.decode(int(ids[0, 5]))
+    graphs = []
+
+    def backend(g, example_inputs):
+        graphs.append(g)
+        return g
+
+    lm.prefill(ids[:, :5])
+    lm.step = torch.compile(gm, backend=backend, fullgraph=True)   # records the graph
+    got = lm.decode(int(ids[0, 5]))
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    calls = [t for t in targets if t.startswith("qdsl_kernels.cached_decode_attention")]
+    assert len(calls) == m.config.num_hidden_layers, targets
+    assert not any("qdsl.cached_attention" in t for t in targets), targets
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -168,6 +168,10 @@ def _register_fakes() -> None:
     def _(q, k, v, mask, n, scale):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake(lib + "cached_decode_attention")
+    def _(q, k, v, mask, cache_position, scale):
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake(lib + "w4_linear")
     def _(x, packed, scale, gs, bias, isa):
         return x.new_empty(x.shape[0], packed.shape[0])

@@ -20,6 +20,9 @@
 //               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale
 //   decode_attention(q [B,H,1,D], k, v [B,Hk,L,D], mask?, n, scale)  one query token's
 //               softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA)
+//   cached_decode_attention(q, k, v, mask?, cache_position int64 [T], scale)  the same
+//               with n = cache_position[-1] + 1 read here: a compiled decode step calls
+//               it directly (static shapes, no Python op around it)
 #include "qdsl_common.h"
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -775,6 +778,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const c10::optional<at::Tensor>& mask,
+                                   const at::Tensor& cache_position, double scale) {
+  TORCH_CHECK(cache_position.scalar_type() == at::kLong && cache_position.dim() == 1 &&
+              cache_position.numel() >= 1 && cache_position.device().is_cpu(),
+              "qdsl_kernels.cached_decode_attention: cache_position must be int64 [T] on the CPU");
+  const int64_t n = cache_position.data_ptr<int64_t>()[(cache_position.numel() - 1) *
+                                                      cache_position.stride(0)] + 1;
+  return decode_attention(q, k, v, mask, n, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qdsl_kernels, m) {
@@ -783,6 +797,8 @@ TORCH_LIBRARY(qdsl_kernels, m) {
         "Tensor? w_rowsum, Tensor? bias, int isa) -> Tensor");
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, int gs, Tensor? bias, int isa) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int n, float scale) -> Tensor");
+  m.def("cached_decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, "
+        "Tensor cache_position, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qdsl_kernels, CPU, m) {
@@ -790,4 +806,5 @@ TORCH_LIBRARY_IMPL(qdsl_kernels, CPU, m) {
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("w4_linear", &w4_linear);
   m.impl("decode_attention", &decode_attention);
+  m.impl("cached_decode_attention", &cached_decode_attention);
 }
