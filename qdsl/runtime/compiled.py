@@ -20,6 +20,10 @@ a few loops, as gpt-fast does:
   (``TORCHINDUCTOR_CACHE_DIR`` where set), so a second process skips the C++ build
   (it still traces the graph);
 * **no guards on module state** (``_guard_options``): checking them cost ~10% of a step;
+* **no size asserts** (``_inductor_options``): the generated wrapper checks every
+  input's and every opaque op's output shape and strides (~800 checks a SmolLM2 step,
+  6% of it); the shapes are static and the fake impls are tested with the checks on
+  (``$QDSL_COMPILE_CHECKS=1`` turns them on);
 * **eager fallback**: where compiling fails the step runs eager, said once (a
   warning naming the error); ``QDSL_COMPILE_DECODE=0`` never compiles.
 
@@ -44,6 +48,7 @@ from ..models import zoo
 log = logging.getLogger(__name__)
 
 ENV = "QDSL_COMPILE_DECODE"     # 1: compile the decode step, 0: never; unset: the caller's choice
+CHECKS_ENV = "QDSL_COMPILE_CHECKS"   # 1: keep inductor's size / alignment asserts
 BACKEND_ENV = "QDSL_COMPILE_BACKEND"   # default inductor
 
 
@@ -72,6 +77,18 @@ def _guard_options() -> dict:
     return {"guard_filter_fn": skip} if skip is not None else {}
 
 
+def _inductor_options() -> dict:
+    """Inductor's shape, stride and alignment asserts off (unless ``$QDSL_COMPILE_CHECKS``
+    is 1): the generated wrapper ran ~800 of them a SmolLM2 int8 step (0.7 us each);
+    without them the step took 0.936x, 95% CI [0.921, 0.950] (62 paired blocks of 4
+    steps, AVX512, 1 thread; an A/A run of the same design: 1.000 [0.987, 1.014]). The
+    graph's shapes are static and the opaque ops' fake impls are tested with the
+    asserts on."""
+    if os.environ.get(CHECKS_ENV, "").strip() == "1":
+        return {}
+    return {"size_asserts": False, "alignment_asserts": False}
+
+
 class CompiledStep:
     """``gm(**inputs)`` for one fixed input shape, compiled on the first call.
 
@@ -93,7 +110,7 @@ class CompiledStep:
         _cache_dir()
         backend = os.environ.get(BACKEND_ENV) or "inductor"
         fn = torch.compile(self.gm, backend=backend, dynamic=False, fullgraph=True,
-                           options=_guard_options())
+                           options={**_guard_options(), **_inductor_options()})
         t0 = time.perf_counter()
         try:
             out = fn(**inputs)

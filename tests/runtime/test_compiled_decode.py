@@ -17,6 +17,13 @@ from qdsl.runtime import compiled
 from qdsl.runtime.graphlm import GraphLM
 
 CACHE = 32
+
+
+@pytest.fixture(autouse=True)
+def _compile_checks(monkeypatch):
+    """inductor's size / stride asserts on: they check the opaque ops' fake impls
+    against what the kernels return (production steps run without them)."""
+    monkeypatch.setenv(compiled.CHECKS_ENV, "1")
 W8A8 = "* -> w8 sym per_channel\nop:linear -> a8 sym per_token dynamic"
 
 
@@ -203,3 +210,10 @@ def test_compiled_decode_attention_is_the_cpp_op_itself():
     assert len(calls) == m.config.num_hidden_layers, targets
     assert not any("qdsl.cached_attention" in t for t in targets), targets
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_drops_the_size_asserts_unless_asked(monkeypatch):
+    monkeypatch.delenv(compiled.CHECKS_ENV, raising=False)
+    assert compiled._inductor_options() == {"size_asserts": False, "alignment_asserts": False}
+    monkeypatch.setenv(compiled.CHECKS_ENV, "1")
+    assert compiled._inductor_options() == {}
