@@ -113,12 +113,14 @@ def test_w8a8_candidates_match_the_integer_maths(shape, asym, bias, seed):
 
 
 @pytest.mark.skipif(not EXT, reason="qdsl's C++ kernels did not build here")
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 700])
 def test_w8a8_gemv_is_exact_on_every_path_and_thread_split(m):
     """The GEMV's four-row blocks, the N % 4 rows after them, K tails (577 = 9 * 64 + 1),
     thread chunks that do not start at a multiple of 4 (2 threads, N = 203), every
     activation-row block size, with zero points, row sums and bias through the fused
-    epilogue, on every instruction-set path; the VNNI path without a row sum sums it."""
+    epilogue, on every instruction-set path; the VNNI path without a row sum sums it.
+    Temporaries: in the per-thread buffers, reused and grown across calls; 700 rows are
+    over their 1 MiB and allocated."""
     g = torch.Generator().manual_seed(m)
     k, n = 577, 203
     xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
