@@ -457,3 +457,36 @@ def test_a_live_builder_is_waited_for_and_its_lock_kept(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.skipif(not EXT, reason="qdsl's C++ kernels did not build here")
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_w8a8_linear_cat_is_the_separate_calls_side_by_side(m):
+    """Several weights on one input in one call (a decode step's q / k / v): exactly each
+    weight's own call, on every path, with thread chunks that straddle two weights
+    (2 threads), zero points and row sums, a bias on some weights only."""
+    g = torch.Generator().manual_seed(m)
+    k = 577
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    xs = torch.rand(m, generator=g) + 0.1
+    zp = torch.randint(-128, 128, (m,), dtype=torch.int32, generator=g)
+    weights = []
+    for n, bias in ((203, True), (61, False), (130, True)):
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        weights.append((w, torch.rand(n, generator=g) * 0.01, w.sum(1, dtype=torch.int32),
+                        torch.randn(n, generator=g) if bias else None))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for isa in ISAS:
+            for z in (None, zp):
+                got = torch.ops.qdsl_kernels.w8a8_linear_cat(
+                    xq, xs, z, [w[0] for w in weights], [w[1] for w in weights],
+                    [w[2] if z is not None else None for w in weights],
+                    [w[3] for w in weights], isa)
+                ref = torch.cat([torch.ops.qdsl_kernels.w8a8_linear(
+                    xq, xs, z, w, s, r if z is not None else None, b, isa)
+                    for w, s, r, b in weights], -1)
+                assert torch.equal(got, ref), (isa, z is not None)
+    finally:
+        torch.set_num_threads(old)

@@ -5,6 +5,8 @@ Entries (2-D inputs; the runtime modules reshape around them):
 
 * ``linear_w8a8(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias)``: w8a8 GEMM / GEMV
   after the activation was quantized (dynamic and static modules);
+* ``linear_w8a8_cat(xq, x_scale, x_zp, [(w, w_scale, w_rowsum, bias), ...])``: the same
+  for several weights on one input, outputs side by side (one GEMV call in decode);
 * ``linear_w8(x, w, w_scale, bias)``: int8 weight-only;
 * ``linear_w4(x, W4)``: packed 4-bit weight-only;
 * ``linear_w1(x, W1)``: packed 1-bit weight-only (XTC's binary weights, ``binary.py``);
@@ -30,7 +32,7 @@ from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Tabl
                                         reference_paths, shape_class, table)
 from qdsl.runtime.kernels.weights import PackedWeight
 
-__all__ = ["linear_w8a8", "linear_w8", "linear_w4", "linear_w1", "linear_w1a8",
+__all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w1", "linear_w1a8",
            "embedding_int8", "W4",
            "W1", "PackedWeight", "derived",
            "choose", "report", "table", "Table", "Capability", "capability", "eligible",
@@ -54,6 +56,19 @@ def linear_w8a8(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None, w: Tensor,
     zp = None if x_zp is None else x_zp.to(torch.int32).reshape(-1).expand(m).contiguous()
     name = choose("w8a8", m)
     return IMPLS["w8a8"][name](xq.contiguous(), xs, zp, w, w_scale, w_rowsum, bias)
+
+
+def linear_w8a8_cat(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None,
+                    weights: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]) -> Tensor:
+    """``linear_w8a8`` for several ``(w, w_scale, w_rowsum, bias)`` on one input, the
+    outputs side by side ``[M, sum N]``: one call of qdsl's GEMV where the table picks it
+    (a decode step's q / k / v or gate / up), else one call per weight."""
+    m = xq.shape[0]
+    if choose("w8a8", m) != "qdsl_w8a8":
+        return torch.cat([linear_w8a8(xq, x_scale, x_zp, *w) for w in weights], -1)
+    xs = x_scale.float().reshape(-1).expand(m).contiguous()
+    zp = None if x_zp is None else x_zp.to(torch.int32).reshape(-1).expand(m).contiguous()
+    return impls.w8a8_qdsl_cat(xq.contiguous(), xs, zp, weights)
 
 
 def linear_w8(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,

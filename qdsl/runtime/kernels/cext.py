@@ -156,6 +156,10 @@ def _register_fakes() -> None:
     def _(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias, isa):
         return x_scale.new_empty(xq.shape[0], w.shape[0])
 
+    @torch.library.register_fake(lib + "w8a8_linear_cat")
+    def _(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias, isa):
+        return x_scale.new_empty(xq.shape[0], sum(t.shape[0] for t in w))
+
     @torch.library.register_fake(lib + "w8a8_gemm")
     def _(xq, x_scale, x_zp, packed, n, w_scale, w_rowsum, bias, isa):
         return x_scale.new_empty(xq.shape[0], n)

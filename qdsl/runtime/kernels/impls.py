@@ -78,6 +78,14 @@ def w8a8_qdsl(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
                                               _c(bias), _isa())
 
 
+def w8a8_qdsl_cat(xq, x_scale, x_zp, weights):
+    """``w8a8_qdsl`` for several ``(w, w_scale, w_rowsum, bias)``, one kernel call."""
+    ws, scales, rowsums, biases = zip(*weights)
+    return torch.ops.qdsl_kernels.w8a8_linear_cat(
+        xq, x_scale, x_zp, [_c(w) for w in ws], [_c(s) for s in scales],
+        [_c(r) if x_zp is not None else None for r in rowsums], [_c(b) for b in biases], _isa())
+
+
 def w8a8_qdsl_gemm(xq, x_scale, x_zp, w, w_scale, w_rowsum, bias):
     """qdsl's packed GEMM (prefill); the packed weight is built once per weight storage
     and kept on the weight tensor (not a buffer: never saved)."""

@@ -14,6 +14,8 @@
 //   w8a8_linear(xq int8 [M,K], x_scale[M], x_zp int32[M]?, w, w_scale[N], w_rowsum int32[N]?,
 //               bias?, isa)  y = (xq @ w^T - x_zp * rowsum) * x_scale * w_scale + bias,
 //               the integer product accumulated exactly in int32, the epilogue fused;
+//   w8a8_linear_cat(xq, x_scale, x_zp?, w[], w_scale[], w_rowsum?[], bias?[], isa)  the same
+//               for several weights on one input, their outputs side by side [M, sum N]
 //               rowsum = w.sum(1), needed with x_zp (the VNNI path, x + 128 as u8 into
 //               vpdpbusd, sums the rows itself in the same pass and ignores it)
 //   w4_linear(x, packed uint8 [N, K/2], scale[N, K/gs], gs, bias?, isa)
@@ -567,30 +569,18 @@ void w8a8_epilogue(const int32_t* acc, int64_t M, int64_t N, int64_t n0, int64_t
 
 constexpr int64_t kScratchBytes = 1 << 20;   // a thread's reusable temporaries, at most
 
-at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
-                       const c10::optional<at::Tensor>& x_zp, const at::Tensor& w,
-                       const at::Tensor& w_scale, const c10::optional<at::Tensor>& w_rowsum,
-                       const c10::optional<at::Tensor>& bias, int64_t isa) {
-  check(xq, at::kChar, 2, "xq"); check(w, at::kChar, 2, "w");
-  check(w_scale, at::kFloat, 1, "w_scale"); check(x_scale, at::kFloat, 1, "x_scale");
-  const int64_t M = xq.size(0), K = xq.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && w_scale.size(0) == N && x_scale.size(0) == M,
-              "qdsl_kernels.w8a8_linear: shape mismatch");
-  const bool has_zp = x_zp.has_value() && x_zp->defined();
-  const bool has_rs = w_rowsum.has_value() && w_rowsum->defined();
+// one weight of a w8a8 call: its rows [off, off + n) of the output
+struct W8a8Seg {
+  const int8_t* w; const float* ws; const int32_t* rowsum; const float* bias;
+  int64_t n, off;
+};
+
+// y [M, N] = the segments' outputs side by side, one pass over the rows of all of them
+// (threads split the N rows of the whole, not each weight's); xq checked by the caller
+at::Tensor w8a8_run(const at::Tensor& xq, const at::Tensor& x_scale, const int32_t* zp,
+                    const std::vector<W8a8Seg>& segs, int64_t N, int64_t isa) {
+  const int64_t M = xq.size(0), K = xq.size(1);
   const bool vnni = isa >= ISA_VNNI;
-  TORCH_CHECK(!has_zp || has_rs, "qdsl_kernels.w8a8_linear: x_zp needs w_rowsum");
-  if (has_zp) check(*x_zp, at::kInt, 1, "x_zp");
-  if (has_rs) {
-    check(*w_rowsum, at::kInt, 1, "w_rowsum");
-    TORCH_CHECK(w_rowsum->size(0) == N, "qdsl_kernels.w8a8_linear: w_rowsum shape mismatch");
-  }
-  if (has_zp) TORCH_CHECK(x_zp->size(0) == M, "qdsl_kernels.w8a8_linear: x_zp shape mismatch");
-  const bool has_b = bias.has_value() && bias->defined();
-  if (has_b) {
-    check(*bias, at::kFloat, 1, "bias");
-    TORCH_CHECK(bias->size(0) == N, "qdsl_kernels.w8a8_linear: bias shape mismatch");
-  }
   // the VNNI path sums the weight rows itself (its shift by 128 needs them); the others
   // take the caller's, needed only with a zero point. Temporaries of a small call
   // (decode) live in per-thread buffers: four at::empty were ~1.5 us of a ~3.6 us call
@@ -606,8 +596,7 @@ at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
   };
   static thread_local std::vector<uint8_t> tls_acc, tls_rowsum, tls_x;
   int32_t* ap = static_cast<int32_t*>(buffer(tls_acc, 0, M * N * 4));
-  int32_t* rs = vnni ? static_cast<int32_t*>(buffer(tls_rowsum, 1, N * 4))
-                     : (has_zp ? w_rowsum->data_ptr<int32_t>() : nullptr);
+  int32_t* rs_all = vnni ? static_cast<int32_t*>(buffer(tls_rowsum, 1, N * 4)) : nullptr;
   const void* xv;
   const int8_t* xsrc = xq.data_ptr<int8_t>();
   if (vnni) {                                  // x + 128 as u8: flip the sign bit
@@ -621,21 +610,85 @@ at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
     xv = dst;
   }
   at::Tensor y = at::empty({M, N}, x_scale.options());
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* xs = x_scale.data_ptr<float>(); const float* ws = w_scale.data_ptr<float>();
-  const int32_t* zp = has_zp ? x_zp->data_ptr<int32_t>() : nullptr;
-  const float* bp = has_b ? bias->data_ptr<float>() : nullptr;
+  const float* xs = x_scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int32_t shift = vnni ? 128 : 0;
   const auto rows16 = pick_isa(isa, w8a8_rows_generic, w8a8_rows_avx2, w8a8_rows_avx512);
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    if (vnni)
-      w8a8_rows_vnni(static_cast<const uint8_t*>(xv), M, wp, K, n0, n1, ap, N, rs);
-    else
-      rows16(static_cast<const int16_t*>(xv), M, wp, K, n0, n1, ap, N);
-    w8a8_epilogue(ap, M, N, n0, n1, xs, zp, shift, rs, ws, bp, yp);
+    for (const W8a8Seg& g : segs) {            // each weight's rows in this chunk
+      const int64_t a = std::max(n0, g.off) - g.off, b = std::min(n1, g.off + g.n) - g.off;
+      if (a >= b) continue;
+      int32_t* rs = vnni ? rs_all + g.off : (zp ? const_cast<int32_t*>(g.rowsum) : nullptr);
+      if (vnni)
+        w8a8_rows_vnni(static_cast<const uint8_t*>(xv), M, g.w, K, a, b, ap + g.off, N, rs);
+      else
+        rows16(static_cast<const int16_t*>(xv), M, g.w, K, a, b, ap + g.off, N);
+      w8a8_epilogue(ap + g.off, M, N, a, b, xs, zp, shift, rs, g.ws, g.bias, yp + g.off);
+    }
   });
   return y;
+}
+
+// checks one weight of a w8a8 call against K and the zero point; -> its segment at off
+W8a8Seg w8a8_seg(const at::Tensor& w, const at::Tensor& w_scale,
+                 const c10::optional<at::Tensor>& w_rowsum, const c10::optional<at::Tensor>& bias,
+                 int64_t K, bool has_zp, int64_t off) {
+  check(w, at::kChar, 2, "w"); check(w_scale, at::kFloat, 1, "w_scale");
+  const int64_t N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && w_scale.size(0) == N, "qdsl_kernels.w8a8_linear: shape mismatch");
+  const bool has_rs = w_rowsum.has_value() && w_rowsum->defined();
+  TORCH_CHECK(!has_zp || has_rs, "qdsl_kernels.w8a8_linear: x_zp needs w_rowsum");
+  if (has_rs) {
+    check(*w_rowsum, at::kInt, 1, "w_rowsum");
+    TORCH_CHECK(w_rowsum->size(0) == N, "qdsl_kernels.w8a8_linear: w_rowsum shape mismatch");
+  }
+  const bool has_b = bias.has_value() && bias->defined();
+  if (has_b) {
+    check(*bias, at::kFloat, 1, "bias");
+    TORCH_CHECK(bias->size(0) == N, "qdsl_kernels.w8a8_linear: bias shape mismatch");
+  }
+  return {w.data_ptr<int8_t>(), w_scale.data_ptr<float>(),
+          has_rs ? w_rowsum->data_ptr<int32_t>() : nullptr,
+          has_b ? bias->data_ptr<float>() : nullptr, N, off};
+}
+
+const int32_t* w8a8_zp(const at::Tensor& xq, const at::Tensor& x_scale,
+                       const c10::optional<at::Tensor>& x_zp) {
+  check(xq, at::kChar, 2, "xq"); check(x_scale, at::kFloat, 1, "x_scale");
+  TORCH_CHECK(x_scale.size(0) == xq.size(0), "qdsl_kernels.w8a8_linear: shape mismatch");
+  if (!(x_zp.has_value() && x_zp->defined())) return nullptr;
+  check(*x_zp, at::kInt, 1, "x_zp");
+  TORCH_CHECK(x_zp->size(0) == xq.size(0), "qdsl_kernels.w8a8_linear: x_zp shape mismatch");
+  return x_zp->data_ptr<int32_t>();
+}
+
+at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
+                       const c10::optional<at::Tensor>& x_zp, const at::Tensor& w,
+                       const at::Tensor& w_scale, const c10::optional<at::Tensor>& w_rowsum,
+                       const c10::optional<at::Tensor>& bias, int64_t isa) {
+  const int32_t* zp = w8a8_zp(xq, x_scale, x_zp);
+  const std::vector<W8a8Seg> segs{w8a8_seg(w, w_scale, w_rowsum, bias, xq.size(1), zp, 0)};
+  return w8a8_run(xq, x_scale, zp, segs, segs[0].n, isa);
+}
+
+// several weights on one input (a layer's q / k / v, or gate / up): their outputs side by
+// side in one call, [M, sum of N]
+at::Tensor w8a8_linear_cat(const at::Tensor& xq, const at::Tensor& x_scale,
+                           const c10::optional<at::Tensor>& x_zp, at::TensorList w,
+                           at::TensorList w_scale,
+                           const c10::List<c10::optional<at::Tensor>>& w_rowsum,
+                           const c10::List<c10::optional<at::Tensor>>& bias, int64_t isa) {
+  TORCH_CHECK(!w.empty() && w_scale.size() == w.size() && w_rowsum.size() == w.size() &&
+              bias.size() == w.size(), "qdsl_kernels.w8a8_linear_cat: one scale, row sum "
+              "and bias (or None) per weight");
+  const int32_t* zp = w8a8_zp(xq, x_scale, x_zp);
+  std::vector<W8a8Seg> segs;
+  int64_t off = 0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    segs.push_back(w8a8_seg(w[i], w_scale[i], w_rowsum.get(i), bias.get(i), xq.size(1), zp, off));
+    off += segs.back().n;
+  }
+  return w8a8_run(xq, x_scale, zp, segs, off, isa);
 }
 
 at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -808,6 +861,8 @@ TORCH_LIBRARY(qdsl_kernels, m) {
   m.def("w8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int isa) -> Tensor");
   m.def("w8a8_linear(Tensor xq, Tensor x_scale, Tensor? x_zp, Tensor w, Tensor w_scale, "
         "Tensor? w_rowsum, Tensor? bias, int isa) -> Tensor");
+  m.def("w8a8_linear_cat(Tensor xq, Tensor x_scale, Tensor? x_zp, Tensor[] w, "
+        "Tensor[] w_scale, Tensor?[] w_rowsum, Tensor?[] bias, int isa) -> Tensor");
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, int gs, Tensor? bias, int isa) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int n, float scale) -> Tensor");
   m.def("cached_decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, "
@@ -817,6 +872,7 @@ TORCH_LIBRARY(qdsl_kernels, m) {
 TORCH_LIBRARY_IMPL(qdsl_kernels, CPU, m) {
   m.impl("w8_linear", &w8_linear);
   m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("w8a8_linear_cat", &w8a8_linear_cat);
   m.impl("w4_linear", &w4_linear);
   m.impl("decode_attention", &decode_attention);
   m.impl("cached_decode_attention", &cached_decode_attention);
