@@ -186,6 +186,35 @@ class Int8DynamicLinear(_Int8Weight):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+class Int8DynamicLinears(nn.Module):
+    """``Int8DynamicLinear`` siblings on one input (a layer's q / k / v, gate / up) as one
+    module: the input quantized once, the weights in one kernel call
+    (``kernels.linear_w8a8_cat``), a tuple of the members' outputs. The members are held,
+    not copied (``qdsl.runtime.compiled.fuse_siblings`` puts it in a decode step's graph)."""
+
+    def __init__(self, members: list[Int8DynamicLinear]) -> None:
+        super().__init__()
+        first = members[0]
+        assert len(members) > 1 and all(
+            type(m) is Int8DynamicLinear and m.in_features == first.in_features
+            and m.act_spec == first.act_spec for m in members), members
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        first = self.members[0]
+        x2 = x.reshape(-1, first.in_features)
+        a = first.act_spec
+        scale, zp = choose_qparams(*reduce_range(x2, a.granularity, ACTIVATION), BITS,
+                                   a.symmetric)
+        xq, zp = quantize_act_int8(x2, scale, zp, a.symmetric)
+        y = kernels.linear_w8a8_cat(
+            xq, scale, None if a.symmetric else zp,
+            [(m.weight, m.weight_scale, None if a.symmetric else m.weight_rowsum, m.bias)
+             for m in self.members])
+        outs = y.split([m.out_features for m in self.members], -1)
+        return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+
+
 class Int8StaticLinear(_Int8Weight):
     """w8a8 with a frozen (calibrated) per-tensor activation scale and zero point."""
 

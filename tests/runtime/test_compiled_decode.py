@@ -5,6 +5,7 @@ the eager fallback when compiling fails."""
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,38 @@ def test_compiled_step_drops_the_size_asserts_unless_asked(monkeypatch):
     assert compiled._inductor_options() == {"size_asserts": False, "alignment_asserts": False}
     monkeypatch.setenv(compiled.CHECKS_ENV, "1")
     assert compiled._inductor_options() == {}
+
+
+def test_fuse_siblings_runs_q_k_v_and_gate_up_as_one_call_each(tmp_path, monkeypatch):
+    """The decode step's graph copy: each layer's q / k / v and gate / up (one input, one
+    activation spec) as one Int8DynamicLinears holding the same weights; the lowered graph
+    is unchanged; eager logits identical (one kernel call is the separate calls side by
+    side); the compiled step fuses them and matches eager."""
+    from qdsl.runtime.int8 import Int8DynamicLinear, Int8DynamicLinears
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv(compiled.BACKEND_ENV, "aot_eager")
+    recipe = (Path(__file__).parents[2] / "recipes" / "int8" / "w8a8_dynamic.qrec").read_text()
+    m = tiny("llama")
+    q = C.compile(m, recipe, calib=tiny_ids(m, 2, 16), lower="int8", max_cache_len=CACHE,
+                  progress=False)
+    before = [n.format_node() for n in q.gm.graph.nodes]
+    step, groups = compiled.fuse_siblings(q.gm)
+    layers = m.config.num_hidden_layers
+    assert groups == 2 * layers
+    fused = [mod for mod in step.modules() if isinstance(mod, Int8DynamicLinears)]
+    assert sorted(len(f.members) for f in fused) == [2] * layers + [3] * layers
+    calls = {n.target for n in step.graph.nodes if n.op == "call_module"}
+    for f in fused:                                      # the same modules, not copies
+        for member in f.members:
+            assert any(q.gm.get_submodule(t) is member for t in
+                       (n.target for n in q.gm.graph.nodes if n.op == "call_module"))
+    left = [t for t in calls if type(step.get_submodule(t)) is Int8DynamicLinear]
+    assert len(left) == 2 * layers + 1                   # o_proj, down_proj, the head
+    assert [n.format_node() for n in q.gm.graph.nodes] == before
+    ids = tiny_ids(m, 1, 16, seed=5)
+    ref = _steps(GraphLM(q.gm, CACHE, compile_decode=False), ids)
+    assert torch.equal(_steps(GraphLM(step, CACHE, compile_decode=False), ids), ref)
+    lm = GraphLM(q.gm, CACHE, compile_decode=True)
+    got = _steps(lm, ids)
+    assert lm.step.failed is None and lm.step.fused == 2 * layers
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
