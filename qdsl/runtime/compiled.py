@@ -161,7 +161,12 @@ class CompiledStep:
         if (not isinstance(self.gm, torch.fx.GraphModule)
                 or os.environ.get(SIBLINGS_ENV, "").strip() == "0"):
             return self.gm
-        step, self.fused = fuse_siblings(self.gm)
+        try:
+            step, self.fused = fuse_siblings(self.gm)
+        except Exception as e:  # noqa: BLE001 - an optimisation: compile the graph as it is
+            log.warning("fuse_siblings failed on %s (%s: %s); compiling the graph as "
+                        "lowered", self.name, type(e).__name__, e)
+            return self.gm
         return step if self.fused else self.gm
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:

@@ -253,3 +253,14 @@ def test_fuse_siblings_runs_q_k_v_and_gate_up_as_one_call_each(tmp_path, monkeyp
     got = _steps(lm, ids)
     assert lm.step.failed is None and lm.step.fused == 2 * layers
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_a_failing_fuse_siblings_compiles_the_graph_as_lowered(monkeypatch, caplog):
+    def broken(gm):
+        raise RuntimeError("odd graph")
+    monkeypatch.setattr(compiled, "fuse_siblings", broken)
+    m, gm = _float_graph("llama")
+    step = compiled.CompiledStep(gm, "tiny")
+    with caplog.at_level(logging.WARNING, logger="qdsl.runtime.compiled"):
+        assert step._step_graph() is gm
+    assert step.fused == 0 and "odd graph" in caplog.text
