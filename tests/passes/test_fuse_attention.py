@@ -117,3 +117,34 @@ def test_one_token_attention_runs_the_kernel_where_it_applies(monkeypatch):
     assert not attention._one_token_kernel(q, k, k, torch.ones(1, 1, 1, 10, dtype=torch.bool))
     assert not attention._one_token_kernel(torch.randn(1, 4, 2, 16), k, k, None)   # prefill
     assert not attention._one_token_kernel(q[..., :12], k[..., :12], k[..., :12], None)
+
+
+@pytest.mark.parametrize("batch,kv_heads", [(1, 3), (1, 1), (2, 1)])
+@pytest.mark.parametrize("mask", [None, "per_head", "pad"])
+def test_long_cache_attention_split_over_keys_matches_sdpa(batch, kv_heads, mask):
+    """With fewer key/value heads than two per thread, the C++ kernel splits the keys
+    into chunks (2 threads here) and merges their softmax statistics: still SDPA's
+    result, also where a whole chunk is masked out (left padding over the first 400
+    keys of row 0)."""
+    from qdsl.runtime import attention
+    if not attention._kernel_built():
+        pytest.skip("qdsl's C++ kernels unavailable here (SDPA runs every step)")
+    heads, d, n, cache = 3 * kv_heads, 64, 601, 700
+    g = torch.Generator().manual_seed(batch * 10 + kv_heads)
+    q = torch.randn(batch, heads, 1, d, generator=g)
+    k, v = (torch.randn(batch, kv_heads, cache, d, generator=g) for _ in range(2))
+    pad = torch.zeros(batch, 1, 1, cache)
+    pad[0, ..., :400] = float("-inf")
+    m = {None: None, "per_head": torch.randn(batch, heads, 1, cache, generator=g),
+         "pad": pad}[mask]
+    pos = torch.tensor([n - 1])
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = attention._attend(q, k, v, m, pos, 0.125, kv_heads != heads)
+    finally:
+        torch.set_num_threads(old)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :n], v[:, :, :n], attn_mask=None if m is None else m[..., :n], scale=0.125,
+        enable_gqa=kv_heads != heads)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -737,9 +737,14 @@ static inline __m256 exp256(__m256 x) {
 // a softmax (max-subtracted, vectorized exp), then v read once, eight keys per update of
 // each output row. D % 8 == 0 (checked by the caller).
 __attribute__((target("avx2,fma")))
+//
+// partial (mx, sum non-null: one chunk of a split over the keys): out is left
+// unnormalized, sum_j exp(s_j - mx_i) v_j, with mx[i] and sum[i] for the merge; a chunk
+// masked out entirely gives mx = -inf, sum = 0, out = 0
 void attend_one_avx2(const float* q, const float* k, const float* v, const float* mask,
                      int64_t mask_h_stride, int64_t n, int64_t g, int64_t D, float scale,
-                     float* s /*[g, n + 8] scratch*/, float* out /*[g, D]*/) {
+                     float* s /*[g, n + 8] scratch*/, float* out /*[g, D]*/,
+                     float* part_mx = nullptr, float* part_sum = nullptr) {
   const int64_t ld = n + 8;
   for (int64_t i = 0; i < g; ++i) {
     const float* qi = q + i * D;
@@ -772,12 +777,18 @@ void attend_one_avx2(const float* q, const float* k, const float* v, const float
     }
     const int64_t n8 = (n + 7) & ~int64_t(7);
     for (j = n; j < n8; ++j) si[j] = -INFINITY;
-    const __m256 mv = _mm256_set1_ps(mx);
+    const bool part = part_mx != nullptr;
+    const __m256 mv = _mm256_set1_ps(part && mx == -INFINITY ? 0.f : mx);
     __m256 acc = _mm256_setzero_ps();
     for (j = 0; j < n8; j += 8) {
       const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(si + j), mv));
       _mm256_storeu_ps(si + j, e);
       acc = _mm256_add_ps(acc, e);
+    }
+    if (part) {
+      part_mx[i] = mx;
+      part_sum[i] = hsum256(acc);
+      continue;
     }
     const __m256 inv = _mm256_set1_ps(1.f / hsum256(acc));
     for (j = 0; j < n8; j += 8) _mm256_storeu_ps(si + j, _mm256_mul_ps(_mm256_loadu_ps(si + j), inv));
@@ -799,6 +810,8 @@ void attend_one_avx2(const float* q, const float* k, const float* v, const float
     }
   }
 }
+
+constexpr int64_t kMinChunkKeys = 128;   // the fewest keys a thread's chunk gets
 
 // q [B, H, 1, D]; k, v [B, Hk, >= n, D] (a cache: any strides on B and Hk, rows of D
 // contiguous); mask: additive float [1 or B, 1 or H, 1, >= n], or none. -> [B, H, 1, D]
@@ -832,15 +845,64 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float* qp = qc.data_ptr<float>(); const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>(); float* op = out.data_ptr<float>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
-  at::parallel_for(0, B * Hk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(g * (n + 8));
+  // fewer (b, hk) pairs than two per thread (SmolLM2: 3 key/value heads): split the keys
+  // into chunks (flash-decoding) so that every thread gets work, then merge the chunks'
+  // softmax statistics; one thread, or short caches, run each pair whole
+  const int64_t threads = at::get_num_threads(), pairs = B * Hk;
+  const int64_t chunks = threads > 1 && pairs < 2 * threads
+      ? std::max<int64_t>(1, std::min<int64_t>((2 * threads + pairs - 1) / pairs, n / kMinChunkKeys))
+      : 1;
+  if (chunks == 1) {
+    at::parallel_for(0, pairs, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scratch(g * (n + 8));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / Hk, hk = t % Hk;
+        attend_one_avx2(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1,
+                        vp + b * vs0 + hk * vs1, mp ? mp + b * mb + hk * g * mh : nullptr, mh,
+                        n, g, D, float(scale), scratch.data(), op + (b * H + hk * g) * D);
+      }
+    });
+    return out;
+  }
+  const int64_t step = (n + chunks - 1) / chunks;
+  std::vector<float> po(pairs * chunks * g * D), pm(pairs * chunks * g), ps(pairs * chunks * g);
+  at::parallel_for(0, pairs * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(g * (step + 8));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / Hk, hk = t % Hk;
-      attend_one_avx2(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1, vp + b * vs0 + hk * vs1,
-                      mp ? mp + b * mb + hk * g * mh : nullptr, mh, n, g, D, float(scale),
-                      scratch.data(), op + (b * H + hk * g) * D);
+      const int64_t pr = t / chunks, c = t % chunks, b = pr / Hk, hk = pr % Hk;
+      const int64_t j0 = c * step, len = std::min(step, n - j0);
+      float* o = po.data() + t * g * D;
+      if (len <= 0) {            // no keys left for this chunk: contributes nothing
+        std::fill(o, o + g * D, 0.f);
+        std::fill(pm.data() + t * g, pm.data() + (t + 1) * g, -INFINITY);
+        std::fill(ps.data() + t * g, ps.data() + (t + 1) * g, 0.f);
+        continue;
+      }
+      attend_one_avx2(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1 + j0 * D,
+                      vp + b * vs0 + hk * vs1 + j0 * D,
+                      mp ? mp + b * mb + hk * g * mh + j0 : nullptr, mh, len, g, D,
+                      float(scale), scratch.data(), o, pm.data() + t * g, ps.data() + t * g);
     }
   });
+  for (int64_t pr = 0; pr < pairs; ++pr) {       // merge: rescale each chunk to the max
+    const int64_t b = pr / Hk, hk = pr % Hk;
+    for (int64_t i = 0; i < g; ++i) {
+      float mx = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, pm[(pr * chunks + c) * g + i]);
+      float* oi = op + (b * H + hk * g + i) * D;
+      std::fill(oi, oi + D, 0.f);
+      float den = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t t = pr * chunks + c;
+        const float m = pm[t * g + i];
+        const float w = m == -INFINITY ? 0.f : std::exp(m - mx);
+        den += w * ps[t * g + i];
+        const float* o = po.data() + (t * g + i) * D;
+        for (int64_t d = 0; d < D; ++d) oi[d] += w * o[d];
+      }
+      for (int64_t d = 0; d < D; ++d) oi[d] /= den;
+    }
+  }
   return out;
 }
 
