@@ -21,7 +21,8 @@
 //   w4_linear(x, packed uint8 [N, K/2], scale[N, K/gs], gs, bias?, isa)
 //               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale
 //   decode_attention(q [B,H,1,D], k, v [B,Hk,L,D], mask?, n, scale)  one query token's
-//               softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA)
+//               softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA); with
+//               few key/value heads for the threads, the keys split into chunks, merged
 //   cached_decode_attention(q, k, v, mask?, cache_position int64 [T], scale)  the same
 //               with n = cache_position[-1] + 1 read here: a compiled decode step calls
 //               it directly (static shapes, no Python op around it)
