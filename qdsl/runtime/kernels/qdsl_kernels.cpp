@@ -668,7 +668,8 @@ at::Tensor w8a8_linear(const at::Tensor& xq, const at::Tensor& x_scale,
                        const at::Tensor& w_scale, const c10::optional<at::Tensor>& w_rowsum,
                        const c10::optional<at::Tensor>& bias, int64_t isa) {
   const int32_t* zp = w8a8_zp(xq, x_scale, x_zp);
-  const std::vector<W8a8Seg> segs{w8a8_seg(w, w_scale, w_rowsum, bias, xq.size(1), zp, 0)};
+  const std::vector<W8a8Seg> segs{
+      w8a8_seg(w, w_scale, w_rowsum, bias, xq.size(1), zp != nullptr, 0)};
   return w8a8_run(xq, x_scale, zp, segs, segs[0].n, isa);
 }
 
@@ -686,7 +687,8 @@ at::Tensor w8a8_linear_cat(const at::Tensor& xq, const at::Tensor& x_scale,
   std::vector<W8a8Seg> segs;
   int64_t off = 0;
   for (size_t i = 0; i < w.size(); ++i) {
-    segs.push_back(w8a8_seg(w[i], w_scale[i], w_rowsum.get(i), bias.get(i), xq.size(1), zp, off));
+    segs.push_back(w8a8_seg(w[i], w_scale[i], w_rowsum.get(i), bias.get(i), xq.size(1),
+                            zp != nullptr, off));
     off += segs.back().n;
   }
   return w8a8_run(xq, x_scale, zp, segs, off, isa);
