@@ -106,6 +106,7 @@ def fuse_siblings(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     graph.output(graph.graph_copy(gm.graph, {}))
     step = torch.fx.GraphModule(gm, graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}    # members are original nodes
     groups = 0
     for node in list(graph.nodes):
         siblings: dict[object, list[torch.fx.Node]] = {}
@@ -118,7 +119,7 @@ def fuse_siblings(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
         for members in siblings.values():
             if len(members) < 2:
                 continue
-            members.sort(key=_position(graph))
+            members.sort(key=order.__getitem__)
             name = f"qdsl_siblings_{groups}"
             step.add_submodule(name, Int8DynamicLinears(
                 [step.get_submodule(u.target) for u in members]))
@@ -134,11 +135,6 @@ def fuse_siblings(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
     graph.lint()
     step.recompile()
     return step, groups
-
-
-def _position(graph: torch.fx.Graph):
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 class CompiledStep:

@@ -32,8 +32,8 @@ from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Tabl
                                         reference_paths, shape_class, table)
 from qdsl.runtime.kernels.weights import PackedWeight
 
-__all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w1", "linear_w1a8",
-           "embedding_int8", "W4",
+__all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w1",
+           "linear_w1a8", "embedding_int8", "W4",
            "W1", "PackedWeight", "derived",
            "choose", "report", "table", "Table", "Capability", "capability", "eligible",
            "reference_paths", "shape_class", "IMPLS", "OPS", "CLASSES", "FLOAT"]
@@ -52,10 +52,16 @@ def linear_w8a8(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None, w: Tensor,
     """``(xq - x_zp) @ w^T * x_scale * w_scale + bias``: xq int8 [M, K]; x_scale and x_zp
     per row ([M, 1] / [M]) or 0-d; x_zp None for symmetric activations."""
     m = xq.shape[0]
-    xs = x_scale.float().reshape(-1).expand(m).contiguous()
-    zp = None if x_zp is None else x_zp.to(torch.int32).reshape(-1).expand(m).contiguous()
+    xs, zp = _per_row(x_scale, x_zp, m)
     name = choose("w8a8", m)
     return IMPLS["w8a8"][name](xq.contiguous(), xs, zp, w, w_scale, w_rowsum, bias)
+
+
+def _per_row(x_scale: Tensor, x_zp: Tensor | None, m: int) -> tuple[Tensor, Tensor | None]:
+    """The activation's scale (float32) and zero point (int32) as one value per row."""
+    xs = x_scale.float().reshape(-1).expand(m).contiguous()
+    zp = None if x_zp is None else x_zp.to(torch.int32).reshape(-1).expand(m).contiguous()
+    return xs, zp
 
 
 def linear_w8a8_cat(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None,
@@ -66,9 +72,7 @@ def linear_w8a8_cat(xq: Tensor, x_scale: Tensor, x_zp: Tensor | None,
     m = xq.shape[0]
     if choose("w8a8", m) != "qdsl_w8a8":
         return torch.cat([linear_w8a8(xq, x_scale, x_zp, *w) for w in weights], -1)
-    xs = x_scale.float().reshape(-1).expand(m).contiguous()
-    zp = None if x_zp is None else x_zp.to(torch.int32).reshape(-1).expand(m).contiguous()
-    return impls.w8a8_qdsl_cat(xq.contiguous(), xs, zp, weights)
+    return impls.w8a8_qdsl_cat(xq.contiguous(), *_per_row(x_scale, x_zp, m), weights)
 
 
 def linear_w8(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
