@@ -108,6 +108,6 @@ def test_explain_lower_int8_says_which_kernels_run_here(tmp_path, monkeypatch):
     lines = explain(recipe, tiny("gpt2"), lower="int8").kernel_lines()
     assert lines[0].startswith("CPU: ")
     keys = {line.split(":")[0] for line in lines[1:] if not line.startswith("qdsl's C++")}
-    assert keys == {f"{op}/{c}" for op in ("w8a8", "w8", "w4", "w1", "w1a8", "embedding_int8")
-                    for c in ("decode", "prefill")}
+    ops = ("w8a8", "w8", "w4", "w4a8", "w1", "w1a8", "embedding_int8")
+    assert keys == {f"{op}/{c}" for op in ops for c in ("decode", "prefill")}
     assert all("float32 GEMM" in line for line in lines if ": float_gemm" in line)

@@ -9,6 +9,10 @@ Entries (2-D inputs; the runtime modules reshape around them):
   for several weights on one input, outputs side by side (one GEMV call in decode);
 * ``linear_w8(x, w, w_scale, bias)``: int8 weight-only;
 * ``linear_w4(x, W4)``: packed 4-bit weight-only;
+* ``linear_w4a8(x, W4, per_token, symmetric)``: the same after 8-bit dynamic quantization
+  of x, integer products per group (llama.cpp's Q4_0 x Q8_0 contract), in one kernel;
+* ``linear_w4a8_cat(x, [W4, ...], per_token, symmetric)``: the same for several weights on
+  one input, outputs side by side (one call in decode);
 * ``linear_w1(x, W1)``: packed 1-bit weight-only (XTC's binary weights, ``binary.py``);
 * ``linear_w1a8(x, W1, per_token, symmetric)``: the same after 8-bit dynamic
   quantization of x, in one kernel;
@@ -26,13 +30,15 @@ import torch
 from torch import Tensor
 
 from qdsl.runtime.kernels import cext, impls
+from qdsl.runtime.kernels.binary import fake_quant_a8
 from qdsl.runtime.kernels.cpu import Capability, capability
 from qdsl.runtime.kernels.impls import IMPLS, W1, W4, derived
 from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Table, eligible,
                                         reference_paths, shape_class, table)
 from qdsl.runtime.kernels.weights import PackedWeight
 
-__all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w1",
+__all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w4a8", "linear_w4a8_cat",
+           "linear_w1",
            "linear_w1a8", "embedding_int8", "W4",
            "W1", "PackedWeight", "derived",
            "choose", "report", "table", "Table", "Capability", "capability", "eligible",
@@ -94,6 +100,32 @@ def linear_w4(x: Tensor, w4: W4, exact: bool = False) -> Tensor:
     if not w4.supports(name):
         name = FLOAT
     return IMPLS["w4"][name](x.float().contiguous(), w4)
+
+
+def linear_w4a8(x: Tensor, w4: W4, per_token: bool, symmetric: bool,
+                exact: bool = False) -> Tensor:
+    """x float32 [M, K], quantized to 8 bits dynamically (per token or per tensor), times a
+    packed 4-bit weight. Symmetric codes: one kernel (the table's ``w4a8`` choice).
+    Asymmetric ones (their codes minus the zero point do not fit int8), or a group size the
+    kernel's layouts do not take: the fake-quantized x through ``linear_w4``."""
+    name = choose("w4a8", x.shape[0], exact)
+    x = x.float().contiguous()
+    if not symmetric or not w4.supports(name):
+        return linear_w4(fake_quant_a8(x, per_token, symmetric), w4, exact)
+    return IMPLS["w4a8"][name](x, w4, per_token)
+
+
+def linear_w4a8_cat(x: Tensor, w4s: list[W4], per_token: bool, symmetric: bool,
+                    exact: bool = False) -> Tensor:
+    """``linear_w4a8`` for several packed weights on one input, the outputs side by side
+    ``[M, sum N]``: one call of qdsl's kernel where the table picks it and every weight
+    takes it with one group size (a decode step's q / k / v or gate / up), else one call
+    per weight."""
+    name = choose("w4a8", x.shape[0], exact)
+    if (name != "qdsl_w4a8" or not symmetric or not all(w.supports(name) for w in w4s)
+            or len({w.group_size for w in w4s}) != 1):
+        return torch.cat([linear_w4a8(x, w, per_token, symmetric, exact) for w in w4s], -1)
+    return impls.w4a8_qdsl_cat(x.float().contiguous(), w4s, per_token)
 
 
 def linear_w1(x: Tensor, w1: W1, exact: bool = False) -> Tensor:

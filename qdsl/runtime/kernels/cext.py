@@ -36,7 +36,8 @@ except ImportError:              # elsewhere: torch's own lock file only
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qdsl_kernels.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("qdsl_gemm.cpp"))   # one extension
+SOURCES = (SOURCE, Path(__file__).with_name("qdsl_gemm.cpp"),
+           Path(__file__).with_name("qdsl_w4a8.cpp"))   # one extension
 # included by the sources of both extensions (this one and binary.py's): the compiler
 # finds it in this folder and torch's build (ninja) tracks it, so editing it rebuilds
 HEADERS = (Path(__file__).with_name("qdsl_common.h"),)
@@ -138,7 +139,7 @@ def _load_inline(name: str, sources: tuple[Path, ...]) -> None:
 
 
 def _build() -> None:
-    if hasattr(torch.ops, "qdsl_kernels") and hasattr(torch.ops.qdsl_kernels, "w8a8_gemm"):
+    if hasattr(torch.ops, "qdsl_kernels") and hasattr(torch.ops.qdsl_kernels, "w4a8_linear_cat"):
         return                                        # already registered in this process
     build(NAME, SOURCES)
     _register_fakes()
@@ -179,3 +180,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "w4_linear")
     def _(x, packed, scale, gs, bias, isa):
         return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake(lib + "w4a8_linear")
+    def _(x, packed, scale, gs, bias, per_token, isa):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake(lib + "w4a8_linear_cat")
+    def _(x, packed, scale, gs, bias, per_token, isa):
+        return x.new_empty(x.shape[0], sum(p.shape[0] for p in packed))

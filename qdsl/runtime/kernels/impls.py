@@ -9,13 +9,16 @@ operation's signature (the entry points in ``kernels/__init__.py`` call them):
 * ``w1``: ``f(x f32 [M, K], W1)``, a packed 1-bit weight (``binary.py``);
 * ``w1a8``: ``f(x f32 [M, K], W1, per_token, symmetric)``, x 8-bit dynamic (quantized
   by the kernel);
+* ``w4a8``: ``f(x f32 [M, K], W4, per_token)``, x 8-bit symmetric dynamic (quantized by
+  the kernel) times a packed 4-bit weight, integer products summed per group;
 * ``embedding_int8``: ``f(ids, w, w_scale)``.
 
 Accuracy against the fake-quant maths (tests/runtime/test_kernels.py): the integer
 kernels (``qdsl_w8a8``, ``torch_int_mm``) accumulate exactly in int32;
 ``float_gemm`` of w8a8 is exact while ``K * 127^2 < 2^24`` (K <= 1040) and within
 float32 rounding beyond; the float32 kernels (``qdsl_w8``, ``qdsl_w4``, ``float_gemm``)
-differ from it by summation order only (~1e-6 relative); the bf16 ones
+and ``qdsl_w4a8`` (exact int32 per group, float32 across groups) differ from it by
+summation order only (~1e-6 relative); the bf16 ones
 (``torch_int8pack_mm``, ``torch_bf16_gemm``, ``torch_int4pack_mm``) round
 activations, scales and outputs to bf16 (~4e-3 relative).
 """
@@ -27,8 +30,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from qdsl.runtime.kernels.binary import (W1, random_w1, w1_float, w1_qdsl, w1a8_float, w1a8_qdsl,
-                                         w1a8_qdsl_gemm)
+from qdsl.runtime.kernels.binary import (W1, fake_quant_a8, random_w1, w1_float, w1_qdsl,
+                                         w1a8_float, w1a8_qdsl, w1a8_qdsl_gemm)
 from qdsl.runtime.kernels.cpu import capability
 from qdsl.runtime.kernels.weights import PackedWeight, contiguous as _c
 from qdsl.runtime.packing import dequantize_packed
@@ -147,6 +150,10 @@ class W4(PackedWeight):
     def supports(self, name: str) -> bool:
         if name == "qdsl_w4":
             return self.group_size % 32 == 0 and self.in_features % self.group_size == 0
+        if name == "qdsl_w4a8":    # the SIMD layouts (qdsl_w4a8.cpp): groups of whole lanes
+            k, gs = self.in_features, self.group_size
+            return (k % 32 == 0 and k % gs == 0 and (gs == k or gs in (32, 64) or gs % 128 == 0)
+                    and self.packed.device.type == "cpu")
         if name == "torch_int4pack_mm":   # its weight layout needs N % 16 == 0
             return self.group_size in INT4_GROUPS and self.packed.shape[0] % 16 == 0
         return True
@@ -196,6 +203,27 @@ def w4_float(x, w4: W4):
     return nn.functional.linear(x, w4.dequant(), w4.bias)
 
 
+# ---------------------------------------------------------------- w4a8 (x 8-bit dynamic)
+
+def w4a8_qdsl(x, w4: W4, per_token: bool):
+    """x quantized to 8 bits (symmetric, per token or per tensor, as the fake-quant) in
+    the kernel, then integer products per group (``qdsl_w4a8.cpp``)."""
+    return torch.ops.qdsl_kernels.w4a8_linear(x, _c(w4.packed), _c(w4.scale), w4.group_size,
+                                              _c(w4.bias), per_token, _isa())
+
+
+def w4a8_qdsl_cat(x, w4s: list[W4], per_token: bool):
+    """``w4a8_qdsl`` for several weights of one group size: x quantized once, one call."""
+    return torch.ops.qdsl_kernels.w4a8_linear_cat(
+        x, [_c(w.packed) for w in w4s], [_c(w.scale) for w in w4s], w4s[0].group_size,
+        [_c(w.bias) for w in w4s], per_token, _isa())
+
+
+def w4a8_float(x, w4: W4, per_token: bool):
+    """The fake-quant maths: quantize-dequantize x, unpack the weight, float32 GEMM."""
+    return w4_float(fake_quant_a8(x, per_token, True), w4)
+
+
 # ---------------------------------------------------------------- int8 embedding
 
 def embedding_gather(ids, w, w_scale):
@@ -208,6 +236,7 @@ IMPLS: dict[str, dict[str, Callable]] = {
     "w8": {"qdsl_w8": w8_qdsl, "torch_int8pack_mm": w8_int8pack, "torch_bf16_gemm": w8_bf16,
            "float_gemm": w8_float},
     "w4": {"qdsl_w4": w4_qdsl, "torch_int4pack_mm": w4_int4pack, "float_gemm": w4_float},
+    "w4a8": {"qdsl_w4a8": w4a8_qdsl, "float_gemm": w4a8_float},
     "w1": {"qdsl_w1": w1_qdsl, "float_gemm": w1_float},   # binary.py (XTC's 1-bit weights)
     "w1a8": {"qdsl_w1a8": w1a8_qdsl, "qdsl_w1a8_gemm": w1a8_qdsl_gemm,
              "float_gemm": w1a8_float},
@@ -242,6 +271,9 @@ def bench_case(op: str, name: str, m: int, k: int, n: int) -> Callable[[], Tenso
     if op == "w4":
         w4 = random_w4(k, n, 64, g)
         return lambda: f(x, w4)
+    if op == "w4a8":
+        w4 = random_w4(k, n, 64, g)
+        return lambda: f(x, w4, True)
     if op == "w1":
         w1: W1 = random_w1(k, n, k, g)
         return lambda: f(x, w1)

@@ -173,41 +173,8 @@ QDSL_AVX512 void sign_rows_avx512(const T* x, int64_t M, const uint8_t* w, int64
 #undef QDSL_AVX512
 
 // ---------------------------------------------------------------- w1a8: 8-bit activations
-// x is quantized here, exactly as qdsl's fake-quant (quant/primitives.py choose_qparams +
-// quantize, torch's fused fake-quant): per row (per token) or over the whole tensor,
-//   symmetric:  s = max(max|x| / 127, 1e-8), zp = 0, grid [-127, 127]
-//   asymmetric: lo = min(min x, 0), hi = max(max x, 0), s = max((hi - lo) / 255, 1e-8),
-//               zp = clamp(0 - nearbyint(lo / s), 0, 255), grid [0, 255]
-//   v = clamp(nearbyint(x * (1 / s)) + zp, qmin, qmax) - zp   (x_hat = v * s)
+// x is quantized here (qdsl_common.h's quantize_rows, exactly as qdsl's fake-quant),
 // and the sums over the weight bits are exact int32: y = s * scale * (2 * V1 - V) + bias.
-
-template <typename V>
-void quantize_rows(const float* x, int64_t M, int64_t K, bool per_token, bool sym,
-                   V* v, float* xscale) {
-  const int64_t R = per_token ? M : 1, L = per_token ? K : M * K;
-  for (int64_t r = 0; r < R; ++r) {
-    const float* xr = x + r * L;
-    float lo = xr[0], hi = xr[0];
-    for (int64_t k = 1; k < L; ++k) { lo = std::min(lo, xr[k]); hi = std::max(hi, xr[k]); }
-    float s; float zp = 0.f; float qmin, qmax;
-    if (sym) {
-      s = std::max(std::max(std::fabs(lo), std::fabs(hi)) / 127.f, 1e-8f);
-      qmin = -127.f; qmax = 127.f;
-    } else {
-      lo = std::min(lo, 0.f); hi = std::max(hi, 0.f);
-      s = std::max((hi - lo) / 255.f, 1e-8f);
-      zp = std::min(std::max(0.f - std::nearbyint(lo / s), 0.f), 255.f);
-      qmin = 0.f; qmax = 255.f;
-    }
-    const float inv = 1.f / s;
-    for (int64_t k = 0; k < L; ++k) {
-      const float q = std::min(std::max(std::nearbyint(xr[k] * inv) + zp, qmin), qmax);
-      v[r * L + k] = V(q - zp);
-    }
-    if (per_token) xscale[r] = s;
-    else for (int64_t m = 0; m < M; ++m) xscale[m] = s;
-  }
-}
 
 __attribute__((target("avx2,fma")))
 void w1a8_rows_avx2(const int32_t* v, int64_t M, const uint8_t* w, int64_t KB,

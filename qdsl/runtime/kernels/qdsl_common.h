@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace {
@@ -49,6 +50,57 @@ static inline int32_t hsum256i(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
   return _mm_cvtsi128_si32(s);
+}
+
+// four horizontal sums at once: [sum(a0), sum(a1), sum(a2), sum(a3)] (the GEMV row kernels)
+__attribute__((target("avx2")))
+static inline __m128 reduce4_ps_256(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m128 reduce4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  auto half = [](__m512 v) __attribute__((target("avx512f,avx512bw,avx512vl"))) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  };
+  return reduce4_ps_256(half(a0), half(a1), half(a2), half(a3));
+}
+
+// x quantized to 8 bits exactly as qdsl's fake-quant (quant/primitives.py choose_qparams +
+// quantize, torch's fused fake-quant), per row (per token) or over the whole tensor:
+//   symmetric:  s = max(max|x| / 127, 1e-8), zp = 0, grid [-127, 127]
+//   asymmetric: lo = min(min x, 0), hi = max(max x, 0), s = max((hi - lo) / 255, 1e-8),
+//               zp = clamp(0 - nearbyint(lo / s), 0, 255), grid [0, 255]
+//   v = clamp(nearbyint(x * (1 / s)) + zp, qmin, qmax) - zp   (x_hat = v * s)
+// v [M, K] (V: int8 for symmetric codes, int32 for asymmetric ones), xscale [M].
+template <typename V>
+void quantize_rows(const float* x, int64_t M, int64_t K, bool per_token, bool sym,
+                   V* v, float* xscale) {
+  const int64_t R = per_token ? M : 1, L = per_token ? K : M * K;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * L;
+    float lo = xr[0], hi = xr[0];
+    for (int64_t k = 1; k < L; ++k) { lo = std::min(lo, xr[k]); hi = std::max(hi, xr[k]); }
+    float s; float zp = 0.f; float qmin, qmax;
+    if (sym) {
+      s = std::max(std::max(std::fabs(lo), std::fabs(hi)) / 127.f, 1e-8f);
+      qmin = -127.f; qmax = 127.f;
+    } else {
+      lo = std::min(lo, 0.f); hi = std::max(hi, 0.f);
+      s = std::max((hi - lo) / 255.f, 1e-8f);
+      zp = std::min(std::max(0.f - std::nearbyint(lo / s), 0.f), 255.f);
+      qmin = 0.f; qmax = 255.f;
+    }
+    const float inv = 1.f / s;
+    for (int64_t k = 0; k < L; ++k) {
+      const float q = std::min(std::max(std::nearbyint(xr[k] * inv) + zp, qmin), qmax);
+      v[r * L + k] = V(q - zp);
+    }
+    if (per_token) xscale[r] = s;
+    else for (int64_t m = 0; m < M; ++m) xscale[m] = s;
+  }
 }
 
 // An op's tensor argument: a contiguous CPU tensor of `dt` with `dim` dims, or an error

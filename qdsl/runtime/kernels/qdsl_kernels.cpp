@@ -26,6 +26,8 @@
 //   cached_decode_attention(q, k, v, mask?, cache_position int64 [T], scale)  the same
 //               with n = cache_position[-1] + 1 read here: a compiled decode step calls
 //               it directly (static shapes, no Python op around it)
+// The same extension has qdsl_gemm.cpp (w8a8_pack / w8a8_gemm, prefill) and qdsl_w4a8.cpp
+// (w4a8_linear / w4a8_linear_cat: 4-bit weights times 8-bit dynamic activations).
 #include "qdsl_common.h"
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -51,21 +53,6 @@ void w8_rows_generic(const float* x, int64_t M, const int8_t* w, int64_t K,
 // Four weight rows per pass, each read in address order into its own accumulators, the
 // four sums reduced together (see the w8a8 paths below, which share this shape); `rows`
 // dispatches mm = 1..4 activation rows to a block instantiated for it.
-__attribute__((target("avx2")))
-static inline __m128 reduce4_ps_256(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-static inline __m128 reduce4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  auto half = [](__m512 v) __attribute__((target("avx512f,avx512bw,avx512vl"))) {
-    return _mm256_add_ps(_mm512_castps512_ps256(v),
-                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  };
-  return reduce4_ps_256(half(a0), half(a1), half(a2), half(a3));
-}
-
 template <int MM>
 __attribute__((target("avx2,fma")))
 void w8_avx2_block(const float* x, const int8_t* w, int64_t K, int64_t n0, int64_t n1,

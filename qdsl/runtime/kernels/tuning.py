@@ -67,6 +67,7 @@ RULES: dict[str, dict[str, tuple[str, ...]]] = {
            "prefill": ("torch_bf16_gemm", FLOAT, "qdsl_w8")},
     "w4": {"decode": ("qdsl_w4", "torch_int4pack_mm", FLOAT),
            "prefill": (FLOAT, "torch_int4pack_mm", "qdsl_w4")},
+    "w4a8": {"decode": ("qdsl_w4a8", FLOAT), "prefill": ("qdsl_w4a8", FLOAT)},
     "w1": {"decode": ("qdsl_w1", FLOAT), "prefill": ("qdsl_w1", FLOAT)},
     "w1a8": {"decode": ("qdsl_w1a8_gemm", "qdsl_w1a8", FLOAT),
              "prefill": ("qdsl_w1a8_gemm", "qdsl_w1a8", FLOAT)},
@@ -80,6 +81,8 @@ DESCRIPTIONS = {
                       "exact)",
     "qdsl_w8": "qdsl C++ fused dequant GEMV (fp32 FMA on int8 weights)",
     "qdsl_w4": "qdsl C++ fused int4 unpack + dequant GEMV (fp32 FMA)",
+    "qdsl_w4a8": "qdsl C++ 8-bit quantize + int4 x int8 dot per group (exact int32; "
+                 "vpdpbusd / vpmaddubsw on the nibbles as they are packed)",
     "qdsl_w1": "qdsl C++ 1-bit sign-select GEMV (masked adds on the packed bits)",
     "qdsl_w1a8": "qdsl C++ 8-bit quantize + 1-bit sign-select GEMV (exact int32 sums)",
     "qdsl_w1a8_gemm": "qdsl C++ 8-bit quantize + 1-bit GEMM: 8 rows' bits expanded to +-1 "
