@@ -24,7 +24,7 @@ from ..quant.primitives import group_unview, group_view, quantize
 from ..runtime import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                        Int8WeightOnlyLinear, PackedEmbedding, PackedLinear)
 from ..runtime.binary import BinaryDynamicLinear
-from ..runtime.packed import PACKED_WEIGHT_BITS
+from ..runtime.packed import PACKED_WEIGHT_BITS, W4DynamicLinear
 from .freeze import Frozen
 
 
@@ -184,6 +184,15 @@ def _binary_dynamic(gm, s, frozen):
                                          act_spec=s.input)
 
 
+# linear(Qdynamic8(x), W4, b) -> W4DynamicLinear(x): w4a8, x quantized in the kernel, 4-bit
+# x 8-bit codes summed in int32 per group (looked up before the "packed" row: see decide)
+@handler("linear", "w4", ("a8 dynamic",), "int4 x int8 dot per group (a8 dynamic)",
+         feed_float=True)
+def _w4_dynamic(gm, s, frozen):
+    return W4DynamicLinear.from_spec(s.weight, *_codes(gm, s, frozen), _bias(gm, s),
+                                     act_spec=s.input)
+
+
 SIMULATED, FLOAT, FUSED = "simulated (fake-quant)", "float", "float (fused attention)"
 
 
@@ -210,8 +219,8 @@ def decide(s: Site) -> Handler | None:
     w = weight_kind(s.weight)
     if w is None:
         return None
-    if w == "packed" and s.weight.bits == 1:   # a 1-bit row first, then the packed one
-        hit = HANDLERS.get((s.kind, "w1", input_kind(s)))
+    if w == "packed" and s.weight.bits in (1, 4):   # a 1- / 4-bit row first, then "packed"
+        hit = HANDLERS.get((s.kind, f"w{s.weight.bits}", input_kind(s)))
         if hit is not None:
             return hit
     return HANDLERS.get((s.kind, w, input_kind(s)))

@@ -17,6 +17,10 @@ bf16 int4 GEMM ``aten._weight_int4pack_mm_for_cpu`` with group sizes 32..256, or
 unpack + float32 GEMM, chosen per CPU and shape class). Other widths, and
 ``compute_dtype="fp32"``, unpack and dequantize the weight per call (vectorised bit
 ops) and run a float32 GEMM: the fake-quant maths bit for bit, slow (w2).
+
+``W4DynamicLinear`` (w4a8) is the 4-bit linear whose input the recipe quantizes to 8
+bits dynamically: its kernel quantizes x and multiplies codes in integers
+(``qdsl_w4a8.cpp``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from qdsl.errors import GraphError
 from qdsl.runtime import kernels
 from qdsl.runtime.int8 import EmbeddingJson, check_spec
 from qdsl.runtime.packing import dequantize_packed, pack_int, packed_len
-from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, TensorSpec
+from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, PerTensor, PerToken, TensorSpec
 
 
 def weight_spec(bits: int, group_size: int | None = None) -> TensorSpec:
@@ -110,8 +114,10 @@ class PackedLinear(_PackedWeight):
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_float(cls, weight: Tensor, bias: Tensor | None, spec: TensorSpec):
-        m = cls(weight.shape[1], weight.shape[0], spec, bias is not None, device="meta")
+    def from_float(cls, weight: Tensor, bias: Tensor | None, spec: TensorSpec, **kw):
+        """``weight`` quantized on ``spec``'s grid (``kw``: a subclass's own arguments,
+        e.g. ``act_spec``)."""
+        m = cls(weight.shape[1], weight.shape[0], spec, bias is not None, device="meta", **kw)
         m.weight_packed, m.weight_scale = quantize_packed(weight, spec)
         if bias is not None:
             m.bias = bias.detach().float().clone()
@@ -177,6 +183,110 @@ class PackedLinear(_PackedWeight):
         return cls(config["in_features"], config["out_features"],
                    TensorSpec.from_json(config["weight"]), config["bias"],
                    compute_dtype=config["compute_dtype"], device="meta")
+
+
+class PackedDynamicLinear(PackedLinear):
+    """A packed linear of ``BITS``-bit weights whose input the recipe quantizes to 8 bits
+    at run time (``act_spec``: 8-bit dynamic, per token or per tensor, symmetric or not).
+    ``lower_int8`` feeds it the float input (the activation quantizer is taken out of
+    the graph); its kernel quantizes x exactly as the fake-quant does. Subclasses:
+    ``W4DynamicLinear`` (here), ``BinaryDynamicLinear`` (``binary.py``, XTC's 1W8A)."""
+
+    BITS = 0
+    HINT = "use PackedLinear"
+
+    def __init__(self, in_features: int, out_features: int, weight_spec: TensorSpec,
+                 bias: bool = True, *, act_spec: TensorSpec, compute_dtype: str = "bf16",
+                 device=None) -> None:
+        super().__init__(in_features, out_features, weight_spec, bias,
+                         compute_dtype=compute_dtype, device=device)
+        name = type(self).__name__
+        if self.bits != self.BITS:
+            raise GraphError(f"{name} runs {self.BITS}-bit weights, got "
+                             f"{weight_spec.describe()!r}", hint=self.HINT)
+        check_spec(act_spec, (8,), (PerToken, PerTensor), f"{name} activation", None)
+        if not act_spec.dynamic:
+            raise GraphError(f"{name} cannot run {act_spec.describe()!r}",
+                             hint="its input must be 8-bit dynamic (per token / per tensor)")
+        self.act_spec = act_spec
+
+    @classmethod
+    def from_spec(cls, weight_spec: TensorSpec, q: Tensor, scale: Tensor,
+                  bias: Tensor | None = None, *, act_spec: TensorSpec,
+                  compute_dtype: str = "bf16"):
+        """Signed codes ``q [out, in]`` on ``weight_spec``'s grid and their scales, as
+        PackedLinear's."""
+        m = cls(q.shape[1], q.shape[0], weight_spec, bias is not None, act_spec=act_spec,
+                compute_dtype=compute_dtype, device="meta")
+        m._set_codes(q, scale)
+        if bias is not None:
+            m.bias = bias.detach().float().clone()
+        return m
+
+    def _act(self) -> tuple[bool, bool]:
+        """(per token, symmetric) of the input's quantizer."""
+        return isinstance(self.act_spec.granularity, PerToken), self.act_spec.symmetric
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "act": self.act_spec.to_json()}
+
+    config = to_json
+
+    @classmethod
+    def from_json(cls, config: dict):
+        return cls(config["in_features"], config["out_features"],
+                   TensorSpec.from_json(config["weight"]), config["bias"],
+                   act_spec=TensorSpec.from_json(config["act"]),
+                   compute_dtype=config["compute_dtype"], device="meta")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight={self.weight_spec.describe()}, act={self.act_spec.describe()}")
+
+
+class W4DynamicLinear(PackedDynamicLinear):
+    """w4a8: packed 4-bit weights (per channel or group) times the input quantized to 8
+    bits at run time, through the kernel table's ``w4a8`` entry (qdsl's C++ kernel:
+    the 8-bit codes times the 4-bit codes summed exactly in int32 per group, one float
+    multiply per group, as llama.cpp's Q4_0 x Q8_0; or the fake-quant maths, quantize-
+    dequantize x, unpack, float32 GEMM, where it cannot run: asymmetric activations,
+    another group size, ``compute_dtype="fp32"``)."""
+
+    BITS = 4
+
+    def sibling_key(self) -> tuple:
+        """What siblings fused into one ``W4DynamicLinears`` share."""
+        return (self.in_features, self.act_spec, self.group_size, self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        per_token, symmetric = self._act()
+        y = kernels.linear_w4a8(x.reshape(-1, self.in_features), self._w4(), per_token,
+                                symmetric, exact=self.compute_dtype == "fp32")
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class W4DynamicLinears(nn.Module):
+    """``W4DynamicLinear`` siblings on one input (a layer's q / k / v, gate / up: one
+    activation spec and group size) as one module: the input quantized once, the weights
+    in one kernel call (``kernels.linear_w4a8_cat``), a tuple of the members' outputs.
+    The members are held, not copied (``qdsl.runtime.compiled.fuse_siblings``)."""
+
+    def __init__(self, members: list[W4DynamicLinear]) -> None:
+        super().__init__()
+        first = members[0]
+        assert len(members) > 1 and all(
+            type(m) is W4DynamicLinear and m.sibling_key() == first.sibling_key()
+            for m in members), members
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        first = self.members[0]
+        per_token, symmetric = first._act()
+        y = kernels.linear_w4a8_cat(x.reshape(-1, first.in_features),
+                                    [m._w4() for m in self.members], per_token, symmetric,
+                                    exact=first.compute_dtype == "fp32")
+        outs = y.split([m.out_features for m in self.members], -1)
+        return tuple(o.reshape(*x.shape[:-1], o.shape[-1]).to(x.dtype) for o in outs)
 
 
 class PackedEmbedding(EmbeddingJson, _PackedWeight):

@@ -16,11 +16,11 @@ from qdsl.runtime.fakequant import MODULE_TYPES as FAKE_TYPES
 from qdsl.runtime.int8 import (Int8DynamicLinear, Int8Embedding, Int8StaticLinear,
                                Int8WeightOnlyLinear)
 from qdsl.runtime.binary import BinaryDynamicLinear
-from qdsl.runtime.packed import PackedEmbedding, PackedLinear
+from qdsl.runtime.packed import PackedEmbedding, PackedLinear, W4DynamicLinear
 
 INTEGER_TYPES: dict[str, type] = {c.__name__: c for c in (
     Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, Int8Embedding, PackedLinear,
-    PackedEmbedding, BinaryDynamicLinear)}
+    PackedEmbedding, BinaryDynamicLinear, W4DynamicLinear)}
 RUNTIME_TYPES: dict[str, type] = {**FAKE_TYPES, **INTEGER_TYPES}
 
 

@@ -137,6 +137,38 @@ def test_packed_rows_and_weight_only_with_16_bit_input():
     assert_agrees(model, q)
 
 
+W4A8 = """
+*                    -> w4 sym group(size=32)
+block.*.ln_1         -> a8 sym per_token dynamic
+block.*.attn.context -> a8 sym per_tensor dynamic
+block.*.ln_2         -> a8 asym per_token dynamic
+op:gelu?             -> a8 sym per_token dynamic
+block.*.mlp.mul?     -> a8 sym per_token dynamic
+"""
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_w4a8_rows_agree_with_fake_quant_and_round_trip(family, tmp_path):
+    """4-bit weights whose input is 8-bit dynamic lower to W4DynamicLinear (symmetric
+    inputs: the int4 x int8 kernel; asymmetric ones: the fake-quantized input through the
+    w4 kernel), a float input to PackedLinear; they agree with fake-quant and an artifact
+    loads bit-identical."""
+    model, q = _compile(family, W4A8)
+    got = modules(q)
+    first = "block.0.attn.qkv" if family == "gpt2" else "block.0.attn.q"
+    mlp_in = "block.0.mlp.c_fc" if family == "gpt2" else "block.0.mlp.gate"
+    mlp_out = "block.0.mlp.c_proj" if family == "gpt2" else "block.0.mlp.down"
+    for name in (first, "block.0.attn.out", mlp_in, mlp_out):
+        assert got[name] == "W4DynamicLinear", name
+    assert got["lm_head"] == "PackedLinear"                     # ln_f stays float
+    assert float_weights(q) == []
+    assert q.fallbacks == []
+    assert_agrees(model, q)
+    loaded = C.load(q.save(tmp_path / "w4a8"))
+    ids = tiny_ids(model, 1, 9)
+    assert torch.equal(loaded(ids), q(ids))
+
+
 def _runtime(q, cls):
     return [m for m in q.gm.modules() if type(m).__name__ == cls]
 

@@ -248,7 +248,8 @@ import json, torch
 from qdsl.runtime import kernels
 from qdsl.runtime.kernels import impls
 from qdsl.runtime import Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, PackedLinear, Int8Embedding
-from qdsl.runtime.packed import weight_spec
+from qdsl.runtime.packed import W4DynamicLinear, weight_spec
+from qdsl.config.spec import ACTIVATION, PerToken, TensorSpec
 kernels.table().full()          # timed first (QDSL_KERNEL_AUTOTUNE=1): not spied on
 ran = set()
 def spy(op, name, f):
@@ -267,7 +268,9 @@ w, b = torch.randn(96, 64) * 0.05, torch.randn(96)
 mods = {"dynamic": Int8DynamicLinear.from_float(w, b),
         "static": Int8StaticLinear.from_float(w, b, 0.02, 3),
         "weight_only": Int8WeightOnlyLinear.from_float(w, b),
-        "w4": PackedLinear.from_float(w, b, weight_spec(4, 32))}
+        "w4": PackedLinear.from_float(w, b, weight_spec(4, 32)),
+        "w4a8": W4DynamicLinear.from_float(w, b, weight_spec(4, 32), act_spec=TensorSpec(
+            ACTIVATION, 8, symmetric=True, granularity=PerToken(), dynamic=True))}
 out = {}
 for name, m in mods.items():
     for rows in (1, 8):
@@ -306,6 +309,7 @@ def test_forced_avx2_runs_no_reference_path(tmp_path):
         env = {**FORCED_AVX2, "QDSL_KERNEL_AUTOTUNE": "0", "QDSL_KERNEL_CACHE": str(fresh)}
         fixed = json.loads(run_py(SPY, env).strip().splitlines()[-1])
         assert fixed["ran"]["dynamic/1"] == ["qdsl_w8a8"], fixed["ran"]
+        assert fixed["ran"]["w4a8/1"] == ["qdsl_w4a8"], fixed["ran"]
 
 
 def test_without_a_compiler_the_runtime_falls_back(tmp_path):
