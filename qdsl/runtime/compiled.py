@@ -22,7 +22,8 @@ a few loops, as gpt-fast does:
 * **no guards on module state** (``_guard_options``): checking them cost ~10% of a step;
 * **sibling linears fused** (``fuse_siblings``, on a copy of the graph: the lowered
   graph itself is unchanged): a layer's q / k / v and gate / up quantize their shared
-  input once and run as one GEMV call (``qdsl_kernels::w8a8_linear_cat``);
+  input once and run as one GEMV call (``qdsl_kernels::w8a8_linear_cat``, or
+  ``w4a8_linear_cat`` for w4a8 linears);
 * **no size asserts** (``_inductor_options``): the generated wrapper checks every
   input's and every opaque op's output shape and strides (~800 checks a SmolLM2 step,
   6% of it); the shapes are static and the fake impls are tested with the checks on
@@ -50,6 +51,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ..models import zoo
 from .int8 import Int8DynamicLinear, Int8DynamicLinears
+from .packed import W4DynamicLinear, W4DynamicLinears
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,21 @@ def _inductor_options() -> dict:
     return {"size_asserts": False, "alignment_asserts": False}
 
 
+# a runtime module type -> (the module running several of them on one input, the key
+# siblings share)
+SIBLINGS = {
+    Int8DynamicLinear: (Int8DynamicLinears, lambda m: (m.in_features, m.act_spec)),
+    W4DynamicLinear: (W4DynamicLinears, W4DynamicLinear.sibling_key),
+}
+
+
 def fuse_siblings(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
     """A copy of ``gm`` (its modules shared, not copied) where the ``Int8DynamicLinear``
-    siblings of each input (same activation spec: a layer's q / k / v, gate / up) run
-    as one ``Int8DynamicLinears``: one quantization of the input and one GEMV call
-    instead of two or three (SmolLM2: 211 -> 121 calls a step). ``gm`` is unchanged
-    (prefill, saving and export see the graph as lowered). -> (copy, groups fused)."""
+    (or ``W4DynamicLinear``) siblings of each input (same activation spec, and group
+    size: a layer's q / k / v, gate / up) run as one ``Int8DynamicLinears``
+    (``W4DynamicLinears``): one quantization of the input and one GEMV call instead of
+    two or three (SmolLM2: 211 -> 121 calls a step). ``gm`` is unchanged (prefill,
+    saving and export see the graph as lowered). -> (copy, groups fused)."""
     graph = torch.fx.Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     graph.output(graph.graph_copy(gm.graph, {}))
@@ -114,14 +125,15 @@ def fuse_siblings(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
             if user.op != "call_module" or user.args != (node,) or user.kwargs:
                 continue
             m = step.get_submodule(user.target)
-            if type(m) is Int8DynamicLinear:
-                siblings.setdefault((m.in_features, m.act_spec), []).append(user)
-        for members in siblings.values():
+            if type(m) in SIBLINGS:
+                key = (type(m), SIBLINGS[type(m)][1](m))
+                siblings.setdefault(key, []).append(user)
+        for (kind, _), members in siblings.items():
             if len(members) < 2:
                 continue
             members.sort(key=order.__getitem__)
             name = f"qdsl_siblings_{groups}"
-            step.add_submodule(name, Int8DynamicLinears(
+            step.add_submodule(name, SIBLINGS[kind][0](
                 [step.get_submodule(u.target) for u in members]))
             with graph.inserting_before(members[0]):
                 fused = graph.call_module(name, (node,))
