@@ -61,7 +61,7 @@ def comparison_rows(m: int, k: int, n: int, compile_: bool) -> dict:
 def candidate_rows(m: int, k: int, n: int, cap) -> dict:
     cls = kernels.shape_class(m)
     out = {}
-    for op in ("w8a8", "w8", "w4", "w1", "w1a8"):
+    for op in ("w8a8", "w8", "w4", "w4a8", "w1", "w1a8"):
         ok = kernels.eligible(op, cls, cap, kernels.table().ext)
         for name in impls.IMPLS[op]:
             if name.startswith("qdsl_") and name not in ok:   # its extension did not build

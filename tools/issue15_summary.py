@@ -51,14 +51,18 @@ def summarize(path: Path) -> dict:
     art = [r for r in rows if r["kind"] == "artifact" or r["name"].startswith("qdsl ")]
     int8 = _row(art, lambda r: "w4" not in r["name"] and "compiled" not in r["name"])
     int8c = _row(art, lambda r: "w4" not in r["name"] and "compiled" in r["name"])
-    w4 = _row(art, lambda r: "w4" in r["name"] and "compiled" not in r["name"])
-    w4c = _row(art, lambda r: "w4" in r["name"] and "compiled" in r["name"])
+    w4only = lambda r: "w4" in r["name"] and "w4a8" not in r["name"]  # noqa: E731
+    w4 = _row(art, lambda r: w4only(r) and "compiled" not in r["name"])
+    w4c = _row(art, lambda r: w4only(r) and "compiled" in r["name"])
+    w4a8 = _row(art, lambda r: "w4a8" in r["name"] and "compiled" not in r["name"])
+    w4a8c = _row(art, lambda r: "w4a8" in r["name"] and "compiled" in r["name"])
     fp32 = _row(rows, lambda r: r["kind"] == "fp32")
     graph = _row(rows, lambda r: r["kind"] == "fp32-graph" and "compiled" not in r["name"])
     q8 = _row(rows, lambda r: r["kind"] == "llama.cpp" and "Q8_0" in r["name"])
     q4 = _row(rows, lambda r: r["kind"] == "llama.cpp" and "Q4_0" in r["name"])
     best8 = min((r for r in (int8, int8c) if r), key=lambda r: r["decode_ms"], default=None)
     best4 = min((r for r in (w4, w4c) if r), key=lambda r: r["decode_ms"], default=None)
+    best4a8 = min((r for r in (w4a8, w4a8c) if r), key=lambda r: r["decode_ms"], default=None)
     cap = cond["capability"] + (" (forced AVX2)" if cond.get("forced_capability") else "")
     return {
         "model": d["model"], "cpu": f"{cap}, {cond['threads']} t",
@@ -73,6 +77,9 @@ def summarize(path: Path) -> dict:
         "int8 decode vs Q8_0": _fmt(_ratio(best8, q8, "decode_ms"), 1.0),
         "w4 decode ms (eager / compiled)": f"{_ms(w4, 'decode_ms')} / {_ms(w4c, 'decode_ms')}",
         "w4 decode vs Q4_0": _fmt(_ratio(best4, q4, "decode_ms"), 1.0),
+        "w4a8 decode ms (eager / compiled)": f"{_ms(w4a8, 'decode_ms')} / "
+                                             f"{_ms(w4a8c, 'decode_ms')}",
+        "w4a8 decode vs Q4_0": _fmt(_ratio(best4a8, q4, "decode_ms"), 1.0),
         "Q8_0 / Q4_0 decode ms": f"{_ms(q8, 'decode_ms')} / {_ms(q4, 'decode_ms')}",
     }
 

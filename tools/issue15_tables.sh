@@ -4,8 +4,9 @@
 # with nothing else on the cores). For each CPU class (native, and forced AVX2 through
 # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA, llama.cpp built for AVX2 to match) and 1 and
 # 2 threads, context 512:
-#   SmolLM2-135M: fp32, torch.ao, qdsl int8 w8a8-dynamic and w4-g64 artifacts, compiled
-#                 decode rows, llama.cpp F32 / Q8_0 / Q4_0 on the same weights;
+#   SmolLM2-135M: fp32, torch.ao, qdsl int8 w8a8-dynamic, w4-g64 and w4a8-dynamic (g32)
+#                 artifacts, compiled decode rows, llama.cpp F32 / Q8_0 / Q4_0 on the
+#                 same weights;
 #   GPT-2 124M (random weights, CodeGPT-small's shape; qdsl's runtime modules swapped
 #                 into the eager model, `--lower-all w8a8-dynamic`) and Qwen2.5-Coder-0.5B
 #                 (the w8a8 artifact): fp32, torch.ao and qdsl.
@@ -33,6 +34,7 @@ compile() {  # NAME MODEL RECIPE
 }
 compile smol-w8a8 smollm2-135m recipes/int8/w8a8_dynamic.qrec
 compile smol-w4 smollm2-135m recipes/int8/w4_group64.qrec
+compile smol-w4a8 smollm2-135m recipes/int8/w4a8_dynamic.qrec
 compile qwen-w8a8 qwen2.5-coder-0.5b recipes/int8/w8a8_dynamic.qrec
 
 # 2. llama.cpp, native and AVX2-only, and SmolLM2's GGUF requantized to F32 / Q8_0 / Q4_0
@@ -76,7 +78,8 @@ for cap in native avx2; do
       lc=(--llamacpp "$(lcbin $cap)/llama-bench")
       for ty in F32 Q8_0 Q4_0; do lc+=(--gguf "$OUT/gguf/SmolLM2-135M-Instruct-$ty.gguf"); done
     fi
-    bench $cap $t smollm2 "$OUT/art/smol-w8a8" --also "$OUT/art/smol-w4" --compile-decode "${lc[@]}"
+    bench $cap $t smollm2 "$OUT/art/smol-w8a8" --also "$OUT/art/smol-w4" \
+      --also "$OUT/art/smol-w4a8" --compile-decode "${lc[@]}"
     bench $cap $t gpt2 gpt2-124m-random --lower-all w8a8-dynamic   # no checkpoint to compile
     bench $cap $t qwen "$OUT/art/qwen-w8a8"
   done
