@@ -175,6 +175,10 @@ class Int8DynamicLinear(_Int8Weight):
         q, scale = quantize_weight_int8(weight, weight_spec)
         return cls.from_spec(weight_spec, q, scale, bias, act_spec=act_spec)
 
+    def sibling_key(self) -> tuple:
+        """What siblings fused into one ``Int8DynamicLinears`` share."""
+        return (self.in_features, self.act_spec)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)                 # [M, K]
         a = self.act_spec
@@ -196,8 +200,8 @@ class Int8DynamicLinears(nn.Module):
         super().__init__()
         first = members[0]
         assert len(members) > 1 and all(
-            type(m) is Int8DynamicLinear and m.in_features == first.in_features
-            and m.act_spec == first.act_spec for m in members), members
+            type(m) is Int8DynamicLinear and m.sibling_key() == first.sibling_key()
+            for m in members), members
         self.members = nn.ModuleList(members)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -193,7 +193,6 @@ class PackedDynamicLinear(PackedLinear):
     ``W4DynamicLinear`` (here), ``BinaryDynamicLinear`` (``binary.py``, XTC's 1W8A)."""
 
     BITS = 0
-    HINT = "use PackedLinear"
 
     def __init__(self, in_features: int, out_features: int, weight_spec: TensorSpec,
                  bias: bool = True, *, act_spec: TensorSpec, compute_dtype: str = "bf16",
@@ -203,7 +202,7 @@ class PackedDynamicLinear(PackedLinear):
         name = type(self).__name__
         if self.bits != self.BITS:
             raise GraphError(f"{name} runs {self.BITS}-bit weights, got "
-                             f"{weight_spec.describe()!r}", hint=self.HINT)
+                             f"{weight_spec.describe()!r}", hint="use PackedLinear")
         check_spec(act_spec, (8,), (PerToken, PerTensor), f"{name} activation", None)
         if not act_spec.dynamic:
             raise GraphError(f"{name} cannot run {act_spec.describe()!r}",

@@ -64,6 +64,7 @@ def test_compiled_float_graph_matches_eager(tmp_path, monkeypatch):
     lm = GraphLM(gm, CACHE, compile_decode=True)
     got = _steps(lm, ids)
     assert lm.step.failed is None and lm.step.compile_s is not None
+    assert lm.step.direct                      # steps after the first skip dynamo's frame
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)   # fusion: summation order
     prompt = ids[:, :5]
     assert GraphLM(gm, CACHE, compile_decode=False).greedy(prompt, 20) == lm.greedy(prompt, 20)
@@ -88,6 +89,34 @@ def test_compiled_int8_artifact_matches_eager(tmp_path, monkeypatch, kernel):
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
     prompt = ids[:, :5]
     assert eager.greedy(prompt, 20) == lm.greedy(prompt, 20)
+
+
+def test_direct_calls_skip_dynamo_and_other_inputs_go_through_it(tmp_path, monkeypatch):
+    """After the first step the compiled graph is called without dynamo's frame, with the
+    same results as through it; a call with another input shape goes through dynamo
+    (which recompiles it); ``QDSL_COMPILE_DIRECT=0`` keeps every call in dynamo."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv(compiled.BACKEND_ENV, "aot_eager")
+    m, gm = _float_graph("llama")
+    ids = tiny_ids(m, 1, 16, seed=2)
+    ref = _steps(GraphLM(gm, CACHE, compile_decode=False), ids)
+    lm = GraphLM(gm, CACHE, compile_decode=True)
+    got = _steps(lm, ids)
+    assert lm.step.direct
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    seen = []
+    real = lm.step._fn
+    lm.step._fn = lambda **kw: seen.append(sorted(kw)) or real(**kw)
+    with torch.inference_mode():                 # as GraphLM calls it
+        lm.step(input_ids=ids[:, 11:12], cache_position=torch.tensor([11]))   # direct
+        assert seen == []
+        two = ids[:, 11:13]                                                    # another shape
+        lm.step(input_ids=two, cache_position=torch.tensor([11, 12]))
+    assert seen == [["cache_position", "input_ids"]]
+    monkeypatch.setenv(compiled.DIRECT_ENV, "0")
+    off = GraphLM(gm, CACHE, compile_decode=True)
+    torch.testing.assert_close(_steps(off, ids), ref, rtol=1e-5, atol=1e-5)
+    assert off.step.compile_s is not None and not off.step.direct
 
 
 def test_fallback_to_eager_says_so_once(monkeypatch, caplog):
@@ -173,6 +202,7 @@ def test_compiled_w4a8_artifact_matches_eager_and_calls_the_fused_kernel(tmp_pat
     recipe = (Path(__file__).parents[2] / "recipes" / "int8" / "w4a8_dynamic.qrec").read_text()
     eager, lm, ids, ref, got = _int8_compiled_and_eager(recipe, seed=6)
     assert lm.step.failed is None and lm.step.fused == 2 * 2        # 2 layers, 2 groups each
+    assert lm.step.direct
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
     assert lm.greedy(ids[:, :5], 6) == eager.greedy(ids[:, :5], 6)
 

@@ -37,9 +37,8 @@ from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Tabl
                                         reference_paths, shape_class, table)
 from qdsl.runtime.kernels.weights import PackedWeight
 
-__all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w4a8", "linear_w4a8_cat",
-           "linear_w1",
-           "linear_w1a8", "embedding_int8", "W4",
+__all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w4a8",
+           "linear_w4a8_cat", "linear_w1", "linear_w1a8", "embedding_int8", "W4",
            "W1", "PackedWeight", "derived",
            "choose", "report", "table", "Table", "Capability", "capability", "eligible",
            "reference_paths", "shape_class", "IMPLS", "OPS", "CLASSES", "FLOAT"]
