@@ -22,9 +22,10 @@
 // rearranged once per call so that this needs no shuffle of the weight: each block of x as
 // [even columns | odd columns] (`w4a8_quantize_row`). A 32-bit lane then sums input columns
 // 8l .. 8l + 7 of its block, so a group of gs >= 8 columns is whole lanes: where groups span
-// whole blocks (gs a multiple of B, or one group a row) the lanes sum a group's blocks in
-// int32 and one FMA applies its scale; where a block holds several groups (gs = 32, 64 on
-// AVX-512, 32 on AVX2) each block's lanes are scaled by a vector of their groups' scales.
+// several blocks (gs a multiple of B above B, or one group a row longer than a block) the
+// lanes sum a group's blocks in int32 and one FMA applies its scale; where a block holds
+// one or more whole groups (gs = 32, 64, 128 on AVX-512; 32, 64 on AVX2) each block's
+// lanes are scaled by a vector of their groups' scales.
 // The -8 of u - 8 is moved onto x: sum (u - 8) v = sum u v - 8 sum v, the second term per
 // lane computed with the rearranged codes and loaded as the lane sums' starting value.
 // Four weight rows per pass (the GEMV row kernels' shape, qdsl_kernels.cpp); the K tail
