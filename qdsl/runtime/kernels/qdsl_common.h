@@ -24,6 +24,8 @@ namespace {
 constexpr int64_t ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_VNNI = 3;
 
 constexpr int64_t MB = 4;   // activation rows per weight pass (the GEMV row kernels)
+// a GEMV call's temporaries live in per-thread buffers up to this size, allocated beyond
+constexpr int64_t kScratchBytes = 1 << 20;
 
 // The path to run for `isa`: the highest one given (not null) that `isa` reaches. The
 // paths of one op have one signature; its driver calls the one picked in its parallel loop.
@@ -75,6 +77,9 @@ static inline __m128 reduce4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 //               zp = clamp(0 - nearbyint(lo / s), 0, 255), grid [0, 255]
 //   v = clamp(nearbyint(x * (1 / s)) + zp, qmin, qmax) - zp   (x_hat = v * s)
 // v [M, K] (V: int8 for symmetric codes, int32 for asymmetric ones), xscale [M].
+// the symmetric 8-bit scale of a row (or tensor) whose max |x| is amax
+inline float sym_scale8(float amax) { return std::max(amax / 127.f, 1e-8f); }
+
 template <typename V>
 void quantize_rows(const float* x, int64_t M, int64_t K, bool per_token, bool sym,
                    V* v, float* xscale) {
@@ -85,7 +90,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool per_token, bool sy
     for (int64_t k = 1; k < L; ++k) { lo = std::min(lo, xr[k]); hi = std::max(hi, xr[k]); }
     float s; float zp = 0.f; float qmin, qmax;
     if (sym) {
-      s = std::max(std::max(std::fabs(lo), std::fabs(hi)) / 127.f, 1e-8f);
+      s = sym_scale8(std::max(std::fabs(lo), std::fabs(hi)));
       qmin = -127.f; qmax = 127.f;
     } else {
       lo = std::min(lo, 0.f); hi = std::max(hi, 0.f);

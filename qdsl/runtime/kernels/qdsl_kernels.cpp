@@ -555,7 +555,6 @@ void w8a8_epilogue(const int32_t* acc, int64_t M, int64_t N, int64_t n0, int64_t
   }
 }
 
-constexpr int64_t kScratchBytes = 1 << 20;   // a thread's reusable temporaries, at most
 
 // one weight of a w8a8 call: its rows [off, off + n) of the output
 struct W8a8Seg {

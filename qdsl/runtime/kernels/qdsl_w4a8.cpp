@@ -78,9 +78,6 @@ static float w4a8_amax(const float* x, int64_t L) {
   return _mm_cvtss_f32(h);
 }
 
-// quantize_rows' symmetric scale of a row (or tensor) whose max |x| is amax
-inline float w4a8_scale(float amax) { return std::max(amax / 127.f, 1e-8f); }
-
 // One row of x [K] quantized with scale s (codes clamp(round(x / s), -127, 127), round half
 // to even: quantize_rows' codes) straight into the rearranged layout: xv [Kp], each block as
 // [even columns | odd columns], zero padded; init [U, B / 8]: per unit and lane, -8 * the
@@ -377,8 +374,6 @@ template <int MM, bool W> struct PickVnni { static constexpr W4a8Block f = w4a8_
 
 // ---------------------------------------------------------------- driver
 
-constexpr int64_t kW4a8Scratch = 1 << 20;   // a thread's reusable temporaries, at most
-
 // one weight of a w4a8 call: its packed codes, scales and bias, rows [off, off + n) of y
 struct W4a8Seg {
   const uint8_t* p; const float* sc; const float* bias;
@@ -415,7 +410,7 @@ at::Tensor w4a8_run(const at::Tensor& x, const std::vector<W4a8Seg>& segs, int64
   const W4a8Layout L(K, gs, B);
   // temporaries: the codes (generic) or the rearranged codes and the lanes' starts (SIMD),
   // the rows' scales: per-thread buffers for a small call, as w8a8_linear's; allocated
-  // beyond kW4a8Scratch
+  // beyond kScratchBytes
   const int64_t lanes = B / W4A8_LANE;
   const int64_t bytes_v = simd ? 0 : M * K, bytes_xv = simd ? M * L.Kp : 0,
                 bytes_init = simd ? M * L.U * lanes * 4 : 0, bytes_s = M * 4;
@@ -423,7 +418,7 @@ at::Tensor w4a8_run(const at::Tensor& x, const std::vector<W4a8Seg>& segs, int64
   static thread_local std::vector<uint8_t> tls;
   at::Tensor held;
   uint8_t* base;
-  if (total <= kW4a8Scratch) {
+  if (total <= kScratchBytes) {
     if (int64_t(tls.size()) < total) tls.resize(total);
     base = tls.data();
   } else {
@@ -443,10 +438,10 @@ at::Tensor w4a8_run(const at::Tensor& x, const std::vector<W4a8Seg>& segs, int64
   // quantize the rows (SIMD: straight into the rearranged layout); per token the rows are
   // independent: threads split them
   if (simd) {
-    const float s_all = per_token ? 0.f : w4a8_scale(w4a8_amax(xp, M * K));
+    const float s_all = per_token ? 0.f : sym_scale8(w4a8_amax(xp, M * K));
     at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
-        xs[m] = per_token ? w4a8_scale(w4a8_amax(xp + m * K, K)) : s_all;
+        xs[m] = per_token ? sym_scale8(w4a8_amax(xp + m * K, K)) : s_all;
         w4a8_quantize_row(xp + m * K, K, xs[m], L, xv + m * L.Kp, init + m * L.U * lanes);
       }
     });
