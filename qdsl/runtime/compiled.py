@@ -60,8 +60,8 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ..models import zoo
-from .int8 import Int8DynamicLinear, Int8DynamicLinears
-from .packed import W4DynamicLinear, W4DynamicLinears
+from .int8 import Int8DynamicLinears
+from .packed import W4DynamicLinears
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _inductor_options() -> dict:
 
 # a runtime module type -> the module running several of them (same ``sibling_key()``)
 # on one input
-SIBLINGS = {Int8DynamicLinear: Int8DynamicLinears, W4DynamicLinear: W4DynamicLinears}
+SIBLINGS = {c.MEMBER: c for c in (Int8DynamicLinears, W4DynamicLinears)}
 
 
 def fuse_siblings(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
@@ -185,13 +185,15 @@ class _Capture:
         names = {id(t): k for k, t in inputs.items()}
         if len(names) != len(inputs):
             return None
-        slots = [names.get(id(t), t) for t in self.example]
-        if sorted(x for x in slots if isinstance(x, str)) != sorted(inputs):
+        named = [(i, names[id(t)]) for i, t in enumerate(self.example) if id(t) in names]
+        if sorted(k for _, k in named) != sorted(inputs):
             return None
-        fn = self.fn
+        fn, template = self.fn, [None if id(t) in names else t for t in self.example]
 
-        def direct(**kw: torch.Tensor):
-            args = [kw[x] if isinstance(x, str) else x for x in slots]
+        def direct(**kw: torch.Tensor):       # per step: only the step's tensors placed
+            args = template.copy()
+            for i, k in named:
+                args[i] = kw[k]
             return fn(args) if boxed else fn(*args)
         return direct
 

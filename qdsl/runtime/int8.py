@@ -190,33 +190,47 @@ class Int8DynamicLinear(_Int8Weight):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-class Int8DynamicLinears(nn.Module):
-    """``Int8DynamicLinear`` siblings on one input (a layer's q / k / v, gate / up) as one
-    module: the input quantized once, the weights in one kernel call
-    (``kernels.linear_w8a8_cat``), a tuple of the members' outputs. The members are held,
-    not copied (``qdsl.runtime.compiled.fuse_siblings`` puts it in a decode step's graph)."""
+class SiblingLinears(nn.Module):
+    """Sibling linears on one input (a layer's q / k / v, gate / up: one ``MEMBER`` type,
+    one ``sibling_key()``) as one module: ``_run`` runs them on the input as one kernel
+    call, ``[M, sum N]``; forward returns the members' outputs as a tuple. The members are
+    held, not copied (``qdsl.runtime.compiled.fuse_siblings`` puts it in a decode step's
+    graph). Subclasses: ``Int8DynamicLinears`` (here), ``packed.W4DynamicLinears``."""
 
-    def __init__(self, members: list[Int8DynamicLinear]) -> None:
+    MEMBER: type
+
+    def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
         first = members[0]
         assert len(members) > 1 and all(
-            type(m) is Int8DynamicLinear and m.sibling_key() == first.sibling_key()
+            type(m) is self.MEMBER and m.sibling_key() == first.sibling_key()
             for m in members), members
         self.members = nn.ModuleList(members)
 
+    def _run(self, x2: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        first = self.members[0]
-        x2 = x.reshape(-1, first.in_features)
-        a = first.act_spec
+        y = self._run(x.reshape(-1, self.members[0].in_features))
+        outs = y.split([m.out_features for m in self.members], -1)
+        return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+
+
+class Int8DynamicLinears(SiblingLinears):
+    """``Int8DynamicLinear`` siblings: the input quantized once, the weights in one call of
+    ``kernels.linear_w8a8_cat``."""
+
+    MEMBER = Int8DynamicLinear
+
+    def _run(self, x2: Tensor) -> Tensor:
+        a = self.members[0].act_spec
         scale, zp = choose_qparams(*reduce_range(x2, a.granularity, ACTIVATION), BITS,
                                    a.symmetric)
         xq, zp = quantize_act_int8(x2, scale, zp, a.symmetric)
-        y = kernels.linear_w8a8_cat(
+        return kernels.linear_w8a8_cat(
             xq, scale, None if a.symmetric else zp,
             [(m.weight, m.weight_scale, None if a.symmetric else m.weight_rowsum, m.bias)
              for m in self.members])
-        outs = y.split([m.out_features for m in self.members], -1)
-        return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
 
 
 class Int8StaticLinear(_Int8Weight):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from qdsl.quant.primitives import choose_qparams, quantize, reduce_mean_abs, reduce_range
 from qdsl.errors import GraphError
 from qdsl.runtime import kernels
-from qdsl.runtime.int8 import EmbeddingJson, check_spec
+from qdsl.runtime.int8 import EmbeddingJson, SiblingLinears, check_spec
 from qdsl.runtime.packing import dequantize_packed, pack_int, packed_len
 from qdsl.config.spec import WEIGHT, GroupWise, PerChannel, PerTensor, PerToken, TensorSpec
 
@@ -125,11 +125,12 @@ class PackedLinear(_PackedWeight):
 
     @classmethod
     def from_spec(cls, weight_spec: TensorSpec, q: Tensor, scale: Tensor,
-                  bias: Tensor | None = None, *, compute_dtype: str = "bf16"):
+                  bias: Tensor | None = None, *, compute_dtype: str = "bf16", **kw):
         """Signed codes ``q [out, in]`` on ``weight_spec``'s grid and their scales
-        (``[out, G]``, ``[out, G, 1]``, ``[out, 1]``)."""
+        (``[out, G]``, ``[out, G, 1]``, ``[out, 1]``); ``kw``: a subclass's own arguments
+        (``act_spec``)."""
         m = cls(q.shape[1], q.shape[0], weight_spec, bias is not None,
-                compute_dtype=compute_dtype, device="meta")
+                compute_dtype=compute_dtype, device="meta", **kw)
         m._set_codes(q, scale)
         if bias is not None:
             m.bias = bias.detach().float().clone()
@@ -209,19 +210,6 @@ class PackedDynamicLinear(PackedLinear):
                              hint="its input must be 8-bit dynamic (per token / per tensor)")
         self.act_spec = act_spec
 
-    @classmethod
-    def from_spec(cls, weight_spec: TensorSpec, q: Tensor, scale: Tensor,
-                  bias: Tensor | None = None, *, act_spec: TensorSpec,
-                  compute_dtype: str = "bf16"):
-        """Signed codes ``q [out, in]`` on ``weight_spec``'s grid and their scales, as
-        PackedLinear's."""
-        m = cls(q.shape[1], q.shape[0], weight_spec, bias is not None, act_spec=act_spec,
-                compute_dtype=compute_dtype, device="meta")
-        m._set_codes(q, scale)
-        if bias is not None:
-            m.bias = bias.detach().float().clone()
-        return m
-
     def _act(self) -> tuple[bool, bool]:
         """(per token, symmetric) of the input's quantizer."""
         return isinstance(self.act_spec.granularity, PerToken), self.act_spec.symmetric
@@ -264,28 +252,18 @@ class W4DynamicLinear(PackedDynamicLinear):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class W4DynamicLinears(nn.Module):
-    """``W4DynamicLinear`` siblings on one input (a layer's q / k / v, gate / up: one
-    activation spec and group size) as one module: the input quantized once, the weights
-    in one kernel call (``kernels.linear_w4a8_cat``), a tuple of the members' outputs.
-    The members are held, not copied (``qdsl.runtime.compiled.fuse_siblings``)."""
+class W4DynamicLinears(SiblingLinears):
+    """``W4DynamicLinear`` siblings (one activation spec and group size): the input
+    quantized once and the weights run in one call of ``kernels.linear_w4a8_cat``."""
 
-    def __init__(self, members: list[W4DynamicLinear]) -> None:
-        super().__init__()
-        first = members[0]
-        assert len(members) > 1 and all(
-            type(m) is W4DynamicLinear and m.sibling_key() == first.sibling_key()
-            for m in members), members
-        self.members = nn.ModuleList(members)
+    MEMBER = W4DynamicLinear
 
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+    def _run(self, x2: Tensor) -> Tensor:
         first = self.members[0]
         per_token, symmetric = first._act()
-        y = kernels.linear_w4a8_cat(x.reshape(-1, first.in_features),
-                                    [m._w4() for m in self.members], per_token, symmetric,
-                                    exact=first.compute_dtype == "fp32")
-        outs = y.split([m.out_features for m in self.members], -1)
-        return tuple(o.reshape(*x.shape[:-1], o.shape[-1]).to(x.dtype) for o in outs)
+        return kernels.linear_w4a8_cat(x2, [m._w4() for m in self.members], per_token,
+                                       symmetric, exact=first.compute_dtype == "fp32"
+                                       ).to(x2.dtype)
 
 
 class PackedEmbedding(EmbeddingJson, _PackedWeight):
