@@ -14,6 +14,8 @@
                                  a tied tensor once (aliases in the JSON); the key/value
                                  cache and other run-time state are not stored (zeros)
     OUT/model/                   the source model's config.json and tokenizer files
+    OUT/graph.json               the lowered graph itself (qdsl.compiler.graphfile), which
+                                 the runtime loads without capturing the model again
 
 The marker records the sha256 and size of every other file ("files"); ``read_artifact``
 checks them, the JSON schemas and the cross-checks of ``qdsl.artifact.files``,
@@ -122,6 +124,8 @@ def read_artifact(path: str | os.PathLike, *, verify: bool = True
     reads = ["plan.json", "recipe.qrec", "quant_params.safetensors"]
     if meta["lower"] == "int8" and meta["int8"]["self_contained"]:
         reads += ["model.safetensors", "model/config.json"]
+        if (path / "graph.json").exists() or (path / "graph.json").is_symlink():
+            reads.append("graph.json")       # the stored graph (qdsl.compiler.graphfile)
     reads = sorted(set(reads) | set(model_dir_files(path)))
     for rel in reads:
         regular_file(path, rel)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from ..passes.pipeline import (CALIBRATE, FREEZE, OBSERVE, STATISTICS, VALIDATE,
                                PassContext, lowering, run)
 from ..runtime import kernels
 from ..runtime.graphlm import GraphLM
+from . import graphfile
 from .exportcheck import export_diagnostics, export_verdicts, verdict_rows
 from .render import draw_block, render_summary, render_table, rows
 
@@ -215,9 +217,16 @@ class QuantizedModel(torch.nn.Module):
                               write_more=write_more, force=force)
 
     def _write_model_files(self, d: Path) -> None:
-        """config.json and tokenizer files under ``d/model`` (what qdsl.load rebuilds from)."""
+        """config.json and tokenizer files under ``d/model`` (what qdsl.load rebuilds from),
+        and the lowered graph itself (``graph.json``, what the runtime loads:
+        ``qdsl.compiler.graphfile``) where it can be stored."""
         if self.model_config is not None:
             self.model_config.save_pretrained(d / "model")
+            doc = graphfile.to_json(self.gm, mode=self.mode, max_cache_len=self.max_cache_len,
+                                    batch_size=self.batch_size)
+            if doc is not None:
+                (d / graphfile.GRAPH_FILE).write_text(json.dumps(doc, separators=(",", ":")),
+                                                      encoding="utf-8")
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(d / "model")
 

@@ -20,8 +20,10 @@ from ..graph.naming import name_graph
 from ..passes.freeze import Frozen
 from ..passes.pipeline import PassContext, lowering, run
 from ..plan import QuantPlan
+from ..runtime.graphlm import GraphLM
 from .build import ModelArg, QuantizedModel, as_model, student_of
-from .lowered import load_int8
+from .graphfile import GRAPH_FILE
+from .lowered import load_int8, stored_graph, tokenizer
 from .source import artifact_errors, check_source, local_source, plan_of
 
 log = logging.getLogger(__name__)
@@ -115,8 +117,19 @@ def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None,
                      batch_size: int = 1):
     """An artifact as a ``CausalLM`` (what ``qdsl eval`` and ``qdsl bench`` run);
     ``max_cache_len``, ``verify`` and ``batch_size`` as in ``load`` (the LM's
-    ``batch_size`` says what it got)."""
+    ``batch_size`` says what it got). A self-contained int8 artifact with a stored graph
+    (``graph.json``, same cache length and batch size) runs that graph: no model is
+    rebuilt or captured (``qdsl.compiler.graphfile``: faster, and ~100 MiB less resident
+    memory on SmolLM2-135M); anything else loads through ``load``."""
+    name = f"qdsl:{Path(path).name}"
+    if model is None and (Path(path) / GRAPH_FILE).is_file():   # (a given model: load checks it)
+        meta, _, _ = read_artifact(path, verify=verify)
+        gm = stored_graph(Path(path), meta, max_cache_len, batch_size)
+        if gm is not None and meta["mode"] == "generate":
+            lm = GraphLM(gm, meta["max_cache_len"], name=name, batch_size=batch_size)
+            lm.tokenizer = tokenizer(Path(path) / "model")
+            return lm
     q = load(path, model, max_cache_len=max_cache_len, verify=verify, batch_size=batch_size)
-    lm = q.lm(name=f"qdsl:{Path(path).name}")
+    lm = q.lm(name=name)
     lm.tokenizer = q.tokenizer
     return lm

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from ..artifact.files import read_json
 from ..artifact.store import assign_tensors
 from ..graph.attrs import graph_tensors
 from ..artifact.tensors import check_config, read_safetensors
@@ -32,7 +33,9 @@ from ..graph.naming import name_graph
 from ..models.zoo import checkpoint_architecture
 from ..passes.freeze import Frozen
 from ..passes.pipeline import INT8, PassContext, run
+from . import graphfile
 from .build import QuantizedModel, as_model
+from .graphfile import GRAPH_FILE
 from .source import artifact_errors, check_source, plan_of
 
 
@@ -127,27 +130,8 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
                               lower_compute=meta["settings"].get("lower_compute"))
             gm = run(INT8, gm, ctx)
             named = ctx.named  # a transform may have untied a weight
-    # tensors at the file's offsets can be 8-byte aligned; aten._weight_int8pack_mm
-    # (Int8WeightOnlyLinear, 2..4 rows) segfaults on an int8 weight not 16-byte aligned
-    # with 4 rows: a 4-token prompt or a batch of 4. A copy is 64-byte aligned.
-    stored = {k: v if v.data_ptr() % 64 == 0 else v.clone()
-              for k, v in read_safetensors(d, "model.safetensors").items()}
-    for k, v in info["aliases"].items():
-        if v not in stored:
-            raise ArtifactError(f"artifact {d}: qdsl_artifact.json: alias {k} names tensor {v}, "
-                                "which model.safetensors does not hold")
-        stored[k] = stored[v]
-    state = set(info["runtime_state"])
-    expected = _check_shapes(d, gm, stored, state)
-    # run-time state (key/value cache, counters) is not stored: zeros, in the same assignment
-    stored.update({k: torch.zeros(t.shape, dtype=t.dtype) for k, t in expected.items()
-                   if k in state})
-    with artifact_errors(d, "model.safetensors does not fit the model"):
-        assign_tensors(gm, stored)
-    missing = [k for k, t in graph_tensors(gm).items() if t.is_meta]
-    if missing:
-        raise ArtifactError(f"artifact {d}: tensors missing from model.safetensors: {missing[:5]}")
-    tok = _tokenizer(d / "model")
+    _fill(d, gm, info)
+    tok = tokenizer(d / "model")
     recipe = Recipe.from_json(meta["recipe"]["rules"],
                               text=(d / "recipe.qrec").read_text(encoding="utf-8"))
     return QuantizedModel(gm, named=named, plan=plan, recipe=recipe,
@@ -159,8 +143,54 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
                           batch_size=batch_size)
 
 
-def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str]
-                  ) -> dict[str, torch.Tensor]:
+def _fill(d: Path, gm: torch.fx.GraphModule, info: dict,
+          source: str = "the model in model/config.json") -> None:
+    """Assign ``model.safetensors`` to the lowered graph ``gm`` (built on the meta device
+    from ``source``, for messages), after checking each tensor against the graph;
+    run-time state is zeros."""
+    # tensors at the file's offsets can be 8-byte aligned; aten._weight_int8pack_mm
+    # (Int8WeightOnlyLinear, 2..4 rows) segfaults on an int8 weight not 16-byte aligned
+    # with 4 rows: a 4-token prompt or a batch of 4. A copy is 64-byte aligned.
+    stored = {k: v if v.data_ptr() % 64 == 0 else v.clone()
+              for k, v in read_safetensors(d, "model.safetensors").items()}
+    for k, v in info["aliases"].items():
+        if v not in stored:
+            raise ArtifactError(f"artifact {d}: qdsl_artifact.json: alias {k} names tensor {v}, "
+                                "which model.safetensors does not hold")
+        stored[k] = stored[v]
+    state = set(info["runtime_state"])
+    expected = _check_shapes(d, gm, stored, state, source)
+    # run-time state (key/value cache, counters) is not stored: zeros, in the same assignment
+    stored.update({k: torch.zeros(t.shape, dtype=t.dtype) for k, t in expected.items()
+                   if k in state})
+    with artifact_errors(d, "model.safetensors does not fit the model"):
+        assign_tensors(gm, stored)
+    missing = [k for k, t in graph_tensors(gm).items() if t.is_meta]
+    if missing:
+        raise ArtifactError(f"artifact {d}: tensors missing from model.safetensors: {missing[:5]}")
+
+
+def stored_graph(d: Path, meta: dict, max_cache_len: int | None = None,
+                 batch_size: int = 1) -> torch.fx.GraphModule | None:
+    """The lowered graph of a self-contained int8 artifact read from its ``graph.json``
+    (``qdsl.compiler.graphfile``), its tensors assigned: no model rebuilt, no capture, no
+    passes. None when the artifact has no stored graph or asks for another cache length
+    or batch size than the stored graph's (then it loads by capture)."""
+    if not (meta["lower"] == "int8" and meta["int8"]["self_contained"]
+            and (d / GRAPH_FILE).exists()):
+        return None
+    doc = read_json(d, GRAPH_FILE)
+    if isinstance(doc, dict) and (
+            doc.get("max_cache_len") != (max_cache_len or meta["max_cache_len"])
+            or doc.get("batch_size") != batch_size or doc.get("mode") != meta["mode"]):
+        return None
+    gm = graphfile.from_json(doc, str(d))
+    _fill(d, gm, meta["int8"], source=GRAPH_FILE)
+    return gm
+
+
+def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str],
+                  source: str) -> dict[str, torch.Tensor]:
     """Each tensor the lowered graph reads is stored with the shape and dtype the
     graph built from model/config.json expects (a config edited after the compile,
     or a tensor swapped, is refused before anything is assigned); it holds no tensor
@@ -170,7 +200,7 @@ def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str]
     unknown = sorted(set(stored) - set(expected))
     if unknown:
         raise ArtifactError(f"artifact {d}: model.safetensors: tensor {unknown[0]} is not one "
-                            "the model in model/config.json reads"
+                            f"{source} reads"
                             + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
     for k, want in expected.items():
         got = stored.get(k)
@@ -179,7 +209,7 @@ def _check_shapes(d: Path, gm, stored: dict[str, torch.Tensor], state: set[str]
         if got.shape != want.shape or got.dtype != want.dtype:
             raise ArtifactError(
                 f"artifact {d}: model.safetensors: tensor {k} is {list(got.shape)} "
-                f"{got.dtype}; the model in model/config.json needs {list(want.shape)} "
+                f"{got.dtype}; {source} needs {list(want.shape)} "
                 f"{want.dtype}")
     return expected
 
@@ -188,7 +218,7 @@ def gm_config(config_dir: Path):
     return AutoConfig.from_pretrained(config_dir, local_files_only=True)
 
 
-def _tokenizer(model_dir: Path):
+def tokenizer(model_dir: Path):
     if not any(model_dir.glob("tokenizer*")):
         return None
     try:

@@ -103,5 +103,12 @@ class FusedAttention(nn.Module):
                                                    self.scale, self.gqa)
         return _attend(q, k, v, mask, cache_position, self.scale, self.gqa)
 
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "scale": self.scale, "gqa": self.gqa}
+
+    @classmethod
+    def from_json(cls, config: dict) -> FusedAttention:
+        return cls(float(config["scale"]), bool(config["gqa"]))
+
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, gqa={self.gqa}"

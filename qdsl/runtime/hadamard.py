@@ -27,5 +27,12 @@ class OnlineHadamard(nn.Module):
             return apply_hadamard(x, self.n)
         return apply_hadamard(x.float(), self.n).to(x.dtype)
 
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "n": self.n}
+
+    @classmethod
+    def from_json(cls, config: dict) -> OnlineHadamard:
+        return cls(int(config["n"]))
+
     def extra_repr(self) -> str:
         return f"n={self.n}"

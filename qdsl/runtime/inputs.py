@@ -4,6 +4,7 @@ linear reads it (AWQ: the weight is quantized as ``W diag(s)`` and the input is
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -16,3 +17,11 @@ class InputScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.inv_scale.to(x.dtype)
+
+    def to_json(self) -> dict:
+        return {"type": type(self).__name__, "in_features": self.inv_scale.shape[0]}
+
+    @classmethod
+    def from_json(cls, config: dict) -> InputScale:
+        """The empty module (meta device) of a ``to_json()``."""
+        return cls(torch.empty(int(config["in_features"]), device="meta"))
