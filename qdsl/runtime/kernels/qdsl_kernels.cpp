@@ -507,7 +507,25 @@ void w4_avx512_block(const float* x, const uint8_t* p, const float* sc, int64_t 
     for (int m = 0; m < MM; ++m) y[m * N + n] = _mm512_reduce_add_ps(t[m]);
   }
 }
-QDSL_W4_ROWS_BY_MM(w4_rows_avx512, w4_avx512_block)
+// AVX-512 has the registers for 8 activation rows a pass (16 accumulators): at prefill
+// each unpacked code is used twice as often as with 4
+void w4_rows_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc, int64_t K,
+                    int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
+  for (int64_t mb = 0; mb < M; mb += 8) {
+    const float* xb = x + mb * K;
+    float* yb = y + mb * N;
+    switch (std::min<int64_t>(8, M - mb)) {
+      case 1: w4_avx512_block<1>(xb, p, sc, K, gs, n0, n1, yb, N); break;
+      case 2: w4_avx512_block<2>(xb, p, sc, K, gs, n0, n1, yb, N); break;
+      case 3: w4_avx512_block<3>(xb, p, sc, K, gs, n0, n1, yb, N); break;
+      case 4: w4_avx512_block<4>(xb, p, sc, K, gs, n0, n1, yb, N); break;
+      case 5: w4_avx512_block<5>(xb, p, sc, K, gs, n0, n1, yb, N); break;
+      case 6: w4_avx512_block<6>(xb, p, sc, K, gs, n0, n1, yb, N); break;
+      case 7: w4_avx512_block<7>(xb, p, sc, K, gs, n0, n1, yb, N); break;
+      default: w4_avx512_block<8>(xb, p, sc, K, gs, n0, n1, yb, N); break;
+    }
+  }
+}
 
 // ---------------------------------------------------------------- drivers
 
