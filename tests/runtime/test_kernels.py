@@ -359,6 +359,44 @@ def test_table_is_measured_once_and_cached(tmp_path, monkeypatch):
         == "float_gemm" and len(calls) == 2                  # one candidate: nothing to time
 
 
+def test_kernels_that_copy_a_weight_run_only_when_allowed(monkeypatch):
+    """aten's int4 layout and qdsl's packed int8 GEMM keep a second copy of each weight
+    beside the stored codes the other kernels read: not eligible unless
+    QDSL_KERNEL_COPIES=1, which is part of the table's cache key; never called a
+    reference path."""
+    cap = cpu.detect("AVX512_VNNI_BF16", frozenset({"avx2", "fma", "avx512f", "avx512bw",
+                                                     "avx512vl", "avx512_vnni", "avx512_bf16"}),
+                     "test CPU")
+    monkeypatch.delenv(table_mod.COPIES_ENV, raising=False)
+    everything = {c for op in table_mod.OPS for cls in table_mod.CLASSES
+                  for c in table_mod.eligible(op, cls, cap, True)}
+    assert everything and not everything & table_mod.COPIES
+    assert not any(table_mod.COPIES & set(table_mod.reference_paths(op, cls, cap))
+                   for op in table_mod.OPS for cls in table_mod.CLASSES)
+    key = table_mod.machine_key(cap, 1)
+    monkeypatch.setenv(table_mod.COPIES_ENV, "1")
+    assert "torch_int4pack_mm" in table_mod.eligible("w4", "prefill", cap, True)
+    assert "qdsl_w8a8_gemm" in table_mod.eligible("w8a8", "prefill", cap, True)
+    assert table_mod.machine_key(cap, 1) != key
+
+
+def test_a_tied_w4_head_keeps_one_copy_of_its_codes(monkeypatch):
+    """A 4-bit lm_head tied to the embedding, run at prefill and decode under the
+    default table: nothing derived from its codes is kept (the int4 layout was a 15 MiB
+    second copy of SmolLM2's head)."""
+    from qdsl.runtime import PackedLinear
+    from qdsl.runtime.packed import weight_spec
+    monkeypatch.delenv(table_mod.COPIES_ENV, raising=False)
+    monkeypatch.setattr(table_mod, "_table", [])
+    torch.manual_seed(0)
+    head = PackedLinear.from_float(torch.randn(96, 64), None, weight_spec(4, 32))
+    for rows in (1, 8):
+        head(torch.randn(rows, 64))
+    assert not [k for k, v in vars(head).items() if k.startswith("_") and
+                isinstance(v, tuple)], vars(head).keys()
+    monkeypatch.setattr(table_mod, "_table", [])
+
+
 def test_a_cached_table_counts_as_used_only_what_was_dispatched(tmp_path, monkeypatch):
     """``qdsl bench``'s fp32 rows read the kernel table from disk too; they must not
     report its choices as kernels they ran (they ran none). ``full()`` is a report."""

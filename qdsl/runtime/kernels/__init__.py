@@ -33,8 +33,9 @@ from qdsl.runtime.kernels import cext, impls
 from qdsl.runtime.kernels.binary import fake_quant_a8
 from qdsl.runtime.kernels.cpu import Capability, capability
 from qdsl.runtime.kernels.impls import IMPLS, W1, W4, derived
-from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Table, eligible,
-                                        reference_paths, shape_class, table)
+from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Table,
+                                        copies_allowed, eligible, reference_paths,
+                                        shape_class, table)
 from qdsl.runtime.kernels.weights import PackedWeight
 
 __all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w4a8",
@@ -166,7 +167,7 @@ def report(measure: bool = True) -> dict:
     return {"capability": t.cap.to_json(), "capability_text": t.cap.describe(),
             "threads": torch.get_num_threads(), "extension": t.ext,
             "extension_missing": cext.why_not(), "cache": str(t.path) if t.path else None,
-            "kernels": rows}
+            "weight_copies": copies_allowed(), "kernels": rows}
 
 
 def summary_lines(rep: dict) -> list[str]:
@@ -174,6 +175,9 @@ def summary_lines(rep: dict) -> list[str]:
     lines = [f"CPU: {rep['capability_text']}; {rep['threads']} thread(s)"]
     if not rep["extension"]:
         lines.append(f"qdsl's C++ kernels unavailable: {rep['extension_missing']}")
+    if rep.get("weight_copies"):
+        lines.append("kernels that keep a second layout of each weight allowed "
+                     "(QDSL_KERNEL_COPIES=1)")
     for key, row in rep["kernels"].items():
         note = "" if row["integer"] else " (no integer kernel is faster here)"
         lines.append(f"{key}: {row['kernel']} - {row['what']}{note}")

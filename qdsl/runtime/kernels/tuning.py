@@ -11,7 +11,13 @@ A candidate is *eligible* where it is not a slow reference path on this capabili
   20x slower than float32 at prefill);
 * ``aten._weight_int8pack_mm`` only at decode on AVX-512 (its other paths are scalar);
 * bf16 GEMMs only with AVX512-BF16 (emulated otherwise: 3.4x float32 at prefill);
-* qdsl's C++ kernels (``cext``) where they built.
+* qdsl's C++ kernels (``cext``) where they built;
+* no candidate that keeps a second layout of each weight beside its stored codes
+  (``COPIES``: aten's int4 layout, qdsl's packed int8 GEMM layout; built on first use by
+  ``impls.derived``), unless ``QDSL_KERNEL_COPIES=1``: the stored codes stay resident for
+  the other kernels (decode's GEMVs, the tied embedding's lookups), so such a kernel
+  doubles the weight's memory for a prefill 1.06x (w8a8, AVX2) to 1.26x (w4, AVX-512)
+  faster (docs/performance.md). The setting is part of the cache key.
 
 ``float_gemm`` ("dequantize + float GEMM": integer codes widened to float32, the
 scales applied around one float32 GEMM) is always eligible, so there is always a
@@ -47,6 +53,9 @@ DECODE_MAX_M = 4
 CLASSES = ("decode", "prefill")
 FLOAT = "float_gemm"
 AUTOTUNE_ENV = "QDSL_KERNEL_AUTOTUNE"
+COPIES_ENV = "QDSL_KERNEL_COPIES"
+# candidates whose kernel reads a prepacked copy of the weight (kept beside the codes)
+COPIES = frozenset({"torch_int4pack_mm", "qdsl_w8a8_gemm"})
 CACHE_ENV = "QDSL_KERNEL_CACHE"
 # (K, N) timed per class, summed: SmolLM2-135M's MLP up / down projections and a tall
 # one (a vocabulary head's shape class: at decode, kernels that split K, not N, fall
@@ -100,9 +109,20 @@ def shape_class(m: int) -> str:
     return "decode" if m <= DECODE_MAX_M else "prefill"
 
 
-def eligible(op: str, cls: str, cap: Capability, ext: bool) -> list[str]:
-    """The candidates of ``op`` at ``cls`` that are not a reference path on ``cap``."""
+def copies_allowed() -> bool:
+    """Whether kernels that keep a second layout of a weight may run (``COPIES_ENV``)."""
+    return os.environ.get(COPIES_ENV, "0") not in ("0", "")
+
+
+def eligible(op: str, cls: str, cap: Capability, ext: bool,
+             copies: bool | None = None) -> list[str]:
+    """The candidates of ``op`` at ``cls`` that are not a reference path on ``cap`` (nor,
+    unless ``copies`` (default: ``copies_allowed()``), keep a copy of the weight)."""
+    copies = copies_allowed() if copies is None else copies
+
     def ok(name: str) -> bool:
+        if name in COPIES and not copies:
+            return False
         if name in ("qdsl_w1", "qdsl_w1a8", "qdsl_w1a8_gemm"):  # their own extension (binary.py)
             return binary.available()
         if name.startswith("qdsl_"):
@@ -122,16 +142,18 @@ def eligible(op: str, cls: str, cap: Capability, ext: bool) -> list[str]:
 def reference_paths(op: str, cls: str, cap: Capability) -> list[str]:
     """The candidates ``eligible`` refuses here for being slow reference paths."""
     return [c for c in RULES[op][cls]
-            if not c.startswith("qdsl_") and c not in eligible(op, cls, cap, True)]
+            if not c.startswith("qdsl_") and c not in eligible(op, cls, cap, True, True)]
 
 
 def machine_key(cap: Capability, threads: int | None = None) -> str:
     """torch version + capability + CPU model + threads (+ the kernel sources, their
-    shared header and ``TUNING_VERSION``), as a file name: ``AVX2-t1-<hash>``."""
+    shared header, ``TUNING_VERSION`` and ``QDSL_KERNEL_COPIES``), as a file name:
+    ``AVX2-t1-<hash>``."""
     threads = torch.get_num_threads() if threads is None else threads
     sources = (*cext.SOURCES, binary.SOURCE, *cext.HEADERS)
     src = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:8]
-    raw = f"{torch.__version__}|{cap.name}|{cap.model}|{threads}|{src}|{TUNING_VERSION}"
+    raw = (f"{torch.__version__}|{cap.name}|{cap.model}|{threads}|{src}|{TUNING_VERSION}"
+           + ("|copies" if copies_allowed() else ""))
     return f"{cap.name}-t{threads}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 
 
@@ -197,6 +219,7 @@ class Table:
     def to_json(self) -> dict:
         return {"torch": torch.__version__, "capability": self.cap.to_json(),
                 "threads": torch.get_num_threads(), "extension": self.ext,
+                "weight_copies": copies_allowed(),
                 "extension_missing": cext.why_not(),
                 "tune_shapes": {c: [list(s) for s in v] for c, v in TUNE_SHAPES.items()},
                 "tune_m": TUNE_M,
