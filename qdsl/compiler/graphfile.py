@@ -4,9 +4,9 @@ capturing its model again.
 Loading a self-contained ``--lower int8`` artifact the long way (``qdsl.compiler.lowered``)
 rebuilds the float model from ``model/config.json`` on the meta device, captures it with
 ``torch.export`` and replays the INT8 pipeline: seconds of work and, measured on
-SmolLM2-135M's 1W8A artifact, ~100 MiB of resident memory that is not the model (the
+SmolLM2-135M's 1W8A artifact, ~50 MiB of resident memory that is not the model (the
 capture's fake tensors and shape environment, the skeleton's parameters, transformers'
-model-building modules, torch's export caches). The graph those steps produce is the
+model-building modules, torch's export caches; docs/results-demoor.md, Table 2). The graph those steps produce is the
 same every time, so ``QuantizedModel.save`` also writes it down and the runtime loads
 it directly:
 

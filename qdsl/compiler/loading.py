@@ -119,13 +119,14 @@ def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None,
     ``max_cache_len``, ``verify`` and ``batch_size`` as in ``load`` (the LM's
     ``batch_size`` says what it got). A self-contained int8 artifact with a stored graph
     (``graph.json``, same cache length and batch size) runs that graph: no model is
-    rebuilt or captured (``qdsl.compiler.graphfile``: faster, and ~100 MiB less resident
+    rebuilt or captured (``qdsl.compiler.graphfile``: faster, and ~50 MiB less resident
     memory on SmolLM2-135M); anything else loads through ``load``."""
     name = f"qdsl:{Path(path).name}"
     if model is None and (Path(path) / GRAPH_FILE).is_file():   # (a given model: load checks it)
         meta, _, _ = read_artifact(path, verify=verify)
-        gm = stored_graph(Path(path), meta, max_cache_len, batch_size)
-        if gm is not None and meta["mode"] == "generate":
+        gm = (stored_graph(Path(path), meta, max_cache_len, batch_size)
+              if meta["mode"] == "generate" else None)   # (load says why plain cannot run)
+        if gm is not None:
             lm = GraphLM(gm, meta["max_cache_len"], name=name, batch_size=batch_size)
             lm.tokenizer = tokenizer(Path(path) / "model")
             return lm
