@@ -202,7 +202,7 @@ def test_random_packed_weights_dequantize_to_their_codes():
 
 
 @settings(max_examples=30, deadline=None)
-@given(m=st.integers(1, 9), groups=st.integers(1, 4), gs=st.sampled_from([32, 64, 128]),
+@given(m=st.integers(1, 40), groups=st.integers(1, 4), gs=st.sampled_from([32, 64, 128]),
        n=st.integers(1, 40), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_w4_candidates_match_dequantized_weights(m, groups, gs, n, bias, seed):
     k = groups * gs

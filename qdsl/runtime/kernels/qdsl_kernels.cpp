@@ -19,7 +19,9 @@
 //               rowsum = w.sum(1), needed with x_zp (the VNNI path, x + 128 as u8 into
 //               vpdpbusd, sums the rows itself in the same pass and ignores it)
 //   w4_linear(x, packed uint8 [N, K/2], scale[N, K/gs], gs, bias?, isa)
-//               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale
+//               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale;
+//               from 8 activation rows (AVX2 / AVX-512) a panel GEMM: 16 weight rows
+//               dequantized at a time into a thread-local buffer, register-tiled FMAs
 //   decode_attention(q [B,H,1,D], k, v [B,Hk,L,D], mask?, n, scale)  one query token's
 //               softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA); with
 //               few key/value heads for the threads, the keys split into chunks, merged
@@ -527,6 +529,120 @@ void w4_rows_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc
   }
 }
 
+// ---------------------------------------------------------------- w4 packed, prefill
+
+// M >= W4_GEMM_MIN_M: the GEMV paths above unpack every code once per pass of 4 or 8
+// activation rows. Here a panel of W4_PANEL weight rows is dequantized once (codes times
+// their group's scale, float32, thread-local) and every activation row runs against it
+// in register tiles: MR activation rows x 4 weight rows, one accumulator each, so a step
+// loads MR + 4 vectors for 4 * MR FMAs. No copy of the weight outlives the call.
+constexpr int64_t W4_GEMM_MIN_M = 8, W4_PANEL = 16;
+
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline void w4_tile_avx512(const float* x, int64_t K, const float* wb, float* y,
+                                  int64_t N, int64_t nvalid) {
+  __m512 a[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {            // K % 32 == 0 (checked by the caller)
+    const __m512 w0 = _mm512_loadu_ps(wb + k), w1 = _mm512_loadu_ps(wb + K + k),
+                 w2 = _mm512_loadu_ps(wb + 2 * K + k), w3 = _mm512_loadu_ps(wb + 3 * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      a[m][0] = _mm512_fmadd_ps(w0, xv, a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(w1, xv, a[m][1]);
+      a[m][2] = _mm512_fmadd_ps(w2, xv, a[m][2]);
+      a[m][3] = _mm512_fmadd_ps(w3, xv, a[m][3]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(16) float out[4];
+    _mm_store_ps(out, reduce4_ps(a[m][0], a[m][1], a[m][2], a[m][3]));
+    for (int j = 0; j < nvalid; ++j) y[m * N + j] = out[j];
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma")))
+static inline void w4_tile_avx2(const float* x, int64_t K, const float* wb, float* y,
+                                int64_t N, int64_t nvalid) {
+  __m256 a[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) a[m][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 w0 = _mm256_loadu_ps(wb + k), w1 = _mm256_loadu_ps(wb + K + k),
+                 w2 = _mm256_loadu_ps(wb + 2 * K + k), w3 = _mm256_loadu_ps(wb + 3 * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      a[m][0] = _mm256_fmadd_ps(w0, xv, a[m][0]);
+      a[m][1] = _mm256_fmadd_ps(w1, xv, a[m][1]);
+      a[m][2] = _mm256_fmadd_ps(w2, xv, a[m][2]);
+      a[m][3] = _mm256_fmadd_ps(w3, xv, a[m][3]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(16) float out[4];
+    _mm_store_ps(out, reduce4_ps_256(a[m][0], a[m][1], a[m][2], a[m][3]));
+    for (int j = 0; j < nvalid; ++j) y[m * N + j] = out[j];
+  }
+}
+
+// rows [n, n + rows) dequantized into wb [W4_PANEL, K] (rows past them zero)
+__attribute__((target("avx2,fma")))
+static void w4_dequant_panel(const uint8_t* p, const float* sc, int64_t K, int64_t gs,
+                             int64_t n, int64_t rows, float* wb) {
+  const int64_t G = K / gs, KB = K / 2;
+  const __m128i lo4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint8_t* pr = p + (n + j) * KB;
+    float* out = wb + j * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(sc[(n + j) * G + g]);
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pr + k / 2));
+        const __m128i v = _mm_sub_epi8(
+            _mm_unpacklo_epi8(_mm_and_si128(b, lo4), _mm_and_si128(_mm_srli_epi16(b, 4), lo4)),
+            eight);                                            // 16 codes, in order
+        _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+        _mm256_storeu_ps(out + k + 8, _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s));
+      }
+    }
+  }
+  std::fill(wb + rows * K, wb + W4_PANEL * K, 0.f);
+}
+
+// the panel driver for rows [n0, n1); MRMAX activation rows a tile (AVX-512 4, AVX2 2)
+template <int MRMAX, void (*TILE1)(const float*, int64_t, const float*, float*, int64_t, int64_t),
+          void (*TILEMAX)(const float*, int64_t, const float*, float*, int64_t, int64_t)>
+static void w4_gemm_rows(const float* x, int64_t M, const uint8_t* p, const float* sc,
+                         int64_t K, int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
+  static thread_local std::vector<float> tls;
+  tls.resize(W4_PANEL * K);
+  float* wb = tls.data();
+  for (int64_t n = n0; n < n1; n += W4_PANEL) {
+    const int64_t rows = std::min(W4_PANEL, n1 - n);
+    w4_dequant_panel(p, sc, K, gs, n, rows, wb);
+    for (int64_t m = 0; m < M; m += (M - m >= MRMAX ? MRMAX : 1)) {
+      const bool full = M - m >= MRMAX;
+      for (int64_t t = 0; t < rows; t += 4)
+        (full ? TILEMAX : TILE1)(x + m * K, K, wb + t * K, y + m * N + n + t, N,
+                                 std::min<int64_t>(4, rows - t));
+    }
+  }
+}
+
+void w4_gemm_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc, int64_t K,
+                    int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
+  w4_gemm_rows<4, w4_tile_avx512<1>, w4_tile_avx512<4>>(x, M, p, sc, K, gs, n0, n1, y, N);
+}
+
+void w4_gemm_avx2(const float* x, int64_t M, const uint8_t* p, const float* sc, int64_t K,
+                  int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
+  w4_gemm_rows<2, w4_tile_avx2<1>, w4_tile_avx2<2>>(x, M, p, sc, K, gs, n0, n1, y, N);
+}
+
 // ---------------------------------------------------------------- drivers
 
 int64_t grain(int64_t K) { return std::max<int64_t>(8, 65536 / std::max<int64_t>(K, 1)); }
@@ -707,8 +823,10 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  const auto rows = pick_isa(isa, w4_rows_generic, w4_rows_avx2, w4_rows_avx512);
-  at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
+  const bool gemm = M >= W4_GEMM_MIN_M && isa >= ISA_AVX2;
+  const auto rows = gemm ? pick_isa(isa, w4_rows_generic, w4_gemm_avx2, w4_gemm_avx512)
+                         : pick_isa(isa, w4_rows_generic, w4_rows_avx2, w4_rows_avx512);
+  at::parallel_for(0, N, gemm ? W4_PANEL : grain(K / 2), [&](int64_t n0, int64_t n1) {
     rows(xp, M, pp, sp, K, gs, n0, n1, yp, N);
   });
   epilogue_bias(y, bias);

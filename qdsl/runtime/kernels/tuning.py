@@ -75,7 +75,7 @@ RULES: dict[str, dict[str, tuple[str, ...]]] = {
     "w8": {"decode": ("qdsl_w8", "torch_int8pack_mm", FLOAT),
            "prefill": ("torch_bf16_gemm", FLOAT, "qdsl_w8")},
     "w4": {"decode": ("qdsl_w4", "torch_int4pack_mm", FLOAT),
-           "prefill": (FLOAT, "torch_int4pack_mm", "qdsl_w4")},
+           "prefill": ("qdsl_w4", FLOAT, "torch_int4pack_mm")},
     "w4a8": {"decode": ("qdsl_w4a8", FLOAT), "prefill": ("qdsl_w4a8", FLOAT)},
     "w1": {"decode": ("qdsl_w1", FLOAT), "prefill": ("qdsl_w1", FLOAT)},
     "w1a8": {"decode": ("qdsl_w1a8_gemm", "qdsl_w1a8", FLOAT),
@@ -89,7 +89,8 @@ DESCRIPTIONS = {
     "qdsl_w8a8_gemm": "qdsl C++ packed int8 GEMM, 6 x 16 int32 register tile (AVX2 vpmaddwd, "
                       "exact)",
     "qdsl_w8": "qdsl C++ fused dequant GEMV (fp32 FMA on int8 weights)",
-    "qdsl_w4": "qdsl C++ fused int4 unpack + dequant GEMV (fp32 FMA)",
+    "qdsl_w4": "qdsl C++ fused int4 unpack + dequant GEMV (fp32 FMA); from 8 rows a "
+               "panel GEMM on 16 rows dequantized at a time",
     "qdsl_w4a8": "qdsl C++ 8-bit quantize + int4 x int8 dot per group (exact int32; "
                  "vpdpbusd / vpmaddubsw on the nibbles as they are packed)",
     "qdsl_w1": "qdsl C++ 1-bit sign-select GEMV (masked adds on the packed bits)",
