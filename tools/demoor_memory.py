@@ -12,7 +12,8 @@ C++ kernels, so imports and shared libraries are in the baseline; then
 and reports ``rss1 - rss0`` (and the part an artifact's tokenizer holds: RSS freed by
 dropping it; the float rows load no tokenizer) together with the bytes of the tensors
 the model holds (parameters, buffers and graph constants, each storage once), split
-into weights and the KV cache (the graph's in-place-updated state; the eager model's cache is dynamic).
+into weights and the KV cache (the graph's in-place-updated state; the eager model's
+cache is dynamic).
 
     python tools/demoor_memory.py [--cache-len 256] fp32=stdlib-gpt2 graph=stdlib-gpt2 \
         1w8a=runs/demoor/1w8a ...

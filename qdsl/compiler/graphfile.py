@@ -6,9 +6,9 @@ rebuilds the float model from ``model/config.json`` on the meta device, captures
 ``torch.export`` and replays the INT8 pipeline: seconds of work and, measured on
 SmolLM2-135M's 1W8A artifact, ~50 MiB of resident memory that is not the model (the
 capture's fake tensors and shape environment, the skeleton's parameters, transformers'
-model-building modules, torch's export caches; docs/results-demoor.md, Table 2). The graph those steps produce is the
-same every time, so ``QuantizedModel.save`` also writes it down and the runtime loads
-it directly:
+model-building modules, torch's export caches; docs/results-demoor.md, Table 2). The
+graph those steps produce is the same every time, so ``QuantizedModel.save`` also
+writes it down and the runtime loads it directly:
 
     graph.json   {"format": "qdsl-graph", "version": 1, "mode", "max_cache_len",
                   "batch_size", "in_spec" / "out_spec" (torch's pytree JSON of the
