@@ -20,7 +20,7 @@
 //               vpdpbusd, sums the rows itself in the same pass and ignores it)
 //   w4_linear(x, packed uint8 [N, K/2], scale[N, K/gs], gs, bias?, isa)
 //               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale;
-//               from 8 activation rows (AVX2 / AVX-512) a panel GEMM: 16 weight rows
+//               from 16 activation rows (AVX2 / AVX-512) a panel GEMM: 16-64 weight rows
 //               dequantized at a time into a thread-local buffer, register-tiled FMAs
 //   decode_attention(q [B,H,1,D], k, v [B,Hk,L,D], mask?, n, scale)  one query token's
 //               softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA); with
@@ -532,11 +532,17 @@ void w4_rows_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc
 // ---------------------------------------------------------------- w4 packed, prefill
 
 // M >= W4_GEMM_MIN_M: the GEMV paths above unpack every code once per pass of 4 or 8
-// activation rows. Here a panel of W4_PANEL weight rows is dequantized once (codes times
-// their group's scale, float32, thread-local) and every activation row runs against it
-// in register tiles: MR activation rows x 4 weight rows, one accumulator each, so a step
-// loads MR + 4 vectors for 4 * MR FMAs. No copy of the weight outlives the call.
-constexpr int64_t W4_GEMM_MIN_M = 8, W4_PANEL = 16;
+// activation rows. Here a panel of weight rows is dequantized once (codes times their
+// group's scale, float32, thread-local; 16 to 64 rows, ~128 KB, so that every activation
+// row is streamed once per panel from as few panels as L2 allows) and every activation
+// row runs against it in register tiles: MR activation rows x 4 weight rows, one
+// accumulator each, so a step loads MR + 4 vectors for 4 * MR FMAs. No copy of the
+// weight outlives the call. (At M = 8 the 8-row GEMV pass is faster; from 16 the panel.)
+constexpr int64_t W4_GEMM_MIN_M = 16, W4_PANEL = 16;
+
+inline int64_t w4_panel_rows(int64_t K) {
+  return std::clamp<int64_t>((131072 / (K * 4)) / 4 * 4, W4_PANEL, 64);
+}
 
 template <int MR>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -588,10 +594,10 @@ static inline void w4_tile_avx2(const float* x, int64_t K, const float* wb, floa
   }
 }
 
-// rows [n, n + rows) dequantized into wb [W4_PANEL, K] (rows past them zero)
+// rows [n, n + rows) dequantized into wb [panel, K] (rows past them zero)
 __attribute__((target("avx2,fma")))
 static void w4_dequant_panel(const uint8_t* p, const float* sc, int64_t K, int64_t gs,
-                             int64_t n, int64_t rows, float* wb) {
+                             int64_t n, int64_t rows, int64_t panel, float* wb) {
   const int64_t G = K / gs, KB = K / 2;
   const __m128i lo4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
   for (int64_t j = 0; j < rows; ++j) {
@@ -610,20 +616,22 @@ static void w4_dequant_panel(const uint8_t* p, const float* sc, int64_t K, int64
       }
     }
   }
-  std::fill(wb + rows * K, wb + W4_PANEL * K, 0.f);
+  std::fill(wb + rows * K, wb + ((rows + 3) / 4 * 4) * K, 0.f);
 }
 
-// the panel driver for rows [n0, n1); MRMAX activation rows a tile (AVX-512 4, AVX2 2)
+// the panel driver for rows [n0, n1); MRMAX activation rows a tile (AVX-512 4, AVX2 3:
+// 12 of its 16 registers accumulate; 6 on AVX-512 measured no faster than 4)
 template <int MRMAX, void (*TILE1)(const float*, int64_t, const float*, float*, int64_t, int64_t),
           void (*TILEMAX)(const float*, int64_t, const float*, float*, int64_t, int64_t)>
 static void w4_gemm_rows(const float* x, int64_t M, const uint8_t* p, const float* sc,
                          int64_t K, int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
   static thread_local std::vector<float> tls;
-  tls.resize(W4_PANEL * K);
+  const int64_t panel = w4_panel_rows(K);
+  tls.resize(panel * K);
   float* wb = tls.data();
-  for (int64_t n = n0; n < n1; n += W4_PANEL) {
-    const int64_t rows = std::min(W4_PANEL, n1 - n);
-    w4_dequant_panel(p, sc, K, gs, n, rows, wb);
+  for (int64_t n = n0; n < n1; n += panel) {
+    const int64_t rows = std::min(panel, n1 - n);
+    w4_dequant_panel(p, sc, K, gs, n, rows, panel, wb);
     for (int64_t m = 0; m < M; m += (M - m >= MRMAX ? MRMAX : 1)) {
       const bool full = M - m >= MRMAX;
       for (int64_t t = 0; t < rows; t += 4)
@@ -640,7 +648,7 @@ void w4_gemm_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc
 
 void w4_gemm_avx2(const float* x, int64_t M, const uint8_t* p, const float* sc, int64_t K,
                   int64_t gs, int64_t n0, int64_t n1, float* y, int64_t N) {
-  w4_gemm_rows<2, w4_tile_avx2<1>, w4_tile_avx2<2>>(x, M, p, sc, K, gs, n0, n1, y, N);
+  w4_gemm_rows<3, w4_tile_avx2<1>, w4_tile_avx2<3>>(x, M, p, sc, K, gs, n0, n1, y, N);
 }
 
 // ---------------------------------------------------------------- drivers

@@ -89,8 +89,8 @@ DESCRIPTIONS = {
     "qdsl_w8a8_gemm": "qdsl C++ packed int8 GEMM, 6 x 16 int32 register tile (AVX2 vpmaddwd, "
                       "exact)",
     "qdsl_w8": "qdsl C++ fused dequant GEMV (fp32 FMA on int8 weights)",
-    "qdsl_w4": "qdsl C++ fused int4 unpack + dequant GEMV (fp32 FMA); from 8 rows a "
-               "panel GEMM on 16 rows dequantized at a time",
+    "qdsl_w4": "qdsl C++ fused int4 unpack + dequant GEMV (fp32 FMA); from 16 rows a "
+               "panel GEMM on 16-64 rows dequantized at a time",
     "qdsl_w4a8": "qdsl C++ 8-bit quantize + int4 x int8 dot per group (exact int32; "
                  "vpdpbusd / vpmaddubsw on the nibbles as they are packed)",
     "qdsl_w1": "qdsl C++ 1-bit sign-select GEMV (masked adds on the packed bits)",
