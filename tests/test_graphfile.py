@@ -18,6 +18,7 @@ from qdsl.compiler import graphfile, lowered
 from qdsl.compiler.graphfile import GRAPH_FILE
 from qdsl.compiler.loading import load_artifact_lm
 from qdsl.errors import ArtifactError
+from qdsl.graph.attrs import graph_tensors
 from qdsl.runtime.attention import FusedAttention
 from qdsl.runtime.hadamard import OnlineHadamard
 from qdsl.runtime.inputs import InputScale
@@ -81,6 +82,12 @@ def test_stored_graph_runs_what_the_capture_builds(saved, monkeypatch):
     assert [n.name for n in stored.graph.nodes] == \
         [n.name for n in q.gm.graph.nodes if n.target != graphfile.GUARDS]
     assert {type(m).__name__ for m in stored.modules()} <= types | {"Module"}
+    # parameters, buffers, non-persistent buffers and plain tensor attributes (export's
+    # constants: the key/value cache) as the capture made them (the bench's weight bytes
+    # skip the cache by that)
+    kinds = lambda gm: {k: graphfile._kind(gm, k) for k in graph_tensors(gm)}  # noqa: E731
+    assert kinds(stored) == kinds(q.gm)
+    assert "attribute" in kinds(stored).values()
     # decoding, token by token through the key/value cache
     lm.prefill(ids[:1, :5])
     again = q.lm()

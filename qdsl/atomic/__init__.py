@@ -73,7 +73,8 @@ class OutputKind:
 # qdsl compile -o OUT (qdsl.artifact; the marker is qdsl.artifact.store.MARKER)
 ARTIFACT = OutputKind("qdsl artifact", "qdsl_artifact.json",
                       ("qdsl_artifact.json", "plan.json", "recipe.qrec",
-                       "quant_params.safetensors", "model.safetensors", "model/*"),
+                       "quant_params.safetensors", "model.safetensors", "model/*",
+                       "graph.json"),
                       error=ArtifactError)
 # qdsl sweep -o DIR (qdsl.study.sweep): reused in place, never replaced
 SWEEP = OutputKind("qdsl sweep directory", "qdsl_sweep.json",

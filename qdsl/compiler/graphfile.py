@@ -15,6 +15,9 @@ writes it down and the runtime loads it directly:
                   forward's inputs and outputs), "modules": {target: module JSON},
                   "tensors": {name: [shape, dtype, kind]}, "nodes": [...]}
 
+(``kind``: parameter, buffer, temporary (a non-persistent buffer) or attribute (a plain
+tensor, e.g. export's lifted constants), as the captured graph held it.)
+
 Each node is ``{"name", "op", "target", "args", "kwargs"}``. Nothing in the file is
 executed as code: a ``call_function`` target is an operator of ``torch.ops``' ``aten``,
 ``qdsl`` or ``qdsl_kernels`` namespaces or one of a few ``operator`` functions; a
@@ -132,8 +135,9 @@ def _target(n: fx.Node) -> str:
 def _kind(gm: nn.Module, target: str) -> str:
     path, _, name = target.rpartition(".")
     owner = gm.get_submodule(path) if path else gm
-    return "parameter" if name in owner._parameters else \
-        "buffer" if name in owner._buffers else "attribute"
+    if name in owner._buffers:
+        return "buffer" if name not in owner._non_persistent_buffers_set else "temporary"
+    return "parameter" if name in owner._parameters else "attribute"
 
 
 def _value(v: Any, node: str) -> Any:
@@ -219,6 +223,13 @@ def from_json(doc: Any, where: str) -> fx.GraphModule:
         raise bad(f"cannot rebuild the graph: {type(e).__name__}: {str(e)[:200]}") from None
     if doc["in_spec"] is not None:
         gm._in_spec, gm._out_spec = graph._codegen.pytree_info[1:]
+    for k, (_, _, kind) in tensors.items():   # GraphModule made every plain tensor a
+        path, _, name = k.rpartition(".")      # persistent buffer: as the capture had them
+        owner = gm.get_submodule(path) if path else gm
+        if kind == "attribute" and name in owner._buffers:
+            setattr(owner, name, owner._buffers.pop(name))   # a constant (export's lifted ones)
+        elif kind == "temporary":
+            owner._non_persistent_buffers_set.add(name)      # e.g. rotary inv_freq
     return gm
 
 
@@ -280,7 +291,7 @@ def _place(root: nn.Module, target: str, module: nn.Module) -> None:
 def _set(owner: nn.Module, name: str, t: torch.Tensor, kind: str) -> None:
     if kind == "parameter":
         owner.register_parameter(name, nn.Parameter(t, requires_grad=False))
-    elif kind == "buffer":
-        owner.register_buffer(name, t)
+    elif kind in ("buffer", "temporary"):
+        owner.register_buffer(name, t, persistent=kind == "buffer")
     else:
         setattr(owner, name, t)
