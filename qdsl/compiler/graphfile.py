@@ -100,8 +100,7 @@ def _to_json(gm: fx.GraphModule, mode: str, max_cache_len: int, batch_size: int)
             continue
         if n.op == "call_module":
             mod = gm.get_submodule(n.target)
-            if type(mod).__name__ not in GRAPH_TYPES or type(mod) is not \
-                    GRAPH_TYPES[type(mod).__name__]:
+            if GRAPH_TYPES.get(type(mod).__name__) is not type(mod):
                 raise Unstorable(f"node {n.name}: module {type(mod).__name__}")
             modules[n.target] = mod.to_json()
         nodes.append({"name": n.name, "op": n.op, "target": _target(n),
@@ -183,13 +182,14 @@ def from_json(doc: Any, where: str) -> fx.GraphModule:
                    for k, (shape, dtype, kind) in doc["tensors"].items()}
         root = nn.Module()
         for target, config in doc["modules"].items():
-            state = {k[len(target) + 1:]: torch.empty(s, dtype=d, device="meta")
-                     for k, (s, d, _) in tensors.items() if k.startswith(target + ".")}
             if config.get("type") not in GRAPH_TYPES:
                 raise bad(f"module {target} has type {config.get('type')!r}, not one of "
                           "qdsl's runtime modules")
-            _place(root, target, module_from_json(
-                config, state if config["type"] in FAKE_TYPES else None))
+            state = None                # the fake-quant modules are built from their tensors
+            if config["type"] in FAKE_TYPES:
+                state = {k[len(target) + 1:]: torch.empty(s, dtype=d, device="meta")
+                         for k, (s, d, _) in tensors.items() if k.startswith(target + ".")}
+            _place(root, target, module_from_json(config, state))
         for k, (shape, dtype, kind) in tensors.items():
             path, _, name = k.rpartition(".")
             if path in doc["modules"]:

@@ -16,8 +16,9 @@ A candidate is *eligible* where it is not a slow reference path on this capabili
   (``COPIES``: aten's int4 layout, qdsl's packed int8 GEMM layout; built on first use by
   ``impls.derived``), unless ``QDSL_KERNEL_COPIES=1``: the stored codes stay resident for
   the other kernels (decode's GEMVs, the tied embedding's lookups), so such a kernel
-  doubles the weight's memory for a prefill 1.06x (w8a8, AVX2) to 1.26x (w4, AVX-512)
-  faster (docs/performance.md). The setting is part of the cache key.
+  doubles the weight's memory for at most 1.06x here (w8a8 prefill under AVX2, w4
+  decode natively; ``qdsl_w4``'s panel GEMM beats the int4 layout at prefill;
+  docs/performance.md). The setting is part of the cache key.
 
 ``float_gemm`` ("dequantize + float GEMM": integer codes widened to float32, the
 scales applied around one float32 GEMM) is always eligible, so there is always a
