@@ -367,6 +367,45 @@ def test_batch_size_reaches_every_eval_job_and_keys_only_compiled_rows(tiny_dir,
     assert job_key(w8, replace(one, batch_size=1), "m", "b") == job_key(w8, one, "m", "b")
 
 
+
+def test_an_interrupted_job_resumes_its_completions(tiny_dir, tmp_path, monkeypatch):
+    """A quality job stopped mid-evaluation saved its finished batches (DIR/partial);
+    the next sweep reloads the artifact it saved (no second calibration), completes
+    only the remaining batches and caches what an uninterrupted run gives."""
+    from dataclasses import replace
+
+    import qdsl.eval.complete as complete
+
+    cfg = replace(_cfg(tiny_dir), batch_size=2)   # 4 samples: 2 batches
+    ref = run_sweep(cfg, tmp_path / "ref", recipes=RECIPES[:1], progress=False)
+    real, calls = complete.complete_lines, []
+
+    def stopped(lm, *a, **k):         # the recipe's second batch never finishes
+        calls.append(lm.name)
+        if lm.name == "t2_w8a8" and calls.count("t2_w8a8") == 2 and stop[0]:
+            raise RuntimeError("interrupted")
+        return real(lm, *a, **k)
+    stop = [True]
+    monkeypatch.setattr(complete, "complete_lines", stopped)
+    out = tmp_path / "s"
+    first = run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)
+    assert len(first["failed"]) == 1
+    partial = list((out / "partial").glob("*.json"))
+    assert len(partial) == 1 and json.loads(partial[0].read_text())["n_done"] == 2
+    compiled = json.loads(partial[0].read_text())["extra"]["compile"]
+    stop[0] = False
+    calls.clear()
+    again = run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)
+    assert not again["failed"] and calls.count("t2_w8a8") == 1
+    assert not list((out / "partial").glob("*.json"))   # cached now: removed
+    key = partial[0].stem
+    got = json.loads((out / "cache" / f"{key}.json").read_text())
+    want = json.loads((tmp_path / "ref" / "cache" / f"{key}.json").read_text())
+    assert got["resumed_samples"] == 2 and got["samples"] == want["samples"]
+    assert got["compile_seconds"] == compiled["compile_seconds"]   # reloaded, not compiled
+    assert got["ppl_window_nll"] == pytest.approx(want["ppl_window_nll"], rel=1e-5)
+
+
 _POOL_SCRIPT = '''
 import os, sys, time
 from pathlib import Path

@@ -79,7 +79,7 @@ ARTIFACT = OutputKind("qdsl artifact", "qdsl_artifact.json",
 # qdsl sweep -o DIR (qdsl.study.sweep): reused in place, never replaced
 SWEEP = OutputKind("qdsl sweep directory", "qdsl_sweep.json",
                    ("qdsl_sweep.json", "results.json", "tables.md", "findings.md", ".*.tmp",
-                    "cache/*", "plots/*", "artifacts/*"), fmt="qdsl-sweep")
+                    "cache/*", "plots/*", "artifacts/*", "partial/*"), fmt="qdsl-sweep")
 
 _HELD: dict[Path, OutputClaim] = {}   # claims this process holds (a command, then its save)
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models.lm import CausalLM
+from .checkpoint import CompletionCheckpoint
 from .samples import Sample
 from .metrics import bits_per_byte, edit_similarity, exact_match, mean, perplexity
 
@@ -167,31 +168,57 @@ def _batches(samples: list[Sample], rows: int, key) -> list[list[int]]:
 
 def score_completion(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig,
                      max_positions: int | None = None, progress: bool = True,
-                     desc: str = "complete", batch_size: int = 1) -> dict:
+                     desc: str = "complete", batch_size: int = 1,
+                     checkpoint: CompletionCheckpoint | None = None) -> dict:
     """EM (percent), ES (0-100) and per-sample predictions (in ``samples``' order).
     ``batch_size`` > 1: that many samples per forward where ``lm`` can
     (``batch_rows``), the longest prompts together; the progress bar counts samples
-    (rate and ETA in samples/s)."""
+    (rate and ETA in samples/s). ``checkpoint``: predictions saved as batches finish
+    and, from an earlier interrupted run with the same header, read back (its whole
+    batches skipped; ``resumed`` counts their samples; ``qdsl.eval.checkpoint``)."""
     t0, c0 = time.time(), time.process_time()
     rows_per = batch_rows(lm, batch_size)
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids) and checkpoint is not None:
+        raise ValueError("a completion checkpoint needs distinct sample ids")
+    saved, s_prev, c_prev = checkpoint.load() if checkpoint else ({}, 0.0, 0.0)
+    done: dict[str, str] = {}
+    resumed = 0
     preds: list[str | None] = [None] * len(samples)
     bar = tqdm(total=len(samples), desc=desc, disable=not progress, unit="sample",
                postfix={"batch": rows_per})
+
+    def save(force: bool = False) -> None:
+        if checkpoint is not None:
+            checkpoint.save(done, s_prev + time.time() - t0,
+                            c_prev + time.process_time() - c0, force=force)
+
     with bar:
         for idx in _batches(samples, rows_per,
                             lambda s: len(prompt_ids(tok, s, cfg, max_positions)[0])):
             batch = [samples[i] for i in idx]
-            got = (complete_lines(lm, tok, batch, cfg, max_positions) if rows_per > 1
-                   else [complete_line(lm, tok, batch[0], cfg, max_positions)])
+            if all(s.id in saved for s in batch):
+                got = [saved[s.id] for s in batch]
+                resumed += len(batch)
+            else:
+                got = (complete_lines(lm, tok, batch, cfg, max_positions) if rows_per > 1
+                       else [complete_line(lm, tok, batch[0], cfg, max_positions)])
             for i, pred in zip(idx, got):
-                preds[i] = pred
+                preds[i] = done[ids[i]] = pred
             bar.update(len(idx))
+            save()
+    save(force=True)
+    if resumed:
+        log.info("%s: %d of %d completions read back from %s", desc, resumed, len(ids),
+                 checkpoint.path)
     rows = [{"id": s.id, "target": s.target.strip(), "pred": p,
              "em": exact_match(p, s.target), "es": edit_similarity(p, s.target)}
             for s, p in zip(samples, preds)]
     return {"n": len(rows), "em": 100 * mean(r["em"] for r in rows),
-            "es": mean(r["es"] for r in rows), "seconds": round(time.time() - t0, 2),
-            "cpu_seconds": round(time.process_time() - c0, 2), "samples": rows}
+            "es": mean(r["es"] for r in rows),
+            "seconds": round(s_prev + time.time() - t0, 2),
+            "cpu_seconds": round(c_prev + time.process_time() - c0, 2),
+            "resumed": resumed, "samples": rows}
 
 
 @torch.inference_mode()
@@ -237,16 +264,21 @@ def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
 def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
              max_positions: int | None = None, ppl_windows: int = 64,
              progress: bool = True, batch_size: int = 1,
-             ppl_samples: list[Sample] | None = None) -> dict:
+             ppl_samples: list[Sample] | None = None,
+             checkpoint: CompletionCheckpoint | None = None) -> dict:
     """Line completion + perplexity for one model -> a JSON-able dict (``batch_size``:
     samples / windows per forward where the model can, see ``score_completion``;
-    ``ppl_samples``: the samples whose windows perplexity scores, default ``samples``)."""
+    ``ppl_samples``: the samples whose windows perplexity scores, default ``samples``;
+    ``checkpoint``: the completions' (``score_completion``))."""
     out = {"model": getattr(lm, "name", "model"), "ctx_tokens": cfg.ctx_tokens,
            "max_new_tokens": cfg.max_new_tokens, "prompt": cfg.prompt,
            "max_positions": max_positions, "batch_size": batch_rows(lm, batch_size)}
     comp = score_completion(lm, tok, samples, cfg, max_positions, progress,
-                            desc=f"{out['model']}: complete", batch_size=batch_size)
+                            desc=f"{out['model']}: complete", batch_size=batch_size,
+                            checkpoint=checkpoint)
     out.update({k: comp[k] for k in ("n", "em", "es")})
+    if comp["resumed"]:
+        out["resumed"] = comp["resumed"]
     out["complete_seconds"] = comp["seconds"]
     out["complete_cpu_seconds"] = comp["cpu_seconds"]   # < wall time on a shared machine
     if ppl_windows > 0:

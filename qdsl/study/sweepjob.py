@@ -36,6 +36,9 @@ from .layerstats import float_reference, layer_stats, layer_windows
 from .sweepcache import BadEntry, CacheStore
 from .tables import describe_bits, storage
 
+# a running quality job's completions so far, DIR/partial/<key>.json (qdsl.eval.checkpoint)
+PARTIAL = "partial"
+
 log = logging.getLogger(__name__)
 
 _LOADED: dict = {}   # model name -> LoadedModel; one per process (the last one loaded)
@@ -89,10 +92,15 @@ def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: bool,
 
 
 def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: bool = False,
-            artifact: Path | None = None) -> dict:
+            artifact: Path | None = None, partial: Path | None = None,
+            key: str | None = None) -> dict:
     """Run one job -> its result dict (the caller caches it). ``artifact``: where the
     recipe's compiled model is saved (quality job) or reloaded from (robust and
-    HumanEval jobs)."""
+    HumanEval jobs). ``partial``: a quality job's completions are saved there as they
+    finish and read back by the next run of the job (``key``, its cache key) when
+    that run would compute them unchanged (``qdsl.eval.checkpoint``); the saved
+    artifact is then reloaded instead of calibrating again, when it is still there."""
+    from ..eval.checkpoint import CompletionCheckpoint
     from ..eval.complete import CompletionConfig, evaluate
     from ..models.lm import HFCausalLM
 
@@ -107,6 +115,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
     qm = batched = None
     rows = eval_batch(cfg, job)
+    ck = (CompletionCheckpoint(Path(partial), {}) if partial is not None and job.kind == QUALITY
+          else None)
     if job.recipe is None:
         lm = HFCausalLM(model, cfg.model)
         out.update(bits="fp32", lower="float")
@@ -114,18 +124,39 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
         recipe = load_recipe(job.recipe)
         out["recipe_hash"] = recipe.hash()
         qm = _reload(artifact, model, he_cache, rows) if job.kind != QUALITY else None
+        one_row = qm is None   # compiled or reloaded here with one row
+        saved = ck.saved_extra() if ck is not None else None
+        if qm is None and saved and saved.get("params") == _params_hash(artifact):
+            # an interrupted run of this job saved this artifact: no second calibration
+            qm = _reload(artifact, model)
+            if qm is not None:
+                out.update(saved.get("compile") or {})
+                out["artifact"] = str(artifact)
         if qm is None:  # HumanEval compiles with its longer cache (slower calibration)
             qm = _compile(recipe, cfg, job, out, progress, he_cache)
             if artifact is not None and job.kind != HUMANEVAL:
                 qm.save(artifact, force=True)
                 out["artifact"] = str(artifact)
+        if one_row and rows > 1:
             # batched: the saved artifact again, its graph captured with `rows` rows (qm,
             # one row, still measures the layers); 1 where it cannot batch (a warning)
-            batched = _reload(artifact, model, batch_size=rows) if rows > 1 else None
+            batched = _reload(artifact, model, batch_size=rows)
         lm = (batched or qm).lm(name=Path(job.recipe).stem)
         rows = lm.batch_size
         out["bits"] = describe_bits(qm.plan)
     out["batch_size"] = rows
+    if ck is not None:
+        import torch
+
+        # what a saved prediction depends on: the job, the batches' rows, the compiled
+        # model's parameters, and the CPU kernels' float summation order
+        params = _params_hash(artifact) if job.recipe is not None else None
+        ck.header = {"key": key, "rows": rows, "params": params,
+                     "cpu": torch.backends.cpu.get_cpu_capability(),
+                     "torch": torch.__version__}
+        ck.extra = {"params": params,
+                    "compile": {k: out[k] for k in ("compile_seconds", "lower", "calib_samples",
+                                                    "settings", "fallbacks") if k in out}}
     if job.kind == HUMANEVAL:
         from ..eval.humaneval import run_humaneval
 
@@ -142,9 +173,11 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
         t = time.time()
         res = evaluate(lm, tok, samples, ccfg, max_positions=max_pos,
                        ppl_windows=cfg.ppl_windows, progress=progress, batch_size=rows,
-                       ppl_samples=pool)
+                       ppl_samples=pool, checkpoint=ck)
         out.update({k: res.get(k) for k in ("n", "em", "es", "ppl", "bpb", "ppl_windows",
                                              "ppl_window_nll", "ppl_window_tokens")})
+        if res.get("resumed"):
+            out["resumed_samples"] = res["resumed"]
         out["eval_seconds"] = round(time.time() - t, 2)
         out["samples"] = [{k: r[k] for k in ("id", "pred", "em", "es")} for r in res["samples"]]
         _sizes(qm, model, out, job, cfg, out_dir)
@@ -187,6 +220,19 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
                                          cfg=BenchConfig(repeats=3, rounds=1))
             except (ImportError, QdslError) as e:
                 out["bench"] = {"skipped": f"{type(e).__name__}: {e}"}
+
+
+def _params_hash(artifact: Path | None) -> str | None:
+    """The saved artifact's parameters and plan, as the sha256s its manifest records
+    (None: no artifact there)."""
+    import json
+
+    try:
+        files = json.loads((Path(artifact) / "qdsl_artifact.json").read_text())["files"]
+        return ":".join(files[f]["sha256"] for f in sorted(files)
+                        if f.endswith(".safetensors") or f == "plan.json")
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
 
 
 def _reload(artifact: Path | None, model, graph_cache: int | None = None,
@@ -254,8 +300,10 @@ def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads
         torch.set_num_threads(threads)
     exact = reset_peak_rss()
     try:
+        partial = Path(out_dir) / PARTIAL / f"{key}.json"
         res = run_job(job, cfg, samples, Path(out_dir), progress=progress,
-                      artifact=Path(artifact) if artifact else None)
+                      artifact=Path(artifact) if artifact else None, partial=partial,
+                      key=key)
     except Exception as e:  # a failed job is reported, not cached, and retried next run
         if raise_errors:
             raise
@@ -265,4 +313,5 @@ def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads
     res = finite({**res, "key": key, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "peak_rss_bytes": peak_rss(), "peak_rss_scope": "job" if exact else "process"})
     store.write(key, res)  # written whole (temporary, then renamed), as it is read back
+    partial.unlink(missing_ok=True)   # the job's completions are in the cache now
     return key, res
