@@ -456,3 +456,23 @@ def test_sigterm_stops_the_workers_of_a_parallel_sweep(tmp_path):
         time.sleep(0.2)
     assert not any(alive(p) for p in pids)
     assert len(list(tmp_path.glob("*.pid"))) == 2  # the queued jobs never started
+
+
+def test_humaneval_key_ignores_the_line_completion_settings():
+    """pass@1 never reads the line-completion bench, its size or perplexity windows:
+    a sweep at another --n / --ppl-windows reuses it; the prompt mode and the problems
+    still count."""
+    from dataclasses import replace
+
+    from qdsl.study.jobs import HUMANEVAL, QUALITY, Job
+    from qdsl.study.sweep import job_key
+
+    cfg = SweepConfig(model="smollm2-135m", humaneval=164)
+    for recipe in (None, RECIPES[0]):
+        he, q = Job(recipe, HUMANEVAL), Job(recipe, QUALITY)
+        other = replace(cfg, n=1572, ppl_windows=256, ctx_tokens=128, layer_windows=0)
+        assert job_key(he, cfg, "m", "b") == job_key(he, other, "m", "b2")
+        assert job_key(q, cfg, "m", "b") != job_key(q, other, "m", "b2")
+        assert job_key(he, cfg, "m", "b") != job_key(he, replace(cfg, humaneval=82), "m", "b")
+        assert job_key(he, cfg, "m", "b") != job_key(he, replace(cfg, prompt="newline"), "m", "b")
+        assert job_key(he, cfg, "m", "b") != job_key(he, cfg, "m2", "b")

@@ -85,9 +85,17 @@ def forced_calib_overrides(jobs, cfg: SweepConfig) -> list[str]:
 
 
 def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
-    payload: dict = {"format": FORMAT, "kind": job.kind, "model": model_hash, "bench": bhash,
-                     "eval": [cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg),
-                              cfg.ppl_windows], "layers": [cfg.layer_windows, cfg.layer_tokens]}
+    """The cache key of ``job``: what its result depends on. A HumanEval job's does not
+    hold the line-completion benchmark and its settings (samples, prompt budget,
+    perplexity windows, layer statistics), which it never reads: its pass@1 is reused
+    by sweeps of the same model at another ``--n`` or ``--ppl-windows``."""
+    if job.kind == HUMANEVAL:
+        payload: dict = {"format": FORMAT, "kind": job.kind, "model": model_hash,
+                         "prompt": prompt_mode(cfg)}
+    else:
+        payload = {"format": FORMAT, "kind": job.kind, "model": model_hash, "bench": bhash,
+                   "eval": [cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg),
+                            cfg.ppl_windows], "layers": [cfg.layer_windows, cfg.layer_tokens]}
     if job.recipe is not None:
         r = load_recipe(job.recipe)
         payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower,
