@@ -154,3 +154,43 @@ def test_cli(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
+
+
+def _ex(runner="graph", batch=1, threads=1, cpu="AVX512", torch_v="2.13.0"):
+    return {"runner": runner, "batch_size": batch, "threads": threads, "cpu": cpu,
+            "torch": torch_v}
+
+
+def test_rows_on_different_execution_paths_are_named(capsys):
+    """Two artifacts' rows at another batch or decode path differ by summation order
+    alone (up to 3 ES points measured): compare names the fields; a float row against
+    a graph differs in runner by design, and a float model's batch does not matter."""
+    es = [float(i % 50) for i in range(40)]
+
+    def pair(ea, eb):
+        a, b = _row(es), _row([x + 1 for x in es])
+        a["execution"], b["execution"] = ea, eb
+        return compare(Row("A", a), Row("B", b))["execution_differs"]
+
+    assert pair(_ex(), _ex()) == []
+    assert pair(_ex(batch=8), _ex(runner="graph, compiled step")) == [
+        "runner graph vs graph, compiled step", "batch size 8 vs 1"]
+    assert pair(_ex("transformers", batch=8), _ex(batch=1)) == []       # float vs graph
+    assert pair(_ex("transformers", batch=8), _ex(cpu="AVX2")) == ["cpu AVX512 vs AVX2"]
+    assert pair(_ex("transformers", batch=8), _ex("transformers", batch=1)) == []
+    assert pair(_ex(threads=2), _ex(torch_v="2.12.0")) == ["threads 2 vs 1",
+                                                           "torch 2.13.0 vs 2.12.0"]
+    a, b = _row(es), _row(es)          # older files without the record: nothing to say
+    a["execution"] = _ex()
+    assert compare(Row("A", a), Row("B", b))["execution_differs"] == []
+
+
+def test_cli_says_when_the_paths_differ(tmp_path, capsys):
+    es = [float(i % 50) for i in range(40)]
+    a, b = _row(es), _row(es)
+    a["execution"], b["execution"] = _ex(batch=8), _ex(batch=1)
+    f = tmp_path / "e.json"
+    f.write_text(json.dumps({"target": a, "baseline": b}))
+    assert main(["compare", str(f)]) == 0
+    assert "note: the rows ran different execution paths (batch size 8 vs 1)" in \
+        capsys.readouterr().out

@@ -261,6 +261,20 @@ def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
             "seconds": round(time.time() - t0, 2)}
 
 
+def execution(lm: CausalLM, rows: int) -> dict:
+    """The execution path a row's completions ran on: what, besides the model, can change
+    a greedy completion through float summation order (``qdsl compare`` names the
+    fields two rows differ in). ``runner``: ``transformers`` (a float model's own
+    forward) or ``graph`` (a captured graph; ``graph, compiled step`` when its decode
+    step is compiled); rows per forward, torch threads, the CPU capability torch's
+    kernels dispatch on, and the torch version."""
+    step = getattr(lm, "step", None)
+    runner = ("transformers" if not hasattr(lm, "gm") else
+              "graph, compiled step" if step is not None else "graph")
+    return {"runner": runner, "batch_size": rows, "threads": torch.get_num_threads(),
+            "cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
              max_positions: int | None = None, ppl_windows: int = 64,
              progress: bool = True, batch_size: int = 1,
@@ -272,7 +286,8 @@ def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
     ``checkpoint``: the completions' (``score_completion``))."""
     out = {"model": getattr(lm, "name", "model"), "ctx_tokens": cfg.ctx_tokens,
            "max_new_tokens": cfg.max_new_tokens, "prompt": cfg.prompt,
-           "max_positions": max_positions, "batch_size": batch_rows(lm, batch_size)}
+           "max_positions": max_positions, "batch_size": batch_rows(lm, batch_size),
+           "execution": execution(lm, batch_rows(lm, batch_size))}
     comp = score_completion(lm, tok, samples, cfg, max_positions, progress,
                             desc=f"{out['model']}: complete", batch_size=batch_size,
                             checkpoint=checkpoint)

@@ -219,7 +219,34 @@ def compare(a: Row, b: Row, margin: dict[str, float] | None = None) -> dict:
         metrics.append(r)
     return {"a": {"row": a.label, "model": a.model, "n": len(a.data["samples"])},
             "b": {"row": b.label, "model": b.model, "n": len(b.data["samples"])},
-            "level": 0.95, "metrics": metrics}
+            "level": 0.95, "metrics": metrics, "execution_differs": execution_differs(a, b)}
+
+
+# execution fields that change a float model's completions: not its rows per forward
+# (its batched completions equal batch 1's, docs/performance.md "Identity")
+_FLOAT_INVARIANT = {"batch_size"}
+
+
+def execution_differs(a: Row, b: Row) -> list[str]:
+    """The execution-path fields (``qdsl.eval.complete.execution``) in which two rows of
+    the same runner kind differ, as "field A vs B". Equivalent paths of one int8
+    artifact (batch 1 or 8, eager or compiled decode) scored 40.2 to 43.0 ES on the same
+    samples (docs/performance.md, session 29), so a comparison meant to isolate a
+    recipe must hold the path fixed. A float model against a graph (the usual
+    quantized-vs-float row) differs in runner by design: only the machine's fields
+    (CPU capability, torch, threads) are checked then. Empty when a row predates the
+    record."""
+    ea, eb = a.data.get("execution"), b.data.get("execution")
+    if not isinstance(ea, dict) or not isinstance(eb, dict):
+        return []
+    kinds = {str(e.get("runner", "")).split(",")[0] for e in (ea, eb)}
+    if len(kinds) > 1:
+        fields = ("threads", "cpu", "torch")
+    else:
+        fields = tuple(k for k in ("runner", "batch_size", "threads", "cpu", "torch")
+                       if not (kinds == {"transformers"} and k in _FLOAT_INVARIANT))
+    return [f"{k.replace('_', ' ')} {ea.get(k)} vs {eb.get(k)}" for k in fields
+            if ea.get(k) != eb.get(k)]
 
 
 def _num(x, digits: int = 2) -> str:
@@ -266,4 +293,9 @@ def render(result: dict) -> str:
                 head += f"; McNemar {mc['b']}/{mc['c']}, exact p {mc['p_exact']:.2g})"
         lines.append(head)
         lines.append(f"          {_verdict_text(r)}")
+    if result.get("execution_differs"):
+        lines.append("note: the rows ran different execution paths (" +
+                     "; ".join(result["execution_differs"]) + "): float summation order "
+                     "alone has moved one artifact's ES by up to 3 points between such "
+                     "paths; hold the path fixed to compare recipes")
     return "\n".join(lines)

@@ -175,7 +175,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
                        ppl_windows=cfg.ppl_windows, progress=progress, batch_size=rows,
                        ppl_samples=pool, checkpoint=ck)
         out.update({k: res.get(k) for k in ("n", "em", "es", "ppl", "bpb", "ppl_windows",
-                                             "ppl_window_nll", "ppl_window_tokens")})
+                                             "ppl_window_nll", "ppl_window_tokens",
+                                             "execution")})
         if res.get("resumed"):
             out["resumed_samples"] = res["resumed"]
         out["eval_seconds"] = round(time.time() - t, 2)

@@ -189,6 +189,8 @@ def test_evaluate_records_the_rows_it_ran(artifacts):
     res = evaluate(graph, CharTok(), _samples(3), cfg, ppl_windows=3, progress=False,
                    batch_size=8)
     assert res["batch_size"] == 2          # capped at the graph's rows
+    assert res["execution"]["runner"] == "graph" and res["execution"]["batch_size"] == 2
+    assert res["execution"]["cpu"] == torch.backends.cpu.get_cpu_capability()
     ref = evaluate(qdsl.load(paths["fake"], model).lm(), CharTok(), _samples(3), cfg,
                    ppl_windows=3, progress=False)
     assert res["samples"] == ref["samples"] and res["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
