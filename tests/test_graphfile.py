@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from tiny import tiny, tiny_ids
 
 import qdsl.compiler as C
+from qdsl.artifact import store
 from qdsl.artifact.files import sha256_file
 from qdsl.compiler import graphfile, lowered
 from qdsl.compiler.graphfile import GRAPH_FILE
@@ -101,8 +102,12 @@ def test_another_cache_length_loads_by_capture(saved, monkeypatch):
     calls = []
     real = lowered.capture
     monkeypatch.setattr(lowered, "capture", lambda *a, **k: calls.append(k) or real(*a, **k))
+    hashed = []
+    real_verify = store.verify_files
+    monkeypatch.setattr(store, "verify_files", lambda *a: hashed.append(a) or real_verify(*a))
     lm = load_artifact_lm(d, max_cache_len=CACHE // 2)
     assert calls and calls[0]["max_cache_len"] == CACHE // 2 and lm.max_cache_len == CACHE // 2
+    assert len(hashed) == 1        # the files are hashed once, not again by the capture
     ids = tiny_ids(model, 1, 8, seed=3)
     assert torch.equal(lm.logits(ids), q(ids))
 

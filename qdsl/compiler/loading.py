@@ -130,6 +130,7 @@ def load_artifact_lm(path: str | os.PathLike, model: ModelArg | None = None,
             lm = GraphLM(gm, meta["max_cache_len"], name=name, batch_size=batch_size)
             lm.tokenizer = tokenizer(Path(path) / "model")
             return lm
+        verify = False   # its files were just hashed: load's structural checks suffice
     q = load(path, model, max_cache_len=max_cache_len, verify=verify, batch_size=batch_size)
     lm = q.lm(name=name)
     lm.tokenizer = q.tokenizer
