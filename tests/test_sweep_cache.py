@@ -47,7 +47,7 @@ def _cfg(root) -> SweepConfig:
 def _fake(calls: list, es_of_recipe: float = float("nan")):
     """A job result as run_job makes it; the recipe's ES is NaN (an empty measurement)
     and every perplexity infinite."""
-    def run_job(job, cfg, samples, out_dir, *, progress=False, artifact=None):
+    def run_job(job, cfg, samples, out_dir, *, progress=False, artifact=None, **_):
         calls.append(job)
         es = 50.0 if job.recipe is None else es_of_recipe
         return {"kind": job.kind, "recipe": job.recipe, "model": "tiny",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import logging
 import sys
 import time
@@ -27,6 +28,7 @@ import qdsl
 
 from ..atomic import finite
 from ..errors import QdslError
+from ..eval.checkpoint import CompletionCheckpoint
 from ..lang import load_recipe
 from ..models.limits import positions_of_config
 from ..models.zoo import load_model
@@ -100,7 +102,6 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: boo
     finish and read back by the next run of the job (``key``, its cache key) when
     that run would compute them unchanged (``qdsl.eval.checkpoint``); the saved
     artifact is then reloaded instead of calibrating again, when it is still there."""
-    from ..eval.checkpoint import CompletionCheckpoint
     from ..eval.complete import CompletionConfig, evaluate
     from ..models.lm import HFCausalLM
 
@@ -226,8 +227,6 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
 def _params_hash(artifact: Path | None) -> str | None:
     """The saved artifact's parameters and plan, as the sha256s its manifest records
     (None: no artifact there)."""
-    import json
-
     try:
         files = json.loads((Path(artifact) / "qdsl_artifact.json").read_text())["files"]
         return ":".join(files[f]["sha256"] for f in sorted(files)
