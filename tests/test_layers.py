@@ -24,6 +24,7 @@ PKG = ROOT / "qdsl"
 # higher one). Within a layer, modules import each other freely (no cycles).
 RANK = {
     "qdsl": 0, "errors": 0, "resources": 0,   # __version__, the error types, data dirs
+    "progress": 0,   # progress bars / labelled progress lines (tqdm only)
     "atomic": 1,     # atomic writes and the output-directory rules (errors, __version__)
     "config": 1,     # Recipe, TensorSpec: frozen dataclasses, torch-free
     "lang": 2,       # text -> Recipe, torch-free; reads config (what a recipe means)

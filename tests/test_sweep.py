@@ -476,3 +476,18 @@ def test_humaneval_key_ignores_the_line_completion_settings():
         assert job_key(he, cfg, "m", "b") != job_key(he, replace(cfg, humaneval=82), "m", "b")
         assert job_key(he, cfg, "m", "b") != job_key(he, replace(cfg, prompt="newline"), "m", "b")
         assert job_key(he, cfg, "m", "b") != job_key(he, cfg, "m2", "b")
+
+
+def test_a_parallel_sweep_shows_each_jobs_progress_as_labelled_lines(tiny_dir, tmp_path,
+                                                                      capfd):
+    """-j 2: the pool workers cannot share live bars, so each phase of each job prints
+    plain lines starting with the job's label (``qdsl.progress``)."""
+    res = run_sweep(_cfg(tiny_dir), tmp_path / "j2", recipes=RECIPES[:1], jobs=2)
+    assert not res["failed"], res["failed"]
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("[")]
+    for label in ("[fp32]", "[storti/t2_w8a8]"):
+        mine = [ln for ln in lines if ln.startswith(label + " ")]
+        assert any(" complete: 4/4 " in ln for ln in mine), (label, lines)
+        assert any(" perplexity: " in ln for ln in mine), (label, lines)
+    assert any(ln.startswith("[storti/t2_w8a8] calibrating: ") for ln in lines), lines

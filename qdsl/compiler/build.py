@@ -32,6 +32,7 @@ from ..models.calib import DEFAULT_SEQ_LEN, CalibSpec, CalibrationError, calibra
 from ..passes.int8_exec import execution
 from ..passes.pipeline import (CALIBRATE, FREEZE, OBSERVE, STATISTICS, VALIDATE, Feed,
                                PassContext, lowering, run)
+from ..progress import Progress
 from ..runtime import kernels
 from ..runtime.graphlm import GraphLM
 from . import graphfile
@@ -283,7 +284,7 @@ def calibration_data(calib, st: Settings, tok, takes: Limit, what: str) -> torch
 
 def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None,
             settings=None, lower: str | None = None, max_cache_len: int | None = None,
-            progress: bool = True, fallback: str = "error",
+            progress: Progress = True, fallback: str = "error",
             check: bool = False, reduce: bool = True) -> QuantizedModel:
     """Compile ``recipe`` for ``model``: capture, name, match, observe, calibrate, freeze, lower.
 

@@ -31,11 +31,12 @@ from typing import Any, Iterator
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
 from ..errors import GraphError
 from ..graph.attrs import param
 from ..graph.roles import build_facts
+from ..progress import Progress
+from ..progress import bar as progress_bar
 
 PRE = -1  # the stage before the blocks
 SMALL_STATE = 64
@@ -130,7 +131,7 @@ class Stages:
     # ------------------------------------------------------------------ running
 
     @torch.inference_mode()
-    def run(self, batches: list[dict[str, Any]], *, progress: bool = False,
+    def run(self, batches: list[dict[str, Any]], *, progress: Progress = False,
             before=None, after=None) -> None:
         """Run every stage over ``batches`` (placeholder name -> value), stage-major.
         ``before(stage)`` / ``after(stage)``: called around each stage (materialise
@@ -195,5 +196,5 @@ def _needed(nodes: list[fx.Node]) -> set[fx.Node]:
     return live
 
 
-def _bar(items: list, desc: str, progress: bool) -> Iterator:
-    return iter(tqdm(items, desc=desc, unit="batch", disable=not progress, leave=False))
+def _bar(items: list, desc: str, progress: Progress) -> Iterator:
+    return iter(progress_bar(items, desc=desc, unit="batch", progress=progress, leave=False))

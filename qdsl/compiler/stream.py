@@ -42,6 +42,7 @@ from ..passes.pipeline import OBSERVE, PassContext, run
 from ..passes.round_weights import (STATS_PREFIX, linear_input, recorder_users, round_sites,
                                     rounding_sites)
 from ..plan import build_plan
+from ..progress import Progress
 from .build import (QuantizedModel, as_recipe, calibration_data, fit_lengths, is_causal_lm)
 from .checkpoint import Checkpoint, open_checkpoint
 from .exportcheck import export_diagnostics, export_verdicts
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 def compile_stream(model: str | os.PathLike, recipe: Recipe | str, out: str | os.PathLike,
                    calib=None, *, settings: Settings | None = None, lower: str | None = None,
-                   max_cache_len: int | None = None, progress: bool = True,
+                   max_cache_len: int | None = None, progress: Progress = True,
                    force: bool = False, trace_memory: str | os.PathLike | None = None
                    ) -> QuantizedModel:
     """``compile(model, recipe, calib, ...).save(out)``, streamed: ``model`` is a
@@ -115,7 +116,7 @@ def _compile_stream(model, recipe, out, calib, settings, lower, max_cache_len, p
 
 def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named, plan,
                           ctx: PassContext, r: Recipe, st: Settings, mode: str, takes, calib,
-                          progress: bool, trace: MemTrace | None = None) -> Frozen:
+                          progress: Progress, trace: MemTrace | None = None) -> Frozen:
     tr = trace or MemTrace(None)
     stages = Stages(gm, strip)
     fx_nodes = {n.name: n for n in gm.graph.nodes}

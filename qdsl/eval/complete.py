@@ -42,9 +42,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..models.lm import CausalLM
+from ..progress import Progress
+from ..progress import bar as progress_bar
 from .checkpoint import CompletionCheckpoint
 from .samples import Sample
 from .metrics import bits_per_byte, edit_similarity, exact_match, mean, perplexity
@@ -167,7 +168,7 @@ def _batches(samples: list[Sample], rows: int, key) -> list[list[int]]:
 
 
 def score_completion(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig,
-                     max_positions: int | None = None, progress: bool = True,
+                     max_positions: int | None = None, progress: Progress = True,
                      desc: str = "complete", batch_size: int = 1,
                      checkpoint: CompletionCheckpoint | None = None) -> dict:
     """EM (percent), ES (0-100) and per-sample predictions (in ``samples``' order).
@@ -185,8 +186,8 @@ def score_completion(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionCo
     done: dict[str, str] = {}
     resumed = 0
     preds: list[str | None] = [None] * len(samples)
-    bar = tqdm(total=len(samples), desc=desc, disable=not progress, unit="sample",
-               postfix={"batch": rows_per})
+    bar = progress_bar(total=len(samples), desc=desc, progress=progress, unit="sample",
+                       postfix={"batch": rows_per})
 
     def save(force: bool = False) -> None:
         if checkpoint is not None:
@@ -235,7 +236,7 @@ def _window_logits(lm: CausalLM, windows: list[list[int]], rows: int):
 
 def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
                      window: int = 256, max_positions: int | None = None,
-                     progress: bool = True, batch_size: int = 1) -> dict:
+                     progress: Progress = True, batch_size: int = 1) -> dict:
     """Perplexity and bits per byte over the first n_windows samples' windows
     (``batch_size`` windows per forward where ``lm`` can, as ``score_completion``)."""
     if max_positions:
@@ -245,8 +246,8 @@ def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
     windows = [ids for ids in (_encode(tok, s.context + s.target + "\n")[-window:]
                                for s in samples[:n_windows]) if len(ids) >= 2]
     rows = batch_rows(lm, batch_size) if hasattr(lm, "logits_rows") else 1
-    for x, logits in tqdm(_window_logits(lm, windows, rows), total=len(windows),
-                          desc="perplexity", disable=not progress, unit="window"):
+    for x, logits in progress_bar(_window_logits(lm, windows, rows), total=len(windows),
+                                  desc="perplexity", progress=progress, unit="window"):
         ids = x[0].tolist()
         logits = logits[:-1].float()                    # [T-1, V]
         w = F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
@@ -277,7 +278,7 @@ def execution(lm: CausalLM, rows: int) -> dict:
 
 def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
              max_positions: int | None = None, ppl_windows: int = 64,
-             progress: bool = True, batch_size: int = 1,
+             progress: Progress = True, batch_size: int = 1,
              ppl_samples: list[Sample] | None = None,
              checkpoint: CompletionCheckpoint | None = None) -> dict:
     """Line completion + perplexity for one model -> a JSON-able dict (``batch_size``:

@@ -20,10 +20,11 @@ import logging
 import time
 
 import torch
-from tqdm import tqdm
 
 from ..errors import ModelError
 from ..models.lm import CausalLM
+from ..progress import Progress
+from ..progress import bar as progress_bar
 from .metrics import pass_at_k
 from . import sandbox
 from .sandbox import OUTPUT_CAP, TIMEOUT_S, run_python, sandbox_kind
@@ -87,14 +88,14 @@ def run_program(program: str, timeout: float = TIMEOUT_S,
 
 def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300,
                   heal: bool = False, max_positions: int | None = None,
-                  progress: bool = True, unsafe: bool = False) -> dict:
+                  progress: Progress = True, unsafe: bool = False) -> dict:
     """pass@1 (greedy, one sample per problem) on the first ``limit`` problems.
     Refuses (``SandboxError``) before generating anything when the sandbox cannot be
     had, unless ``unsafe`` (``--unsafe-exec``): resource limits only."""
     sandbox = sandbox_kind(unsafe)
     problems = load_problems()[:limit]
     rows, t0 = [], time.time()
-    for prob in tqdm(problems, desc="humaneval", disable=not progress, unit="problem"):
+    for prob in progress_bar(problems, desc="humaneval", progress=progress, unit="problem"):
         prompt = prob["prompt"].rstrip() if heal else prob["prompt"]
         completion = generate(lm, tok, prompt, max_new_tokens, max_positions)
         program = (prompt + completion + "\n\n" + prob["test"] + "\n"

@@ -21,6 +21,7 @@ import tokenize
 import zlib
 from dataclasses import replace
 
+from ..progress import Progress
 from .complete import prompt_ids, score_completion
 
 DEFAULT_PROB = 0.35  # NL-Augmenter ChangeCharCase default
@@ -121,7 +122,7 @@ def pct_drop(clean: float | None, perturbed: float | None) -> float | None:
 
 
 def robust_scores(lm, tok, samples, ccfg, *, max_positions: int | None = None,
-                  prob: float = DEFAULT_PROB, seed: int = 0, progress: bool = False,
+                  prob: float = DEFAULT_PROB, seed: int = 0, progress: Progress = False,
                   batch_size: int = 1) -> dict:
     """Clean vs perturbed EM / ES of one model (``qdsl.models.lm.CausalLM``). A sample whose
     prompt tokens the perturbation leaves unchanged (it touched only text before the

@@ -21,6 +21,7 @@ from ..errors import ArtifactError, ModelError
 from ..models import zoo
 from ..models.limits import fit_length, limit_of, positions_of_config, tightest
 from ..models.lm import CausalLM, HFCausalLM
+from ..progress import Progress
 from .samples import Sample
 from .complete import DEFAULT_PROMPT, PROMPT_BY_MODEL, CompletionConfig, evaluate
 from .humaneval import run_humaneval
@@ -105,7 +106,7 @@ def fit_eval(target: str, baseline: str | None = None, ctx_tokens: int | None = 
 def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | None = None,
              ctx_tokens: int | None = None, max_new_tokens: int = 48, prompt: str | None = None,
              ppl_windows: int = 64, humaneval: int = 0, unsafe_exec: bool = False,
-             progress: bool = True, verify: bool = True,
+             progress: Progress = True, verify: bool = True,
              batch_size: int | None = None, compare: bool = True,
              ppl_samples: list[Sample] | None = None) -> dict:
     """Evaluate ``target`` (and ``baseline``; for an artifact, its source model by

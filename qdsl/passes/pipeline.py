@@ -27,6 +27,7 @@ from typing import Any, Callable
 from torch import fx
 
 from ..errors import GraphError
+from ..progress import Progress
 from .calibrate import calibrate
 from .common import ACT_PREFIX, WEIGHT_PREFIX, attr_name
 from .freeze import Frozen, freeze
@@ -52,7 +53,7 @@ class Feed:
     run: Callable[[Any], object]
     windows: Any
     batch_size: int = 1
-    progress: bool = False
+    progress: Progress = False
 
 
 @dataclass
@@ -75,7 +76,7 @@ class PassContext:
     observers: dict | None = None
     input_stats: dict | None = None   # insert_input_stats: GPTQ / AWQ recorders
     rounded: dict | None = None       # round_weights: GPTQ / AWQ codes for freeze
-    progress: bool = False
+    progress: Progress = False
     fallback: str = "error"
     lower_compute: str | None = None
     feed: Feed | None = None

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx
-from tqdm.auto import tqdm
 
 from ..errors import GraphError
 from ..graph.attrs import param
 from ..graph.ops import LINEAR_INPUT_VIEWS, WEIGHTED_ATEN_OPS
 from ..plan import QuantPlan
+from ..progress import Progress
+from ..progress import bar as progress_bar
 from ..quant.awq import awq_codes
 from ..quant.gptq import gptq_codes
 from ..quant.hessian import InputStats
@@ -128,7 +129,7 @@ def insert_input_stats(gm: fx.GraphModule, named, plan: QuantPlan) -> dict[str, 
 
 @torch.no_grad()
 def round_weights(gm: fx.GraphModule, named, plan: QuantPlan, stats: dict[str, InputStats],
-                  *, progress: bool = True) -> dict[str, Rounded]:
+                  *, progress: Progress = True) -> dict[str, Rounded]:
     """Every rounding site at once (the in-memory compile, after the one calibration
     pass); then the recorders leave the graph."""
     sites = rounding_sites(named, plan)
@@ -149,14 +150,14 @@ def recorder_users(sites: list, stats: dict[str, InputStats]) -> dict[int, int]:
 @torch.no_grad()
 def round_sites(gm: fx.GraphModule, sites: list, plan: QuantPlan,
                 stats: dict[str, InputStats], users: dict[int, int], *,
-                progress: bool = True) -> dict[str, Rounded]:
+                progress: Progress = True) -> dict[str, Rounded]:
     """GPTQ / AWQ codes of ``sites`` (some of ``rounding_sites``: all of them in memory,
     one stage's in the streamed compile) from their recorders' statistics; a recorder's
     statistics are freed once ``users`` (``recorder_users``, updated here) says its last
     site is rounded. The recorders stay in the graph."""
     out: dict[str, Rounded] = {}
-    for node in tqdm(sites, desc="rounding weights", unit="linear",
-                     disable=not progress or not sites, leave=False):
+    for node in progress_bar(sites, desc="rounding weights", unit="linear",
+                             progress=progress if sites else False, leave=False):
         spec, mod = plan[node.name].weight, stats[node.name]
         if mod.count == 0:
             raise GraphError(f"{spec.rounding.name} on {node.name}: its linear saw no "

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
-from tqdm.auto import tqdm
 
 from ..config.spec import TensorSpec
 from ..graph.attrs import param
 from ..passes.common import set_activation_module, weight_use
+from ..progress import bar as progress_bar
 from ..quant.observers import make_observer
 from ..runtime.conv1d import oriented
 from ..runtime.fakequant import activation_module, fake_quantize_weight
@@ -190,7 +190,7 @@ class Prober:
 
     def _batches(self, windows: Tensor, batch: int, desc: str, progress: bool):
         chunks = list(windows.split(batch))
-        return tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False)
+        return progress_bar(chunks, desc=desc, unit="batch", progress=progress, leave=False)
 
     @torch.no_grad()
     def observe(self, windows: Tensor, batch: int, progress: bool = True) -> None:
@@ -229,9 +229,9 @@ class Prober:
         losses = list(losses or [])
         chunks = list(windows.split(batch))
         try:
-            for ids in tqdm(chunks[len(losses):], desc="search: scoring", unit="batch",
-                            disable=not progress, leave=False, initial=len(losses),
-                            total=len(chunks)):
+            for ids in progress_bar(chunks[len(losses):], desc="search: scoring", unit="batch",
+                                    progress=progress, leave=False, initial=len(losses),
+                                    total=len(chunks)):
                 self._modes("score", ids.shape[0] * (ids.shape[1] - 1))
                 with torch.enable_grad():
                     loss = _loss(self.gm, ids)
@@ -310,8 +310,8 @@ class Prober:
             if on_pair is not None:
                 on_pair(sens)
         done = len(sens.checks)
-        for j in tqdm(pick[done:], desc="search: checking", unit="node", disable=not progress,
-                      leave=False, initial=done, total=len(pick)):
+        for j in progress_bar(pick[done:], desc="search: checking", unit="node",
+                              progress=progress, leave=False, initial=done, total=len(pick)):
             s, ui, ci = pairs[j]
             self.quantize_only(ui, ci)
             try:

@@ -92,8 +92,10 @@ class LocalExecutor:
         # a robust job running beside its quality job compiles for itself
         pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
         try:
-            futs = [pool.submit(_worker, j, cfg, samples, str(out), key, threads, False, art,
-                                store) for j, key, art in subs]
+            # each job's progress as labelled lines (live bars would overwrite each other)
+            futs = [pool.submit(_worker, j, cfg, samples, str(out), key, threads,
+                                j.label if self.progress else False, art, store)
+                    for j, key, art in subs]
             for f in as_completed(futs):
                 finish(*f.result())
         except BaseException:  # Ctrl-C, SIGTERM (the CLI's KeyboardInterrupt), a failure

@@ -69,6 +69,16 @@ class Job:
         return cls(recipe_path(row.recipe) if row.recipe else None, kind, row.lower,
                    row.own_calib)
 
+    @property
+    def label(self) -> str:
+        """How the job's progress lines begin (``qdsl.progress``'s line mode), e.g.
+        ``[storti/t2_w8a32 humaneval]``; quality jobs name only the recipe."""
+        name = "fp32" if self.recipe is None else "/".join(Path(self.recipe).parts[-2:])
+        name = name.removesuffix(".qrec")
+        extra = [x for x in (self.lower and f"--lower {self.lower}",
+                             self.kind != QUALITY and self.kind) if x]
+        return f"[{' '.join([name, *extra])}]"
+
 
 def prompt_mode(cfg: SweepConfig) -> str:
     """The completion prompt mode the sweep evaluates with."""

@@ -32,6 +32,7 @@ from ..eval.checkpoint import CompletionCheckpoint
 from ..lang import load_recipe
 from ..models.limits import positions_of_config
 from ..models.zoo import load_model
+from ..progress import Progress
 from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, LoadedModel, SweepConfig, cache_len,
                    effective_settings, eval_batch, fit, prompt_mode)
 from .layerstats import float_reference, layer_stats, layer_windows
@@ -70,7 +71,7 @@ def _humaneval_cache_len(cfg: SweepConfig, tok, max_pos: int | None) -> int:
     return fit(longest + cfg.humaneval_tokens + 2, max_pos)
 
 
-def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: bool,
+def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: Progress,
              graph_cache: int | None = None):
     loaded = _model(cfg.model)
     model, tok = loaded.model, loaded.tok
@@ -93,7 +94,7 @@ def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: bool,
     return qm
 
 
-def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: bool = False,
+def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Progress = False,
             artifact: Path | None = None, partial: Path | None = None,
             key: str | None = None) -> dict:
     """Run one job -> its result dict (the caller caches it). ``artifact``: where the
@@ -278,7 +279,7 @@ def peak_rss() -> int | None:
 
 
 def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads: int,
-            progress: bool = False, artifact: str | None = None,
+            progress: Progress = False, artifact: str | None = None,
             store: CacheStore | None = None, raise_errors: bool = False) -> tuple[str, dict]:
     """Run a job and cache it in ``store`` (default ``out_dir/cache``), in a pool process,
     a Ray worker or the sweep's own. A job whose entry is already in the cache (another

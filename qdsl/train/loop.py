@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..compiler.build import as_model, as_recipe, compile, explain, student_of
 from ..errors import ModelError
 from ..models.student import find_blocks
+from ..progress import bar as progress_bar
 from . import checkpoint
 from .data import batch, held_out, token_streams
 from .init import load_init
@@ -260,8 +260,8 @@ class Trainer:
         """Train from ``self.step`` to ``cfg.steps``, checkpointing; Ctrl-C stops between
         steps (KeyboardInterrupt propagates; the last checkpoint stays)."""
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
-                   disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=cfg.steps, initial=self.step, desc="training", unit="step",
+                           progress=progress, dynamic_ncols=True)
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
