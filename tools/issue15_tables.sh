@@ -9,7 +9,7 @@
 #                 same weights;
 #   GPT-2 124M (random weights, CodeGPT-small's shape; qdsl's runtime modules swapped
 #                 into the eager model, `--lower-all w8a8-dynamic`) and Qwen2.5-Coder-0.5B
-#                 (the w8a8 artifact): fp32, torch.ao and qdsl.
+#                 (the w8a8 artifact): fp32, torch.ao and qdsl (Qwen with compiled decode rows).
 #
 #   tools/issue15_tables.sh [OUT_DIR]          # default runs/issue15; DRY=1 prints the commands
 #
@@ -81,7 +81,7 @@ for cap in native avx2; do
     bench $cap $t smollm2 "$OUT/art/smol-w8a8" --also "$OUT/art/smol-w4" \
       --also "$OUT/art/smol-w4a8" --compile-decode "${lc[@]}"
     bench $cap $t gpt2 gpt2-124m-random --lower-all w8a8-dynamic   # no checkpoint to compile
-    bench $cap $t qwen "$OUT/art/qwen-w8a8"
+    bench $cap $t qwen "$OUT/art/qwen-w8a8" --compile-decode
   done
 done
 echo "tables in $OUT/bench/*.md"
