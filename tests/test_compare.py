@@ -194,3 +194,31 @@ def test_cli_says_when_the_paths_differ(tmp_path, capsys):
     assert main(["compare", str(f)]) == 0
     assert "note: the rows ran different execution paths (batch size 8 vs 1)" in \
         capsys.readouterr().out
+
+
+def test_a_sweeps_cache_entries_are_rows(tmp_path, capsys):
+    """One job's cache entry (DIR/cache/KEY.json) compares like an eval row; it has no
+    baseline side, so the float row is named as B."""
+    rng = random.Random(1)
+    b = [rng.uniform(0, 100) for _ in range(100)]
+    nll = [rng.uniform(1, 3) for _ in range(16)]
+    fp = tmp_path / "aa.json"
+    fp.write_text(json.dumps({**_row(b, nll=nll), "key": "aa", "kind": "quality",
+                              "recipe": None}))
+    q = tmp_path / "bb.json"
+    q.write_text(json.dumps({**_row([x - 5 for x in b], nll=[x + 0.1 for x in nll]),
+                             "key": "bb", "kind": "quality", "recipe": "/r/wei/t4_x.qrec"}))
+    a = load_row(str(q))
+    assert a.label == f"{q} (t4_x)"
+    assert _metrics(compare(a, load_row(str(fp))))["es"]["diff"]["est"] == pytest.approx(-5)
+    assert main(["compare", str(q), str(fp)]) == 0
+    out = capsys.readouterr().out
+    assert "(t4_x)" in out and "(fp32)" in out and "A-B -5.00" in out
+    for argv in (["compare", str(q)], ["compare", f"{q}:baseline", str(fp)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "a sweep's cache entry is one row" in err and "Traceback" not in err
+    he = tmp_path / "cc.json"
+    he.write_text(json.dumps({"key": "cc", "kind": "humaneval", "samples": []}))
+    with pytest.raises(CompareError, match="no per-sample completion scores .a humaneval job"):
+        load_row(str(he))

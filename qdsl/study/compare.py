@@ -3,7 +3,7 @@ and a three-way verdict against the study's margins (``qdsl compare``, ``qdsl ev
 
 A row is one side of a ``qdsl eval --json`` file: its ``target`` (the model or artifact
 evaluated) or its ``baseline`` (the float model scored on the same samples in the same
-run). Two rows pair when they scored the same completion samples (by id), the same
+run); or a sweep's cache entry (``DIR/cache/<key>.json``, one job's row). Two rows pair when they scored the same completion samples (by id), the same
 perplexity windows (the same count and tokens per window) and, for pass@1, the same
 HumanEval problems; rows that do not pair are an error that says which part differs,
 never a comparison of two unpaired means.
@@ -73,8 +73,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 def load_row(spec: str, default_side: str = "target") -> Row:
     """The row ``spec`` names (``FILE[:target|:baseline]``) from a ``qdsl eval --json``
     file; a CompareError naming the file where it cannot be read or has no such row."""
-    path, side = parse_spec(spec)
-    side = side or default_side
+    path, given = parse_spec(spec)
+    side = given or default_side
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -83,8 +83,12 @@ def load_row(spec: str, default_side: str = "target") -> Row:
         raise CompareError(f"{path}: cannot read it ({e})") from None
     except json.JSONDecodeError as e:
         raise CompareError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if isinstance(d, dict) and isinstance(d.get("samples"), list) and "key" in d \
+            and not any(k in d for k in SIDES):
+        return _sweep_row(path, d, given, default_side)
     if not isinstance(d, dict) or not any(isinstance(d.get(s), dict) for s in SIDES):
-        raise CompareError(f"{path}: not a `qdsl eval --json` file (no target / baseline row)")
+        raise CompareError(f"{path}: not a `qdsl eval --json` file (no target / baseline "
+                           f"row) nor a sweep's cache entry")
     row = d.get(side)
     if not isinstance(row, dict):
         other = "target" if side == "baseline" else "baseline"
@@ -94,6 +98,20 @@ def load_row(spec: str, default_side: str = "target") -> Row:
     if not row.get("samples"):
         raise CompareError(f"{path}:{side}: no per-sample scores (written by an older qdsl?)")
     return Row(f"{path}:{side}", row)
+
+
+def _sweep_row(path: str, d: dict, side: str | None, default_side: str) -> Row:
+    """A sweep's cache entry (``DIR/cache/<key>.json``, one job's row: the same
+    per-sample and per-window fields as an eval row) as a Row, labelled with its
+    recipe; it has no target / baseline sides, so its float row is another entry."""
+    if side is not None or default_side != "target":
+        raise CompareError(f"{path}: a sweep's cache entry is one row (no :{side or 'baseline'}); "
+                           f"name row B, e.g. the sweep's fp32 entry")
+    if not d["samples"]:
+        raise CompareError(f"{path}: no per-sample completion scores (a {d.get('kind')} job)")
+    what = Path(str(d["recipe"])).stem if d.get("recipe") else "fp32"
+    kind = d.get("kind", "quality")
+    return Row(f"{path} ({what}{'' if kind == 'quality' else ', ' + str(kind)})", d)
 
 
 def _pairing(a: Row, b: Row) -> None:

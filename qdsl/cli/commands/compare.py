@@ -27,11 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=(
             "A row is FILE (its target), FILE:target or FILE:baseline, where FILE was\n"
             "written by `qdsl eval ... --json FILE`. With one argument, the file's target\n"
-            "is compared with its own baseline (the float model scored in the same run).\n\n"
+            "is compared with its own baseline (the float model scored in the same run).\n"
+            "A sweep's cache entry (DIR/cache/KEY.json, one job) is a row too; its float\n"
+            "row is the sweep's fp32 entry, named as B.\n\n"
             "examples:\n"
             "  qdsl compare int8.json                 # the artifact vs fp32, same run\n"
             "  qdsl compare learned.json plain.json   # two artifacts, same --n/--seed\n"
-            "  qdsl compare a.json b.json --margin-es 1 --json a_vs_b.json"))
+            "  qdsl compare a.json b.json --margin-es 1 --json a_vs_b.json\n"
+            "  qdsl compare DIR/cache/KEY1.json DIR/cache/KEY2.json   # two sweep rows"))
     p.add_argument("a", metavar="A", help="the row compared (FILE[:target|:baseline])")
     p.add_argument("b", metavar="B", nargs="?",
                    help="the row it is compared with (default: A's file's baseline)")
