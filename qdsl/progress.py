@@ -9,7 +9,8 @@ beginning with the label, e.g.::
     [t2_w8a32 quality] completions: 412/1572 [05:10<14:34, 1.33sample/s]
 
 Live bars from several processes overwrite each other, and no bar at all left a
-ten-hour ``-j 2`` sweep silent for an hour at a time.
+ten-hour ``-j 2`` sweep silent for an hour at a time; a sweep also uses line mode when
+stderr is not a terminal (``nohup ... > log``), where live bars' redraws pile up.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 Progress = bool | str   # False: nothing; True: a live bar; a label: lines (above)
 
 LINE_INTERVAL = 60.0    # seconds between two lines of one phase in line mode
-_LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+_LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
 class _Lines:
@@ -41,6 +42,15 @@ class _Lines:
 
     def flush(self) -> None:
         pass
+
+
+def live() -> bool:
+    """Whether stderr is a terminal, where a live bar redraws in place (in a log file
+    its redraws pile up as one endless line: use labelled lines there)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):   # replaced or closed
+        return False
 
 
 def bar(iterable: Iterable | None = None, *, progress: Progress, desc: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from qdsl.progress import _Lines, bar
+from qdsl.progress import _Lines, bar, live
 from qdsl.study.jobs import HUMANEVAL, Job
 
 
@@ -59,3 +59,16 @@ def test_job_labels_name_the_recipe_and_what_runs():
     assert Job("/r/recipes/wei/t4_static_per_tensor.qrec", HUMANEVAL).label == \
         "[wei/t4_static_per_tensor humaneval]"
     assert Job("/r/x/w8a8.qrec", lower="int8").label == "[x/w8a8 --lower int8]"
+
+
+def test_postfix_shows_in_lines(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    with bar(total=2, desc="complete", progress="[j]", postfix={"batch": 8}) as b:
+        b.update(2)
+    assert "batch=8" in out.getvalue().splitlines()[-1]
+
+
+def test_live_is_false_off_a_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert live() is False

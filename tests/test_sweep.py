@@ -478,11 +478,13 @@ def test_humaneval_key_ignores_the_line_completion_settings():
         assert job_key(he, cfg, "m", "b") != job_key(he, cfg, "m2", "b")
 
 
-def test_a_parallel_sweep_shows_each_jobs_progress_as_labelled_lines(tiny_dir, tmp_path,
-                                                                      capfd):
-    """-j 2: the pool workers cannot share live bars, so each phase of each job prints
-    plain lines starting with the job's label (``qdsl.progress``)."""
-    res = run_sweep(_cfg(tiny_dir), tmp_path / "j2", recipes=RECIPES[:1], jobs=2)
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_sweep_logged_or_parallel_shows_each_jobs_progress_as_labelled_lines(
+        tiny_dir, tmp_path, capfd, jobs):
+    """-j 2: the pool workers cannot share live bars; -j 1 with stderr not a terminal (a
+    log file; here pytest's capture): live bars would pile up. Each phase of each job
+    prints plain lines starting with the job's label (``qdsl.progress``)."""
+    res = run_sweep(_cfg(tiny_dir), tmp_path / f"j{jobs}", recipes=RECIPES[:1], jobs=jobs)
     assert not res["failed"], res["failed"]
     err = capfd.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("[")]
@@ -491,3 +493,6 @@ def test_a_parallel_sweep_shows_each_jobs_progress_as_labelled_lines(tiny_dir, t
         assert any(" complete: 4/4 " in ln for ln in mine), (label, lines)
         assert any(" perplexity: " in ln for ln in mine), (label, lines)
     assert any(ln.startswith("[storti/t2_w8a8] calibrating: ") for ln in lines), lines
+    assert any(ln.startswith("[sweep] jobs: 2/2 ") for ln in lines), lines
+    # whole lines (transformers' own "Loading weights" bars still redraw with \r)
+    assert not any("\r" in ln for ln in err.split("\n") if ln.startswith("["))

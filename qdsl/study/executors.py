@@ -29,6 +29,7 @@ from typing import Callable
 
 from ..errors import OptionError, QdslError
 from ..models.zoo import resolve_model
+from ..progress import live
 from .jobs import Job, SweepConfig
 from .sweepcache import BadEntry, CacheStore
 from .sweepjob import _worker
@@ -85,9 +86,9 @@ class LocalExecutor:
             out: Path, store: CacheStore, threads: int, done: dict, finish: Finish) -> None:
         """Run ``subs`` ((job, key, artifact) each), calling ``finish`` as each ends."""
         if self.workers == 1:
-            for j, key, art in subs:
-                finish(*_worker(j, cfg, samples, str(out), key, threads, self.progress, art,
-                                store))
+            for j, key, art in subs:   # live bars on a terminal, labelled lines in a log
+                shown = self.progress and (True if live() else j.label)
+                finish(*_worker(j, cfg, samples, str(out), key, threads, shown, art, store))
             return
         # a robust job running beside its quality job compiles for itself
         pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))

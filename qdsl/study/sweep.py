@@ -41,14 +41,14 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..atomic import SWEEP, output_dir
 from ..errors import OptionError
 from ..eval.samples import load_bench
 from ..eval.sandbox import sandbox_kind
 from ..lang import load_recipe
 from ..models.zoo import resolve_model
+from ..progress import bar as progress_bar
+from ..progress import live
 from .executors import estimate_memory, make_executor
 from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings, eval_batch,
                    prompt_mode)
@@ -221,7 +221,8 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: b
     log.info("sweep: %d jobs (%d distinct), %d to run on the %s executor, "
              "%d thread(s) per job", len(todo), len({keys[j] for j in todo}), len(pending),
              run.name, threads)
-    bar = tqdm(total=len(pending), desc="sweep", unit="job", disable=not progress)
+    bar = progress_bar(total=len(pending), desc="jobs", unit="job",
+                       progress=progress and (True if live() else "[sweep]"))
 
     def finish(key: str, res: dict) -> None:
         if "error" in res:

@@ -111,7 +111,10 @@ def register(sub) -> None:
     p.add_argument("--doc", metavar="FILE", type=output_file(".md"),
                    help="also rewrite the generated blocks (<!-- qdsl:run|tables|findings -->) "
                         "of this markdown file, e.g. docs/results.md; created if missing")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="show no progress (default: live bars on a terminal; where stderr is "
+                        "not one, or jobs run in parallel, each job phase prints lines "
+                        "starting with the job's label, at most one a minute)")
     p.set_defaults(func=run)
 
 
