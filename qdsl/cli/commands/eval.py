@@ -10,6 +10,7 @@ from pathlib import Path
 from ...atomic import write_json_atomic
 from ...eval.samples import load_bench, save_jsonl
 from ...eval.sandbox import sandbox_kind
+from ...progress import live
 from ...study.compare import CompareError, Row, compare, render
 from ..names import COMMANDS
 from ..args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_file,
@@ -77,7 +78,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=0,
                    help="torch CPU threads (0, the default: torch's choice; 1 on a busy "
                         "machine)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="show no progress (default: live bars on a terminal, plain lines "
+                        "starting with [eval], at most one a minute, where stderr is not one)")
     p.add_argument("--no-verify", action="store_true",
                    help="load an artifact even if its files do not match the sha256 "
                         "recorded at compile time (damaged or edited); the format checks "
@@ -124,7 +127,8 @@ def run(args) -> int:
                    ctx_tokens=ctx_tokens, max_new_tokens=args.max_new_tokens,
                    prompt=args.prompt, ppl_windows=args.ppl_windows,
                    humaneval=args.humaneval, unsafe_exec=args.unsafe_exec,
-                   progress=not args.no_progress, verify=not args.no_verify,
+                   progress=not args.no_progress and (True if live() else "[eval]"),
+                   verify=not args.no_verify,
                    batch_size=args.batch_size, compare=not args.no_baseline,
                    ppl_samples=pool)
     rows = [r for r in (res["target"], res["baseline"]) if r]
