@@ -222,3 +222,29 @@ def test_a_sweeps_cache_entries_are_rows(tmp_path, capsys):
     he.write_text(json.dumps({"key": "cc", "kind": "humaneval", "samples": []}))
     with pytest.raises(CompareError, match="no per-sample completion scores .a humaneval job"):
         load_row(str(he))
+
+
+def test_a_sweep_row_is_named_by_its_recipe(tmp_path, capsys):
+    """DIR:RECIPE finds the recipe's quality job in the sweep's results.json and reads
+    its cache entry; no match or several are errors that say what there is."""
+    rng = random.Random(2)
+    b = [rng.uniform(0, 100) for _ in range(50)]
+    (tmp_path / "cache").mkdir()
+    runs = {}
+    for key, recipe, kind, shift in (("k0", None, "quality", 0), ("k1", "/x/storti/t2_w8a32.qrec",
+                                     "quality", 3), ("k2", "/x/storti/t2_w8a32.qrec", "robust", 9),
+                                     ("k3", "/x/wei/t2_w8a32.qrec", "quality", 1)):
+        entry = {**_row([x - shift for x in b]), "key": key, "kind": kind, "recipe": recipe}
+        (tmp_path / "cache" / f"{key}.json").write_text(json.dumps(entry))
+        runs[key] = {"kind": kind, "recipe": recipe}
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    d = str(tmp_path)
+    assert load_row(f"{d}:storti/t2_w8a32").label.endswith("k1.json (t2_w8a32)")
+    assert load_row(f"{d}:wei/t2_w8a32.qrec").data["key"] == "k3"
+    assert load_row(f"{d}:fp32").data["key"] == "k0"
+    with pytest.raises(CompareError, match=r"2 finished quality jobs of 't2_w8a32' \(name one: "):
+        load_row(f"{d}:t2_w8a32")
+    with pytest.raises(CompareError, match="no finished quality jobs of 'nope'; it has fp32, t2_w8a32"):
+        load_row(f"{d}:nope")
+    assert main(["compare", f"{d}:storti/t2_w8a32", f"{d}:fp32"]) == 0
+    assert "A-B -3.00" in capsys.readouterr().out

@@ -3,7 +3,8 @@ and a three-way verdict against the study's margins (``qdsl compare``, ``qdsl ev
 
 A row is one side of a ``qdsl eval --json`` file: its ``target`` (the model or artifact
 evaluated) or its ``baseline`` (the float model scored on the same samples in the same
-run); or a sweep's cache entry (``DIR/cache/<key>.json``, one job's row). Two rows pair when they scored the same completion samples (by id), the same
+run); or a sweep's cache entry (``DIR/cache/<key>.json``, one job's row; ``DIR:RECIPE``
+names it by its recipe, e.g. ``results/sweep:storti/t2_w8a32`` or ``results/sweep:fp32``). Two rows pair when they scored the same completion samples (by id), the same
 perplexity windows (the same count and tokens per window) and, for pass@1, the same
 HumanEval problems; rows that do not pair are an error that says which part differs,
 never a comparison of two unpaired means.
@@ -70,9 +71,45 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def sweep_entry(spec: str) -> str | None:
+    """``DIR:RECIPE`` (a sweep's output directory and one of its recipes: a path suffix
+    such as ``storti/t2_w8a32`` or ``t2_w8a32.qrec``, or ``fp32``) -> the cache entry
+    of that recipe's quality job; None when ``spec`` is not of that form. A CompareError
+    when the recipe matches no finished job, or several (name its entry then)."""
+    head, sep, name = spec.rpartition(":")
+    if not sep or not head or name in SIDES or not (Path(head) / "results.json").is_file():
+        return None
+    try:
+        runs = json.loads((Path(head) / "results.json").read_text(encoding="utf-8"))["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CompareError(f"{head}/results.json: cannot read its runs ({e})") from None
+    want = Path(name if name.endswith(".qrec") or name == "fp32" else name + ".qrec").parts
+
+    def matches(run: dict) -> bool:
+        if run.get("kind", "quality") != "quality":
+            return False
+        if not run.get("recipe"):
+            return name == "fp32"
+        return Path(str(run["recipe"])).parts[-len(want):] == want
+
+    keys = [k for k, r in runs.items() if isinstance(r, dict) and matches(r)]
+    if len(keys) != 1:
+        have = sorted({Path(str(r.get("recipe"))).stem if r.get("recipe") else "fp32"
+                       for r in runs.values() if isinstance(r, dict)})
+        raise CompareError(
+            f"{head}: {'no' if not keys else len(keys)} finished quality job"
+            f"{'s' if len(keys) != 1 else ''} of {name!r}"
+            + (f" (name one: {', '.join(f'{head}/cache/{k}.json' for k in keys)})" if keys
+               else f"; it has {', '.join(have)}"))
+    return str(Path(head) / "cache" / f"{keys[0]}.json")
+
+
 def load_row(spec: str, default_side: str = "target") -> Row:
-    """The row ``spec`` names (``FILE[:target|:baseline]``) from a ``qdsl eval --json``
-    file; a CompareError naming the file where it cannot be read or has no such row."""
+    """The row ``spec`` names: ``FILE[:target|:baseline]`` of a ``qdsl eval --json``
+    file, a sweep's cache entry ``DIR/cache/KEY.json``, or ``DIR:RECIPE`` (that entry by
+    its recipe, ``sweep_entry``); a CompareError naming the file where it cannot be
+    read or has no such row."""
+    spec = sweep_entry(spec) or spec
     path, given = parse_spec(spec)
     side = given or default_side
     try:

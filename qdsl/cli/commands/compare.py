@@ -28,14 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "A row is FILE (its target), FILE:target or FILE:baseline, where FILE was\n"
             "written by `qdsl eval ... --json FILE`. With one argument, the file's target\n"
             "is compared with its own baseline (the float model scored in the same run).\n"
-            "A sweep's cache entry (DIR/cache/KEY.json, one job) is a row too; its float\n"
-            "row is the sweep's fp32 entry, named as B.\n\n"
+            "A sweep's cache entry (DIR/cache/KEY.json, one job) is a row too, also named\n"
+            "DIR:RECIPE (a recipe path suffix, or fp32); its float row is named as B.\n\n"
             "examples:\n"
             "  qdsl compare int8.json                 # the artifact vs fp32, same run\n"
             "  qdsl compare learned.json plain.json   # two artifacts, same --n/--seed\n"
             "  qdsl compare a.json b.json --margin-es 1 --json a_vs_b.json\n"
-            "  qdsl compare DIR/cache/KEY1.json DIR/cache/KEY2.json   # two sweep rows"))
-    p.add_argument("a", metavar="A", help="the row compared (FILE[:target|:baseline])")
+            "  qdsl compare DIR/cache/KEY1.json DIR/cache/KEY2.json   # two sweep rows\n"
+            "  qdsl compare results/sweep:storti/t2_w8a32 results/sweep:fp32"))
+    p.add_argument("a", metavar="A", help="the row compared (FILE[:target|:baseline], DIR/cache/KEY.json or DIR:RECIPE)")
     p.add_argument("b", metavar="B", nargs="?",
                    help="the row it is compared with (default: A's file's baseline)")
     p.add_argument("--margin-es", type=positive_float, metavar="POINTS",
