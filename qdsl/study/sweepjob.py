@@ -299,6 +299,10 @@ def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads
         return key, cached
     if threads > 0:
         torch.set_num_threads(threads)
+    if isinstance(progress, str):   # line mode: transformers' own bars would redraw in the log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     exact = reset_peak_rss()
     try:
         partial = Path(out_dir) / PARTIAL / f"{key}.json"
