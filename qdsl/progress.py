@@ -6,7 +6,7 @@ other processes (a sweep's pool workers, ``qdsl sweep -j N``): a plain line on s
 when a phase starts, at most one a minute while it runs and one when it ends, each
 beginning with the label, e.g.::
 
-    [t2_w8a32 quality] completions: 412/1572 [05:10<14:34, 1.33sample/s]
+    [storti/t2_w8a32] t2_w8a32: complete: 412/1572 [05:10<14:34, 1.33sample/s, batch=8]
 
 Live bars from several processes overwrite each other, and no bar at all left a
 ten-hour ``-j 2`` sweep silent for an hour at a time; a sweep also uses line mode when
@@ -51,6 +51,12 @@ def live() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):   # replaced or closed
         return False
+
+
+def on_stderr(label: str) -> Progress:
+    """What to show on this process's stderr: a live bar on a terminal, else lines
+    beginning with ``label``."""
+    return True if live() else label
 
 
 def bar(iterable: Iterable | None = None, *, progress: Progress, desc: str,

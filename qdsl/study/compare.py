@@ -4,7 +4,8 @@ and a three-way verdict against the study's margins (``qdsl compare``, ``qdsl ev
 A row is one side of a ``qdsl eval --json`` file: its ``target`` (the model or artifact
 evaluated) or its ``baseline`` (the float model scored on the same samples in the same
 run); or a sweep's cache entry (``DIR/cache/<key>.json``, one job's row; ``DIR:RECIPE``
-names it by its recipe, e.g. ``results/sweep:storti/t2_w8a32`` or ``results/sweep:fp32``). Two rows pair when they scored the same completion samples (by id), the same
+names it by its recipe, e.g. ``results/sweep:storti/t2_w8a32`` or ``results/sweep:fp32``).
+Two rows pair when they scored the same completion samples (by id), the same
 perplexity windows (the same count and tokens per window) and, for pass@1, the same
 HumanEval problems; rows that do not pair are an error that says which part differs,
 never a comparison of two unpaired means.
@@ -142,8 +143,8 @@ def _sweep_row(path: str, d: dict, side: str | None, default_side: str) -> Row:
     per-sample and per-window fields as an eval row) as a Row, labelled with its
     recipe; it has no target / baseline sides, so its float row is another entry."""
     if side is not None or default_side != "target":
-        raise CompareError(f"{path}: a sweep's cache entry is one row (no :{side or 'baseline'}); "
-                           f"name row B, e.g. the sweep's fp32 entry")
+        raise CompareError(f"{path}: a sweep's cache entry is one row "
+                           f"(no :{side or 'baseline'}); name row B, e.g. the sweep's fp32 entry")
     if not d["samples"]:
         raise CompareError(f"{path}: no per-sample completion scores (a {d.get('kind')} job)")
     what = Path(str(d["recipe"])).stem if d.get("recipe") else "fp32"

@@ -29,7 +29,7 @@ from typing import Callable
 
 from ..errors import OptionError, QdslError
 from ..models.zoo import resolve_model
-from ..progress import live
+from ..progress import on_stderr
 from .jobs import Job, SweepConfig
 from .sweepcache import BadEntry, CacheStore
 from .sweepjob import _worker
@@ -87,7 +87,7 @@ class LocalExecutor:
         """Run ``subs`` ((job, key, artifact) each), calling ``finish`` as each ends."""
         if self.workers == 1:
             for j, key, art in subs:   # live bars on a terminal, labelled lines in a log
-                shown = self.progress and (True if live() else j.label)
+                shown = self.progress and on_stderr(j.label)
                 finish(*_worker(j, cfg, samples, str(out), key, threads, shown, art, store))
             return
         # a robust job running beside its quality job compiles for itself

@@ -48,7 +48,7 @@ from ..eval.sandbox import sandbox_kind
 from ..lang import load_recipe
 from ..models.zoo import resolve_model
 from ..progress import bar as progress_bar
-from ..progress import live
+from ..progress import on_stderr
 from .executors import estimate_memory, make_executor
 from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings, eval_batch,
                    prompt_mode)
@@ -222,7 +222,7 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: b
              "%d thread(s) per job", len(todo), len({keys[j] for j in todo}), len(pending),
              run.name, threads)
     bar = progress_bar(total=len(pending), desc="jobs", unit="job",
-                       progress=progress and (True if live() else "[sweep]"))
+                       progress=progress and on_stderr("[sweep]"))
 
     def finish(key: str, res: dict) -> None:
         if "error" in res:

@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "  qdsl compare a.json b.json --margin-es 1 --json a_vs_b.json\n"
             "  qdsl compare DIR/cache/KEY1.json DIR/cache/KEY2.json   # two sweep rows\n"
             "  qdsl compare results/sweep:storti/t2_w8a32 results/sweep:fp32"))
-    p.add_argument("a", metavar="A", help="the row compared (FILE[:target|:baseline], DIR/cache/KEY.json or DIR:RECIPE)")
+    p.add_argument("a", metavar="A",
+                   help="the row compared (FILE[:target|:baseline], DIR/cache/KEY.json or "
+                        "DIR:RECIPE)")
     p.add_argument("b", metavar="B", nargs="?",
                    help="the row it is compared with (default: A's file's baseline)")
     p.add_argument("--margin-es", type=positive_float, metavar="POINTS",

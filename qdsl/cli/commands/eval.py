@@ -10,7 +10,7 @@ from pathlib import Path
 from ...atomic import write_json_atomic
 from ...eval.samples import load_bench, save_jsonl
 from ...eval.sandbox import sandbox_kind
-from ...progress import live
+from ...progress import on_stderr
 from ...study.compare import CompareError, Row, compare, render
 from ..names import COMMANDS
 from ..args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_file,
@@ -127,7 +127,7 @@ def run(args) -> int:
                    ctx_tokens=ctx_tokens, max_new_tokens=args.max_new_tokens,
                    prompt=args.prompt, ppl_windows=args.ppl_windows,
                    humaneval=args.humaneval, unsafe_exec=args.unsafe_exec,
-                   progress=not args.no_progress and (True if live() else "[eval]"),
+                   progress=not args.no_progress and on_stderr("[eval]"),
                    verify=not args.no_verify,
                    batch_size=args.batch_size, compare=not args.no_baseline,
                    ppl_samples=pool)
