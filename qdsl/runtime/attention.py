@@ -1,7 +1,8 @@
 """The runtime module ``qdsl.passes.fuse_attention`` puts in a graph: float attention as
 one ``scaled_dot_product_attention`` over the filled part of the key/value cache, or, for
 one query token (a decode step), qdsl's C++ ``decode_attention`` (``kernels/qdsl_kernels.cpp``:
-~2x faster than CPU SDPA there)."""
+~2x faster than CPU SDPA there; its AVX-512 path for head sizes 64 and 128 where the
+capability allows, ``ATEN_CPU_CAPABILITY=avx2`` keeps it on AVX2)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from qdsl.runtime import kernels
 from qdsl.runtime.kernels.cpu import ISA_AVX2
+from qdsl.runtime.kernels.impls import _isa
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
@@ -20,10 +22,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     kernel = _one_token_kernel(q, k, v, mask)     # reads the first n keys itself
     if kernel and _positions_ok(cache_position):   # n from cache_position, in C++
         return torch.ops.qdsl_kernels.cached_decode_attention(q, k, v, mask,
-                                                              cache_position, scale)
+                                                              cache_position, scale, _isa())
     n = k.shape[2] if cache_position is None else int(cache_position[-1]) + 1
     if kernel:
-        return torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, scale)
+        return torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, scale, _isa())
     if cache_position is not None:
         k, v = k[:, :, :n], v[:, :, :n]
         if mask is not None:
@@ -98,7 +100,7 @@ class FusedAttention(nn.Module):
             if _one_token_kernel(q, k, v, mask) and _positions_ok(cache_position):
                 # decided while tracing (static shapes): the C++ op itself, no Python op
                 return torch.ops.qdsl_kernels.cached_decode_attention(
-                    q, k, v, mask, cache_position, self.scale)
+                    q, k, v, mask, cache_position, self.scale, _isa())
             return torch.ops.qdsl.cached_attention(q, k, v, mask, cache_position,
                                                    self.scale, self.gqa)
         return _attend(q, k, v, mask, cache_position, self.scale, self.gqa)

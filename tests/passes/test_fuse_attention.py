@@ -148,3 +148,37 @@ def test_long_cache_attention_split_over_keys_matches_sdpa(batch, kv_heads, mask
         q, k[:, :, :n], v[:, :, :n], attn_mask=None if m is None else m[..., :n], scale=0.125,
         enable_gqa=kv_heads != heads)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [64, 128, 32])
+@pytest.mark.parametrize("n,threads", [(1, 1), (3, 1), (17, 1), (300, 1), (300, 2)])
+def test_decode_attention_paths_agree_with_sdpa(d, n, threads):
+    """Each instruction-set path of the C++ decode attention this CPU can run (AVX2 for
+    every head size; AVX-512 for 64 and 128 where the capability has it) gives SDPA's
+    result: key counts below, at and past the 4-key and 16-key blocks, a per-head mask
+    with a padded prefix, and the split over keys on 2 threads."""
+    from qdsl.runtime import attention, kernels
+    from qdsl.runtime.kernels.cpu import ISA_AVX2
+    if not attention._kernel_built():
+        pytest.skip("qdsl's C++ kernels unavailable here (SDPA runs every step)")
+    g = torch.Generator().manual_seed(d + n)
+    heads, kv_heads, cache = 9, 3, 320
+    q = torch.randn(1, heads, 1, d, generator=g)
+    k, v = (torch.randn(1, kv_heads, cache, d, generator=g) for _ in range(2))
+    mask = torch.randn(1, heads, 1, cache, generator=g)
+    mask[..., : n // 3] = float("-inf")
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :n], v[:, :, :n], attn_mask=mask[..., :n], scale=0.125, enable_gqa=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for isa in sorted({ISA_AVX2, kernels.table().cap.isa}):
+            got = torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, 0.125, isa)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
+            pos = torch.tensor([n - 1])
+            got = torch.ops.qdsl_kernels.cached_decode_attention(q, k, v, None, pos, 0.125, isa)
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q, k[:, :, :n], v[:, :, :n], scale=0.125, enable_gqa=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
+    finally:
+        torch.set_num_threads(old)

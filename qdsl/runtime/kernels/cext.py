@@ -41,7 +41,7 @@ SOURCES = (SOURCE, Path(__file__).with_name("qdsl_gemm.cpp"),
 # included by the sources of both extensions (this one and binary.py's): the compiler
 # finds it in this folder and torch's build (ninja) tracks it, so editing it rebuilds
 HEADERS = (Path(__file__).with_name("qdsl_common.h"),)
-NAME = "qdsl_kernels_v2"          # bump with an incompatible change of the op schemas
+NAME = "qdsl_kernels_v3"          # bump with an incompatible change of the op schemas
 DISABLE_ENV = "QDSL_NO_CEXT"      # set to 1: never build (tests of the fallback)
 
 # the reason the extension is unavailable, once known (None: loaded or not tried)
@@ -170,11 +170,11 @@ def _register_fakes() -> None:
         return w.new_empty((w.shape[0] + 15) // 16, (w.shape[1] + 1) // 2, 16, 2)
 
     @torch.library.register_fake(lib + "decode_attention")
-    def _(q, k, v, mask, n, scale):
+    def _(q, k, v, mask, n, scale, isa=1):
         return q.new_empty(q.shape)
 
     @torch.library.register_fake(lib + "cached_decode_attention")
-    def _(q, k, v, mask, cache_position, scale):
+    def _(q, k, v, mask, cache_position, scale, isa=1):
         return q.new_empty(q.shape)
 
     @torch.library.register_fake(lib + "w4_linear")

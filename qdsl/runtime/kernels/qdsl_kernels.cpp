@@ -22,10 +22,11 @@
 //               codes u in [0, 15] two per byte, low nibble first; w = (u - 8) * scale;
 //               from 16 activation rows (AVX2 / AVX-512) a panel GEMM: 16-64 weight rows
 //               dequantized at a time into a thread-local buffer, register-tiled FMAs
-//   decode_attention(q [B,H,1,D], k, v [B,Hk,L,D], mask?, n, scale)  one query token's
-//               softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA); with
-//               few key/value heads for the threads, the keys split into chunks, merged
-//   cached_decode_attention(q, k, v, mask?, cache_position int64 [T], scale)  the same
+//   decode_attention(q [B,H,1,D], k, v [B,Hk,L,D], mask?, n, scale, isa=1)  one query
+//               token's softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA;
+//               AVX-512 for D = 64 or 128 where isa allows); with few key/value heads for
+//               the threads, the keys split into chunks, merged
+//   cached_decode_attention(q, k, v, mask?, cache_position int64 [T], scale, isa=1)  the same
 //               with n = cache_position[-1] + 1 read here: a compiled decode step calls
 //               it directly (static shapes, no Python op around it)
 // The same extension has qdsl_gemm.cpp (w8a8_pack / w8a8_gemm, prefill) and qdsl_w4a8.cpp
@@ -944,12 +945,124 @@ void attend_one_avx2(const float* q, const float* k, const float* v, const float
   }
 }
 
+// The same for AVX-512 and a head size of 16 * DV (DV 4: D = 64, DV 8: D = 128): q and
+// the output rows live in registers, sixteen lanes a step (half the AVX2 path's
+// instructions). Scores four keys at a time per query head (q in DV registers); v is read
+// once per pair of query heads, each key's row into both heads' accumulators (2 * DV
+// registers each). The keys and values of a decode step come from memory, not cache (a
+// step reads every layer's cache once): the first head's pass prefetches k, and the v pass
+// v, kPrefetchRows rows ahead, which the hardware prefetchers alone did not keep up with
+// (SmolLM2's layer at 560 keys, caches cold: 79.5 us on the AVX2 path, 1 thread).
+constexpr int64_t kPrefetchRows = 16;
+
+template <int DV>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void attend_one_avx512(const float* q, const float* k, const float* v, const float* mask,
+                       int64_t mask_h_stride, int64_t n, int64_t g, int64_t /*D*/, float scale,
+                       float* s /*[g, n + 16] scratch*/, float* out /*[g, D]*/,
+                       float* part_mx = nullptr, float* part_sum = nullptr) {
+  constexpr int64_t D = 16 * DV;
+  const int64_t ld = n + 16;
+  const int64_t n16 = (n + 15) & ~int64_t(15);
+  for (int64_t i = 0; i < g; ++i) {
+    __m512 qv[DV];
+    for (int d = 0; d < DV; ++d) qv[d] = _mm512_loadu_ps(q + i * D + 16 * d);
+    float* si = s + i * ld;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* kj = k + j * D;
+      if (i == 0 && j + kPrefetchRows + 4 <= n)
+        for (int64_t l = 0; l < 4 * D; l += 16)
+          _mm_prefetch(reinterpret_cast<const char*>(kj + kPrefetchRows * D + l), _MM_HINT_T0);
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < DV; ++d) {
+        a0 = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 16 * d), a0);
+        a1 = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + D + 16 * d), a1);
+        a2 = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 2 * D + 16 * d), a2);
+        a3 = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 3 * D + 16 * d), a3);
+      }
+      _mm_storeu_ps(si + j, reduce4_ps(a0, a1, a2, a3));
+    }
+    for (; j < n; ++j) {
+      __m512 a = _mm512_setzero_ps();
+      for (int d = 0; d < DV; ++d) a = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(k + j * D + 16 * d), a);
+      si[j] = _mm512_reduce_add_ps(a);
+    }
+    // softmax over si[0, n): scale, mask, max, exp (two AVX2 halves), normalize
+    const float* mi = mask ? mask + i * mask_h_stride : nullptr;
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (j = n; j < n16; ++j) si[j] = -INFINITY;
+    __m512 mxv = _mm512_set1_ps(-INFINITY);
+    for (j = 0; j < n16; j += 16) {
+      const __mmask16 live = j + 16 <= n ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(si + j), sc);
+      if (mi) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(live, mi + j));
+      x = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), x);
+      _mm512_storeu_ps(si + j, x);
+      mxv = _mm512_max_ps(mxv, x);
+    }
+    const float mx = _mm512_reduce_max_ps(mxv);
+    const bool part = part_mx != nullptr;
+    const __m256 mv = _mm256_set1_ps(part && mx == -INFINITY ? 0.f : mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (j = 0; j < n16; j += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(si + j), mv));
+      _mm256_storeu_ps(si + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    if (part) {
+      part_mx[i] = mx;
+      part_sum[i] = hsum256(acc);
+      continue;
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / hsum256(acc));
+    for (j = 0; j < n16; j += 16) _mm512_storeu_ps(si + j, _mm512_mul_ps(_mm512_loadu_ps(si + j), inv));
+  }
+  // out[i] = sum_j s[i, j] v[j], two query heads per pass over v
+  for (int64_t i = 0; i < g; i += 2) {
+    const bool two = i + 1 < g;
+    const float* s0 = s + i * ld;
+    const float* s1 = two ? s0 + ld : s0;
+    __m512 o0[DV], o1[DV];
+    for (int d = 0; d < DV; ++d) o0[d] = o1[d] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vj = v + j * D;
+      if (i == 0 && j + kPrefetchRows < n)
+        for (int64_t l = 0; l < D; l += 16)
+          _mm_prefetch(reinterpret_cast<const char*>(vj + kPrefetchRows * D + l), _MM_HINT_T0);
+      const __m512 w0 = _mm512_set1_ps(s0[j]), w1 = _mm512_set1_ps(s1[j]);
+      for (int d = 0; d < DV; ++d) {
+        const __m512 x = _mm512_loadu_ps(vj + 16 * d);
+        o0[d] = _mm512_fmadd_ps(w0, x, o0[d]);
+        o1[d] = _mm512_fmadd_ps(w1, x, o1[d]);
+      }
+    }
+    for (int d = 0; d < DV; ++d) {
+      _mm512_storeu_ps(out + i * D + 16 * d, o0[d]);
+      if (two) _mm512_storeu_ps(out + (i + 1) * D + 16 * d, o1[d]);
+    }
+  }
+}
+
+using AttendFn = void (*)(const float*, const float*, const float*, const float*, int64_t,
+                          int64_t, int64_t, int64_t, float, float*, float*, float*, float*);
+
+// the path for this head size and `isa`: AVX-512 for D = 64 or 128, else AVX2
+AttendFn pick_attend(int64_t D, int64_t isa) {
+  if (isa >= ISA_AVX512 && D == 64) return attend_one_avx512<4>;
+  if (isa >= ISA_AVX512 && D == 128) return attend_one_avx512<8>;
+  return [](const float* q, const float* k, const float* v, const float* mask, int64_t mh,
+            int64_t n, int64_t g, int64_t D, float scale, float* s, float* out, float* pm,
+            float* ps) { attend_one_avx2(q, k, v, mask, mh, n, g, D, scale, s, out, pm, ps); };
+}
+
 constexpr int64_t kMinChunkKeys = 128;   // the fewest keys a thread's chunk gets
 
 // q [B, H, 1, D]; k, v [B, Hk, >= n, D] (a cache: any strides on B and Hk, rows of D
 // contiguous); mask: additive float [1 or B, 1 or H, 1, >= n], or none. -> [B, H, 1, D]
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& mask, int64_t n, double scale) {
+                            const c10::optional<at::Tensor>& mask, int64_t n, double scale,
+                            int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1 &&
               q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
               v.scalar_type() == at::kFloat, "qdsl_kernels.decode_attention: float32 4-d q "
@@ -974,6 +1087,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     mh = mask->size(1) == 1 ? 0 : mc.stride(1);
   }
   const int64_t g = H / Hk;
+  const AttendFn attend = pick_attend(D, isa);
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
   const float* qp = qc.data_ptr<float>(); const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>(); float* op = out.data_ptr<float>();
@@ -987,12 +1101,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       : 1;
   if (chunks == 1) {
     at::parallel_for(0, pairs, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scratch(g * (n + 8));
+      std::vector<float> scratch(g * (n + 16));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hk, hk = t % Hk;
-        attend_one_avx2(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1,
+        attend(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1,
                         vp + b * vs0 + hk * vs1, mp ? mp + b * mb + hk * g * mh : nullptr, mh,
-                        n, g, D, float(scale), scratch.data(), op + (b * H + hk * g) * D);
+                        n, g, D, float(scale), scratch.data(), op + (b * H + hk * g) * D,
+                        nullptr, nullptr);
       }
     });
     return out;
@@ -1000,7 +1115,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t step = (n + chunks - 1) / chunks;
   std::vector<float> po(pairs * chunks * g * D), pm(pairs * chunks * g), ps(pairs * chunks * g);
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(g * (step + 8));
+    std::vector<float> scratch(g * (step + 16));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t pr = t / chunks, c = t % chunks, b = pr / Hk, hk = pr % Hk;
       const int64_t j0 = c * step, len = std::min(step, n - j0);
@@ -1011,7 +1126,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         std::fill(ps.data() + t * g, ps.data() + (t + 1) * g, 0.f);
         continue;
       }
-      attend_one_avx2(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1 + j0 * D,
+      attend(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1 + j0 * D,
                       vp + b * vs0 + hk * vs1 + j0 * D,
                       mp ? mp + b * mb + hk * g * mh + j0 : nullptr, mh, len, g, D,
                       float(scale), scratch.data(), o, pm.data() + t * g, ps.data() + t * g);
@@ -1041,13 +1156,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const c10::optional<at::Tensor>& mask,
-                                   const at::Tensor& cache_position, double scale) {
+                                   const at::Tensor& cache_position, double scale,
+                                   int64_t isa) {
   TORCH_CHECK(cache_position.scalar_type() == at::kLong && cache_position.dim() == 1 &&
               cache_position.numel() >= 1 && cache_position.device().is_cpu(),
               "qdsl_kernels.cached_decode_attention: cache_position must be int64 [T] on the CPU");
   const int64_t n = cache_position.data_ptr<int64_t>()[(cache_position.numel() - 1) *
                                                       cache_position.stride(0)] + 1;
-  return decode_attention(q, k, v, mask, n, scale);
+  return decode_attention(q, k, v, mask, n, scale, isa);
 }
 
 }  // namespace
@@ -1059,9 +1175,10 @@ TORCH_LIBRARY(qdsl_kernels, m) {
   m.def("w8a8_linear_cat(Tensor xq, Tensor x_scale, Tensor? x_zp, Tensor[] w, "
         "Tensor[] w_scale, Tensor?[] w_rowsum, Tensor?[] bias, int isa) -> Tensor");
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, int gs, Tensor? bias, int isa) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int n, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int n, float scale, "
+        "int isa=1) -> Tensor");
   m.def("cached_decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, "
-        "Tensor cache_position, float scale) -> Tensor");
+        "Tensor cache_position, float scale, int isa=1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qdsl_kernels, CPU, m) {
