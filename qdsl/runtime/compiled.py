@@ -37,6 +37,9 @@ a few loops, as gpt-fast does:
   0.943x [0.939, 0.947]). The first
   call checks that the direct call returns what dynamo's did; a call with other input
   names or shapes goes through dynamo (``QDSL_COMPILE_DIRECT=0``: always);
+* **weights and caches on huge pages** (``hugepages.rehome``, before compiling): one
+  buffer advised ``MADV_HUGEPAGE`` in the order the graph reads it, so the step's
+  streams do not stop at every 4 KiB page (``$QDSL_HUGE_PAGES=0``: left where they are);
 * **eager fallback**: where compiling fails the step runs eager, said once (a
   warning naming the error); ``QDSL_COMPILE_DECODE=0`` never compiles.
 
@@ -60,6 +63,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ..models import zoo
+from . import hugepages
 from .int8 import Int8DynamicLinears
 from .packed import W4DynamicLinears
 
@@ -205,7 +209,9 @@ class CompiledStep:
     before it; ``failed``: why compiling failed (the step then runs eager), else None;
     ``fused``: the sibling groups ``fuse_siblings`` fused in the compiled graph
     (``$QDSL_FUSE_SIBLINGS=0``: none); ``direct``: whether steps after the first call
-    call the compiled graph without dynamo's frame.
+    call the compiled graph without dynamo's frame; ``moved``: the graph's tensors
+    ``hugepages.rehome`` put on huge pages before compiling (``$QDSL_HUGE_PAGES=0``:
+    none).
     """
 
     def __init__(self, gm: torch.nn.Module, name: str = "graph") -> None:
@@ -213,6 +219,7 @@ class CompiledStep:
         self.compile_s: float | None = None
         self.failed: str | None = None
         self.fused = 0
+        self.moved = hugepages.Moved()   # what went onto huge pages (first call)
         self._fn = None
         self._direct = None           # the compiled graph without dynamo's frame
         self._bound: tuple | None = None   # the input names / shapes / dtypes it takes
@@ -240,6 +247,9 @@ class CompiledStep:
         backend = os.environ.get(BACKEND_ENV) or "inductor"
         capture = _Capture(backend)
         t0 = time.perf_counter()
+        if hugepages.wanted():   # before compiling: the compiled graph binds these tensors
+            with torch.inference_mode(False), torch.no_grad():
+                self.moved = hugepages.rehome(self.gm)
         try:
             fn = torch.compile(self._step_graph(), backend=capture, dynamic=False,
                                fullgraph=True, options=_guard_options() or None)

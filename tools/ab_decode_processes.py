@@ -1,0 +1,97 @@
+"""Paired A/B of an artifact's compiled decode under two environments, one process each.
+
+For a setting a process fixes once (``QDSL_HUGE_PAGES``: where the weights live;
+``THP_MEM_ALLOC_ENABLE``, read when torch starts) ``tools/ab_compiled_step.py``'s
+in-process design cannot be used. This tool alternates child processes (ABBA), each
+loading the artifact, compiling its decode step (inductor's cache warm after the first),
+prefilling ``--context`` random tokens and timing ``--steps`` decode steps (median
+ms/token); the figure is the geometric mean of the per-pair ratios B / A with its 95% t
+interval.
+
+    python tools/ab_decode_processes.py ARTIFACT --a-env QDSL_HUGE_PAGES=0 --pairs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def child(artifact: str, threads: int, context: int, steps: int) -> None:
+    import torch
+
+    from qdsl.compiler.loading import load_artifact_lm
+    from qdsl.runtime.compiled import CompiledStep
+    torch.set_num_threads(threads)
+    lm = load_artifact_lm(artifact, max_cache_len=context + steps + 16)
+    lm.step = CompiledStep(lm.gm, "ab")
+    ids = torch.randint(0, 1000, (1, context), generator=torch.Generator().manual_seed(0))
+    logits = lm.prefill(ids[:, :8])
+    for _ in range(3):
+        logits = lm.decode(int(logits.argmax()))
+    logits = lm.prefill(ids)
+    ms = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = lm.decode(int(logits.argmax()))
+        ms.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps({"ms": statistics.median(ms), "moved": lm.step.moved.nbytes,
+                      "direct": lm.step.direct}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--a-env", required=True, help="NAME=VALUE set for A's processes")
+    ap.add_argument("--b-env", default="", help="NAME=VALUE set for B's (default: unset)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        child(a.artifact, a.threads, a.context, a.steps)
+        return 0
+    from qdsl.study.stats import mean_t
+
+    def env_of(spec: str) -> dict:
+        env = dict(os.environ)
+        for name in (a.a_env.partition("=")[0], a.b_env.partition("=")[0]):
+            env.pop(name, None)
+        if spec:
+            name, _, value = spec.partition("=")
+            env[name] = value
+        return env
+
+    def run(side: str) -> dict:
+        cmd = [sys.executable, __file__, a.artifact, "--a-env", a.a_env, "--child",
+               "--threads", str(a.threads), "--context", str(a.context), "--steps", str(a.steps)]
+        out = subprocess.run(cmd, env=env_of(a.a_env if side == "A" else a.b_env),
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    ms = {"A": [], "B": []}
+    for i in range(a.pairs):
+        for side in (("A", "B") if i % 2 == 0 else ("B", "A")):
+            r = run(side)
+            ms[side].append(r["ms"])
+            print(f"pair {i} {side}: {r['ms']:.3f} ms/token (moved {r['moved'] / 1e6:.0f} MB, "
+                  f"direct {r['direct']})", file=sys.stderr)
+    iv = mean_t([math.log(b / x) for x, b in zip(ms["A"], ms["B"])])
+    import torch
+    print(f"A ({a.a_env}) median {statistics.median(ms['A']):.3f} ms, B ({a.b_env or 'unset'}) "
+          f"median {statistics.median(ms['B']):.3f} ms; B / A {math.exp(iv.est):.3f} "
+          f"[{math.exp(iv.lo):.3f}, {math.exp(iv.hi):.3f}] ({iv.n} pairs of processes, "
+          f"{torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
