@@ -187,10 +187,13 @@ def test_compile_decode_rows(tiny_dir, tmp_path, monkeypatch):
     for n in names:
         run = rows[n]["extra"]["runs"][0]
         assert run["compile_failed"] is None and run["compile_s"] > 0
+        assert run["huge_pages_mb"] == 0          # a tiny graph: under hugepages.MIN_BYTES
         assert rows[n]["decode_ms"] > 0
     assert all("compile_s" not in r["extra"]["runs"][0] for n, r in rows.items()
                if n not in names)
-    assert "first decode step (trace + compile or cache load)" in bench.markdown(res)
+    text = bench.markdown(res)
+    assert "first decode step (trace + compile or cache load)" in text
+    assert "weights and caches on 4 KiB pages." in text
 
 
 def test_also_cli_errors(tiny_dir, tmp_path, capsys):
