@@ -9,7 +9,9 @@
 #                 same weights;
 #   GPT-2 124M (random weights, CodeGPT-small's shape, saved and compiled like the others)
 #                 and Qwen2.5-Coder-0.5B: fp32, torch.ao and the w8a8 artifact, with
-#                 compiled decode rows.
+#                 compiled decode rows; Qwen also beside llama.cpp Q8_0 (its own weights
+#                 exported by qdsl as a Q8_0 GGUF);
+#   paired verdicts (tools/paired_llamacpp.py) of SmolLM2 and Qwen against Q8_0.
 #
 #   tools/issue15_tables.sh [OUT_DIR]          # default runs/issue15; DRY=1 prints the commands
 #
@@ -60,6 +62,13 @@ if [ -n "$SRC_GGUF" ] && [ -x "$(lcbin native)/llama-bench" ] && [ ! -f "$OUT/gg
   run $PY tools/build_llamacpp.py --quantize "$(lcbin native)" "$SRC_GGUF" "$OUT/gguf"
 fi
 
+# Qwen2.5-Coder-0.5B's own weights as Q8_0 (no GGUF ships with it): a Q8_0-exact recipe,
+# written by qdsl's GGUF export (session 32's paired rows)
+if [ ! -f "$OUT/gguf/qwen-q80.gguf" ]; then
+  [ -f "$OUT/art/qwen-q80/qdsl_artifact.json" ] || run $Q compile recipes/export/gguf_w8_group32.qrec --model qwen2.5-coder-0.5b -o "$OUT/art/qwen-q80"
+  run $Q export "$OUT/art/qwen-q80" --format gguf -o "$OUT/gguf/qwen-q80.gguf"
+fi
+
 # 3. the benches
 COMMON=(--context 512 --decode-tokens 32 --repeats 3 --rounds 2)
 bench() {  # CAP THREADS NAME ARTIFACT [more bench args]
@@ -85,7 +94,24 @@ for cap in native avx2; do
     bench $cap $t smollm2 "$OUT/art/smol-w8a8" --also "$OUT/art/smol-w4" \
       --also "$OUT/art/smol-w4a8" --compile-decode "${lc[@]}"
     bench $cap $t gpt2 "$OUT/art/gpt2-w8a8" --compile-decode
-    bench $cap $t qwen "$OUT/art/qwen-w8a8" --compile-decode
+    lq=()
+    [ -x "$(lcbin $cap)/llama-bench" ] && lq=(--llamacpp "$(lcbin $cap)/llama-bench" --gguf "$OUT/gguf/qwen-q80.gguf")
+    bench $cap $t qwen "$OUT/art/qwen-w8a8" --compile-decode "${lq[@]}"
+  done
+done
+# 4. paired verdicts against llama.cpp Q8_0 (ABBA blocks in one session; ~4-8 min each)
+for cap in native avx2; do
+  [ -x "$(lcbin $cap)/llama-bench" ] || continue
+  env=()
+  [ "$cap" = avx2 ] && env=(env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
+  for t in 1 2; do
+    for m in smol:SmolLM2-135M-Instruct-Q8_0:40 qwen:qwen-q80:20; do
+      IFS=: read -r name gguf pairs <<< "$m"
+      f="$OUT/bench/paired-$name-$cap-t$t.json"
+      [ -f "$f" ] || run "${env[@]}" $PY tools/paired_llamacpp.py "$OUT/art/$name-w8a8" \
+        --llamacpp "$(lcbin $cap)/llama-bench" --gguf "$OUT/gguf/$gguf.gguf" --threads $t \
+        --pairs $pairs --json "$f"
+    done
   done
 done
 echo "tables in $OUT/bench/*.md"
