@@ -866,6 +866,29 @@ static inline __m256 exp256(__m256 x) {
   return _mm256_andnot_ps(zero_below, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+// The rest of a softmax over scores si[0, npad) (npad a multiple of 8, the padding -inf)
+// whose max is mx: si <- exp(si - mx), then divided by their sum; or, for one chunk of a
+// split over the keys (mx_out / sum_out non-null), left unnormalized with mx and the sum
+// written out for the merge (a chunk masked out entirely: mx -inf, sum 0).
+__attribute__((target("avx2,fma")))
+static inline void softmax_tail(float* si, int64_t npad, float mx, float* mx_out,
+                                float* sum_out) {
+  const __m256 mv = _mm256_set1_ps(mx_out && mx == -INFINITY ? 0.f : mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = 0; j < npad; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(si + j), mv));
+    _mm256_storeu_ps(si + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  if (mx_out) {
+    *mx_out = mx;
+    *sum_out = hsum256(acc);
+    return;
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / hsum256(acc));
+  for (int64_t j = 0; j < npad; j += 8) _mm256_storeu_ps(si + j, _mm256_mul_ps(_mm256_loadu_ps(si + j), inv));
+}
+
 // One query token against n cached keys for one key/value head and the g query heads
 // sharing it (GQA): scores four keys at a time (one reduction per four dot products),
 // a softmax (max-subtracted, vectorized exp), then v read once, eight keys per update of
@@ -911,21 +934,7 @@ void attend_one_avx2(const float* q, const float* k, const float* v, const float
     }
     const int64_t n8 = (n + 7) & ~int64_t(7);
     for (j = n; j < n8; ++j) si[j] = -INFINITY;
-    const bool part = part_mx != nullptr;
-    const __m256 mv = _mm256_set1_ps(part && mx == -INFINITY ? 0.f : mx);
-    __m256 acc = _mm256_setzero_ps();
-    for (j = 0; j < n8; j += 8) {
-      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(si + j), mv));
-      _mm256_storeu_ps(si + j, e);
-      acc = _mm256_add_ps(acc, e);
-    }
-    if (part) {
-      part_mx[i] = mx;
-      part_sum[i] = hsum256(acc);
-      continue;
-    }
-    const __m256 inv = _mm256_set1_ps(1.f / hsum256(acc));
-    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(si + j, _mm256_mul_ps(_mm256_loadu_ps(si + j), inv));
+    softmax_tail(si, n8, mx, part_mx ? part_mx + i : nullptr, part_sum ? part_sum + i : nullptr);
   }
   // out[i] = sum_j s[i, j] v[j]: eight keys per load / store of an output chunk
   for (int64_t i = 0; i < g; ++i) std::fill(out + i * D, out + (i + 1) * D, 0.f);
@@ -1001,22 +1010,8 @@ void attend_one_avx512(const float* q, const float* k, const float* v, const flo
       _mm512_storeu_ps(si + j, x);
       mxv = _mm512_max_ps(mxv, x);
     }
-    const float mx = _mm512_reduce_max_ps(mxv);
-    const bool part = part_mx != nullptr;
-    const __m256 mv = _mm256_set1_ps(part && mx == -INFINITY ? 0.f : mx);
-    __m256 acc = _mm256_setzero_ps();
-    for (j = 0; j < n16; j += 8) {
-      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(si + j), mv));
-      _mm256_storeu_ps(si + j, e);
-      acc = _mm256_add_ps(acc, e);
-    }
-    if (part) {
-      part_mx[i] = mx;
-      part_sum[i] = hsum256(acc);
-      continue;
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / hsum256(acc));
-    for (j = 0; j < n16; j += 16) _mm512_storeu_ps(si + j, _mm512_mul_ps(_mm512_loadu_ps(si + j), inv));
+    softmax_tail(si, n16, _mm512_reduce_max_ps(mxv), part_mx ? part_mx + i : nullptr,
+                 part_sum ? part_sum + i : nullptr);
   }
   // out[i] = sum_j s[i, j] v[j], two query heads per pass over v
   for (int64_t i = 0; i < g; i += 2) {
@@ -1051,9 +1046,7 @@ using AttendFn = void (*)(const float*, const float*, const float*, const float*
 AttendFn pick_attend(int64_t D, int64_t isa) {
   if (isa >= ISA_AVX512 && D == 64) return attend_one_avx512<4>;
   if (isa >= ISA_AVX512 && D == 128) return attend_one_avx512<8>;
-  return [](const float* q, const float* k, const float* v, const float* mask, int64_t mh,
-            int64_t n, int64_t g, int64_t D, float scale, float* s, float* out, float* pm,
-            float* ps) { attend_one_avx2(q, k, v, mask, mh, n, g, D, scale, s, out, pm, ps); };
+  return attend_one_avx2;
 }
 
 constexpr int64_t kMinChunkKeys = 128;   // the fewest keys a thread's chunk gets
