@@ -111,17 +111,10 @@ def _slots(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
                 except AttributeError:
                     continue
     visit(module)
-    slots = []
-    for m in order:
-        names = list(m._parameters) + list(m._buffers)
-        names += [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)
-                  and k not in m._parameters and k not in m._buffers]
-        for name in names:
-            t = (m._parameters.get(name) if name in m._parameters
-                 else m._buffers.get(name) if name in m._buffers else vars(m)[name])
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.layout == torch.strided:
-                slots.append((m, name, t))
-    return slots
+    return [(m, name, t) for m in order
+            for name, t in (*m._parameters.items(), *m._buffers.items(), *vars(m).items())
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+            and t.layout == torch.strided]
 
 
 def rehome(module: nn.Module, min_bytes: int | None = None) -> Moved:
@@ -132,13 +125,9 @@ def rehome(module: nn.Module, min_bytes: int | None = None) -> Moved:
     if _HOLDER in module.__dict__:       # moved already
         return Moved()
     slots = _slots(module)
-    storages: dict[int, torch.UntypedStorage] = {}
     ptrs = [t.untyped_storage().data_ptr() for _, _, t in slots]
-    for _, _, t in slots:
-        s = t.untyped_storage()
-        if s.device.type != "cpu" or s.nbytes() == 0:
-            continue
-        storages.setdefault(s.data_ptr(), s)
+    storages = {s.data_ptr(): s for s in (t.untyped_storage() for _, _, t in slots)
+                if s.nbytes()}
     place, total = {}, 0
     for ptr, s in storages.items():
         place[ptr] = total
