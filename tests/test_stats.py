@@ -87,6 +87,17 @@ def test_ppl_ratio_of_a_constant_shift():
     assert (iv.est, iv.lo, iv.hi) == (pytest.approx(1.1), pytest.approx(1.1), pytest.approx(1.1))
 
 
+def test_time_ratio_is_the_geometric_mean_of_paired_ratios():
+    a, b = [10.0, 11.0, 9.5, 10.2], [12.0, 12.5, 11.0, 13.0]
+    iv = stats.time_ratio(a, b)
+    logs = stats.mean_t([math.log(x / y) for x, y in zip(a, b)])
+    assert iv.est == pytest.approx(math.exp(logs.est))
+    assert (iv.lo, iv.hi) == (pytest.approx(math.exp(logs.lo)), pytest.approx(math.exp(logs.hi)))
+    assert iv.lo < iv.est < iv.hi < 1
+    same = stats.time_ratio([2 * x for x in a], a)            # a constant factor
+    assert (same.est, same.lo, same.hi) == (pytest.approx(2), pytest.approx(2), pytest.approx(2))
+
+
 def test_n_for_halfwidth():
     # normal answer (1.96 * 15 / 1.5)^2 = 384.1; the t interval needs 387
     assert stats.n_for_halfwidth(15.0, 1.5) == 387

@@ -14,7 +14,6 @@ A/A run, ``--a-env QDSL_UNUSED=1``, gave 1.000 [0.987, 1.014] over 62 pairs).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 
 from qdsl.compiler.loading import load_artifact_lm
 from qdsl.runtime.compiled import CompiledStep
-from qdsl.study.stats import mean_t
+from qdsl.study.stats import time_ratio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(a.block):
                 logits = lm.decode(int(logits.argmax()))
             ms[side].append((time.perf_counter() - t0) / a.block * 1e3)
-    iv = mean_t([math.log(b / x) for x, b in zip(ms["A"], ms["B"])])
+    iv = time_ratio(ms["B"], ms["A"])
     print(f"A ({a.a_env}) median {statistics.median(ms['A']):.3f} ms, B median "
-          f"{statistics.median(ms['B']):.3f} ms; B / A {math.exp(iv.est):.3f} "
-          f"[{math.exp(iv.lo):.3f}, {math.exp(iv.hi):.3f}] ({iv.n} pairs of {a.block} steps, "
+          f"{statistics.median(ms['B']):.3f} ms; B / A {iv.est:.3f} "
+          f"[{iv.lo:.3f}, {iv.hi:.3f}] ({iv.n} pairs of {a.block} steps, "
           f"{torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s))")
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         child(a.artifact, a.threads, a.context, a.steps)
         return 0
-    from qdsl.study.stats import mean_t
+    from qdsl.study.stats import time_ratio
 
     def env_of(spec: str) -> dict:
         env = dict(os.environ)
@@ -84,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             ms[side].append(r["ms"])
             print(f"pair {i} {side}: {r['ms']:.3f} ms/token (moved {r['moved'] / 1e6:.0f} MB, "
                   f"direct {r['direct']})", file=sys.stderr)
-    iv = mean_t([math.log(b / x) for x, b in zip(ms["A"], ms["B"])])
+    iv = time_ratio(ms["B"], ms["A"])
     import torch
     print(f"A ({a.a_env}) median {statistics.median(ms['A']):.3f} ms, B ({a.b_env or 'unset'}) "
-          f"median {statistics.median(ms['B']):.3f} ms; B / A {math.exp(iv.est):.3f} "
-          f"[{math.exp(iv.lo):.3f}, {math.exp(iv.hi):.3f}] ({iv.n} pairs of processes, "
+          f"median {statistics.median(ms['B']):.3f} ms; B / A {iv.est:.3f} "
+          f"[{iv.lo:.3f}, {iv.hi:.3f}] ({iv.n} pairs of processes, "
           f"{torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s))")
     return 0
 

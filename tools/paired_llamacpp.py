@@ -17,7 +17,6 @@ where the interval excludes 1.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from qdsl.atomic.files import write_json_atomic
 from qdsl.compiler.loading import load_artifact_lm
 from qdsl.eval import hosting_hw
 from qdsl.runtime.compiled import CompiledStep
-from qdsl.study.stats import mean_t
+from qdsl.study.stats import time_ratio
 
 
 def qdsl_block(lm, ids: torch.Tensor, tokens: int) -> float:
@@ -82,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         blocks.append(pair)
         print(f"pair {i + 1}/{a.pairs}: qdsl {pair['qdsl']:.2f} ms/token, "
               f"llama.cpp {pair['llama']:.2f}", flush=True)
-    logs = [math.log(p["qdsl"] / p["llama"]) for p in blocks]
-    iv = mean_t(logs)
-    ratio, lo, hi = math.exp(iv.est), math.exp(iv.lo), math.exp(iv.hi)
+    iv = time_ratio([p["qdsl"] for p in blocks], [p["llama"] for p in blocks])
+    ratio, lo, hi = iv.est, iv.lo, iv.hi
     verdict = ("faster" if hi < 1 else "slower" if lo > 1 else "inconclusive")
     out = {"artifact": a.artifact, "gguf": Path(a.gguf).name, "threads": a.threads,
            "context": a.context, "decode_tokens": a.decode_tokens, "compiled": not a.eager,

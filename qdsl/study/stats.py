@@ -278,6 +278,15 @@ def ppl_ratio(nll_a: list[float], nll_b: list[float], level: float = LEVEL) -> I
                     "t on paired log-loss", iv.sd)
 
 
+def time_ratio(a: list[float], b: list[float], level: float = LEVEL) -> Interval:
+    """Ratio a / b of paired positive measurements (times of two variants run in
+    alternation): the geometric mean of the per-pair ratios with exp of the t interval
+    on their logs; ``sd`` stays on the log scale."""
+    iv = paired_t([math.log(x) for x in a], [math.log(x) for x in b], level)
+    return Interval(math.exp(iv.est), math.exp(iv.lo), math.exp(iv.hi), iv.n,
+                    "t on paired log-ratios", iv.sd)
+
+
 # ------------------------------------------------------------------ sample size
 
 
