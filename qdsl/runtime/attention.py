@@ -2,7 +2,12 @@
 one ``scaled_dot_product_attention`` over the filled part of the key/value cache, or, for
 one query token (a decode step), qdsl's C++ ``decode_attention`` (``kernels/qdsl_kernels.cpp``:
 ~2x faster than CPU SDPA there; its AVX-512 path for head sizes 64 and 128 where the
-capability allows, ``ATEN_CPU_CAPABILITY=avx2`` keeps it on AVX2)."""
+capability allows, ``ATEN_CPU_CAPABILITY=avx2`` keeps it on AVX2).
+
+The cache may hold float16 or bfloat16 under float32 queries (half the bytes a decode step
+reads): the C++ kernel widens each row as it reads it; SDPA gets the filled part of the
+cache converted to the queries' dtype. Both are exact, so the result is the float32
+cache's on the same rounded values."""
 
 from __future__ import annotations
 
@@ -30,17 +35,24 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
         k, v = k[:, :, :n], v[:, :, :n]
         if mask is not None:
             mask = mask[..., :n]
+    if k.dtype != q.dtype or v.dtype != q.dtype:   # a 16-bit cache: widen the filled part only
+        k, v = k.to(q.dtype), v.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+# the cache element types the C++ kernel reads (decode_attention in qdsl_kernels.cpp)
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _one_token_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
     """Whether qdsl's C++ decode attention takes this call: one float32 query token on
-    the CPU, cache rows contiguous, head size a multiple of 8, no mask or an additive
-    float one, and the extension built on an AVX2 machine or better (CPU SDPA's flash
-    kernel took ~110 us a SmolLM2 layer for one token)."""
+    the CPU, a float32, float16 or bfloat16 cache (k and v the same), cache rows
+    contiguous, head size a multiple of 8, no mask or an additive float one, and the
+    extension built on an AVX2 machine or better (CPU SDPA's flash kernel took ~110 us a
+    SmolLM2 layer for one token)."""
     if q.shape[-2] != 1 or q.device.type != "cpu" or q.shape[-1] % 8:
         return False
-    if not q.dtype == k.dtype == v.dtype == torch.float32:
+    if q.dtype != torch.float32 or k.dtype != v.dtype or k.dtype not in _CACHE_DTYPES:
         return False
     d = q.shape[-1]
     if (k.shape[0] != q.shape[0] or v.shape[:2] != k.shape[:2] or q.shape[1] % k.shape[1]

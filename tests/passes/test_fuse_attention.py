@@ -117,6 +117,10 @@ def test_one_token_attention_runs_the_kernel_where_it_applies(monkeypatch):
     assert not attention._one_token_kernel(q, k, k, torch.ones(1, 1, 1, 10, dtype=torch.bool))
     assert not attention._one_token_kernel(torch.randn(1, 4, 2, 16), k, k, None)   # prefill
     assert not attention._one_token_kernel(q[..., :12], k[..., :12], k[..., :12], None)
+    for dt in (torch.float16, torch.bfloat16):                # a 16-bit cache
+        assert attention._one_token_kernel(q, k.to(dt), k.to(dt), torch.zeros(1, 1, 1, 10))
+        assert not attention._one_token_kernel(q, k.to(dt), k, None)    # k and v differ
+        assert not attention._one_token_kernel(q.to(dt), k.to(dt), k.to(dt), None)
 
 
 @pytest.mark.parametrize("batch,kv_heads", [(1, 3), (1, 1), (2, 1)])
@@ -150,13 +154,16 @@ def test_long_cache_attention_split_over_keys_matches_sdpa(batch, kv_heads, mask
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128, 32])
 @pytest.mark.parametrize("n,threads", [(1, 1), (3, 1), (17, 1), (300, 1), (300, 2)])
-def test_decode_attention_paths_agree_with_sdpa(d, n, threads):
+def test_decode_attention_paths_agree_with_sdpa(d, n, threads, dtype):
     """Each instruction-set path of the C++ decode attention this CPU can run (AVX2 for
     every head size; AVX-512 for 64 and 128 where the capability has it) gives SDPA's
     result: key counts below, at and past the 4-key and 16-key blocks, a per-head mask
-    with a padded prefix, and the split over keys on 2 threads."""
+    with a padded prefix, and the split over keys on 2 threads. A float16 / bfloat16
+    cache is widened exactly as it is read: SDPA's result on the same rounded values in
+    float32, to the float32 cache's tolerance."""
     from qdsl.runtime import attention, kernels
     from qdsl.runtime.kernels.cpu import ISA_AVX2
     if not attention._kernel_built():
@@ -164,11 +171,12 @@ def test_decode_attention_paths_agree_with_sdpa(d, n, threads):
     g = torch.Generator().manual_seed(d + n)
     heads, kv_heads, cache = 9, 3, 320
     q = torch.randn(1, heads, 1, d, generator=g)
-    k, v = (torch.randn(1, kv_heads, cache, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, cache, d, generator=g).to(dtype) for _ in range(2))
+    kf, vf = k.float(), v.float()
     mask = torch.randn(1, heads, 1, cache, generator=g)
     mask[..., : n // 3] = float("-inf")
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q, k[:, :, :n], v[:, :, :n], attn_mask=mask[..., :n], scale=0.125, enable_gqa=True)
+        q, kf[:, :, :n], vf[:, :, :n], attn_mask=mask[..., :n], scale=0.125, enable_gqa=True)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -178,7 +186,34 @@ def test_decode_attention_paths_agree_with_sdpa(d, n, threads):
             pos = torch.tensor([n - 1])
             got = torch.ops.qdsl_kernels.cached_decode_attention(q, k, v, None, pos, 0.125, isa)
             want = torch.nn.functional.scaled_dot_product_attention(
-                q, k[:, :, :n], v[:, :, :n], scale=0.125, enable_gqa=True)
+                q, kf[:, :, :n], vf[:, :, :n], scale=0.125, enable_gqa=True)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_half_cache_matches_the_float32_cache(dtype, tokens):
+    """FusedAttention on a float16 / bfloat16 cache is the float32 cache's holding the same
+    rounded values: a decode token (the C++ kernel, widening as it reads) and a prefill
+    (SDPA on the filled part, converted), both with cache_position over a longer cache."""
+    from qdsl.runtime import attention
+    g = torch.Generator().manual_seed(tokens)
+    heads, kv_heads, d, cache = 9, 3, 64, 48
+    q = torch.randn(1, heads, tokens, d, generator=g)
+    k16, v16 = (torch.randn(1, kv_heads, cache, d, generator=g).to(dtype) for _ in range(2))
+    k32, v32 = k16.float(), v16.float()
+    pos = torch.arange(30 - tokens, 30)            # the cache holds 30 positions of 48
+    mask = torch.where(torch.arange(cache)[None] <= pos[:, None], 0.0,
+                       torch.finfo(torch.float32).min)[None, None]
+    kernel = tokens == 1 and attention._kernel_built()
+    if kernel:
+        assert attention._one_token_kernel(q, k16, v16, mask)
+    fa = FusedAttention(d ** -0.5, gqa=True)
+    got, want = fa(q, k16, v16, mask, pos), fa(q, k32, v32, mask, pos)
+    assert got.dtype == torch.float32
+    if kernel:       # the same instructions on the same float32 values: bit for bit
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+

@@ -41,7 +41,7 @@ SOURCES = (SOURCE, Path(__file__).with_name("qdsl_gemm.cpp"),
 # included by the sources of both extensions (this one and binary.py's): the compiler
 # finds it in this folder and torch's build (ninja) tracks it, so editing it rebuilds
 HEADERS = (Path(__file__).with_name("qdsl_common.h"),)
-NAME = "qdsl_kernels_v3"          # bump with an incompatible change of the op schemas
+NAME = "qdsl_kernels_v4"          # bump with an incompatible change of the op schemas
 DISABLE_ENV = "QDSL_NO_CEXT"      # set to 1: never build (tests of the fallback)
 
 # the reason the extension is unavailable, once known (None: loaded or not tried)

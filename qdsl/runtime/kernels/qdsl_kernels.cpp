@@ -24,8 +24,9 @@
 //               dequantized at a time into a thread-local buffer, register-tiled FMAs
 //   decode_attention(q [B,H,1,D], k, v [B,Hk,L,D], mask?, n, scale, isa=1)  one query
 //               token's softmax(q k^T * scale + mask) v over the first n keys (AVX2 + FMA;
-//               AVX-512 for D = 64 or 128 where isa allows); with few key/value heads for
-//               the threads, the keys split into chunks, merged
+//               AVX-512 for D = 64 or 128 where isa allows); k / v float32, float16 or
+//               bfloat16 (both the same; widened as read), q, mask and the output float32;
+//               with few key/value heads for the threads, the keys split into chunks, merged
 //   cached_decode_attention(q, k, v, mask?, cache_position int64 [T], scale, isa=1)  the same
 //               with n = cache_position[-1] + 1 read here: a compiled decode step calls
 //               it directly (static shapes, no Python op around it)
@@ -889,19 +890,54 @@ static inline void softmax_tail(float* si, int64_t npad, float mx, float* mx_out
   for (int64_t j = 0; j < npad; j += 8) _mm256_storeu_ps(si + j, _mm256_mul_ps(_mm256_loadu_ps(si + j), inv));
 }
 
+// The cache's element type T: float, or at::Half / at::BFloat16 (half the bytes, and a
+// decode step's attention waits on reading them), widened to float32 as each row is
+// loaded. The widening is exact (every f16 and bf16 value is a float32), so a 16-bit cache
+// gives the float32 path's result on the same rounded values; the float overloads are the
+// plain loads, so a float32 cache runs the code it ran before. The AVX2 path assumes F16C
+// (vcvtph2ps): every AVX2 CPU in practice has it (Intel since Ivy Bridge, AMD since
+// Piledriver). bf16 is the upper half of a float32: a zero-extend and a shift, no
+// AVX512-BF16 needed.
+__attribute__((target("avx2")))
+static inline __m256 load8_ps(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,f16c")))
+static inline __m256 load8_ps(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+__attribute__((target("avx2")))
+static inline __m256 load8_ps(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512 load16_ps(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512 load16_ps(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512 load16_ps(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 // One query token against n cached keys for one key/value head and the g query heads
 // sharing it (GQA): scores four keys at a time (one reduction per four dot products),
 // a softmax (max-subtracted, vectorized exp), then v read once, eight keys per update of
-// each output row. D % 8 == 0 (checked by the caller).
-__attribute__((target("avx2,fma")))
+// each output row. D % 8 == 0 (checked by the caller). k and v point at T (the one
+// signature, AttendFn, for every cache type).
 //
 // partial (mx, sum non-null: one chunk of a split over the keys): out is left
 // unnormalized, sum_j exp(s_j - mx_i) v_j, with mx[i] and sum[i] for the merge; a chunk
 // masked out entirely gives mx = -inf, sum = 0, out = 0
-void attend_one_avx2(const float* q, const float* k, const float* v, const float* mask,
+template <typename T>
+__attribute__((target("avx2,fma,f16c")))
+void attend_one_avx2(const float* q, const void* k_, const void* v_, const float* mask,
                      int64_t mask_h_stride, int64_t n, int64_t g, int64_t D, float scale,
                      float* s /*[g, n + 8] scratch*/, float* out /*[g, D]*/,
                      float* part_mx = nullptr, float* part_sum = nullptr) {
+  const T* k = static_cast<const T*>(k_);
+  const T* v = static_cast<const T*>(v_);
   const int64_t ld = n + 8;
   for (int64_t i = 0; i < g; ++i) {
     const float* qi = q + i * D;
@@ -909,20 +945,20 @@ void attend_one_avx2(const float* q, const float* k, const float* v, const float
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      const float* kj = k + j * D;
+      const T* kj = k + j * D;
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(qi + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + D + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 2 * D + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 3 * D + d), a3);
+        a0 = _mm256_fmadd_ps(qv, load8_ps(kj + d), a0);
+        a1 = _mm256_fmadd_ps(qv, load8_ps(kj + D + d), a1);
+        a2 = _mm256_fmadd_ps(qv, load8_ps(kj + 2 * D + d), a2);
+        a3 = _mm256_fmadd_ps(qv, load8_ps(kj + 3 * D + d), a3);
       }
       _mm_storeu_ps(si + j, reduce4_ps_256(a0, a1, a2, a3));
     }
     for (; j < n; ++j) {
       __m256 a = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(k + j * D + d), a);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8_ps(k + j * D + d), a);
       si[j] = hsum256(a);
     }
     // softmax over si[0, n): scale, mask, max, exp, normalize; padded to a multiple of 8
@@ -947,7 +983,7 @@ void attend_one_avx2(const float* q, const float* k, const float* v, const float
       for (int64_t d = 0; d < D; d += 8) {
         __m256 o = _mm256_loadu_ps(oi + d);
         for (int64_t t = 0; t < jn; ++t)
-          o = _mm256_fmadd_ps(_mm256_set1_ps(si[t]), _mm256_loadu_ps(v + (j0 + t) * D + d), o);
+          o = _mm256_fmadd_ps(_mm256_set1_ps(si[t]), load8_ps(v + (j0 + t) * D + d), o);
         _mm256_storeu_ps(oi + d, o);
       }
     }
@@ -961,16 +997,20 @@ void attend_one_avx2(const float* q, const float* k, const float* v, const float
 // registers each). The keys and values of a decode step come from memory, not cache (a
 // step reads every layer's cache once): the first head's pass prefetches k, and the v pass
 // v, kPrefetchRows rows ahead, which the hardware prefetchers alone did not keep up with
-// (SmolLM2's layer at 560 keys, caches cold: 79.5 us on the AVX2 path, 1 thread).
+// (SmolLM2's layer at 560 keys, caches cold: 79.5 us on the AVX2 path, 1 thread). A
+// prefetch fetches a 64-byte line: one per line, however many elements of T that holds.
 constexpr int64_t kPrefetchRows = 16;
 
-template <int DV>
+template <int DV, typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void attend_one_avx512(const float* q, const float* k, const float* v, const float* mask,
+void attend_one_avx512(const float* q, const void* k_, const void* v_, const float* mask,
                        int64_t mask_h_stride, int64_t n, int64_t g, int64_t /*D*/, float scale,
                        float* s /*[g, n + 16] scratch*/, float* out /*[g, D]*/,
                        float* part_mx = nullptr, float* part_sum = nullptr) {
   constexpr int64_t D = 16 * DV;
+  constexpr int64_t line = 64 / sizeof(T);
+  const T* k = static_cast<const T*>(k_);
+  const T* v = static_cast<const T*>(v_);
   const int64_t ld = n + 16;
   const int64_t n16 = (n + 15) & ~int64_t(15);
   for (int64_t i = 0; i < g; ++i) {
@@ -979,22 +1019,22 @@ void attend_one_avx512(const float* q, const float* k, const float* v, const flo
     float* si = s + i * ld;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-      const float* kj = k + j * D;
+      const T* kj = k + j * D;
       if (i == 0 && j + kPrefetchRows + 4 <= n)
-        for (int64_t l = 0; l < 4 * D; l += 16)
+        for (int64_t l = 0; l < 4 * D; l += line)
           _mm_prefetch(reinterpret_cast<const char*>(kj + kPrefetchRows * D + l), _MM_HINT_T0);
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int d = 0; d < DV; ++d) {
-        a0 = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 16 * d), a0);
-        a1 = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + D + 16 * d), a1);
-        a2 = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 2 * D + 16 * d), a2);
-        a3 = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 3 * D + 16 * d), a3);
+        a0 = _mm512_fmadd_ps(qv[d], load16_ps(kj + 16 * d), a0);
+        a1 = _mm512_fmadd_ps(qv[d], load16_ps(kj + D + 16 * d), a1);
+        a2 = _mm512_fmadd_ps(qv[d], load16_ps(kj + 2 * D + 16 * d), a2);
+        a3 = _mm512_fmadd_ps(qv[d], load16_ps(kj + 3 * D + 16 * d), a3);
       }
       _mm_storeu_ps(si + j, reduce4_ps(a0, a1, a2, a3));
     }
     for (; j < n; ++j) {
       __m512 a = _mm512_setzero_ps();
-      for (int d = 0; d < DV; ++d) a = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(k + j * D + 16 * d), a);
+      for (int d = 0; d < DV; ++d) a = _mm512_fmadd_ps(qv[d], load16_ps(k + j * D + 16 * d), a);
       si[j] = _mm512_reduce_add_ps(a);
     }
     // softmax over si[0, n): scale, mask, max, exp (two AVX2 halves), normalize
@@ -1021,13 +1061,13 @@ void attend_one_avx512(const float* q, const float* k, const float* v, const flo
     __m512 o0[DV], o1[DV];
     for (int d = 0; d < DV; ++d) o0[d] = o1[d] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const float* vj = v + j * D;
+      const T* vj = v + j * D;
       if (i == 0 && j + kPrefetchRows < n)
-        for (int64_t l = 0; l < D; l += 16)
+        for (int64_t l = 0; l < D; l += line)
           _mm_prefetch(reinterpret_cast<const char*>(vj + kPrefetchRows * D + l), _MM_HINT_T0);
       const __m512 w0 = _mm512_set1_ps(s0[j]), w1 = _mm512_set1_ps(s1[j]);
       for (int d = 0; d < DV; ++d) {
-        const __m512 x = _mm512_loadu_ps(vj + 16 * d);
+        const __m512 x = load16_ps(vj + 16 * d);
         o0[d] = _mm512_fmadd_ps(w0, x, o0[d]);
         o1[d] = _mm512_fmadd_ps(w1, x, o1[d]);
       }
@@ -1039,27 +1079,39 @@ void attend_one_avx512(const float* q, const float* k, const float* v, const flo
   }
 }
 
-using AttendFn = void (*)(const float*, const float*, const float*, const float*, int64_t,
+using AttendFn = void (*)(const float*, const void*, const void*, const float*, int64_t,
                           int64_t, int64_t, int64_t, float, float*, float*, float*, float*);
 
-// the path for this head size and `isa`: AVX-512 for D = 64 or 128, else AVX2
+// the path for this head size, `isa` and cache type: AVX-512 for D = 64 or 128, else AVX2
+template <typename T>
 AttendFn pick_attend(int64_t D, int64_t isa) {
-  if (isa >= ISA_AVX512 && D == 64) return attend_one_avx512<4>;
-  if (isa >= ISA_AVX512 && D == 128) return attend_one_avx512<8>;
-  return attend_one_avx2;
+  if (isa >= ISA_AVX512 && D == 64) return attend_one_avx512<4, T>;
+  if (isa >= ISA_AVX512 && D == 128) return attend_one_avx512<8, T>;
+  return attend_one_avx2<T>;
+}
+
+AttendFn pick_attend(int64_t D, int64_t isa, at::ScalarType dtype) {
+  if (dtype == at::kHalf) return pick_attend<at::Half>(D, isa);
+  if (dtype == at::kBFloat16) return pick_attend<at::BFloat16>(D, isa);
+  return pick_attend<float>(D, isa);
 }
 
 constexpr int64_t kMinChunkKeys = 128;   // the fewest keys a thread's chunk gets
 
 // q [B, H, 1, D]; k, v [B, Hk, >= n, D] (a cache: any strides on B and Hk, rows of D
-// contiguous); mask: additive float [1 or B, 1 or H, 1, >= n], or none. -> [B, H, 1, D]
+// contiguous), both float32, both float16 or both bfloat16; mask: additive float
+// [1 or B, 1 or H, 1, >= n], or none. -> float32 [B, H, 1, D]
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask, int64_t n, double scale,
                             int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1 &&
-              q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-              v.scalar_type() == at::kFloat, "qdsl_kernels.decode_attention: float32 4-d q "
+              q.scalar_type() == at::kFloat, "qdsl_kernels.decode_attention: float32 4-d q "
               "[B, H, 1, D], k / v [B, Hk, L, D]");
+  const at::ScalarType kv_type = k.scalar_type();
+  TORCH_CHECK((kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16) &&
+              v.scalar_type() == kv_type, "qdsl_kernels.decode_attention: k and v must both "
+              "be float32, both float16 or both bfloat16 (got ", k.scalar_type(), " and ",
+              v.scalar_type(), ")");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hk = k.size(1);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && k.size(3) == D &&
               v.size(3) == D && D % 8 == 0 && H % Hk == 0 && n >= 1 && n <= k.size(2) &&
@@ -1080,11 +1132,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     mh = mask->size(1) == 1 ? 0 : mc.stride(1);
   }
   const int64_t g = H / Hk;
-  const AttendFn attend = pick_attend(D, isa);
+  const AttendFn attend = pick_attend(D, isa, kv_type);
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const float* qp = qc.data_ptr<float>(); const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>(); float* op = out.data_ptr<float>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  const float* qp = qc.data_ptr<float>(); float* op = out.data_ptr<float>();
+  // k and v addressed in bytes (the attend paths take them untyped): strides times es
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t es = k.element_size(), ks0 = k.stride(0) * es, ks1 = k.stride(1) * es,
+                vs0 = v.stride(0) * es, vs1 = v.stride(1) * es;
   // fewer (b, hk) pairs than two per thread (SmolLM2: 3 key/value heads): split the keys
   // into chunks (flash-decoding) so that every thread gets work, then merge the chunks'
   // softmax statistics; one thread, or short caches, run each pair whole
@@ -1119,8 +1174,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         std::fill(ps.data() + t * g, ps.data() + (t + 1) * g, 0.f);
         continue;
       }
-      attend(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1 + j0 * D,
-                      vp + b * vs0 + hk * vs1 + j0 * D,
+      attend(qp + (b * H + hk * g) * D, kp + b * ks0 + hk * ks1 + j0 * D * es,
+                      vp + b * vs0 + hk * vs1 + j0 * D * es,
                       mp ? mp + b * mb + hk * g * mh + j0 : nullptr, mh, len, g, D,
                       float(scale), scratch.data(), o, pm.data() + t * g, ps.data() + t * g);
     }
