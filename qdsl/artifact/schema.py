@@ -177,6 +177,7 @@ SETTINGS = Obj({"calib_samples": COUNT, "calib_seq_len": COUNT, "calib_seed": Op
                 "calib_batch_size": COUNT, "calib_data": Opt(NAME),
                 "lower": Opt(Str(enum=("fake", "int8")))},
                {"lower_compute": Opt(Str(enum=("bf16", "fp32"))),
+                "lower_kv_cache": Opt(Str(enum=("fp32", "fp16", "bf16"))),
                 "export": Opt(Str(enum=("gguf", "compressed-tensors"))),
                 "student_blocks": Opt(Str(pattern=r"[a-z_]{1,20}|[0-9, ]{1,2000}")),
                 "train_logits": Opt(Num(0, 1e30)), "train_hidden": Opt(Num(0, 1e30)),

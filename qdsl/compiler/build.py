@@ -21,7 +21,7 @@ from ..plan import QuantPlan, build_plan
 from ..artifact.store import lowered_state, module_hash, write_artifact
 from ..config.recipe import Recipe, Settings
 from ..config.student import StudentError, located, student_map
-from ..errors import ModelError, RecipeError
+from ..errors import ModelError, OptionError, RecipeError
 from ..graph.capture import capture, max_positions
 from ..graph.naming import name_graph
 from ..lang import load_recipe, parse_recipe
@@ -121,6 +121,11 @@ class Explanation:
             text += (f"\nstudent (student.blocks = {self.recipe.settings.student_blocks}): "
                      f"{len(self.student)} of {self.teacher_blocks} teacher blocks; "
                      f"student block <- teacher block: {pairs}")
+        kv = self.recipe.settings.lower_kv_cache
+        if kv not in (None, "fp32"):
+            text += (f"\nkey/value cache: {kv} (lower.kv_cache): keys and values rounded to "
+                     f"{kv} at each cache write" + (f", stored in {kv} (half the cache bytes "
+                     "a decode step reads)" if self.lower == "int8" else ""))
         return text
 
     def kernel_lines(self) -> list[str]:
@@ -142,6 +147,7 @@ def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
     m, _, _ = as_model(model)
     teacher_blocks = blocks_of_config(getattr(m, "config", None) or {})
     m, student = student_of(m, r)
+    _check_kv_cache(m, r.settings.lower_kv_cache)
     captured = capture(m, example_inputs, mode="plain")
     named = name_graph(captured)
     plan = build_plan(r, named)
@@ -150,6 +156,13 @@ def explain(recipe: Recipe | str, model: ModelArg, *, lower: str | None = None,
               if r.settings.export else None)
     return Explanation(r, captured, named, plan, lower or r.settings.lower or "fake", export,
                        student=student, teacher_blocks=teacher_blocks)
+
+
+def _check_kv_cache(model: torch.nn.Module, kv: str | None) -> None:
+    """``set lower.kv_cache`` on a model with no cache does nothing: an error."""
+    if kv not in (None, "fp32") and not is_causal_lm(model):
+        raise OptionError(f"set lower.kv_cache = {kv}: {type(model).__name__} is not a causal "
+                          "LM, its graph has no key/value cache; drop the setting")
 
 
 # --------------------------------------------------------------------------- compile
@@ -312,6 +325,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     if reduce:
         m, _ = student_of(m, r, st.student_blocks)
     mode = "generate" if is_causal_lm(m) else "plain"
+    _check_kv_cache(m, st.lower_kv_cache)
     max_cache_len, takes = fit_lengths(m, mode, st, max_cache_len)
     captured = capture(m, mode=mode, max_cache_len=max_cache_len)
     named = name_graph(captured)
@@ -322,6 +336,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
         if errors:
             raise RecipeError(errors)
     ctx = PassContext(named, plan, fallback=fallback, lower_compute=st.lower_compute,
+                      kv_cache=st.lower_kv_cache,
                       export=st.export, progress=progress)
 
     def calib_feed(what: str) -> Feed:

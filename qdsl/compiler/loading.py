@@ -75,7 +75,8 @@ def load(path: str | os.PathLike, model: ModelArg | None = None,
         int8 = meta["lower"] == "int8"
         ctx = PassContext(named, plan, frozen=frozen,
                           fallback=meta["int8"]["fallback"] if int8 else "error",
-                          lower_compute=meta["settings"].get("lower_compute"))
+                          lower_compute=meta["settings"].get("lower_compute"),
+                          kv_cache=meta["settings"].get("lower_kv_cache"))
         gm = run(lowering("int8" if int8 else "fake"), captured.gm, ctx)
         named = ctx.named  # a transform may have untied a weight
     return QuantizedModel(gm, named=named, plan=plan, recipe=recipe, frozen=frozen,

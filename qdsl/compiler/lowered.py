@@ -127,7 +127,8 @@ def load_int8(path, meta: dict, plan_json: dict, tensors: dict[str, torch.Tensor
         with warnings.catch_warnings():  # fallbacks were reported when compiling
             warnings.simplefilter("ignore")
             ctx = PassContext(named, plan, frozen=on_meta, fallback=info["fallback"],
-                              lower_compute=meta["settings"].get("lower_compute"))
+                              lower_compute=meta["settings"].get("lower_compute"),
+                              kv_cache=meta["settings"].get("lower_kv_cache"))
             gm = run(INT8, gm, ctx)
             named = ctx.named  # a transform may have untied a weight
     _fill(d, gm, info)

@@ -164,6 +164,7 @@ class Settings:
     calib_data: str | None = None
     lower: str | None = None  # "fake" | "int8"
     lower_compute: str | None = None  # weight-only kernels: "bf16" (fast) | "fp32" (exact)
+    lower_kv_cache: str | None = None  # key/value cache: "fp32" (default) | "fp16" | "bf16"
     export: str | None = None  # "gguf" | "compressed-tensors": the format the result must fit
     student_blocks: str | None = None  # layer reduction (config/student.py): "every_other", "1,3"
     train_logits: float | None = None  # qdsl train: XTC loss weights (default 1 each)
@@ -189,7 +190,7 @@ class Settings:
 
 _LATER = ("lower_compute", "export", "student_blocks", "train_logits", "train_hidden",
           "train_attn", "train_dampen", "train_lr", "train_warmup", "train_freeze",
-          "train_scales")
+          "train_scales", "lower_kv_cache")
 
 
 # Recipe-syntax key of each setting, its field and its type.
@@ -201,6 +202,7 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
     "calib.data": ("calib_data", str),
     "lower": ("lower", str),
     "lower.compute": ("lower_compute", str),
+    "lower.kv_cache": ("lower_kv_cache", str),
     "export": ("export", str),
     "student.blocks": ("student_blocks", student_value),
     "train.logits": ("train_logits", weight_value),
@@ -214,10 +216,12 @@ SETTING_KEYS: dict[str, tuple[str, type]] = {
 }
 LOWER_TARGETS = ("fake", "int8")
 LOWER_COMPUTE = ("bf16", "fp32")
+KV_CACHE = ("fp32", "fp16", "bf16")
 TRAIN_SCALES = ("mean", "learned")
 # `set export = gguf | compressed_tensors` (the word; "compressed-tensors" quoted also)
 EXPORT_TARGETS = ("gguf", "compressed-tensors")
-SETTING_CHOICES = {"lower": LOWER_TARGETS, "lower.compute": LOWER_COMPUTE, "export": EXPORT_TARGETS,
+SETTING_CHOICES = {"lower": LOWER_TARGETS, "lower.compute": LOWER_COMPUTE,
+                   "lower.kv_cache": KV_CACHE, "export": EXPORT_TARGETS,
                    "train.scales": TRAIN_SCALES}
 
 

@@ -33,6 +33,7 @@ from .common import ACT_PREFIX, WEIGHT_PREFIX, attr_name
 from .freeze import Frozen, freeze
 from .fuse_attention import fuse_attention
 from .insert_observers import insert_observers
+from .kv_cache import kv_cache
 from .lower_fake import lower_fake
 from .lower_int8 import INT8_PREFIX, lower_int8
 from .record import insert_recorders
@@ -63,7 +64,8 @@ class PassContext:
     ``named`` / ``plan``: the named graph and its plan (None only for pipelines of
     plan-free passes, e.g. ``FLOAT_RUNTIME``). ``observers``: set by
     ``insert_observers``; ``frozen``: set by ``freeze`` or given (an artifact's).
-    ``fallback`` / ``lower_compute``: ``lower_int8``'s settings. ``feed``: the data
+    ``fallback`` / ``lower_compute``: ``lower_int8``'s settings; ``kv_cache``: the
+    key/value cache's dtype (``set lower.kv_cache``; None: float32). ``feed``: the data
     ``calibrate`` / ``record`` / ``feed_stats`` run through the graph; ``record_names``: the nodes
     ``insert_recorders`` records, ``recorders`` what it inserted. ``properties``:
     the names the passes run so far ensured (the runner adds them). ``stats`` /
@@ -79,6 +81,7 @@ class PassContext:
     progress: Progress = False
     fallback: str = "error"
     lower_compute: str | None = None
+    kv_cache: str | None = None
     feed: Feed | None = None
     record_names: list[str] | None = None
     recorders: dict | None = None
@@ -119,6 +122,7 @@ PROPERTIES: dict[str, Callable[[fx.GraphModule, PassContext], bool]] = {
     "simplified": _ran("simplified"),
     "int8_lowered": _ran("int8_lowered"),
     "attention_fused": _ran("attention_fused"),
+    "kv_cache_set": _ran("kv_cache_set"),
     "stats_collected": lambda gm, ctx: ctx.stats is not None,
     "stats_fed": _ran("stats_fed"),
     "smoothed": _ran("smoothed"),
@@ -215,6 +219,12 @@ def _fuse(gm, ctx):
     return gm
 
 
+def _kv_cache(gm, ctx):
+    """After an int8 lowering the cache is stored in the dtype; after fake, simulated."""
+    kv_cache(gm, ctx.kv_cache, store="int8_lowered" in ctx.properties)
+    return gm
+
+
 VALIDATE_PLAN = Pass("validate_plan", _validate, ("planned",), ("validated",))
 COLLECT_STATS = Pass("collect_stats", _collect_stats, ("planned", "validated"),
                      ("stats_collected",))
@@ -233,6 +243,7 @@ LOWER_INT8 = Pass("lower_int8", lambda gm, ctx: lower_int8(
     gm, ctx.named, ctx.plan, ctx.frozen, fallback=ctx.fallback, compute=ctx.lower_compute),
     ("planned", "frozen", "fake_lowered"), ("int8_lowered",))
 FUSE_ATTENTION = Pass("fuse_attention", _fuse, (), ("attention_fused",))
+KV_CACHE_PASS = Pass("kv_cache", _kv_cache, ("fake_lowered",), ("kv_cache_set",))
 INSERT_RECORDERS = Pass("insert_recorders", _record, ("named",), ("recording",))
 RUN_RECORDERS = Pass("record", _feed, ("recording", "fed"), ("recorded",))
 FEED_STATS = Pass("feed_stats", _feed, ("stats_collected", "fed"), ("stats_fed",))
@@ -248,8 +259,8 @@ CALIBRATE = [CALIBRATE_PASS]
 RECORD = [INSERT_RECORDERS, RUN_RECORDERS]
 FEED = [RUN_RECORDERS]
 FREEZE = [ROUND_WEIGHTS, FREEZE_PASS]
-FAKE = [ROTATE, SMOOTH, LOWER_FAKE, SIMPLIFY]
-INT8 = FAKE + [LOWER_INT8, FUSE_ATTENTION]
+FAKE = [ROTATE, SMOOTH, LOWER_FAKE, SIMPLIFY, KV_CACHE_PASS]
+INT8 = [ROTATE, SMOOTH, LOWER_FAKE, SIMPLIFY, LOWER_INT8, FUSE_ATTENTION, KV_CACHE_PASS]
 FLOAT_RUNTIME = [SIMPLIFY, FUSE_ATTENTION]   # a float graph run as an int8 artifact runs
 LOWERINGS = {"fake": FAKE, "int8": INT8}
 

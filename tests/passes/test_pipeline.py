@@ -87,8 +87,8 @@ def test_lower_int8_and_fuse_attention_are_separate_steps():
     # lower_fake no longer drops no-ops itself, lower_int8 no longer fuses attention
     names = [p.name for p in INT8]
     assert names == ["rotate", "smooth", "lower_fake", "drop_noops", "lower_int8",
-                     "fuse_attention"]
-    assert [p.name for p in FAKE] == names[:4]
+                     "fuse_attention", "kv_cache"]
+    assert [p.name for p in FAKE] == names[:4] + ["kv_cache"]
 
 
 @pytest.mark.parametrize("lower", ["fake", "int8"])
