@@ -46,6 +46,15 @@ def test_bench_cli_tiny(tiny_dir, tmp_path, capsys):
     assert ours["weight_bytes_per_token"] < result["rows"][0]["extra"]["weight_bytes_per_token"]
     assert "decode / bandwidth bound" in table and "Kernels of qdsl w8a8-dynamic" in table
     assert "read bandwidth" in table and cond["capability"] in table
+    # the graph rows' key/value cache: every layer's keys and values, float32, at the
+    # mean filled length of the timed steps (context 8, then 2 tokens: 9.5 positions)
+    c = tiny("gpt2").config
+    per_position = c.n_layer * 2 * c.n_embd * 4
+    graphs = [r for r in result["rows"] if r["name"].startswith("fp32 graph")]
+    assert graphs and all(r["extra"]["kv_bytes_per_token"] == per_position * 9.5
+                          and r["extra"]["kv_dtype"] == "float32" for r in graphs)
+    assert "kv_bytes_per_token" not in result["rows"][0]["extra"]    # transformers' cache
+    assert "Key/value cache read per decode step" in table
 
 
 def test_weight_bytes_count_a_tied_head_once_and_skip_gather_only_tables():

@@ -220,6 +220,10 @@ def child_main(spec: dict) -> dict:
     module = hosting_hw.module_of(lm)
     out["weight_bytes_per_token"] = None if module is None else \
         hosting_hw.weight_bytes_per_token(module)
+    kv = None if module is None else hosting_hw.kv_cache_of(module)
+    if kv is not None:   # the mean filled cache a timed decode step reads
+        out["kv_bytes_per_token"] = kv[0] * (cfg.context + (cfg.decode_tokens + 1) / 2)
+        out["kv_dtype"] = kv[1]
     out["bandwidth_gbs"] = hosting_hw.read_bandwidth_gbs(cfg.threads)   # same process, threads
     out["kernels"] = {k: v["kernel"] for k, v in kernels.report(measure=False)["kernels"].items()}
     step = getattr(lm, "step", None)
@@ -346,6 +350,7 @@ def _row(spec: dict, runs: list[dict]) -> Row:
     nbytes = runs[0].get("weight_bytes_per_token")
     bound = {} if not nbytes else {"weight_bytes_per_token": nbytes, "bandwidth_gbs": bw,
                                    "bound_ms": nbytes / (bw * 1e9) * 1e3}
+    bound.update({k: runs[0][k] for k in ("kv_bytes_per_token", "kv_dtype") if k in runs[0]})
     return Row(spec["name"], spec["kind"], spec["size_mb"], runs[0]["rss_load_mb"],
                max(r["peak_rss_mb"] for r in runs), pre, dec, 1e3 / dec,
                {**spec.get("extra", {}), **bound, "kernels": runs[0].get("kernels", {}),

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qdsl.errors import OptionError
+from qdsl.passes.kv_cache import cache_writes
 from qdsl.runtime import kernels
 
 BANDWIDTH_MB = 256          # the read test's buffer (larger than any cache)
@@ -69,6 +70,24 @@ def weight_bytes_per_token(module: nn.Module) -> int:
             w, b = m._packed_params._weight_bias()
             total += w.untyped_storage().nbytes() + (0 if b is None else b.nbytes)
     return total
+
+
+def kv_cache_of(module: nn.Module) -> tuple[int, str] | None:
+    """(bytes per cached position summed over every layer's keys and values, dtype) of a
+    captured graph's static cache; None for a model without one (a transformers model's
+    cache lives outside the module)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    caches = {}
+    for w in cache_writes(module):
+        owner, _, name = w.args[0].target.rpartition(".")
+        t = getattr(module.get_submodule(owner) if owner else module, name)
+        caches[w.args[0].target] = t
+    if not caches:
+        return None
+    per_position = sum(t.numel() // t.shape[2] * t.element_size() for t in caches.values())
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in caches.values()})
+    return per_position, "/".join(dtypes)
 
 
 def machine(threads: int, bandwidth: bool = True) -> dict:

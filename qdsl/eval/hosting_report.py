@@ -80,11 +80,30 @@ def markdown(result: dict) -> str:
                    f"({fp16 / base['size_mb']:.2f}x).")
     out.append("Bandwidth bound: the weight bytes a decode step reads (gather-only embedding "
                "tables excluded) / the read bandwidth; 1.00x is the fastest any kernel can go.")
+    out += _cache_lines(rows, bw)
     out += _kernel_lines(rows)
     out.append(f"Cost: a prediction = prefill of the context + {cfg['pred_tokens']} decode steps "
                f"(Wei et al. Table 2 generate 20 tokens); assumed {cfg['power_watts']:g} W and "
                f"${cfg['price_per_kwh']:g}/kWh.")
     return "\n".join(out)
+
+
+def _cache_lines(rows: list[dict], bandwidth: float | None) -> list[str]:
+    """The key/value cache a graph row's decode step reads (not in the bound: gpt-fast's
+    convention counts weights only), and the bound with it counted."""
+    parts = []
+    for r in rows:
+        kv = r["extra"].get("kv_bytes_per_token")
+        if not kv:
+            continue
+        text = f"{r['name']} {kv / 1e6:.1f} MB ({r['extra'].get('kv_dtype', '?')})"
+        b, bw = bound_ms(r, bandwidth), bandwidth or r["extra"].get("bandwidth_gbs")
+        if b is not None and bw:
+            with_kv = b + kv / (bw * 1e9) * 1e3
+            text += f", decode {r['decode_ms'] / with_kv:.2f}x of the bound with it"
+        parts.append(text)
+    return ["Key/value cache read per decode step (mean over the timed steps): "
+            + "; ".join(parts) + "."] if parts else []
 
 
 def _kernel_lines(rows: list[dict]) -> list[str]:
