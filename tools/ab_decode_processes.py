@@ -1,4 +1,5 @@
-"""Paired A/B of an artifact's compiled decode under two environments, one process each.
+"""Paired A/B of compiled decode, one process each: one artifact under two environments,
+or two artifacts (``--b-artifact``: e.g. the same recipe with ``set lower.kv_cache = fp16``).
 
 For a setting a process fixes once (``QDSL_HUGE_PAGES``: where the weights live;
 ``THP_MEM_ALLOC_ENABLE``, read when torch starts) ``tools/ab_compiled_step.py``'s
@@ -9,6 +10,7 @@ ms/token); the figure is the geometric mean of the per-pair ratios B / A with it
 interval.
 
     python tools/ab_decode_processes.py ARTIFACT --a-env QDSL_HUGE_PAGES=0 --pairs 6
+    python tools/ab_decode_processes.py ARTIFACT --b-artifact ARTIFACT_FP16_CACHE --pairs 8
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def child(artifact: str, threads: int, context: int, steps: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
-    ap.add_argument("--a-env", required=True, help="NAME=VALUE set for A's processes")
+    ap.add_argument("--a-env", default="", help="NAME=VALUE set for A's processes")
     ap.add_argument("--b-env", default="", help="NAME=VALUE set for B's (default: unset)")
+    ap.add_argument("--b-artifact", help="B runs this artifact (A: ARTIFACT), same environment")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
@@ -58,19 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         child(a.artifact, a.threads, a.context, a.steps)
         return 0
+    if not a.a_env and not a.b_env and not a.b_artifact:
+        ap.error("nothing differs between A and B: give --a-env / --b-env or --b-artifact")
     from qdsl.study.stats import time_ratio
 
     def env_of(spec: str) -> dict:
         env = dict(os.environ)
         for name in (a.a_env.partition("=")[0], a.b_env.partition("=")[0]):
-            env.pop(name, None)
+            if name:
+                env.pop(name, None)
         if spec:
             name, _, value = spec.partition("=")
             env[name] = value
         return env
 
     def run(side: str) -> dict:
-        cmd = [sys.executable, __file__, a.artifact, "--a-env", a.a_env, "--child",
+        artifact = a.b_artifact if side == "B" and a.b_artifact else a.artifact
+        cmd = [sys.executable, __file__, artifact, "--a-env", a.a_env, "--child",
                "--threads", str(a.threads), "--context", str(a.context), "--steps", str(a.steps)]
         out = subprocess.run(cmd, env=env_of(a.a_env if side == "A" else a.b_env),
                              capture_output=True, text=True, check=True).stdout
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"direct {r['direct']})", file=sys.stderr)
     iv = time_ratio(ms["B"], ms["A"])
     import torch
-    print(f"A ({a.a_env}) median {statistics.median(ms['A']):.3f} ms, B ({a.b_env or 'unset'}) "
+    b_name = a.b_artifact if a.b_artifact else a.b_env or "unset"
+    print(f"A ({a.a_env or a.artifact}) median {statistics.median(ms['A']):.3f} ms, B ({b_name}) "
           f"median {statistics.median(ms['B']):.3f} ms; B / A {iv.est:.3f} "
           f"[{iv.lo:.3f}, {iv.hi:.3f}] ({iv.n} pairs of processes, "
           f"{torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s))")
