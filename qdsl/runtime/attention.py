@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qdsl.runtime import kernels
-from qdsl.runtime.kernels.cpu import ISA_AVX2
+from qdsl.runtime.kernels.cpu import ISA_AVX2, cpu_flags
 from qdsl.runtime.kernels.impls import _isa
 
 
@@ -54,6 +54,8 @@ def _one_token_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> b
         return False
     if q.dtype != torch.float32 or k.dtype != v.dtype or k.dtype not in _CACHE_DTYPES:
         return False
+    if k.dtype == torch.float16 and not _f16c_built():
+        return False
     d = q.shape[-1]
     if (k.shape[0] != q.shape[0] or v.shape[:2] != k.shape[:2] or q.shape[1] % k.shape[1]
             or k.shape[-1] != d or v.shape[-1] != d):
@@ -70,6 +72,19 @@ def _one_token_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> b
 @torch.compiler.assume_constant_result     # a compiled step asks once, while tracing
 def _kernel_built() -> bool:
     return _kernel_ready()
+
+
+@torch.compiler.assume_constant_result     # asked once while tracing, like _kernel_built
+def _f16c_built() -> bool:
+    return _has_f16c()
+
+
+@functools.cache
+def _has_f16c() -> bool:
+    """Whether the CPU converts float16 (F16C, the fp16 cache's loads): every AVX2 CPU
+    known has it; unknown flags (not Linux) are taken to have it."""
+    flags = cpu_flags()
+    return not flags or "f16c" in flags
 
 
 @functools.cache

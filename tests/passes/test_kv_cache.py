@@ -125,3 +125,21 @@ def test_compiled_step_on_a_16bit_cache(tmp_path, monkeypatch):
     assert lm.step.failed is None and lm.step.direct
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert eager.greedy(ids[:, :5], 12) == lm.greedy(ids[:, :5], 12)
+
+
+def test_fp16_cache_needs_f16c(monkeypatch):
+    """Without F16C the fp16 cache goes to SDPA (same numbers); bf16 needs no F16C."""
+    from qdsl.runtime import attention
+    q = torch.randn(1, 4, 1, 64)
+    k16 = torch.randn(1, 2, 32, 64).half()
+    if not attention._kernel_built():
+        pytest.skip("qdsl's C++ kernels unavailable here")
+    assert attention._one_token_kernel(q, k16, k16, None)
+    monkeypatch.setattr(attention, "_has_f16c", lambda: False)
+    assert not attention._one_token_kernel(q, k16, k16, None)
+    assert attention._one_token_kernel(q, k16.bfloat16(), k16.bfloat16(), None)
+    pos = torch.tensor([20])
+    got = attention.FusedAttention(0.125, gqa=True)(q, k16, k16, None, pos)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k16[:, :, :21].float(), k16[:, :, :21].float(), scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
