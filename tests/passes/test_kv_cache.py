@@ -82,6 +82,9 @@ def test_saved_artifact_keeps_the_16bit_cache(tmp_path):
     lm = load_artifact_lm(tmp_path / "a")                      # the stored graph
     assert [c.dtype for c in _caches(lm.gm)] == [torch.float16] * 4
     torch.testing.assert_close(_steps(lm, ids), want, rtol=0, atol=0)
+    for other in (load_artifact_lm(tmp_path / "a", max_cache_len=48),   # another cache
+                  load_artifact_lm(tmp_path / "a", batch_size=2)):      # padded rows
+        assert [c.dtype for c in _caches(other.gm)] == [torch.float16] * 4
     again = C.load(tmp_path / "a", m)                          # capture + INT8 passes
     assert [c.dtype for c in _caches(again.gm)] == [torch.float16] * 4
     torch.testing.assert_close(_steps(GraphLM(again.gm, CACHE, compile_decode=False), ids),
