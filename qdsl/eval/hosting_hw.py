@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qdsl.errors import OptionError
-from qdsl.passes.kv_cache import cache_writes
+from qdsl.passes.kv_cache import cache_tensors
 from qdsl.runtime import kernels
 
 BANDWIDTH_MB = 256          # the read test's buffer (larger than any cache)
@@ -78,11 +78,7 @@ def kv_cache_of(module: nn.Module) -> tuple[int, str] | None:
     cache lives outside the module)."""
     if not isinstance(module, torch.fx.GraphModule):
         return None
-    caches = {}
-    for w in cache_writes(module):
-        owner, _, name = w.args[0].target.rpartition(".")
-        t = getattr(module.get_submodule(owner) if owner else module, name)
-        caches[w.args[0].target] = t
+    caches = cache_tensors(module)
     if not caches:
         return None
     per_position = sum(t.numel() // t.shape[2] * t.element_size() for t in caches.values())

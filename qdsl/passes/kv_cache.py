@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from ..errors import GraphError
+from ..graph.attrs import param, set_tensor
 from ..graph.ops import aten_name as _target
 from ..runtime.attention import FusedAttention
 
@@ -43,10 +44,15 @@ def cache_writes(gm: fx.GraphModule) -> list[fx.Node]:
         cache = n.args[0]
         if not (isinstance(cache, fx.Node) and cache.op == "get_attr"):
             continue
-        t = _attr(gm, cache.target)
-        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
+        t = param(gm, cache.target)
+        if t.dim() == 4 and t.is_floating_point():
             writes.append(n)
     return writes
+
+
+def cache_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors ``cache_writes`` write into, by target, in write order."""
+    return {w.args[0].target: param(gm, w.args[0].target) for w in cache_writes(gm)}
 
 
 def kv_cache(gm: fx.GraphModule, dtype: str | None, *, store: bool) -> int:
@@ -74,11 +80,11 @@ def kv_cache(gm: fx.GraphModule, dtype: str | None, *, store: bool) -> int:
         w.update_arg(3, cast)
         if not store or cache.target in done:
             continue
-        t = _attr(gm, cache.target)
+        t = param(gm, cache.target)
         if t.dtype != torch.float32:
             raise GraphError(f"cache {cache.target} is {t.dtype}, not float32: stored "
                              "twice?", node=cache.name)
-        _set_attr(gm, cache.target, t.to(dt))
+        set_tensor(gm, cache.target, t.to(dt))
         done.add(cache.target)
         for src in (cache, w):       # anything else reading the cache gets float32
             for reader in [u for u in src.users if not _takes_16bit(gm, u, w)]:
@@ -97,17 +103,3 @@ def _takes_16bit(gm: fx.GraphModule, user: fx.Node, write: fx.Node) -> bool:
         return True
     return (user.op == "call_module" and isinstance(gm.get_submodule(user.target), FusedAttention)
             and write in user.args[1:3] and write not in (user.args[0], *user.args[3:]))
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
-
-
-def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    owner_name, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    if name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)

@@ -10,7 +10,7 @@ from tiny import tiny, tiny_ids
 import qdsl.compiler as C
 from qdsl.errors import GraphError, OptionError
 from qdsl.lang import parse_recipe
-from qdsl.passes.kv_cache import KV_DTYPES, cache_writes, kv_cache
+from qdsl.passes.kv_cache import KV_DTYPES, cache_tensors, kv_cache
 from qdsl.runtime.graphlm import GraphLM
 
 CACHE = 32
@@ -35,8 +35,7 @@ def _steps(lm, ids, n=8):
 
 def _caches(gm) -> list[torch.Tensor]:
     """The graph's cache tensors, in write order."""
-    return [getattr(gm.get_submodule(w.args[0].target.rpartition(".")[0]),
-                    w.args[0].target.rpartition(".")[2]) for w in cache_writes(gm)]
+    return list(cache_tensors(gm).values())
 
 
 def test_setting_parses_and_is_checked():
