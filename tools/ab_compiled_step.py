@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if old is not None:
         os.environ[name] = old
-    # the logits each model's next step follows (one model in the environment mode)
-    last = {id(m): m.prefill(ids) for m in {id(m): m for m in lms.values()}.values()}
+    last = {}      # the logits each model's next step follows (one model: env mode)
+    for m in lms.values():
+        if id(m) not in last:
+            last[id(m)] = m.prefill(ids)
     ms = {"A": [], "B": []}
     for i in range(a.pairs):
         for side in (("A", "B") if i % 4 in (0, 3) else ("B", "A")):
