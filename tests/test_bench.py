@@ -212,3 +212,43 @@ def test_also_cli_errors(tiny_dir, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "--also" in err and "Traceback" not in err
+
+
+def test_read_bandwidth_is_the_fastest_sum_over_fresh_buffers(monkeypatch):
+    """The bound's bandwidth is the highest read over several fresh buffers (a slow
+    buffer or a busy moment never loosens the bound), at the requested threads."""
+    import torch
+    from qdsl.eval import hosting_hw
+
+    made, threads_seen = [], []
+    real_ones = torch.ones
+
+    def ones(n):
+        made.append(n)
+        return real_ones(n)        # 8 MiB; the clock below decides the answer
+
+    # each timed sum lasts 4, 2, 8, ... ms: one interval per (start, stop) pair
+    durations = iter([4e-3, 2e-3, 8e-3, 4e-3, 3e-3, 5e-3])
+    clock = {"t": 0.0, "start": True}
+
+    def perf_counter():
+        if not clock["start"]:
+            clock["t"] += next(durations)
+        clock["start"] = not clock["start"]
+        return clock["t"]
+
+    real_sum = torch.Tensor.sum
+
+    def counted_sum(self, *a, **k):
+        threads_seen.append(torch.get_num_threads())
+        return real_sum(self, *a, **k)
+
+    monkeypatch.setattr(hosting_hw.torch, "ones", ones)
+    monkeypatch.setattr(hosting_hw.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(torch.Tensor, "sum", counted_sum)
+    before = torch.get_num_threads()
+    gbs = hosting_hw.read_bandwidth_gbs(threads=1, mb=8, repeats=2, buffers=3)
+    assert len(made) == 3 and made[0] == 8 * 2**20 // 4          # three fresh buffers
+    assert len(threads_seen) == 3 * 3 and set(threads_seen) == {1}   # warm-up + 2 each
+    assert gbs == pytest.approx(8 * 2**20 / 2e-3 / 1e9)          # the fastest: 2 ms
+    assert torch.get_num_threads() == before
