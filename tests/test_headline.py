@@ -59,3 +59,37 @@ def test_headline_prints_es_cis_and_the_precision_block(tmp_path):
     assert "| Wei W8A8 dynamic, per-tensor | 20.9 | 100 | 4.1 | 749 |" in text
     assert "SmolLM2-135M: every listed row within ±1.5 ES points needs n = 749" in text
     assert "4.0 s per sample" in text and "old" not in text
+
+
+def test_findings_block_lists_what_the_large_sweep_decides_beside_the_base(tmp_path):
+    def finding(claim, verdict, evidence="ΔES -1.0 [-2.0, +0.1]"):
+        return {"paper": "Wei et al. 2023", "claim": claim, "table": "wei-4",
+                "verdict": verdict, "evidence": evidence, "paper_evidence": ""}
+
+    def results(d, n, windows, findings):
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "n_samples": n, "config": {"ppl_windows": windows}, "tables": {},
+            "findings": findings}))
+        return d
+
+    large = results(tmp_path / "large", 1572, 256, [
+        finding("near lossless", "contradicted"), finding("per-column wins", "inconclusive"),
+        finding("flat", "not run yet", "needs wei-fig7: 32 windows")])
+    base = results(tmp_path / "base", 100, 32, [
+        finding("near lossless", "inconclusive"), finding("per-column wins", "inconclusive"),
+        finding("flat", "reproduced")])
+    empty = results(tmp_path / "e", 100, 32, [])
+    doc = tmp_path / "r.md"
+    doc.write_text("<!-- qdsl:headline -->\n<!-- /qdsl:headline -->\n"
+                   "<!-- qdsl:findings-headline -->\nold\n<!-- /qdsl:findings-headline -->\n")
+    _tool().main(["--doc", str(doc), "--smol", str(large), "--base", str(base),
+                  "--qwen", str(empty), "--gpt2", str(empty)])
+    text = doc.read_text()
+    assert "1,572 samples per row (256 perplexity windows)" in text and "old" not in text
+    assert "reproduced: 0, contradicted: 1, inconclusive: 1" in text
+    assert "| near lossless | wei-4 | **contradicted** | ΔES -1.0 [-2.0, +0.1] | " \
+           "inconclusive (changed) |" in text
+    assert "| per-column wins | wei-4 | **inconclusive** | ΔES -1.0 [-2.0, +0.1] | " \
+           "inconclusive |" in text
+    assert "*flat* (wei-fig7: 32 windows)" in text

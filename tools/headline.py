@@ -1,6 +1,7 @@
 """Rewrite the three-model headline table of docs/results.md from the sweeps' results.
 
-    python tools/headline.py            # docs/results.md, results/sweep{,-qwen,-stdlib-gpt2}
+    python tools/headline.py    # docs/results.md from results/sweep-smollm2-n1572,
+                                # results/sweep-qwen, results/sweep-stdlib-gpt2
 
 The table sits between ``<!-- qdsl:headline -->`` and ``<!-- /qdsl:headline -->``
 (``qdsl sweep --doc`` leaves blocks it does not own alone). Each cell is read from a
@@ -9,7 +10,10 @@ relative to ``recipes/``; a row a sweep has not run shows ``-``. Nothing is type
 ES cells carry the row's paired difference from fp32 with its 95% CI (``vs_float`` in
 results.json, ``qdsl.study.stats``). The ``<!-- qdsl:precision -->`` block, when the
 document has one, gets each model's sample sizes for a ±1.5-point ES CI
-(``qdsl.study.precision``).
+(``qdsl.study.precision``). The ``<!-- qdsl:findings-headline -->`` block, when there
+is one, gets the seed findings whose rows are all in the SmolLM2 headline sweep, each
+beside its verdict in the page's own sweep (``--base``, every table at smaller n), so
+that a verdict that changed with n shows.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ ROWS = (
     ("Wei W8A4 static, per-column", "wei/t5_w8a4.qrec"),
 )
 _BLOCK = re.compile(r"(<!-- qdsl:headline -->\n)(.*?)(<!-- /qdsl:headline -->)", re.S)
+_FINDINGS = re.compile(r"(<!-- qdsl:findings-headline -->\n)(.*?)(<!-- /qdsl:findings-headline -->)",
+                       re.S)
 _PRECISION = re.compile(r"(<!-- qdsl:precision -->\n)(.*?)(<!-- /qdsl:precision -->)", re.S)
 MODELS = {"smol": "SmolLM2-135M", "qwen": "Qwen2.5-Coder-0.5B", "gpt2": "stdlib-gpt2"}
 
@@ -107,10 +113,47 @@ def table(smol: dict, qwen: dict, gpt2: dict, n: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _findings(res: dict) -> list[dict]:
+    from qdsl.study.findings import evaluate
+
+    return res.get("findings") or evaluate(res["tables"])
+
+
+def findings_table(large: dict, small: dict) -> str:
+    """The findings the headline sweep (``large``) decides, one line each, beside the
+    verdict over the base sweep (``small``); the rest are listed by name."""
+    from qdsl.study.findings import NOT_RUN, VERDICTS
+
+    base = {(f["paper"], f["claim"]): f for f in _findings(small)}
+    got = [f for f in _findings(large) if f["verdict"] != NOT_RUN]
+    rest = [f for f in _findings(large) if f["verdict"] == NOT_RUN]
+    counts = {v: sum(f["verdict"] == v for f in got) for v in VERDICTS if v != NOT_RUN}
+    out = [f"Decided over the headline sweep's {large['n_samples']:,} samples per row "
+           f"({large['config']['ppl_windows']} perplexity windows), the same checks and margins "
+           f"as the findings block above: " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+           + f"; beside each, the verdict over {small['n_samples']:,} samples "
+           f"({small['config']['ppl_windows']} windows).", "",
+           "| claim | table | verdict | measured | at n = "
+           f"{small['n_samples']:,} |", "|---|---|---|---|---|"]
+    for f in got:
+        b = base.get((f["paper"], f["claim"]))
+        before = b["verdict"] if b else "-"
+        changed = " (changed)" if b and before != f["verdict"] else ""
+        out.append(f"| {f['claim']} | {f['table']} | **{f['verdict']}** | {f['evidence']} "
+                   f"| {before}{changed} |")
+    if rest:
+        out += ["", "Not decided at this n (a row they need is not in the headline sweep): "
+                + "; ".join(f"*{f['claim']}* ({f['evidence'].removeprefix('needs ')})"
+                            for f in rest) + "."]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--doc", default="docs/results.md")
-    ap.add_argument("--smol", default="results/sweep")
+    ap.add_argument("--smol", default="results/sweep-smollm2-n1572")
+    ap.add_argument("--base", default="results/sweep",
+                    help="the SmolLM2 sweep of every table (the page's own), for the findings")
     ap.add_argument("--qwen", default="results/sweep-qwen")
     ap.add_argument("--gpt2", default="results/sweep-stdlib-gpt2")
     a = ap.parse_args(argv)
@@ -129,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
                                                      for label, recipe in ROWS if recipe])
                          for k in MODELS)
         text = _PRECISION.sub(lambda m: m.group(1) + prec + m.group(3), text)
+    if _FINDINGS.search(text):
+        small = json.loads((Path(a.base) / "results.json").read_text())
+        body = findings_table(results["smol"], small)
+        text = _FINDINGS.sub(lambda m: m.group(1) + body + m.group(3), text)
     write_text_atomic(doc, text)
     print(f"wrote the headline table of {doc}")
 

@@ -65,9 +65,10 @@ class Job:
 
     @classmethod
     def of(cls, row, kind: str = QUALITY) -> Job:
-        """The job of a table row (``qdsl.study.tables.Row``)."""
-        return cls(recipe_path(row.recipe) if row.recipe else None, kind, row.lower,
-                   row.own_calib)
+        """The job of a table row (``qdsl.study.tables.Row``): its ``runs_as`` recipe's
+        where it names one (the same plan), else its own recipe's."""
+        recipe = row.runs_as or row.recipe
+        return cls(recipe_path(recipe) if recipe else None, kind, row.lower, row.own_calib)
 
     @property
     def label(self) -> str:

@@ -44,6 +44,9 @@ class Row:
     paper: dict = field(default_factory=dict)  # {"ES": 41, "EM": 17} as printed
     lower: str | None = None    # "int8": compile with real lowering (and run qdsl bench)
     own_calib: bool = False     # keeps its recipe's calibration size under --calib-samples
+    # a recipe that compiles to the same plan (tests/test_seed_equivalents.py checks it):
+    # the row shares that recipe's job instead of running its own copy
+    runs_as: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def _row(spec: dict, cols: tuple[str, ...]) -> Row:
     printed = spec.get("paper", {})
     paper = {c: printed.get(c) for c in cols} | printed
     return Row(spec["label"], spec.get("recipe"), paper, spec.get("lower"),
-               spec.get("own_calib", False))
+               spec.get("own_calib", False), spec.get("runs_as"))
 
 
 def _table(spec: dict) -> Table:
