@@ -254,3 +254,20 @@ def test_seed_files_hold_every_table_and_claim():
     assert {f.check.func for f in FINDINGS} <= set(CHECKS.values())
     with pytest.raises(ValueError, match="unknown check 'bigger'"):
         _finding("P", {"claim": "c", "table": "t", "check": "bigger", "args": []})
+
+
+def test_ratio_intervals_print_at_the_precision_their_size_needs():
+    from qdsl.study.paired import fmt
+    from qdsl.study.stats import Interval
+
+    def iv(est, lo, hi):
+        return Interval(est, lo, hi, method="t", n=256)
+
+    assert fmt(iv(1.0764, 1.0675, 1.0856), 3, ratio=True) == "x1.076 [1.067, 1.086]"
+    assert fmt(iv(172888.05, 126669.68, 235970.25), 3, ratio=True) == \
+        "x172,888 [126,670, 235,970]"
+    assert fmt(iv(708.63, 612.1, 820.4), 3, ratio=True) == "x708.6 [612.1, 820.4]"
+    # W8A32 / W4A32 on SmolLM2: 30.3 / 145,736; no longer 'x0.000 [0.000, 0.000]'
+    assert fmt(iv(2.08e-4, 1.7e-4, 2.5e-4), 3, ratio=True) == \
+        "x2.08e-04 [1.70e-04, 2.50e-04]"
+    assert fmt(iv(-0.9, -2.3, 0.5)) == "-0.9 [-2.3, +0.5]"

@@ -125,10 +125,24 @@ def pct_drop_diff(rq: dict, r0: dict) -> Interval | None:
     return mean_t(x + [0.0] * (n - len(x)))
 
 
+def _ratio_num(v: float, digits: int) -> str:
+    """A ratio at ``digits`` decimals, or as many as its size needs: '172,888',
+    '708.6', '2.08e-04' (a collapsed row's ratios span eight orders of magnitude)."""
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.1f}"
+    if 0 < v < 0.01:
+        return f"{v:.2e}"
+    return f"{v:.{digits}f}"
+
+
 def fmt(iv: Interval | None, digits: int = 1, ratio: bool = False) -> str:
-    """'-0.9 [-2.3, +0.5]', or for a ratio 'x1.17 [1.10, 1.24]'; '' for None."""
+    """'-0.9 [-2.3, +0.5]', or for a ratio 'x1.17 [1.10, 1.24]' (large and tiny ratios
+    by their size: 'x172,888 [126,670, 235,970]', 'x2.08e-04 [...]'); '' for None."""
     if iv is None:
         return ""
     if ratio:
-        return f"x{iv.est:.{digits}f} [{iv.lo:.{digits}f}, {iv.hi:.{digits}f}]"
+        lo, est, hi = (_ratio_num(v, digits) for v in (iv.lo, iv.est, iv.hi))
+        return f"x{est} [{lo}, {hi}]"
     return f"{iv.est:+.{digits}f} [{iv.lo:+.{digits}f}, {iv.hi:+.{digits}f}]"
