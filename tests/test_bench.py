@@ -252,3 +252,26 @@ def test_read_bandwidth_is_the_fastest_sum_over_fresh_buffers(monkeypatch):
     assert len(threads_seen) == 3 * 3 and set(threads_seen) == {1}   # warm-up + 2 each
     assert gbs == pytest.approx(8 * 2**20 / 2e-3 / 1e9)          # the fastest: 2 ms
     assert torch.get_num_threads() == before
+
+
+def test_report_shows_decode_per_round_or_warns_of_one_round():
+    """With several rounds the report lists each fresh process's decode median (how far
+    one process's figure moves); with one round it says a row cannot show that."""
+    def row(name, per_round):
+        runs = [{"decode_all_ms": [v, v + 0.2, v - 0.2]} for v in per_round]
+        return {"name": name, "kind": "qdsl", "size_mb": 100.0, "rss_load_mb": 500.0,
+                "peak_rss_mb": 600.0, "prefill_ms": 800.0, "decode_ms": per_round[0],
+                "tokens_per_s": 1e3 / per_round[0], "extra": {"runs": runs}}
+
+    def result(rounds, per_round):
+        cfg = {"context": 512, "decode_tokens": 32, "repeats": 3, "rounds": rounds,
+               "threads": 1, "pred_tokens": 20, "power_watts": 65, "price_per_kwh": 0.15}
+        return {"model": "m", "config": cfg, "conditions": {"torch": "2", "load_avg": [0, 0, 0]},
+                "rows": [row("fp32", [40.0] * rounds), row("qdsl a", per_round)]}
+
+    text = bench.markdown(result(3, [8.0, 8.4, 7.9]))
+    assert "Decode per round (each a fresh process; median of its repeats): " \
+           "fp32 40.00 / 40.00 / 40.00 ms (max/min 1.00); " \
+           "qdsl a 8.00 / 8.40 / 7.90 ms (max/min 1.06)." in text
+    one = bench.markdown(result(1, [8.0]))
+    assert "Decode per round" not in one and "measure with --rounds 3 or more" in one

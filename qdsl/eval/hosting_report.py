@@ -6,6 +6,7 @@ result dict only; measures nothing.
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 from qdsl.atomic import atomic_path
@@ -82,6 +83,7 @@ def markdown(result: dict) -> str:
     out.append("Bandwidth bound: the weight bytes a decode step reads (gather-only embedding "
                "tables excluded) / the read bandwidth; 1.00x is the fastest any kernel can go.")
     out += _cache_lines(rows, bw)
+    out += _round_lines(rows, cfg)
     out += _kernel_lines(rows)
     out.append(f"Cost: a prediction = prefill of the context + {cfg['pred_tokens']} decode steps "
                f"(Wei et al. Table 2 generate 20 tokens); assumed {cfg['power_watts']:g} W and "
@@ -104,6 +106,24 @@ def _cache_lines(rows: list[dict], bandwidth: float | None) -> list[str]:
             text += f", decode {r['decode_ms'] / with_kv:.2f}x of the bound with it"
         parts.append(text)
     return ["Key/value cache read per decode step (mean over the timed steps): "
+            + "; ".join(parts) + "."] if parts else []
+
+
+def _round_lines(rows: list[dict], cfg: dict) -> list[str]:
+    """Decode per round (each a fresh process), so that a reader sees how far one
+    process's figure moves; with one round, a warning that it cannot show that."""
+    if cfg.get("rounds", 1) < 2:
+        return ["One round (one fresh process per model): decode can differ between "
+                "processes by more than a 5% effect (huge-page placement, the host); "
+                "measure with --rounds 3 or more before reading a ratio from one row."]
+    parts = []
+    for r in rows:
+        per = [statistics.median(x["decode_all_ms"]) for x in r["extra"].get("runs") or []
+               if x.get("decode_all_ms")]
+        if len(per) >= 2:
+            parts.append(f"{r['name']} " + " / ".join(f"{v:.2f}" for v in per)
+                         + f" ms (max/min {max(per) / min(per):.2f})")
+    return ["Decode per round (each a fresh process; median of its repeats): "
             + "; ".join(parts) + "."] if parts else []
 
 
