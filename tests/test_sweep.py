@@ -221,7 +221,8 @@ def test_every_table_recipe_exists():
 def test_forced_calibration_size_spares_the_calibration_size_table():
     """--calib-samples overrides every recipe but Fig. 7's, whose rows vary it."""
     from qdsl.lang import load_recipe
-    from qdsl.study.sweep import Job, effective_settings, job_key
+    from qdsl.study.jobs import Job, effective_settings
+    from qdsl.study.keys import job_key
 
     cfg = SweepConfig(calib_samples=32)
     fig7 = {r.label: Job.of(r) for r in TABLES["wei-fig7"].rows if r.recipe}
@@ -404,6 +405,59 @@ def test_an_interrupted_job_resumes_its_completions(tiny_dir, tmp_path, monkeypa
     assert got["resumed_samples"] == 2 and got["samples"] == want["samples"]
     assert got["compile_seconds"] == compiled["compile_seconds"]   # reloaded, not compiled
     assert got["ppl_window_nll"] == pytest.approx(want["ppl_window_nll"], rel=1e-5)
+
+
+def test_grow_from_completes_only_the_new_samples_on_the_smaller_runs_model(tiny_dir, tmp_path,
+                                                                         monkeypatch):
+    """--grow-from N0 keeps the n = N0 entry's completions, perplexity windows and model
+    (no calibration) and completes only samples N0+1..n as their own batches; the
+    grown entry has its own key (a from-scratch run at n batches differently); a job
+    without an N0 entry fails saying so."""
+    from dataclasses import replace
+
+    import qdsl.eval.complete as complete
+    from qdsl.study import sweepjob as sj
+    from qdsl.study.keys import job_key
+
+    small = replace(_cfg(tiny_dir), n=4, batch_size=2)
+    out = tmp_path / "g"
+    base = run_sweep(small, out, recipes=RECIPES[:1], progress=False)
+    assert not base["failed"]
+    before = {json.loads(f.read_text())["recipe"]: json.loads(f.read_text())
+              for f in (out / "cache").glob("*.json")}
+    seen = []
+    real = complete.complete_lines
+
+    def counted(lm, tok, samples, *a, **k):
+        seen.extend(s.id for s in samples)
+        return real(lm, tok, samples, *a, **k)
+
+    def no_compile(*a, **k):
+        raise AssertionError("a grown job calibrated again")
+
+    monkeypatch.setattr(complete, "complete_lines", counted)
+    monkeypatch.setattr(sj, "_compile", no_compile)
+    big = replace(small, n=6, grow_from=4)
+    grown = run_sweep(big, out, recipes=RECIPES[:1], progress=False)
+    assert not grown["failed"], grown["failed"]
+    after = [json.loads(f.read_text()) for f in (out / "cache").glob("*.json")]
+    new = [e for e in after if e.get("grown_from")]
+    assert len(new) == 2                                  # fp32 and the recipe
+    for e in new:
+        old = before[e["recipe"]]
+        assert e["n"] == 6 and e["samples"][:4] == old["samples"]
+        assert e["grown_from"] == {"n": 4, "key": old["key"], "new_samples": 2}
+        assert e["ppl_window_nll"] == old["ppl_window_nll"] and e["layers"] == old["layers"]
+        assert e["es"] == pytest.approx(sum(x["es"] for x in e["samples"]) / 6)
+    new_ids = {x["id"] for x in new[0]["samples"][4:]}
+    assert len(new_ids) == 2 and set(seen) == new_ids     # only the new samples completed
+    scratch = job_key(sj.Job(None), replace(big, grow_from=None), "m", "b")
+    assert scratch != job_key(sj.Job(None), big, "m", "b")
+    monkeypatch.undo()
+    missing = run_sweep(replace(small, n=6, grow_from=3), tmp_path / "m", recipes=RECIPES[:1],
+                        progress=False)
+    errors = [v["error"] for v in missing["failed"].values()]
+    assert len(errors) == 2 and all("no finished n = 3 entry" in e for e in errors)
 
 
 _POOL_SCRIPT = '''

@@ -48,6 +48,9 @@ class SweepConfig:
     humaneval_tokens: int = 300  # new tokens per HumanEval completion
     unsafe_exec: bool = False    # no bubblewrap: run HumanEval's code with rlimits only
     batch_size: int | None = None  # samples / windows per forward (None: eval_batch's default)
+    # quality jobs grow this n's finished entry to n: only the new samples run, as their own
+    # batches, on its saved artifact (qdsl.study.sweepjob.grow); None: every job from scratch
+    grow_from: int | None = None
 
 
 def recipe_path(recipe: str) -> str:

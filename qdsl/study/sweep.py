@@ -33,8 +33,6 @@ ablation), else ``SweepConfig.calib_default``; ``calib_samples`` forces one valu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -50,23 +48,15 @@ from ..models.zoo import resolve_model
 from ..progress import bar as progress_bar
 from ..progress import on_stderr
 from .executors import estimate_memory, make_executor
-from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings, eval_batch,
-                   prompt_mode)
+from .jobs import HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig
+from .keys import FORMAT, bench_hash, job_key  # noqa: F401  (FORMAT: read as sweep.FORMAT)
 from .sweepcache import CacheStore, load_cache
 from .tables import TABLES, adhoc_table, write_all
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # bump when a job's computation changes meaning: old cache entries are ignored
 
 
-# ------------------------------------------------------------------ keys
-
-
-def bench_hash(samples) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(json.dumps([s.id, s.context, s.target]).encode())
-    return h.hexdigest()[:16]
+# ------------------------------------------------------------------ checks
 
 
 def forced_calib_overrides(jobs, cfg: SweepConfig) -> list[str]:
@@ -82,34 +72,6 @@ def forced_calib_overrides(jobs, cfg: SweepConfig) -> list[str]:
             out.append(f"--calib-samples {cfg.calib_samples} overrides "
                        f"{Path(path).name}'s own `set calib.samples = {own}`")
     return out
-
-
-def job_key(job: Job, cfg: SweepConfig, model_hash: str, bhash: str) -> str:
-    """The cache key of ``job``: what its result depends on. A HumanEval job's does not
-    hold the line-completion benchmark and its settings (samples, prompt budget,
-    perplexity windows, layer statistics), which it never reads: its pass@1 is reused
-    by sweeps of the same model at another ``--n`` or ``--ppl-windows``."""
-    if job.kind == HUMANEVAL:
-        payload: dict = {"format": FORMAT, "kind": job.kind, "model": model_hash,
-                         "prompt": prompt_mode(cfg)}
-    else:
-        payload = {"format": FORMAT, "kind": job.kind, "model": model_hash, "bench": bhash,
-                   "eval": [cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg),
-                            cfg.ppl_windows], "layers": [cfg.layer_windows, cfg.layer_tokens]}
-    if job.recipe is not None:
-        r = load_recipe(job.recipe)
-        payload.update(recipe=r.hash(), settings=effective_settings(r, cfg, job.lower,
-                                                                   job.own_calib).to_json())
-    if job.kind == ROBUST:
-        payload["perturb"] = [cfg.perturb_prob, cfg.perturb_seed]
-    if job.kind == HUMANEVAL:
-        payload["humaneval"] = [cfg.humaneval, cfg.humaneval_tokens]
-    if job.recipe is not None and eval_batch(cfg, job) > 1:
-        # a compiled row's completions change with the batch (float summation order flips
-        # near-tied greedy choices: docs/performance.md); the float model's do not, and
-        # batch 1 keeps the keys older caches were written under
-        payload["batch"] = eval_batch(cfg, job)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ the sweep

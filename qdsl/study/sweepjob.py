@@ -31,10 +31,11 @@ from ..errors import QdslError
 from ..eval.checkpoint import CompletionCheckpoint
 from ..lang import load_recipe
 from ..models.limits import positions_of_config
-from ..models.zoo import load_model
+from ..models.zoo import load_model, resolve_model
 from ..progress import Progress
 from .jobs import (HUMANEVAL, QUALITY, ROBUST, Job, LoadedModel, SweepConfig, cache_len,
                    effective_settings, eval_batch, fit, prompt_mode)
+from .keys import grown_key
 from .layerstats import float_reference, layer_stats, layer_windows
 from .sweepcache import BadEntry, CacheStore
 from .tables import describe_bits, storage
@@ -96,13 +97,15 @@ def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: Progress,
 
 def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Progress = False,
             artifact: Path | None = None, partial: Path | None = None,
-            key: str | None = None) -> dict:
+            key: str | None = None, grow: dict | None = None) -> dict:
     """Run one job -> its result dict (the caller caches it). ``artifact``: where the
     recipe's compiled model is saved (quality job) or reloaded from (robust and
     HumanEval jobs). ``partial``: a quality job's completions are saved there as they
     finish and read back by the next run of the job (``key``, its cache key) when
     that run would compute them unchanged (``qdsl.eval.checkpoint``); the saved
-    artifact is then reloaded instead of calibrating again, when it is still there."""
+    artifact is then reloaded instead of calibrating again, when it is still there.
+    ``grow``: the finished entry of this job at ``cfg.grow_from`` samples, which this
+    run grows to ``cfg.n`` (``_grown``)."""
     from ..eval.complete import CompletionConfig, evaluate
     from ..models.lm import HFCausalLM
 
@@ -119,6 +122,9 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
     rows = eval_batch(cfg, job)
     ck = (CompletionCheckpoint(Path(partial), {}) if partial is not None and job.kind == QUALITY
           else None)
+    if grow is not None:
+        return _grown(job, cfg, samples, grow, loaded, ccfg, max_pos, rows, ck, key,
+                      progress, t0)
     if job.recipe is None:
         lm = HFCausalLM(model, cfg.model)
         out.update(bits="fp32", lower="float")
@@ -236,6 +242,78 @@ def _params_hash(artifact: Path | None) -> str | None:
         return None
 
 
+# what a grown entry keeps of the smaller run's: the model (compiled once, on the same
+# calibration), its perplexity windows (the same windows: the draw is prefix-stable) and
+# its storage and layer statistics
+_GROWN_KEEPS = ("recipe_hash", "compile_seconds", "lower", "calib_samples", "settings",
+                "fallbacks", "artifact", "bits", "ppl", "bpb", "ppl_windows", "ppl_window_nll",
+                "ppl_window_tokens", "size_before", "size_after", "size_mb", "compression",
+                "layers", "layer_seconds")
+
+
+def _grown(job: Job, cfg: SweepConfig, samples, grow: dict, loaded, ccfg, max_pos: int,
+           rows: int, ck, key: str | None, progress, t0: float) -> dict:
+    """``grow`` (this job's entry at ``cfg.grow_from`` samples) grown to ``cfg.n``: the
+    new samples complete as their own batches (longest prompts first among themselves)
+    on the smaller run's saved model, on the same CPU capability, torch and rows per
+    batch (else a QdslError saying what differs); everything else is the smaller run's.
+    The first ``grow_from`` completions are exactly that run's, so the result is not a
+    from-scratch run at n (whose batches mix old and new samples): it has its own key."""
+    import torch
+
+    from ..eval.complete import evaluate
+    from ..models.lm import HFCausalLM
+
+    n0, where = cfg.grow_from, f"--grow-from {cfg.grow_from}"
+    head = [s.id for s in samples[:n0]]
+    if [x["id"] for x in grow.get("samples", [])] != head:
+        raise QdslError(f"{where}: the n = {n0} entry {grow.get('key')} did not complete "
+                        "this draw's first samples; run the sweep without --grow-from")
+    out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
+    params = None
+    if job.recipe is None:
+        lm = HFCausalLM(loaded.model, cfg.model)
+    else:
+        art = Path(grow["artifact"]) if grow.get("artifact") else None
+        qm = _reload(art, loaded.model, batch_size=rows)
+        if qm is None:
+            raise QdslError(f"{where}: the n = {n0} job's artifact ({art}) is not there "
+                            "(artifacts are not committed): run the sweep without --grow-from")
+        if qm.lower == "int8":
+            raise QdslError(f"{where}: {Path(job.recipe).name} is lowered to int8, whose "
+                            "qdsl bench timings belong to one run: run it without --grow-from")
+        lm, params = qm.lm(name=Path(job.recipe).stem), _params_hash(art)
+        rows = lm.batch_size
+    was = grow.get("execution") or {}
+    now = {"batch_size": rows, "cpu": torch.backends.cpu.get_cpu_capability(),
+           "torch": torch.__version__}
+    differ = [f"{k} {was.get(k)} -> {v}" for k, v in now.items() if was.get(k) != v]
+    if differ:
+        raise QdslError(f"{where}: the n = {n0} entry ran otherwise ({', '.join(differ)}); "
+                        "its completions would not be this run's: run without --grow-from "
+                        "(or with the same --batch-size, CPU and torch)")
+    if ck is not None:
+        ck.header = {"key": key, "rows": rows, "params": params, **now, "grown_from": n0}
+    t = time.time()
+    new = samples[n0:cfg.n]
+    res = evaluate(lm, loaded.tok, new, ccfg, max_positions=max_pos, ppl_windows=0,
+                   progress=progress, batch_size=rows, checkpoint=ck)
+    scored = grow["samples"] + [{k: r[k] for k in ("id", "pred", "em", "es")}
+                                for r in res["samples"]]
+    out.update({k: grow[k] for k in _GROWN_KEEPS if k in grow})
+    out.update(n=len(scored), em=100 * sum(float(x["em"]) for x in scored) / len(scored),
+               es=sum(x["es"] for x in scored) / len(scored), samples=scored,
+               execution=res.get("execution"), batch_size=rows,
+               eval_seconds=round(time.time() - t, 2),
+               grown_from={"n": n0, "key": grow.get("key"), "new_samples": len(new)})
+    if res.get("resumed"):
+        out["resumed_samples"] = res["resumed"]
+    out["seconds"] = round(time.time() - t0, 2)
+    del lm
+    gc.collect()
+    return out
+
+
 def _reload(artifact: Path | None, model, graph_cache: int | None = None,
             batch_size: int = 1):
     """A quality job's compiled model, without calibrating again (None if unusable);
@@ -278,6 +356,23 @@ def peak_rss() -> int | None:
     return rss if sys.platform == "darwin" else rss * 1024   # bytes on macOS, KiB on Linux
 
 
+def _to_grow(job: Job, cfg: SweepConfig, samples, store: CacheStore) -> dict | None:
+    """Under ``--grow-from``: the finished entry a quality job grows (a QdslError when
+    there is none); None otherwise."""
+    if cfg.grow_from is None or job.kind != QUALITY:
+        return None
+    old = grown_key(job, cfg, resolve_model(cfg.model).content_hash[:16], samples)
+    try:
+        entry = store.read(old, QUALITY)
+    except BadEntry:
+        entry = None
+    if entry is None:
+        raise QdslError(f"--grow-from {cfg.grow_from}: no finished n = {cfg.grow_from} entry "
+                        f"of this job (key {old}) in the cache: run the sweep at --n "
+                        f"{cfg.grow_from} first, or without --grow-from")
+    return {**entry, "key": old}
+
+
 def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads: int,
             progress: Progress = False, artifact: str | None = None,
             store: CacheStore | None = None, raise_errors: bool = False) -> tuple[str, dict]:
@@ -305,10 +400,11 @@ def _worker(job: Job, cfg: SweepConfig, samples, out_dir: str, key: str, threads
         hf_logging.disable_progress_bar()
     exact = reset_peak_rss()
     try:
+        grow = _to_grow(job, cfg, samples, store)
         partial = Path(out_dir) / PARTIAL / f"{key}.json"
         res = run_job(job, cfg, samples, Path(out_dir), progress=progress,
                       artifact=Path(artifact) if artifact else None, partial=partial,
-                      key=key)
+                      key=key, grow=grow)
     except Exception as e:  # a failed job is reported, not cached, and retried next run
         if raise_errors:
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ...errors import QdslError
+from ...errors import OptionError, QdslError
 from ...eval.sandbox import sandbox_kind
 from ...models.limits import Limit, fit_length, model_limit
 from ...study.executors import EXECUTORS
@@ -68,6 +68,13 @@ def register(sub) -> None:
                         "(s3://..., gs://..., file:///nfs/...) every worker can reach "
                         "(default DIR/cache)")
     p.add_argument("--n", type=positive_int, default=d.n, help=f"completion samples ({d.n})")
+    p.add_argument("--grow-from", type=positive_int, metavar="N0",
+                   help="raise n from a finished sweep at --n N0 (same DIR or --cache): each "
+                        "quality job completes only samples N0+1..n, as their own batches, "
+                        "on the N0 job's saved artifact, and keeps its perplexity windows "
+                        "and layer statistics; a job without a finished N0 entry and "
+                        "artifact fails with a message (a cache entry of its own, apart "
+                        "from a from-scratch run at n, whose batches differ)")
     p.add_argument("--seed", type=seed_int, default=d.bench_seed,
                    help=f"benchmark sampling seed ({d.bench_seed})")
     p.add_argument("--ppl-windows", type=nonneg_int, default=d.ppl_windows,
@@ -135,7 +142,9 @@ def run(args) -> int:
                       layer_windows=args.layer_windows, threads=args.threads,
                       bench_int8=not args.no_bench, humaneval=args.humaneval,
                       humaneval_tokens=args.humaneval_tokens, unsafe_exec=args.unsafe_exec,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, grow_from=args.grow_from)
+    if args.grow_from is not None and args.grow_from >= args.n:
+        raise OptionError(f"--grow-from {args.grow_from} must be below --n {args.n}")
     if args.address is not None and args.executor != "ray":
         raise QdslError("--address is for --executor ray")
     res = run_sweep(cfg, args.out, tables=tables, recipes=args.recipes, jobs=args.jobs,
@@ -174,7 +183,8 @@ _FLAGS = {"model": "--model", "bench": "--bench", "n": "--n", "bench_seed": "--s
           "calib_default": "--calib-default", "calib_samples": "--calib-samples",
           "calib_seq_len": "--calib-seq-len", "layer_windows": "--layer-windows",
           "threads": "--threads", "humaneval": "--humaneval",
-          "humaneval_tokens": "--humaneval-tokens", "batch_size": "--batch-size"}
+          "humaneval_tokens": "--humaneval-tokens", "batch_size": "--batch-size",
+          "grow_from": "--grow-from"}
 
 
 def _command(args, cfg) -> str:
