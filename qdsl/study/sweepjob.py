@@ -284,10 +284,17 @@ def _grown(job: Job, cfg: SweepConfig, samples, grow: dict, loaded, ccfg, max_po
                             "qdsl bench timings belong to one run: run it without --grow-from")
         lm, params = qm.lm(name=Path(job.recipe).stem), _params_hash(art)
         rows = lm.batch_size
-    was = grow.get("execution") or {}
+    # entries older than the execution record hold only their rows per batch: what
+    # they do not record cannot be compared, and the grown entry says so
+    was = grow.get("execution") or {"batch_size": grow.get("batch_size")}
     now = {"batch_size": rows, "cpu": torch.backends.cpu.get_cpu_capability(),
            "torch": torch.__version__}
-    differ = [f"{k} {was.get(k)} -> {v}" for k, v in now.items() if was.get(k) != v]
+    unverified = sorted(k for k in now if was.get(k) is None)
+    if unverified:
+        log.warning("--grow-from %d: the n = %d entry %s does not record its %s: assumed "
+                    "the same as this run's", n0, n0, grow.get("key"), ", ".join(unverified))
+    differ = [f"{k} {was.get(k)} -> {v}" for k, v in now.items()
+              if k not in unverified and was.get(k) != v]
     if differ:
         raise QdslError(f"{where}: the n = {n0} entry ran otherwise ({', '.join(differ)}); "
                         "its completions would not be this run's: run without --grow-from "
@@ -305,7 +312,8 @@ def _grown(job: Job, cfg: SweepConfig, samples, grow: dict, loaded, ccfg, max_po
                es=sum(x["es"] for x in scored) / len(scored), samples=scored,
                execution=res.get("execution"), batch_size=rows,
                eval_seconds=round(time.time() - t, 2),
-               grown_from={"n": n0, "key": grow.get("key"), "new_samples": len(new)})
+               grown_from={"n": n0, "key": grow.get("key"), "new_samples": len(new),
+                           **({"unverified": unverified} if unverified else {})})
     if res.get("resumed"):
         out["resumed_samples"] = res["resumed"]
     out["seconds"] = round(time.time() - t0, 2)
