@@ -113,20 +113,16 @@ def table(smol: dict, qwen: dict, gpt2: dict, n: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _findings(res: dict) -> list[dict]:
-    from qdsl.study.findings import evaluate
-
-    return res.get("findings") or evaluate(res["tables"])
-
-
 def findings_table(large: dict, small: dict) -> str:
     """The findings the headline sweep (``large``) decides, one line each, beside the
     verdict over the base sweep (``small``); the rest are listed by name."""
     from qdsl.study.findings import NOT_RUN, VERDICTS
+    from qdsl.study.report import findings_of
 
-    base = {(f["paper"], f["claim"]): f for f in _findings(small)}
-    got = [f for f in _findings(large) if f["verdict"] != NOT_RUN]
-    rest = [f for f in _findings(large) if f["verdict"] == NOT_RUN]
+    base = {(f["paper"], f["claim"]): f for f in findings_of(small)}
+    decided = findings_of(large)
+    got = [f for f in decided if f["verdict"] != NOT_RUN]
+    rest = [f for f in decided if f["verdict"] == NOT_RUN]
     counts = {v: sum(f["verdict"] == v for f in got) for v in VERDICTS if v != NOT_RUN}
     out = [f"Decided over the headline sweep's {large['n_samples']:,} samples per row "
            f"({large['config']['ppl_windows']} perplexity windows), the same checks and margins "

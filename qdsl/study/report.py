@@ -72,11 +72,16 @@ def tables_block(tables_md: str) -> str:
     return (tables_md[at:] if at >= 0 else tables_md).rstrip() + "\n"
 
 
+def findings_of(res: dict) -> list[dict]:
+    """The verdicts ``res`` (a results.json) holds, or, for an older one without them,
+    the verdicts over its tables (rows without per-sample scores, so those checks read
+    "not run yet")."""
+    return res.get("findings") or evaluate(res["tables"])
+
+
 def findings_block(res: dict) -> str:
-    """The findings block of a results document: the verdicts ``res`` (a results.json)
-    holds, or, for an older one without them, the verdicts over its tables (rows
-    without per-sample scores, so those checks read "not run yet")."""
-    return render(res.get("findings") or evaluate(res["tables"]), res["n_samples"])
+    """The findings block of a results document (``findings_of``)."""
+    return render(findings_of(res), res["n_samples"])
 
 
 def update_doc(doc: str | Path, results_dir: str | Path, command: str) -> Path:
