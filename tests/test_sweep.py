@@ -407,6 +407,45 @@ def test_an_interrupted_job_resumes_its_completions(tiny_dir, tmp_path, monkeypa
     assert got["ppl_window_nll"] == pytest.approx(want["ppl_window_nll"], rel=1e-5)
 
 
+def test_loose_recipes_get_humaneval_jobs_and_an_interrupted_one_resumes(tiny_dir, tmp_path,
+                                                                        monkeypatch):
+    """--humaneval with recipes named on the command line plans their HumanEval jobs;
+    a HumanEval job stopped mid-run keeps the completions it wrote (DIR/partial), and
+    the next sweep generates only the problems it lacks and caches what an
+    uninterrupted run gives."""
+    from dataclasses import replace
+
+    import qdsl.eval.humaneval as he
+
+    cfg = replace(_cfg(tiny_dir), humaneval=3, humaneval_tokens=4)
+    ref = run_sweep(cfg, tmp_path / "ref", recipes=RECIPES[:1], progress=False)
+    assert not ref["failed"], ref["failed"]
+    assert all(row["humaneval"]["problems"] == 3 for row in ref["tables"]["recipes"])
+    real, calls, stop = he.generate, [], [True]
+
+    def stopped(lm, *a, **k):         # the recipe's third problem never finishes
+        calls.append(lm.name)
+        if lm.name == "t2_w8a8" and calls.count("t2_w8a8") == 3 and stop[0]:
+            raise RuntimeError("interrupted")
+        return real(lm, *a, **k)
+    monkeypatch.setattr(he, "generate", stopped)
+    out = tmp_path / "s"
+    first = run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)
+    assert len(first["failed"]) == 1
+    partial = list((out / "partial").glob("*.json"))
+    assert len(partial) == 1 and json.loads(partial[0].read_text())["n_done"] == 2
+    stop[0] = False
+    calls.clear()
+    again = run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)
+    assert not again["failed"] and calls == ["t2_w8a8"]   # the third problem alone
+    assert not list((out / "partial").glob("*.json"))     # cached now: removed
+    key = partial[0].stem
+    got = json.loads((out / "cache" / f"{key}.json").read_text())
+    want = json.loads((tmp_path / "ref" / "cache" / f"{key}.json").read_text())
+    assert got["resumed_problems"] == 2
+    assert got["humaneval"]["results"] == want["humaneval"]["results"]
+
+
 def test_grow_from_completes_only_the_new_samples_on_the_smaller_runs_model(tiny_dir, tmp_path,
                                                                          monkeypatch):
     """--grow-from N0 keeps the n = N0 entry's completions, perplexity windows and model

@@ -12,6 +12,11 @@ and mount namespaces with a read-only view of ``/usr`` and a private temporary
 directory, with CPU, memory, file-size, open-file and process limits, a wall-clock
 timeout that kills the whole sandbox, and capped output. Without bubblewrap the
 run is refused unless ``unsafe`` (``--unsafe-exec``) is given.
+
+A run given a ``CompletionCheckpoint`` (``qdsl.eval.checkpoint``) saves each problem's
+completion as it is written and, run again with the same header, generates only the
+problems it lacks: the saved completions' programs are run again (execution is
+cheap next to generation), so an interrupted 164-problem run loses at most a minute.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..errors import ModelError
 from ..models.lm import CausalLM
 from ..progress import Progress
 from ..progress import bar as progress_bar
+from .checkpoint import CompletionCheckpoint
 from .metrics import pass_at_k
 from . import sandbox
 from .sandbox import OUTPUT_CAP, TIMEOUT_S, run_python, sandbox_kind
@@ -88,23 +94,43 @@ def run_program(program: str, timeout: float = TIMEOUT_S,
 
 def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300,
                   heal: bool = False, max_positions: int | None = None,
-                  progress: Progress = True, unsafe: bool = False) -> dict:
+                  progress: Progress = True, unsafe: bool = False,
+                  checkpoint: CompletionCheckpoint | None = None) -> dict:
     """pass@1 (greedy, one sample per problem) on the first ``limit`` problems.
     Refuses (``SandboxError``) before generating anything when the sandbox cannot be
-    had, unless ``unsafe`` (``--unsafe-exec``): resource limits only."""
+    had, unless ``unsafe`` (``--unsafe-exec``): resource limits only. ``checkpoint``:
+    completions saved as they finish and read back (``resumed``: how many)."""
     sandbox = sandbox_kind(unsafe)
     problems = load_problems()[:limit]
-    rows, t0 = [], time.time()
-    for prob in progress_bar(problems, desc="humaneval", progress=progress, unit="problem"):
-        prompt = prob["prompt"].rstrip() if heal else prob["prompt"]
-        completion = generate(lm, tok, prompt, max_new_tokens, max_positions)
-        program = (prompt + completion + "\n\n" + prob["test"] + "\n"
-                   + f"check({prob['entry_point']})\n")
-        passed, result = run_program(program, unsafe=unsafe)
-        rows.append({"task_id": prob["task_id"], "passed": passed, "result": result,
-                     "completion": completion})
+    saved, seconds, cpu = checkpoint.load() if checkpoint is not None else ({}, 0.0, 0.0)
+    done = {p["task_id"]: saved[p["task_id"]] for p in problems if p["task_id"] in saved}
+    rows, t0, c0 = [], time.time(), time.process_time()
+
+    def save(force: bool = False) -> None:
+        if checkpoint is not None:
+            checkpoint.save(done, seconds + time.time() - t0, cpu + time.process_time() - c0,
+                            force=force)
+    try:
+        for prob in progress_bar(problems, desc="humaneval", progress=progress, unit="problem"):
+            prompt = prob["prompt"].rstrip() if heal else prob["prompt"]
+            completion = done.get(prob["task_id"])
+            if completion is None:
+                completion = generate(lm, tok, prompt, max_new_tokens, max_positions)
+                done[prob["task_id"]] = completion
+                save()
+            program = (prompt + completion + "\n\n" + prob["test"] + "\n"
+                       + f"check({prob['entry_point']})\n")
+            passed, result = run_program(program, unsafe=unsafe)
+            rows.append({"task_id": prob["task_id"], "passed": passed, "result": result,
+                         "completion": completion})
+    finally:   # interrupted or not, what was generated is kept
+        save(force=True)
     c = sum(r["passed"] for r in rows)
-    return {"problems": len(rows), "passed": c,
-            "pass@1": sum(pass_at_k(1, int(r["passed"]), 1) for r in rows) / max(1, len(rows)),
-            "heal": heal, "sandbox": sandbox,
-            "seconds": round(time.time() - t0, 1), "results": rows}
+    out = {"problems": len(rows), "passed": c,
+           "pass@1": sum(pass_at_k(1, int(r["passed"]), 1) for r in rows) / max(1, len(rows)),
+           "heal": heal, "sandbox": sandbox,
+           "seconds": round(seconds + time.time() - t0, 1), "results": rows}
+    resumed = sum(p["task_id"] in saved for p in problems)
+    if resumed:
+        out["resumed"] = resumed
+    return out

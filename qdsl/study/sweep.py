@@ -5,7 +5,8 @@ A sweep is a list of jobs. A job is one recipe (or the float baseline) and a kin
 per-layer activation statistics; ``int8`` lowerings also the real artifact size
 and ``qdsl bench``), ``robust`` (the same model on contexts whose comments and
 docstrings are perturbed, ``qdsl.eval.robust``) or ``humaneval`` (HumanEval pass@1 for
-the tables whose paper reports it, with ``SweepConfig.humaneval`` > 0). Robust and
+the tables whose paper reports it and the recipes named on the command line, with
+``SweepConfig.humaneval`` > 0). Robust and
 HumanEval jobs reload the quality job's saved artifact instead of calibrating again.
 ``qdsl.study.sweepjob`` runs one job; this module plans and keys them and hands them
 to an executor (``qdsl.study.executors``: local, or a Ray task each); ``Job`` and
@@ -100,7 +101,7 @@ def plan_jobs(tables, humaneval: bool = False) -> list[Job]:
         jobs += [Job.of(r) for r in t.rows]
         if t.kind == "robust":
             jobs += [Job.of(r, ROBUST) for r in t.rows]
-        if humaneval and "pass@1" in t.paper_cols:
+        if humaneval and t.pass1:
             jobs += [Job.of(r, HUMANEVAL) for r in t.rows]
     seen, out = set(), []
     for j in jobs:
@@ -150,8 +151,8 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: b
     samples = load_bench(cfg.bench, max(cfg.n, cfg.ppl_windows), cfg.bench_seed)
     model_hash = resolve_model(cfg.model).content_hash[:16]
     bhash = bench_hash(samples)
-    tables = ([adhoc_table(list(recipes))] if recipes else []) + list(tables)  # run in order
     he = cfg.humaneval > 0
+    tables = ([adhoc_table(list(recipes), he)] if recipes else []) + list(tables)  # in order
     todo = plan_jobs(tables, he)
     others = [t for t in TABLES.values() if t not in tables]
     keys = {j: job_key(j, cfg, model_hash, bhash) for j in plan_jobs(tables + others, he)}

