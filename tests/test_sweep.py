@@ -446,6 +446,50 @@ def test_loose_recipes_get_humaneval_jobs_and_an_interrupted_one_resumes(tiny_di
     assert got["humaneval"]["results"] == want["humaneval"]["results"]
 
 
+def test_humaneval_batches_problems_and_resumes_whole_batches(tiny_dir, tmp_path, monkeypatch):
+    """With --batch-size 2, HumanEval generates two problems per forward (the float
+    model's completions equal one at a time); stopped in its second batch, the job
+    keeps the first and the next sweep generates the second alone."""
+    from dataclasses import replace
+
+    import qdsl.eval.humaneval as he
+
+    one = replace(_cfg(tiny_dir), humaneval=4, humaneval_tokens=4, batch_size=1)
+    two = replace(one, batch_size=2)
+    ref1 = run_sweep(one, tmp_path / "one", recipes=RECIPES[:1], progress=False)
+    ref2 = run_sweep(two, tmp_path / "two", recipes=RECIPES[:1], progress=False)
+    assert not ref1["failed"] and not ref2["failed"]
+
+    def he_entries(root):
+        return {c["recipe"]: c["humaneval"] for c in
+                (json.loads(p.read_text()) for p in (root / "cache").glob("*.json"))
+                if c["kind"] == "humaneval"}
+    h1, h2 = he_entries(tmp_path / "one"), he_entries(tmp_path / "two")
+    assert all(h["batch_size"] == 2 for h in h2.values())
+    assert all(h["batch_size"] == 1 for h in h1.values())
+    assert [r["completion"] for r in h2[None]["results"]] == \
+        [r["completion"] for r in h1[None]["results"]]
+    real, calls, stop = he.generate_batch, [], [True]
+
+    def stopped(lm, *a, **k):         # the recipe's second batch never finishes
+        calls.append(lm.name)
+        if lm.name == "t2_w8a8" and calls.count("t2_w8a8") == 2 and stop[0]:
+            raise RuntimeError("interrupted")
+        return real(lm, *a, **k)
+    monkeypatch.setattr(he, "generate_batch", stopped)
+    out = tmp_path / "s"
+    assert len(run_sweep(two, out, recipes=RECIPES[:1], progress=False)["failed"]) == 1
+    partial = list((out / "partial").glob("*.json"))
+    assert len(partial) == 1 and json.loads(partial[0].read_text())["n_done"] == 2
+    stop[0] = False
+    calls.clear()
+    assert not run_sweep(two, out, recipes=RECIPES[:1], progress=False)["failed"]
+    assert calls == ["t2_w8a8"]
+    got = json.loads((out / "cache" / f"{partial[0].stem}.json").read_text())
+    assert got["resumed_problems"] == 2
+    assert got["humaneval"]["results"] == h2[got["recipe"]]["results"]
+
+
 def test_grow_from_completes_only_the_new_samples_on_the_smaller_runs_model(tiny_dir, tmp_path,
                                                                          monkeypatch):
     """--grow-from N0 keeps the n = N0 entry's completions, perplexity windows and model

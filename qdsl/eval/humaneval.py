@@ -31,6 +31,7 @@ from ..models.lm import CausalLM
 from ..progress import Progress
 from ..progress import bar as progress_bar
 from .checkpoint import CompletionCheckpoint
+from .complete import batch_rows
 from .metrics import pass_at_k
 from . import sandbox
 from .sandbox import OUTPUT_CAP, TIMEOUT_S, run_python, sandbox_kind
@@ -53,16 +54,18 @@ def truncate(completion: str) -> str:
     return completion[:cut]
 
 
-def generate(lm: CausalLM, tok, prompt: str, max_new_tokens: int = 300,
-             max_positions: int | None = None) -> str:
-    """The completion of ``prompt`` (text after it), cut at a stop sequence. A
-    model with a short context sees the prompt left-truncated and writes at most
-    half its context."""
+def _prompt_ids(tok, prompt: str, max_new_tokens: int,
+                max_positions: int | None) -> tuple[list[int], int]:
+    """The prompt's token ids and the new-token budget: a model with a short context
+    sees the prompt left-truncated and writes at most half its context."""
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     if max_positions:
         max_new_tokens = min(max_new_tokens, max_positions // 2)
         ids = ids[-(max_positions - max_new_tokens):]
-    ids = torch.tensor([ids], dtype=torch.long)
+    return ids, max_new_tokens
+
+
+def _stop_rule(tok):
     eos = tok.eos_token_id
 
     def stop(out: list[int]) -> bool:
@@ -70,9 +73,30 @@ def generate(lm: CausalLM, tok, prompt: str, max_new_tokens: int = 300,
             return True
         text = tok.decode(out[-16:], skip_special_tokens=True)   # stops sit near the end
         return any(s in text for s in STOP)
+    return stop
 
-    out = lm.greedy(ids, max_new_tokens, stop)
+
+def _text(tok, out: list[int]) -> str:
     return truncate(tok.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def generate(lm: CausalLM, tok, prompt: str, max_new_tokens: int = 300,
+             max_positions: int | None = None) -> str:
+    """The completion of ``prompt`` (text after it), cut at a stop sequence. A
+    model with a short context sees the prompt left-truncated and writes at most
+    half its context."""
+    ids, budget = _prompt_ids(tok, prompt, max_new_tokens, max_positions)
+    return _text(tok, lm.greedy(torch.tensor([ids], dtype=torch.long), budget, _stop_rule(tok)))
+
+
+def generate_batch(lm: CausalLM, tok, prompts: list[str], max_new_tokens: int = 300,
+                   max_positions: int | None = None) -> list[str]:
+    """``generate`` of up to ``lm.batch_size`` prompts in one batch (``lm.greedy_batch``:
+    left-padded, each row stopping by the same rule); equal to one at a time up to
+    float summation order."""
+    encoded = [_prompt_ids(tok, p, max_new_tokens, max_positions) for p in prompts]
+    outs = lm.greedy_batch([ids for ids, _ in encoded], encoded[0][1], _stop_rule(tok))
+    return [_text(tok, out) for out in outs]
 
 
 def run_program(program: str, timeout: float = TIMEOUT_S,
@@ -95,42 +119,65 @@ def run_program(program: str, timeout: float = TIMEOUT_S,
 def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300,
                   heal: bool = False, max_positions: int | None = None,
                   progress: Progress = True, unsafe: bool = False,
-                  checkpoint: CompletionCheckpoint | None = None) -> dict:
+                  checkpoint: CompletionCheckpoint | None = None,
+                  batch_size: int = 1) -> dict:
     """pass@1 (greedy, one sample per problem) on the first ``limit`` problems.
     Refuses (``SandboxError``) before generating anything when the sandbox cannot be
     had, unless ``unsafe`` (``--unsafe-exec``): resource limits only. ``checkpoint``:
-    completions saved as they finish and read back (``resumed``: how many)."""
+    completions saved as they finish and read back (``resumed``: how many; a batch is
+    skipped only whole, so a resumed run batches as an uninterrupted one).
+    ``batch_size`` > 1: that many problems per forward where ``lm`` can
+    (``qdsl.eval.complete.batch_rows``), the longest prompts together."""
     sandbox = sandbox_kind(unsafe)
     problems = load_problems()[:limit]
+    prompts = [p["prompt"].rstrip() if heal else p["prompt"] for p in problems]
     saved, seconds, cpu = checkpoint.load() if checkpoint is not None else ({}, 0.0, 0.0)
-    done = {p["task_id"]: saved[p["task_id"]] for p in problems if p["task_id"] in saved}
-    rows, t0, c0 = [], time.time(), time.process_time()
+    rows_per = batch_rows(lm, batch_size)
+    order = (range(len(problems)) if rows_per == 1 else
+             sorted(range(len(problems)), key=lambda i: -len(tok(prompts[i], add_special_tokens=False)["input_ids"])))
+    order = list(order)
+    batches = [order[i:i + rows_per] for i in range(0, len(order), rows_per)]
+    done: dict[str, str] = {}
+    resumed = 0
+    t0, c0 = time.time(), time.process_time()
 
     def save(force: bool = False) -> None:
         if checkpoint is not None:
             checkpoint.save(done, seconds + time.time() - t0, cpu + time.process_time() - c0,
                             force=force)
+    bar = progress_bar(total=len(problems), desc="humaneval", progress=progress,
+                       unit="problem", postfix={"batch": rows_per})
     try:
-        for prob in progress_bar(problems, desc="humaneval", progress=progress, unit="problem"):
-            prompt = prob["prompt"].rstrip() if heal else prob["prompt"]
-            completion = done.get(prob["task_id"])
-            if completion is None:
-                completion = generate(lm, tok, prompt, max_new_tokens, max_positions)
-                done[prob["task_id"]] = completion
+        with bar:
+            for idx in batches:
+                ids = [problems[i]["task_id"] for i in idx]
+                if all(t in saved for t in ids):
+                    got = [saved[t] for t in ids]
+                    resumed += len(ids)
+                elif rows_per > 1:
+                    got = generate_batch(lm, tok, [prompts[i] for i in idx], max_new_tokens,
+                                         max_positions)
+                else:
+                    got = [generate(lm, tok, prompts[idx[0]], max_new_tokens, max_positions)]
+                done.update(zip(ids, got))
+                bar.update(len(idx))
                 save()
-            program = (prompt + completion + "\n\n" + prob["test"] + "\n"
-                       + f"check({prob['entry_point']})\n")
-            passed, result = run_program(program, unsafe=unsafe)
-            rows.append({"task_id": prob["task_id"], "passed": passed, "result": result,
-                         "completion": completion})
     finally:   # interrupted or not, what was generated is kept
         save(force=True)
+    rows = []
+    for prob, prompt in zip(problems, prompts):
+        completion = done[prob["task_id"]]
+        program = (prompt + completion + "\n\n" + prob["test"] + "\n"
+                   + f"check({prob['entry_point']})\n")
+        passed, result = run_program(program, unsafe=unsafe)
+        rows.append({"task_id": prob["task_id"], "passed": passed, "result": result,
+                     "completion": completion})
     c = sum(r["passed"] for r in rows)
     out = {"problems": len(rows), "passed": c,
            "pass@1": sum(pass_at_k(1, int(r["passed"]), 1) for r in rows) / max(1, len(rows)),
            "heal": heal, "sandbox": sandbox,
+           "batch_size": rows_per,
            "seconds": round(seconds + time.time() - t0, 1), "results": rows}
-    resumed = sum(p["task_id"] in saved for p in problems)
     if resumed:
         out["resumed"] = resumed
     return out

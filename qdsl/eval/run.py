@@ -116,9 +116,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
     ``ctx_tokens`` None: 256 clipped to what both run (``fit_eval``). With
     ``humaneval``, a missing sandbox is a ``SandboxError`` before any model is loaded
     unless ``unsafe_exec``. ``batch_size``: completions and perplexity windows per
-    forward (``evaluate``; None: ``default_batch_size`` per model); HumanEval decodes
-    one problem at a time, so with it an artifact is loaded with batch 1 (its
-    graph's rows are fixed). ``ppl_samples``: the samples perplexity's windows come
+    forward (``evaluate``; None: ``default_batch_size`` per model), HumanEval problems
+    likewise (``run_humaneval``). ``ppl_samples``: the samples perplexity's windows come
     from (``evaluate``; default ``samples``)."""
     t0 = time.time()
     if humaneval:
@@ -136,9 +135,6 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
             continue
         t = time.time()
         rows = default_batch_size(name) if batch_size is None else batch_size
-        if humaneval and rows > 1 and is_artifact(name):
-            log.info("%s: loaded with batch 1: HumanEval decodes one problem at a time", name)
-            rows = 1
         lm, tok, max_pos, short = load_lm(name, verify=verify, batch_size=rows,
                                           source=source if role == "target" else None)
         max_pos = limit or max_pos   # what both run: an artifact's cache, the positions
@@ -152,7 +148,8 @@ def run_eval(target: str, samples: list[Sample], *, bench: str, baseline: str | 
         if humaneval:
             res["humaneval"] = run_humaneval(lm, tok, limit=humaneval,
                                              heal=cfg.prompt == "heal", max_positions=max_pos,
-                                             progress=progress, unsafe=unsafe_exec)
+                                             progress=progress, unsafe=unsafe_exec,
+                                             batch_size=rows)
         out[role] = res
     if out["baseline"]:
         keys = ("em", "es", "ppl", "bpb")

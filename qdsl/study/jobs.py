@@ -96,11 +96,9 @@ def prompt_mode(cfg: SweepConfig) -> str:
 def eval_batch(cfg: SweepConfig, job: Job) -> int:
     """Completions and perplexity windows per forward for ``job``: ``cfg.batch_size``, or
     ``qdsl eval``'s default (``qdsl.eval.run.default_batch_size``: 8 for the float model,
-    1 for a compiled row); HumanEval decodes one problem at a time (1). A compiled row
-    whose plan cannot batch (``qdsl.compiler.loading.batch_mixing``) runs 1 whatever
-    this says, with a warning."""
-    if job.kind == HUMANEVAL:
-        return 1
+    1 for a compiled row), HumanEval problems likewise. A compiled row whose plan cannot
+    batch (``qdsl.compiler.loading.batch_mixing``) runs 1 whatever this says, with a
+    warning."""
     if cfg.batch_size is not None:
         return cfg.batch_size
     # here, not at the top: qdsl.eval.run imports torch (see prompt_mode)

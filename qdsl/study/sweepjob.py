@@ -173,7 +173,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
 
         he = run_humaneval(lm, tok, cfg.humaneval, cfg.humaneval_tokens,
                            heal=ccfg.prompt == "heal", max_positions=max_pos,
-                           progress=progress, unsafe=cfg.unsafe_exec, checkpoint=ck)
+                           progress=progress, unsafe=cfg.unsafe_exec, checkpoint=ck,
+                           batch_size=rows)
         resumed = he.pop("resumed", None)
         if resumed:
             out["resumed_problems"] = resumed
