@@ -248,3 +248,33 @@ def test_a_sweep_row_is_named_by_its_recipe(tmp_path, capsys):
         load_row(f"{d}:nope")
     assert main(["compare", f"{d}:storti/t2_w8a32", f"{d}:fp32"]) == 0
     assert "A-B -3.00" in capsys.readouterr().out
+
+
+def test_a_sweep_row_carries_its_humaneval_job(tmp_path, capsys):
+    """DIR:RECIPE attaches the recipe's HumanEval job (a separate cache entry) to its
+    quality row, so pass@1 compares paired per problem; not when the sweep has none."""
+    rng = random.Random(3)
+    b = [rng.uniform(0, 100) for _ in range(40)]
+    (tmp_path / "cache").mkdir()
+    passed = {None: [True] * 30 + [False] * 10, "/x/wei/t4.qrec": [True] * 18 + [False] * 22}
+    runs = {}
+    for key, recipe, kind in (("q0", None, "quality"), ("q1", "/x/wei/t4.qrec", "quality"),
+                              ("h0", None, "humaneval"), ("h1", "/x/wei/t4.qrec", "humaneval"),
+                              ("q2", "/x/wei/t5.qrec", "quality")):
+        entry = {**_row(b), "key": key, "kind": kind, "recipe": recipe}
+        if kind == "humaneval":
+            res = [{"task_id": f"HumanEval/{i}", "passed": p} for i, p in enumerate(passed[recipe])]
+            entry = {"key": key, "kind": kind, "recipe": recipe, "samples": [],
+                     "humaneval": {"problems": 40, "passed": sum(passed[recipe]),
+                                   "pass@1": sum(passed[recipe]) / 40, "results": res}}
+        (tmp_path / "cache" / f"{key}.json").write_text(json.dumps(entry))
+        runs[key] = {"kind": kind, "recipe": recipe}
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    d = str(tmp_path)
+    row = load_row(f"{d}:wei/t4")
+    assert row.data["key"] == "q1" and row.data["humaneval"]["passed"] == 18
+    assert "humaneval" not in load_row(f"{d}:wei/t5").data
+    got = _metrics(compare(row, load_row(f"{d}:fp32")))["pass@1"]
+    assert got["diff"]["est"] == pytest.approx(-30.0)
+    assert main(["compare", f"{d}:wei/t4", f"{d}:fp32"]) == 0
+    assert "pass@1  A-B -30.00" in capsys.readouterr().out

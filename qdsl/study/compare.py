@@ -33,6 +33,7 @@ perplexity 5%).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ from ..errors import QdslError
 from .paired import aligned, es_diff, fmt, metric_diff, proportion_test
 from .seeds import margins
 from .stats import Interval, n_for_halfwidth, ppl_ratio
+
+log = logging.getLogger(__name__)
 
 SIDES = ("target", "baseline")
 
@@ -72,11 +75,9 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def sweep_entry(spec: str) -> str | None:
-    """``DIR:RECIPE`` (a sweep's output directory and one of its recipes: a path suffix
-    such as ``storti/t2_w8a32`` or ``t2_w8a32.qrec``, or ``fp32``) -> the cache entry
-    of that recipe's quality job; None when ``spec`` is not of that form. A CompareError
-    when the recipe matches no finished job, or several (name its entry then)."""
+def _sweep_runs(spec: str) -> tuple[str, str, dict] | None:
+    """``DIR:RECIPE`` -> (DIR, RECIPE, DIR/results.json's runs); None when ``spec`` is not
+    of that form."""
     head, sep, name = spec.rpartition(":")
     if not sep or not head or name in SIDES or not (Path(head) / "results.json").is_file():
         return None
@@ -84,16 +85,32 @@ def sweep_entry(spec: str) -> str | None:
         runs = json.loads((Path(head) / "results.json").read_text(encoding="utf-8"))["runs"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CompareError(f"{head}/results.json: cannot read its runs ({e})") from None
+    return head, name, runs
+
+
+def _of_recipe(runs: dict, name: str, kind: str) -> list[str]:
+    """The keys of ``runs`` of ``kind`` whose recipe is ``name`` (a path suffix, or fp32)."""
     want = Path(name if name.endswith(".qrec") or name == "fp32" else name + ".qrec").parts
 
     def matches(run: dict) -> bool:
-        if run.get("kind", "quality") != "quality":
+        if run.get("kind", "quality") != kind:
             return False
         if not run.get("recipe"):
             return name == "fp32"
         return Path(str(run["recipe"])).parts[-len(want):] == want
+    return [k for k, r in runs.items() if isinstance(r, dict) and matches(r)]
 
-    keys = [k for k, r in runs.items() if isinstance(r, dict) and matches(r)]
+
+def sweep_entry(spec: str) -> str | None:
+    """``DIR:RECIPE`` (a sweep's output directory and one of its recipes: a path suffix
+    such as ``storti/t2_w8a32`` or ``t2_w8a32.qrec``, or ``fp32``) -> the cache entry
+    of that recipe's quality job; None when ``spec`` is not of that form. A CompareError
+    when the recipe matches no finished job, or several (name its entry then)."""
+    found = _sweep_runs(spec)
+    if found is None:
+        return None
+    head, name, runs = found
+    keys = _of_recipe(runs, name, "quality")
     if len(keys) != 1:
         have = sorted({Path(str(r.get("recipe"))).stem if r.get("recipe") else "fp32"
                        for r in runs.values() if isinstance(r, dict)})
@@ -105,11 +122,32 @@ def sweep_entry(spec: str) -> str | None:
     return str(Path(head) / "cache" / f"{keys[0]}.json")
 
 
+def sweep_humaneval(spec: str) -> dict | None:
+    """``DIR:RECIPE``'s HumanEval result (its HumanEval job's ``humaneval``, with the
+    per-problem results), where the sweep ran exactly one for that recipe; else None."""
+    found = _sweep_runs(spec)
+    if found is None:
+        return None
+    head, name, runs = found
+    keys = _of_recipe(runs, name, "humaneval")
+    if len(keys) != 1:
+        if keys:
+            log.warning("%s: %d HumanEval jobs of %r; none attached (name the rows by their "
+                        "cache entries and compare pass@1 with --json)", head, len(keys), name)
+        return None
+    try:
+        entry = json.loads((Path(head) / "cache" / f"{keys[0]}.json").read_text(encoding="utf-8"))
+        return entry["humaneval"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CompareError(f"{head}/cache/{keys[0]}.json: cannot read its HumanEval ({e})") from None
+
+
 def load_row(spec: str, default_side: str = "target") -> Row:
     """The row ``spec`` names: ``FILE[:target|:baseline]`` of a ``qdsl eval --json``
     file, a sweep's cache entry ``DIR/cache/KEY.json``, or ``DIR:RECIPE`` (that entry by
     its recipe, ``sweep_entry``); a CompareError naming the file where it cannot be
     read or has no such row."""
+    he = sweep_humaneval(spec)
     spec = sweep_entry(spec) or spec
     path, given = parse_spec(spec)
     side = given or default_side
@@ -123,6 +161,8 @@ def load_row(spec: str, default_side: str = "target") -> Row:
         raise CompareError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if isinstance(d, dict) and isinstance(d.get("samples"), list) and "key" in d \
             and not any(k in d for k in SIDES):
+        if he is not None:   # DIR:RECIPE: the row's HumanEval job, run on the same model
+            d = {**d, "humaneval": he}
         return _sweep_row(path, d, given, default_side)
     if not isinstance(d, dict) or not any(isinstance(d.get(s), dict) for s in SIDES):
         raise CompareError(f"{path}: not a `qdsl eval --json` file (no target / baseline "
