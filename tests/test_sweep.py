@@ -369,6 +369,24 @@ def test_batch_size_reaches_every_eval_job_and_keys_only_compiled_rows(tiny_dir,
 
 
 
+class _Interrupt:
+    """Stands in for ``module.attr`` (a function taking the model first): its ``nth`` call
+    for the model named ``name`` raises while ``armed``; ``calls`` lists the models'
+    names, call by call."""
+
+    def __init__(self, monkeypatch, module, attr: str, nth: int, name: str = "t2_w8a8"):
+        self.real, self.nth, self.name = getattr(module, attr), nth, name
+        self.calls: list[str] = []
+        self.armed = True
+        monkeypatch.setattr(module, attr, self)
+
+    def __call__(self, lm, *a, **k):
+        self.calls.append(lm.name)
+        if self.armed and lm.name == self.name and self.calls.count(self.name) == self.nth:
+            raise RuntimeError("interrupted")
+        return self.real(lm, *a, **k)
+
+
 def test_an_interrupted_job_resumes_its_completions(tiny_dir, tmp_path, monkeypatch):
     """A quality job stopped mid-evaluation saved its finished batches (DIR/partial);
     the next sweep reloads the artifact it saved (no second calibration), completes
@@ -379,25 +397,17 @@ def test_an_interrupted_job_resumes_its_completions(tiny_dir, tmp_path, monkeypa
 
     cfg = replace(_cfg(tiny_dir), batch_size=2)   # 4 samples: 2 batches
     ref = run_sweep(cfg, tmp_path / "ref", recipes=RECIPES[:1], progress=False)
-    real, calls = complete.complete_lines, []
-
-    def stopped(lm, *a, **k):         # the recipe's second batch never finishes
-        calls.append(lm.name)
-        if lm.name == "t2_w8a8" and calls.count("t2_w8a8") == 2 and stop[0]:
-            raise RuntimeError("interrupted")
-        return real(lm, *a, **k)
-    stop = [True]
-    monkeypatch.setattr(complete, "complete_lines", stopped)
+    stop = _Interrupt(monkeypatch, complete, "complete_lines", 2)   # the second batch never ends
     out = tmp_path / "s"
     first = run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)
     assert len(first["failed"]) == 1
     partial = list((out / "partial").glob("*.json"))
     assert len(partial) == 1 and json.loads(partial[0].read_text())["n_done"] == 2
     compiled = json.loads(partial[0].read_text())["extra"]["compile"]
-    stop[0] = False
-    calls.clear()
+    stop.armed = False
+    stop.calls.clear()
     again = run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)
-    assert not again["failed"] and calls.count("t2_w8a8") == 1
+    assert not again["failed"] and stop.calls.count("t2_w8a8") == 1
     assert not list((out / "partial").glob("*.json"))   # cached now: removed
     key = partial[0].stem
     got = json.loads((out / "cache" / f"{key}.json").read_text())
@@ -421,23 +431,16 @@ def test_loose_recipes_get_humaneval_jobs_and_an_interrupted_one_resumes(tiny_di
     ref = run_sweep(cfg, tmp_path / "ref", recipes=RECIPES[:1], progress=False)
     assert not ref["failed"], ref["failed"]
     assert all(row["humaneval"]["problems"] == 3 for row in ref["tables"]["recipes"])
-    real, calls, stop = he.generate, [], [True]
-
-    def stopped(lm, *a, **k):         # the recipe's third problem never finishes
-        calls.append(lm.name)
-        if lm.name == "t2_w8a8" and calls.count("t2_w8a8") == 3 and stop[0]:
-            raise RuntimeError("interrupted")
-        return real(lm, *a, **k)
-    monkeypatch.setattr(he, "generate", stopped)
+    stop = _Interrupt(monkeypatch, he, "generate", 3)   # the third problem never finishes
     out = tmp_path / "s"
     first = run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)
     assert len(first["failed"]) == 1
     partial = list((out / "partial").glob("*.json"))
     assert len(partial) == 1 and json.loads(partial[0].read_text())["n_done"] == 2
-    stop[0] = False
-    calls.clear()
+    stop.armed = False
+    stop.calls.clear()
     again = run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)
-    assert not again["failed"] and calls == ["t2_w8a8"]   # the third problem alone
+    assert not again["failed"] and stop.calls == ["t2_w8a8"]   # the third problem alone
     assert not list((out / "partial").glob("*.json"))     # cached now: removed
     key = partial[0].stem
     got = json.loads((out / "cache" / f"{key}.json").read_text())
@@ -469,22 +472,15 @@ def test_humaneval_batches_problems_and_resumes_whole_batches(tiny_dir, tmp_path
     assert all(h["batch_size"] == 1 for h in h1.values())
     assert [r["completion"] for r in h2[None]["results"]] == \
         [r["completion"] for r in h1[None]["results"]]
-    real, calls, stop = he.generate_batch, [], [True]
-
-    def stopped(lm, *a, **k):         # the recipe's second batch never finishes
-        calls.append(lm.name)
-        if lm.name == "t2_w8a8" and calls.count("t2_w8a8") == 2 and stop[0]:
-            raise RuntimeError("interrupted")
-        return real(lm, *a, **k)
-    monkeypatch.setattr(he, "generate_batch", stopped)
+    stop = _Interrupt(monkeypatch, he, "generate_batch", 2)   # the second batch never ends
     out = tmp_path / "s"
     assert len(run_sweep(two, out, recipes=RECIPES[:1], progress=False)["failed"]) == 1
     partial = list((out / "partial").glob("*.json"))
     assert len(partial) == 1 and json.loads(partial[0].read_text())["n_done"] == 2
-    stop[0] = False
-    calls.clear()
+    stop.armed = False
+    stop.calls.clear()
     assert not run_sweep(two, out, recipes=RECIPES[:1], progress=False)["failed"]
-    assert calls == ["t2_w8a8"]
+    assert stop.calls == ["t2_w8a8"]
     got = json.loads((out / "cache" / f"{partial[0].stem}.json").read_text())
     assert got["resumed_problems"] == 2
     assert got["humaneval"]["results"] == h2[got["recipe"]]["results"]
