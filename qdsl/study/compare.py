@@ -76,8 +76,9 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _sweep_runs(spec: str) -> tuple[str, str, dict] | None:
-    """``DIR:RECIPE`` -> (DIR, RECIPE, DIR/results.json's runs); None when ``spec`` is not
-    of that form."""
+    """``DIR:RECIPE`` (a sweep's output directory and one of its recipes: a path suffix
+    such as ``storti/t2_w8a32`` or ``t2_w8a32.qrec``, or ``fp32``) -> (DIR, RECIPE,
+    DIR/results.json's runs); None when ``spec`` is not of that form."""
     head, sep, name = spec.rpartition(":")
     if not sep or not head or name in SIDES or not (Path(head) / "results.json").is_file():
         return None
@@ -101,15 +102,9 @@ def _of_recipe(runs: dict, name: str, kind: str) -> list[str]:
     return [k for k, r in runs.items() if isinstance(r, dict) and matches(r)]
 
 
-def sweep_entry(spec: str) -> str | None:
-    """``DIR:RECIPE`` (a sweep's output directory and one of its recipes: a path suffix
-    such as ``storti/t2_w8a32`` or ``t2_w8a32.qrec``, or ``fp32``) -> the cache entry
-    of that recipe's quality job; None when ``spec`` is not of that form. A CompareError
+def _quality_entry(head: str, name: str, runs: dict) -> str:
+    """The cache entry of ``name``'s quality job in the sweep at ``head``; a CompareError
     when the recipe matches no finished job, or several (name its entry then)."""
-    found = _sweep_runs(spec)
-    if found is None:
-        return None
-    head, name, runs = found
     keys = _of_recipe(runs, name, "quality")
     if len(keys) != 1:
         have = sorted({Path(str(r.get("recipe"))).stem if r.get("recipe") else "fp32"
@@ -122,13 +117,9 @@ def sweep_entry(spec: str) -> str | None:
     return str(Path(head) / "cache" / f"{keys[0]}.json")
 
 
-def sweep_humaneval(spec: str) -> dict | None:
-    """``DIR:RECIPE``'s HumanEval result (its HumanEval job's ``humaneval``, with the
-    per-problem results), where the sweep ran exactly one for that recipe; else None."""
-    found = _sweep_runs(spec)
-    if found is None:
-        return None
-    head, name, runs = found
+def _humaneval(head: str, name: str, runs: dict) -> dict | None:
+    """``name``'s HumanEval result in the sweep at ``head`` (its HumanEval job's
+    ``humaneval``, with the per-problem results), where it ran exactly one; else None."""
     keys = _of_recipe(runs, name, "humaneval")
     if len(keys) != 1:
         if keys:
@@ -144,11 +135,14 @@ def sweep_humaneval(spec: str) -> dict | None:
 
 def load_row(spec: str, default_side: str = "target") -> Row:
     """The row ``spec`` names: ``FILE[:target|:baseline]`` of a ``qdsl eval --json``
-    file, a sweep's cache entry ``DIR/cache/KEY.json``, or ``DIR:RECIPE`` (that entry by
-    its recipe, ``sweep_entry``); a CompareError naming the file where it cannot be
-    read or has no such row."""
-    he = sweep_humaneval(spec)
-    spec = sweep_entry(spec) or spec
+    file, a sweep's cache entry ``DIR/cache/KEY.json``, or ``DIR:RECIPE`` (the entry of
+    the recipe's quality job, carrying its HumanEval job's result where the sweep ran
+    one); a CompareError naming the file where it cannot be read or has no such row."""
+    found = _sweep_runs(spec)   # results.json read once for both
+    he = None
+    if found is not None:
+        he = _humaneval(*found)
+        spec = _quality_entry(*found)
     path, given = parse_spec(spec)
     side = given or default_side
     try:
