@@ -31,7 +31,7 @@ from ..models.lm import CausalLM
 from ..progress import Progress
 from ..progress import bar as progress_bar
 from .checkpoint import CompletionCheckpoint
-from .complete import batch_rows
+from .complete import _batches, batch_rows
 from .metrics import pass_at_k
 from . import sandbox
 from .sandbox import OUTPUT_CAP, TIMEOUT_S, run_python, sandbox_kind
@@ -133,10 +133,8 @@ def run_humaneval(lm: CausalLM, tok, limit: int = 164, max_new_tokens: int = 300
     prompts = [p["prompt"].rstrip() if heal else p["prompt"] for p in problems]
     saved, seconds, cpu = checkpoint.load() if checkpoint is not None else ({}, 0.0, 0.0)
     rows_per = batch_rows(lm, batch_size)
-    order = (range(len(problems)) if rows_per == 1 else
-             sorted(range(len(problems)), key=lambda i: -len(tok(prompts[i], add_special_tokens=False)["input_ids"])))
-    order = list(order)
-    batches = [order[i:i + rows_per] for i in range(0, len(order), rows_per)]
+    batches = _batches(prompts, rows_per,
+                       lambda p: len(tok(p, add_special_tokens=False)["input_ids"]))
     done: dict[str, str] = {}
     resumed = 0
     t0, c0 = time.time(), time.process_time()
