@@ -16,12 +16,19 @@ import statistics
 import torch
 
 from qdsl.atomic import write_json_atomic
+from qdsl.config.spec import WEIGHT, MinMax, PerChannel, PerTensor, TensorSpec
 from qdsl.models.zoo import load_model
+from qdsl.quant.weights import dequantize_codes, rtn_codes
+
+# what `w8 sym per_tensor minmax` and `w8 sym per_channel minmax` compile to
+PER_TENSOR = TensorSpec(WEIGHT, 8, symmetric=True, granularity=PerTensor(), observer=MinMax())
+PER_ROW = TensorSpec(WEIGHT, 8, symmetric=True, granularity=PerChannel(), observer=MinMax())
 
 
-def _error(w: torch.Tensor, scale: torch.Tensor) -> float:
-    q = torch.clamp(torch.round(w / scale), -127, 127) * scale
-    return float((q - w).norm() / w.norm())
+def _error(w: torch.Tensor, spec: TensorSpec) -> float:
+    """||Q(w) - w|| / ||w|| with qdsl's round to nearest on ``spec``'s grid."""
+    q, scale, zero_point = rtn_codes(w, spec)
+    return float((dequantize_codes(q, spec, scale, zero_point) - w).norm() / w.norm())
 
 
 @torch.no_grad()
@@ -32,8 +39,7 @@ def weight_errors(model: torch.nn.Module) -> list[dict]:
             w = m.weight.float()
             row_max = w.abs().amax(1)
             rows.append({"name": name, "shape": list(w.shape),
-                         "per_tensor": _error(w, w.abs().max() / 127),
-                         "per_row": _error(w, (row_max / 127).clamp_min(1e-12)[:, None]),
+                         "per_tensor": _error(w, PER_TENSOR), "per_row": _error(w, PER_ROW),
                          "max_over_median_row_max": float(w.abs().max() / row_max.median())})
     return sorted(rows, key=lambda r: -r["per_tensor"])
 
