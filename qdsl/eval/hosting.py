@@ -230,6 +230,7 @@ def child_main(spec: dict) -> dict:
     if step is not None:   # first decode step = trace + compile (or cache load) + one step
         out["compile_s"], out["compile_failed"] = step.compile_s, step.failed
         out["huge_pages_mb"] = round(step.moved.nbytes / 2**20, 1)
+        out["wrapper"] = step.wrapper
     return out
 
 

@@ -319,3 +319,93 @@ def test_a_failing_fuse_siblings_compiles_the_graph_as_lowered(monkeypatch, capl
     with caplog.at_level(logging.WARNING, logger="qdsl.runtime.compiled"):
         assert step._step_graph() is gm
     assert step.fused == 0 and "odd graph" in caplog.text
+
+
+@pytest.mark.slow
+def test_cpp_wrapper_calls_qdsl_ops_through_their_c_shims(tmp_path, monkeypatch):
+    """recipes/int8/w8a8_dynamic.qrec compiled with the C++ wrapper (the default where
+    the extension is loaded): every GEMV and attention call of the step is a direct call
+    of its C shim, and the logits and completions are eager's."""
+    from qdsl.runtime import kernels
+    from qdsl.runtime.int8 import Int8DynamicLinear, Int8DynamicLinears
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.delenv(compiled.WRAPPER_ENV, raising=False)
+    if not kernels.table().ext:
+        pytest.skip("qdsl's C++ kernels unavailable here")
+    recipe = (Path(__file__).parents[2] / "recipes" / "int8" / "w8a8_dynamic.qrec").read_text()
+    eager, lm, ids, ref, got = _int8_compiled_and_eager(recipe, seed=8)
+    assert lm.step.failed is None and lm.step.wrapper == "cpp" and lm.step.direct
+    step, _ = compiled.fuse_siblings(eager.gm)
+    linears = sum(n.op == "call_module" and isinstance(
+        step.get_submodule(n.target), (Int8DynamicLinear, Int8DynamicLinears))
+        for n in step.graph.nodes)
+    code = "".join(f.read_text() for f in (tmp_path / "inductor").rglob("*.cpp"))
+    calls = {op: code.count(f"CHECK(aoti_torch_cpu_{op}(")
+             for op in ("w8a8_linear", "w8a8_linear_cat", "cached_decode_attention")}
+    layers = 2
+    assert linears == 4 * layers + 1, linears      # qkv, o, gate/up, down; the head
+    assert calls == {"w8a8_linear": 2 * layers + 1, "w8a8_linear_cat": 2 * layers,
+                     "cached_decode_attention": layers}, calls
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    assert eager.greedy(ids[:, :5], 12) == lm.greedy(ids[:, :5], 12)
+
+
+# a schema argument type -> the C parameters inductor passes for it (cpp_wrapper_cpu)
+_C_PARAMS = {"Tensor": ["AtenTensorHandle"], "Optional[Tensor]": ["AtenTensorHandle*"],
+             "List[Tensor]": ["const AtenTensorHandle*", "int64_t"],
+             "List[Optional[Tensor]]": ["const AtenTensorHandle**", "int64_t"],
+             "int": ["int64_t"], "float": ["double"], "bool": ["int32_t"]}
+
+
+def test_c_shims_take_what_inductor_passes_for_each_op_schema():
+    """Each C shim's parameters are, in order, what inductor's C++ wrapper passes for its
+    op's schema (a mismatch is undefined behaviour at run time, not a compile error: the
+    wrapper declares the shims from these strings), and every qdsl op a compiled decode
+    step calls has one."""
+    from qdsl.runtime import kernels
+    if not kernels.table().ext:
+        pytest.skip("qdsl's C++ kernels unavailable here")
+    shims = compiled.c_shims()
+    names = {op.name() for op in shims}
+    assert names >= {f"qdsl_kernels::{n}" for n in ("w8a8_linear", "w8a8_linear_cat",
+                                                      "cached_decode_attention", "w4a8_linear",
+                                                      "w4a8_linear_cat")}
+    for op, (decl,) in shims.items():
+        params = decl[decl.index("(") + 1:decl.rindex(")")].split(", ")
+        types = [p.rsplit(" ", 1)[0] for p in params]
+        want = [c for a in op._schema.arguments for c in _C_PARAMS[str(a.type)]]
+        assert types == want + ["AtenTensorHandle*"], (op.name(), types, want)
+        assert decl.startswith(f"AOTITorchError aoti_torch_cpu_{op.name().split('::')[1]}(")
+
+
+def test_cpp_wrapper_switch(monkeypatch):
+    from qdsl.runtime import kernels
+    monkeypatch.setenv(compiled.WRAPPER_ENV, "0")
+    assert not compiled.cpp_wrapper_wanted()
+    monkeypatch.delenv(compiled.WRAPPER_ENV)
+    assert compiled.cpp_wrapper_wanted() == bool(kernels.table().ext)
+    assert compiled._wrapper_options(False) == {}
+    assert compiled._wrapper_options(True)["cpp_wrapper"] is True
+
+
+@pytest.mark.slow
+def test_a_cpp_wrapper_that_fails_retries_with_the_python_one(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(compiled, "cpp_wrapper_wanted", lambda: True)
+    real = compiled._wrapper_options
+
+    def broken(cpp):
+        if cpp:
+            raise RuntimeError("no C++ wrapper today")
+        return real(cpp)
+
+    monkeypatch.setattr(compiled, "_wrapper_options", broken)
+    m, gm = _float_graph("llama")
+    ids = tiny_ids(m, 1, 16, seed=7)
+    ref = _steps(GraphLM(gm, CACHE, compile_decode=False), ids)
+    lm = GraphLM(gm, CACHE, compile_decode=True)
+    with caplog.at_level(logging.WARNING, logger="qdsl.runtime.compiled"):
+        got = _steps(lm, ids)
+    assert "with the C++ wrapper failed" in caplog.text and "trying the Python wrapper" in caplog.text
+    assert lm.step.failed is None and lm.step.wrapper == "python"
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

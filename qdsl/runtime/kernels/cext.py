@@ -36,8 +36,9 @@ except ImportError:              # elsewhere: torch's own lock file only
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qdsl_kernels.cpp")
+SHIMS = Path(__file__).with_name("qdsl_shims.cpp")   # C entry points (compiled.c_shims)
 SOURCES = (SOURCE, Path(__file__).with_name("qdsl_gemm.cpp"),
-           Path(__file__).with_name("qdsl_w4a8.cpp"))   # one extension
+           Path(__file__).with_name("qdsl_w4a8.cpp"), SHIMS)   # one extension, in this order
 # included by the sources of both extensions (this one and binary.py's): the compiler
 # finds it in this folder and torch's build (ninja) tracks it, so editing it rebuilds
 HEADERS = (Path(__file__).with_name("qdsl_common.h"),)
