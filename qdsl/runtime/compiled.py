@@ -48,7 +48,10 @@ a few loops, as gpt-fast does:
   the Python wrapper. SmolLM2 w8a8 (fp16 cache), paired A/B of 62 blocks in one process:
   0.901x [0.894, 0.907] of a step at 1 thread, 0.887x [0.873, 0.900] at 2, 0.894x
   [0.889, 0.899] under forced AVX2;
-  logits identical. On by default where qdsl's extension is loaded
+  logits identical. Compiling it takes ~44 s the first time (SmolLM2; the Python
+  wrapper ~14 s), then comes from inductor's cache like the Python one (``_Shims``
+  pickles the shim table by op name, so the cache key can be computed). On by default
+  where qdsl's extension is loaded
   (``$QDSL_CPP_WRAPPER=0``: the Python wrapper); a C++ wrapper that fails to compile is
   retried with the Python one;
 * **eager fallback**: where compiling fails the step runs eager, said once (a
@@ -126,6 +129,21 @@ def _inductor_options() -> dict:
     return {"size_asserts": False, "alignment_asserts": False}
 
 
+def _shims_named(items: tuple) -> "_Shims":
+    """``_Shims`` from (op name, declarations) pairs: how one is unpickled."""
+    return _Shims({getattr(torch.ops.qdsl_kernels, name.split("::")[1]).default: list(decls)
+                   for name, decls in items})
+
+
+class _Shims(dict):
+    """``custom_ops_to_c_shims``'s dict (op overload -> declarations) that pickles by op
+    name: inductor's cache key pickles its config, and an op overload does not pickle
+    (the key then fails and every process compiled the C++ wrapper again: ~40 s)."""
+
+    def __reduce__(self):
+        return _shims_named, (tuple(sorted((op.name(), tuple(d)) for op, d in self.items())),)
+
+
 @functools.cache
 def c_shims() -> dict:
     """qdsl's ops with a C entry point (``kernels/qdsl_shims.cpp``) -> its declaration, for
@@ -143,7 +161,7 @@ def c_shims() -> dict:
     for path in torch.ops.loaded_libraries:
         if cext.NAME in os.path.basename(path):
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    shims = {}
+    shims = _Shims()
     for fn, op, params in re.findall(r"AOTI_TORCH_EXPORT AOTITorchError "
                                      r"(aoti_torch_cpu_(\w+))\(([^)]*)\)",
                                      cext.SHIMS.read_text()):

@@ -376,6 +376,13 @@ def test_c_shims_take_what_inductor_passes_for_each_op_schema():
         want = [c for a in op._schema.arguments for c in _C_PARAMS[str(a.type)]]
         assert types == want + ["AtenTensorHandle*"], (op.name(), types, want)
         assert decl.startswith(f"AOTITorchError aoti_torch_cpu_{op.name().split('::')[1]}(")
+    # inductor's cache key pickles its config: the shims must pickle (by op name), or
+    # every process compiles the C++ wrapper again
+    import pickle
+
+    from torch._inductor.codecache import FxGraphCachePickler
+    assert pickle.loads(pickle.dumps(shims)) == shims
+    FxGraphCachePickler(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())).dumps(shims)
 
 
 def test_cpp_wrapper_switch(monkeypatch):
