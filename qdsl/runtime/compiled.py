@@ -67,10 +67,12 @@ new static shape.
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import logging
 import operator
 import os
+import re
 import time
 
 import torch
@@ -80,6 +82,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from ..models import zoo
 from . import hugepages
 from .int8 import Int8DynamicLinears
+from .kernels import cext
 from .packed import W4DynamicLinears
 
 log = logging.getLogger(__name__)
@@ -150,10 +153,6 @@ def c_shims() -> dict:
     inductor's ``aot_inductor.custom_ops_to_c_shims``: the C++ wrapper then calls them
     directly. Read from the source, so the declarations are the definitions' own; {} where
     the extension is not loaded."""
-    import ctypes
-    import re
-
-    from .kernels import cext
     if not cext.load():
         return {}
     # torch loads op libraries RTLD_LOCAL; the wrapper's .so resolves the shims at load

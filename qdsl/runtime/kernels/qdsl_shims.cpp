@@ -12,6 +12,7 @@
 //
 // This file is compiled after qdsl_kernels.cpp and qdsl_w4a8.cpp in one translation unit
 // (cext.SOURCES), so it calls their functions directly.
+#include "qdsl_common.h"
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 
