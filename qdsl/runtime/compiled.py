@@ -160,13 +160,11 @@ def c_shims() -> dict:
     for path in torch.ops.loaded_libraries:
         if cext.NAME in os.path.basename(path):
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    shims = _Shims()
-    for fn, op, params in re.findall(r"AOTI_TORCH_EXPORT AOTITorchError "
-                                     r"(aoti_torch_cpu_(\w+))\(([^)]*)\)",
-                                     cext.SHIMS.read_text()):
-        overload = getattr(torch.ops.qdsl_kernels, op).default
-        shims[overload] = [f"AOTITorchError {fn}({' '.join(params.split())})"]
-    return shims
+    found = re.findall(r"AOTI_TORCH_EXPORT AOTITorchError (aoti_torch_cpu_(\w+))\(([^)]*)\)",
+                       cext.SHIMS.read_text())
+    return _shims_named(tuple((f"qdsl_kernels::{op}",
+                               (f"AOTITorchError {fn}({' '.join(params.split())})",))
+                              for fn, op, params in found))
 
 
 def cpp_wrapper_wanted() -> bool:
