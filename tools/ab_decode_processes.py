@@ -1,5 +1,7 @@
 """Paired A/B of compiled decode, one process each: one artifact under two environments,
-or two artifacts (``--b-artifact``: e.g. the same recipe with ``set lower.kv_cache = fp16``).
+or two artifacts (``--b-artifact``: e.g. the same recipe with ``set lower.kv_cache = fp16``),
+or two checkouts of qdsl (``--a-path`` / ``--b-path``: each side's PYTHONPATH, with its own
+``TORCH_EXTENSIONS_DIR`` under it, so each runs its own build of the C++ kernels).
 
 For a setting a process fixes once (``QDSL_HUGE_PAGES``: where the weights live;
 ``THP_MEM_ALLOC_ENABLE``, read when torch starts) ``tools/ab_compiled_step.py``'s
@@ -11,6 +13,7 @@ interval.
 
     python tools/ab_decode_processes.py ARTIFACT --a-env QDSL_HUGE_PAGES=0 --pairs 6
     python tools/ab_decode_processes.py ARTIFACT --b-artifact ARTIFACT_FP16_CACHE --pairs 8
+    python tools/ab_decode_processes.py ARTIFACT --a-path /work/old --b-path . --pairs 8
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--a-env", default="", help="NAME=VALUE set for A's processes")
     ap.add_argument("--b-env", default="", help="NAME=VALUE set for B's (default: unset)")
     ap.add_argument("--b-artifact", help="B runs this artifact (A: ARTIFACT), same environment")
+    ap.add_argument("--a-path", help="A's checkout of qdsl (its PYTHONPATH)")
+    ap.add_argument("--b-path", help="B's checkout of qdsl")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
@@ -61,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         child(a.artifact, a.threads, a.context, a.steps)
         return 0
-    if not a.a_env and not a.b_env and not a.b_artifact:
-        ap.error("nothing differs between A and B: give --a-env / --b-env or --b-artifact")
+    if not a.a_env and not a.b_env and not a.b_artifact and not (a.a_path or a.b_path):
+        ap.error("nothing differs between A and B: give --a-env / --b-env, --b-artifact "
+                 "or --a-path / --b-path")
     from qdsl.study.stats import time_ratio
 
-    def env_of(spec: str) -> dict:
+    def env_of(spec: str, path: str | None) -> dict:
         env = dict(os.environ)
+        if path:
+            path = os.path.abspath(path)
+            env["PYTHONPATH"] = path
+            env["TORCH_EXTENSIONS_DIR"] = os.path.join(path, ".torch_ext_bench")
         for name in (a.a_env.partition("=")[0], a.b_env.partition("=")[0]):
             if name:
                 env.pop(name, None)
@@ -79,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         artifact = a.b_artifact if side == "B" and a.b_artifact else a.artifact
         cmd = [sys.executable, __file__, artifact, "--a-env", a.a_env, "--child",
                "--threads", str(a.threads), "--context", str(a.context), "--steps", str(a.steps)]
-        out = subprocess.run(cmd, env=env_of(a.a_env if side == "A" else a.b_env),
+        out = subprocess.run(cmd, env=env_of(a.a_env if side == "A" else a.b_env,
+                                             a.a_path if side == "A" else a.b_path),
                              capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -92,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"direct {r['direct']})", file=sys.stderr)
     iv = time_ratio(ms["B"], ms["A"])
     import torch
-    b_name = a.b_artifact if a.b_artifact else a.b_env or "unset"
-    print(f"A ({a.a_env or a.artifact}) median {statistics.median(ms['A']):.3f} ms, B ({b_name}) "
+    b_name = a.b_artifact or a.b_path or a.b_env or "unset"
+    print(f"A ({a.a_path or a.a_env or a.artifact}) median {statistics.median(ms['A']):.3f} ms, B ({b_name}) "
           f"median {statistics.median(ms['B']):.3f} ms; B / A {iv.est:.3f} "
           f"[{iv.lo:.3f}, {iv.hi:.3f}] ({iv.n} pairs of processes, "
           f"{torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s))")

@@ -192,6 +192,37 @@ def test_decode_attention_paths_agree_with_sdpa(d, n, threads, dtype):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(12, 12), (8, 4), (14, 2), (16, 2), (15, 3)])
+@pytest.mark.parametrize("d", [64, 128, 40])
+@pytest.mark.parametrize("n,threads", [(6, 1), (301, 1), (301, 2)])
+def test_decode_attention_group_sizes_agree_with_sdpa(heads, kv_heads, d, n, threads):
+    """Every query-head group size a key/value head serves (1: GPT-2; 2, 4; 7: Qwen2.5-
+    Coder-0.5B; 8; 5) on each instruction-set path: the AVX-512 path's value pass splits
+    groups over 4 (over 3 at head size 128) into register tiles, the AVX2 path keeps a
+    head's output in registers by 64-, 32- and 8-column chunks (40 = 32 + 8); a float16
+    cache, SDPA's result on its values."""
+    from qdsl.runtime import attention, kernels
+    from qdsl.runtime.kernels.cpu import ISA_AVX2
+    if not attention._kernel_built():
+        pytest.skip("qdsl's C++ kernels unavailable here (SDPA runs every step)")
+    g = torch.Generator().manual_seed(heads * 1000 + d + n)
+    q = torch.randn(1, heads, 1, d, generator=g)
+    k, v = (torch.randn(1, kv_heads, 320, d, generator=g).half() for _ in range(2))
+    mask = torch.randn(1, heads, 1, 320, generator=g)
+    mask[..., : n // 3] = float("-inf")
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :n].float(), v[:, :, :n].float(), attn_mask=mask[..., :n], scale=0.125,
+        enable_gqa=kv_heads != heads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for isa in sorted({ISA_AVX2, kernels.table().cap.isa}):
+            got = torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, 0.125, isa)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_half_cache_matches_the_float32_cache(dtype, tokens):

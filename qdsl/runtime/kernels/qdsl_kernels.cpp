@@ -921,11 +921,41 @@ static inline __m512 load16_ps(const at::BFloat16* p) {
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
+// The keys and values of a decode step come from memory, not cache (a step reads every
+// layer's cache once): the AVX-512 path prefetches them kPrefetchRows rows ahead, which
+// the hardware prefetchers alone did not keep up with (SmolLM2's layer at 560 keys,
+// caches cold: 79.5 us on the AVX2 path, 1 thread). A prefetch fetches a 64-byte line:
+// one per line, however many elements of T that holds.
+constexpr int64_t kPrefetchRows = 16;
+
+// out[d0, d0 + 8 R) = sum_j si[j] v[j, d0, d0 + 8 R) over j in [0, n): R registers of
+// one head's output, each key's weight broadcast once (the sums in key order)
+// (prefetch: the first pass over v, which fetches each row's lines kPrefetchRows ahead)
+template <int R, typename T>
+__attribute__((target("avx2,fma,f16c")))
+static inline void attend_values_avx2(const T* v, int64_t n, int64_t D, int64_t d0,
+                                      const float* si, float* out, bool prefetch) {
+  constexpr int64_t line = 64 / sizeof(T);
+  __m256 o[R];
+  for (int r = 0; r < R; ++r) o[r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 w = _mm256_set1_ps(si[j]);
+    const T* vj = v + j * D + d0;
+    if (prefetch && j + kPrefetchRows < n)
+      for (int64_t l = 0; l < D; l += line)
+        _mm_prefetch(reinterpret_cast<const char*>(v + (j + kPrefetchRows) * D + l), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) o[r] = _mm256_fmadd_ps(w, load8_ps(vj + 8 * r), o[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + d0 + 8 * r, o[r]);
+}
+
 // One query token against n cached keys for one key/value head and the g query heads
 // sharing it (GQA): scores four keys at a time (one reduction per four dot products),
-// a softmax (max-subtracted, vectorized exp), then v read once, eight keys per update of
-// each output row. D % 8 == 0 (checked by the caller). k and v point at T (the one
-// signature, AttendFn, for every cache type).
+// a softmax (max-subtracted, vectorized exp), then per head v read once into up to 64
+// output columns held in registers (an output chunk loaded and stored every eight keys,
+// as before, made the step wait on store-to-load forwarding: SmolLM2's layer at 528
+// keys, in cache, 35 -> 27 us). D % 8 == 0 (checked by the caller). k and v point at T
+// (the one signature, AttendFn, for every cache type).
 //
 // partial (mx, sum non-null: one chunk of a split over the keys): out is left
 // unnormalized, sum_j exp(s_j - mx_i) v_j, with mx[i] and sum[i] for the merge; a chunk
@@ -946,6 +976,9 @@ void attend_one_avx2(const float* q, const void* k_, const void* v_, const float
     for (; j + 4 <= n; j += 4) {
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       const T* kj = k + j * D;
+      if (i == 0 && j + kPrefetchRows + 4 <= n)
+        for (int64_t l = 0; l < 4 * D; l += 64 / int64_t(sizeof(T)))
+          _mm_prefetch(reinterpret_cast<const char*>(kj + kPrefetchRows * D + l), _MM_HINT_T0);
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(qi + d);
         a0 = _mm256_fmadd_ps(qv, load8_ps(kj + d), a0);
@@ -972,34 +1005,59 @@ void attend_one_avx2(const float* q, const void* k_, const void* v_, const float
     for (j = n; j < n8; ++j) si[j] = -INFINITY;
     softmax_tail(si, n8, mx, part_mx ? part_mx + i : nullptr, part_sum ? part_sum + i : nullptr);
   }
-  // out[i] = sum_j s[i, j] v[j]: eight keys per load / store of an output chunk
-  for (int64_t i = 0; i < g; ++i) std::fill(out + i * D, out + (i + 1) * D, 0.f);
-  const int64_t n8 = (n + 7) & ~int64_t(7);
-  for (int64_t j0 = 0; j0 < n8; j0 += 8) {
-    const int64_t jn = std::min<int64_t>(8, n - j0);
-    for (int64_t i = 0; i < g; ++i) {
-      const float* si = s + i * ld + j0;
-      float* oi = out + i * D;
-      for (int64_t d = 0; d < D; d += 8) {
-        __m256 o = _mm256_loadu_ps(oi + d);
-        for (int64_t t = 0; t < jn; ++t)
-          o = _mm256_fmadd_ps(_mm256_set1_ps(si[t]), load8_ps(v + (j0 + t) * D + d), o);
-        _mm256_storeu_ps(oi + d, o);
-      }
-    }
+  // out[i] = sum_j s[i, j] v[j]: per head, a chunk of up to 64 of its output columns in
+  // registers over all n keys (v from L1 / L2 after the first head)
+  for (int64_t i = 0; i < g; ++i) {
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64)
+      attend_values_avx2<8, T>(v, n, D, d, s + i * ld, out + i * D, i == 0 && d == 0);
+    for (; d + 32 <= D; d += 32)
+      attend_values_avx2<4, T>(v, n, D, d, s + i * ld, out + i * D, i == 0 && d == 0);
+    for (; d < D; d += 8)
+      attend_values_avx2<1, T>(v, n, D, d, s + i * ld, out + i * D, i == 0 && d == 0);
   }
 }
 
-// The same for AVX-512 and a head size of 16 * DV (DV 4: D = 64, DV 8: D = 128): q and
-// the output rows live in registers, sixteen lanes a step (half the AVX2 path's
-// instructions). Scores four keys at a time per query head (q in DV registers); v is read
-// once per pair of query heads, each key's row into both heads' accumulators (2 * DV
-// registers each). The keys and values of a decode step come from memory, not cache (a
-// step reads every layer's cache once): the first head's pass prefetches k, and the v pass
-// v, kPrefetchRows rows ahead, which the hardware prefetchers alone did not keep up with
-// (SmolLM2's layer at 560 keys, caches cold: 79.5 us on the AVX2 path, 1 thread). A
-// prefetch fetches a 64-byte line: one per line, however many elements of T that holds.
-constexpr int64_t kPrefetchRows = 16;
+// The same for AVX-512 and a head size of 16 * DV (DV 4: D = 64, DV 8: D = 128), with
+// each key and value row loaded (and widened from T) once for all g query heads sharing
+// it, not once per head: on a CPU that runs 512-bit operations in two halves (AMD Zen 4)
+// the widening loads and FMAs, not memory, bounded the step (SmolLM2's layer at 528 keys
+// took 32 us with its cache in L2 and 34 us cold, against ~14 us to read its 405 KB).
+// Scores: KJ keys at a time (their rows in KJ * DV registers), one accumulator a key for
+// each head, q read from L1. Values: per tile of up to GT heads, the output rows in
+// GT * DV registers, each key's row loaded once into every head's accumulators (a tile
+// count over 1 re-reads v from L1 / L2: Qwen2.5-Coder's 7 heads a key/value head are
+// two tiles). Every dot product and every output sum adds in the order the one-head-at-a-
+// time loops did, so the result is theirs bit for bit. The keys and values of a decode
+// step come from memory, not cache (a step reads every layer's cache once): the score
+// pass prefetches k, and the first tile's pass v (kPrefetchRows, above).
+
+// out rows [i0, i0 + GT) += sum_j s[i, j] v[j] over j in [0, n) (out zeroed by the caller)
+template <int DV, int GT, typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void attend_values_avx512(const T* v, int64_t n, const float* s, int64_t ld, int64_t i0,
+                          bool prefetch, float* out) {
+  constexpr int64_t D = 16 * DV;
+  constexpr int64_t line = 64 / sizeof(T);
+  __m512 o[GT][DV];
+  for (int i = 0; i < GT; ++i)
+    for (int d = 0; d < DV; ++d) o[i][d] = _mm512_setzero_ps();
+  const float* si = s + i0 * ld;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vj = v + j * D;
+    if (prefetch && j + kPrefetchRows < n)
+      for (int64_t l = 0; l < D; l += line)
+        _mm_prefetch(reinterpret_cast<const char*>(vj + kPrefetchRows * D + l), _MM_HINT_T0);
+    __m512 w[GT];
+    for (int i = 0; i < GT; ++i) w[i] = _mm512_set1_ps(si[i * ld + j]);
+    for (int d = 0; d < DV; ++d) {
+      const __m512 x = load16_ps(vj + 16 * d);
+      for (int i = 0; i < GT; ++i) o[i][d] = _mm512_fmadd_ps(w[i], x, o[i][d]);
+    }
+  }
+  for (int i = 0; i < GT; ++i)
+    for (int d = 0; d < DV; ++d) _mm512_storeu_ps(out + (i0 + i) * D + 16 * d, o[i][d]);
+}
 
 template <int DV, typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -1008,38 +1066,53 @@ void attend_one_avx512(const float* q, const void* k_, const void* v_, const flo
                        float* s /*[g, n + 16] scratch*/, float* out /*[g, D]*/,
                        float* part_mx = nullptr, float* part_sum = nullptr) {
   constexpr int64_t D = 16 * DV;
+  constexpr int KJ = DV <= 4 ? 4 : 2;          // keys a step: KJ * DV registers of rows
+  constexpr int GT = DV <= 4 ? 4 : 3;          // heads a value pass: GT * DV accumulators
   constexpr int64_t line = 64 / sizeof(T);
   const T* k = static_cast<const T*>(k_);
   const T* v = static_cast<const T*>(v_);
   const int64_t ld = n + 16;
   const int64_t n16 = (n + 15) & ~int64_t(15);
-  for (int64_t i = 0; i < g; ++i) {
-    __m512 qv[DV];
-    for (int d = 0; d < DV; ++d) qv[d] = _mm512_loadu_ps(q + i * D + 16 * d);
-    float* si = s + i * ld;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const T* kj = k + j * D;
-      if (i == 0 && j + kPrefetchRows + 4 <= n)
-        for (int64_t l = 0; l < 4 * D; l += line)
-          _mm_prefetch(reinterpret_cast<const char*>(kj + kPrefetchRows * D + l), _MM_HINT_T0);
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  // whole blocks of 4 keys as KJ-key steps, the rest one key at a time (the sums and
+  // reductions of the 4-key loop this replaced, so the same scores bit for bit)
+  const int64_t n4 = n & ~int64_t(3);
+  int64_t j = 0;
+  for (; j < n4; j += KJ) {
+    const T* kj = k + j * D;
+    if (j + kPrefetchRows + KJ <= n)
+      for (int64_t l = 0; l < KJ * D; l += line)
+        _mm_prefetch(reinterpret_cast<const char*>(kj + kPrefetchRows * D + l), _MM_HINT_T0);
+    __m512 kr[KJ][DV];
+    for (int t = 0; t < KJ; ++t)
+      for (int d = 0; d < DV; ++d) kr[t][d] = load16_ps(kj + t * D + 16 * d);
+    for (int64_t i = 0; i < g; ++i) {
+      const float* qi = q + i * D;
+      __m512 a[KJ];
+      for (int t = 0; t < KJ; ++t) a[t] = _mm512_setzero_ps();
       for (int d = 0; d < DV; ++d) {
-        a0 = _mm512_fmadd_ps(qv[d], load16_ps(kj + 16 * d), a0);
-        a1 = _mm512_fmadd_ps(qv[d], load16_ps(kj + D + 16 * d), a1);
-        a2 = _mm512_fmadd_ps(qv[d], load16_ps(kj + 2 * D + 16 * d), a2);
-        a3 = _mm512_fmadd_ps(qv[d], load16_ps(kj + 3 * D + 16 * d), a3);
+        const __m512 qv = _mm512_loadu_ps(qi + 16 * d);
+        for (int t = 0; t < KJ; ++t) a[t] = _mm512_fmadd_ps(qv, kr[t][d], a[t]);
       }
-      _mm_storeu_ps(si + j, reduce4_ps(a0, a1, a2, a3));
+      float* si = s + i * ld + j;
+      if constexpr (KJ == 4) {
+        _mm_storeu_ps(si, reduce4_ps(a[0], a[1], a[2], a[3]));
+      } else {                   // the 4-key reduction's sums (its order), two of them kept
+        _mm_storel_pi(reinterpret_cast<__m64*>(si), reduce4_ps(a[0], a[1], a[0], a[1]));
+      }
     }
-    for (; j < n; ++j) {
+  }
+  for (; j < n; ++j)
+    for (int64_t i = 0; i < g; ++i) {
       __m512 a = _mm512_setzero_ps();
-      for (int d = 0; d < DV; ++d) a = _mm512_fmadd_ps(qv[d], load16_ps(k + j * D + 16 * d), a);
-      si[j] = _mm512_reduce_add_ps(a);
+      for (int d = 0; d < DV; ++d)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * D + 16 * d), load16_ps(k + j * D + 16 * d), a);
+      s[i * ld + j] = _mm512_reduce_add_ps(a);
     }
-    // softmax over si[0, n): scale, mask, max, exp (two AVX2 halves), normalize
+  // softmax of each head's scores over [0, n): scale, mask, max, exp (AVX2 halves), normalize
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < g; ++i) {
+    float* si = s + i * ld;
     const float* mi = mask ? mask + i * mask_h_stride : nullptr;
-    const __m512 sc = _mm512_set1_ps(scale);
     for (j = n; j < n16; ++j) si[j] = -INFINITY;
     __m512 mxv = _mm512_set1_ps(-INFINITY);
     for (j = 0; j < n16; j += 16) {
@@ -1053,28 +1126,17 @@ void attend_one_avx512(const float* q, const void* k_, const void* v_, const flo
     softmax_tail(si, n16, _mm512_reduce_max_ps(mxv), part_mx ? part_mx + i : nullptr,
                  part_sum ? part_sum + i : nullptr);
   }
-  // out[i] = sum_j s[i, j] v[j], two query heads per pass over v
-  for (int64_t i = 0; i < g; i += 2) {
-    const bool two = i + 1 < g;
-    const float* s0 = s + i * ld;
-    const float* s1 = two ? s0 + ld : s0;
-    __m512 o0[DV], o1[DV];
-    for (int d = 0; d < DV; ++d) o0[d] = o1[d] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const T* vj = v + j * D;
-      if (i == 0 && j + kPrefetchRows < n)
-        for (int64_t l = 0; l < D; l += line)
-          _mm_prefetch(reinterpret_cast<const char*>(vj + kPrefetchRows * D + l), _MM_HINT_T0);
-      const __m512 w0 = _mm512_set1_ps(s0[j]), w1 = _mm512_set1_ps(s1[j]);
-      for (int d = 0; d < DV; ++d) {
-        const __m512 x = load16_ps(vj + 16 * d);
-        o0[d] = _mm512_fmadd_ps(w0, x, o0[d]);
-        o1[d] = _mm512_fmadd_ps(w1, x, o1[d]);
-      }
-    }
-    for (int d = 0; d < DV; ++d) {
-      _mm512_storeu_ps(out + i * D + 16 * d, o0[d]);
-      if (two) _mm512_storeu_ps(out + (i + 1) * D + 16 * d, o1[d]);
+  // out[i] = sum_j s[i, j] v[j]: the heads in tiles of at most GT, as even as they split
+  const int64_t tiles = (g + GT - 1) / GT, per = (g + tiles - 1) / tiles;
+  for (int64_t i0 = 0; i0 < g; i0 += per) {
+    const int64_t gt = std::min(per, g - i0);
+    const bool first = i0 == 0;
+    switch (gt) {
+      case 1: attend_values_avx512<DV, 1, T>(v, n, s, ld, i0, first, out); break;
+      case 2: attend_values_avx512<DV, 2, T>(v, n, s, ld, i0, first, out); break;
+      case 3: attend_values_avx512<DV, 3, T>(v, n, s, ld, i0, first, out); break;
+      default:
+        if constexpr (GT >= 4) attend_values_avx512<DV, 4, T>(v, n, s, ld, i0, first, out);
     }
   }
 }
