@@ -164,8 +164,7 @@ def test_decode_attention_paths_agree_with_sdpa(d, n, threads, dtype):
     with a padded prefix, and the split over keys on 2 threads. A float16 / bfloat16
     cache is widened exactly as it is read: SDPA's result on the same rounded values in
     float32, to the float32 cache's tolerance."""
-    from qdsl.runtime import attention, kernels
-    from qdsl.runtime.kernels.cpu import ISA_AVX2
+    from qdsl.runtime import attention
     if not attention._kernel_built():
         pytest.skip("qdsl's C++ kernels unavailable here (SDPA runs every step)")
     g = torch.Generator().manual_seed(d + n)
@@ -177,19 +176,16 @@ def test_decode_attention_paths_agree_with_sdpa(d, n, threads, dtype):
     mask[..., : n // 3] = float("-inf")
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, kf[:, :, :n], vf[:, :, :n], attn_mask=mask[..., :n], scale=0.125, enable_gqa=True)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for isa in sorted({ISA_AVX2, kernels.table().cap.isa}):
-            got = torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, 0.125, isa)
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
-            pos = torch.tensor([n - 1])
-            got = torch.ops.qdsl_kernels.cached_decode_attention(q, k, v, None, pos, 0.125, isa)
-            want = torch.nn.functional.scaled_dot_product_attention(
-                q, kf[:, :, :n], vf[:, :, :n], scale=0.125, enable_gqa=True)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
-    finally:
-        torch.set_num_threads(old)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, kf[:, :, :n], vf[:, :, :n], scale=0.125, enable_gqa=True)
+
+    def check(isa):
+        got = torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, 0.125, isa)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
+        pos = torch.tensor([n - 1])
+        got = torch.ops.qdsl_kernels.cached_decode_attention(q, k, v, None, pos, 0.125, isa)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
+    _on_each_path(threads, check)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(12, 12), (8, 4), (14, 2), (16, 2), (15, 3)])
@@ -201,8 +197,7 @@ def test_decode_attention_group_sizes_agree_with_sdpa(heads, kv_heads, d, n, thr
     groups over 4 (over 3 at head size 128) into register tiles, the AVX2 path keeps a
     head's output in registers by 64-, 32- and 8-column chunks (40 = 32 + 8); a float16
     cache, SDPA's result on its values."""
-    from qdsl.runtime import attention, kernels
-    from qdsl.runtime.kernels.cpu import ISA_AVX2
+    from qdsl.runtime import attention
     if not attention._kernel_built():
         pytest.skip("qdsl's C++ kernels unavailable here (SDPA runs every step)")
     g = torch.Generator().manual_seed(heads * 1000 + d + n)
@@ -213,12 +208,21 @@ def test_decode_attention_group_sizes_agree_with_sdpa(heads, kv_heads, d, n, thr
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k[:, :, :n].float(), v[:, :, :n].float(), attn_mask=mask[..., :n], scale=0.125,
         enable_gqa=kv_heads != heads)
+    _on_each_path(threads, lambda isa: torch.testing.assert_close(
+        torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, 0.125, isa), ref,
+        rtol=1e-5, atol=1e-6, msg=f"isa {isa}"))
+
+
+def _on_each_path(threads, check):
+    """check(isa) for each instruction-set path of the C++ decode attention this CPU can
+    run (AVX2, and the capability's own where higher), torch on `threads` threads."""
+    from qdsl.runtime import kernels
+    from qdsl.runtime.kernels.cpu import ISA_AVX2
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for isa in sorted({ISA_AVX2, kernels.table().cap.isa}):
-            got = torch.ops.qdsl_kernels.decode_attention(q, k, v, mask, n, 0.125, isa)
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"isa {isa}")
+            check(isa)
     finally:
         torch.set_num_threads(old)
 
