@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(a.model, a.keys, a.threads, a.repeats, a.dtype, a.hot)
     if a.json is None:
         print(json.dumps(r))
-    if a.json:
+    else:
         with open(a.json + ".tmp", "w") as f:
             json.dump(r, f, indent=1)
         os.replace(a.json + ".tmp", a.json)
@@ -113,6 +113,7 @@ def ab(a) -> int:
             "--dtype", a.dtype] + (["--hot"] if a.hot else [])
 
     def run(path: str) -> float:
+        path = os.path.abspath(path)
         env = dict(os.environ, PYTHONPATH=path,
                    TORCH_EXTENSIONS_DIR=os.path.join(path, ".torch_ext_bench"))
         out = subprocess.run(base, env=env, capture_output=True, text=True, check=True)

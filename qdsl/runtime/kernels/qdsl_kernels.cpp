@@ -996,7 +996,7 @@ void attend_one_avx2(const float* q, const void* k_, const void* v_, const float
     }
     // softmax over si[0, n): scale, mask, max, exp, normalize; padded to a multiple of 8.
     // Eight scores a step (a scalar loop waited on its max chain: a sixth of this path's
-    // time); the same fused multiply-add the scalar tail compiles to, so the same values
+    // time); one fused multiply-add per score, as in the scalar tail (and the loop before)
     const float* mi = mask ? mask + i * mask_h_stride : nullptr;
     const __m256 sc8 = _mm256_set1_ps(scale);
     __m256 mx8 = _mm256_set1_ps(-INFINITY);
