@@ -12,6 +12,12 @@ tensors (safetensors); ``registry.module_from_json(config, state)`` rebuilds any
 * ``DynamicFakeQuant``: range from the tensor itself at every call (min-max;
   per tensor, per token or per group); the spec's observer is not used.
 * ``FloatCast``: fp16 / bf16 passthrough (cast to the dtype and back).
+
+``FakeQuant`` and ``DynamicFakeQuant`` (per tensor, per token) run a float32 activation
+without a gradient through qdsl's one-pass C++ kernel (``kernels.fake_quant`` /
+``kernels.dynamic_fake_quant``, bit-identical to ``fake_quantize``: torch's per-tensor
+kernel costs ~1 ns a value and a batch's per-token parameters took the multi-pass
+reference maths); anything else, or no extension, runs the torch maths.
 * ``quantize_weight`` / ``dequantize_weight``: weights are constant, so freeze computes
   their integer codes once; the lowerings reuse them (fake: dequantized to a float
   tensor, no per-forward work; int8: the runtime modules' codes).
@@ -28,7 +34,8 @@ from qdsl.quant.primitives import (choose_qparams, dequantize, fake_quantize, gr
                                    group_view, is_binary, quantize, reduce_mean_abs, reduce_range,
                                    round_scale_up)
 from qdsl.quant.weights import dequantize_codes, rtn_codes
-from qdsl.config.spec import GroupWise, PerGroup, PerToken, TensorSpec
+from qdsl.config.spec import GroupWise, PerGroup, PerTensor, PerToken, TensorSpec
+from qdsl.runtime import kernels
 
 FLOAT_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -77,6 +84,9 @@ class FakeQuant(_SpecModule):
         return cls(spec, scale, zero_point, perm)
 
     def forward(self, x: Tensor) -> Tensor:
+        y = kernels.fake_quant(x, self.scale, self.zero_point, self.bits, self.symmetric)
+        if y is not None:   # qdsl's one-pass kernel, bit-identical
+            return y
         return fake_quantize(x, self.scale, self.zero_point, self.bits, self.symmetric)
 
     @classmethod
@@ -107,6 +117,11 @@ class DynamicFakeQuant(_SpecModule):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.spec
+        if isinstance(s.granularity, (PerTensor, PerToken)):   # range and pass in one kernel
+            y = kernels.dynamic_fake_quant(x, isinstance(s.granularity, PerToken), s.bits,
+                                           s.symmetric)
+            if y is not None:
+                return y
         with torch.no_grad():
             xf = x.detach().float()
             if self.binary:

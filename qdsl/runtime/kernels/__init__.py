@@ -16,7 +16,13 @@ Entries (2-D inputs; the runtime modules reshape around them):
 * ``linear_w1(x, W1)``: packed 1-bit weight-only (XTC's binary weights, ``binary.py``);
 * ``linear_w1a8(x, W1, per_token, symmetric)``: the same after 8-bit dynamic
   quantization of x, in one kernel;
-* ``embedding_int8(ids, w, w_scale)``: int8 rows.
+* ``embedding_int8(ids, w, w_scale)``: int8 rows;
+* ``fake_quant(x, scale, zero_point, bits, symmetric)`` and
+  ``dynamic_fake_quant(x, per_token, bits, symmetric)``: simulated quantization of a
+  float32 activation in one pass (``qdsl_fakequant.cpp``), bit-identical to
+  ``qdsl.quant.primitives.fake_quantize``; None where qdsl's kernel does not take the
+  call (no extension, a gradient to keep, parameters it cannot broadcast): the caller
+  runs the torch maths.
 
 ``report()`` says what runs here (``qdsl bench``, ``qdsl explain --lower int8``):
 the capability, whether qdsl's C++ kernels built, and per operation and class the
@@ -29,17 +35,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qdsl.quant.primitives import qrange
 from qdsl.runtime.kernels import cext, impls
 from qdsl.runtime.kernels.binary import fake_quant_a8
 from qdsl.runtime.kernels.cpu import Capability, capability
-from qdsl.runtime.kernels.impls import IMPLS, W1, W4, derived
+from qdsl.runtime.kernels.impls import IMPLS, W1, W4, _isa, derived
 from qdsl.runtime.kernels.tuning import (CLASSES, DESCRIPTIONS, FLOAT, OPS, Table,
                                         copies_allowed, eligible, reference_paths,
                                         shape_class, table)
 from qdsl.runtime.kernels.weights import PackedWeight
 
 __all__ = ["linear_w8a8", "linear_w8a8_cat", "linear_w8", "linear_w4", "linear_w4a8",
-           "linear_w4a8_cat", "linear_w1", "linear_w1a8", "embedding_int8", "W4",
+           "linear_w4a8_cat", "linear_w1", "linear_w1a8", "embedding_int8", "fake_quant",
+           "dynamic_fake_quant", "W4",
            "W1", "PackedWeight", "derived",
            "choose", "report", "table", "Table", "Capability", "capability", "eligible",
            "reference_paths", "shape_class", "IMPLS", "OPS", "CLASSES", "FLOAT"]
@@ -148,6 +156,60 @@ def linear_w1a8(x: Tensor, w1: W1, per_token: bool, symmetric: bool,
 
 def embedding_int8(ids: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
     return IMPLS["embedding_int8"][choose("embedding_int8", ids.numel())](ids, w, w_scale)
+
+
+@torch.compiler.assume_constant_result     # a compiled graph asks once, while tracing
+def _fake_quant_built() -> bool:
+    return cext.load()
+
+
+def _fake_quant_takes(x: Tensor, bits: int, symmetric: bool) -> bool:
+    """A float32 CPU activation without a gradient to keep (the kernel keeps no
+    straight-through mask), a grid other than 1-bit's, and the extension built."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
+            and x.dim() >= 1 and not (bits == 1 and symmetric) and _fake_quant_built())
+
+
+def _param_axis(x: Tensor, scale: Tensor, zero_point: Tensor) -> int | None:
+    """How frozen parameters broadcast against x [..., d]: -1 one pair, 0 one per row
+    ([..., 1], per token), 1 one per column ([d]); None: another way (the torch maths)."""
+    if scale.dim() > x.dim():
+        return None
+    if scale.numel() == 1:
+        return -1 if zero_point.numel() == 1 else None
+    if zero_point.shape != scale.shape:
+        return None
+    shape = (1,) * (x.dim() - scale.dim()) + tuple(scale.shape)
+    if shape[-1] == 1 and shape[:-1] == tuple(x.shape[:-1]):
+        return 0
+    if shape[-1] == x.shape[-1] and all(n == 1 for n in shape[:-1]):
+        return 1
+    return None
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
+               symmetric: bool) -> Tensor | None:
+    """``fake_quantize(x, scale, zero_point, bits, symmetric)`` with frozen parameters
+    (one pair, one per token or one per hidden column) in one pass of qdsl's kernel,
+    bit-identical; None where the kernel does not take it."""
+    if not _fake_quant_takes(x, bits, symmetric):
+        return None
+    axis = _param_axis(x, scale, zero_point)
+    if axis is None:
+        return None
+    qmin, qmax = qrange(bits, symmetric)
+    return torch.ops.qdsl_kernels.fake_quant(x, scale, zero_point, axis, qmin, qmax, _isa())
+
+
+def dynamic_fake_quant(x: Tensor, per_token: bool, bits: int, symmetric: bool) -> Tensor | None:
+    """x fake-quantized with the min-max parameters of the whole tensor or of each token
+    (``reduce_range`` + ``choose_qparams`` + ``fake_quantize``) in one kernel call,
+    bit-identical for finite x; None where the kernel does not take it."""
+    if not _fake_quant_takes(x, bits, symmetric):
+        return None
+    qmin, qmax = qrange(bits, symmetric)
+    return torch.ops.qdsl_kernels.dynamic_fake_quant(x, per_token, qmin, qmax, symmetric,
+                                                     _isa())
 
 
 def report(measure: bool = True) -> dict:

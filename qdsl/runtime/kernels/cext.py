@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qdsl_kernels.cpp")
 SHIMS = Path(__file__).with_name("qdsl_shims.cpp")   # C entry points (compiled.c_shims)
-SOURCES = (SOURCE, Path(__file__).with_name("qdsl_gemm.cpp"),
-           Path(__file__).with_name("qdsl_w4a8.cpp"), SHIMS)   # one extension, in this order
+SOURCES = (SOURCE, *(Path(__file__).with_name(f) for f in
+                     ("qdsl_gemm.cpp", "qdsl_w4a8.cpp", "qdsl_fakequant.cpp")),
+           SHIMS)   # one extension, in this order
 # included by the sources of both extensions (this one and binary.py's): the compiler
 # finds it in this folder and torch's build (ninja) tracks it, so editing it rebuilds
 HEADERS = (Path(__file__).with_name("qdsl_common.h"),)
@@ -140,7 +141,7 @@ def _load_inline(name: str, sources: tuple[Path, ...]) -> None:
 
 
 def _build() -> None:
-    if hasattr(torch.ops, "qdsl_kernels") and hasattr(torch.ops.qdsl_kernels, "w4a8_linear_cat"):
+    if hasattr(torch.ops, "qdsl_kernels") and hasattr(torch.ops.qdsl_kernels, "dynamic_fake_quant"):
         return                                        # already registered in this process
     build(NAME, SOURCES)
     _register_fakes()
@@ -189,3 +190,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "w4a8_linear_cat")
     def _(x, packed, scale, gs, bias, per_token, isa):
         return x.new_empty(x.shape[0], sum(p.shape[0] for p in packed))
+
+    @torch.library.register_fake(lib + "fake_quant")
+    def _(x, scale, zero_point, axis, qmin, qmax, isa):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "dynamic_fake_quant")
+    def _(x, per_token, qmin, qmax, symmetric, isa):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
