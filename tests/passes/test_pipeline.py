@@ -88,7 +88,9 @@ def test_lower_int8_and_fuse_attention_are_separate_steps():
     names = [p.name for p in INT8]
     assert names == ["rotate", "smooth", "lower_fake", "drop_noops", "lower_int8",
                      "fuse_attention", "kv_cache"]
-    assert [p.name for p in FAKE] == names[:4] + ["kv_cache"]
+    # fake runs float attention fused too (only the filled part of the cache; chains
+    # with a quantizer inside stay as they are)
+    assert [p.name for p in FAKE] == names[:4] + ["fuse_attention", "kv_cache"]
 
 
 @pytest.mark.parametrize("lower", ["fake", "int8"])
