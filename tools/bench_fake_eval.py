@@ -1,13 +1,15 @@
 """What a fake-quant artifact's evaluation costs against the float model's (issue 15's
-"fast fake-quant simulation": at most 1.5x), and what session 38's two changes do to it:
+"fast fake-quant simulation": at most 1.5x), and what session 38's changes do to it:
 float attention fused in the fake pipeline (``fuse_attention``: only the filled part of
-the static cache) and qdsl's one-pass fake-quant kernels (``kernels.fake_quant`` /
-``dynamic_fake_quant``).
+the static cache), the head on the last prompt position only in a greedy prefill
+(``graphlm.last_position_graph``) and qdsl's one-pass fake-quant kernels
+(``kernels.fake_quant`` / ``dynamic_fake_quant``).
 
 Four rows, run in alternation in one process on the same inputs (paired rounds):
 ``float`` (the source model as ``qdsl eval`` runs it); ``before`` (the artifact loaded
-without ``fuse_attention``, the kernels off: what ran before both changes);
-``fused-torch-fq`` (fused, the kernels off) and ``after`` (as it runs now). Two
+without ``fuse_attention``, the head on every position, the kernels off: what ran
+before these changes); ``fused-torch-fq`` (everything but the kernels) and ``after``
+(as it runs now). Two
 workloads of fixed size, so a broken model's long completions do not count as
 simulation cost: ``logits`` (the perplexity forward, B rows x T tokens) and ``greedy``
 (B prompts of P tokens, N new tokens each, no stop rule). Ratios are paired over rounds
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         unfused = load_lm(a.artifact, batch_size=a.batch, source=a.source)[0]
     finally:
         pipeline.LOWERINGS["fake"] = fused
+    unfused._last = [None]                     # the head on every position, as before
     models = {"float": flt, "before": unfused, "fused-torch-fq": fake, "after": fake}
     on = (kernels.fake_quant, kernels.dynamic_fake_quant)
 

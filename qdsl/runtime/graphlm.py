@@ -17,15 +17,46 @@ batch-1 graph, so a caller decoding one sequence at a time loads batch 1).
 ``compile_decode`` (default: ``$QDSL_COMPILE_DECODE``, else off): one-token forwards
 run through ``qdsl.runtime.compiled.CompiledStep`` (inductor, static shapes, eager
 fallback); prefill stays eager.
+
+A prefill that only needs the last position's logits (greedy decoding) runs a copy of
+the graph whose final float ``linear`` (the head) reads the last position only
+(``last_position_graph``), as transformers' ``logits_to_keep=1`` does for the float
+model: the head is ~21% of a SmolLM2 prefill's multiply-adds (vocabulary 49,152 x 576).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import fx
 
 from ..models.batching import BatchGreedyMixin, positions
 from ..models.lm import GreedyMixin
 from . import compiled
+
+
+def last_position_graph(gm: torch.nn.Module) -> fx.GraphModule | None:
+    """A graph computing ``gm``'s logits at the last position only (``[B, 1, V]``), or
+    None where that cannot be done safely: the output must be (a tuple starting with)
+    a float ``aten.linear`` (the head), whose input is then sliced to ``[:, -1:]``. A
+    linear is per position, so the logits of that position are the full graph's (up to
+    the GEMM's summation order for one row instead of T); anything the head's input
+    went through (norms, quantizers, per-tensor ones included) still sees every
+    position. The copy shares ``gm``'s modules and tensors."""
+    if not isinstance(gm, fx.GraphModule):
+        return None
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen      # an export's calling convention (kwargs in)
+    out = graph.graph_copy(gm.graph, {})    # the output's value, nodes mapped
+    head = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not (isinstance(head, fx.Node) and head.op == "call_function"
+            and head.target is torch.ops.aten.linear.default):
+        return None
+    x = head.args[0]
+    with graph.inserting_before(head):
+        last = graph.call_function(torch.ops.aten.slice.Tensor, (x, 1, -1, 2 ** 62))
+    head.replace_input_with(x, last)
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
 
 
 class GraphLM(GreedyMixin, BatchGreedyMixin):
@@ -37,18 +68,19 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
         self.step = compiled.CompiledStep(gm, name) if on else None
         self._pos = 0
         self._mask = self._next = None
+        self._last: list = []      # [last_position_graph(gm)], built on first use
 
     def _check_room(self, tokens: int) -> None:
         if tokens > self.max_cache_len - 1:
             raise ValueError(f"sequence of {tokens} tokens exceeds the graph's cache of "
                              f"{self.max_cache_len - 1}; truncate the context")
 
-    def _run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        # ids: [1, T]; returns logits [1, T, V]
+    def _run(self, ids: torch.Tensor, start: int, last: bool = False) -> torch.Tensor:
+        # ids: [1, T]; returns logits [1, T, V] ([1, 1, V] when `last` and the graph allows)
         t = ids.shape[1]
         self._check_room(start + t)
         pos = torch.arange(start, start + t, dtype=torch.long)
-        gm = self._graph(t)
+        gm = self._graph(t, last)
         if self.batch_size == 1:
             return gm(input_ids=ids, cache_position=pos)
         rows = self.batch_size   # one sequence, repeated in every row: no pads
@@ -57,9 +89,18 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
         return gm(input_ids=ids.expand(rows, -1), attention_mask=mask,
                   position_ids=pos.expand(rows, -1), cache_position=pos)[:1]
 
-    def _graph(self, tokens: int):
-        """The callable a forward of ``tokens`` positions runs: the compiled step for one."""
-        return self.step if self.step is not None and tokens == 1 else self.gm
+    def _graph(self, tokens: int, last: bool = False):
+        """The callable a forward of ``tokens`` positions runs: the compiled step for one;
+        ``last`` (only the last position's logits are read): the last-position graph
+        where there is one."""
+        if self.step is not None and tokens == 1:
+            return self.step
+        if last and tokens > 1:
+            if not self._last:
+                self._last.append(last_position_graph(self.gm))
+            if self._last[0] is not None:
+                return self._last[0]
+        return self.gm
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -73,7 +114,7 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self._run(ids, 0)
+        logits = self._run(ids, 0, last=True)
         self._pos = ids.shape[1]
         return logits[0, -1].float()
 
@@ -84,10 +125,11 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
         return logits[0, -1].float()
 
     # batched decoding: the graph's B rows, left-padded, one mask column per cache slot
-    def _forward_rows(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _forward_rows(self, ids: torch.Tensor, position_ids: torch.Tensor,
+                      last: bool = False) -> torch.Tensor:
         t = ids.shape[1]
         self._check_room(self._pos + t)
-        gm = self._graph(t)
+        gm = self._graph(t, last)
         if self.batch_size == 1:   # a batch-1 graph takes no mask: only unpadded rows
             assert bool(self._mask.all()), "a batch-1 graph cannot run padded rows"
             return gm(input_ids=ids, cache_position=torch.arange(self._pos, self._pos + t))
@@ -96,17 +138,18 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
         return gm(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                   cache_position=torch.arange(self._pos, self._pos + t))
 
-    def _logits_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _logits_rows(self, ids: torch.Tensor, mask: torch.Tensor,
+                     last: bool = False) -> torch.Tensor:
         if ids.shape[0] != self.batch_size:   # the graph's rows are fixed
             raise ValueError(f"{ids.shape[0]} rows for a graph of {self.batch_size}")
         self._pos, self._mask = 0, mask
-        logits = self._forward_rows(ids, positions(mask))
+        logits = self._forward_rows(ids, positions(mask), last)
         self._pos = ids.shape[1]
         return logits
 
     @torch.inference_mode()
     def _prefill_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = self._logits_rows(ids, mask)
+        logits = self._logits_rows(ids, mask, last=True)
         self._next = positions(mask)[:, -1] + 1
         return logits[:, -1].float()
 

@@ -19,7 +19,7 @@ from qdsl.eval.samples import Sample
 from qdsl.graph.capture import capture
 from qdsl.models.batching import left_pad, positions
 from qdsl.models.lm import HFCausalLM
-from qdsl.runtime.graphlm import GraphLM
+from qdsl.runtime.graphlm import GraphLM, last_position_graph
 
 CACHE = 32
 
@@ -85,6 +85,40 @@ def test_graph_captured_with_a_batch_equals_float(family):
     assert _one_at_a_time(lm, prompts) == ref   # one sequence in a batched graph
     x = tiny_ids(model, 4, 6)                   # logits: 3 rows, then 1 + 2 fillers
     torch.testing.assert_close(lm.logits(x), HFCausalLM(model).logits(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_last_position_graph_gives_the_last_logits(family):
+    """Greedy's prefill reads the last position only: the copy of the graph whose head
+    reads that position gives the full graph's logits there (to summation order), shares
+    its tensors, and GraphLM runs it for a prefill (not for perplexity's logits)."""
+    model = tiny(family)
+    gm = capture(model, mode="generate", max_cache_len=CACHE, batch_size=2).gm
+    last = last_position_graph(gm)
+    assert last is not None
+    assert {id(p) for p in last.parameters()} <= {id(p) for p in gm.parameters()}
+    lm = GraphLM(gm, CACHE, batch_size=2)
+    ids, mask = left_pad(_prompts()[:2], 2)
+    full = lm._logits_rows(ids, mask)
+    one = lm._logits_rows(ids, mask, last=True)
+    assert one.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(one[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+    lm.greedy_batch(_prompts()[:2], 3)
+    assert len(lm._last) == 1 and lm._last[0] is not None   # built on the first prefill
+
+
+def test_last_position_graph_refuses_other_outputs():
+    """An output that is not a float linear (here a linear followed by an op that could
+    mix positions) gets no last-position copy: the full graph runs."""
+    class Mixer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.head(x).cumsum(1)
+    gm = torch.export.export(Mixer(), (torch.randn(1, 3, 4),)).module()
+    assert last_position_graph(gm) is None
 
 
 def test_graph_batch_limits():
