@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
-from ..artifact.store import read_artifact
+from ..artifact.store import MARKER as ARTIFACT_FILE, read_artifact
 from ..config.recipe import Recipe, Settings
 from ..config.spec import PerToken
 from ..errors import ArtifactError
@@ -98,14 +99,30 @@ def batch_mixing(plan: QuantPlan) -> str | None:
     return None
 
 
+def _why_not_batched(meta: dict, plan_json: dict) -> str | None:
+    return ("it is a plain graph (mode 'plain'), not a generate graph"
+            if meta["mode"] != "generate" else batch_mixing(QuantPlan.from_json(plan_json)))
+
+
+def batch_blocker(path: str | os.PathLike) -> str | None:
+    """Why the artifact at ``path`` runs one sample per forward (a plain graph, or
+    ``batch_mixing``), or None; read from its JSON files without the checks of a load
+    (an unreadable artifact: None, and loading it says what is wrong)."""
+    try:
+        meta = json.loads((Path(path) / ARTIFACT_FILE).read_text(encoding="utf-8"))
+        plan_json = json.loads((Path(path) / "plan.json").read_text(encoding="utf-8"))
+        return _why_not_batched(meta, plan_json)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _batch_for(path, meta: dict, plan_json: dict, batch_size: int) -> int:
     """``batch_size``, or 1 (with a warning saying why) where the artifact cannot batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: at least 1")
     if batch_size == 1:
         return 1
-    why = ("it is a plain graph (mode 'plain'), not a generate graph"
-           if meta["mode"] != "generate" else batch_mixing(QuantPlan.from_json(plan_json)))
+    why = _why_not_batched(meta, plan_json)
     if why:
         log.warning("%s runs one sample per forward (batch size 1, not %d): %s", path,
                     batch_size, why)

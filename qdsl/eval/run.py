@@ -75,16 +75,23 @@ def load_lm(name_or_path: str, *, verify: bool = True, source: str | None = None
 
 
 DEFAULT_CTX_TOKENS = 256
-# samples per forward (qdsl eval --batch-size) for a float model; an artifact: 1
-# (measured on SmolLM2-135M, 2 cores, docs/performance.md: batch 8 is 1.6x the
-# one-sample loop on the float model, no faster on the fake-quant and int8 graphs)
+# samples per forward (qdsl eval --batch-size) for a float model and an artifact alike
+# (docs/performance.md, SmolLM2-135M, 1 thread: batch 8 is 1.36x the one-sample loop on
+# the float model, 3.74x on the int8 artifact, 1.38x on a fake-quant one since session
+# 38 fused its attention); an artifact that cannot batch (``batch_blocker``): 1
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_ARTIFACT_BATCH_SIZE = 1
 
 
 def default_batch_size(name: str) -> int:
-    """``--batch-size`` left out: DEFAULT_BATCH_SIZE, or 1 for an artifact."""
-    return DEFAULT_ARTIFACT_BATCH_SIZE if is_artifact(name) else DEFAULT_BATCH_SIZE
+    """``--batch-size`` left out: DEFAULT_BATCH_SIZE, or 1 (quietly: nobody asked for
+    more) for an artifact whose plan cannot batch (``compiler.loading.batch_blocker``)."""
+    if is_artifact(name):
+        try:
+            from ..compiler.loading import batch_blocker
+        except ImportError:     # no compiler in this build: the load says so
+            return 1
+        return 1 if batch_blocker(name) else DEFAULT_BATCH_SIZE
+    return DEFAULT_BATCH_SIZE
 
 
 def fit_eval(target: str, baseline: str | None = None, ctx_tokens: int | None = None,

@@ -93,18 +93,25 @@ def prompt_mode(cfg: SweepConfig) -> str:
     return cfg.prompt or PROMPT_BY_MODEL.get(str(cfg.model).lower(), DEFAULT_PROMPT)
 
 
+# a compiled row's batch without --batch-size: 1, what qdsl eval's default was when the
+# committed caches were written (a compiled row's key records its batch when > 1, so a
+# default of 8 would miss every one of them); qdsl eval itself defaults to 8 since
+# session 38, and the study's runs pass --batch-size 8
+COMPILED_ROW_BATCH = 1
+
+
 def eval_batch(cfg: SweepConfig, job: Job) -> int:
     """Completions and perplexity windows per forward for ``job``: ``cfg.batch_size``, or
-    ``qdsl eval``'s default (``qdsl.eval.run.default_batch_size``: 8 for the float model,
-    1 for a compiled row), HumanEval problems likewise. A compiled row whose plan cannot
-    batch (``qdsl.compiler.loading.batch_mixing``) runs 1 whatever this says, with a
-    warning."""
+    ``qdsl eval``'s default for the float model (``qdsl.eval.run.DEFAULT_BATCH_SIZE``, 8)
+    and ``COMPILED_ROW_BATCH`` (1) for a compiled row, HumanEval problems likewise. A
+    compiled row whose plan cannot batch (``qdsl.compiler.loading.batch_mixing``) runs 1
+    whatever this says, with a warning."""
     if cfg.batch_size is not None:
         return cfg.batch_size
     # here, not at the top: qdsl.eval.run imports torch (see prompt_mode)
-    from ..eval.run import DEFAULT_ARTIFACT_BATCH_SIZE, DEFAULT_BATCH_SIZE
+    from ..eval.run import DEFAULT_BATCH_SIZE
 
-    return DEFAULT_BATCH_SIZE if job.recipe is None else DEFAULT_ARTIFACT_BATCH_SIZE
+    return DEFAULT_BATCH_SIZE if job.recipe is None else COMPILED_ROW_BATCH
 
 
 def effective_settings(recipe, cfg: SweepConfig, lower: str | None = None,

@@ -243,9 +243,11 @@ def test_cli_batch_size_option(capsys, artifacts):
     from qdsl.eval.run import DEFAULT_BATCH_SIZE, default_batch_size
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
-    assert f"(default {DEFAULT_BATCH_SIZE} for a model, 1 for an artifact" \
+    assert f"(default {DEFAULT_BATCH_SIZE}, for a model and an artifact alike" \
         in " ".join(capsys.readouterr().out.split())
-    assert default_batch_size(str(artifacts[1]["fake"])) == 1
+    assert default_batch_size(str(artifacts[1]["fake"])) == DEFAULT_BATCH_SIZE
+    assert default_batch_size(str(artifacts[1]["int8"])) == DEFAULT_BATCH_SIZE
+    assert default_batch_size(str(artifacts[1]["dyn"])) == 1     # a dynamic per-tensor input
     assert default_batch_size("stdlib-gpt2") == DEFAULT_BATCH_SIZE
     with pytest.raises(SystemExit) as e:
         main(["eval", "x", "--batch-size", "0"])

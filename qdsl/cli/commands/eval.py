@@ -69,12 +69,12 @@ def register(sub) -> None:
                    help="write all results (per sample too) as a .json file")
     p.add_argument("--batch-size", type=int_range(1, MAX_BATCH), default=None, metavar="N",
                    help="completions (and perplexity windows) decoded together, left-padded "
-                        "with a key/value cache per row (default 8 for a model, 1 for an "
-                        "artifact, whose graph measured no faster batched; 1: one at a "
-                        "time). Completions equal batch 1 up to float summation order; an "
-                        "artifact whose recipe quantizes an activation dynamically per "
-                        "tensor runs batch 1 (with a note), and with --humaneval an "
-                        "artifact runs batch 1")
+                        "with a key/value cache per row (default 8, for a model and an "
+                        "artifact alike; 1: one at a time). Completions equal batch 1 up to "
+                        "float summation order; an artifact whose recipe quantizes an "
+                        "activation dynamically per tensor runs batch 1 (with a note when "
+                        "--batch-size asked for more), and with --humaneval an artifact "
+                        "runs batch 1")
     p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=0,
                    help="torch CPU threads (0, the default: torch's choice; 1 on a busy "
                         "machine)")
