@@ -12,16 +12,16 @@ tensors (safetensors); ``registry.module_from_json(config, state)`` rebuilds any
 * ``DynamicFakeQuant``: range from the tensor itself at every call (min-max;
   per tensor, per token or per group); the spec's observer is not used.
 * ``FloatCast``: fp16 / bf16 passthrough (cast to the dtype and back).
-
-``FakeQuant`` and ``DynamicFakeQuant`` (per tensor, per token) run a float32 activation
-without a gradient through qdsl's one-pass C++ kernel (``kernels.fake_quant`` /
-``kernels.dynamic_fake_quant``, bit-identical to ``fake_quantize``: torch's per-tensor
-kernel costs ~1 ns a value and a batch's per-token parameters took the multi-pass
-reference maths); anything else, or no extension, runs the torch maths.
 * ``quantize_weight`` / ``dequantize_weight``: weights are constant, so freeze computes
   their integer codes once; the lowerings reuse them (fake: dequantized to a float
   tensor, no per-forward work; int8: the runtime modules' codes).
 * ``fake_quantize_weight``: the float weight's fake-quantized value in one call.
+
+``FakeQuant`` and ``DynamicFakeQuant`` (per tensor, per token) run a float32 activation
+without a gradient through qdsl's one-pass C++ kernel (``kernels.fake_quant`` /
+``kernels.dynamic_fake_quant``, bit-identical to ``fake_quantize``: torch's per-tensor
+kernel costs ~4 ns a value here, and a batch's per-token parameters took the multi-pass
+reference maths); anything else, or no extension, runs the torch maths.
 """
 
 from __future__ import annotations
