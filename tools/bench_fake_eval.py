@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    ids = torch.randint(100, 30000, (a.batch, a.tokens), generator=torch.Generator().manual_seed(0))
+    flt, tok = load_lm(a.source, batch_size=a.batch)[:2]
+    vocab = min(30000, len(tok))               # random ids the tokenizer knows
+    ids = torch.randint(min(100, vocab // 2), vocab, (a.batch, a.tokens),
+                        generator=torch.Generator().manual_seed(0))
     prompts = ids[:, :a.prompt].tolist()
-    flt = load_lm(a.source, batch_size=a.batch)[0]
     fake = load_lm(a.artifact, batch_size=a.batch, source=a.source)[0]
     fused = pipeline.LOWERINGS["fake"]
     pipeline.LOWERINGS["fake"] = [p for p in fused if p is not pipeline.FUSE_ATTENTION]
