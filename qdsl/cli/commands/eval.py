@@ -73,8 +73,8 @@ def register(sub) -> None:
                         "artifact alike; 1: one at a time). Completions equal batch 1 up to "
                         "float summation order; an artifact whose recipe quantizes an "
                         "activation dynamically per tensor runs batch 1 (with a note when "
-                        "--batch-size asked for more), and with --humaneval an artifact "
-                        "runs batch 1")
+                        "--batch-size asked for more); --humaneval batches its problems "
+                        "the same way")
     p.add_argument("--threads", type=int_range(0, MAX_THREADS), default=0,
                    help="torch CPU threads (0, the default: torch's choice; 1 on a busy "
                         "machine)")
