@@ -80,24 +80,33 @@ static inline __m128 reduce4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 // the symmetric 8-bit scale of a row (or tensor) whose max |x| is amax
 inline float sym_scale8(float amax) { return std::max(amax / 127.f, 1e-8f); }
 
+// choose_qparams (quant/primitives.py) for the range [lo, hi] on the grid [qmin, qmax], in
+// its float32 operations (quantize_rows here, qdsl_fakequant.cpp's dynamic_fake_quant):
+//   symmetric:  s = max(max(|lo|, |hi|) / qmax, 1e-8), zp = 0
+//   asymmetric: lo <= 0 <= hi widened, s = max((hi - lo) / (qmax - qmin), 1e-8),
+//               zp = clamp(qmin - nearbyint(lo / s), qmin, qmax)
+inline void qparams(float lo, float hi, float qmin, float qmax, bool sym, float* s, float* zp) {
+  if (sym) {
+    *s = std::max(std::max(std::fabs(lo), std::fabs(hi)) / qmax, 1e-8f);
+    *zp = 0.f;
+    return;
+  }
+  lo = std::min(lo, 0.f); hi = std::max(hi, 0.f);
+  *s = std::max((hi - lo) / (qmax - qmin), 1e-8f);
+  *zp = std::min(std::max(qmin - std::nearbyint(lo / *s), qmin), qmax);
+}
+
 template <typename V>
 void quantize_rows(const float* x, int64_t M, int64_t K, bool per_token, bool sym,
                    V* v, float* xscale) {
   const int64_t R = per_token ? M : 1, L = per_token ? K : M * K;
+  const float qmin = sym ? -127.f : 0.f, qmax = sym ? 127.f : 255.f;
   for (int64_t r = 0; r < R; ++r) {
     const float* xr = x + r * L;
     float lo = xr[0], hi = xr[0];
     for (int64_t k = 1; k < L; ++k) { lo = std::min(lo, xr[k]); hi = std::max(hi, xr[k]); }
-    float s; float zp = 0.f; float qmin, qmax;
-    if (sym) {
-      s = sym_scale8(std::max(std::fabs(lo), std::fabs(hi)));
-      qmin = -127.f; qmax = 127.f;
-    } else {
-      lo = std::min(lo, 0.f); hi = std::max(hi, 0.f);
-      s = std::max((hi - lo) / 255.f, 1e-8f);
-      zp = std::min(std::max(0.f - std::nearbyint(lo / s), 0.f), 255.f);
-      qmin = 0.f; qmax = 255.f;
-    }
+    float s, zp;
+    qparams(lo, hi, qmin, qmax, sym, &s, &zp);
     const float inv = 1.f / s;
     for (int64_t k = 0; k < L; ++k) {
       const float q = std::min(std::max(std::nearbyint(xr[k] * inv) + zp, qmin), qmax);

@@ -13,8 +13,9 @@
 // fake_quant: frozen parameters, one pair for the tensor (axis -1), one per row of the
 // last dimension (axis 0: per token) or one per column (axis 1: a PEG scale vector [d]).
 // dynamic_fake_quant: the range of the tensor itself (min-max over the tensor or each
-// row), the parameters as quant/primitives.py's choose_qparams computes them, then the
-// same pass: what DynamicFakeQuant does in four torch calls, in one.
+// row), the parameters as quant/primitives.py's choose_qparams computes them
+// (qdsl_common.h's qparams, shared with quantize_rows), then the same pass: what
+// DynamicFakeQuant does in four torch calls, in one.
 
 #include "qdsl_common.h"
 #include <ATen/Parallel.h>
@@ -153,21 +154,6 @@ void minmax_avx512(const float* x, int64_t n, float* lo, float* hi) {
   float ra = _mm512_reduce_min_ps(a), rb = _mm512_reduce_max_ps(b);
   for (; i < n; ++i) { ra = std::min(ra, x[i]); rb = std::max(rb, x[i]); }
   *lo = ra; *hi = rb;
-}
-
-// choose_qparams (quant/primitives.py) for one range, in its float32 operations:
-//   symmetric:  s = max(max(|lo|, |hi|) / qmax, 1e-8), zp = 0
-//   asymmetric: lo <= 0 <= hi widened, s = max((hi - lo) / (qmax - qmin), 1e-8),
-//               zp = clamp(qmin - nearbyint(lo / s), qmin, qmax)
-inline void qparams(float lo, float hi, float qmin, float qmax, bool sym, float* s, float* zp) {
-  if (sym) {
-    *s = std::max(std::max(std::fabs(lo), std::fabs(hi)) / qmax, 1e-8f);
-    *zp = 0.f;
-    return;
-  }
-  lo = std::min(lo, 0.f); hi = std::max(hi, 0.f);
-  *s = std::max((hi - lo) / (qmax - qmin), 1e-8f);
-  *zp = std::min(std::max(qmin - std::nearbyint(lo / *s), qmin), qmax);
 }
 
 constexpr int64_t kSpanGrain = 1 << 14;   // values per parallel chunk (per-tensor passes)
