@@ -31,7 +31,7 @@ from qdsl.quant.primitives import (EPS, choose_qparams, dim_range, expand_group_
 from qdsl.config.spec import (ACTIVATION, GRANULARITIES, MSE, WEIGHT, CurrentMinMax, MinMax,
                               Percentile, PerGroup, PerTensor, PerToken, RunningMinMax, TensorSpec,
                               _option_from_json, _option_to_json)
-from qdsl.quant.search import kth_percentile, merge_smallest, mse_search  # noqa: F401 (re-exported)
+from qdsl.quant.search import kth_percentile, mse_search  # noqa: F401 (re-exported)
 
 
 class Observer(nn.Module):
@@ -158,6 +158,14 @@ class _SampleObserver(Observer):
     (per-tensor: single values; PEG: whole rows of d): each batch contributes up to that
     many units drawn uniformly, and a priority (random-key) reservoir keeps a uniform
     sample over all batches of equal size. Seeded, so calibration is reproducible.
+
+    Once the reservoir is full, only a batch's units whose keys fall below its largest
+    can enter; they wait in a pending list until they number a reservoir's worth, then
+    the reservoir becomes the smallest keys of both (an unordered ``topk``: linear, no
+    sort). Reading ``sample`` or ``keys`` (the estimate, a state dict) merges what is
+    pending and puts the reservoir in ascending key order, once: the same units in the
+    same order as a ``topk`` of every batch's keys with the reservoir's, up to equal keys.
+    Calibrating SmolLM2 on 32 windows spent 23 of 61 s in those per-batch merges.
     """
 
     def __init__(self, bits, symmetric, granularity=PerTensor(), kind=ACTIVATION,
@@ -167,6 +175,38 @@ class _SampleObserver(Observer):
         self.register_buffer("sample", torch.empty(0))
         self.register_buffer("keys", torch.empty(0))
         self._gen = torch.Generator().manual_seed(0)
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        self._pending: list[tuple[Tensor, Tensor]] = []   # (units, keys) below the bound
+        self._pending_n = 0
+        self._bound: Tensor | None = None   # the full reservoir's largest key
+        self._unordered = False             # the reservoir is not in ascending key order
+
+    def __getattr__(self, name: str):
+        # a read of the reservoir sees everything observed, in ascending key order
+        if name in ("sample", "keys") and (self.__dict__.get("_pending")
+                                           or self.__dict__.get("_unordered")):
+            self._settle()
+        return super().__getattr__(name)
+
+    def _select(self) -> None:
+        """The reservoir := the smallest keys of it and the pending units (unordered)."""
+        buf, pending = self._buffers, self._pending
+        self._pending, self._pending_n = [], 0
+        units = torch.cat([buf["sample"], *(u for u, _ in pending)])
+        keys = torch.cat([buf["keys"], *(k for _, k in pending)])
+        keep = keys.topk(buf["keys"].shape[0], largest=False, sorted=False).indices
+        buf["sample"], buf["keys"] = units[keep.to(units.device)], keys[keep]
+        self._bound, self._unordered = buf["keys"].max(), True
+
+    def _settle(self) -> None:
+        if self._pending:
+            self._select()
+        buf = self._buffers
+        keys, order = buf["keys"].sort(stable=True)
+        buf["sample"], buf["keys"] = buf["sample"][order.to(buf["sample"].device)], keys
+        self._unordered = False
 
     def _observe(self, x: Tensor) -> None:
         lo, hi = self._batch_range(x)
@@ -182,15 +222,32 @@ class _SampleObserver(Observer):
             units = units[torch.randint(units.shape[0], (cap,), generator=self._gen)
                           .to(units.device)]
         keys = torch.rand(units.shape[0], generator=self._gen)
-        if self.sample.shape[0] == cap and bool((self.keys[1:] >= self.keys[:-1]).all()):
-            self.sample, self.keys = merge_smallest(self.sample, self.keys, units, keys)
+        buf = self._buffers
+        if self._bound is None and buf["keys"].shape[0] == cap:
+            self._bound = buf["keys"].max()
+        if self._bound is not None:     # full: only keys below its largest can enter
+            idx = (keys < self._bound).nonzero()[:, 0]
+            if idx.shape[0]:
+                self._pending.append((units[idx.to(units.device)], keys[idx]))
+                self._pending_n += idx.shape[0]
+                if self._pending_n >= cap:
+                    self._select()
             return
-        if self.sample.numel():
-            units, keys = torch.cat([self.sample, units]), torch.cat([self.keys, keys])
+        if buf["sample"].numel():
+            units, keys = torch.cat([buf["sample"], units]), torch.cat([buf["keys"], keys])
         if units.shape[0] > cap:
             keep = keys.topk(cap, largest=False).indices
             units, keys = units[keep.to(units.device)], keys[keep]
         self.sample, self.keys = units, keys
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._pending or self._unordered:
+            self._settle()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._reset_pending()
 
     def _groups(self) -> tuple[Tensor, Tensor, Tensor]:
         """Sample values per group ``[G, m]`` and each group's full range, two ``[G]``."""

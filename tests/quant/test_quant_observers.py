@@ -161,6 +161,30 @@ def test_reservoir_merge_equals_topk(sizes, peg):
     assert torch.equal(o.keys, keys) and torch.equal(o.sample, sample)
 
 
+@pytest.mark.parametrize("peg", [False, True])
+def test_reservoir_many_batches_equals_topk(peg):
+    """Many batches after the reservoir fills (several pending merges), then a state
+    dict taken halfway and loaded into a fresh observer: both end on the reference's
+    units in its order (keys are 24-bit floats: equal keys may swap their units)."""
+    torch.manual_seed(2)
+    batches = [torch.randn(90, 10) if peg else torch.randn(900) for _ in range(40)]
+    o = MSEObserver(8, True, PerGroup(2) if peg else PerTensor(), max_samples=1000)
+    for b in batches[:20]:
+        o(b)
+    assert o._pending and o._bound is not None       # the deferred path ran
+    half = {k: v.clone() for k, v in o.state_dict().items()}
+    assert not o._pending and not o._unordered        # saving settled it
+    for b in batches[20:]:
+        o(b)
+    sample, keys = _reservoir_by_topk(batches, 100 if peg else 1000, peg)
+    assert torch.equal(o.keys, keys)
+    same = o.sample == sample if not peg else (o.sample == sample).all(1)
+    assert all(int((keys == k).sum()) > 1 for k in keys[~same].tolist())   # ties only
+    r = MSEObserver(8, True, PerGroup(2) if peg else PerTensor(), max_samples=1000)
+    r.load_state_dict(half)
+    assert torch.equal(r.keys, half["keys"]) and torch.equal(r.sample, half["sample"])
+
+
 # --- percentile -------------------------------------------------------------------------
 
 
