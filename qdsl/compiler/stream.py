@@ -121,8 +121,9 @@ def _calibrate_and_freeze(gm, strip, ck: Checkpoint, lazy: dict[str, str], named
     stages = Stages(gm, strip)
     fx_nodes = {n.name: n for n in gm.graph.nodes}
     by_stage: dict[int, list] = {}
-    for node in named.nodes:
-        by_stage.setdefault(stages.stage[fx_nodes[node.node]], []).append(node)
+    for node in named.nodes:   # (a fused attention's float scores / probs are gone)
+        if node.node in fx_nodes:
+            by_stage.setdefault(stages.stage[fx_nodes[node.node]], []).append(node)
     observers = ctx.observers or {}
     stats = ctx.input_stats or {}
     sites: dict[int, list] = {}   # GPTQ / AWQ sites by the stage of the linear reading them

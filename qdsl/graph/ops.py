@@ -50,6 +50,9 @@ ATTENTION_VIEWS = {"aten.transpose.int", "aten.reshape.default", "aten.view.defa
                    "aten.expand.default", "aten.unsqueeze.default"}
 # torch.export's shape / dtype assertion: no value, dropped when nothing reads it
 ASSERT_OP = "aten._assert_tensor_metadata.default"
+# call_module targets of fused attentions (passes.fuse_attention): one per attention, in
+# its block's scope, where the eager chain's softmax was
+FUSED_ATTENTION_PREFIX = "qdsl_attn__"
 
 
 def opname(node: Node) -> str:

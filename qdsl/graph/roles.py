@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 from torch.fx import Node
 
-from .ops import (MATMUL_OPS, NONLINEAR_OPS, NORM_OPS, PASSTHROUGH_OPS, SCORE_OPS, SOFTMAX_OPS,
+from .ops import (FUSED_ATTENTION_PREFIX, MATMUL_OPS, NONLINEAR_OPS, NORM_OPS, PASSTHROUGH_OPS, SCORE_OPS, SOFTMAX_OPS,
                   WEIGHTED_OPS, opname)
 
 
@@ -217,14 +217,18 @@ def _walk_forward(node: Node, through: set[str], until: set[str]) -> Node | None
 
 
 def _blocks(facts: GraphFacts) -> list[Scope]:
-    """One scope per attention: the outermost ModuleList element holding only it."""
+    """One scope per attention (an eager one's softmax, or a fused attention's call):
+    the outermost ModuleList element holding only it."""
+    anchors = [att.probs.name for att in facts.attentions] + [
+        n.name for n in facts.gm.graph.nodes
+        if n.op == "call_module" and str(n.target).startswith(FUSED_ATTENTION_PREFIX)]
     counts: dict[str, int] = {}
-    for att in facts.attentions:
-        for scope in facts.scopes[att.probs.name]:
+    for name in anchors:
+        for scope in facts.scopes[name]:
             counts[scope.key] = counts.get(scope.key, 0) + 1
     blocks = []
-    for att in facts.attentions:
-        stack = facts.scopes[att.probs.name]
+    for name in anchors:
+        stack = facts.scopes[name]
         single = [s for s in stack if counts[s.key] == 1 and s.path]
         listed = [s for s in single if s.path.rsplit(".", 1)[-1].isdigit()]
         if listed:

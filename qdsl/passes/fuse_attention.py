@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx
 
-from ..graph.ops import ASSERT_OP as _ASSERT, ATTENTION_VIEWS, aten_name as _target
+from ..graph.ops import (ASSERT_OP as _ASSERT, ATTENTION_VIEWS, FUSED_ATTENTION_PREFIX,
+                         aten_name as _target)
 from ..runtime.attention import FusedAttention
 
-ATTN_PREFIX = "qdsl_attn__"
+ATTN_PREFIX = FUSED_ATTENTION_PREFIX
 _MATMUL = ("aten.matmul.default", "aten.bmm.default")
 _SCALE = {"aten.mul.Tensor": False, "aten.div.Tensor": True}        # op -> divides?
 _PASS = ("aten.to.dtype", "aten.dropout.default", "aten.clone.default",
@@ -75,9 +76,10 @@ def _untransposed(kt: fx.Node) -> fx.Node | None:
     return kt.args[0] if dims == {2, 3} else None
 
 
-def find_attention(gm: fx.GraphModule) -> list[Chain]:
+def find_attention(gm: fx.GraphModule, keep: frozenset[str] = frozenset()) -> list[Chain]:
     """Every fusable eager attention: float32, 4-d, no quantizer (``call_module``) or
-    second reader between the scores matmul and the context matmul."""
+    second reader between the scores matmul and the context matmul, and none of its
+    nodes named in ``keep`` (fx names: nodes a later pass still has to find)."""
     chains = []
     for node in gm.graph.nodes:
         if _target(node) not in _MATMUL or len(node.args) != 2:
@@ -111,7 +113,8 @@ def find_attention(gm: fx.GraphModule) -> list[Chain]:
             continue
         chain.v = cur.args[1]
         chain.nodes.append(cur)
-        chains.append(chain)
+        if not any(n.name in keep for n in chain.nodes):
+            chains.append(chain)
     return chains
 
 
@@ -137,12 +140,14 @@ def _repeated_kv(x: fx.Node) -> fx.Node | None:
     return u.args[0]
 
 
-def fuse_attention(gm: fx.GraphModule) -> list[str]:
-    """Replace every chain ``find_attention`` finds; returns the new modules' names."""
+def fuse_attention(gm: fx.GraphModule, keep: frozenset[str] = frozenset()) -> list[str]:
+    """Replace every chain ``find_attention(gm, keep)`` finds; returns the new modules'
+    names (numbered after any the graph has)."""
     cache_position = next((n for n in gm.graph.nodes
                            if n.op == "placeholder" and n.target == "cache_position"), None)
     done = []
-    for i, c in enumerate(find_attention(gm)):
+    first = sum(1 for name, _ in gm.named_children() if name.startswith(ATTN_PREFIX))
+    for i, c in enumerate(find_attention(gm, keep), start=first):
         kt, context = c.keys_transposed, c.context
         k, v = _repeated_kv(c.k), _repeated_kv(c.v)
         gqa = k is not None and v is not None

@@ -219,6 +219,15 @@ def _fuse(gm, ctx):
     return gm
 
 
+def _fuse_unplanned(gm, ctx):
+    """Before calibration: fuse the attentions the plan quantizes nothing inside (their
+    scores and probs stay float; a chain with a planned node stays eager for the
+    lowering to find), so calibration runs what evaluation will."""
+    keep = frozenset(n.node for n in ctx.named.nodes if ctx.plan[n.name].activation.quantized)
+    fuse_attention(gm, keep)
+    return gm
+
+
 def _kv_cache(gm, ctx):
     """After an int8 lowering the cache is stored in the dtype; after fake, simulated."""
     kv_cache(gm, ctx.kv_cache, store="int8_lowered" in ctx.properties)
@@ -243,6 +252,7 @@ LOWER_INT8 = Pass("lower_int8", lambda gm, ctx: lower_int8(
     gm, ctx.named, ctx.plan, ctx.frozen, fallback=ctx.fallback, compute=ctx.lower_compute),
     ("planned", "frozen", "fake_lowered"), ("int8_lowered",))
 FUSE_ATTENTION = Pass("fuse_attention", _fuse, (), ("attention_fused",))
+FUSE_UNPLANNED = Pass("fuse_unplanned_attention", _fuse_unplanned, ("planned", "observed"))
 KV_CACHE_PASS = Pass("kv_cache", _kv_cache, ("fake_lowered",), ("kv_cache_set",))
 INSERT_RECORDERS = Pass("insert_recorders", _record, ("named",), ("recording",))
 RUN_RECORDERS = Pass("record", _feed, ("recording", "fed"), ("recorded",))
@@ -254,7 +264,10 @@ FEED_STATS = Pass("feed_stats", _feed, ("stats_collected", "fed"), ("stats_fed",
 # RECORD on a float or compiled graph, FEED for more windows)
 VALIDATE = [VALIDATE_PLAN]
 STATISTICS = [VALIDATE_PLAN, ROTATE, COLLECT_STATS, FEED_STATS]
-OBSERVE = [VALIDATE_PLAN, ROTATE, SMOOTH, INSERT_OBSERVERS, INPUT_STATS]
+# OBSERVE fuses the float attentions before calibration: the unfused generate graph
+# attends over every cache slot (SmolLM2, 256-token windows, 1,024 slots: 1.49 -> 1.00 s
+# a window)
+OBSERVE = [VALIDATE_PLAN, ROTATE, SMOOTH, INSERT_OBSERVERS, INPUT_STATS, FUSE_UNPLANNED]
 CALIBRATE = [CALIBRATE_PASS]
 RECORD = [INSERT_RECORDERS, RUN_RECORDERS]
 FEED = [RUN_RECORDERS]

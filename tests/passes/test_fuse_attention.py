@@ -252,3 +252,34 @@ def test_half_cache_matches_the_float32_cache(dtype, tokens):
         assert torch.equal(got, want)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
+
+
+def test_calibration_runs_fused_attention_except_where_the_plan_quantizes(monkeypatch):
+    """OBSERVE fuses the attentions with no planned node inside before calibration
+    (block 1 here); block 0, whose scores are observed, stays eager. The scales match
+    a calibration through the eager chains up to float summation order."""
+    import qdsl.compiler.build as build
+    from qdsl.passes.pipeline import OBSERVE
+    m = tiny("llama")
+    recipe = ("* -> w8 sym per_channel\ntype:Linear.input -> a8 sym per_tensor mse static\n"
+              "block.0.attn.scores -> a8 sym per_tensor minmax static\n")
+    ids = tiny_ids(m, 3, 16)
+    calls = []
+    forward = FusedAttention.forward
+    monkeypatch.setattr(FusedAttention, "forward",
+                        lambda self, *a: calls.append(1) or forward(self, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = C.compile(m, recipe, calib=ids, max_cache_len=CACHE, progress=False)
+        assert len(calls) == 3 * (m.config.num_hidden_layers - 1)   # 3 windows, block 1
+        monkeypatch.setattr(build, "OBSERVE", OBSERVE[:-1])
+        eager = C.compile(tiny("llama"), recipe, calib=ids, max_cache_len=CACHE, progress=False)
+    assert len(calls) == 3 * (m.config.num_hidden_layers - 1)       # none: all eager
+    fused = [n for n in q.gm.graph.nodes if n.op == "call_module"
+             and n.target.startswith(ATTN_PREFIX)]
+    assert len(fused) == m.config.num_hidden_layers - 1
+    assert OBSERVE[-1].name == "fuse_unplanned_attention"
+    a, b = q.frozen.to_state()[1], eager.frozen.to_state()[1]
+    assert a.keys() == b.keys() and any("scores" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=0)

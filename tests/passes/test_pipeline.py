@@ -32,7 +32,8 @@ def test_the_runner_logs_each_pass_and_records_what_it_ensures(caplog):
     logged = [r.getMessage() for r in caplog.records if r.name == "qdsl.passes.pipeline"]
     assert [m.split(":")[0] for m in logged] == ["pass validate_plan", "pass rotate",
                                                  "pass smooth", "pass insert_observers",
-                                                 "pass insert_input_stats"]
+                                                 "pass insert_input_stats",
+                                                 "pass fuse_unplanned_attention"]
     assert all(m.endswith(" ms") for m in logged)
     assert {"validated", "observed"} <= ctx.properties and set(ctx.observers) == {"fc1", "fc2"}
 
