@@ -298,7 +298,8 @@ def calibration_data(calib, st: Settings, tok, takes: Limit, what: str) -> torch
 def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None,
             settings=None, lower: str | None = None, max_cache_len: int | None = None,
             progress: Progress = True, fallback: str = "error",
-            check: bool = False, reduce: bool = True) -> QuantizedModel:
+            check: bool = False, reduce: bool = True,
+            calib_checkpoint: tuple[str | os.PathLike, str] | None = None) -> QuantizedModel:
     """Compile ``recipe`` for ``model``: capture, name, match, observe, calibrate, freeze, lower.
 
     ``calib``: a directory of code, a saved ``datasets`` dataset, ``"stdlib"``, or a
@@ -314,6 +315,9 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     ``student.blocks`` set: the layer-reduced student is compiled (no training: the
     post-training baseline); ``reduce=False`` takes ``model`` as the student already
     (``qdsl train`` compiles what it trained).
+    ``calib_checkpoint``: (path, header): calibration saves its observers' state there
+    every two minutes and resumes from it (``qdsl.passes.calibrate.CalibrationCheckpoint``;
+    the sweep's long calibrations survive a stopped run); the file is removed at the end.
     """
     r = as_recipe(recipe)
     st = r.settings.then(settings or Settings())
@@ -343,7 +347,7 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
         windows = calibration_data(calib, st, tok, takes, what)
         return Feed(_calib_runner(captured, mode, max_cache_len), windows,
                     batch_size=1 if mode == "generate" else (st.calib_batch_size or 8),
-                    progress=progress)
+                    progress=progress, checkpoint=calib_checkpoint)
 
     smooths = [t for t in plan.transforms if t.kind == "smooth"]
     if smooths:  # SmoothQuant's statistics: one calibration run before the observers

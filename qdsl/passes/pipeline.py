@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import fx
 
 from ..errors import GraphError
 from ..progress import Progress
-from .calibrate import calibrate
+from .calibrate import CalibrationCheckpoint, calibrate
 from .common import ACT_PREFIX, WEIGHT_PREFIX, attr_name
 from .freeze import Frozen, freeze
 from .fuse_attention import fuse_attention
@@ -55,6 +56,7 @@ class Feed:
     windows: Any
     batch_size: int = 1
     progress: Progress = False
+    checkpoint: Any = None   # calibrate only: a path (+ header) to resume from / save to
 
 
 @dataclass
@@ -167,7 +169,18 @@ def _calibrate(gm, ctx):
         raise GraphError(f"pass calibrate: {len(ctx.observers or ())} static activation "
                          f"observers, {len(ctx.input_stats or ())} GPTQ / AWQ input recorders "
                          "and no calibration data (PassContext.feed)")
-    return _feed(gm, ctx)
+    f = ctx.feed
+    ck = None
+    if f.checkpoint is not None:   # (path, header): the observers' and recorders' state
+        path, header = f.checkpoint
+        modules: dict = {}
+        for kind, found in (("observer", ctx.observers), ("input_stats", ctx.input_stats)):
+            for name, m in (found or {}).items():   # (q / k / v share one recorder)
+                if all(m is not x for x in modules.values()):
+                    modules[f"{kind}:{name}"] = m
+        ck = CalibrationCheckpoint(Path(path), modules, header)
+    calibrate(f.run, f.windows, batch_size=f.batch_size, progress=f.progress, checkpoint=ck)
+    return gm
 
 
 def _record(gm, ctx):

@@ -32,6 +32,18 @@ class InputStats(nn.Module):
             self.count += xf.shape[0]
         return x
 
+    def calib_state(self) -> dict[str, Tensor]:
+        """What a calibration checkpoint saves (``qdsl.passes.calibrate``)."""
+        return {**self.state_dict(), "count": torch.tensor(self.count, dtype=torch.int64)}
+
+    def load_calib_state(self, state: dict[str, Tensor]) -> None:
+        state = dict(state)
+        self.count = int(state.pop("count"))
+        for name, t in state.items():   # buffers start empty: take the saved shapes
+            if name not in self._buffers:
+                raise KeyError(f"InputStats has no buffer {name!r}")
+            setattr(self, name, t.clone())
+
     def _need(self) -> None:
         if self.count == 0:
             raise RuntimeError("InputStats has seen no calibration input")

@@ -94,6 +94,13 @@ class Observer(nn.Module):
     def options(self) -> dict:
         return {}
 
+    def calib_state(self) -> dict[str, Tensor]:
+        """What a calibration checkpoint saves (``qdsl.passes.calibrate``): the buffers."""
+        return dict(self.state_dict())
+
+    def load_calib_state(self, state: dict[str, Tensor]) -> None:
+        self.load_state_dict(state)
+
     def to_json(self) -> dict:
         return {"observer": self.name, "bits": self.bits, "symmetric": self.symmetric,
                 "granularity": _option_to_json(self.granularity), "kind": self.kind,
@@ -248,6 +255,16 @@ class _SampleObserver(Observer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._reset_pending()
+
+    def calib_state(self) -> dict[str, Tensor]:
+        """The buffers and the sampling generator's state: a resumed calibration draws
+        the numbers an uninterrupted one would."""
+        return {**super().calib_state(), "_gen": self._gen.get_state()}
+
+    def load_calib_state(self, state: dict[str, Tensor]) -> None:
+        state = dict(state)
+        self._gen.set_state(state.pop("_gen"))
+        super().load_calib_state(state)
 
     def _groups(self) -> tuple[Tensor, Tensor, Tensor]:
         """Sample values per group ``[G, m]`` and each group's full range, two ``[G]``."""

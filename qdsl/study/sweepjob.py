@@ -40,7 +40,8 @@ from .layerstats import float_reference, layer_stats, layer_windows
 from .sweepcache import BadEntry, CacheStore
 from .tables import describe_bits, storage
 
-# a running quality or HumanEval job's completions so far, DIR/partial/<key>.json
+# a running quality or HumanEval job's completions so far, DIR/partial/<key>.json (and
+# its calibration's state, DIR/partial/<key>.calib.safetensors, while it calibrates)
 # (qdsl.eval.checkpoint)
 PARTIAL = "partial"
 
@@ -74,7 +75,7 @@ def _humaneval_cache_len(cfg: SweepConfig, tok, max_pos: int | None) -> int:
 
 
 def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: Progress,
-             graph_cache: int | None = None):
+             graph_cache: int | None = None, calib_checkpoint=None):
     loaded = _model(cfg.model)
     model, tok = loaded.model, loaded.tok
     graph_cache = graph_cache or cache_len(cfg, loaded.max_pos)
@@ -89,7 +90,7 @@ def _compile(recipe, cfg: SweepConfig, job: Job, out: dict, progress: Progress,
     t = time.time()
     qm = qdsl.compile(model, recipe, tokenizer=tok, settings=st, lower=lower,
                       max_cache_len=graph_cache, fallback="simulate",
-                      progress=progress)
+                      progress=progress, calib_checkpoint=calib_checkpoint)
     out.update(compile_seconds=round(time.time() - t, 2), lower=lower,
                calib_samples=st.calib_samples, settings=st.to_json(),
                fallbacks=len(getattr(qm, "fallbacks", None) or ()))
@@ -142,7 +143,10 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
                 out.update(saved.get("compile") or {})
                 out["artifact"] = str(artifact)
         if qm is None:  # HumanEval compiles with its longer cache (slower calibration)
-            qm = _compile(recipe, cfg, job, out, progress, he_cache)
+            # a long calibration saves its state beside the job's completions and resumes
+            calib_ck = ((partial.with_suffix(".calib.safetensors"), key or "")
+                        if partial is not None else None)
+            qm = _compile(recipe, cfg, job, out, progress, he_cache, calib_ck)
             if artifact is not None and job.kind != HUMANEVAL:
                 qm.save(artifact, force=True)
                 out["artifact"] = str(artifact)
