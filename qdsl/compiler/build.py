@@ -326,6 +326,9 @@ def compile(model: ModelArg, recipe: Recipe | str, calib=None, *, tokenizer=None
     m, tok, model_id = as_model(model)
     tok = tokenizer or tok
     source_hash = module_hash(m)  # the model given (the teacher): what load checks
+    if calib_checkpoint is not None:   # another model's or recipe's state never resumes
+        calib_checkpoint = (calib_checkpoint[0],
+                            f"{calib_checkpoint[1]} {source_hash} {r.hash()} {st.to_json()}")
     if reduce:
         m, _ = student_of(m, r, st.student_blocks)
     mode = "generate" if is_causal_lm(m) else "plain"
