@@ -84,9 +84,9 @@ class CalibrationCheckpoint:
                         self.path, e)
             return 0
 
-    def save(self, fingerprint: str, done: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < self.every:
+    def save(self, fingerprint: str, done: int) -> None:
+        """Write the modules' state after ``done`` batches, if ``every`` seconds passed."""
+        if time.monotonic() - self._last < self.every:
             return
         tensors = {f"{name}/{k}": v.detach().contiguous().clone()
                    for name, m in self.modules.items() for k, v in m.calib_state().items()}
