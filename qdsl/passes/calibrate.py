@@ -64,7 +64,9 @@ class CalibrationCheckpoint:
 
     def load(self, fingerprint: str) -> int:
         """Batches an earlier run with this fingerprint finished (their state loaded into
-        the modules); 0 when there is no usable file."""
+        the modules); 0 when there is no usable file. The first write is ``every``
+        seconds from now."""
+        self._last = time.monotonic()
         if not self.path.exists():
             return 0
         try:
@@ -112,7 +114,6 @@ def calibrate(run: Callable[[torch.Tensor], object], windows: torch.Tensor, *,
         if start:
             log.info("calibration resumed from %s after %d of %d batches", checkpoint.path,
                      start, len(batches))
-        checkpoint._last = time.monotonic()
     for i, batch in enumerate(progress_bar(batches[start:], desc="calibrating", unit="batch",
                                            progress=progress, leave=False,
                                            total=len(batches), initial=start), start + 1):

@@ -56,7 +56,7 @@ class Feed:
     windows: Any
     batch_size: int = 1
     progress: Progress = False
-    checkpoint: Any = None   # calibrate only: a path (+ header) to resume from / save to
+    checkpoint: tuple[str | Path, str] | None = None   # calibrate only: (path, header)
 
 
 @dataclass
@@ -174,9 +174,11 @@ def _calibrate(gm, ctx):
     if f.checkpoint is not None:   # (path, header): the observers' and recorders' state
         path, header = f.checkpoint
         modules: dict = {}
+        seen: set[int] = set()
         for kind, found in (("observer", ctx.observers), ("input_stats", ctx.input_stats)):
             for name, m in (found or {}).items():   # (q / k / v share one recorder)
-                if all(m is not x for x in modules.values()):
+                if id(m) not in seen:
+                    seen.add(id(m))
                     modules[f"{kind}:{name}"] = m
         ck = CalibrationCheckpoint(Path(path), modules, header)
     calibrate(f.run, f.windows, batch_size=f.batch_size, progress=f.progress, checkpoint=ck)
