@@ -39,7 +39,7 @@ from qdsl.models.lm import HFCausalLM
 from qdsl.passes.pipeline import FLOAT_RUNTIME, PassContext, run
 from qdsl.runtime.conv1d import conv1d_to_linear, is_conv1d
 from qdsl.runtime import kernels
-from qdsl.runtime.compiled import CompiledStep
+from qdsl.runtime.fused import decode_step
 from qdsl.runtime.graphlm import GraphLM
 from qdsl.runtime.swap import load_lowered, save_lowered, swap_linears
 
@@ -127,7 +127,7 @@ def _quantize_dynamic(model):
 
 def _compiled(lm: GraphLM, spec: dict) -> GraphLM:
     """The graph's decode step compiled (``qdsl.runtime.compiled``) where the row asks."""
-    lm.step = CompiledStep(lm.gm, spec["name"]) if spec.get("compile_decode") else None
+    lm.step = decode_step(lm.gm, spec["name"]) if spec.get("compile_decode") else None
     return lm
 
 

@@ -145,11 +145,13 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
         failed = [x["compile_failed"] for x in runs if x.get("compile_failed")]
         secs = ", ".join(f"{x['compile_s']:.1f}" for x in runs if x.get("compile_s") is not None)
         huge = runs[0].get("huge_pages_mb")
-        wrapper = {"cpp": "C++", "python": "Python"}.get(runs[0].get("wrapper") or "")
+        wrapper = {"cpp": "C++ wrapper", "python": "Python wrapper",
+                   "fused": "one fused C++ call a step (llama_decode_step)"
+                   }.get(runs[0].get("wrapper") or "")
         out.append(f"{r['name']}: " + (f"compiling failed, decoded eager ({failed[0]})"
                                         if failed else f"first decode step (trace + compile "
                                         f"or cache load) {secs} s per process"
-                                        + (f", {wrapper} wrapper" if wrapper else ""))
+                                        + (f", {wrapper}" if wrapper else ""))
                    + (f"; weights and caches on huge pages ({huge:.0f} MiB)" if huge
                       else "; weights and caches on 4 KiB pages" if huge is not None else "")
                    + ".")

@@ -15,7 +15,9 @@ running (its tokens are ignored). ``logits`` runs B sequences per forward;
 batch-1 graph, so a caller decoding one sequence at a time loads batch 1).
 
 ``compile_decode`` (default: ``$QDSL_COMPILE_DECODE``, else off): one-token forwards
-run through ``qdsl.runtime.compiled.CompiledStep`` (inductor, static shapes, eager
+run through ``qdsl.runtime.fused.decode_step``: one C++ call a step
+(``llama_decode_step``) where the graph is a w8a8 LLaMA step and checks out against the
+graph, else ``qdsl.runtime.compiled.CompiledStep`` (inductor, static shapes, eager
 fallback); prefill stays eager.
 
 A prefill that only needs the last position's logits (greedy decoding) runs a copy of
@@ -31,7 +33,7 @@ from torch import fx
 
 from ..models.batching import BatchGreedyMixin, positions
 from ..models.lm import GreedyMixin
-from . import compiled
+from . import compiled, fused
 
 
 def last_position_graph(gm: torch.nn.Module) -> fx.GraphModule | None:
@@ -65,7 +67,7 @@ class GraphLM(GreedyMixin, BatchGreedyMixin):
         self.gm, self.max_cache_len, self.name = gm, max_cache_len, name
         self.batch_size = batch_size
         on = compiled.wanted(False) if compile_decode is None else compile_decode
-        self.step = compiled.CompiledStep(gm, name) if on else None
+        self.step = fused.decode_step(gm, name) if on else None
         self._pos = 0
         self._mask = self._next = None
         self._last: list = []      # [last_position_graph(gm)], built on first use

@@ -30,10 +30,14 @@
 //   cached_decode_attention(q, k, v, mask?, cache_position int64 [T], scale, isa=1)  the same
 //               with n = cache_position[-1] + 1 read here: a compiled decode step calls
 //               it directly (static shapes, no Python op around it)
+//   llama_decode_step(embed, embed_scale, token, norms[], w[], w_scale[], bias?[], k_cache[],
+//               v_cache[], inv_freq, rope_scale, pos, heads, eps, scale, isa)  a whole w8a8 LLaMA decode step (batch 1, one
+//               token) in one parallel region; see its definition and runtime/fused.py
 // The same extension has qdsl_gemm.cpp (w8a8_pack / w8a8_gemm, prefill) and qdsl_w4a8.cpp
 // (w4a8_linear / w4a8_linear_cat: 4-bit weights times 8-bit dynamic activations).
 #include "qdsl_common.h"
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <cmath>
 #include <vector>
 
@@ -1288,6 +1292,367 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k, con
   return decode_attention(q, k, v, mask, n, scale, isa);
 }
 
+
+// ---------------------------------------------------------------- llama_decode_step
+//
+// One decode step of a LLaMA-shaped model whose linears are all w8a8 with symmetric
+// dynamic activations (recipes/int8/w8a8_dynamic*.qrec), batch 1, one token, in ONE
+// OpenMP parallel region: the threads walk the whole layer list and meet at barriers
+// (5 a layer), as llama.cpp's graph compute does, instead of one fork / join per op.
+// Each thread keeps its own copy of the residual stream and computes the cheap per-token
+// work (RMSNorm, the activations' 8-bit codes, SiLU x up, merging the attention chunks)
+// redundantly; the GEMVs split their output rows, the attention its (key/value head, key
+// chunk) pairs. qdsl/runtime/fused.py builds the argument lists from a lowered graph and
+// checks the step's logits against the graph's before using it.
+//
+//   embed int8 [V, D] / embed_scale float32 [V], token: the token's embedding row (its codes
+//   times its scale, as Int8Embedding);  norms: 2L + 1 float32 [D] (input, post-attention
+//   per layer, then the final norm);  w / ws / bias: 7L + 1 int8 [N, K] weights, float32
+//   [N] scales, optional float32 [N] biases (q, k, v, o, gate, up, down per layer, then the
+//   head);  kc / vc: L caches [1, Hk, S, hd] (float32, float16 or bfloat16), the token's
+//   keys and values written at `pos`;  inv_freq float32 [hd / 2], rope_scale: the rotary
+//   embedding at `pos` (cos / sin of pos * inv_freq, twice, times rope_scale; rotate_half
+//   convention, as transformers' LLaMA);  H query heads;  eps, scale.  -> logits float32 [V]
+
+struct DecodeLinear {
+  const int8_t* w; const float* ws; const float* b; int64_t n, k;
+};
+
+inline DecodeLinear decode_linear(const at::Tensor& w, const at::Tensor& ws,
+                                  const c10::optional<at::Tensor>& b) {
+  check_tensor(w, at::kChar, 2, "llama_decode_step", "w");
+  check_tensor(ws, at::kFloat, 1, "llama_decode_step", "w_scale");
+  TORCH_CHECK(ws.size(0) == w.size(0), "llama_decode_step: a weight's scale is not [N]");
+  const float* bp = nullptr;
+  if (b.has_value() && b->defined()) {
+    check_tensor(*b, at::kFloat, 1, "llama_decode_step", "bias");
+    TORCH_CHECK(b->size(0) == w.size(0), "llama_decode_step: a bias is not [N]");
+    bp = b->data_ptr<float>();
+  }
+  return {w.data_ptr<int8_t>(), ws.data_ptr<float>(), bp, w.size(0), w.size(1)};
+}
+
+// this thread's share [a, b) of N output rows (blocks of 16 rows)
+inline void row_share(int64_t N, int tid, int T, int64_t* a, int64_t* b) {
+  const int64_t blocks = (N + 15) / 16, per = (blocks + T - 1) / T;
+  *a = std::min(N, tid * per * 16);
+  *b = std::min(N, (tid + 1) * per * 16);
+}
+
+// out[off + n] for this thread's rows of the linears `ls` (on one input, outputs side by
+// side): x's codes `xv` (u8 x + 128 on VNNI, else int16), its scale xs
+void decode_gemv(const DecodeLinear* ls, int count, const void* xv, float xs, int64_t isa,
+                 int tid, int T, int32_t* acc, int32_t* rs, float* out) {
+  int64_t N = 0;
+  for (int i = 0; i < count; ++i) N += ls[i].n;
+  int64_t a, b;
+  row_share(N, tid, T, &a, &b);
+  const bool vnni = isa >= ISA_VNNI;
+  const auto rows16 = pick_isa(isa, w8a8_rows_generic, w8a8_rows_avx2, w8a8_rows_avx512);
+  int64_t off = 0;
+  for (int i = 0; i < count; ++i) {
+    const DecodeLinear& l = ls[i];
+    const int64_t r0 = std::max(a, off) - off, r1 = std::min(b, off + l.n) - off;
+    if (r0 < r1) {
+      if (vnni)
+        w8a8_rows_vnni(static_cast<const uint8_t*>(xv), 1, l.w, l.k, r0, r1, acc + off, N,
+                       rs + off);
+      else
+        rows16(static_cast<const int16_t*>(xv), 1, l.w, l.k, r0, r1, acc + off, N);
+      w8a8_epilogue(acc + off, 1, N, r0, r1, &xs, nullptr, vnni ? 128 : 0,
+                    vnni ? rs + off : nullptr, l.ws, l.b, out + off);
+    }
+    off += l.n;
+  }
+}
+
+// x [K] -> its symmetric per-token 8-bit codes as the GEMV takes them (u8 x + 128 on VNNI,
+// else int16) and the scale: quantize_rows' maths (the fake-quant's own), 8 lanes at a time
+// on AVX2 (vroundps to nearest even = nearbyint's default rounding): the same codes
+__attribute__((target("avx2,fma")))
+float decode_quantize_avx2(const float* x, int64_t K, bool vnni, void* xv) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 mx = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, mx);
+  float amax = 0.f;
+  for (float v : t) amax = std::max(amax, v);
+  for (int64_t i = k; i < K; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = sym_scale8(amax), inv = 1.f / s;
+  const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  const __m256i off = _mm256_set1_epi32(vnni ? 128 : 0);
+  for (k = 0; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(v), off);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    if (vnni)
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(xv) + k),
+                       _mm_packus_epi16(q16, q16));
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<int16_t*>(xv) + k), q16);
+  }
+  for (; k < K; ++k) {
+    const float q = std::min(std::max(std::nearbyint(x[k] * inv), -127.f), 127.f);
+    if (vnni) static_cast<uint8_t*>(xv)[k] = uint8_t(int(q) + 128);
+    else static_cast<int16_t*>(xv)[k] = int16_t(q);
+  }
+  return s;
+}
+
+// the same on any CPU (generic path: quantize_rows itself, int16 codes)
+float decode_quantize(const float* x, int64_t K, int64_t isa, int8_t* xq, void* xv) {
+  if (isa >= ISA_AVX2) return decode_quantize_avx2(x, K, isa >= ISA_VNNI, xv);
+  float s;
+  quantize_rows<int8_t>(x, 1, K, true, true, xq, &s);
+  int16_t* d = static_cast<int16_t*>(xv);
+  for (int64_t i = 0; i < K; ++i) d[i] = xq[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma")))
+float sumsq_avx2(const float* x, int64_t D) {
+  __m256 a = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    a = _mm256_fmadd_ps(v, v, a);
+  }
+  float ss = hsum256(a);
+  for (; i < D; ++i) ss += x[i] * x[i];
+  return ss;
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * w (the graph's RMSNorm, float32)
+void decode_rmsnorm(const float* x, const float* w, int64_t D, float eps, int64_t isa, float* y) {
+  float ss = 0.f;
+  if (isa >= ISA_AVX2) ss = sumsq_avx2(x, D);
+  else for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / float(D) + eps);
+  for (int64_t i = 0; i < D; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// x[i] = silu(g[i]) * u[i] (exp256: ~1 ulp)
+__attribute__((target("avx2,fma")))
+void silu_mul_avx2(const float* g, const float* u, int64_t n, float* x) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = exp256(_mm256_xor_ps(gv, sign));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
+                                          _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) x[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+// x [hd] rotated in place: x * cos + rotate_half(x) * sin
+void decode_rope(float* x, const float* c, const float* s, int64_t hd) {
+  const int64_t h = hd / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * c[i] - b * s[i];
+    x[i + h] = b * c[i + h] + a * s[i + h];
+  }
+}
+
+template <typename T>
+void store_row(const float* x, int64_t n, void* dst) {
+  T* d = static_cast<T*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = T(x[i]);
+}
+
+at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_scale,
+                             int64_t token, at::TensorList norms, at::TensorList w,
+                             at::TensorList ws, const c10::List<c10::optional<at::Tensor>>& bias,
+                             at::TensorList kc, at::TensorList vc, const at::Tensor& inv_freq,
+                             double rope_scale, int64_t pos, int64_t H, double eps,
+                             double scale, int64_t isa) {
+  const char* op = "llama_decode_step";
+  check_tensor(embed, at::kChar, 2, op, "embed");
+  check_tensor(embed_scale, at::kFloat, 1, op, "embed_scale");
+  check_tensor(inv_freq, at::kFloat, 1, op, "inv_freq");
+  TORCH_CHECK(embed_scale.size(0) == embed.size(0) && token >= 0 && token < embed.size(0), op,
+              ": token ", token, " outside the embedding's ", embed.size(0), " rows");
+  const int64_t L = kc.size(), D = embed.size(1);
+  TORCH_CHECK(L >= 1 && vc.size() == size_t(L) && norms.size() == size_t(2 * L + 1) &&
+              w.size() == size_t(7 * L + 1) && ws.size() == w.size() && bias.size() == w.size(),
+              op, ": expected L caches, 2L + 1 norms and 7L + 1 weights, scales and biases");
+  const at::ScalarType ct = kc[0].scalar_type();
+  TORCH_CHECK(ct == at::kFloat || ct == at::kHalf || ct == at::kBFloat16, op,
+              ": caches must be float32, float16 or bfloat16");
+  const int64_t Hk = kc[0].size(1), S = kc[0].size(2), hd = kc[0].size(3);
+  TORCH_CHECK(H % Hk == 0 && hd % 8 == 0 && inv_freq.size(0) * 2 == hd && pos >= 0 &&
+              pos < S, op, ": shape mismatch (heads, head size, rotary frequencies or "
+              "position)");
+  for (int64_t l = 0; l < L; ++l)
+    for (const at::Tensor* c : {&kc[l], &vc[l]})
+      TORCH_CHECK(c->is_contiguous() && c->dim() == 4 && c->size(0) == 1 &&
+                  c->size(1) == Hk && c->size(2) == S && c->size(3) == hd &&
+                  c->scalar_type() == ct, op, ": every cache must be a contiguous [1, Hk, S, hd] "
+                  "tensor of one dtype");
+  for (const at::Tensor& nw : norms) {
+    check_tensor(nw, at::kFloat, 1, op, "norm weight");
+    TORCH_CHECK(nw.size(0) == D, op, ": a norm weight is not [D]");
+  }
+  std::vector<DecodeLinear> lin;
+  for (size_t i = 0; i < w.size(); ++i) lin.push_back(decode_linear(w[i], ws[i], bias.get(i)));
+  int64_t I = 0, maxn = 0, maxk = D;
+  for (int64_t l = 0; l < L; ++l) {
+    const DecodeLinear* q = &lin[7 * l];
+    TORCH_CHECK(q[0].k == D && q[1].k == D && q[2].k == D && q[0].n == H * hd &&
+                q[1].n == Hk * hd && q[2].n == Hk * hd && q[3].k == H * hd && q[3].n == D &&
+                q[4].k == D && q[5].k == D && q[4].n == q[5].n && q[6].k == q[4].n &&
+                q[6].n == D, op, ": layer ", l, "'s weights do not chain");
+    I = std::max(I, q[4].n);
+  }
+  TORCH_CHECK(lin.back().k == D, op, ": the head's input is not [D]");
+  for (const DecodeLinear& l : lin) { maxn = std::max(maxn, l.n); maxk = std::max(maxk, l.k); }
+  maxn = std::max(maxn, H * hd + 2 * Hk * hd);
+  maxn = std::max(maxn, 2 * I);
+  const int64_t V = lin.back().n, g = H / Hk, n = pos + 1, es = kc[0].element_size();
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  // attention work: (key/value head, key chunk) items, as decode_attention splits them
+  const int64_t chunks = T > 1 && Hk < 2 * T
+      ? std::max<int64_t>(1, std::min<int64_t>((2 * T + Hk - 1) / Hk, n / kMinChunkKeys)) : 1;
+  const int64_t step = (n + chunks - 1) / chunks, items = Hk * chunks;
+  const int64_t last = (n - 1) / step;     // the chunk holding `pos`: it writes the new row
+  const AttendFn attend = pick_attend(hd, isa, ct);
+
+  at::Tensor logits = at::empty({V}, embed_scale.options());
+  // the calling thread's buffers, kept between steps (no allocation or zeroing a step);
+  // two output buffers, alternating (A: q k v, gate up; B: o, down), so that no thread
+  // writes one while another still reads it: 5 barriers a layer
+  static thread_local std::vector<int32_t> acc, rs;
+  static thread_local std::vector<float> buf_a, buf_b, po, pm, psum;
+  auto grow = [](auto& v, int64_t n) { if (int64_t(v.size()) < n) v.resize(n); };
+  grow(acc, maxn); grow(rs, maxn); grow(buf_a, maxn); grow(buf_b, D);
+  grow(po, items * g * hd); grow(pm, items * g); grow(psum, items * g);
+  // (pointers: inside the parallel region these names would be each thread's own)
+  float* yo = buf_a.data();
+  float* yb = buf_b.data();
+  int32_t* accp = acc.data();
+  int32_t* rsp = rs.data();
+  float* pop = po.data();
+  float* pmp = pm.data();
+  float* psp = psum.data();
+  float* lp = logits.data_ptr<float>();
+  // the token's embedding and rotary tables (the graph's float32 operations; cos / sin
+  // are libm's, within an ulp of torch's)
+  std::vector<float> h0(D), cs(2 * hd);
+  {
+    const int8_t* er = embed.data_ptr<int8_t>() + token * D;
+    const float es0 = embed_scale.data_ptr<float>()[token];
+    for (int64_t i = 0; i < D; ++i) h0[i] = float(er[i]) * es0;
+    const float* f = inv_freq.data_ptr<float>();
+    const float rs = float(rope_scale);
+    for (int64_t i = 0; i < hd; ++i) {
+      const float a = float(pos) * f[i % (hd / 2)];
+      cs[i] = std::cos(a) * rs;
+      cs[hd + i] = std::sin(a) * rs;
+    }
+  }
+  const float* c = cs.data();
+  const float* sn = cs.data() + hd;
+  const float fe = float(eps), fs = float(scale);
+
+#pragma omp parallel num_threads(T)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    // each thread's own (kept between steps): the residual stream and the per-token work
+    static thread_local std::vector<float> h, x, qh, kv, sc;
+    static thread_local std::vector<int8_t> xq;
+    static thread_local std::vector<int16_t> xv;   // int16 codes, or u8 codes in its bytes
+    grow(h, D); grow(x, std::max(maxk, H * hd)); grow(qh, g * hd); grow(kv, 2 * hd);
+    grow(sc, g * (step + 16)); grow(xq, maxk); grow(xv, maxk);
+    std::copy(h0.begin(), h0.end(), h.data());
+    for (int64_t l = 0; l < L; ++l) {
+      const DecodeLinear* ql = &lin[7 * l];
+      char* kp = static_cast<char*>(kc[l].data_ptr());
+      char* vp = static_cast<char*>(vc[l].data_ptr());
+      // q, k, v
+      decode_rmsnorm(h.data(), norms[2 * l].data_ptr<float>(), D, fe, isa, x.data());
+      float xs = decode_quantize(x.data(), D, isa, xq.data(), xv.data());
+      decode_gemv(ql, 3, xv.data(), xs, isa, tid, nt, accp, rsp, yo);
+#pragma omp barrier
+      // attention: each item's query heads rotated privately; the item holding `pos`
+      // writes the token's key and value rows first (no other item reads that row)
+      for (int64_t t = tid; t < items; t += nt) {
+        const int64_t hk = t / chunks, ch = t % chunks, j0 = ch * step;
+        const int64_t len = std::min(step, n - j0);
+        float* o = pop + t * g * hd;
+        if (len <= 0) {
+          std::fill(o, o + g * hd, 0.f);
+          std::fill(pmp + t * g, pmp + (t + 1) * g, -INFINITY);
+          std::fill(psp + t * g, psp + (t + 1) * g, 0.f);
+          continue;
+        }
+        char* kh = kp + hk * S * hd * es;
+        char* vh = vp + hk * S * hd * es;
+        if (ch == last) {
+          std::copy(yo + H * hd + hk * hd, yo + H * hd + (hk + 1) * hd, kv.data());
+          std::copy(yo + (H + Hk) * hd + hk * hd, yo + (H + Hk) * hd + (hk + 1) * hd,
+                    kv.data() + hd);
+          decode_rope(kv.data(), c, sn, hd);
+          void* kd = kh + pos * hd * es;
+          void* vd = vh + pos * hd * es;
+          if (ct == at::kFloat) { store_row<float>(kv.data(), hd, kd); store_row<float>(kv.data() + hd, hd, vd); }
+          else if (ct == at::kHalf) { store_row<at::Half>(kv.data(), hd, kd); store_row<at::Half>(kv.data() + hd, hd, vd); }
+          else { store_row<at::BFloat16>(kv.data(), hd, kd); store_row<at::BFloat16>(kv.data() + hd, hd, vd); }
+        }
+        for (int64_t i = 0; i < g; ++i) {
+          std::copy(yo + (hk * g + i) * hd, yo + (hk * g + i + 1) * hd, qh.data() + i * hd);
+          decode_rope(qh.data() + i * hd, c, sn, hd);
+        }
+        attend(qh.data(), kh + j0 * hd * es, vh + j0 * hd * es, nullptr, 0, len, g, hd, fs,
+               sc.data(), o, pmp + t * g, psp + t * g);
+      }
+#pragma omp barrier
+      // merge the chunks (every thread, privately) -> o_proj's input
+      for (int64_t hk = 0; hk < Hk; ++hk)
+        for (int64_t i = 0; i < g; ++i) {
+          float mx = -INFINITY;
+          for (int64_t ch = 0; ch < chunks; ++ch) mx = std::max(mx, pmp[(hk * chunks + ch) * g + i]);
+          float* xi = x.data() + (hk * g + i) * hd;
+          std::fill(xi, xi + hd, 0.f);
+          float den = 0.f;
+          for (int64_t ch = 0; ch < chunks; ++ch) {
+            const int64_t t = hk * chunks + ch;
+            const float m = pmp[t * g + i];
+            const float wt = m == -INFINITY ? 0.f : std::exp(m - mx);
+            den += wt * psp[t * g + i];
+            const float* oi = pop + (t * g + i) * hd;
+            for (int64_t d = 0; d < hd; ++d) xi[d] += wt * oi[d];
+          }
+          for (int64_t d = 0; d < hd; ++d) xi[d] /= den;
+        }
+      xs = decode_quantize(x.data(), H * hd, isa, xq.data(), xv.data());
+      decode_gemv(ql + 3, 1, xv.data(), xs, isa, tid, nt, accp, rsp, yb);
+#pragma omp barrier
+      for (int64_t i = 0; i < D; ++i) h[i] += yb[i];
+      // gate, up
+      decode_rmsnorm(h.data(), norms[2 * l + 1].data_ptr<float>(), D, fe, isa, x.data());
+      xs = decode_quantize(x.data(), D, isa, xq.data(), xv.data());
+      decode_gemv(ql + 4, 2, xv.data(), xs, isa, tid, nt, accp, rsp, yo);
+#pragma omp barrier
+      const int64_t In = ql[4].n;
+      if (isa >= ISA_AVX2) silu_mul_avx2(yo, yo + In, In, x.data());
+      else for (int64_t i = 0; i < In; ++i) x[i] = yo[i] / (1.f + std::exp(-yo[i])) * yo[In + i];
+      xs = decode_quantize(x.data(), In, isa, xq.data(), xv.data());
+      decode_gemv(ql + 6, 1, xv.data(), xs, isa, tid, nt, accp, rsp, yb);
+#pragma omp barrier
+      for (int64_t i = 0; i < D; ++i) h[i] += yb[i];
+    }
+    decode_rmsnorm(h.data(), norms[2 * L].data_ptr<float>(), D, fe, isa, x.data());
+    const float xs = decode_quantize(x.data(), D, isa, xq.data(), xv.data());
+    decode_gemv(&lin.back(), 1, xv.data(), xs, isa, tid, nt, accp, rsp, lp);
+  }
+  return logits;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qdsl_kernels, m) {
@@ -1299,6 +1664,10 @@ TORCH_LIBRARY(qdsl_kernels, m) {
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, int gs, Tensor? bias, int isa) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int n, float scale, "
         "int isa=1) -> Tensor");
+  m.def("llama_decode_step(Tensor embed, Tensor embed_scale, int token, Tensor[] norms, "
+        "Tensor[] w, Tensor[] w_scale, Tensor?[] bias, Tensor[] k_cache, Tensor[] v_cache, "
+        "Tensor inv_freq, float rope_scale, int pos, int heads, float eps, float scale, "
+        "int isa) -> Tensor");
   m.def("cached_decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, "
         "Tensor cache_position, float scale, int isa=1) -> Tensor");
 }
@@ -1310,4 +1679,5 @@ TORCH_LIBRARY_IMPL(qdsl_kernels, CPU, m) {
   m.impl("w4_linear", &w4_linear);
   m.impl("decode_attention", &decode_attention);
   m.impl("cached_decode_attention", &cached_decode_attention);
+  m.impl("llama_decode_step", &llama_decode_step);
 }
