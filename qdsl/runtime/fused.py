@@ -272,6 +272,15 @@ class FusedStep:
         self._compile_s: float | None = None
         self._moved = hugepages.Moved()
 
+    def __getattr__(self, name: str):
+        # what else a caller reads of a compiled step (``direct``, ``fused``, ...): the
+        # fallback's, once there is one
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(f"{type(self).__name__} has no {name!r} (no fallback step "
+                                 "made: fused or not called yet)")
+        return getattr(inner, name)
+
     @property
     def active(self) -> bool:
         return self.plan is not None and self.checked

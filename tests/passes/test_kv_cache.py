@@ -119,6 +119,7 @@ def test_compiled_step_on_a_16bit_cache(tmp_path, monkeypatch):
     from qdsl.runtime import compiled
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setenv(compiled.CHECKS_ENV, "1")
+    monkeypatch.setenv("QDSL_FUSED_DECODE", "0")    # the compiled step, not the fused one
     m, q = _compile("fp16", "int8")
     ids = tiny_ids(m, 1, 16, seed=5)
     eager = GraphLM(q.gm, CACHE, compile_decode=False)
