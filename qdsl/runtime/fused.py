@@ -43,6 +43,7 @@ from torch import fx
 from .kernels import cext
 from .kernels.cpu import capability
 from . import hugepages
+from .compiled import CompiledStep
 from .attention import FusedAttention
 from .int8 import Int8DynamicLinear, Int8Embedding
 
@@ -363,7 +364,6 @@ def decode_step(gm: torch.nn.Module, name: str = "graph"):
     """The one-token step ``GraphLM`` and ``qdsl bench`` run when decoding is compiled: a
     ``FusedStep`` falling back to the compiled step (``$QDSL_FUSED_DECODE=0``: the compiled
     step itself)."""
-    from .compiled import CompiledStep
     if not wanted():
         return CompiledStep(gm, name)
     return FusedStep(gm, lambda: CompiledStep(gm, name), name)
