@@ -1176,6 +1176,29 @@ AttendFn pick_attend(int64_t D, int64_t isa, at::ScalarType dtype) {
 
 constexpr int64_t kMinChunkKeys = 128;   // the fewest keys a thread's chunk gets
 
+// the chunks of one (batch, key/value head) pair, each an unnormalized output with its
+// softmax max and sum (attend_one_*'s part_mx / part_sum), merged into the g heads' rows
+// out [g, D]: each chunk rescaled to the largest max (a chunk with no keys: max -inf)
+void merge_chunks(const float* po, const float* pm, const float* ps, int64_t pair,
+                  int64_t chunks, int64_t g, int64_t D, float* out) {
+  for (int64_t i = 0; i < g; ++i) {
+    float mx = -INFINITY;
+    for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, pm[(pair * chunks + c) * g + i]);
+    float* oi = out + i * D;
+    std::fill(oi, oi + D, 0.f);
+    float den = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t t = pair * chunks + c;
+      const float m = pm[t * g + i];
+      const float w = m == -INFINITY ? 0.f : std::exp(m - mx);
+      den += w * ps[t * g + i];
+      const float* o = po + (t * g + i) * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] += w * o[d];
+    }
+    for (int64_t d = 0; d < D; ++d) oi[d] /= den;
+  }
+}
+
 // q [B, H, 1, D]; k, v [B, Hk, >= n, D] (a cache: any strides on B and Hk, rows of D
 // contiguous), both float32, both float16 or both bfloat16; mask: additive float
 // [1 or B, 1 or H, 1, >= n], or none. -> float32 [B, H, 1, D]
@@ -1258,24 +1281,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                       float(scale), scratch.data(), o, pm.data() + t * g, ps.data() + t * g);
     }
   });
-  for (int64_t pr = 0; pr < pairs; ++pr) {       // merge: rescale each chunk to the max
+  for (int64_t pr = 0; pr < pairs; ++pr) {
     const int64_t b = pr / Hk, hk = pr % Hk;
-    for (int64_t i = 0; i < g; ++i) {
-      float mx = -INFINITY;
-      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, pm[(pr * chunks + c) * g + i]);
-      float* oi = op + (b * H + hk * g + i) * D;
-      std::fill(oi, oi + D, 0.f);
-      float den = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t t = pr * chunks + c;
-        const float m = pm[t * g + i];
-        const float w = m == -INFINITY ? 0.f : std::exp(m - mx);
-        den += w * ps[t * g + i];
-        const float* o = po.data() + (t * g + i) * D;
-        for (int64_t d = 0; d < D; ++d) oi[d] += w * o[d];
-      }
-      for (int64_t d = 0; d < D; ++d) oi[d] /= den;
-    }
+    merge_chunks(po.data(), pm.data(), ps.data(), pr, chunks, g, D, op + (b * H + hk * g) * D);
   }
   return out;
 }
@@ -1613,22 +1621,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
 #pragma omp barrier
       // merge the chunks (every thread, privately) -> o_proj's input
       for (int64_t hk = 0; hk < Hk; ++hk)
-        for (int64_t i = 0; i < g; ++i) {
-          float mx = -INFINITY;
-          for (int64_t ch = 0; ch < chunks; ++ch) mx = std::max(mx, pmp[(hk * chunks + ch) * g + i]);
-          float* xi = x.data() + (hk * g + i) * hd;
-          std::fill(xi, xi + hd, 0.f);
-          float den = 0.f;
-          for (int64_t ch = 0; ch < chunks; ++ch) {
-            const int64_t t = hk * chunks + ch;
-            const float m = pmp[t * g + i];
-            const float wt = m == -INFINITY ? 0.f : std::exp(m - mx);
-            den += wt * psp[t * g + i];
-            const float* oi = pop + (t * g + i) * hd;
-            for (int64_t d = 0; d < hd; ++d) xi[d] += wt * oi[d];
-          }
-          for (int64_t d = 0; d < hd; ++d) xi[d] /= den;
-        }
+        merge_chunks(pop, pmp, psp, hk, chunks, g, hd, x.data() + hk * g * hd);
       xs = decode_quantize(x.data(), H * hd, isa, xq.data(), xv.data());
       decode_gemv(ql + 3, 1, xv.data(), xs, isa, tid, nt, accp, rsp, yb);
 #pragma omp barrier
