@@ -14,6 +14,10 @@ interval.
     python tools/ab_decode_processes.py ARTIFACT --a-env QDSL_HUGE_PAGES=0 --pairs 6
     python tools/ab_decode_processes.py ARTIFACT --b-artifact ARTIFACT_FP16_CACHE --pairs 8
     python tools/ab_decode_processes.py ARTIFACT --a-path /work/old --b-path . --pairs 8
+
+``--step fused``: both sides decode through ``qdsl.runtime.fused.decode_step`` (the one
+C++ call a step of a w8a8 LLaMA artifact, falling back to the compiled step) instead of
+the compiled step; the child says which ran.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ import sys
 import time
 
 
-def child(artifact: str, threads: int, context: int, steps: int) -> None:
+def child(artifact: str, threads: int, context: int, steps: int, step: str) -> None:
     import torch
 
     from qdsl.compiler.loading import load_artifact_lm
     from qdsl.runtime.compiled import CompiledStep
+    from qdsl.runtime.fused import decode_step
     torch.set_num_threads(threads)
     lm = load_artifact_lm(artifact, max_cache_len=context + steps + 16)
-    lm.step = CompiledStep(lm.gm, "ab")
+    lm.step = decode_step(lm.gm, "ab") if step == "fused" else CompiledStep(lm.gm, "ab")
     ids = torch.randint(0, 1000, (1, context), generator=torch.Generator().manual_seed(0))
     logits = lm.prefill(ids[:, :8])
     for _ in range(3):
@@ -46,7 +51,8 @@ def child(artifact: str, threads: int, context: int, steps: int) -> None:
         logits = lm.decode(int(logits.argmax()))
         ms.append((time.perf_counter() - t0) * 1e3)
     print(json.dumps({"ms": statistics.median(ms), "moved": lm.step.moved.nbytes,
-                      "direct": lm.step.direct}))
+                      "direct": "fused" if getattr(lm.step, "active", False)
+                      else lm.step.direct}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--step", choices=("compiled", "fused"), default="compiled",
+                    help="the decode step both sides run (default: compiled)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        child(a.artifact, a.threads, a.context, a.steps)
+        child(a.artifact, a.threads, a.context, a.steps, a.step)
         return 0
     if not a.a_env and not a.b_env and not a.b_artifact and not (a.a_path or a.b_path):
         ap.error("nothing differs between A and B: give --a-env / --b-env, --b-artifact "
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(side: str) -> dict:
         artifact = a.b_artifact if side == "B" and a.b_artifact else a.artifact
         cmd = [sys.executable, __file__, artifact, "--a-env", a.a_env, "--child",
-               "--threads", str(a.threads), "--context", str(a.context), "--steps", str(a.steps)]
+               "--threads", str(a.threads), "--context", str(a.context), "--steps", str(a.steps),
+               "--step", a.step]
         out = subprocess.run(cmd, env=env_of(a.a_env if side == "A" else a.b_env,
                                              a.a_path if side == "A" else a.b_path),
                              capture_output=True, text=True, check=True).stdout
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"A ({a.a_path or a.a_env or a.artifact}) median {statistics.median(ms['A']):.3f} ms, B ({b_name}) "
           f"median {statistics.median(ms['B']):.3f} ms; B / A {iv.est:.3f} "
           f"[{iv.lo:.3f}, {iv.hi:.3f}] ({iv.n} pairs of processes, "
-          f"{torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s))")
+          f"{torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s), {a.step} step)")
     return 0
 
 

@@ -81,6 +81,31 @@ def test_every_isa_path_matches_the_graph(isa):
                                atol=1e-4 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("isa", _isas())
+def test_every_isa_path_is_exact_at_the_code_extremes(isa):
+    """The AVX2 / AVX-512 row kernel multiplies |w| by x carrying w's sign (vpmaddubsw):
+    exact only because |w| <= 128 and |x| <= 127. Weights full of -128 and 127 codes
+    (each token's largest input is always a +-127 code) give the graph's logits on
+    every path."""
+    _, gm = _artifact(KV16)
+    p, why = fused.plan(gm)
+    assert p is not None, why
+    g = torch.Generator().manual_seed(0)
+    for w in p.w:
+        r = torch.rand(w.shape, generator=g)
+        w[r < 0.3] = -128
+        w[r > 0.85] = 127
+    ids = tiny_ids(tiny("llama"), 1, 20, seed=6)
+    ref = _steps(GraphLM(gm, 32, compile_decode=False), ids)
+    lm = _fused_lm(gm, 32)
+    got = [lm.prefill(ids[:, :5]), lm.decode(int(ids[0, 5]))]
+    assert lm.step.active, lm.step.why
+    lm.step.plan.isa = isa
+    got += [lm.decode(int(t)) for t in ids[0, 6:17]]
+    torch.testing.assert_close(torch.stack(got), ref, rtol=1e-4,
+                               atol=1e-4 * float(ref.abs().max()))
+
+
 def test_biases_and_key_chunks_over_two_threads():
     """q / k / v / o biases (Qwen2's q / k / v have them), and a cache long enough that two
     threads split each key/value head's keys into chunks and merge them."""

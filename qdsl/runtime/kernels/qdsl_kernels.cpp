@@ -242,6 +242,51 @@ void w8a8_avx2_block(const int16_t* x, const int8_t* w, int64_t K, int64_t n0, i
 }
 QDSL_ROWS_BY_MM(w8a8_rows_avx2, w8a8_avx2_block, int16_t, int32_t)
 
+// AVX2, one activation row of symmetric 8-bit codes in [-127, 127] (the decode step's:
+// decode_quantize clamps to +-127) against int8 weights, with no widening step:
+// vpmaddubsw multiplies |w| (unsigned, 0..128: |-128| is 128 as a u8) by x carrying w's
+// sign (vpsignb; |x| <= 127, so no negation overflows) and adds the pairs in int16, at most
+// 2 * 128 * 127 = 32512 (never saturating); vpmaddwd against ones widens them to int32.
+// Exact, and 32 weights a step for one load of each operand where the int16 path widens
+// 16: on SmolLM2's tied head (576 -> 49152, cold, huge pages, Zen 4 forced to AVX2) 24 GB/s
+// against the int16 path's 15-20 and the VNNI path's 21 (which also sums each row for its
+// u8 shift). Four rows a pass in address order, as the other row kernels.
+__attribute__((target("avx2")))
+void w8a8_row1_avx2_s8(const int8_t* x, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
+                       int32_t* acc) {
+  const int64_t K32 = K & ~int64_t(31);
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto dot = [ones](const int8_t* wp, const int8_t* xp, __m256i a) __attribute__((target("avx2"))) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+    return _mm256_add_epi32(a, _mm256_madd_epi16(p, ones));
+  };
+  auto tail = [&](const int8_t* wr) {
+    int32_t s = 0;
+    for (int64_t k = K32; k < K; ++k) s += int32_t(x[k]) * int32_t(wr[k]);
+    return s;
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* wr = w + n * K;
+    __m256i a[4];
+    for (int j = 0; j < 4; ++j) {
+      a[j] = _mm256_setzero_si256();
+      for (int64_t k = 0; k < K32; k += 32) a[j] = dot(wr + j * K + k, x + k, a[j]);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + n), reduce4_epi32_256(a[0], a[1], a[2], a[3]));
+    if (K32 < K)
+      for (int j = 0; j < 4; ++j) acc[n + j] += tail(wr + j * K);
+  }
+  for (; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __m256i a = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K32; k += 32) a = dot(wr + k, x + k, a);
+    acc[n] = hsum256i(a) + tail(wr);
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static inline __m256i half_sum(__m512i v) {
   return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
@@ -1348,7 +1393,13 @@ inline void row_share(int64_t N, int tid, int T, int64_t* a, int64_t* b) {
 }
 
 // out[off + n] for this thread's rows of the linears `ls` (on one input, outputs side by
-// side): x's codes `xv` (u8 x + 128 on VNNI, else int16), its scale xs
+// side): x's codes `xv` as decode_quantize wrote them for `isa`, its scale xs. The row
+// kernel: VNNI's (u8 codes, the row sums from the same pass) on VNNI; on AVX2 and AVX-512
+// without VNNI w8a8_row1_avx2_s8 (int8 codes, no widening). Paired in one process on
+// SmolLM2-135M's fused step (1 thread, 512 keys), the int8-code kernel against the int16
+// paths it replaced: 0.870x [0.857, 0.883] of the step forced to AVX2, 0.785x [0.768,
+// 0.803] with oneDNN capped below VNNI; on VNNI 1.002x at 1 thread and 1.041x at 2 (so
+// VNNI keeps its own); docs/performance.md, session 41.
 void decode_gemv(const DecodeLinear* ls, int count, const void* xv, float xs, int64_t isa,
                  int tid, int T, int32_t* acc, int32_t* rs, float* out) {
   int64_t N = 0;
@@ -1356,7 +1407,6 @@ void decode_gemv(const DecodeLinear* ls, int count, const void* xv, float xs, in
   int64_t a, b;
   row_share(N, tid, T, &a, &b);
   const bool vnni = isa >= ISA_VNNI;
-  const auto rows16 = pick_isa(isa, w8a8_rows_generic, w8a8_rows_avx2, w8a8_rows_avx512);
   int64_t off = 0;
   for (int i = 0; i < count; ++i) {
     const DecodeLinear& l = ls[i];
@@ -1365,8 +1415,10 @@ void decode_gemv(const DecodeLinear* ls, int count, const void* xv, float xs, in
       if (vnni)
         w8a8_rows_vnni(static_cast<const uint8_t*>(xv), 1, l.w, l.k, r0, r1, acc + off, N,
                        rs + off);
+      else if (isa >= ISA_AVX2)
+        w8a8_row1_avx2_s8(static_cast<const int8_t*>(xv), l.w, l.k, r0, r1, acc + off);
       else
-        rows16(static_cast<const int16_t*>(xv), 1, l.w, l.k, r0, r1, acc + off, N);
+        w8a8_rows_generic(static_cast<const int16_t*>(xv), 1, l.w, l.k, r0, r1, acc + off, N);
       w8a8_epilogue(acc + off, 1, N, r0, r1, &xs, nullptr, vnni ? 128 : 0,
                     vnni ? rs + off : nullptr, l.ws, l.b, out + off);
     }
@@ -1375,8 +1427,10 @@ void decode_gemv(const DecodeLinear* ls, int count, const void* xv, float xs, in
 }
 
 // x [K] -> its symmetric per-token 8-bit codes as the GEMV takes them (u8 x + 128 on VNNI,
-// else int16) and the scale: quantize_rows' maths (the fake-quant's own), 8 lanes at a time
-// on AVX2 (vroundps to nearest even = nearbyint's default rounding): the same codes
+// int8 on AVX2 / AVX-512, int16 on the generic path) and the scale: quantize_rows' maths
+// (the fake-quant's own), 8 lanes at a time on AVX2 (vroundps to nearest even =
+// nearbyint's default rounding): the same codes, in [-127, 127] (w8a8_row1_avx2_s8
+// relies on it)
 __attribute__((target("avx2,fma")))
 float decode_quantize_avx2(const float* x, int64_t K, bool vnni, void* xv) {
   const __m256 sign = _mm256_set1_ps(-0.f);
@@ -1397,16 +1451,13 @@ float decode_quantize_avx2(const float* x, int64_t K, bool vnni, void* xv) {
     v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
     const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(v), off);
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-    if (vnni)
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(xv) + k),
-                       _mm_packus_epi16(q16, q16));
-    else
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<int16_t*>(xv) + k), q16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<int8_t*>(xv) + k),
+                     vnni ? _mm_packus_epi16(q16, q16) : _mm_packs_epi16(q16, q16));
   }
   for (; k < K; ++k) {
     const float q = std::min(std::max(std::nearbyint(x[k] * inv), -127.f), 127.f);
     if (vnni) static_cast<uint8_t*>(xv)[k] = uint8_t(int(q) + 128);
-    else static_cast<int16_t*>(xv)[k] = int16_t(q);
+    else static_cast<int8_t*>(xv)[k] = int8_t(q);
   }
   return s;
 }
