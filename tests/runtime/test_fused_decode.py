@@ -44,7 +44,8 @@ def _steps(lm, ids, prompt=5, n=12):
 
 
 def _isas():
-    return [i for i in range(capability().isa + 1)]
+    """Every instruction-set path this CPU can run (generic .. its own)."""
+    return list(range(capability().isa + 1))
 
 
 @pytest.mark.parametrize("recipe", [W8A8, KV16], ids=["fp32-cache", "fp16-cache"])
