@@ -1,5 +1,5 @@
 """A whole decode step in one C++ call (issue 15, "decode at the bandwidth limit"):
-``FusedStep`` runs a LLaMA-shaped w8a8 artifact's one-token forward through
+``FusedStep`` runs a LLaMA-shaped w8a8 or w4a8 artifact's one-token forward through
 ``qdsl_kernels::llama_decode_step``, one OpenMP parallel region a step with the threads
 meeting at barriers (5 a layer), where the compiled step (``compiled.CompiledStep``)
 enters ~150 regions, one per kernel call, and runs its wrapper and fused loops on one
@@ -8,9 +8,10 @@ thread while the others wait (session 37's profile: libgomp's spin-wait 21% of a
 
 What it takes (``plan``; anything else is refused with the reason, and the step it wraps
 runs): a batch-1 generate graph lowered with ``--lower int8`` whose every linear is an
-``Int8DynamicLinear`` with symmetric activations (``recipes/int8/w8a8_dynamic*.qrec``),
-named by role (``block.i.attn.q`` .. ``block.i.mlp.down``, ``lm_head``), an
-``Int8Embedding``, a ``FusedAttention`` per block over a static cache, RMSNorm weights
+``Int8DynamicLinear`` (``recipes/int8/w8a8_dynamic*.qrec``) or a ``W4DynamicLinear`` on
+qdsl's kernel (``recipes/int8/w4a8_dynamic.qrec``) with symmetric activations, named by
+role (``block.i.attn.q`` .. ``block.i.mlp.down``, ``lm_head``), an ``Int8Embedding`` or
+a 4-bit ``PackedEmbedding``, a ``FusedAttention`` per block over a static cache, RMSNorm weights
 and rotary tables under transformers' LLaMA / Qwen2 names, and no other module or
 unexpected op in the graph.
 
@@ -46,6 +47,7 @@ from . import hugepages
 from .compiled import CompiledStep
 from .attention import FusedAttention
 from .int8 import Int8DynamicLinear, Int8Embedding
+from .packed import PackedEmbedding, W4DynamicLinear
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +89,37 @@ class Plan:
         self.inv_freq, self.rope_scale = inv_freq, rope_scale
         self.heads, self.eps, self.scale = heads, eps, scale
         self.isa = capability().isa        # the kernels' instruction set (tests force others)
-        self.w = [m.weight for m in linears]
+        # int8 codes with a scale a row, or packed 4-bit codes with group scales [N, G]
+        # (the op tells them apart by dtype)
+        self.w = [_codes(m) for m in linears]
         self.w_scale = [m.weight_scale for m in linears]
         self.bias = [m.bias for m in linears]
 
     def __call__(self, input_ids: torch.Tensor, pos: int) -> torch.Tensor:
         out = torch.ops.qdsl_kernels.llama_decode_step(
-            self.embed.weight, self.embed.weight_scale, int(input_ids.reshape(-1)[0]),
+            _codes(self.embed), self.embed.weight_scale, int(input_ids.reshape(-1)[0]),
             self.norms, self.w, self.w_scale, self.bias, self.k_cache, self.v_cache,
             self.inv_freq, self.rope_scale, pos, self.heads, self.eps, self.scale, self.isa)
         return out.reshape(1, 1, -1)
+
+
+def _codes(m: torch.nn.Module) -> torch.Tensor:
+    """An int8 module's codes, or a 4-bit packed module's (uint8, two a byte)."""
+    return m.weight_packed if isinstance(m, (PackedEmbedding, W4DynamicLinear)) else m.weight
+
+
+def _linear_why(m: torch.nn.Module) -> str | None:
+    """Why the step cannot run this linear (None: it can)."""
+    if isinstance(m, Int8DynamicLinear):
+        return None if m.act_symmetric else "asymmetric activations"
+    per_token, symmetric = m._act()
+    if not symmetric:
+        return "asymmetric activations"
+    if m.compute_dtype != "bf16":
+        return f"compute_dtype {m.compute_dtype!r} (the fake-quant maths, not qdsl's w4a8 kernel)"
+    if (m.group_size or m.in_features) % 2:
+        return f"4-bit groups of {m.group_size or m.in_features} columns (odd)"
+    return None
 
 
 def _attr(gm: torch.nn.Module, target: str):
@@ -126,7 +149,7 @@ def plan(gm: torch.nn.Module) -> tuple[Plan | None, str]:
     if sorted(placeholders) != ["cache_position", "input_ids"]:
         return None, f"graph inputs {placeholders} (a batch-1 generate graph takes input_ids " \
                      "and cache_position)"
-    linears: dict[tuple[int, str], Int8DynamicLinear] = {}
+    linears: dict[tuple[int, str], torch.nn.Module] = {}
     attn: dict[int, fx.Node] = {}
     embed = head = None
     norms: dict[tuple[int, str], torch.Tensor] = {}
@@ -137,9 +160,10 @@ def plan(gm: torch.nn.Module) -> tuple[Plan | None, str]:
             if node.target == "_guards_fn":      # torch.export's input checks
                 continue
             m = gm.get_submodule(node.target)
-            if isinstance(m, Int8DynamicLinear):
-                if not m.act_symmetric:
-                    return None, f"{node.target}: asymmetric activations"
+            if isinstance(m, (Int8DynamicLinear, W4DynamicLinear)):
+                why = _linear_why(m)
+                if why is not None:
+                    return None, f"{node.target}: {why}"
                 if node.target == "qdsl_int8__lm_head":
                     head = m
                     continue
@@ -147,7 +171,8 @@ def plan(gm: torch.nn.Module) -> tuple[Plan | None, str]:
                 if not hit:
                     return None, f"{node.target}: a linear with no LLaMA role"
                 linears[int(hit[1]), hit[2]] = m
-            elif isinstance(m, Int8Embedding):
+            elif isinstance(m, Int8Embedding) or (isinstance(m, PackedEmbedding)
+                                                  and m.bits == 4):
                 if embed is not None:
                     return None, "two embeddings"
                 embed = m
@@ -187,7 +212,7 @@ def plan(gm: torch.nn.Module) -> tuple[Plan | None, str]:
                     rope_scale = users[0].args[1]
     layers = len(attn)
     if embed is None or head is None or layers == 0:
-        return None, "no int8 embedding, int8 head or attention"
+        return None, "no int8 / 4-bit embedding, quantized head or attention"
     if sorted(attn) != list(range(layers)) or len(linears) != 7 * layers:
         return None, f"{layers} attentions and {len(linears)} block linears (7 a block expected)"
     if final_norm is None or inv_freq is None or len(norms) != 2 * layers:

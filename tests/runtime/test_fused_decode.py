@@ -1,7 +1,7 @@
 """The fused decode step (qdsl.runtime.fused, qdsl_kernels::llama_decode_step): a whole
-w8a8 LLaMA step in one C++ call gives the graph's logits and completions (every ISA path,
-1 and 2 threads, float32 / float16 caches, q / k / v biases, key chunks split over
-threads), refuses graphs it does not compute with the reason, and falls back to the
+w8a8 / w4a8 LLaMA step in one C++ call gives the graph's logits and completions (every ISA
+path, 1 and 2 threads, float32 / float16 caches, 4-bit weights and embedding, w8a8 and
+w4a8 linears in one step, q / k / v biases, key chunks split over threads), refuses graphs it does not compute with the reason, and falls back to the
 wrapped step when its first-call check fails."""
 
 import logging
@@ -20,6 +20,10 @@ from qdsl.runtime.kernels.cpu import capability
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "int8"
 W8A8 = (RECIPES / "w8a8_dynamic.qrec").read_text()
 KV16 = W8A8 + "\nset lower.kv_cache = fp16\n"
+# 4-bit weights (groups of 32) times 8-bit dynamic activations, a 4-bit embedding and head
+W4A8 = (RECIPES / "w4a8_dynamic.qrec").read_text() + "\nset lower.kv_cache = fp16\n"
+# w8a8 attention, w4a8 MLP: the step switches kernels (and input layouts) per linear
+MIXED = KV16 + "\nblock.*.mlp.* -> w4 sym group(size=32)\n"
 
 pytestmark = pytest.mark.skipif(not cext.load(), reason="qdsl's C++ kernels unavailable here")
 
@@ -48,7 +52,8 @@ def _isas():
     return list(range(capability().isa + 1))
 
 
-@pytest.mark.parametrize("recipe", [W8A8, KV16], ids=["fp32-cache", "fp16-cache"])
+@pytest.mark.parametrize("recipe", [W8A8, KV16, W4A8, MIXED],
+                         ids=["fp32-cache", "fp16-cache", "w4a8", "w8a8-attn-w4a8-mlp"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_step_gives_the_graphs_logits_and_completions(recipe, threads):
     _, gm = _artifact(recipe)
@@ -68,10 +73,12 @@ def test_fused_step_gives_the_graphs_logits_and_completions(recipe, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("recipe", [KV16, W4A8], ids=["w8a8", "w4a8"])
 @pytest.mark.parametrize("isa", _isas())
-def test_every_isa_path_matches_the_graph(isa):
-    """generic C++, AVX2, AVX-512, VNNI GEMVs and both attention paths: same logits."""
-    _, gm = _artifact(KV16)
+def test_every_isa_path_matches_the_graph(isa, recipe):
+    """generic C++, AVX2, AVX-512, VNNI GEMVs (w8a8 and w4a8) and both attention paths:
+    same logits."""
+    _, gm = _artifact(recipe)
     ids = tiny_ids(tiny("llama"), 1, 20, seed=5)
     ref = _steps(GraphLM(gm, 32, compile_decode=False), ids)
     lm = _fused_lm(gm, 32)
@@ -132,7 +139,8 @@ def test_biases_and_key_chunks_over_two_threads():
      "Int8StaticLinear"),
     ((RECIPES / "w8_weight_only.qrec").read_text(), "Int8WeightOnlyLinear"),
     (W8A8 + "\nblock.*.res_sum -> a8 sym per_token dynamic\n", "DynamicFakeQuant"),
-], ids=["asym", "static", "weight-only", "res-sum"])
+    (W4A8.replace("ln_1         -> a8 sym", "ln_1         -> a8 asym"), "asymmetric"),
+], ids=["asym", "static", "weight-only", "res-sum", "w4a8-asym"])
 def test_plan_refuses_what_it_does_not_compute(recipe, why):
     _, gm = _artifact(recipe)
     plan, reason = fused.plan(gm)

@@ -31,8 +31,9 @@
 //               with n = cache_position[-1] + 1 read here: a compiled decode step calls
 //               it directly (static shapes, no Python op around it)
 //   llama_decode_step(embed, embed_scale, token, norms[], w[], w_scale[], bias?[], k_cache[],
-//               v_cache[], inv_freq, rope_scale, pos, heads, eps, scale, isa)  a whole w8a8 LLaMA decode step (batch 1, one
-//               token) in one parallel region; see its definition and runtime/fused.py
+//               v_cache[], inv_freq, rope_scale, pos, heads, eps, scale, isa)  a whole LLaMA
+//               decode step of w8a8 and / or w4a8 linears (batch 1, one token) in one
+//               parallel region; see its definition and runtime/fused.py
 // The same extension has qdsl_gemm.cpp (w8a8_pack / w8a8_gemm, prefill) and qdsl_w4a8.cpp
 // (w4a8_linear / w4a8_linear_cat: 4-bit weights times 8-bit dynamic activations).
 #include "qdsl_common.h"
@@ -1348,8 +1349,9 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k, con
 
 // ---------------------------------------------------------------- llama_decode_step
 //
-// One decode step of a LLaMA-shaped model whose linears are all w8a8 with symmetric
-// dynamic activations (recipes/int8/w8a8_dynamic*.qrec), batch 1, one token, in ONE
+// One decode step of a LLaMA-shaped model whose linears are all w8a8 or w4a8 with
+// symmetric dynamic activations (recipes/int8/w8a8_dynamic*.qrec, w4a8_dynamic.qrec),
+// batch 1, one token, in ONE
 // OpenMP parallel region: the threads walk the whole layer list and meet at barriers
 // (5 a layer), as llama.cpp's graph compute does, instead of one fork / join per op.
 // Each thread keeps its own copy of the residual stream and computes the cheap per-token
@@ -1359,30 +1361,55 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k, con
 // checks the step's logits against the graph's before using it.
 //
 //   embed int8 [V, D] / embed_scale float32 [V], token: the token's embedding row (its codes
-//   times its scale, as Int8Embedding);  norms: 2L + 1 float32 [D] (input, post-attention
-//   per layer, then the final norm);  w / ws / bias: 7L + 1 int8 [N, K] weights, float32
-//   [N] scales, optional float32 [N] biases (q, k, v, o, gate, up, down per layer, then the
-//   head);  kc / vc: L caches [1, Hk, S, hd] (float32, float16 or bfloat16), the token's
+//   times its scale, as Int8Embedding; or packed 4-bit rows uint8 [V, D / 2] with group
+//   scales [V, G], as a 4-bit PackedEmbedding);  norms: 2L + 1 float32 [D] (input,
+//   post-attention per layer, then the final norm);  w / ws / bias: 7L + 1 weights (int8
+//   [N, K] with float32 [N] scales, or packed 4-bit uint8 [N, K / 2] with float32 [N, G]
+//   group scales: w4a8_linear's operands), optional float32 [N] biases (q, k, v, o, gate,
+//   up, down per layer, then the head);  kc / vc: L caches [1, Hk, S, hd] (float32, float16 or bfloat16), the token's
 //   keys and values written at `pos`;  inv_freq float32 [hd / 2], rope_scale: the rotary
 //   embedding at `pos` (cos / sin of pos * inv_freq, twice, times rope_scale; rotate_half
 //   convention, as transformers' LLaMA);  H query heads;  eps, scale.  -> logits float32 [V]
 
+// a linear of the step: w8a8 (int8 w [N, K], its scale ws [N]) or w4a8 (p: packed 4-bit
+// codes [N, K / 2], two a byte, low nibble first, as w4a8_linear takes them; sc: their
+// scales [N, K / gs])
 struct DecodeLinear {
   const int8_t* w; const float* ws; const float* b; int64_t n, k;
+  const uint8_t* p = nullptr; const float* sc = nullptr; int64_t gs = 0;
 };
+
+// w4a8 linears (qdsl_w4a8.cpp: cext.build compiles the sources as one translation unit)
+struct W4a8Token;
+W4a8Token* w4a8_token();
+float w4a8_token_quantize(W4a8Token* t, const float* x, int64_t K, int64_t gs, int64_t isa);
+void w4a8_token_rows(const W4a8Token* t, const uint8_t* p, const float* sc, const float* bias,
+                     int64_t n0, int64_t n1, float* y);
 
 inline DecodeLinear decode_linear(const at::Tensor& w, const at::Tensor& ws,
                                   const c10::optional<at::Tensor>& b) {
-  check_tensor(w, at::kChar, 2, "llama_decode_step", "w");
-  check_tensor(ws, at::kFloat, 1, "llama_decode_step", "w_scale");
-  TORCH_CHECK(ws.size(0) == w.size(0), "llama_decode_step: a weight's scale is not [N]");
+  const char* op = "llama_decode_step";
+  const bool w4 = w.scalar_type() == at::kByte;
+  check_tensor(w, w4 ? at::kByte : at::kChar, 2, op, "w");
+  check_tensor(ws, at::kFloat, w4 ? 2 : 1, op, "w_scale");
+  const int64_t n = w.size(0), k = w4 ? 2 * w.size(1) : w.size(1);
+  TORCH_CHECK(ws.size(0) == n, op, ": a weight's scale is not [N] (int8) or [N, G] (4-bit)");
+  TORCH_CHECK(!w4 || (ws.size(1) > 0 && k % ws.size(1) == 0 && (k / ws.size(1)) % 2 == 0),
+              op, ": a 4-bit weight's ", ws.size(1), " groups do not split its ", k, " columns");
   const float* bp = nullptr;
   if (b.has_value() && b->defined()) {
-    check_tensor(*b, at::kFloat, 1, "llama_decode_step", "bias");
-    TORCH_CHECK(b->size(0) == w.size(0), "llama_decode_step: a bias is not [N]");
+    check_tensor(*b, at::kFloat, 1, op, "bias");
+    TORCH_CHECK(b->size(0) == n, op, ": a bias is not [N]");
     bp = b->data_ptr<float>();
   }
-  return {w.data_ptr<int8_t>(), ws.data_ptr<float>(), bp, w.size(0), w.size(1)};
+  DecodeLinear l{w4 ? nullptr : w.data_ptr<int8_t>(), w4 ? nullptr : ws.data_ptr<float>(), bp,
+                 n, k};
+  if (w4) {
+    l.p = w.data_ptr<uint8_t>();
+    l.sc = ws.data_ptr<float>();
+    l.gs = k / ws.size(1);
+  }
+  return l;
 }
 
 // this thread's share [a, b) of N output rows (blocks of 16 rows)
@@ -1392,34 +1419,58 @@ inline void row_share(int64_t N, int tid, int T, int64_t* a, int64_t* b) {
   *b = std::min(N, (tid + 1) * per * 16);
 }
 
+float decode_quantize(const float* x, int64_t K, int64_t isa, int8_t* xq, void* xv);
+
+// One input of the step's linears, quantized by this thread on first use: the 8-bit
+// codes a w8a8 GEMV takes (decode_quantize: xq / xv) and, separately, w4a8's layout of
+// the same codes for a group size (W4a8Token)
+struct DecodeIn {
+  const float* x; int64_t K, isa;
+  int8_t* xq; void* xv;
+  W4a8Token* w4;
+  bool w8 = false; float w8s = 0.f;
+  int64_t w4gs = -1;
+};
+
 // out[off + n] for this thread's rows of the linears `ls` (on one input, outputs side by
-// side): x's codes `xv` as decode_quantize wrote them for `isa`, its scale xs. The row
-// kernel: VNNI's (u8 codes, the row sums from the same pass) on VNNI; on AVX2 and AVX-512
-// without VNNI w8a8_row1_avx2_s8 (int8 codes, no widening). Paired in one process on
-// SmolLM2-135M's fused step (1 thread, 512 keys), the int8-code kernel against the int16
-// paths it replaced: 0.870x [0.857, 0.883] of the step forced to AVX2, 0.785x [0.768,
-// 0.803] with oneDNN capped below VNNI; on VNNI 1.002x at 1 thread and 1.041x at 2 (so
-// VNNI keeps its own); docs/performance.md, session 41.
-void decode_gemv(const DecodeLinear* ls, int count, const void* xv, float xs, int64_t isa,
-                 int tid, int T, int32_t* acc, int32_t* rs, float* out) {
+// side). The w8a8 row kernel: VNNI's (u8 codes, the row sums from the same pass) on
+// VNNI; on AVX2 and AVX-512 without VNNI w8a8_row1_avx2_s8 (int8 codes, no widening).
+// Paired in one process on SmolLM2-135M's fused step (1 thread, 512 keys), the int8-code
+// kernel against the int16 paths it replaced: 0.870x [0.857, 0.883] of the step forced
+// to AVX2, 0.785x [0.768, 0.803] with oneDNN capped below VNNI; on VNNI 1.002x at 1
+// thread and 1.041x at 2 (so VNNI keeps its own); docs/performance.md, session 41.
+// w4a8 linears: w4a8_linear's kernels for this thread's rows.
+void decode_gemv(const DecodeLinear* ls, int count, DecodeIn& in, int tid, int T,
+                 int32_t* acc, int32_t* rs, float* out) {
   int64_t N = 0;
   for (int i = 0; i < count; ++i) N += ls[i].n;
   int64_t a, b;
   row_share(N, tid, T, &a, &b);
+  const int64_t isa = in.isa;
   const bool vnni = isa >= ISA_VNNI;
   int64_t off = 0;
   for (int i = 0; i < count; ++i) {
     const DecodeLinear& l = ls[i];
     const int64_t r0 = std::max(a, off) - off, r1 = std::min(b, off + l.n) - off;
-    if (r0 < r1) {
+    if (r0 < r1 && l.p) {
+      if (in.w4gs != l.gs) {
+        w4a8_token_quantize(in.w4, in.x, in.K, l.gs, isa);
+        in.w4gs = l.gs;
+      }
+      w4a8_token_rows(in.w4, l.p, l.sc, l.b, r0, r1, out + off);
+    } else if (r0 < r1) {
+      if (!in.w8) {
+        in.w8s = decode_quantize(in.x, in.K, isa, in.xq, in.xv);
+        in.w8 = true;
+      }
       if (vnni)
-        w8a8_rows_vnni(static_cast<const uint8_t*>(xv), 1, l.w, l.k, r0, r1, acc + off, N,
+        w8a8_rows_vnni(static_cast<const uint8_t*>(in.xv), 1, l.w, l.k, r0, r1, acc + off, N,
                        rs + off);
       else if (isa >= ISA_AVX2)
-        w8a8_row1_avx2_s8(static_cast<const int8_t*>(xv), l.w, l.k, r0, r1, acc + off);
+        w8a8_row1_avx2_s8(static_cast<const int8_t*>(in.xv), l.w, l.k, r0, r1, acc + off);
       else
-        w8a8_rows_generic(static_cast<const int16_t*>(xv), 1, l.w, l.k, r0, r1, acc + off, N);
-      w8a8_epilogue(acc + off, 1, N, r0, r1, &xs, nullptr, vnni ? 128 : 0,
+        w8a8_rows_generic(static_cast<const int16_t*>(in.xv), 1, l.w, l.k, r0, r1, acc + off, N);
+      w8a8_epilogue(acc + off, 1, N, r0, r1, &in.w8s, nullptr, vnni ? 128 : 0,
                     vnni ? rs + off : nullptr, l.ws, l.b, out + off);
     }
     off += l.n;
@@ -1531,12 +1582,17 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
                              double rope_scale, int64_t pos, int64_t H, double eps,
                              double scale, int64_t isa) {
   const char* op = "llama_decode_step";
-  check_tensor(embed, at::kChar, 2, op, "embed");
-  check_tensor(embed_scale, at::kFloat, 1, op, "embed_scale");
+  // the embedding: int8 rows [V, D] with a scale a row, or packed 4-bit rows [V, D / 2]
+  // (two codes a byte, low nibble first, u - 8) with their group scales [V, G]
+  const bool e4 = embed.scalar_type() == at::kByte;
+  check_tensor(embed, e4 ? at::kByte : at::kChar, 2, op, "embed");
+  check_tensor(embed_scale, at::kFloat, e4 ? 2 : 1, op, "embed_scale");
   check_tensor(inv_freq, at::kFloat, 1, op, "inv_freq");
   TORCH_CHECK(embed_scale.size(0) == embed.size(0) && token >= 0 && token < embed.size(0), op,
               ": token ", token, " outside the embedding's ", embed.size(0), " rows");
-  const int64_t L = kc.size(), D = embed.size(1);
+  const int64_t L = kc.size(), D = e4 ? 2 * embed.size(1) : embed.size(1);
+  TORCH_CHECK(!e4 || (embed_scale.size(1) > 0 && D % embed_scale.size(1) == 0), op,
+              ": the 4-bit embedding's ", embed_scale.size(1), " groups do not split ", D);
   TORCH_CHECK(L >= 1 && vc.size() == size_t(L) && norms.size() == size_t(2 * L + 1) &&
               w.size() == size_t(7 * L + 1) && ws.size() == w.size() && bias.size() == w.size(),
               op, ": expected L caches, 2L + 1 norms and 7L + 1 weights, scales and biases");
@@ -1603,9 +1659,19 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
   // are libm's, within an ulp of torch's)
   std::vector<float> h0(D), cs(2 * hd);
   {
-    const int8_t* er = embed.data_ptr<int8_t>() + token * D;
-    const float es0 = embed_scale.data_ptr<float>()[token];
-    for (int64_t i = 0; i < D; ++i) h0[i] = float(er[i]) * es0;
+    if (e4) {
+      const uint8_t* er = embed.data_ptr<uint8_t>() + token * (D / 2);
+      const int64_t G = embed_scale.size(1), egs = D / G;
+      const float* es0 = embed_scale.data_ptr<float>() + token * G;
+      for (int64_t i = 0; i < D; ++i) {
+        const uint8_t byte = er[i / 2];
+        h0[i] = float(int((i & 1) ? (byte >> 4) : (byte & 15)) - 8) * es0[i / egs];
+      }
+    } else {
+      const int8_t* er = embed.data_ptr<int8_t>() + token * D;
+      const float es0 = embed_scale.data_ptr<float>()[token];
+      for (int64_t i = 0; i < D; ++i) h0[i] = float(er[i]) * es0;
+    }
     const float* f = inv_freq.data_ptr<float>();
     const float rs = float(rope_scale);
     for (int64_t i = 0; i < hd; ++i) {
@@ -1628,14 +1694,17 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
     grow(h, D); grow(x, std::max(maxk, H * hd)); grow(qh, g * hd); grow(kv, 2 * hd);
     grow(sc, g * (step + 16)); grow(xq, maxk); grow(xv, maxk);
     std::copy(h0.begin(), h0.end(), h.data());
+    W4a8Token* w4t = w4a8_token();
     for (int64_t l = 0; l < L; ++l) {
       const DecodeLinear* ql = &lin[7 * l];
       char* kp = static_cast<char*>(kc[l].data_ptr());
       char* vp = static_cast<char*>(vc[l].data_ptr());
       // q, k, v
       decode_rmsnorm(h.data(), norms[2 * l].data_ptr<float>(), D, fe, isa, x.data());
-      float xs = decode_quantize(x.data(), D, isa, xq.data(), xv.data());
-      decode_gemv(ql, 3, xv.data(), xs, isa, tid, nt, accp, rsp, yo);
+      {
+        DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t};
+        decode_gemv(ql, 3, in, tid, nt, accp, rsp, yo);
+      }
 #pragma omp barrier
       // attention: each item's query heads rotated privately; the item holding `pos`
       // writes the token's key and value rows first (no other item reads that row)
@@ -1673,26 +1742,32 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       // merge the chunks (every thread, privately) -> o_proj's input
       for (int64_t hk = 0; hk < Hk; ++hk)
         merge_chunks(pop, pmp, psp, hk, chunks, g, hd, x.data() + hk * g * hd);
-      xs = decode_quantize(x.data(), H * hd, isa, xq.data(), xv.data());
-      decode_gemv(ql + 3, 1, xv.data(), xs, isa, tid, nt, accp, rsp, yb);
+      {
+        DecodeIn in{x.data(), H * hd, isa, xq.data(), xv.data(), w4t};
+        decode_gemv(ql + 3, 1, in, tid, nt, accp, rsp, yb);
+      }
 #pragma omp barrier
       for (int64_t i = 0; i < D; ++i) h[i] += yb[i];
       // gate, up
       decode_rmsnorm(h.data(), norms[2 * l + 1].data_ptr<float>(), D, fe, isa, x.data());
-      xs = decode_quantize(x.data(), D, isa, xq.data(), xv.data());
-      decode_gemv(ql + 4, 2, xv.data(), xs, isa, tid, nt, accp, rsp, yo);
+      {
+        DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t};
+        decode_gemv(ql + 4, 2, in, tid, nt, accp, rsp, yo);
+      }
 #pragma omp barrier
       const int64_t In = ql[4].n;
       if (isa >= ISA_AVX2) silu_mul_avx2(yo, yo + In, In, x.data());
       else for (int64_t i = 0; i < In; ++i) x[i] = yo[i] / (1.f + std::exp(-yo[i])) * yo[In + i];
-      xs = decode_quantize(x.data(), In, isa, xq.data(), xv.data());
-      decode_gemv(ql + 6, 1, xv.data(), xs, isa, tid, nt, accp, rsp, yb);
+      {
+        DecodeIn in{x.data(), In, isa, xq.data(), xv.data(), w4t};
+        decode_gemv(ql + 6, 1, in, tid, nt, accp, rsp, yb);
+      }
 #pragma omp barrier
       for (int64_t i = 0; i < D; ++i) h[i] += yb[i];
     }
     decode_rmsnorm(h.data(), norms[2 * L].data_ptr<float>(), D, fe, isa, x.data());
-    const float xs = decode_quantize(x.data(), D, isa, xq.data(), xv.data());
-    decode_gemv(&lin.back(), 1, xv.data(), xs, isa, tid, nt, accp, rsp, lp);
+    DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t};
+    decode_gemv(&lin.back(), 1, in, tid, nt, accp, rsp, lp);
   }
   return logits;
 }

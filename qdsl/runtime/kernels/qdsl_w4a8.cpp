@@ -374,6 +374,30 @@ template <int MM, bool W> struct PickVnni { static constexpr W4a8Block f = w4a8_
 
 // ---------------------------------------------------------------- driver
 
+// the layout's fields of a call's arguments (blocks of L.B columns; the codes, scales,
+// weight and output pointers are the caller's)
+W4a8Args w4a8_layout_args(int64_t K, int64_t gs, const W4a8Layout& L) {
+  const int64_t B = L.B;
+  W4a8Args args{};
+  args.Kp = L.Kp; args.KB = K / 2; args.G = K / gs; args.nb = L.nb; args.U = L.U;
+  args.bpu = L.bpu; args.gpb = L.whole ? 1 : B / gs;
+  const int64_t tail_bytes = K / 2 - (L.nb - 1) * (B / 2);           // 1 .. B / 2
+  args.wtail = tail_bytes >= 64 ? ~uint64_t(0) : (~uint64_t(0)) >> (64 - tail_bytes);
+  if (B == 64 && tail_bytes == 32) args.wtail = ~uint64_t(0);          // AVX2: a whole block
+  const int64_t tail_groups = args.G - (L.nb - 1) * args.gpb;
+  args.sfull = uint32_t((uint64_t(1) << args.gpb) - 1);
+  args.stail = L.whole ? args.sfull : uint32_t((uint64_t(1) << tail_groups) - 1);
+  for (int l = 0; l < 16; ++l) args.ix[l] = L.whole ? 0 : int32_t(l * W4A8_LANE / gs);
+  return args;
+}
+
+// the row block for mm activation rows on `isa` (SIMD paths)
+W4a8Block w4a8_pick(int64_t isa, int64_t mm, bool whole) {
+  return isa >= ISA_VNNI ? w4a8_block_for<PickVnni>(mm, whole)
+         : isa >= ISA_AVX512 ? w4a8_block_for<PickAvx512>(mm, whole)
+                             : w4a8_block_for<PickAvx2>(mm, whole);
+}
+
 // one weight of a w4a8 call: its packed codes, scales and bias, rows [off, off + n) of y
 struct W4a8Seg {
   const uint8_t* p; const float* sc; const float* bias;
@@ -450,18 +474,9 @@ at::Tensor w4a8_run(const at::Tensor& x, const std::vector<W4a8Seg>& segs, int64
   }
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(8, 65536 / std::max<int64_t>(K / 2, 1));
-  W4a8Args args{};
+  W4a8Args args = w4a8_layout_args(K, gs, L);
   args.xv = xv; args.init = init;
-  args.Kp = L.Kp; args.KB = K / 2; args.G = K / gs; args.nb = L.nb; args.U = L.U;
-  args.bpu = L.bpu; args.gpb = L.whole ? 1 : B / gs;
-  const int64_t tail_bytes = K / 2 - (L.nb - 1) * (B / 2);           // 1 .. B / 2
-  args.wtail = tail_bytes >= 64 ? ~uint64_t(0) : (~uint64_t(0)) >> (64 - tail_bytes);
-  if (B == 64 && tail_bytes == 32) args.wtail = ~uint64_t(0);          // AVX2: a whole block
-  const int64_t tail_groups = args.G - (L.nb - 1) * args.gpb;
-  args.sfull = uint32_t((uint64_t(1) << args.gpb) - 1);
-  args.stail = L.whole ? args.sfull : uint32_t((uint64_t(1) << tail_groups) - 1);
   args.xs = xs; args.N = N;
-  for (int l = 0; l < 16; ++l) args.ix[l] = L.whole ? 0 : int32_t(l * W4A8_LANE / gs);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (const W4a8Seg& g : segs) {              // each weight's rows in this chunk
       const int64_t a = std::max(n0, g.off) - g.off, b = std::min(n1, g.off + g.n) - g.off;
@@ -478,10 +493,7 @@ at::Tensor w4a8_run(const at::Tensor& x, const std::vector<W4a8Seg>& segs, int64
       sa.p = g.p; sa.sc = g.sc; sa.bias = g.bias; sa.y = yp + g.off;
       for (int64_t mb = 0; mb < M; mb += MB) {
         const int64_t mm = std::min(MB, M - mb);
-        const W4a8Block f = isa >= ISA_VNNI ? w4a8_block_for<PickVnni>(mm, L.whole)
-                            : isa >= ISA_AVX512 ? w4a8_block_for<PickAvx512>(mm, L.whole)
-                                                : w4a8_block_for<PickAvx2>(mm, L.whole);
-        f(sa, mb, a, b);
+        w4a8_pick(isa, mm, L.whole)(sa, mb, a, b);
       }
     }
   });
@@ -513,6 +525,76 @@ at::Tensor w4a8_linear_cat(const at::Tensor& x, at::TensorList packed, at::Tenso
     off += segs.back().n;
   }
   return w4a8_run(x, segs, off, gs, per_token, isa);
+}
+
+// ---------------------------------------------------------------- one token, one thread
+
+// The w4a8 linears of llama_decode_step (qdsl_kernels.cpp declares these three; cext.build
+// compiles the sources as one translation unit): inside that op's parallel region each
+// thread quantizes a linear's input once into its own W4a8Token (the 8-bit codes in the
+// layout of (K, gs, isa) and their scale, quantize_rows' codes) and computes its share of
+// each weight's rows against it: w4a8_run's maths for one row, without its parallel_for.
+struct W4a8Token {
+  std::vector<uint8_t> buf;
+  int64_t K = -1, gs = -1, isa = -1;
+  bool simd = false;
+  float xs = 0.f;
+  int8_t* v = nullptr;         // the generic path's codes
+  W4a8Args args{};             // the SIMD paths' rearranged codes, lane starts and layout
+  W4a8Block block = nullptr;
+};
+
+W4a8Token* w4a8_token() {
+  static thread_local W4a8Token t;
+  return &t;
+}
+
+// x [K] -> t's codes and scale (symmetric, per token: for one token the same as per
+// tensor); -> the scale
+float w4a8_token_quantize(W4a8Token* t, const float* x, int64_t K, int64_t gs, int64_t isa) {
+  const int64_t B = isa >= ISA_AVX512 ? 128 : 64;
+  const W4a8Layout L(K, gs, B);
+  if (t->K != K || t->gs != gs || t->isa != isa) {            // lay the buffers out
+    const int64_t lanes = B / W4A8_LANE;
+    t->buf.assign(K + L.Kp + L.U * lanes * 4 + 3 * 64, 0);
+    uint8_t* base = t->buf.data();
+    auto carve = [&base](int64_t n) {                           // 64-byte aligned pieces
+      uint8_t* p = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+      base = p + n;
+      return p;
+    };
+    t->K = K; t->gs = gs; t->isa = isa;
+    t->simd = isa >= ISA_AVX2 && w4a8_simd(gs, K, B);
+    t->v = reinterpret_cast<int8_t*>(carve(K));
+    t->args = w4a8_layout_args(K, gs, L);
+    t->args.xv = reinterpret_cast<int8_t*>(carve(L.Kp));
+    t->args.init = reinterpret_cast<int32_t*>(carve(L.U * lanes * 4));
+    t->args.xs = &t->xs;
+    t->args.N = 0;                                              // one row: y[n]
+    t->block = t->simd ? w4a8_pick(isa, 1, L.whole) : nullptr;
+  }
+  if (t->simd) {
+    t->xs = sym_scale8(w4a8_amax(x, K));
+    w4a8_quantize_row(x, K, t->xs, L, const_cast<int8_t*>(t->args.xv),
+                      const_cast<int32_t*>(t->args.init));
+  } else {
+    quantize_rows<int8_t>(x, 1, K, true, true, t->v, &t->xs);
+  }
+  return t->xs;
+}
+
+// y[n] for n in [n0, n1): rows of the packed weight p / scales sc [N, K / gs] (+ bias)
+// against t's codes
+void w4a8_token_rows(const W4a8Token* t, const uint8_t* p, const float* sc, const float* bias,
+                     int64_t n0, int64_t n1, float* y) {
+  if (!t->simd) {
+    w4a8_rows_generic(t->v, 1, p, sc, t->K, t->gs, n0, n1, y, 0);
+    for (int64_t n = n0; n < n1; ++n) y[n] = y[n] * t->xs + (bias ? bias[n] : 0.f);
+    return;
+  }
+  W4a8Args a = t->args;
+  a.p = p; a.sc = sc; a.bias = bias; a.y = y;
+  t->block(a, 0, n0, n1);
 }
 
 }  // namespace
