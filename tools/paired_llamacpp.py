@@ -4,8 +4,9 @@
 cannot be told from load that came and went between them. This script alternates
 blocks in one session (ABBA order): a block of qdsl is a prefill of ``--context``
 random tokens and ``--decode-tokens`` timed decode steps of the compiled (or eager)
-step; a block of llama.cpp is one ``llama-bench -p 0 -n N -d CONTEXT -r 1`` run of the
-GGUF. Each side's figure is ms/token as a mean over the block's tokens (what
+step (``qdsl bench --compile-decode``'s: one fused C++ call a step for a w8a8 / w4a8
+LLaMA artifact, else inductor's compiled step); a block of llama.cpp is one
+``llama-bench -p 0 -n N -d CONTEXT -r 1`` run of the GGUF. Each side's figure is ms/token as a mean over the block's tokens (what
 llama-bench reports). The verdict is the geometric mean of the per-pair ratios
 qdsl / llama.cpp with its 95% t interval on the log ratios: "faster" or "slower" only
 where the interval excludes 1.
@@ -27,7 +28,7 @@ import torch
 from qdsl.atomic.files import write_json_atomic
 from qdsl.compiler.loading import load_artifact_lm
 from qdsl.eval import hosting_hw
-from qdsl.runtime.compiled import CompiledStep
+from qdsl.runtime.fused import decode_step
 from qdsl.study.stats import time_ratio
 
 
@@ -63,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     hosting_hw.check_llamacpp(a.llamacpp, [a.gguf])
     torch.set_num_threads(a.threads)
     lm = load_artifact_lm(a.artifact, max_cache_len=a.cache_len)
-    lm.step = None if a.eager else CompiledStep(lm.gm, lm.name)
+    lm.step = None if a.eager else decode_step(lm.gm, lm.name)
     ids = torch.randint(0, 1000, (1, a.context), generator=torch.Generator().manual_seed(0))
     qdsl_block(lm, ids[:, :8], 3)                    # compile (or warm) the step
     if lm.step is not None and lm.step.failed:
         print(f"compiling failed: {lm.step.failed}", file=sys.stderr)
         return 1
+    step = "eager" if lm.step is None else (
+        "fused" if getattr(lm.step, "active", False) else "compiled")
+    print(f"qdsl decodes with the {step} step", flush=True)
     machine = hosting_hw.machine(a.threads)
     blocks = []
     for i in range(a.pairs):
@@ -86,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     verdict = ("faster" if hi < 1 else "slower" if lo > 1 else "inconclusive")
     out = {"artifact": a.artifact, "gguf": Path(a.gguf).name, "threads": a.threads,
            "context": a.context, "decode_tokens": a.decode_tokens, "compiled": not a.eager,
+           "step": step,
            "machine": machine, "blocks": blocks,
            "qdsl_median_ms": statistics.median(p["qdsl"] for p in blocks),
            "llama_median_ms": statistics.median(p["llama"] for p in blocks),
            "ratio": ratio, "ci95": [lo, hi], "verdict": verdict}
     print(f"qdsl / llama.cpp ms per token: {ratio:.3f} [{lo:.3f}, {hi:.3f}] "
-          f"({len(blocks)} pairs, {machine['capability']}, {a.threads} thread(s)): "
+          f"({len(blocks)} pairs, {machine['capability']}, {a.threads} thread(s), {step} "
+          "step): "
           f"qdsl {verdict}")
     if a.json:
         write_json_atomic(a.json, out, indent=1)

@@ -26,9 +26,11 @@ step; on the ISA path the eager graph runs, usually bit for bit.
 ``$QDSL_FUSED_DECODE``: 0 never fuses; 1 or unset: fuse where the plan allows
 (``GraphLM`` builds a ``FusedStep`` only where it compiles the decode step).
 
-Measured (SmolLM2-135M w8a8, fp16 cache, context 512, paired against the compiled step
-in one process, docs/performance.md *Session 40*): 0.928x of its time at 1 thread, 0.854x
-at 2 (AVX512_VNNI); 0.982x / 0.872x forced to AVX2.
+Measured (SmolLM2-135M, fp16 cache, context 512, paired against the compiled step in
+one process, docs/performance.md *Session 40* / *Session 41*): w8a8 0.928x of its time at
+1 thread, 0.854x at 2 (AVX512_VNNI), 0.982x / 0.872x forced to AVX2 (then 0.870x at 1
+thread with session 41's int8-code GEMV); w4a8 1.008x / 0.779x natively, 0.934x / 0.870x
+forced to AVX2.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ def register(sub) -> None:
                         "load; repeat for several), e.g. a recipe with and without `rotate`")
     p.add_argument("--compile-decode", action="store_true",
                    help="also measure the fp32 graph and the artifact with their decode step "
-                        "compiled, as extra rows: a w8a8 LLaMA / Qwen2 artifact as one fused "
-                        "C++ call a step (llama_decode_step, checked against the graph on "
+                        "compiled, as extra rows: a w8a8 / w4a8 LLaMA / Qwen2 artifact as one "
+                        "fused C++ call a step (llama_decode_step, checked against the graph on "
                         "its first step), anything else with torch.compile / inductor "
                         "(static shapes; the first step compiles, cached under the qdsl "
                         "cache dir; eager if it fails)")
