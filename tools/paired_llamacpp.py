@@ -6,10 +6,10 @@ blocks in one session (ABBA order): a block of qdsl is a prefill of ``--context`
 random tokens and ``--decode-tokens`` timed decode steps of the compiled (or eager)
 step (``qdsl bench --compile-decode``'s: one fused C++ call a step for a w8a8 / w4a8
 LLaMA artifact, else inductor's compiled step); a block of llama.cpp is one
-``llama-bench -p 0 -n N -d CONTEXT -r 1`` run of the GGUF. Each side's figure is ms/token as a mean over the block's tokens (what
-llama-bench reports). The verdict is the geometric mean of the per-pair ratios
-qdsl / llama.cpp with its 95% t interval on the log ratios: "faster" or "slower" only
-where the interval excludes 1.
+``llama-bench -p 0 -n N -d CONTEXT -r 1`` run of the GGUF. Each side's figure is ms/token
+as a mean over the block's tokens (what llama-bench reports). The verdict is the
+geometric mean of the per-pair ratios qdsl / llama.cpp with its 95% t interval on the
+log ratios: "faster" or "slower" only where the interval excludes 1.
 
     python tools/paired_llamacpp.py ARTIFACT --llamacpp BIN --gguf Q8_0.gguf \\
         --threads 1 --context 512 --decode-tokens 32 --pairs 12 --json OUT.json

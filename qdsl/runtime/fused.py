@@ -11,9 +11,9 @@ runs): a batch-1 generate graph lowered with ``--lower int8`` whose every linear
 ``Int8DynamicLinear`` (``recipes/int8/w8a8_dynamic*.qrec``) or a ``W4DynamicLinear`` on
 qdsl's kernel (``recipes/int8/w4a8_dynamic.qrec``) with symmetric activations, named by
 role (``block.i.attn.q`` .. ``block.i.mlp.down``, ``lm_head``), an ``Int8Embedding`` or
-a 4-bit ``PackedEmbedding``, a ``FusedAttention`` per block over a static cache, RMSNorm weights
-and rotary tables under transformers' LLaMA / Qwen2 names, and no other module or
-unexpected op in the graph.
+a 4-bit ``PackedEmbedding``, a ``FusedAttention`` per block over a static cache, RMSNorm
+weights and rotary tables under transformers' LLaMA / Qwen2 names, and no other module
+or unexpected op in the graph.
 
 **Checked before use**: the first one-token call runs the graph eager and the fused
 step on the same position and keeps the fused step only where layer 0's key and value
@@ -114,7 +114,7 @@ def _linear_why(m: torch.nn.Module) -> str | None:
     """Why the step cannot run this linear (None: it can)."""
     if isinstance(m, Int8DynamicLinear):
         return None if m.act_symmetric else "asymmetric activations"
-    per_token, symmetric = m._act()
+    _, symmetric = m._act()            # (per token, symmetric): one token is either
     if not symmetric:
         return "asymmetric activations"
     if m.compute_dtype != "bf16":

@@ -1,8 +1,9 @@
 """The fused decode step (qdsl.runtime.fused, qdsl_kernels::llama_decode_step): a whole
 w8a8 / w4a8 LLaMA step in one C++ call gives the graph's logits and completions (every ISA
 path, 1 and 2 threads, float32 / float16 caches, 4-bit weights and embedding, w8a8 and
-w4a8 linears in one step, q / k / v biases, key chunks split over threads), refuses graphs it does not compute with the reason, and falls back to the
-wrapped step when its first-call check fails."""
+w4a8 linears in one step, q / k / v biases, key chunks split over threads), refuses
+graphs it does not compute with the reason, and falls back to the wrapped step when its
+first-call check fails."""
 
 import logging
 from pathlib import Path
