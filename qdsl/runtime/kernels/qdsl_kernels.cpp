@@ -1690,7 +1690,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
     // each thread's own (kept between steps): the residual stream and the per-token work
     static thread_local std::vector<float> h, x, qh, kv, sc;
     static thread_local std::vector<int8_t> xq;
-    static thread_local std::vector<int16_t> xv;   // int16 codes, or u8 codes in its bytes
+    static thread_local std::vector<int16_t> xv;   // int16 codes, or int8 / u8 in its bytes
     grow(h, D); grow(x, std::max(maxk, H * hd)); grow(qh, g * hd); grow(kv, 2 * hd);
     grow(sc, g * (step + 16)); grow(xq, maxk); grow(xv, maxk);
     std::copy(h0.begin(), h0.end(), h.data());
