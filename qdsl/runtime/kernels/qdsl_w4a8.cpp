@@ -556,7 +556,10 @@ float w4a8_token_quantize(W4a8Token* t, const float* x, int64_t K, int64_t gs, i
   const W4a8Layout L(K, gs, B);
   if (t->K != K || t->gs != gs || t->isa != isa) {            // lay the buffers out
     const int64_t lanes = B / W4A8_LANE;
-    t->buf.assign(K + L.Kp + L.U * lanes * 4 + 3 * 64, 0);
+    // no zero fill: quantize_row clears the lane starts and the padded block, the
+    // generic path writes all K codes
+    const size_t need = size_t(K + L.Kp + L.U * lanes * 4 + 3 * 64);
+    if (t->buf.size() < need) t->buf.resize(need);
     uint8_t* base = t->buf.data();
     auto carve = [&base](int64_t n) {                           // 64-byte aligned pieces
       uint8_t* p = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
