@@ -58,6 +58,9 @@ def summarize(path: Path) -> dict:
     w4a8c = _row(art, lambda r: "w4a8" in r["name"] and "compiled" in r["name"])
     fp32 = _row(rows, lambda r: r["kind"] == "fp32")
     graph = _row(rows, lambda r: r["kind"] == "fp32-graph" and "compiled" not in r["name"])
+    # torch.ao's dynamic int8 with GPT-2's Conv1D as Linear where the bench has that row
+    tao = (_row(rows, lambda r: r["kind"] == "torch-ao-linear")
+           or _row(rows, lambda r: r["kind"] == "torch-ao"))
     q8 = _row(rows, lambda r: r["kind"] == "llama.cpp" and "Q8_0" in r["name"])
     q4 = _row(rows, lambda r: r["kind"] == "llama.cpp" and "Q4_0" in r["name"])
     best8 = min((r for r in (int8, int8c) if r), key=lambda r: r["decode_ms"], default=None)
@@ -69,12 +72,15 @@ def summarize(path: Path) -> dict:
         "load": f"{cond['load_avg'][0]:.1f}",
         "fp32 prefill / decode ms": f"{_ms(fp32, 'prefill_ms')} / {_ms(fp32, 'decode_ms')}",
         "fp32 graph decode vs eager": _fmt(_ratio(graph, fp32, "decode_ms"), 1.0),
+        "torch.ao prefill / decode vs fp32": f"{_fmt(_ratio(tao, fp32, 'prefill_ms'))} / "
+                                             f"{_fmt(_ratio(tao, fp32, 'decode_ms'))}",
         "int8 prefill vs fp32": _fmt(_ratio(int8, fp32, "prefill_ms"), 0.5),
         "int8 prefill vs Q8_0": _fmt(_ratio(int8, q8, "prefill_ms"), 1.0),
         "int8 decode ms (eager / compiled)": f"{_ms(int8, 'decode_ms')} / {_ms(int8c, 'decode_ms')}",
         "int8 decode / bound": _fmt(None if best8 is None else
                                     best8["decode_ms"] / bound_ms(best8, bw), 1.5),
         "int8 decode vs Q8_0": _fmt(_ratio(best8, q8, "decode_ms"), 1.0),
+        "int8 decode vs torch.ao": _fmt(_ratio(best8, tao, "decode_ms")),
         "w4 decode ms (eager / compiled)": f"{_ms(w4, 'decode_ms')} / {_ms(w4c, 'decode_ms')}",
         "w4 decode vs Q4_0": _fmt(_ratio(best4, q4, "decode_ms"), 1.0),
         "w4a8 decode ms (eager / compiled)": f"{_ms(w4a8, 'decode_ms')} / "

