@@ -1,5 +1,5 @@
 """A whole decode step in one C++ call (issue 15, "decode at the bandwidth limit"):
-``FusedStep`` runs a LLaMA-shaped w8a8 or w4a8 artifact's one-token forward through
+``FusedStep`` runs a LLaMA-shaped w8a8, w4a8 or w4 artifact's one-token forward through
 ``qdsl_kernels::llama_decode_step``, one OpenMP parallel region a step with the threads
 meeting at barriers (5 a layer), where the compiled step (``compiled.CompiledStep``)
 enters ~150 regions, one per kernel call, and runs its wrapper and fused loops on one
@@ -8,8 +8,10 @@ thread while the others wait (session 37's profile: libgomp's spin-wait 21% of a
 
 What it takes (``plan``; anything else is refused with the reason, and the step it wraps
 runs): a batch-1 generate graph lowered with ``--lower int8`` whose every linear is an
-``Int8DynamicLinear`` (``recipes/int8/w8a8_dynamic*.qrec``) or a ``W4DynamicLinear`` on
-qdsl's kernel (``recipes/int8/w4a8_dynamic.qrec``) with symmetric activations, named by
+``Int8DynamicLinear`` (``recipes/int8/w8a8_dynamic*.qrec``), a ``W4DynamicLinear`` on
+qdsl's kernel (``recipes/int8/w4a8_dynamic.qrec``) with symmetric activations, or a 4-bit
+weight-only ``PackedLinear`` on qdsl's w4 kernel (``recipes/int8/w4_group64.qrec``: groups
+of a multiple of 32 columns, ``compute_dtype`` bf16; its input stays float), named by
 role (``block.i.attn.q`` .. ``block.i.mlp.down``, ``lm_head``), an ``Int8Embedding`` or
 a 4-bit ``PackedEmbedding``, a ``FusedAttention`` per block over a static cache, RMSNorm
 weights and rotary tables under transformers' LLaMA / Qwen2 names, and no other module
@@ -49,7 +51,7 @@ from . import hugepages
 from .compiled import CompiledStep
 from .attention import FusedAttention
 from .int8 import Int8DynamicLinear, Int8Embedding
-from .packed import PackedEmbedding, W4DynamicLinear
+from .packed import PackedEmbedding, PackedLinear, W4DynamicLinear
 
 log = logging.getLogger(__name__)
 
@@ -92,28 +94,47 @@ class Plan:
         self.heads, self.eps, self.scale = heads, eps, scale
         self.isa = capability().isa        # the kernels' instruction set (tests force others)
         # int8 codes with a scale a row, or packed 4-bit codes with group scales [N, G]
-        # (the op tells them apart by dtype)
+        # (the op tells them apart by dtype); the activations of each: 8-bit dynamic codes
+        # (w8a8, w4a8) or the float input (w4 weight-only)
         self.w = [_codes(m) for m in linears]
         self.w_scale = [m.weight_scale for m in linears]
         self.bias = [m.bias for m in linears]
+        self.a_bits = [32 if _weight_only(m) else 8 for m in linears]
 
     def __call__(self, input_ids: torch.Tensor, pos: int) -> torch.Tensor:
         out = torch.ops.qdsl_kernels.llama_decode_step(
             _codes(self.embed), self.embed.weight_scale, int(input_ids.reshape(-1)[0]),
             self.norms, self.w, self.w_scale, self.bias, self.k_cache, self.v_cache,
-            self.inv_freq, self.rope_scale, pos, self.heads, self.eps, self.scale, self.isa)
+            self.inv_freq, self.rope_scale, pos, self.heads, self.eps, self.scale, self.isa,
+            self.a_bits)
         return out.reshape(1, 1, -1)
 
 
 def _codes(m: torch.nn.Module) -> torch.Tensor:
     """An int8 module's codes, or a 4-bit packed module's (uint8, two a byte)."""
-    return m.weight_packed if isinstance(m, (PackedEmbedding, W4DynamicLinear)) else m.weight
+    return m.weight_packed if isinstance(m, (PackedEmbedding, PackedLinear)) else m.weight
+
+
+def _weight_only(m: torch.nn.Module) -> bool:
+    """A packed weight-only linear (w4: its input stays float), not w4a8."""
+    return type(m) is PackedLinear
+
+
+def _is_linear(m: torch.nn.Module) -> bool:
+    return isinstance(m, (Int8DynamicLinear, W4DynamicLinear)) or _weight_only(m)
 
 
 def _linear_why(m: torch.nn.Module) -> str | None:
     """Why the step cannot run this linear (None: it can)."""
     if isinstance(m, Int8DynamicLinear):
         return None if m.act_symmetric else "asymmetric activations"
+    if _weight_only(m):
+        if m.bits != 4:
+            return f"{m.bits}-bit packed weights (the step takes 4)"
+        if not m.uses_int4_kernel():
+            return (f"compute_dtype {m.compute_dtype!r} or groups of "
+                    f"{m.group_size or m.in_features} columns (not qdsl's w4 kernel's)")
+        return None
     _, symmetric = m._act()            # (per token, symmetric): one token is either
     if not symmetric:
         return "asymmetric activations"
@@ -162,7 +183,7 @@ def plan(gm: torch.nn.Module) -> tuple[Plan | None, str]:
             if node.target == "_guards_fn":      # torch.export's input checks
                 continue
             m = gm.get_submodule(node.target)
-            if isinstance(m, (Int8DynamicLinear, W4DynamicLinear)):
+            if _is_linear(m):
                 why = _linear_why(m)
                 if why is not None:
                     return None, f"{node.target}: {why}"

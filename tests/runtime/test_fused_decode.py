@@ -1,5 +1,5 @@
 """The fused decode step (qdsl.runtime.fused, qdsl_kernels::llama_decode_step): a whole
-w8a8 / w4a8 LLaMA step in one C++ call gives the graph's logits and completions (every ISA
+w8a8 / w4a8 / w4 LLaMA step in one C++ call gives the graph's logits and completions (every ISA
 path, 1 and 2 threads, float32 / float16 caches, 4-bit weights and embedding, w8a8 and
 w4a8 linears in one step, q / k / v biases, key chunks split over threads), refuses
 graphs it does not compute with the reason, and falls back to the wrapped step when its
@@ -25,6 +25,11 @@ KV16 = W8A8 + "\nset lower.kv_cache = fp16\n"
 W4A8 = (RECIPES / "w4a8_dynamic.qrec").read_text() + "\nset lower.kv_cache = fp16\n"
 # w8a8 attention, w4a8 MLP: the step switches kernels (and input layouts) per linear
 MIXED = KV16 + "\nblock.*.mlp.* -> w4 sym group(size=32)\n"
+# 4-bit weight-only (recipes/int8/w4_group64.qrec at the tiny model's group size): the
+# linears read the float input
+W4 = "* -> w4 sym group(size=32)\nset lower.kv_cache = fp16\n"
+# q / k / v w4a8 (their input quantized), every other linear 4-bit weight-only
+W4_MIXED = W4 + "block.*.ln_1 -> a8 sym per_token dynamic\n"
 
 pytestmark = pytest.mark.skipif(not cext.load(), reason="qdsl's C++ kernels unavailable here")
 
@@ -53,8 +58,9 @@ def _isas():
     return list(range(capability().isa + 1))
 
 
-@pytest.mark.parametrize("recipe", [W8A8, KV16, W4A8, MIXED],
-                         ids=["fp32-cache", "fp16-cache", "w4a8", "w8a8-attn-w4a8-mlp"])
+@pytest.mark.parametrize("recipe", [W8A8, KV16, W4A8, MIXED, W4, W4_MIXED],
+                         ids=["fp32-cache", "fp16-cache", "w4a8", "w8a8-attn-w4a8-mlp", "w4",
+                              "w4a8-qkv-w4-rest"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_step_gives_the_graphs_logits_and_completions(recipe, threads):
     _, gm = _artifact(recipe)
@@ -74,7 +80,7 @@ def test_fused_step_gives_the_graphs_logits_and_completions(recipe, threads):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("recipe", [KV16, W4A8], ids=["w8a8", "w4a8"])
+@pytest.mark.parametrize("recipe", [KV16, W4A8, W4], ids=["w8a8", "w4a8", "w4"])
 @pytest.mark.parametrize("isa", _isas())
 def test_every_isa_path_matches_the_graph(isa, recipe):
     """generic C++, AVX2, AVX-512, VNNI GEMVs (w8a8 and w4a8) and both attention paths:
@@ -115,6 +121,29 @@ def test_every_isa_path_is_exact_at_the_code_extremes(isa):
                                atol=1e-4 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("isa", _isas())
+def test_every_isa_path_reads_all_16_nibble_values(isa):
+    """The AVX-512 w4 weight-only kernel looks each nibble up in a table of 16 values
+    (and must take the low nibble as the even column): packed bytes drawn from all 256
+    values (codes 0..15, outside the recipe's 1..15 too) give the graph's logits on every
+    path."""
+    _, gm = _artifact(W4)
+    p, why = fused.plan(gm)
+    assert p is not None, why
+    g = torch.Generator().manual_seed(1)
+    for w in p.w:
+        w.copy_(torch.randint(0, 256, w.shape, generator=g, dtype=torch.uint8))
+    ids = tiny_ids(tiny("llama"), 1, 20, seed=7)
+    ref = _steps(GraphLM(gm, 32, compile_decode=False), ids)
+    lm = _fused_lm(gm, 32)
+    got = [lm.prefill(ids[:, :5]), lm.decode(int(ids[0, 5]))]
+    assert lm.step.active, lm.step.why
+    lm.step.plan.isa = isa
+    got += [lm.decode(int(t)) for t in ids[0, 6:17]]
+    torch.testing.assert_close(torch.stack(got), ref, rtol=1e-4,
+                               atol=1e-4 * float(ref.abs().max()))
+
+
 def test_biases_and_key_chunks_over_two_threads():
     """q / k / v / o biases (Qwen2's q / k / v have them), and a cache long enough that two
     threads split each key/value head's keys into chunks and merge them."""
@@ -141,7 +170,9 @@ def test_biases_and_key_chunks_over_two_threads():
     ((RECIPES / "w8_weight_only.qrec").read_text(), "Int8WeightOnlyLinear"),
     (W8A8 + "\nblock.*.res_sum -> a8 sym per_token dynamic\n", "DynamicFakeQuant"),
     (W4A8.replace("ln_1         -> a8 sym", "ln_1         -> a8 asym"), "asymmetric"),
-], ids=["asym", "static", "weight-only", "res-sum", "w4a8-asym"])
+    (W4 + "set lower.compute = fp32\n", "compute_dtype 'fp32'"),
+    (W4 + "block.*.mlp.* -> w2 sym group(size=32)\n", "2-bit"),
+], ids=["asym", "static", "weight-only", "res-sum", "w4a8-asym", "w4-fp32", "w2"])
 def test_plan_refuses_what_it_does_not_compute(recipe, why):
     _, gm = _artifact(recipe)
     plan, reason = fused.plan(gm)

@@ -31,9 +31,10 @@
 //               with n = cache_position[-1] + 1 read here: a compiled decode step calls
 //               it directly (static shapes, no Python op around it)
 //   llama_decode_step(embed, embed_scale, token, norms[], w[], w_scale[], bias?[], k_cache[],
-//               v_cache[], inv_freq, rope_scale, pos, heads, eps, scale, isa)  a whole LLaMA
-//               decode step of w8a8 and / or w4a8 linears (batch 1, one token) in one
-//               parallel region; see its definition and runtime/fused.py
+//               v_cache[], inv_freq, rope_scale, pos, heads, eps, scale, isa, a_bits=[])
+//               a whole LLaMA decode step of w8a8, w4a8 and / or w4 weight-only linears
+//               (batch 1, one token) in one parallel region; see its definition and
+//               runtime/fused.py
 // The same extension has qdsl_gemm.cpp (w8a8_pack / w8a8_gemm, prefill) and qdsl_w4a8.cpp
 // (w4a8_linear / w4a8_linear_cat: 4-bit weights times 8-bit dynamic activations).
 #include "qdsl_common.h"
@@ -579,6 +580,112 @@ void w4_rows_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc
       default: w4_avx512_block<8>(xb, p, sc, K, gs, n0, n1, yb, N); break;
     }
   }
+}
+
+// ---------------------------------------------------------------- w4 packed, one token
+
+// The fused decode step's w4 weight-only linears (docs/performance.md, session 42): the
+// float GEMV above is bound by its instructions, not by memory (it splits, re-centres,
+// widens and converts every code to float: ~24 instructions a 32 codes on AVX2), so a
+// token's input is rounded once to 16-bit codes with a scale per group of the weight's
+// (w4_token16) and each row's nibbles multiply them as integers (vpmaddwd, vpdpwssd on
+// VNNI: ~12 instructions a 32 codes), an exact int32 sum per group times (the input's
+// group scale x the weight's). The input's rounding error is at most 2^-16 of its
+// group's largest |x|: below the bf16 rounding PackedLinear's compute_dtype admits
+// (2^-9 of each element) for any group of <= 128 columns summed.
+
+__attribute__((target("avx2,fma")))
+static inline float hmax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+// x [K] -> xq: 16-bit codes, per group of gs columns (gs % 32 == 0) at the scale
+// xs[g] = the group's largest |x| / 32767 (0 for a group of zeros), rounded to nearest
+// even; per 32 columns in the order [16 even | 16 odd], a packed row's low nibbles then
+// its high ones
+__attribute__((target("avx2,fma")))
+void w4_token16(const float* x, int64_t K, int64_t gs, int16_t* xq, float* xs) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t g0 = 0, g = 0; g0 < K; g0 += gs, ++g) {
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t k = g0; k < g0 + gs; k += 8)
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    const float amax = hmax256(m);
+    xs[g] = amax / 32767.f;
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    for (int64_t b = g0; b < g0 + gs; b += 32) {
+      alignas(32) int32_t q[32];
+      for (int i = 0; i < 32; i += 8)     // cvtps: the rounding mode's nearest even
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q + i),
+                           _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b + i), inv)));
+      for (int i = 0; i < 16; ++i) {
+        xq[b + i] = int16_t(q[2 * i]);
+        xq[b + 16 + i] = int16_t(q[2 * i + 1]);
+      }
+    }
+  }
+}
+
+// one packed row against w4_token16's codes, into t: per 32 columns the 16 low nibbles
+// (even columns) and the 16 high ones (odd), each re-centred (u - 8) and widened to
+// int16, times the codes in pairs into int32 (VNNI: vpdpwssd; AVX2: vpmaddwd + vpaddd:
+// the same sums); per group one convert and one FMA by the two scales. A pass of four
+// rows reads them one after the other, each in address order (four rows interleaved
+// step by step, sharing the input's loads, left the prefetchers four short streams and
+// ran at ~9 GB/s)
+#define QDSL_W4_16_ROW(NAME, TARGET, DOT)                                                     \
+  __attribute__((target(TARGET)))                                                          \
+  static inline __m256 NAME(const int16_t* xq, const float* xs, const uint8_t* pr,         \
+                            const float* scr, int64_t K, int64_t gs) {                      \
+    const __m128i lo4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);                       \
+    __m256 t = _mm256_setzero_ps();                                                        \
+    for (int64_t g = 0, G = K / gs; g < G; ++g) {                                          \
+      __m256i a = _mm256_setzero_si256();                                                  \
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {                                \
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pr + k / 2));   \
+        const __m256i we = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(b, lo4), eight)); \
+        const __m256i wo = _mm256_cvtepi8_epi16(                                           \
+            _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), lo4), eight));                \
+        a = DOT(a, we, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k)));      \
+        a = DOT(a, wo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k + 16))); \
+      }                                                                                    \
+      t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(xs[g] * scr[g]), t);       \
+    }                                                                                      \
+    return t;                                                                              \
+  }
+#define QDSL_DOT16_AVX2(a, w, x) _mm256_add_epi32(a, _mm256_madd_epi16(w, x))
+#define QDSL_DOT16_VNNI(a, w, x) _mm256_dpwssd_epi32(a, w, x)
+QDSL_W4_16_ROW(w4_16_row_avx2, "avx2,fma", QDSL_DOT16_AVX2)
+QDSL_W4_16_ROW(w4_16_row_vnni, "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni", QDSL_DOT16_VNNI)
+#undef QDSL_DOT16_AVX2
+#undef QDSL_DOT16_VNNI
+#undef QDSL_W4_16_ROW
+
+#define QDSL_W4_16_ROWS(NAME, ROW, TARGET)                                                   \
+  __attribute__((target(TARGET)))                                                          \
+  void NAME(const int16_t* xq, const float* xs, const uint8_t* p, const float* sc,          \
+            int64_t K, int64_t gs, int64_t n0, int64_t n1, float* y) {                      \
+    const int64_t G = K / gs, KB = K / 2;                                                  \
+    int64_t n = n0;                                                                        \
+    for (; n + 4 <= n1; n += 4) {                                                          \
+      const __m256 t0 = ROW(xq, xs, p + n * KB, sc + n * G, K, gs);                        \
+      const __m256 t1 = ROW(xq, xs, p + (n + 1) * KB, sc + (n + 1) * G, K, gs);            \
+      const __m256 t2 = ROW(xq, xs, p + (n + 2) * KB, sc + (n + 2) * G, K, gs);            \
+      const __m256 t3 = ROW(xq, xs, p + (n + 3) * KB, sc + (n + 3) * G, K, gs);            \
+      _mm_storeu_ps(y + n, reduce4_ps_256(t0, t1, t2, t3));                                \
+    }                                                                                      \
+    for (; n < n1; ++n) y[n] = hsum256(ROW(xq, xs, p + n * KB, sc + n * G, K, gs));        \
+  }
+QDSL_W4_16_ROWS(w4_16_rows_avx2, w4_16_row_avx2, "avx2,fma")
+QDSL_W4_16_ROWS(w4_16_rows_vnni, w4_16_row_vnni, "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#undef QDSL_W4_16_ROWS
+
+// y[n] for n in [n0, n1) (AVX2 or VNNI, by `vnni`)
+void w4_16_rows(bool vnni, const int16_t* xq, const float* xs, const uint8_t* p,
+                const float* sc, int64_t K, int64_t gs, int64_t n0, int64_t n1, float* y) {
+  (vnni ? w4_16_rows_vnni : w4_16_rows_avx2)(xq, xs, p, sc, K, gs, n0, n1, y);
 }
 
 // ---------------------------------------------------------------- w4 packed, prefill
@@ -1371,12 +1478,14 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k, con
 //   embedding at `pos` (cos / sin of pos * inv_freq, twice, times rope_scale; rotate_half
 //   convention, as transformers' LLaMA);  H query heads;  eps, scale.  -> logits float32 [V]
 
-// a linear of the step: w8a8 (int8 w [N, K], its scale ws [N]) or w4a8 (p: packed 4-bit
-// codes [N, K / 2], two a byte, low nibble first, as w4a8_linear takes them; sc: their
-// scales [N, K / gs])
+// a linear of the step: w8a8 (int8 w [N, K], its scale ws [N]) or 4-bit (p: packed codes
+// [N, K / 2], two a byte, low nibble first, u - 8, as w4a8_linear and w4_linear take them;
+// sc: their scales [N, K / gs]) times 8-bit dynamic activations (a8: w4a8) or the float
+// input itself (w4 weight-only: w4_linear's row kernels)
 struct DecodeLinear {
   const int8_t* w; const float* ws; const float* b; int64_t n, k;
   const uint8_t* p = nullptr; const float* sc = nullptr; int64_t gs = 0;
+  bool a8 = true;
 };
 
 // w4a8 linears (qdsl_w4a8.cpp: cext.build compiles the sources as one translation unit)
@@ -1387,7 +1496,7 @@ void w4a8_token_rows(const W4a8Token* t, const uint8_t* p, const float* sc, cons
                      int64_t n0, int64_t n1, float* y);
 
 inline DecodeLinear decode_linear(const at::Tensor& w, const at::Tensor& ws,
-                                  const c10::optional<at::Tensor>& b) {
+                                  const c10::optional<at::Tensor>& b, int64_t a_bits) {
   const char* op = "llama_decode_step";
   const bool w4 = w.scalar_type() == at::kByte;
   check_tensor(w, w4 ? at::kByte : at::kChar, 2, op, "w");
@@ -1404,10 +1513,16 @@ inline DecodeLinear decode_linear(const at::Tensor& w, const at::Tensor& ws,
   }
   DecodeLinear l{w4 ? nullptr : w.data_ptr<int8_t>(), w4 ? nullptr : ws.data_ptr<float>(), bp,
                  n, k};
+  TORCH_CHECK(a_bits == 8 || a_bits == 32, op, ": a linear's activations are 8-bit codes "
+              "(8) or float (32), not ", a_bits);
+  TORCH_CHECK(a_bits == 8 || w4, op, ": a float-input linear must have 4-bit weights");
   if (w4) {
     l.p = w.data_ptr<uint8_t>();
     l.sc = ws.data_ptr<float>();
     l.gs = k / ws.size(1);
+    l.a8 = a_bits == 8;
+    TORCH_CHECK(l.a8 || l.gs % 32 == 0, op, ": a w4 weight-only linear's groups of ", l.gs,
+                " columns are not a multiple of 32 (w4_linear's kernels)");
   }
   return l;
 }
@@ -1428,8 +1543,9 @@ struct DecodeIn {
   const float* x; int64_t K, isa;
   int8_t* xq; void* xv;
   W4a8Token* w4;
+  int16_t* x16; float* x16s;  // x as w4_token16's codes and group scales (w4 weight-only)
   bool w8 = false; float w8s = 0.f;
-  int64_t w4gs = -1;
+  int64_t w4gs = -1, x16gs = -1;
 };
 
 // out[off + n] for this thread's rows of the linears `ls` (on one input, outputs side by
@@ -1439,7 +1555,9 @@ struct DecodeIn {
 // kernel against the int16 paths it replaced: 0.870x [0.857, 0.883] of the step forced
 // to AVX2, 0.785x [0.768, 0.803] with oneDNN capped below VNNI; on VNNI 1.002x at 1
 // thread and 1.041x at 2 (so VNNI keeps its own); docs/performance.md, session 41.
-// w4a8 linears: w4a8_linear's kernels for this thread's rows.
+// w4a8 linears: w4a8_linear's kernels for this thread's rows; w4 weight-only ones:
+// w4_16_rows on AVX2 and up (x rounded to 16-bit codes once per group size), the float
+// generic kernel below AVX2.
 void decode_gemv(const DecodeLinear* ls, int count, DecodeIn& in, int tid, int T,
                  int32_t* acc, int32_t* rs, float* out) {
   int64_t N = 0;
@@ -1452,7 +1570,20 @@ void decode_gemv(const DecodeLinear* ls, int count, DecodeIn& in, int tid, int T
   for (int i = 0; i < count; ++i) {
     const DecodeLinear& l = ls[i];
     const int64_t r0 = std::max(a, off) - off, r1 = std::min(b, off + l.n) - off;
-    if (r0 < r1 && l.p) {
+    if (r0 < r1 && l.p && !l.a8) {
+      if (isa >= ISA_AVX2) {                  // l.gs % 32 == 0: decode_linear checks it
+        if (in.x16gs != l.gs) {
+          w4_token16(in.x, in.K, l.gs, in.x16, in.x16s);
+          in.x16gs = l.gs;
+        }
+        w4_16_rows(isa >= ISA_VNNI, in.x16, in.x16s, l.p, l.sc, l.k, l.gs, r0, r1, out + off);
+      } else {
+        pick_isa(isa, w4_rows_generic, w4_rows_avx2, w4_rows_avx512)(
+            in.x, 1, l.p, l.sc, l.k, l.gs, r0, r1, out + off, 0);
+      }
+      if (l.b)
+        for (int64_t r = r0; r < r1; ++r) out[off + r] += l.b[r];
+    } else if (r0 < r1 && l.p) {
       if (in.w4gs != l.gs) {
         w4a8_token_quantize(in.w4, in.x, in.K, l.gs, isa);
         in.w4gs = l.gs;
@@ -1580,7 +1711,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
                              at::TensorList ws, const c10::List<c10::optional<at::Tensor>>& bias,
                              at::TensorList kc, at::TensorList vc, const at::Tensor& inv_freq,
                              double rope_scale, int64_t pos, int64_t H, double eps,
-                             double scale, int64_t isa) {
+                             double scale, int64_t isa, at::IntArrayRef a_bits) {
   const char* op = "llama_decode_step";
   // the embedding: int8 rows [V, D] with a scale a row, or packed 4-bit rows [V, D / 2]
   // (two codes a byte, low nibble first, u - 8) with their group scales [V, G]
@@ -1613,8 +1744,11 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
     check_tensor(nw, at::kFloat, 1, op, "norm weight");
     TORCH_CHECK(nw.size(0) == D, op, ": a norm weight is not [D]");
   }
+  TORCH_CHECK(a_bits.empty() || a_bits.size() == w.size(), op,
+              ": a_bits names one activation width per weight (or none: all 8)");
   std::vector<DecodeLinear> lin;
-  for (size_t i = 0; i < w.size(); ++i) lin.push_back(decode_linear(w[i], ws[i], bias.get(i)));
+  for (size_t i = 0; i < w.size(); ++i)
+    lin.push_back(decode_linear(w[i], ws[i], bias.get(i), a_bits.empty() ? 8 : a_bits[i]));
   int64_t I = 0, maxn = 0, maxk = D;
   for (int64_t l = 0; l < L; ++l) {
     const DecodeLinear* q = &lin[7 * l];
@@ -1688,11 +1822,13 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     // each thread's own (kept between steps): the residual stream and the per-token work
-    static thread_local std::vector<float> h, x, qh, kv, sc;
+    static thread_local std::vector<float> h, x, qh, kv, sc, x16s;
     static thread_local std::vector<int8_t> xq;
+    static thread_local std::vector<int16_t> x16;
     static thread_local std::vector<int16_t> xv;   // int16 codes, or int8 / u8 in its bytes
     grow(h, D); grow(x, std::max(maxk, H * hd)); grow(qh, g * hd); grow(kv, 2 * hd);
     grow(sc, g * (step + 16)); grow(xq, maxk); grow(xv, maxk);
+    grow(x16, maxk); grow(x16s, maxk / 32 + 1);
     std::copy(h0.begin(), h0.end(), h.data());
     W4a8Token* w4t = w4a8_token();
     for (int64_t l = 0; l < L; ++l) {
@@ -1702,7 +1838,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       // q, k, v
       decode_rmsnorm(h.data(), norms[2 * l].data_ptr<float>(), D, fe, isa, x.data());
       {
-        DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t};
+        DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
         decode_gemv(ql, 3, in, tid, nt, accp, rsp, yo);
       }
 #pragma omp barrier
@@ -1743,7 +1879,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       for (int64_t hk = 0; hk < Hk; ++hk)
         merge_chunks(pop, pmp, psp, hk, chunks, g, hd, x.data() + hk * g * hd);
       {
-        DecodeIn in{x.data(), H * hd, isa, xq.data(), xv.data(), w4t};
+        DecodeIn in{x.data(), H * hd, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
         decode_gemv(ql + 3, 1, in, tid, nt, accp, rsp, yb);
       }
 #pragma omp barrier
@@ -1751,7 +1887,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       // gate, up
       decode_rmsnorm(h.data(), norms[2 * l + 1].data_ptr<float>(), D, fe, isa, x.data());
       {
-        DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t};
+        DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
         decode_gemv(ql + 4, 2, in, tid, nt, accp, rsp, yo);
       }
 #pragma omp barrier
@@ -1759,14 +1895,14 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       if (isa >= ISA_AVX2) silu_mul_avx2(yo, yo + In, In, x.data());
       else for (int64_t i = 0; i < In; ++i) x[i] = yo[i] / (1.f + std::exp(-yo[i])) * yo[In + i];
       {
-        DecodeIn in{x.data(), In, isa, xq.data(), xv.data(), w4t};
+        DecodeIn in{x.data(), In, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
         decode_gemv(ql + 6, 1, in, tid, nt, accp, rsp, yb);
       }
 #pragma omp barrier
       for (int64_t i = 0; i < D; ++i) h[i] += yb[i];
     }
     decode_rmsnorm(h.data(), norms[2 * L].data_ptr<float>(), D, fe, isa, x.data());
-    DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t};
+    DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
     decode_gemv(&lin.back(), 1, in, tid, nt, accp, rsp, lp);
   }
   return logits;
@@ -1786,7 +1922,7 @@ TORCH_LIBRARY(qdsl_kernels, m) {
   m.def("llama_decode_step(Tensor embed, Tensor embed_scale, int token, Tensor[] norms, "
         "Tensor[] w, Tensor[] w_scale, Tensor?[] bias, Tensor[] k_cache, Tensor[] v_cache, "
         "Tensor inv_freq, float rope_scale, int pos, int heads, float eps, float scale, "
-        "int isa) -> Tensor");
+        "int isa, int[] a_bits=[]) -> Tensor");
   m.def("cached_decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, "
         "Tensor cache_position, float scale, int isa=1) -> Tensor");
 }
