@@ -58,6 +58,20 @@ def _isas():
     return list(range(capability().isa + 1))
 
 
+def _assert_forced_isa_matches(gm, isa: int, seed: int) -> None:
+    """The fused step, checked on this CPU's path at its first decode and then forced onto
+    ``isa``, gives the eager graph's logits."""
+    ids = tiny_ids(tiny("llama"), 1, 20, seed=seed)
+    ref = _steps(GraphLM(gm, 32, compile_decode=False), ids)
+    lm = _fused_lm(gm, 32)
+    got = [lm.prefill(ids[:, :5]), lm.decode(int(ids[0, 5]))]   # checked, then forced
+    assert lm.step.active, lm.step.why
+    lm.step.plan.isa = isa
+    got += [lm.decode(int(t)) for t in ids[0, 6:17]]
+    torch.testing.assert_close(torch.stack(got), ref, rtol=1e-4,
+                               atol=1e-4 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("recipe", [W8A8, KV16, W4A8, MIXED, W4, W4_MIXED],
                          ids=["fp32-cache", "fp16-cache", "w4a8", "w8a8-attn-w4a8-mlp", "w4",
                               "w4a8-qkv-w4-rest"])
@@ -83,17 +97,10 @@ def test_fused_step_gives_the_graphs_logits_and_completions(recipe, threads):
 @pytest.mark.parametrize("recipe", [KV16, W4A8, W4], ids=["w8a8", "w4a8", "w4"])
 @pytest.mark.parametrize("isa", _isas())
 def test_every_isa_path_matches_the_graph(isa, recipe):
-    """generic C++, AVX2, AVX-512, VNNI GEMVs (w8a8 and w4a8) and both attention paths:
+    """generic C++, AVX2, AVX-512, VNNI GEMVs (w8a8, w4a8, w4) and both attention paths:
     same logits."""
     _, gm = _artifact(recipe)
-    ids = tiny_ids(tiny("llama"), 1, 20, seed=5)
-    ref = _steps(GraphLM(gm, 32, compile_decode=False), ids)
-    lm = _fused_lm(gm, 32)
-    got = [lm.prefill(ids[:, :5]), lm.decode(int(ids[0, 5]))]   # checked, then forced
-    lm.step.plan.isa = isa
-    got += [lm.decode(int(t)) for t in ids[0, 6:17]]
-    torch.testing.assert_close(torch.stack(got), ref, rtol=1e-4,
-                               atol=1e-4 * float(ref.abs().max()))
+    _assert_forced_isa_matches(gm, isa, seed=5)
 
 
 @pytest.mark.parametrize("isa", _isas())
@@ -110,38 +117,22 @@ def test_every_isa_path_is_exact_at_the_code_extremes(isa):
         r = torch.rand(w.shape, generator=g)
         w[r < 0.3] = -128
         w[r > 0.85] = 127
-    ids = tiny_ids(tiny("llama"), 1, 20, seed=6)
-    ref = _steps(GraphLM(gm, 32, compile_decode=False), ids)
-    lm = _fused_lm(gm, 32)
-    got = [lm.prefill(ids[:, :5]), lm.decode(int(ids[0, 5]))]
-    assert lm.step.active, lm.step.why
-    lm.step.plan.isa = isa
-    got += [lm.decode(int(t)) for t in ids[0, 6:17]]
-    torch.testing.assert_close(torch.stack(got), ref, rtol=1e-4,
-                               atol=1e-4 * float(ref.abs().max()))
+    _assert_forced_isa_matches(gm, isa, seed=6)
 
 
 @pytest.mark.parametrize("isa", _isas())
 def test_every_isa_path_reads_all_16_nibble_values(isa):
-    """The AVX-512 w4 weight-only kernel looks each nibble up in a table of 16 values
-    (and must take the low nibble as the even column): packed bytes drawn from all 256
-    values (codes 0..15, outside the recipe's 1..15 too) give the graph's logits on every
-    path."""
+    """The w4 weight-only kernels re-centre every nibble (u - 8) and take a byte's low
+    nibble as the even column (the input's codes are split into even and odd columns):
+    packed bytes drawn from all 256 values (codes 0..15, outside the recipe's 1..15
+    too) give the graph's logits on every path."""
     _, gm = _artifact(W4)
     p, why = fused.plan(gm)
     assert p is not None, why
     g = torch.Generator().manual_seed(1)
     for w in p.w:
         w.copy_(torch.randint(0, 256, w.shape, generator=g, dtype=torch.uint8))
-    ids = tiny_ids(tiny("llama"), 1, 20, seed=7)
-    ref = _steps(GraphLM(gm, 32, compile_decode=False), ids)
-    lm = _fused_lm(gm, 32)
-    got = [lm.prefill(ids[:, :5]), lm.decode(int(ids[0, 5]))]
-    assert lm.step.active, lm.step.why
-    lm.step.plan.isa = isa
-    got += [lm.decode(int(t)) for t in ids[0, 6:17]]
-    torch.testing.assert_close(torch.stack(got), ref, rtol=1e-4,
-                               atol=1e-4 * float(ref.abs().max()))
+    _assert_forced_isa_matches(gm, isa, seed=7)
 
 
 def test_biases_and_key_chunks_over_two_threads():
