@@ -584,15 +584,14 @@ void w4_rows_avx512(const float* x, int64_t M, const uint8_t* p, const float* sc
 
 // ---------------------------------------------------------------- w4 packed, one token
 
-// The fused decode step's w4 weight-only linears (docs/performance.md, session 42): the
-// float GEMV above is bound by its instructions, not by memory (it splits, re-centres,
-// widens and converts every code to float: ~24 instructions a 32 codes on AVX2), so a
-// token's input is rounded once to 16-bit codes with a scale per group of the weight's
-// (w4_token16) and each row's nibbles multiply them as integers (vpmaddwd, vpdpwssd on
-// VNNI: ~12 instructions a 32 codes), an exact int32 sum per group times (the input's
-// group scale x the weight's). The input's rounding error is at most 2^-16 of its
-// group's largest |x|: below the bf16 rounding PackedLinear's compute_dtype admits
-// (2^-9 of each element) for any group of <= 128 columns summed.
+// The fused decode step's w4 weight-only linears (docs/performance.md, session 42). The
+// float GEMV above splits, re-centres, widens and converts every code to float (~24
+// instructions a 32 codes on AVX2, which bound it there); here a token's input is
+// rounded once to 16-bit codes with a scale per group of the weight's (w4_token16) and
+// each row's nibbles multiply them as integers (vpmaddwd, vpdpwssd on VNNI: ~12
+// instructions a 32 codes), an exact int32 sum per group times (the input's group scale
+// x the weight's). The input's rounding error is at most 2^-16 of its group's largest
+// |x|, finer than the bf16 rounding PackedLinear's compute_dtype admits.
 
 __attribute__((target("avx2,fma")))
 static inline float hmax256(__m256 v) {
@@ -1481,7 +1480,7 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k, con
 // a linear of the step: w8a8 (int8 w [N, K], its scale ws [N]) or 4-bit (p: packed codes
 // [N, K / 2], two a byte, low nibble first, u - 8, as w4a8_linear and w4_linear take them;
 // sc: their scales [N, K / gs]) times 8-bit dynamic activations (a8: w4a8) or the float
-// input itself (w4 weight-only: w4_linear's row kernels)
+// input (w4 weight-only: w4_16_rows on its 16-bit codes)
 struct DecodeLinear {
   const int8_t* w; const float* ws; const float* b; int64_t n, k;
   const uint8_t* p = nullptr; const float* sc = nullptr; int64_t gs = 0;
@@ -1578,8 +1577,7 @@ void decode_gemv(const DecodeLinear* ls, int count, DecodeIn& in, int tid, int T
         }
         w4_16_rows(isa >= ISA_VNNI, in.x16, in.x16s, l.p, l.sc, l.k, l.gs, r0, r1, out + off);
       } else {
-        pick_isa(isa, w4_rows_generic, w4_rows_avx2, w4_rows_avx512)(
-            in.x, 1, l.p, l.sc, l.k, l.gs, r0, r1, out + off, 0);
+        w4_rows_generic(in.x, 1, l.p, l.sc, l.k, l.gs, r0, r1, out + off, 0);
       }
       if (l.b)
         for (int64_t r = r0; r < r1; ++r) out[off + r] += l.b[r];
@@ -1831,6 +1829,9 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
     grow(x16, maxk); grow(x16s, maxk / 32 + 1);
     std::copy(h0.begin(), h0.end(), h.data());
     W4a8Token* w4t = w4a8_token();
+    auto input = [&](int64_t K) {      // x [K] as the next decode_gemv's input
+      return DecodeIn{x.data(), K, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
+    };
     for (int64_t l = 0; l < L; ++l) {
       const DecodeLinear* ql = &lin[7 * l];
       char* kp = static_cast<char*>(kc[l].data_ptr());
@@ -1838,7 +1839,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       // q, k, v
       decode_rmsnorm(h.data(), norms[2 * l].data_ptr<float>(), D, fe, isa, x.data());
       {
-        DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
+        DecodeIn in = input(D);
         decode_gemv(ql, 3, in, tid, nt, accp, rsp, yo);
       }
 #pragma omp barrier
@@ -1879,7 +1880,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       for (int64_t hk = 0; hk < Hk; ++hk)
         merge_chunks(pop, pmp, psp, hk, chunks, g, hd, x.data() + hk * g * hd);
       {
-        DecodeIn in{x.data(), H * hd, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
+        DecodeIn in = input(H * hd);
         decode_gemv(ql + 3, 1, in, tid, nt, accp, rsp, yb);
       }
 #pragma omp barrier
@@ -1887,7 +1888,7 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       // gate, up
       decode_rmsnorm(h.data(), norms[2 * l + 1].data_ptr<float>(), D, fe, isa, x.data());
       {
-        DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
+        DecodeIn in = input(D);
         decode_gemv(ql + 4, 2, in, tid, nt, accp, rsp, yo);
       }
 #pragma omp barrier
@@ -1895,14 +1896,14 @@ at::Tensor llama_decode_step(const at::Tensor& embed, const at::Tensor& embed_sc
       if (isa >= ISA_AVX2) silu_mul_avx2(yo, yo + In, In, x.data());
       else for (int64_t i = 0; i < In; ++i) x[i] = yo[i] / (1.f + std::exp(-yo[i])) * yo[In + i];
       {
-        DecodeIn in{x.data(), In, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
+        DecodeIn in = input(In);
         decode_gemv(ql + 6, 1, in, tid, nt, accp, rsp, yb);
       }
 #pragma omp barrier
       for (int64_t i = 0; i < D; ++i) h[i] += yb[i];
     }
     decode_rmsnorm(h.data(), norms[2 * L].data_ptr<float>(), D, fe, isa, x.data());
-    DecodeIn in{x.data(), D, isa, xq.data(), xv.data(), w4t, x16.data(), x16s.data()};
+    DecodeIn in = input(D);
     decode_gemv(&lin.back(), 1, in, tid, nt, accp, rsp, lp);
   }
   return logits;
