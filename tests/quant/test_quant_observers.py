@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 from strategies import activations, float_tensors, matrices
 
+from qdsl.quant import search
 from qdsl.quant.observers import (CurrentMinMaxObserver, MeanAbsObserver, MinMaxObserver,
                                   MSEObserver, PercentileObserver, RunningMinMaxObserver,
                                   kth_percentile, make_observer, mse_search, observer_from_json)
@@ -107,6 +108,23 @@ def test_mse_search_asymmetric_stages():
     assert hi.item() < 5 and lo.item() < -0.1
     s1 = mse_search(v[None], v.min()[None], v.max()[None], 4, False, 100)
     assert torch.equal(s1[0], lo)  # deterministic
+
+
+@pytest.mark.parametrize("shape", [(1, 5000), (37, 130), (300, 8)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_errors_blocked_equal_each_candidate_whole(monkeypatch, shape, symmetric):
+    """The search's blocks (a slice of one long group, several groups, several candidates)
+    add up to each candidate's fake-quant error over the whole group, and pick its argmin."""
+    monkeypatch.setattr(search, "_CHUNK", 2**10)       # blocks split m, G and C here
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.1
+    v[:, ::7] *= 20
+    a = torch.arange(1, 51, dtype=torch.float32)[:, None] / 50
+    lo, hi = a * v.min(1).values, a * v.max(1).values       # [50, G]
+    got = search._sq_errors(v, lo, hi, 4, symmetric)
+    s, z = choose_qparams(lo[..., None], hi[..., None], 4, symmetric)
+    want = (fake_quantize(v.expand(50, *shape), s, z, 4, symmetric) - v).double().square().sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert torch.equal(got.argmin(0), want.argmin(0))
 
 
 def test_mse_accumulates_over_batches():
