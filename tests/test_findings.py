@@ -137,6 +137,19 @@ def test_collapses_keeps_less_than_half():
     assert _verdict(t, "W8A4 collapses")["verdict"] == INCONCLUSIVE
 
 
+@pytest.mark.parametrize("w4a8, sd, expected", [
+    (30.0, 1.0, REPRODUCED),      # keeps 30 of 42 and sits below W8A8's 38
+    (10.0, 1.0, CONTRADICTED),    # below W8A8, but keeps less than half: not usable
+    (40.0, 1.0, CONTRADICTED),    # usable, but above W8A8
+    (21.5, 8.0, INCONCLUSIVE)])   # below W8A8; whether it keeps half, the CI cannot say
+def test_usable_below_decides_both_halves(w4a8, sd, expected):
+    t = {"wei-5": [_row("Full precision", 42.0), _row("W8A8", 38.0),
+                   _row("W4A8", w4a8, sd=sd, seed=1)]}
+    f = _verdict(t, "W4A8 stays usable")
+    assert f["verdict"] == expected, f
+    assert "usable: ES W4A8 - 0.5 x Full precision" in f["evidence"] and "below: ΔES" in f["evidence"]
+
+
 def test_missing_rows_are_not_run():
     t = {"wei-5": [_row("Full precision", 42.0), {"label": "W8A4", "es": None}]}
     f = _verdict(t, "W8A4 collapses")

@@ -188,6 +188,27 @@ def _collapses(a: str, base: str, *, rows: Rows, table: str, metric: str | None 
                      f"{a} - 0.5 x {base}: {fmt(c)}")
 
 
+def _usable_below(above: str, a: str, base: str, share: float = 0.5, *, rows: Rows,
+                  table: str, metric: str | None = None,
+                  margin: float | None = None) -> tuple[str, str]:
+    """Claim: row ``a`` stays usable, keeping at least ``share`` of ``base``'s score
+    (the CI of the per-sample contrast a - share x base above 0: the opposite of
+    ``collapses``), but scores below ``above`` (the CI of above - a above 0).
+    Reproduced when both CIs say so, contradicted when either says the opposite."""
+    labels = [above, a, base]
+    rs = [rows.get(table, x) for x in labels]
+    m = _metric(rs, metric)
+    d = _diff(rs[0], rs[1], above, a, m)
+    x, o = _values(rs[1:], labels[1:], m)
+    kept = mean_t([p - share * q for p, q in zip(x, o)])
+    verdicts = [_side(kept, 0.0), _side(d, 0.0)]
+    verdict = (CONTRADICTED if CONTRADICTED in verdicts else
+               REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
+    return verdict, ("; ".join(_row_text(k, r) for k, r in zip(labels, rs))
+                     + f"; usable: {_NAME[m]} {a} - {share:g} x {base}: {fmt(kept)}; below: "
+                     f"{_diff_text(rs[0], rs[1], m, d)}{_ppl_text(rs[0], rs[1])}")
+
+
 def _best_of(a: str, others: list[str], *, rows: Rows, table: str, metric: str | None = None,
              margin: float | None = None) -> tuple[str, str]:
     """Claim: row ``a`` beats every other row: each CI of a - other above 0 (no
@@ -282,7 +303,7 @@ class Finding:
 # the checks a seed file's [[finding]] may name (``check = "better"``)
 CHECKS: dict[str, Callable[..., tuple[str, str]]] = {
     "better": _better, "near": _near, "recovers": _recovers, "collapses": _collapses,
-    "best_of": _best_of, "flat": _flat, "robust_as_float": _robust_as_float}
+    "usable_below": _usable_below, "best_of": _best_of, "flat": _flat, "robust_as_float": _robust_as_float}
 
 
 def _finding(paper: str, spec: dict) -> Finding:
