@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tokenize
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,23 @@ def test_smoke_sweep_then_cached(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(sweepjob, "run_job", boom)
     again = run_sweep(_cfg(tiny_dir), out, recipes=RECIPES, progress=False)
     assert again["tables"]["recipes"] == rows
+
+    # --plan: read-only, nothing to run here; a new recipe is listed with the median
+    # time of the finished quality jobs, and marked when a checkpoint of it waits
+    before = sorted(str(p) for p in out.rglob("*"))
+    assert sweep_mod.plan_sweep(_cfg(tiny_dir), out, recipes=RECIPES) == {"finished": 3,
+                                                                         "jobs": []}
+    extra = recipe_path("storti/t2_w8a32.qrec")
+    plan = sweep_mod.plan_sweep(_cfg(tiny_dir), out, recipes=[*RECIPES, extra])
+    (job,) = plan["jobs"]
+    secs = sorted(json.loads(p.read_text())["seconds"] for p in (out / "cache").glob("*.json"))
+    assert job["recipe"] == str(Path(extra).resolve()) and job["kind"] == "quality"
+    assert plan["finished"] == 3
+    assert job["estimate_s"] == secs[1] and not job["resumes"]
+    assert sorted(str(p) for p in out.rglob("*")) == before
+    (out / "partial").mkdir(exist_ok=True)
+    (out / "partial" / f"{job['key']}.json").write_text("{}")
+    assert sweep_mod.plan_sweep(_cfg(tiny_dir), out, recipes=[extra])["jobs"][0]["resumes"]
 
 
 def test_robust_table_on_tiny_model(tiny_dir, tmp_path):
@@ -335,6 +353,20 @@ def test_cli_report_writes_the_document(tiny_dir, tmp_path):
     text = doc.read_text()
     assert "<!-- qdsl:findings -->" in text and "## Discussion" in text
     assert f"--n 4 --ppl-windows 0 -o {out} --doc {doc}" in text and "--report" not in text
+
+
+def test_cli_plan_lists_the_jobs_left_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    from qdsl.cli import main
+
+    out = tmp_path / "s"
+    code = main(["sweep", RECIPES[0], "--model", str(tiny_dir / "model"), "--bench",
+                 str(tiny_dir / "code"), "--n", "4", "-o", str(out), "--plan"])
+    text = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    assert f"{out}: 0 job(s) finished, 2 to run" in text
+    assert re.search(r"quality +\? +fp32\n", text)
+    assert re.search(r"quality +\? +recipes/storti/t2_w8a8.qrec\n", text)
+    assert "no estimate: no finished job of these kinds in the cache yet" in text
 
 
 def test_batch_size_reaches_every_eval_job_and_keys_only_compiled_rows(tiny_dir, tmp_path):

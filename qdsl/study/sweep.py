@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..atomic import SWEEP, output_dir
@@ -138,13 +138,21 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipe
                       progress=progress, cache=cache)
 
 
-def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: bool,
-           cache) -> dict:
-    out = Path(out_dir)
-    only_report = run is None
-    store = CacheStore(cache if cache is not None else out / "cache")
-    store.prepare()
-    t0 = time.time()
+@dataclass
+class _State:
+    """What a sweep of some tables would do against its cache right now."""
+    samples: list
+    model_hash: str
+    bench_hash: str
+    tables: list        # the tables asked for (loose recipes first, as one table)
+    others: list        # every other seed table
+    keys: dict          # Job -> cache key, over tables + others
+    todo: list          # the jobs of ``tables``, in order
+    done: dict          # cache key -> finished entry
+    pending: list       # the jobs of ``todo`` not finished, one per key
+
+
+def _state(cfg: SweepConfig, store: CacheStore, tables, recipes, will_run: bool) -> _State:
     # drawn to at least --ppl-windows samples: run_job completes the first n and scores
     # perplexity on the first ppl_windows (the draw is prefix-stable, so this is the n
     # samples' bench whenever ppl_windows <= n, and its hash the same)
@@ -156,17 +164,60 @@ def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: b
     todo = plan_jobs(tables, he)
     others = [t for t in TABLES.values() if t not in tables]
     keys = {j: job_key(j, cfg, model_hash, bhash) for j in plan_jobs(tables + others, he)}
-    will_run = set() if only_report else {keys[j] for j in todo}
-    done = load_cache(store, {k: j.kind for j, k in keys.items()}, will_run)
-    # the report also shows every other seed table with a finished row in this cache
-    shown = tables + [t for t in others
-                      if any(keys[Job.of(r)] in done for r in t.rows if r.recipe)]
+    done = load_cache(store, {k: j.kind for j, k in keys.items()},
+                      {keys[j] for j in todo} if will_run else set())
     pending, seen = [], set()
     for j in todo:
         if keys[j] not in done and keys[j] not in seen:
             seen.add(keys[j])
             pending.append(j)
-    meta = {"config": asdict(cfg), "model_hash": model_hash, "bench_hash": bhash,
+    return _State(samples, model_hash, bhash, tables, others, keys, todo, done, pending)
+
+
+def plan_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recipes=(),
+               cache: str | os.PathLike | None = None) -> dict:
+    """The jobs a sweep of ``tables`` and ``recipes`` would run now, and what they may
+    cost. Read-only (nothing claimed or written), so it answers while that sweep runs.
+
+    Returns ``{"finished": int, "jobs": [...]}``, a job being ``{"kind", "recipe",
+    "key", "resumes", "estimate_s"}``: ``resumes`` when ``DIR/partial/`` holds a
+    checkpoint of it (completions, perplexity or calibration), ``estimate_s`` the median
+    time of the finished jobs of its kind in the cache (None without one: a guess from
+    other recipes, not a measurement of this one)."""
+    out = Path(out_dir)
+    store = CacheStore(cache if cache is not None else out / "cache")
+    st = _state(cfg, store, tables, recipes, will_run=False)
+    wanted = {st.keys[j] for j in st.todo}
+    seconds: dict[str, list[float]] = {}
+    for key, e in st.done.items():
+        if e.get("seconds") is not None:
+            seconds.setdefault(e.get("kind", QUALITY), []).append(float(e["seconds"]))
+    partial = out / "partial"
+    jobs = []
+    for j in st.pending:
+        key = st.keys[j]
+        times = sorted(seconds.get(j.kind, []))
+        jobs.append({"kind": j.kind, "recipe": j.recipe, "key": key,
+                     "resumes": any(partial.glob(f"{key}.*")),
+                     "estimate_s": times[len(times) // 2] if times else None})
+    return {"finished": sum(k in st.done for k in wanted), "jobs": jobs}
+
+
+def _sweep(cfg: SweepConfig, out_dir: Path, *, tables, recipes, run, progress: bool,
+           cache) -> dict:
+    out = Path(out_dir)
+    only_report = run is None
+    store = CacheStore(cache if cache is not None else out / "cache")
+    store.prepare()
+    t0 = time.time()
+    st = _state(cfg, store, tables, recipes, will_run=not only_report)
+    tables, others, keys, todo = st.tables, st.others, st.keys, st.todo
+    done, pending = st.done, st.pending
+    # the report also shows every other seed table with a finished row in this cache
+    shown = tables + [t for t in others
+                      if any(keys[Job.of(r)] in done for r in t.rows if r.recipe)]
+    samples = st.samples
+    meta = {"config": asdict(cfg), "model_hash": st.model_hash, "bench_hash": st.bench_hash,
             "n_samples": min(len(samples), cfg.n)}
     failed: dict = {}
 

@@ -10,7 +10,7 @@ from ...eval.sandbox import sandbox_kind
 from ...models.limits import Limit, fit_length, model_limit
 from ...study.executors import EXECUTORS
 from ...study.report import update_doc
-from ...study.sweep import SweepConfig, run_sweep
+from ...study.sweep import SweepConfig, plan_sweep, run_sweep
 from ...study.tables import TABLES, get_table
 from ..names import COMMANDS
 from ..args import (HUMANEVAL_PROBLEMS, MAX_THREADS, int_range, nonneg_int, output_dir,
@@ -29,6 +29,7 @@ DIR/tables.md (each paper's layout, with the paper's numbers) and DIR/plots/
   qdsl sweep --table all -o runs/sweep            # every seed table
   qdsl sweep recipes/card.qrec my.qrec --model stdlib-gpt2 -o runs/mine
   qdsl sweep --table all -o runs/sweep --report   # rewrite reports from the cache
+  qdsl sweep --table all -o runs/sweep --plan     # what is left, and its time
   qdsl sweep --table wei-4 --model qwen2.5-coder-0.5b --humaneval -o runs/qwen
   qdsl sweep --table storti-2 --executor ray --address auto -o /nfs/runs/s2  # Ray cluster
 
@@ -118,6 +119,10 @@ def register(sub) -> None:
                         "code can then use the network and read what nobody/your user can)")
     p.add_argument("--report", action="store_true",
                    help="run nothing; rewrite results.json, tables.md and plots from the cache")
+    p.add_argument("--plan", action="store_true",
+                   help="run and write nothing: list the jobs still to run (those resuming "
+                        "from DIR/partial/ marked) with the median time of the finished "
+                        "jobs of their kind in the cache; answers while the sweep runs")
     p.add_argument("--doc", metavar="FILE", type=output_file(".md"),
                    help="also rewrite the generated blocks (<!-- qdsl:run|tables|findings -->) "
                         "of this markdown file, e.g. docs/results.md; created if missing")
@@ -150,6 +155,9 @@ def run(args) -> int:
         raise OptionError(f"--grow-from {args.grow_from} must be below --n {args.n}")
     if args.address is not None and args.executor != "ray":
         raise QdslError("--address is for --executor ray")
+    if args.plan:
+        return _print_plan(plan_sweep(cfg, args.out, tables=tables, recipes=args.recipes,
+                                      cache=args.cache), args)
     res = run_sweep(cfg, args.out, tables=tables, recipes=args.recipes, jobs=args.jobs,
                     progress=not args.no_progress, only_report=args.report,
                     executor=args.executor, address=args.address, cache=args.cache)
@@ -163,6 +171,33 @@ def run(args) -> int:
     for v in res["failed"].values():
         print(f"FAILED {v['kind']} {v['recipe']}: {v['error']}")
     return 1 if n_failed else 0
+
+
+def _print_plan(plan: dict, args) -> int:
+    jobs = plan["jobs"]
+    print(f"{args.out}: {plan['finished']} job(s) finished, {len(jobs)} to run")
+    for j in jobs:
+        est = "?" if j["estimate_s"] is None else f"{j['estimate_s'] / 60:.0f} min"
+        print(f"  {j['kind']:<10} {est:>8}  {_short(j['recipe'])}"
+              + ("  (resumes from a checkpoint)" if j["resumes"] else ""))
+    known = [j["estimate_s"] for j in jobs if j["estimate_s"] is not None]
+    if jobs and not known:
+        print("no estimate: no finished job of these kinds in the cache yet")
+    elif jobs:
+        total = sum(known) / 3600
+        print(f"about {total:.1f} h of job time (each job: the median of the finished jobs "
+              f"of its kind here), {total / args.jobs:.1f} h at -j {args.jobs}"
+              + (f"; {len(jobs) - len(known)} job(s) of a kind with no finished job "
+                 "left out" if len(known) < len(jobs) else ""))
+    return 0
+
+
+def _short(recipe: str | None) -> str:
+    """fp32, or a recipe path from its recipes/ folder on (recipes/storti/t2_w8a8.qrec)."""
+    if recipe is None:
+        return "fp32"
+    parts = recipe.replace("\\", "/").split("/")
+    return "/".join(parts[parts.index("recipes"):]) if "recipes" in parts else recipe
 
 
 def _check_lengths(args) -> None:
