@@ -26,3 +26,17 @@ def test_precision_table_names_the_largest_n_and_its_cost():
     assert "| near | 10.0 | 100 | 1.0 |" in md and "fp32" not in md
     assert f"2 rows at n = {big:,} take about {2.0 * big * 2 / 3600:.1f} h" in md
     assert "no paired ES intervals" in precision_table("M", [("fp32", None)])
+
+
+def test_the_completions_own_time_wins_over_the_upper_bound():
+    timed = {**_row(-1.0, 10.0), "complete_seconds": 30.0, "complete_n": 60}
+    x = needs("r", timed)
+    assert (x.sec_per_sample, x.upper_bound) == (0.5, False)
+    assert needs("old", _row(-1.0, 10.0)).upper_bound
+    big = n_for_halfwidth(30.0, 1.5)
+    md = precision_table("M", [("timed", timed), ("old", _row(-40.0, 30.0))])
+    assert "(completions only, mean of 1 row)" in md       # the old row's bound left out
+    assert f"2 rows at n = {big:,} take about {0.5 * big * 2 / 3600:.1f} h" in md
+    assert "single-thread completion" in md
+    md = precision_table("M", [("old", _row(-40.0, 30.0))])
+    assert "perplexity included: an upper bound" in md and "single-thread evaluation" in md

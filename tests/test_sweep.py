@@ -99,6 +99,8 @@ def test_smoke_sweep_then_cached(tiny_dir, tmp_path, monkeypatch):
     assert "samples" in cached and "layers" in cached
     # per-window losses are cached, so perplexity gets a paired CI against fp32
     assert len(cached["ppl_window_nll"]) == 2 == len(cached["ppl_window_tokens"])
+    # the completions' own time, apart from perplexity's (qdsl.study.precision's rate)
+    assert cached["complete_n"] == 4 and min(cached["complete_seconds"], cached["ppl_seconds"]) >= 0
     assert "ppl_window_nll" not in rows[1]     # results.json keeps the summary
     assert rows[1]["vs_float"]["ppl"]["method"] == "t on paired log-loss"
     assert rows[1]["vs_float"]["es"]["n"] == 4
@@ -567,6 +569,8 @@ def test_grow_from_completes_only_the_new_samples_on_the_smaller_runs_model(tiny
         unverified = {"unverified": ["cpu", "torch"]} if e["recipe"] is None else {}
         assert e["grown_from"] == {"n": 4, "key": old["key"], "new_samples": 2, **unverified}
         assert e["ppl_window_nll"] == old["ppl_window_nll"] and e["layers"] == old["layers"]
+        assert e["complete_n"] == 2 and e["complete_seconds"] >= 0   # the new samples' time
+        assert e["ppl_seconds"] == old["ppl_seconds"]
         assert e["es"] == pytest.approx(sum(x["es"] for x in e["samples"]) / 6)
     new_ids = {x["id"] for x in new[0]["samples"][4:]}
     assert len(new_ids) == 2 and set(seen) == new_ids     # only the new samples completed

@@ -258,6 +258,7 @@ class RayExecutor:
 # qdsl bench's timings (int8 rows). Everything else must be equal.
 VARYING = frozenset({"updated", "machine", "wall_seconds_this_run", "job_seconds_total",
                      "seconds", "compile_seconds", "eval_seconds", "layer_seconds",
+                     "complete_seconds", "ppl_seconds",
                      "finished", "artifact", "peak_rss_bytes", "peak_rss_scope", "bench"})
 
 

@@ -303,7 +303,8 @@ class Finding:
 # the checks a seed file's [[finding]] may name (``check = "better"``)
 CHECKS: dict[str, Callable[..., tuple[str, str]]] = {
     "better": _better, "near": _near, "recovers": _recovers, "collapses": _collapses,
-    "usable_below": _usable_below, "best_of": _best_of, "flat": _flat, "robust_as_float": _robust_as_float}
+    "usable_below": _usable_below, "best_of": _best_of, "flat": _flat,
+    "robust_as_float": _robust_as_float}
 
 
 def _finding(paper: str, spec: dict) -> Finding:

@@ -3,9 +3,10 @@ half-width of its paired ES confidence interval, from what a sweep measured.
 
 A sweep's ``results.json`` rows carry their paired difference from the float row
 (``vs_float.es``: the t interval, with ``sd`` the SD of the per-sample differences
-and ``n`` the samples) and the seconds their evaluation took (``eval_seconds``: the
-completions plus the perplexity windows, so seconds per sample is an upper bound for
-the completions alone). ``needs`` turns one row into the n of
+and ``n`` the samples) and the seconds their completions took (``complete_seconds``
+over ``complete_n`` samples; rows cached before 2026-12-07 have only ``eval_seconds``,
+the completions plus the perplexity windows, so their seconds per sample are an upper
+bound for the completions alone). ``needs`` turns one row into the n of
 ``qdsl.study.stats.n_for_halfwidth`` and the evaluation time that n would cost at the
 measured rate; ``precision_table`` lays a model's rows out as markdown (the headline
 table's "precision" block, ``tools/headline.py``).
@@ -29,7 +30,8 @@ class Need:
     n: int               # samples measured
     half_width: float    # the measured CI's half-width
     n_needed: int        # samples for the target half-width at this SD
-    sec_per_sample: float | None   # eval_seconds / n
+    sec_per_sample: float | None   # complete_seconds / complete_n, else eval_seconds / n
+    upper_bound: bool = False      # sec_per_sample from eval_seconds (perplexity included)
 
 
 def needs(label: str, row: dict | None, half_width: float = HALF_WIDTH) -> Need | None:
@@ -38,10 +40,13 @@ def needs(label: str, row: dict | None, half_width: float = HALF_WIDTH) -> Need 
     es = ((row or {}).get("vs_float") or {}).get("es")
     if not isinstance(es, dict) or es.get("sd") is None:
         return None
-    secs = row.get("eval_seconds")
+    if row.get("complete_seconds") and row.get("complete_n"):
+        rate, bound = row["complete_seconds"] / row["complete_n"], False
+    else:
+        secs = row.get("eval_seconds")
+        rate, bound = (secs / es["n"] if secs and es["n"] else None), True
     return Need(label, es["est"], es["sd"], es["n"], (es["hi"] - es["lo"]) / 2,
-                n_for_halfwidth(es["sd"], half_width),
-                secs / es["n"] if secs and es["n"] else None)
+                n_for_halfwidth(es["sd"], half_width), rate, bound)
 
 
 def precision_table(model: str, rows: list[tuple[str, dict | None]],
@@ -58,7 +63,10 @@ def precision_table(model: str, rows: list[tuple[str, dict | None]],
               for x in got]
     n_max = max(x.n_needed for x in got)
     close = [x for x in got if abs(x.diff) <= NEAR]
-    secs = [x.sec_per_sample for x in got if x.sec_per_sample]
+    timed = [x for x in got if x.sec_per_sample]
+    exact = [x for x in timed if not x.upper_bound]
+    timed = exact or timed            # the completions' own times where rows have them
+    secs = [x.sec_per_sample for x in timed]
     hours = sum(secs) / len(secs) * n_max * len(got) / 3600 if secs else None
     text = (f"\n\n{model}: every listed row within ±{half_width:g} ES points needs n = "
             f"{n_max:,} (the largest paired SD, {max(x.sd for x in got):.1f})")
@@ -68,9 +76,11 @@ def precision_table(model: str, rows: list[tuple[str, dict | None]],
                  f"{max(x.n_needed for x in close):,}")
     if hours is not None:
         rate = sum(secs) / len(secs)
-        text += (f". At the measured {rate:.1f} s per sample and row (evaluation only, "
-                 f"perplexity included: an upper bound), {len(got)} rows at n = {n_max:,} "
-                 f"take about {hours:.1f} h of single-thread evaluation")
+        how = (f"completions only, mean of {len(timed)} row{'s' * (len(timed) != 1)}" if exact else
+               "evaluation only, perplexity included: an upper bound")
+        text += (f". At the measured {rate:.1f} s per sample and row ({how}), "
+                 f"{len(got)} rows at n = {n_max:,} take about {hours:.1f} h of "
+                 f"single-thread {'completion' if exact else 'evaluation'}")
         n_near = max((x.n_needed for x in close), default=n_max)
         if n_near < n_max:
             text += f", at n = {n_near:,} about {rate * n_near * len(got) / 3600:.1f} h"

@@ -200,6 +200,10 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
         if res.get("resumed"):
             out["resumed_samples"] = res["resumed"]
         out["eval_seconds"] = round(time.time() - t, 2)
+        # the completions' own time (a resumed job's includes the earlier run's), apart
+        # from perplexity's: what a larger n would cost (qdsl.study.precision)
+        out.update(complete_seconds=res["complete_seconds"], complete_n=res["n"],
+                   ppl_seconds=res.get("ppl_seconds"))
         out["samples"] = [{k: r[k] for k in ("id", "pred", "em", "es")} for r in res["samples"]]
         _sizes(qm, model, out, job, cfg, out_dir)
         windows = layer_windows(tok, samples, cfg)   # only quality jobs measure layers
@@ -260,7 +264,7 @@ def _params_hash(artifact: Path | None) -> str | None:
 _GROWN_KEEPS = ("recipe_hash", "compile_seconds", "lower", "calib_samples", "settings",
                 "fallbacks", "artifact", "bits", "ppl", "bpb", "ppl_windows", "ppl_window_nll",
                 "ppl_window_tokens", "size_before", "size_after", "size_mb", "compression",
-                "layers", "layer_seconds")
+                "layers", "layer_seconds", "ppl_seconds")
 
 
 def _grown(job: Job, cfg: SweepConfig, samples, grow: dict, loaded, ccfg, max_pos: int,
@@ -324,6 +328,7 @@ def _grown(job: Job, cfg: SweepConfig, samples, grow: dict, loaded, ccfg, max_po
                es=sum(x["es"] for x in scored) / len(scored), samples=scored,
                execution=res.get("execution"), batch_size=rows,
                eval_seconds=round(time.time() - t, 2),
+               complete_seconds=res["complete_seconds"], complete_n=len(new),
                grown_from={"n": n0, "key": grow.get("key"), "new_samples": len(new),
                            **({"unverified": unverified} if unverified else {})})
     if res.get("resumed"):
