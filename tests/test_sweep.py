@@ -451,6 +451,30 @@ def test_an_interrupted_job_resumes_its_completions(tiny_dir, tmp_path, monkeypa
     assert got["ppl_window_nll"] == pytest.approx(want["ppl_window_nll"], rel=1e-5)
 
 
+def test_saved_completions_resume_only_under_the_same_numerics(tiny_dir, tmp_path,
+                                                             monkeypatch):
+    """qdsl.NUMERICS (what a loaded artifact computes) is part of a job's checkpoint
+    header: completions saved under another revision are computed again, and every
+    entry records the revision it ran under."""
+    from dataclasses import replace
+
+    import qdsl.eval.complete as complete
+
+    cfg = replace(_cfg(tiny_dir), batch_size=2)   # 4 samples: 2 batches
+    stop = _Interrupt(monkeypatch, complete, "complete_lines", 2)
+    out = tmp_path / "s"
+    assert len(run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)["failed"]) == 1
+    (partial,) = (out / "partial").glob("*.json")
+    assert json.loads(partial.read_text())["header"]["numerics"] == qdsl.NUMERICS
+    stop.armed = False
+    stop.calls.clear()
+    monkeypatch.setattr(qdsl, "NUMERICS", qdsl.NUMERICS + 1)
+    assert not run_sweep(cfg, out, recipes=RECIPES[:1], progress=False)["failed"]
+    got = json.loads((out / "cache" / partial.name).read_text())
+    assert "resumed_samples" not in got and stop.calls.count("t2_w8a8") == 2
+    assert got["numerics"] == qdsl.NUMERICS
+
+
 def test_loose_recipes_get_humaneval_jobs_and_an_interrupted_one_resumes(tiny_dir, tmp_path,
                                                                         monkeypatch):
     """--humaneval with recipes named on the command line plans their HumanEval jobs;

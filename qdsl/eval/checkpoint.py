@@ -10,9 +10,9 @@ previous one), at most every ``every`` seconds and once at the end.
 
 Reused only when they would be computed again unchanged: the file carries a header
 (whatever the caller puts there: the job's key, the rows per batch, the compiled
-model's parameter hash, the CPU capability and torch version, whose float summation
-order a greedy choice can depend on) and is ignored, with a warning, when the header
-differs. Batches are drawn in a fixed order from the samples (``complete._batches``),
+model's parameter hash, the CPU capability, torch version and ``qdsl.NUMERICS``, whose
+float summation order a greedy choice can depend on) and is ignored, with a warning,
+when the header differs. Batches are drawn in a fixed order from the samples (``complete._batches``),
 so a resumed batch holds the same samples as it would have; a batch is skipped only
 whole. Wall and CPU seconds of the earlier runs are carried over, so the result's
 ``complete_seconds`` still counts the whole evaluation."""

@@ -119,7 +119,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
                 else None)
     max_pos = (he_cache or cache_len(cfg, loaded.max_pos)) - 1  # what graphs run; float too
     ccfg = CompletionConfig(cfg.ctx_tokens, cfg.max_new_tokens, prompt_mode(cfg))
-    out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
+    out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model,
+                 "numerics": qdsl.NUMERICS}
     qm = batched = None
     rows = eval_batch(cfg, job)
     ck = (CompletionCheckpoint(Path(partial), {})
@@ -168,7 +169,7 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
         params = _params_hash(artifact) if job.recipe is not None else None
         ck.header = {"key": key, "rows": rows, "params": params,
                      "cpu": torch.backends.cpu.get_cpu_capability(),
-                     "torch": torch.__version__}
+                     "torch": torch.__version__, "numerics": qdsl.NUMERICS}
         ck.extra = {"params": params,
                     "compile": {k: out[k] for k in ("compile_seconds", "lower", "calib_samples",
                                                     "settings", "fallbacks") if k in out}}
@@ -285,7 +286,8 @@ def _grown(job: Job, cfg: SweepConfig, samples, grow: dict, loaded, ccfg, max_po
     if [x["id"] for x in grow.get("samples", [])] != head:
         raise QdslError(f"{where}: the n = {n0} entry {grow.get('key')} did not complete "
                         "this draw's first samples; run the sweep without --grow-from")
-    out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model}
+    out: dict = {"kind": job.kind, "recipe": job.recipe, "model": cfg.model,
+                 "numerics": qdsl.NUMERICS}
     params = None
     if job.recipe is None:
         lm = HFCausalLM(loaded.model, cfg.model)
@@ -302,9 +304,10 @@ def _grown(job: Job, cfg: SweepConfig, samples, grow: dict, loaded, ccfg, max_po
         rows = lm.batch_size
     # entries older than the execution record hold only their rows per batch: what
     # they do not record cannot be compared, and the grown entry says so
-    was = grow.get("execution") or {"batch_size": grow.get("batch_size")}
+    was = {**(grow.get("execution") or {"batch_size": grow.get("batch_size")}),
+           "numerics": grow.get("numerics")}
     now = {"batch_size": rows, "cpu": torch.backends.cpu.get_cpu_capability(),
-           "torch": torch.__version__}
+           "torch": torch.__version__, "numerics": qdsl.NUMERICS}
     unverified = sorted(k for k in now if was.get(k) is None)
     if unverified:
         log.warning("--grow-from %d: the n = %d entry %s does not record its %s: assumed "
@@ -314,7 +317,7 @@ def _grown(job: Job, cfg: SweepConfig, samples, grow: dict, loaded, ccfg, max_po
     if differ:
         raise QdslError(f"{where}: the n = {n0} entry ran otherwise ({', '.join(differ)}); "
                         "its completions would not be this run's: run without --grow-from "
-                        "(or with the same --batch-size, CPU and torch)")
+                        "(or with the same --batch-size, CPU, torch and qdsl.NUMERICS)")
     if ck is not None:
         ck.header = {"key": key, "rows": rows, "params": params, **now, "grown_from": n0}
     t = time.time()
