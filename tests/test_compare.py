@@ -183,6 +183,14 @@ def test_rows_on_different_execution_paths_are_named(capsys):
     a, b = _row(es), _row(es)          # older files without the record: nothing to say
     a["execution"] = _ex()
     assert compare(Row("A", a), Row("B", b))["execution_differs"] == []
+    a, b = _row(es), _row(es)          # two graphs under other numerics revisions
+    a["execution"], b["execution"], a["numerics"], b["numerics"] = _ex(), _ex(), 1, 2
+    assert compare(Row("A", a), Row("B", b))["execution_differs"] == ["qdsl numerics 1 vs 2"]
+    a["execution"] = _ex("transformers")          # a float model: not qdsl's numerics
+    assert compare(Row("A", a), Row("B", b))["execution_differs"] == []
+    del a["numerics"]                  # not recorded on one side: nothing to say
+    b["execution"] = _ex()
+    assert compare(Row("A", a), Row("B", b))["execution_differs"] == []
 
 
 def test_cli_says_when_the_paths_differ(tmp_path, capsys):

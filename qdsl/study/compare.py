@@ -324,8 +324,9 @@ def execution_differs(a: Row, b: Row) -> list[str]:
     samples (docs/performance.md, session 29), so a comparison meant to isolate a
     recipe must hold the path fixed. A float model against a graph (the usual
     quantized-vs-float row) differs in runner by design: only the machine's fields
-    (CPU capability, torch, threads) are checked then. Empty when a row predates the
-    record."""
+    (CPU capability, torch, threads) are checked then; between two graphs, also the
+    revision of what a compiled model computes (``qdsl.NUMERICS``). Empty when a row
+    predates the record."""
     ea, eb = a.data.get("execution"), b.data.get("execution")
     if not isinstance(ea, dict) or not isinstance(eb, dict):
         return []
@@ -335,8 +336,12 @@ def execution_differs(a: Row, b: Row) -> list[str]:
     else:
         fields = tuple(k for k in ("runner", "batch_size", "threads", "cpu", "torch")
                        if not (kinds == {"transformers"} and k in _FLOAT_INVARIANT))
-    return [f"{k.replace('_', ' ')} {ea.get(k)} vs {eb.get(k)}" for k in fields
-            if ea.get(k) != eb.get(k)]
+    out = [f"{k.replace('_', ' ')} {ea.get(k)} vs {eb.get(k)}" for k in fields
+           if ea.get(k) != eb.get(k)]
+    na, nb = a.data.get("numerics"), b.data.get("numerics")   # qdsl.NUMERICS, where recorded
+    if "transformers" not in kinds and None not in (na, nb) and na != nb:
+        out.append(f"qdsl numerics {na} vs {nb}")
+    return out
 
 
 def _num(x, digits: int = 2) -> str:
