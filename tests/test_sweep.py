@@ -132,6 +132,10 @@ def test_smoke_sweep_then_cached(tiny_dir, tmp_path, monkeypatch):
     assert job["recipe"] == str(Path(extra).resolve()) and job["kind"] == "quality"
     assert plan["finished"] == 3
     assert job["estimate_s"] == secs[1] and not job["resumes"]
+    assert job["calib_beyond"] is None                  # 2 windows, as the finished ones
+    big = recipe_path("wei/fig7_calib_128.qrec")        # its own calib.samples = 128
+    (longer,) = sweep_mod.plan_sweep(_cfg(tiny_dir), out, recipes=[big])["jobs"]
+    assert longer["calib_beyond"] == 128
     assert sorted(str(p) for p in out.rglob("*")) == before
     (out / "partial").mkdir(exist_ok=True)
     (out / "partial" / f"{job['key']}.json").write_text("{}")

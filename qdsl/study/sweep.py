@@ -49,7 +49,7 @@ from ..models.zoo import resolve_model
 from ..progress import bar as progress_bar
 from ..progress import on_stderr
 from .executors import estimate_memory, make_executor
-from .jobs import HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig
+from .jobs import HUMANEVAL, QUALITY, ROBUST, Job, SweepConfig, effective_settings
 from .keys import FORMAT, bench_hash, job_key  # noqa: F401  (FORMAT: read as sweep.FORMAT)
 from .sweepcache import CacheStore, load_cache
 from .tables import TABLES, adhoc_table, write_all
@@ -180,10 +180,12 @@ def plan_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recip
     cost. Read-only (nothing claimed or written), so it answers while that sweep runs.
 
     Returns ``{"finished": int, "jobs": [...]}``, a job being ``{"kind", "recipe",
-    "key", "resumes", "estimate_s"}``: ``resumes`` when ``DIR/partial/`` holds a
-    checkpoint of it (completions, perplexity or calibration), ``estimate_s`` the median
-    time of the finished jobs of its kind in the cache (None without one: a guess from
-    other recipes, not a measurement of this one)."""
+    "key", "resumes", "estimate_s", "calib_beyond"}``: ``resumes`` when ``DIR/partial/``
+    holds a checkpoint of it (completions, perplexity or calibration), ``estimate_s``
+    the median time of the finished jobs of its kind in the cache (None without one: a
+    guess from other recipes, not a measurement of this one), ``calib_beyond`` the
+    calibration windows of a quality job that calibrates on more than any finished one
+    (its estimate is low), else None (also while no quality job has finished)."""
     out = Path(out_dir)
     store = CacheStore(cache if cache is not None else out / "cache")
     st = _state(cfg, store, tables, recipes, will_run=False)
@@ -192,14 +194,21 @@ def plan_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, tables=(), recip
     for key, e in st.done.items():
         if e.get("seconds") is not None:
             seconds.setdefault(e.get("kind", QUALITY), []).append(float(e["seconds"]))
+    # the most calibration windows a finished quality job ran: a job calibrating on more
+    # takes longer than the median says (Fig. 7's 2048 windows: hours more)
+    calib_done = max((e.get("calib_samples") or 0 for e in st.done.values()
+                      if e.get("kind") == QUALITY), default=0)
     partial = out / "partial"
     jobs = []
     for j in st.pending:
         key = st.keys[j]
         times = sorted(seconds.get(j.kind, []))
+        calib = (effective_settings(load_recipe(j.recipe), cfg, j.lower, j.own_calib)
+                 .calib_samples if j.kind == QUALITY and j.recipe else None)
         jobs.append({"kind": j.kind, "recipe": j.recipe, "key": key,
                      "resumes": any(partial.glob(f"{key}.*")),
-                     "estimate_s": times[len(times) // 2] if times else None})
+                     "estimate_s": times[len(times) // 2] if times else None,
+                     "calib_beyond": calib if calib and 0 < calib_done < calib else None})
     return {"finished": sum(k in st.done for k in wanted), "jobs": jobs}
 
 

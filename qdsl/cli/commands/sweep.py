@@ -178,8 +178,12 @@ def _print_plan(plan: dict, args) -> int:
     print(f"{args.out}: {plan['finished']} job(s) finished, {len(jobs)} to run")
     for j in jobs:
         est = "?" if j["estimate_s"] is None else f"{j['estimate_s'] / 60:.0f} min"
+        notes = (["resumes from a checkpoint"] if j["resumes"] else []) + (
+            [f"calibrates on {j['calib_beyond']} windows, more than any finished job: "
+             "the estimate is low"]
+            if j["calib_beyond"] else [])
         print(f"  {j['kind']:<10} {est:>8}  {_short(j['recipe'])}"
-              + ("  (resumes from a checkpoint)" if j["resumes"] else ""))
+              + (f"  ({'; '.join(notes)})" if notes else ""))
     known = [j["estimate_s"] for j in jobs if j["estimate_s"] is not None]
     if jobs and not known:
         print("no estimate: no finished job of these kinds in the cache yet")
