@@ -120,6 +120,18 @@ def _side(iv: Interval, boundary: float) -> str:
     return REPRODUCED if iv.lo > boundary else CONTRADICTED if iv.hi < boundary else INCONCLUSIVE
 
 
+def _all_of(verdicts: list[str]) -> str:
+    """A claim made of parts: contradicted when one part is, reproduced when all are."""
+    return (CONTRADICTED if CONTRADICTED in verdicts else
+            REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
+
+
+def _kept(x: list[float], base: list[float], share: float) -> Interval:
+    """The per-sample contrast x - share x base (its CI above 0: x keeps more than
+    ``share`` of the base row's score)."""
+    return mean_t([p - share * q for p, q in zip(x, base)])
+
+
 def _better(a: str, b: str, *, rows: Rows, table: str, metric: str | None = None,
             margin: float | None = None) -> tuple[str, str]:
     """Claim: row ``a`` scores higher than row ``b``: the CI of a - b above 0."""
@@ -148,8 +160,7 @@ def _near(a: str, base: str, *, rows: Rows, table: str, metric: str | None = Non
         verdicts.append(REPRODUCED if p.hi <= pm else CONTRADICTED if p.lo > pm
                         else INCONCLUSIVE)
         text += f", margin x{pm:g}"
-    verdict = (CONTRADICTED if CONTRADICTED in verdicts else
-               REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
+    verdict = _all_of(verdicts)
     return verdict, text
 
 
@@ -181,7 +192,7 @@ def _collapses(a: str, base: str, *, rows: Rows, table: str, metric: str | None 
     ra, r0 = rows.get(table, a), rows.get(table, base)
     m = _metric([ra, r0], metric)
     x, o = _values([ra, r0], [a, base], m)
-    c = mean_t([p - 0.5 * q for p, q in zip(x, o)])
+    c = _kept(x, o, 0.5)
     v = _side(c, 0.0)
     verdict = {REPRODUCED: CONTRADICTED, CONTRADICTED: REPRODUCED}.get(v, v)
     return verdict, (f"{_row_text(a, ra)}; {_row_text(base, r0)}; {_NAME[m]} "
@@ -200,10 +211,9 @@ def _usable_below(above: str, a: str, base: str, share: float = 0.5, *, rows: Ro
     m = _metric(rs, metric)
     d = _diff(rs[0], rs[1], above, a, m)
     x, o = _values(rs[1:], labels[1:], m)
-    kept = mean_t([p - share * q for p, q in zip(x, o)])
+    kept = _kept(x, o, share)
     verdicts = [_side(kept, 0.0), _side(d, 0.0)]
-    verdict = (CONTRADICTED if CONTRADICTED in verdicts else
-               REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
+    verdict = _all_of(verdicts)
     return verdict, ("; ".join(_row_text(k, r) for k, r in zip(labels, rs))
                      + f"; usable: {_NAME[m]} {a} - {share:g} x {base}: {fmt(kept)}; below: "
                      f"{_diff_text(rs[0], rs[1], m, d)}{_ppl_text(rs[0], rs[1])}")
@@ -285,8 +295,7 @@ def _robust_as_float(quantized: list[str], base: str, *, rows: Rows, table: str,
         verdicts.append(REPRODUCED if d.hi <= mg else CONTRADICTED if d.lo > mg
                         else INCONCLUSIVE)
         parts.append(f"{q}: {rq['es_drop_pct']:.1f}% (vs {base} {fmt(d)})")
-    verdict = (CONTRADICTED if CONTRADICTED in verdicts else
-               REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
+    verdict = _all_of(verdicts)
     return verdict, (f"{base}: ES drop {r0['es_drop_pct']:.1f}%; " + "; ".join(parts)
                      + f"; margin +{mg:g} %drop points")
 
