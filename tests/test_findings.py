@@ -116,6 +116,26 @@ def test_calibration_size_is_decided_on_three_of_four_rows():
     assert _verdict({"wei-fig7": rows}, "the calibration-set size")["verdict"] == INCONCLUSIVE
 
 
+def test_calibration_size_needs_perplexity_alike_where_recorded():
+    rows = [_row("32 windows", 41.1, sd=1.0), _row("128 windows", 42.0, sd=1.0, seed=1),
+            _row("512 windows", 41.1, sd=1.0)]
+    base = [2.0, 2.1, 1.9, 2.3]
+    for r, f in zip(rows, (1.12, 1.01, 1.0)):
+        r["ppl_window_nll"] = [x + math.log(f) for x in base]
+    f = _verdict({"wei-fig7": rows}, "the calibration-set size")
+    # ES alike, but 32 windows' perplexity is x1.12 that of 512's: wholly past x1.05
+    assert f["verdict"] == CONTRADICTED, f
+    assert "widest ppl ratio: 32 windows / 512 windows x1.120 [1.120, 1.120]" in f["evidence"]
+    rows[0]["ppl_window_nll"] = [x + math.log(1.02) for x in base]
+    assert _verdict({"wei-fig7": rows}, "the calibration-set size")["verdict"] == REPRODUCED
+    rows[0]["ppl_window_nll"] = [x + math.log(1.02) + e for x, e in
+                                 zip(base, (0.1, -0.1, 0.1, -0.1))]
+    assert _verdict({"wei-fig7": rows}, "the calibration-set size")["verdict"] == INCONCLUSIVE
+    del rows[0]["ppl_window_nll"]      # a pair without losses cannot be called alike
+    f = _verdict({"wei-fig7": rows}, "the calibration-set size")
+    assert f["verdict"] == INCONCLUSIVE and "2 pair(s) without per-window losses" in f["evidence"]
+
+
 def test_recovers_share_of_the_loss():
     t = {"storti-3": [_row("Baseline (fp32)", 42.0), _row("Naive W8A8", 2.0, sd=1.0),
                       _row("Residual Sum of block", 30.0, sd=1.0, seed=1)]}

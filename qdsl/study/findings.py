@@ -19,12 +19,13 @@ Every verdict comes from a paired 95% confidence interval (``qdsl.study.stats`` 
 
 The metric: HumanEval pass@1 (Wei et al.'s) when every row of the check has a
 per-problem HumanEval result over the same problems, else ES, unless the claim names
-one (``metric = "em"``). A "near lossless" claim also needs perplexity inside its
-margin where the rows recorded per-window losses.
+one (``metric = "em"``). A "near lossless" or "flat" claim also needs perplexity
+inside its margin where the rows recorded per-window losses.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -242,7 +243,9 @@ def _best_of(a: str, others: list[str], *, rows: Rows, table: str, metric: str |
 def _flat(labels: list[str], min_rows: int = 3, *, rows: Rows, table: str,
           metric: str | None = None, margin: float | None = None) -> tuple[str, str]:
     """Claim: the rows score alike: every pairwise CI inside the margin (reproduced),
-    one wholly outside it (contradicted); decided once ``min_rows`` have run."""
+    one wholly outside it (contradicted); decided once ``min_rows`` have run. Like
+    ``_near``, an equivalence claim also needs perplexity alike where the rows recorded
+    per-window losses (``_flat_ppl``)."""
     got, missing = {}, []
     for x in labels:
         try:
@@ -260,11 +263,39 @@ def _flat(labels: list[str], min_rows: int = 3, *, rows: Rows, table: str,
     inside = all(-mg <= d.lo and d.hi <= mg for d in pairs.values())
     (x, y), d = max(pairs.items(), key=lambda kv: max(abs(kv[1].lo), abs(kv[1].hi)))
     spread = max(r["es"] for r in got.values()) - min(r["es"] for r in got.values())
-    verdict = CONTRADICTED if out else REPRODUCED if inside else INCONCLUSIVE
-    return verdict, ("; ".join(_row_text(k, r) for k, r in got.items())
-                     + f"; ES spread {spread:.1f}; widest pairwise CI: {x} - {y} {fmt(d)}, "
-                     f"margin ±{mg:g}"
-                     + (f" ({', '.join(missing)} not run yet)" if missing else ""))
+    verdicts = [CONTRADICTED if out else REPRODUCED if inside else INCONCLUSIVE]
+    text = ("; ".join(_row_text(k, r) for k, r in got.items())
+            + f"; ES spread {spread:.1f}; widest pairwise CI: {x} - {y} {fmt(d)}, "
+            f"margin ±{mg:g}")
+    ppl = _flat_ppl(got)
+    if ppl is not None:
+        verdicts.append(ppl[0])
+        text += ppl[1]
+    return _all_of(verdicts), text + (f" ({', '.join(missing)} not run yet)"
+                                      if missing else "")
+
+
+def _flat_ppl(got: dict[str, dict]) -> tuple[str, str] | None:
+    """The perplexity half of ``_flat``: every pairwise ratio CI inside [1 / m, m] (m the
+    perplexity margin) reproduces, one wholly outside contradicts; a pair without
+    per-window losses (an old cache entry) leaves it at most inconclusive. None where
+    no pair has them."""
+    names = list(got)
+    pairs = {(x, y): ppl_test(got[x], got[y])
+             for i, x in enumerate(names) for y in names[i + 1:]}
+    known = {p: r for p, r in pairs.items() if r is not None}
+    if not known:
+        return None
+    pm = 1 + margins()["ppl_pct"] / 100
+    out = any(r.lo > pm or r.hi < 1 / pm for r in known.values())
+    inside = len(known) == len(pairs) and all(1 / pm <= r.lo and r.hi <= pm
+                                              for r in known.values())
+    (x, y), r = max(known.items(), key=lambda kv: max(abs(math.log(kv[1].lo)),
+                                                      abs(math.log(kv[1].hi))))
+    return (CONTRADICTED if out else REPRODUCED if inside else INCONCLUSIVE,
+            f"; widest ppl ratio: {x} / {y} {fmt(r, 3, ratio=True)}, margin x{pm:g}"
+            + ("" if len(known) == len(pairs) else
+               f" ({len(pairs) - len(known)} pair(s) without per-window losses)"))
 
 
 def _robust_as_float(quantized: list[str], base: str, *, rows: Rows, table: str,
