@@ -71,6 +71,29 @@ def test_a_tied_table_is_counted_once_per_stored_copy():
     assert after["float_embed"] - after["both_int8"] == vocab * hidden * 4
 
 
+def test_the_body_leaves_out_the_embeddings_and_lm_head():
+    """Storage's body is every parameter but the embedding tables and lm_head: with those
+    kept float, the body's ratio is the blocks' own (near a nominal 4x at 8 bits), and
+    the whole model's is lower by the float tables."""
+    from qdsl.compiler.render import storage
+
+    model = tiny("gpt2")
+    ex = explain("* -> w8 sym per_channel\nembed -> w32\nembed.pos -> w32\n"
+                 "lm_head -> skip\n", model)
+    st = storage(ex.captured.gm, ex.named, ex.plan)
+    tables = {id(model.transformer.wte.weight): model.transformer.wte.weight,
+              id(model.transformer.wpe.weight): model.transformer.wpe.weight,
+              id(model.lm_head.weight): model.lm_head.weight}
+    outside = sum(t.numel() * 4 for t in tables.values())
+    assert st.before - st.body_before == outside          # lm_head tied to wte: once
+    assert st.after - st.body_after == outside            # kept float
+    assert 3.0 < st.body_compression and st.compression < st.body_compression
+    assert "without the embeddings and lm_head" in ex.summary()
+    both = storage(*(lambda e: (e.captured.gm, e.named, e.plan))(
+        explain("* -> w8 sym per_channel\n", model)))
+    assert both.body_after == st.body_after and both.after < st.after
+
+
 def test_graph_picture(tmp_path):
     ex = explain(CARD, tiny("llama"))
     out = tmp_path / "block.png"

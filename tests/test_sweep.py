@@ -93,6 +93,9 @@ def test_smoke_sweep_then_cached(tiny_dir, tmp_path, monkeypatch):
     for r in rows:
         assert 0 <= r["es"] <= 100 and 0 <= r["em"] <= 100 and r["ppl"] > 0
     assert rows[0]["compression"] == 1.0 and rows[1]["compression"] > 1.5
+    # the body (no embeddings, no lm_head, which t2_w8a8 keeps float) near a nominal 4x
+    assert rows[0]["body_compression"] == 1.0
+    assert rows[1]["compression"] < rows[1]["body_compression"] < 4.0
     assert rows[2]["bits"].startswith("W8A8 (+") and "A16 x2" in rows[2]["bits"]
     assert len(list((out / "cache").glob("*.json"))) == 3
     cached = json.loads(next(iter((out / "cache").glob("*.json"))).read_text())
@@ -190,14 +193,14 @@ def test_render_marks_partial_tables_and_shows_paper_numbers():
     t = TABLES["storti-3"]
     base = {"es": 40.0, "em": 20.0, "ppl": 3.0, "compression": 1.0, "size_mb": 538.0,
             "bits": "fp32"}
-    row = {"es": 30.5, "em": 10.0, "ppl": 9.0, "compression": 2.45, "size_mb": 219.6,
-           "bits": "W8A8"}
+    row = {"es": 30.5, "em": 10.0, "ppl": 9.0, "compression": 2.17, "size_mb": 247.9,
+           "bits": "W8A8", "body_compression": 4.0}
     md = render(t, {None: base, "storti/t3_res_sum.qrec": row})
     assert "(partial: 2/17 rows)" in md
     line = next(ln for ln in md.splitlines() if ln.startswith("| Residual Sum of block |"))
     # no per-sample scores to pair: the values alone, perplexity says why it has no CI
     assert line.split(" | ")[1:7] == ["W8A8", "30.5", "10", "9.00, no CI (old cache)",
-                                      "2.45x", "219.6"]
+                                      "2.17x / 4.00x", "247.9"]
     assert line.rstrip(" |").endswith("40 | 17")
     assert "(not run yet)" in md
 

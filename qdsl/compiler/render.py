@@ -49,6 +49,19 @@ def weight_bytes(spec: TensorSpec | None, shape: tuple[int, ...]) -> float:
 class Storage:
     before: float  # bytes, every parameter in fp32
     after: float   # bytes under the plan (unquantized parameters stay fp32)
+    # the same without the tensors of the named nodes outside the blocks (the embedding
+    # tables and lm_head: what most recipes keep float, and what a paper's nominal
+    # "8-bit = 4x" leaves out)
+    body_before: float = 0.0
+    body_after: float = 0.0
+
+    @property
+    def compression(self) -> float | None:
+        return self.before / self.after if self.after else None
+
+    @property
+    def body_compression(self) -> float | None:
+        return self.body_before / self.body_after if self.body_after else None
 
 
 def storage(gm: torch.nn.Module, named, plan: QuantPlan) -> Storage:
@@ -62,8 +75,11 @@ def storage_of(named, plan: QuantPlan, weight_of, tensors) -> Storage:
     (``weight_of(node.weight)``, None where it is not among them) priced by the plan. A
     tensor shared by two nodes (a tied embedding and lm_head) is stored once per distinct
     spec, as the lowering stores it: one int8 table when both are ``w8 per_channel``, but
-    the float table *and* lm_head's codes when the embedding stays float."""
+    the float table *and* lm_head's codes when the embedding stays float. The body
+    (``Storage.body_*``) leaves out the weights and biases of the named nodes outside
+    the blocks (embeddings, lm_head)."""
     cost: dict[int, dict[str, float]] = {}
+    outside: set[int] = set()
     for node in named.nodes:
         w = weight_of(node.weight) if node.weight else None
         if w is not None:
@@ -71,11 +87,17 @@ def storage_of(named, plan: QuantPlan, weight_of, tensors) -> Storage:
             # per output channel: a Conv1D's [in, out] weight counted as [out, in]
             c = weight_bytes(spec, tuple(oriented(w, node.weight_layout).shape))
             cost.setdefault(id(w), {})[copy_key(spec)] = c
-    before = after = 0.0
+            if node.block is None:
+                b = weight_of(node.bias) if node.bias else None
+                outside |= {id(w)} | ({id(b)} if b is not None else set())
+    before = after = body_before = body_after = 0.0
     for t in {id(t): t for t in tensors if t.is_floating_point()}.values():
-        before += t.numel() * 4
-        after += sum(cost[id(t)].values()) if id(t) in cost else t.numel() * 4
-    return Storage(before, after)
+        fp32 = t.numel() * 4
+        now = sum(cost[id(t)].values()) if id(t) in cost else fp32
+        before, after = before + fp32, after + now
+        if id(t) not in outside:
+            body_before, body_after = body_before + fp32, body_after + now
+    return Storage(before, after, body_before, body_after)
 
 
 def copy_key(spec: TensorSpec | None) -> str:
@@ -154,6 +176,9 @@ def render_summary(plan: QuantPlan, gm: torch.nn.Module, named) -> str:
         f"activations {fmt(a)}",
         f"parameter storage: {st.before / mib:.2f} MiB fp32 -> {st.after / mib:.2f} MiB "
         f"({st.after / st.before:.2%}; {st.after / mb:.3f} MB, as `qdsl search --size` counts)",
+        f"  without the embeddings and lm_head: {st.body_before / mib:.2f} MiB -> "
+        f"{st.body_after / mib:.2f} MiB ({st.body_compression or 0:.2f}x; the whole "
+        f"model {st.compression or 0:.2f}x)",
         *transform_lines(plan),
         f"graph {plan.graph_hash}  recipe {plan.recipe_hash}",
     ])

@@ -37,7 +37,8 @@ REQUIRED = {
 # checked where present
 OPTIONAL = {"key": "str", "seconds": "num?", "ppl": "num?", "bpb": "num?",
             "compression": "num?", "size_mb": "num?", "size_before": "num?",
-            "size_after": "num?", "calib_samples": "int?", "artifact_bytes": "int?",
+            "size_after": "num?", "body_before": "num?", "body_after": "num?",
+            "body_compression": "num?", "sizes_from": "str", "calib_samples": "int?", "artifact_bytes": "int?",
             "layers": "dict", "bench": "dict", "lower": "str", "peak_rss_bytes": "int?",
             "peak_rss_scope": "str"}
 NESTED = {

@@ -226,11 +226,13 @@ def _sizes(qm, model, out: dict, job: Job, cfg: SweepConfig, out_dir: Path) -> N
     """Estimated parameter storage; int8 lowerings: the artifact's real size and bench."""
     if qm is None:
         n = sum(p.numel() for p in model.parameters() if p.is_floating_point())
-        out.update(size_before=n * 4, size_after=n * 4, size_mb=n * 4 / 1e6, compression=1.0)
+        out.update(size_before=n * 4, size_after=n * 4, size_mb=n * 4 / 1e6, compression=1.0,
+                   body_compression=1.0)
         return
-    before, after = storage(model, qm.named, qm.plan)
-    out.update(size_before=before, size_after=after, size_mb=after / 1e6,
-               compression=before / after if after else None)
+    st = storage(model, qm.named, qm.plan)
+    out.update(size_before=st.before, size_after=st.after, size_mb=st.after / 1e6,
+               compression=st.compression, body_before=st.body_before,
+               body_after=st.body_after, body_compression=st.body_compression)
     if qm.lower == "int8":
         from ..artifact.store import artifact_size
 
@@ -265,6 +267,7 @@ def _params_hash(artifact: Path | None) -> str | None:
 _GROWN_KEEPS = ("recipe_hash", "compile_seconds", "lower", "calib_samples", "settings",
                 "fallbacks", "artifact", "bits", "ppl", "bpb", "ppl_windows", "ppl_window_nll",
                 "ppl_window_tokens", "size_before", "size_after", "size_mb", "compression",
+                "body_before", "body_after", "body_compression",
                 "layers", "layer_seconds", "ppl_seconds")
 
 

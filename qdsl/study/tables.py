@@ -141,11 +141,19 @@ def _quality_line(row: Row, res: dict | None, base: dict | None, cols) -> list[s
     paper = [_f(row.paper.get(c)) for c in cols]
     if res is None:
         return [row.label, "-", "(not run yet)", "", "", "", "", *paper]
-    comp = res.get("compression")
     size = res.get("size_mb")
     return [row.label, res.get("bits", "fp32"), _with_diff(_f(res["es"]), res, base, "es"),
             _with_diff(_f(res["em"], 0), res, base, "em"), _ppl_cell(res, base),
-            f"{comp:.2f}x" if comp else "-", _f(size, 1), *paper]
+            _compression_cell(res), _f(size, 1), *paper]
+
+
+def _compression_cell(res: dict) -> str:
+    """'2.43x / 3.98x': the whole model's ratio, then its body's (without the embeddings
+    and lm_head; '-' where the cache entry predates recording it)."""
+    comp, body = res.get("compression"), res.get("body_compression")
+    if not comp:
+        return "-"
+    return f"{comp:.2f}x / " + (f"{body:.2f}x" if body else "-")
 
 
 def _robust_line(row: Row, res: dict | None, base: dict | None, cols) -> list[str]:
@@ -186,7 +194,7 @@ def render(table: Table, results: dict[str | None, dict]) -> str:
                  for r in table.rows]
     else:
         head = ["Method", "bits", "ES (diff [95% CI])", "EM (diff [95% CI])",
-                "ppl (ratio [95% CI])", "compression", "MB",
+                "ppl (ratio [95% CI])", "compression (model / body)", "MB",
                 *[f"paper {c}" for c in table.paper_cols]]
         lines = [_quality_line(r, results.get(r.recipe), base, table.paper_cols)
                  for r in table.rows]
@@ -231,10 +239,11 @@ def describe_bits(plan) -> str:
     return "".join(parts) + (f" (+{', '.join(extra)})" if extra else "")
 
 
-def storage(model, named, plan) -> tuple[float, float]:
-    """Estimated parameter bytes (before, after) of ``plan`` over the SOURCE model's
-    parameters (``qdsl.compiler.render.storage`` reads the graph, whose quantized weights
-    ``lower_fake`` has replaced), tied tensors counted once."""
+def storage(model, named, plan):
+    """Estimated parameter bytes of ``plan`` over the SOURCE model's parameters
+    (``qdsl.compiler.render.storage`` reads the graph, whose quantized weights
+    ``lower_fake`` has replaced), tied tensors counted once: a ``Storage`` (the whole
+    model and its body, without the embeddings and lm_head)."""
     from ..compiler.render import storage_of  # imports torch (see machine)
 
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -244,8 +253,7 @@ def storage(model, named, plan) -> tuple[float, float]:
         return next((params[".".join(parts[i:])] for i in range(len(parts))
                      if ".".join(parts[i:]) in params), None)
 
-    st = storage_of(named, plan, source, model.parameters())
-    return st.before, st.after
+    return storage_of(named, plan, source, model.parameters())
 
 
 # ------------------------------------------------------------------ sweep reports
@@ -353,7 +361,10 @@ def write_all(out, meta: dict, tables, keys: dict, done: dict, failed: dict, *,
             f"calibration {cfg['calib']}, {cfg['calib_default']} windows of "
             f"{cfg['calib_seq_len']} tokens unless the recipe sets its own. Compute so far: "
             f"{job_seconds / 60:.1f} min of jobs. ES = edit similarity (0-100), EM = exact "
-            f"match (%), compression = estimated fp32 / quantized parameter bytes. In "
+            f"match (%), compression = estimated fp32 / quantized parameter bytes, of the "
+            f"whole model / of its body (without the embeddings and lm_head, which most "
+            f"recipes keep float: the body's ratio is the one a paper's nominal 'W8 = 4x' "
+            f"compares with). In "
             f"parentheses: the paired difference from the float row with its 95% CI over "
             f"the same samples (ES: paired t interval; EM, pass@1: Newcombe's paired score "
             f"interval, points; perplexity: the ratio from paired per-window log-losses, "
