@@ -637,6 +637,40 @@ if __name__ == "__main__":
 '''
 
 
+_DYING_SCRIPT = '''
+import os, signal, sys
+from pathlib import Path
+from qdsl.cli import app
+from qdsl.study import executors
+
+def dying(job, cfg, samples, out, key, threads, progress, art, store):
+    os.kill(os.getpid(), signal.SIGKILL)   # as the kernel's OOM killer does
+
+if __name__ == "__main__":
+    executors._worker = dying
+    subs = [("job", f"k{i}", None) for i in range(2)]
+    done = {"k": {"peak_rss_bytes": 10 * 2**30}}
+    try:
+        executors.LocalExecutor(workers=2, progress=False).run(
+            subs, None, None, Path(sys.argv[1]), None, 1, done, lambda key, r: None)
+    except app.QdslError as e:
+        print(e)
+        sys.exit(2)
+'''
+
+
+def test_a_worker_killed_by_the_system_is_a_clear_error_not_a_bug(tmp_path):
+    """A worker the kernel kills (out of memory) breaks the pool: the sweep says what
+    probably happened and how to resume, instead of 'internal error ... a bug'."""
+    script = tmp_path / "dying.py"
+    script.write_text(_DYING_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "worker process died" in out.stdout and "peaked at 10.0 GiB" in out.stdout
+    assert "smaller -j" in out.stdout
+
+
 def test_sigterm_stops_the_workers_of_a_parallel_sweep(tmp_path):
     """SIGTERM to ``sweep -j 2`` (the CLI turns it into KeyboardInterrupt) terminates
     the running workers and cancels the queued jobs, instead of waiting for them."""

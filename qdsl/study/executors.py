@@ -24,6 +24,7 @@ import logging
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable
 
@@ -99,10 +100,25 @@ class LocalExecutor:
                     for j, key, art in subs]
             for f in as_completed(futs):
                 finish(*f.result())
+        except BrokenProcessPool as e:   # the system killed a worker: not a qdsl bug
+            stop_pool(pool)
+            raise QdslError(_died(done)) from e
         except BaseException:  # Ctrl-C, SIGTERM (the CLI's KeyboardInterrupt), a failure
             stop_pool(pool)
             raise
         pool.shutdown()
+
+
+def _died(done: dict) -> str:
+    """What to say when a worker process died mid-job (the pool is broken)."""
+    peaks = [e["peak_rss_bytes"] for e in done.values()
+             if isinstance(e.get("peak_rss_bytes"), int)]
+    need = (f"; the largest finished job here peaked at {max(peaks) / 2**30:.1f} GiB"
+            if peaks else "")
+    return ("a sweep worker process died while running a job: killed by the system, most "
+            "often for lack of memory (each of the -j workers holds its own copy of the "
+            f"model{need}). The finished jobs are cached and interrupted ones resume from "
+            "DIR/partial: run the same command again, with a smaller -j if memory is short")
 
 
 def stop_pool(pool: ProcessPoolExecutor, grace: float = STOP_GRACE) -> None:
