@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from toolmod import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("headline", ROOT / "tools" / "headline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("headline")
 
 
 def _results(d: Path, n: int, wei4: list[dict]) -> Path:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from toolmod import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("verdict_changes",
-                                                  ROOT / "tools" / "verdict_changes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("verdict_changes")
 
 
 def _f(table, claim, verdict):

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from qdsl.study.stats import ppl_ratio
+from toolmod import load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 FP32 = [3.0, 3.2, 2.9, 3.1, 3.05]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("search_pareto",
-                                                  ROOT / "tools" / "search_pareto.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("search_pareto")
 
 
 def _eval(path: Path, nll: list[float], art: str = "gone/art", base=FP32, tokens=None) -> Path:
