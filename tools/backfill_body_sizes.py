@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             if recipe is None or recipe.hash() != e.get("recipe_hash"):
                 skipped.append(f"{f}: {e['recipe']} changed since it ran")
                 continue
-            m, student = student_of(model, recipe)
+            _, student = student_of(model, recipe)
             if student is not None:
                 skipped.append(f"{f}: a layer-reduced student (not backfilled)")
                 continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def _scale_ratios(a: Path, b: Path, top: int = 20) -> list[tuple[float, str, flo
     pa, pb = load_file(a / PARAMS), load_file(b / PARAMS)
     rows = [(float(pb[k]) / float(pa[k]), k[4:-6], float(pa[k]), float(pb[k]))
             for k in pa if k.startswith("act.") and k.endswith(".scale") and pa[k].numel() == 1]
-    rows.sort(key=lambda r: -abs(torch.tensor(r[0]).log().item()))
+    rows.sort(key=lambda r: -abs(math.log(r[0])))
     return rows[:top]
 
 
