@@ -236,30 +236,51 @@ def _window_logits(lm: CausalLM, windows: list[list[int]], rows: int):
 
 def score_perplexity(lm: CausalLM, tok, samples: list[Sample], n_windows: int,
                      window: int = 256, max_positions: int | None = None,
-                     progress: Progress = True, batch_size: int = 1) -> dict:
+                     progress: Progress = True, batch_size: int = 1,
+                     checkpoint: CompletionCheckpoint | None = None) -> dict:
     """Perplexity and bits per byte over the first n_windows samples' windows
-    (``batch_size`` windows per forward where ``lm`` can, as ``score_completion``)."""
+    (``batch_size`` windows per forward where ``lm`` can, as ``score_completion``).
+    ``checkpoint``: windows saved as chunks finish and, from an earlier interrupted run
+    with the same header, read back (whole chunks skipped; ``resumed`` counts their
+    windows; ``seconds`` includes the earlier runs')."""
     if max_positions:
         window = min(window, max_positions)
-    nll, n_tok, n_bytes, t0 = 0.0, 0, 0, time.time()
-    window_nll, window_tokens = [], []   # per window: mean NLL (nats / token), tokens
+    t0 = time.time()
     windows = [ids for ids in (_encode(tok, s.context + s.target + "\n")[-window:]
                                for s in samples[:n_windows]) if len(ids) >= 2]
     rows = batch_rows(lm, batch_size) if hasattr(lm, "logits_rows") else 1
-    for x, logits in progress_bar(_window_logits(lm, windows, rows), total=len(windows),
-                                  desc="perplexity", progress=progress, unit="window"):
-        ids = x[0].tolist()
-        logits = logits[:-1].float()                    # [T-1, V]
-        w = F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-        nll += w
-        n_tok += len(ids) - 1
-        window_nll.append(w / (len(ids) - 1))
-        window_tokens.append(len(ids) - 1)
-        n_bytes += len(_decode(tok, ids[1:]).encode("utf-8"))
+    saved = checkpoint.saved_windows() if checkpoint is not None else {}
+    s_prev = checkpoint.ppl_seconds if saved else 0.0
+    got: dict[int, list] = {}    # window index -> [summed NLL, tokens, bytes]
+    resumed = 0
+    with progress_bar(total=len(windows), desc="perplexity", progress=progress,
+                      unit="window") as bar:
+        for start in range(0, len(windows), rows):
+            idx = range(start, min(start + rows, len(windows)))
+            if all(i in saved for i in idx):
+                got.update((i, saved[i]) for i in idx)
+                resumed += len(idx)
+            else:
+                chunk = [windows[i] for i in idx]
+                for i, (x, logits) in zip(idx, _window_logits(lm, chunk, rows)):
+                    ids = x[0].tolist()
+                    w = F.cross_entropy(logits[:-1].float(), x[0, 1:], reduction="sum").item()
+                    got[i] = [w, len(ids) - 1, len(_decode(tok, ids[1:]).encode("utf-8"))]
+            bar.update(len(idx))
+            if checkpoint is not None:
+                checkpoint.save_ppl(got, s_prev + time.time() - t0)
+    if checkpoint is not None:
+        checkpoint.save_ppl(got, s_prev + time.time() - t0, force=True)
+    if resumed:
+        log.info("perplexity: %d of %d windows read back from %s", resumed, len(windows),
+                 checkpoint.path)
+    per = [got[i] for i in range(len(windows))]
+    nll = sum(w for w, _, _ in per)
+    n_tok, n_bytes = sum(t for _, t, _ in per), sum(b for _, _, b in per)
     return {"windows": min(n_windows, len(samples)), "window": window, "tokens": n_tok,
             "ppl": perplexity(nll, n_tok), "bpb": bits_per_byte(nll, n_bytes),
-            "window_nll": window_nll, "window_tokens": window_tokens,
-            "seconds": round(time.time() - t0, 2)}
+            "window_nll": [w / t for w, t, _ in per], "window_tokens": [t for _, t, _ in per],
+            "seconds": round(s_prev + time.time() - t0, 2), "resumed": resumed}
 
 
 def execution(lm: CausalLM, rows: int) -> dict:
@@ -284,7 +305,8 @@ def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
     """Line completion + perplexity for one model -> a JSON-able dict (``batch_size``:
     samples / windows per forward where the model can, see ``score_completion``;
     ``ppl_samples``: the samples whose windows perplexity scores, default ``samples``;
-    ``checkpoint``: the completions' (``score_completion``))."""
+    ``checkpoint``: the completions' and perplexity's (``score_completion``,
+    ``score_perplexity``))."""
     out = {"model": getattr(lm, "name", "model"), "ctx_tokens": cfg.ctx_tokens,
            "max_new_tokens": cfg.max_new_tokens, "prompt": cfg.prompt,
            "max_positions": max_positions, "batch_size": batch_rows(lm, batch_size),
@@ -300,9 +322,11 @@ def evaluate(lm: CausalLM, tok, samples: list[Sample], cfg: CompletionConfig, *,
     if ppl_windows > 0:
         p = score_perplexity(lm, tok, samples if ppl_samples is None else ppl_samples,
                              ppl_windows, cfg.ctx_tokens, max_positions, progress,
-                             batch_size=batch_size)
+                             batch_size=batch_size, checkpoint=checkpoint)
         out.update({"ppl": p["ppl"], "bpb": p["bpb"], "ppl_windows": p["windows"],
                     "ppl_tokens": p["tokens"], "ppl_seconds": p["seconds"],
                     "ppl_window_nll": p["window_nll"], "ppl_window_tokens": p["window_tokens"]})
+        if p["resumed"]:
+            out["ppl_resumed"] = p["resumed"]
     out["samples"] = comp["samples"]
     return out

@@ -18,13 +18,13 @@ directory / fsspec URL given, ``qdsl.study.sweepcache.CacheStore``), key = sha25
 benchmark content hash, evaluation settings, ``FORMAT``). A re-run skips what is
 cached, so an interrupted sweep resumes where it stopped; an entry that cannot be
 used (``qdsl.study.sweepcache``) is named in a warning and its job runs again. Within
-a quality job the completions are saved as batches finish (``DIR/partial/<key>.json``,
-``qdsl.eval.checkpoint``): a job stopped mid-evaluation (a worker killed, the machine's
-session over) resumes with them, reloading its saved artifact instead of calibrating
-again, and the file is removed once the job is cached. DIR is marked
-by ``qdsl_sweep.json``: a sweep writes only into a new or empty directory or one with
-that marker, one sweep at a time (``qdsl.atomic.output_dir``). After every job
-``DIR/results.json``, ``DIR/tables.md`` and ``DIR/plots/*.png`` are rewritten from
+a quality job the completions and perplexity windows are saved as batches finish
+(``DIR/partial/<key>.json``, ``qdsl.eval.checkpoint``): a job stopped mid-evaluation
+(a worker killed, the machine's session over) resumes with them, reloading its saved
+artifact instead of calibrating again, and the file is removed once the job is
+cached. DIR is marked by ``qdsl_sweep.json``: a sweep writes only into a new or empty
+directory or one with that marker, one sweep at a time (``qdsl.atomic.output_dir``).
+After every job ``DIR/results.json``, ``DIR/tables.md`` and ``DIR/plots/*.png`` are rewritten from
 the cache (``qdsl.study.report``).
 
 Calibration: a recipe's own ``set calib.samples`` wins (Wei et al.'s 512, the Fig. 7

@@ -102,10 +102,11 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
             key: str | None = None, grow: dict | None = None) -> dict:
     """Run one job -> its result dict (the caller caches it). ``artifact``: where the
     recipe's compiled model is saved (quality job) or reloaded from (robust and
-    HumanEval jobs). ``partial``: a quality job's completions are saved there as they
-    finish and read back by the next run of the job (``key``, its cache key) when
-    that run would compute them unchanged (``qdsl.eval.checkpoint``); the saved
-    artifact is then reloaded instead of calibrating again, when it is still there.
+    HumanEval jobs). ``partial``: a quality job's completions and perplexity windows
+    are saved there as they finish and read back by the next run of the job (``key``,
+    its cache key) when that run would compute them unchanged
+    (``qdsl.eval.checkpoint``); the saved artifact is then reloaded instead of
+    calibrating again, when it is still there.
     ``grow``: the finished entry of this job at ``cfg.grow_from`` samples, which this
     run grows to ``cfg.n`` (``_grown``)."""
     from ..eval.complete import CompletionConfig, evaluate
@@ -200,6 +201,8 @@ def run_job(job: Job, cfg: SweepConfig, samples, out_dir: Path, *, progress: Pro
                                              "execution")})
         if res.get("resumed"):
             out["resumed_samples"] = res["resumed"]
+        if res.get("ppl_resumed"):
+            out["resumed_windows"] = res["ppl_resumed"]
         out["eval_seconds"] = round(time.time() - t, 2)
         # the completions' own time (a resumed job's includes the earlier run's), apart
         # from perplexity's: what a larger n would cost (qdsl.study.precision)
