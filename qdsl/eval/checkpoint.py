@@ -74,9 +74,8 @@ class CompletionCheckpoint:
                     isinstance(k, str) and isinstance(v, str) for k, v in preds.items()):
                 raise ValueError("preds is not a map of sample ids to text")
             self.extra = data.get("extra") or {}
-            self.ppl, self.ppl_seconds = _ppl(data.get("ppl")), 0.0
-            if self.ppl:
-                self.ppl_seconds = float(data["ppl"].get("seconds", 0.0))
+            self.ppl = _ppl(data.get("ppl"))
+            self.ppl_seconds = float(data["ppl"].get("seconds", 0.0)) if self.ppl else 0.0
             self._saved = (preds, float(data.get("seconds", 0.0)),
                            float(data.get("cpu_seconds", 0.0)))
             return self._saved
@@ -97,12 +96,10 @@ class CompletionCheckpoint:
              force: bool = False) -> bool:
         """Write the predictions so far (at most every ``every`` seconds unless
         ``force``); True if written."""
-        now = time.monotonic()
-        if not force and now - self._last < self.every:
+        if not self._due(force):
             return False
         self._saved = (dict(preds), seconds, cpu_seconds)
         self._write()
-        self._last = now
         return True
 
     def saved_windows(self) -> dict[int, list]:
@@ -115,14 +112,16 @@ class CompletionCheckpoint:
     def save_ppl(self, windows: dict[int, list], seconds: float, force: bool = False) -> bool:
         """Write perplexity's windows so far (index -> [summed NLL, tokens, bytes]) beside
         the completions last saved, at most every ``every`` seconds unless ``force``."""
-        now = time.monotonic()
-        if not force and now - self._last < self.every:
+        if not self._due(force):
             return False
         self.ppl = {str(i): list(v) for i, v in windows.items()}
         self.ppl_seconds = seconds
         self._write()
-        self._last = now
         return True
+
+    def _due(self, force: bool) -> bool:
+        """Whether a write is due (``every`` seconds since the last, or ``force``)."""
+        return force or time.monotonic() - self._last >= self.every
 
     def _write(self) -> None:
         preds, seconds, cpu_seconds = self._saved
@@ -133,6 +132,7 @@ class CompletionCheckpoint:
             data["ppl"] = {"seconds": round(self.ppl_seconds, 2), "windows": self.ppl}
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, data)
+        self._last = time.monotonic()
 
     def remove(self) -> None:
         """The evaluation is finished and kept elsewhere: the checkpoint is not needed."""
