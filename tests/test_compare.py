@@ -143,11 +143,11 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "c.json"
     assert main(["compare", str(one), "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "within the 2-point margin" in text and "within the x1.05 margin" in text
+    assert "loss within the 2-point margin" in text and "loss within the x1.05 margin" in text
     assert json.loads(out.read_text())["b"]["row"] == f"{one}:baseline"
     assert main(["compare", str(two), str(one), "--margin-es", "10"]) == 0
     text = capsys.readouterr().out
-    assert "A-B -7.90" in text and "A lower; within the 10-point margin" in text
+    assert "A-B -7.90" in text and "A lower; loss within the 10-point margin" in text
     # errors: one line, no traceback, exit 2
     for argv, msg in ((["compare", str(tmp_path / "none.json")], "no such file"),
                       (["compare", f"{one}:baseline"], "needs a row B")):

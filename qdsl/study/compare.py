@@ -351,8 +351,10 @@ def _num(x, digits: int = 2) -> str:
 def _verdict_text(r: dict) -> str:
     unit = f"x{1 + r['margin'] / 100:g}" if r["metric"] == "ppl" else f"{r['margin']:g}-point"
     v = r["margin_verdict"]
-    text = {"within": f"within the {unit} margin",
-            "beyond": f"beyond the {unit} margin",
+    # the claim tested is "A loses at most the margin": name the loss, so that a row far
+    # above B does not read as "within the margin" of it
+    text = {"within": f"loss within the {unit} margin",
+            "beyond": f"loss beyond the {unit} margin",
             "inconclusive": f"inconclusive against the {unit} margin"}[v]
     if v == "inconclusive":
         n = r.get("n_to_decide")
